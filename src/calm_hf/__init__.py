@@ -1,0 +1,1 @@
+"""CalM for Hugging Face."""
