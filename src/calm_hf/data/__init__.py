@@ -1,0 +1,77 @@
+"""Data layer of calm_hf: the simulated benchmark, real-recording loaders, preprocessing, datasets and collators.
+
+Typical use:
+
+```python
+from calm_hf.data import simulate_benchmark, prepare_session, build_trial_dataset, tokenize_dataset, CalmDataCollator
+
+sessions = simulate_benchmark(num_sessions=3, seed=0)          # list[SessionTrials], raw calcium units
+prepared = [prepare_session(s, target_fs=5.0) for s in sessions]  # resample, split 70/15/15, z-score (train stats)
+dataset = build_trial_dataset(prepared)                          # DatasetDict train/validation/test
+dataset = tokenize_dataset(dataset, tokenizer)                   # adds input_ids (neurons, token_steps) int16
+batch = CalmDataCollator(max_neurons=128)(list(dataset["train"].with_format("numpy").select(range(8))))
+```
+"""
+
+from .collator import CalmDataCollator, TraceCollator
+from .datasets import (
+    SessionInfo,
+    build_trial_dataset,
+    load_session_metadata,
+    read_session_metadata,
+    save_session_metadata,
+    session_metadata,
+    tokenize_dataset,
+)
+from .io import (
+    Recording,
+    default_data_dir,
+    load_cascade_groundtruth,
+    load_npz_recording,
+    load_park_sessions,
+    load_triplett_zebrafish,
+)
+from .preprocessing import (
+    PreparedSession,
+    ZScoreStats,
+    causal_ema,
+    check_traces,
+    cut_trials,
+    prepare_session,
+    resample,
+    split_trials,
+)
+from .session import SessionTrials
+from .simulation import SimulationConfig, simulate_benchmark, simulate_session, spikes_to_calcium
+
+
+__all__ = [
+    "CalmDataCollator",
+    "PreparedSession",
+    "Recording",
+    "SessionInfo",
+    "SessionTrials",
+    "SimulationConfig",
+    "TraceCollator",
+    "ZScoreStats",
+    "build_trial_dataset",
+    "causal_ema",
+    "check_traces",
+    "cut_trials",
+    "default_data_dir",
+    "load_cascade_groundtruth",
+    "load_npz_recording",
+    "load_park_sessions",
+    "load_session_metadata",
+    "load_triplett_zebrafish",
+    "prepare_session",
+    "read_session_metadata",
+    "resample",
+    "save_session_metadata",
+    "session_metadata",
+    "simulate_benchmark",
+    "simulate_session",
+    "spikes_to_calcium",
+    "split_trials",
+    "tokenize_dataset",
+]

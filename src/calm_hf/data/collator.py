@@ -1,0 +1,201 @@
+"""Collators turning dataset rows into model batches (usable as `Trainer(data_collator=...)`).
+
+Rows may hold numpy arrays, torch tensors or nested lists; `dataset.with_format("numpy")` is the fastest input.
+Random neuron subsets are reproducible: call `k` of a collator built with `seed` uses
+`numpy.random.default_rng([seed, k])`, so the same sequence of batches gives the same subsets. (Each DataLoader
+worker holds its own copy of the collator and counter; with several workers give each a different seed if the
+subsets must differ between workers.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _as_array(value: Any, name: str, ndim: int) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype == object:
+        array = np.stack([np.asarray(row) for row in value]) if len(value) else array
+    if array.ndim != ndim:
+        raise ValueError(f"Row field '{name}' must have rank {ndim}, got shape {array.shape}.")
+    return array
+
+
+class _NeuronSampler:
+    def __init__(self, max_neurons: int | None, seed: int):
+        if max_neurons is not None and int(max_neurons) < 1:
+            raise ValueError(f"max_neurons must be a positive number or None, got {max_neurons}.")
+        self.max_neurons = None if max_neurons is None else int(max_neurons)
+        self.seed = int(seed)
+        self.num_calls = 0
+
+    def next_rng(self) -> np.random.Generator:
+        rng = np.random.default_rng([self.seed, self.num_calls])
+        self.num_calls += 1
+        return rng
+
+    @staticmethod
+    def subset(rng: np.random.Generator, num_neurons: int, keep: int) -> np.ndarray:
+        """Sorted random subset of `keep` out of `num_neurons` indices (all of them when keep >= num_neurons)."""
+        if keep >= num_neurons:
+            return np.arange(num_neurons)
+        return np.sort(rng.choice(num_neurons, size=keep, replace=False))
+
+
+class CalmDataCollator:
+    """Pad rows of token grids with different neuron counts into one batch for the dual-axis transformer.
+
+    Each row needs `input_ids` `(neurons, token_steps)`; optional `neuron_ids` `(neurons,)` (default
+    `0..neurons-1`), `session_id` (default 0) and `behavior` `(channels, frames)`. Token steps must be equal
+    across rows (and behaviour shapes too).
+
+    Args:
+        max_neurons (`int`, *optional*): rows with more neurons keep a random subset of this many (sorted, with
+            their ids); reproducible from `seed` and the call counter.
+        seed (`int`, *optional*, defaults to 0): seed of the neuron subsets.
+        label_pad (`int`, *optional*, defaults to -100): label at padded neurons (ignored by the loss).
+
+    Returns (on call) a dict of tensors:
+        `input_ids` long `(batch, max_neurons_in_batch, token_steps)` (padding 0), `labels` the same with
+        `label_pad` at padded neurons (the model shifts them), `neuron_ids` long `(batch, neurons)` (padding 0),
+        `neuron_mask` bool `(batch, neurons)` (True = real), `session_ids` long `(batch,)`, and
+        `behavior_labels` float `(batch, channels, frames)` when rows carry `behavior`.
+    """
+
+    def __init__(self, max_neurons: int | None = None, seed: int = 0, label_pad: int = -100):
+        self.sampler = _NeuronSampler(max_neurons, seed)
+        self.label_pad = int(label_pad)
+
+    @property
+    def max_neurons(self) -> int | None:
+        return self.sampler.max_neurons
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("CalmDataCollator got an empty list of rows.")
+        rng = self.sampler.next_rng()
+        grids, ids, sessions, behaviors = [], [], [], []
+        for row in features:
+            if "input_ids" not in row:
+                raise ValueError(
+                    f"Rows need 'input_ids' (neurons, token_steps); got keys {sorted(row)}. Tokenize the dataset "
+                    "first with calm_hf.data.tokenize_dataset."
+                )
+            grid = _as_array(row["input_ids"], "input_ids", 2).astype(np.int64)
+            neuron_ids = row.get("neuron_ids")
+            neuron_ids = (
+                np.arange(grid.shape[0]) if neuron_ids is None else _as_array(neuron_ids, "neuron_ids", 1).astype(np.int64)
+            )
+            if neuron_ids.shape[0] != grid.shape[0]:
+                raise ValueError(
+                    f"Row has {grid.shape[0]} neurons in input_ids but {neuron_ids.shape[0]} neuron_ids; they must match."
+                )
+            if self.max_neurons is not None and grid.shape[0] > self.max_neurons:
+                keep = self.sampler.subset(rng, grid.shape[0], self.max_neurons)
+                grid, neuron_ids = grid[keep], neuron_ids[keep]
+            grids.append(grid)
+            ids.append(neuron_ids)
+            session = row.get("session_id", 0)
+            sessions.append(int(np.asarray(session.item() if isinstance(session, torch.Tensor) else session)))
+            if row.get("behavior") is not None:
+                behaviors.append(_as_array(row["behavior"], "behavior", 2).astype(np.float32))
+        steps = {grid.shape[1] for grid in grids}
+        if len(steps) != 1:
+            raise ValueError(
+                f"Rows have different numbers of token steps {sorted(steps)}; crop trials to a common length "
+                "before batching."
+            )
+        if behaviors and len(behaviors) != len(features):
+            raise ValueError("Some rows carry 'behavior' and others do not; batch rows of one kind only.")
+        batch_size, num_steps = len(grids), steps.pop()
+        max_neurons = max(grid.shape[0] for grid in grids)
+        input_ids = torch.zeros(batch_size, max_neurons, num_steps, dtype=torch.long)
+        labels = torch.full((batch_size, max_neurons, num_steps), self.label_pad, dtype=torch.long)
+        neuron_ids = torch.zeros(batch_size, max_neurons, dtype=torch.long)
+        neuron_mask = torch.zeros(batch_size, max_neurons, dtype=torch.bool)
+        for i, (grid, row_ids) in enumerate(zip(grids, ids)):
+            n = grid.shape[0]
+            input_ids[i, :n] = torch.from_numpy(grid)
+            labels[i, :n] = input_ids[i, :n]
+            neuron_ids[i, :n] = torch.from_numpy(row_ids)
+            neuron_mask[i, :n] = True
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "neuron_ids": neuron_ids,
+            "neuron_mask": neuron_mask,
+            "session_ids": torch.tensor(sessions, dtype=torch.long),
+        }
+        if behaviors:
+            shapes = {b.shape for b in behaviors}
+            if len(shapes) != 1:
+                raise ValueError(f"Rows have behaviour of different shapes {sorted(shapes)}; they must match.")
+            batch["behavior_labels"] = torch.from_numpy(np.stack(behaviors))
+        return batch
+
+
+class TraceCollator:
+    """Batch raw (z-scored) traces for tokenizer training.
+
+    Rows need `input_values` `(neurons, frames)`. Every row keeps `n` randomly chosen neurons, `n = min(max_neurons,
+    fewest neurons of any row in the batch)` (the tokenizer treats neurons independently, so no padding is needed),
+    and, with `crop_frames`, a random window of `crop_frames` rounded down to a multiple of `window_size` frames
+    (each row its own start). Without `crop_frames` the frames are cropped to a multiple of `window_size`.
+
+    Args:
+        max_neurons (`int`, *optional*): neurons kept per row.
+        crop_frames (`int`, *optional*): length of the random crop (rounded down to a multiple of `window_size`).
+        seed (`int`, *optional*, defaults to 0): seed of the subsets and crops (plus the call counter).
+        window_size (`int`, *optional*, defaults to 4): tokenizer window L.
+
+    Returns (on call): `{"input_values": float32 tensor (batch, n, frames')}`.
+    """
+
+    def __init__(
+        self, max_neurons: int | None = None, crop_frames: int | None = None, seed: int = 0, window_size: int = 4
+    ):
+        self.sampler = _NeuronSampler(max_neurons, seed)
+        self.window_size = int(window_size)
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {window_size}.")
+        if crop_frames is not None:
+            crop_frames = int(crop_frames) - int(crop_frames) % self.window_size
+            if crop_frames < self.window_size:
+                raise ValueError(
+                    f"crop_frames must be at least one window of {self.window_size} frames, got {crop_frames}."
+                )
+        self.crop_frames = crop_frames
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("TraceCollator got an empty list of rows.")
+        rng = self.sampler.next_rng()
+        traces = []
+        for row in features:
+            if "input_values" not in row:
+                raise ValueError(f"Rows need 'input_values' (neurons, frames); got keys {sorted(row)}.")
+            traces.append(_as_array(row["input_values"], "input_values", 2).astype(np.float32))
+        frames = {trace.shape[1] for trace in traces}
+        if len(frames) != 1:
+            raise ValueError(f"Rows have different numbers of frames {sorted(frames)}; crop trials to a common length.")
+        num_frames = frames.pop()
+        length = num_frames - num_frames % self.window_size if self.crop_frames is None else self.crop_frames
+        if length > num_frames or length < self.window_size:
+            raise ValueError(
+                f"Cannot take {length} frames from trials of {num_frames} frames; lower crop_frames "
+                f"(multiple of {self.window_size})."
+            )
+        keep = min(trace.shape[0] for trace in traces)
+        if self.sampler.max_neurons is not None:
+            keep = min(keep, self.sampler.max_neurons)
+        batch = np.empty((len(traces), keep, length), dtype=np.float32)
+        for i, trace in enumerate(traces):
+            neurons = self.sampler.subset(rng, trace.shape[0], keep)
+            start = 0 if self.crop_frames is None else int(rng.integers(0, num_frames - length + 1))
+            batch[i] = trace[neurons, start : start + length]
+        return {"input_values": torch.from_numpy(batch)}

@@ -1,0 +1,246 @@
+"""The CalM paper's simulated benchmark: a chaotic rate RNN read out through Poisson spikes and calcium.
+
+Per session (one seed, one recurrent matrix):
+
+    tau dr/dt = -r + W tanh(r) + noise,  W ~ N(0, g^2 / N), g = 1.6
+    spikes[t] ~ Poisson((tanh(r_t) + 1) / 2 * max_rate_hz * dt)
+    calcium   = spikes * double-exponential kernel (rise 0.05 s, decay 2.0 s) + Gaussian noise
+    behaviour = B tanh(r_t) + Gaussian noise   (3 "velocity" channels, B fixed per session)
+
+Choices the paper leaves open (documented here, all fields of `SimulationConfig`):
+
+- `tau = 1.0` s with Euler-Maruyama integration in `substeps = 10` steps per frame (20 ms, well below tau). With
+  g = 1.6 the network is chaotic but its correlation time is a few seconds, so a 12 s horizon (60 frames at
+  dt = 0.2 s) is forecastable for a good while before it decorrelates.
+- process noise: white noise of intensity `rnn_noise_std` in units of r per sqrt(tau), integrated split-step: the
+  Wiener increment of each frame, `rnn_noise_std * sqrt(dt / tau) * N(0, 1)`, is added once at the frame start and
+  the drift is integrated in `substeps` Euler steps (same noise variance per frame as per-substep
+  Euler-Maruyama, 10x fewer random numbers).
+- every trial starts from a fresh random state `r ~ N(0, 1)` and runs `burn_in_steps` frames (default 50 = 10 s,
+  five calcium decay constants and ten RNN time constants) before its first frame, so both the RNN and the
+  calcium are in steady state; calcium is filtered over burn-in + trial so it is continuous.
+- calcium kernel: `k(t) = (exp(-t/decay) - exp(-t/rise)) / peak`, i.e. one spike peaks at `calcium_amplitude`
+  (1.0 dF/F-like unit). A frame's value is the kernel averaged over one frame (spike time uniform within its
+  frame), computed exactly with two first-order IIR filters (no truncation). Before noise it is >= 0.
+
+The whole session is vectorised over trials: 3 sessions x 400 trials x 200 neurons x 100 frames take a few
+seconds on one core.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+from scipy import signal
+
+from .session import SessionTrials
+
+
+@dataclass
+class SimulationConfig:
+    """Parameters of one simulated session (paper values where the paper gives them).
+
+    Args:
+        num_neurons (`int`, defaults to 200): RNN units, each one recorded neuron.
+        num_trials (`int`, defaults to 400): trials per session.
+        num_steps (`int`, defaults to 100): frames per trial.
+        dt (`float`, defaults to 0.2): frame period in seconds (5 Hz, the model frame rate).
+        tau (`float`, defaults to 1.0): RNN time constant in seconds (not given by the paper; slow enough to
+            forecast over 12 s).
+        substeps (`int`, defaults to 10): Euler-Maruyama substeps per frame.
+        gain (`float`, defaults to 1.6): g, the recurrent gain (W ~ N(0, g^2/N); chaotic for g > 1).
+        rnn_noise_std (`float`, defaults to 0.1): process noise level (see module docstring).
+        max_rate_hz (`float`, defaults to 5.0): firing rate at tanh(r) = 1.
+        calcium_rise_s (`float`, defaults to 0.05): kernel rise time constant.
+        calcium_decay_s (`float`, defaults to 2.0): kernel decay time constant.
+        calcium_amplitude (`float`, defaults to 1.0): peak calcium response to one spike.
+        calcium_noise_std (`float`, defaults to 0.1): std of additive Gaussian imaging noise (0 = clean calcium).
+        burn_in_steps (`int`, defaults to 50): frames simulated (and filtered) before each trial starts.
+        num_behavior_channels (`int`, defaults to 3): linear "velocity" readouts of tanh(r); 0 = no behaviour.
+        behavior_noise_std (`float`, defaults to 0.1): std of the readout noise.
+        seed (`int`, defaults to 0): session seed (recurrent matrix, readout, initial states, noise, spikes).
+        name (`str`, *optional*): session name; defaults to `"sim-s{seed}"`.
+
+    Example:
+
+    ```python
+    >>> from calm_hf.data import SimulationConfig, simulate_session
+    >>> session = simulate_session(SimulationConfig(num_trials=8, num_neurons=20, seed=1))
+    >>> session.traces.shape
+    (8, 20, 100)
+    ```
+    """
+
+    num_neurons: int = 200
+    num_trials: int = 400
+    num_steps: int = 100
+    dt: float = 0.2
+    tau: float = 1.0
+    substeps: int = 10
+    gain: float = 1.6
+    rnn_noise_std: float = 0.1
+    max_rate_hz: float = 5.0
+    calcium_rise_s: float = 0.05
+    calcium_decay_s: float = 2.0
+    calcium_amplitude: float = 1.0
+    calcium_noise_std: float = 0.1
+    burn_in_steps: int = 50
+    num_behavior_channels: int = 3
+    behavior_noise_std: float = 0.1
+    seed: int = 0
+    name: str | None = None
+
+    def __post_init__(self):
+        for key in ("num_neurons", "num_trials", "num_steps", "substeps"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"SimulationConfig.{key} must be >= 1, got {getattr(self, key)}.")
+        for key in ("burn_in_steps", "num_behavior_channels"):
+            if int(getattr(self, key)) < 0:
+                raise ValueError(f"SimulationConfig.{key} must be >= 0, got {getattr(self, key)}.")
+        for key in ("dt", "tau", "max_rate_hz", "calcium_rise_s", "calcium_decay_s", "calcium_amplitude"):
+            value = float(getattr(self, key))
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"SimulationConfig.{key} must be a positive number, got {value}.")
+        for key in ("gain", "rnn_noise_std", "calcium_noise_std", "behavior_noise_std"):
+            value = float(getattr(self, key))
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"SimulationConfig.{key} must be >= 0, got {value}.")
+        if self.calcium_rise_s >= self.calcium_decay_s:
+            raise ValueError(
+                f"calcium_rise_s ({self.calcium_rise_s}) must be shorter than calcium_decay_s ({self.calcium_decay_s})."
+            )
+        if self.name is None:
+            self.name = f"sim-s{self.seed}"
+
+    @property
+    def fs(self) -> float:
+        return 1.0 / self.dt
+
+
+def _calcium_filters(config: SimulationConfig) -> list[tuple[float, float]]:
+    """(gain, pole) of the two first-order filters whose difference is the frame-averaged double exponential."""
+    rise, decay, dt = config.calcium_rise_s, config.calcium_decay_s, config.dt
+    t_peak = rise * decay / (decay - rise) * math.log(decay / rise)
+    peak = math.exp(-t_peak / decay) - math.exp(-t_peak / rise)
+    scale = config.calcium_amplitude / peak
+    filters = []
+    for tau, sign in ((decay, 1.0), (rise, -1.0)):
+        pole = math.exp(-dt / tau)
+        # mean of exp(-t/tau) over [k dt, (k+1) dt] = (tau/dt) (1 - pole) pole^k
+        filters.append((sign * scale * tau / dt * (1.0 - pole), pole))
+    return filters
+
+
+def spikes_to_calcium(spikes: np.ndarray, config: SimulationConfig) -> np.ndarray:
+    """Noise-free calcium `(..., frames)` from spike counts `(..., frames)` (starting from zero calcium)."""
+    spikes = np.asarray(spikes, dtype=np.float64)
+    calcium = np.zeros_like(spikes)
+    for gain, pole in _calcium_filters(config):
+        calcium += signal.lfilter([gain], [1.0, -pole], spikes, axis=-1)
+    return np.maximum(calcium, 0.0)  # exact kernel is >= 0; clip float round-off only
+
+
+def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -> SessionTrials:
+    """Simulate one session of the benchmark.
+
+    Args:
+        config (`SimulationConfig`, *optional*): parameters (defaults: the paper's protocol, seed 0).
+        **overrides: fields replaced in `config`.
+
+    Returns:
+        `SessionTrials` with `traces` calcium `(trials, neurons, frames)` float32 at `1/dt` Hz, `behavior`
+        `(trials, channels, frames)` (or `None` when `num_behavior_channels=0`) and `extras`:
+        `"latents"` tanh(r) `(trials, neurons, frames)` float32, `"spikes"` counts `(trials, neurons, frames)`
+        uint8, `"recurrent_weights"` W `(neurons, neurons)`, `"behavior_weights"` B `(channels, neurons)`
+        (behaviour = B @ latents + noise), `"config"` the parameters as a dict.
+    """
+    config = SimulationConfig() if config is None else config
+    if overrides:
+        config = replace(config, **overrides)
+    num_neurons, num_trials = int(config.num_neurons), int(config.num_trials)
+    burn_in, num_steps = int(config.burn_in_steps), int(config.num_steps)
+    total_frames = burn_in + num_steps
+    rng_weights, rng_init, rng_noise, rng_spikes, rng_calcium, rng_behavior = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(int(config.seed)).spawn(6)
+    )
+
+    # (neurons, neurons): W ~ N(0, g^2/N); transposed once so the update is a row-major matmul
+    recurrent_weights = (rng_weights.standard_normal((num_neurons, num_neurons)) * config.gain / math.sqrt(num_neurons))
+    recurrent_weights = recurrent_weights.astype(np.float32)
+    weights_t = np.ascontiguousarray(recurrent_weights.T)
+
+    h = config.dt / config.substeps
+    decay = np.float32(h / config.tau)
+    noise_scale = np.float32(config.rnn_noise_std * math.sqrt(config.dt / config.tau))
+    state = rng_init.standard_normal((num_trials, num_neurons), dtype=np.float32)  # (trials, neurons)
+    latents = np.empty((total_frames, num_trials, num_neurons), dtype=np.float32)
+    noise = np.empty((num_trials, num_neurons), dtype=np.float32)
+    for frame in range(total_frames):
+        if noise_scale > 0:  # one Wiener increment per frame (split-step), drift integrated in substeps
+            rng_noise.standard_normal(out=noise, dtype=np.float32)
+            noise *= noise_scale
+            state += noise
+        for _ in range(config.substeps):
+            drive = np.tanh(state) @ weights_t  # (trials, neurons)
+            drive -= state
+            drive *= decay
+            state += drive
+        latents[frame] = np.tanh(state)
+    latents = np.ascontiguousarray(latents.transpose(1, 2, 0))  # (trials, neurons, total_frames)
+
+    rates_hz = (latents + 1.0) * (0.5 * config.max_rate_hz)
+    spikes = rng_spikes.poisson(rates_hz * config.dt)
+    if spikes.max(initial=0) > 255:  # pragma: no cover - impossible at plausible rates
+        raise ValueError("More than 255 spikes in one frame; lower max_rate_hz or dt.")
+    spikes = spikes.astype(np.uint8)
+    calcium = spikes_to_calcium(spikes, config)[..., burn_in:]  # filtered over burn-in: continuous and stationary
+    if config.calcium_noise_std > 0:
+        calcium = calcium + config.calcium_noise_std * rng_calcium.standard_normal(calcium.shape)
+    latents = np.ascontiguousarray(latents[..., burn_in:])
+    spikes = np.ascontiguousarray(spikes[..., burn_in:])
+
+    behavior = behavior_names = None
+    num_channels = int(config.num_behavior_channels)
+    behavior_weights = np.zeros((num_channels, num_neurons), dtype=np.float32)
+    if num_channels > 0:
+        behavior_weights = (rng_behavior.standard_normal((num_channels, num_neurons)) / math.sqrt(num_neurons))
+        behavior_weights = behavior_weights.astype(np.float32)
+        behavior = np.einsum("cn,knt->kct", behavior_weights, latents)  # (trials, channels, frames)
+        behavior = behavior + config.behavior_noise_std * rng_behavior.standard_normal(behavior.shape)
+        behavior_names = [f"velocity_{i}" for i in range(num_channels)]
+
+    return SessionTrials(
+        name=config.name,
+        traces=calcium.astype(np.float32),
+        fs=config.fs,
+        behavior=None if behavior is None else behavior.astype(np.float32),
+        behavior_names=behavior_names,
+        extras={
+            "latents": latents,
+            "spikes": spikes,
+            "recurrent_weights": recurrent_weights,
+            "behavior_weights": behavior_weights,
+            "config": asdict(config),
+        },
+    )
+
+
+def simulate_benchmark(num_sessions: int = 3, seed: int = 0, **overrides: Any) -> list[SessionTrials]:
+    """Simulate the benchmark: `num_sessions` sessions with seeds `seed + i`, named `"sim-s{seed + i}"`.
+
+    Args:
+        num_sessions (`int`, *optional*, defaults to 3): number of sessions (one recurrent matrix each).
+        seed (`int`, *optional*, defaults to 0): seed of the first session.
+        **overrides: `SimulationConfig` fields applied to every session (e.g. `num_trials=40`).
+    """
+    if int(num_sessions) < 1:
+        raise ValueError(f"num_sessions must be >= 1, got {num_sessions}.")
+    if "seed" in overrides or "name" in overrides:
+        raise ValueError("Pass the first session's seed as `seed=`; names are derived as 'sim-s{seed + i}'.")
+    return [
+        simulate_session(SimulationConfig(seed=seed + i, name=f"sim-s{seed + i}", **overrides))
+        for i in range(int(num_sessions))
+    ]

@@ -1,0 +1,24 @@
+"""Shared test set-up: offline hub, few threads (2-core CI), the real-data location, the fake hub server."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+    """`../shared/data` (or $CALM_DATA_DIR); tests that need it are skipped with the reason when it is absent."""
+    from calm_hf.data import default_data_dir
+
+    path = default_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real recordings not found at {path}; set CALM_DATA_DIR to the shared data folder")
+    return path
