@@ -8,6 +8,7 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+from hub_server import hub_server, run_in_hub_env  # noqa: E402,F401
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
