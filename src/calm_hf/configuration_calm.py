@@ -1,0 +1,226 @@
+"""Configuration of the CalM dual-axis transformer (DAT)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+
+# Named sizes. "paper" follows the publication (dim 512, 6 layers, 8 heads, FFN 2048); "cpu" pretrains the
+# simulated benchmark (3 x 840 trials x 200 neurons x 25 token steps) in about 8 minutes on 2 cores with bf16;
+# "tiny" is for tests.
+CALM_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vocab_size": 16,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "num_neurons": 64,
+        "num_sessions": 4,
+        "max_token_steps": 32,
+        "neighbor_k": 4,
+    },
+    "cpu": {
+        "vocab_size": 128,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+        "num_neurons": 600,
+        "num_sessions": 3,
+        "max_token_steps": 64,
+    },
+    "paper": {
+        "vocab_size": 128,
+        "hidden_size": 512,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "intermediate_size": 2048,
+        "num_neurons": 4096,
+        "num_sessions": 64,
+        "max_token_steps": 64,
+    },
+}
+
+
+class CalmConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`CalmModel`] and its heads: a dual-axis transformer over the token grid `(neurons, token_steps)`
+    produced by [`CalmTokenizer`]. Each layer attends bidirectionally across neurons at every time step, then causally
+    across time for every neuron (RoPE on time), then applies an FFN.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 128):
+            Number of codes; must equal the tokenizer's `codebook_size`.
+        hidden_size (`int`, *optional*, defaults to 512):
+            Width of the residual stream.
+        num_hidden_layers (`int`, *optional*, defaults to 6):
+            Number of dual-axis layers.
+        num_attention_heads (`int`, *optional*, defaults to 8):
+            Heads of both the neuron-axis and the time-axis attention.
+        intermediate_size (`int`, *optional*, defaults to 2048):
+            Width of the FFN.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            FFN activation.
+        hidden_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout on the attention and FFN outputs before the residual add.
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on attention probabilities.
+        rms_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the pre-norm RMSNorms.
+        rope_theta (`float`, *optional*, defaults to 10000.0):
+            RoPE base of the time-axis attention.
+        max_token_steps (`int`, *optional*, defaults to 64):
+            Longest token grid (context plus generated steps) the model accepts.
+        num_neurons (`int`, *optional*, defaults to 1024):
+            Rows of the global neuron embedding table (every session owns a contiguous block of ids).
+        num_sessions (`int`, *optional*, defaults to 8):
+            Rows of the session embedding table.
+        window_size (`int`, *optional*, defaults to 4):
+            Frames per token (kept here for downstream heads and the forecasting pipeline).
+        frame_rate_hz (`float`, *optional*, defaults to 5.0):
+            Frame rate the model was trained at.
+        scheduled_sampling_prob (`float`, *optional*, defaults to 0.6):
+            Probability per training batch of replacing a block of input steps by the model's own one-step
+            predictions (paper: removing it drops forecasting r from 0.306 to 0.208).
+        scheduled_sampling_block (`int`, *optional*, defaults to 6):
+            Length in token steps of that block.
+        neighbor_replacement_prob (`float`, *optional*, defaults to 0.1):
+            Probability per input token of swapping it for one of its nearest codebook neighbours (paper ablation:
+            0.306 -> 0.287 without it). Needs `model.set_codebook_neighbors(codebook)`.
+        neighbor_k (`int`, *optional*, defaults to 12):
+            Number of nearest codebook neighbours (cosine similarity) to draw from.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal weight initialisation.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether the next-token head shares the token embedding matrix.
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Whether forward returns a KV cache over time by default.
+        session_names (`list[str]`, *optional*):
+            Name of every session; index = session id.
+        session_neuron_ranges (`list[list[int]]`, *optional*):
+            `[start, stop)` block of global neuron ids of every session; index = session id (`[0, 0]` = unknown).
+
+    Example:
+
+    ```python
+    >>> from calm_hf import CalmConfig, CalmForCausalNeuralModeling
+    >>> config = CalmConfig.from_preset("tiny", num_neurons=200)
+    >>> model = CalmForCausalNeuralModeling(config)
+    ```"""
+
+    model_type = "calm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 128
+    hidden_size: int = 512
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    intermediate_size: int = 2048
+    hidden_act: str = "gelu"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_token_steps: int = 64
+    num_neurons: int = 1024
+    num_sessions: int = 8
+    window_size: int = 4
+    frame_rate_hz: float = 5.0
+    scheduled_sampling_prob: float = 0.6
+    scheduled_sampling_block: int = 6
+    neighbor_replacement_prob: float = 0.1
+    neighbor_k: int = 12
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    session_names: list[str] | None = None
+    session_neuron_ranges: list[list[int]] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.session_neuron_ranges is not None:
+            self.session_neuron_ranges = [[int(start), int(stop)] for start, stop in self.session_neuron_ranges]
+        if self.session_names is not None:
+            self.session_names = [str(name) for name in self.session_names]
+        self._validate_calm()
+        super().__post_init__(**kwargs)
+
+    def _validate_calm(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_token_steps", "num_neurons", "num_sessions", "window_size", "scheduled_sampling_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"CalmConfig.{name} must be a positive integer, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}); pick e.g. hidden_size={self.num_attention_heads * 32}."
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
+            raise ValueError(
+                f"The head dimension hidden_size/num_attention_heads = {self.hidden_size}/{self.num_attention_heads}"
+                " must be even for RoPE; change hidden_size or num_attention_heads."
+            )
+        for name in ("scheduled_sampling_prob", "neighbor_replacement_prob", "hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"CalmConfig.{name} must lie in [0, 1], got {value!r}.")
+        if not 1 <= self.neighbor_k < self.vocab_size:
+            raise ValueError(
+                f"neighbor_k ({self.neighbor_k}) must be between 1 and vocab_size - 1 ({self.vocab_size - 1}); "
+                "lower neighbor_k."
+            )
+        if self.frame_rate_hz <= 0:
+            raise ValueError(f"frame_rate_hz must be positive, got {self.frame_rate_hz}.")
+        if self.session_names is not None and len(self.session_names) > self.num_sessions:
+            raise ValueError(
+                f"session_names lists {len(self.session_names)} sessions but num_sessions is {self.num_sessions}; "
+                "raise num_sessions or use model.add_session(...)."
+            )
+        if self.session_names is not None and len(set(self.session_names)) != len(self.session_names):
+            raise ValueError(f"session_names must be unique, got {self.session_names}.")
+        if self.session_neuron_ranges is not None:
+            if len(self.session_neuron_ranges) > self.num_sessions:
+                raise ValueError(
+                    f"session_neuron_ranges lists {len(self.session_neuron_ranges)} sessions but num_sessions is "
+                    f"{self.num_sessions}; raise num_sessions."
+                )
+            if self.session_names is not None and len(self.session_names) != len(self.session_neuron_ranges):
+                raise ValueError(
+                    f"session_names ({len(self.session_names)}) and session_neuron_ranges "
+                    f"({len(self.session_neuron_ranges)}) must have one entry per session."
+                )
+            for session_id, (start, stop) in enumerate(self.session_neuron_ranges):
+                if not 0 <= start <= stop <= self.num_neurons:
+                    raise ValueError(
+                        f"session_neuron_ranges[{session_id}] = [{start}, {stop}) is not a block inside "
+                        f"[0, num_neurons={self.num_neurons}); raise num_neurons or fix the range."
+                    )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> CalmConfig:
+        """Builds a config from one of `CALM_PRESETS` ("tiny", "cpu", "paper"), with fields overridden by `overrides`."""
+        if name not in CALM_PRESETS:
+            raise ValueError(f"Unknown CalM preset {name!r}; choose one of {sorted(CALM_PRESETS)}.")
+        return cls(**{**CALM_PRESETS[name], **overrides})
+
+    def session_id(self, name: str) -> int:
+        """Returns the session id recorded for `name` in `session_names`."""
+        if self.session_names is None or name not in self.session_names:
+            raise ValueError(
+                f"Unknown session {name!r}; known sessions: {self.session_names}. Add it with model.add_session(...)."
+            )
+        return self.session_names.index(name)
+
+    def session_neuron_ids(self, session: str | int) -> list[int]:
+        """Returns the global neuron ids of a session given by name or id."""
+        session_id = self.session_id(session) if isinstance(session, str) else int(session)
+        if self.session_neuron_ranges is None or not 0 <= session_id < len(self.session_neuron_ranges):
+            raise ValueError(f"No neuron range recorded for session {session!r}; see config.session_neuron_ranges.")
+        start, stop = self.session_neuron_ranges[session_id]
+        return list(range(start, stop))
+
+
+__all__ = ["CALM_PRESETS", "CalmConfig"]

@@ -1,0 +1,1157 @@
+"""CalM dual-axis transformer (DAT): attention across neurons at every step, causal attention across time per neuron."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .configuration_calm import CalmConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CalmModelOutput(ModelOutput):
+    """
+    Output of [`CalmModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, neurons, token_steps, hidden_size)`):
+            Hidden states after the final norm.
+        past_key_values (`Cache`, *optional*):
+            Time-axis KV cache, one layer per DAT layer, batch dimension `batch * neurons`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Embedding output and the output of every layer, each `(batch, neurons, token_steps, hidden_size)`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class CalmCausalNeuralModelingOutput(ModelOutput):
+    """
+    Output of [`CalmForCausalNeuralModeling`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Next-token cross-entropy over all real neurons and steps (returned when `labels` is given).
+        logits (`torch.FloatTensor` of shape `(batch, neurons, token_steps, vocab_size)`):
+            Next-code logits; `(batch * neurons, token_steps, vocab_size)` when called with the flattened grid
+            (`num_neurons` given), as `generate` does.
+        past_key_values (`Cache`, *optional*):
+            Time-axis KV cache.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Hidden states of the backbone.
+        scheduled_sampling_applied (`torch.BoolTensor` of shape `()`, *optional*):
+            Whether this training batch had a block of inputs replaced by the model's own predictions.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    scheduled_sampling_applied: torch.BoolTensor | None = None
+
+
+@dataclass
+class CalmRolloutOutput(ModelOutput):
+    """
+    Output of [`CalmForCausalNeuralModeling.rollout`].
+
+    Args:
+        codes (`torch.LongTensor` of shape `(batch, neurons, token_steps + max_new_tokens)`):
+            Context followed by the rolled-out codes (argmax codes in "greedy" and "soft" mode, drawn codes in
+            "sample" mode).
+        probabilities (`torch.FloatTensor` of shape `(batch, neurons, max_new_tokens, vocab_size)`):
+            Predicted code distribution at every rolled-out step (after temperature / top-k).
+    """
+
+    codes: torch.LongTensor | None = None
+    probabilities: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CalmRMSNorm(nn.Module):
+    """RMSNorm computed in float32 (safe under bf16 autocast)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class CalmRotaryEmbedding(nn.Module):
+    """RoPE over token steps (time axis only; neurons are an unordered set)."""
+
+    def __init__(self, config: CalmConfig) -> None:
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.rope_theta = config.rope_theta
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (steps,) -> cos, sin (steps, head_dim), float32
+        freqs = position_ids[:, None].float() * self.inv_freq[None, :].to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # query/key (sequences, heads, steps, head_dim); cos/sin (steps, head_dim)
+    cos, sin = cos.to(query.dtype), sin.to(query.dtype)
+    return (query * cos) + (rotate_half(query) * sin), (key * cos) + (rotate_half(key) * sin)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention (softmax in float32). `attention_mask` is boolean (True = attend) or additive."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    attn_weights = torch.matmul(query, key.transpose(2, 3)).float() * scaling
+    if is_causal and q_len > 1:
+        # bottom-right aligned: query i sits at absolute step kv_len - q_len + i
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attn_weights = attn_weights.masked_fill(~causal, torch.finfo(attn_weights.dtype).min)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1).to(value.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class CalmAttention(nn.Module):
+    """Multi-head self-attention over one axis of the grid, dispatched through transformers' attention interface.
+
+    The same module serves both axes: `is_causal=False` (neuron axis, key padding mask from `neuron_mask`) and
+    `is_causal=True` (time axis, RoPE, KV cache).
+    """
+
+    def __init__(self, config: CalmConfig, layer_idx: int, is_causal: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_causal = is_causal
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = 1
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        # one fused projection: a single matmul is markedly faster than three on CPU
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        # hidden_states (sequences, length, hidden): sequences = batch*steps (neuron axis) or batch*neurons (time axis)
+        num_sequences, length, hidden_size = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(num_sequences, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (sequences, heads, length, head_dim)
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        is_causal = self.is_causal
+        kv_len = key.shape[2]
+        if is_causal and 1 < length < kv_len:
+            # several new steps on top of a cache: SDPA's is_causal is top-left aligned, so give the mask explicitly
+            attention_mask = torch.ones(length, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - length)
+            is_causal = False
+        elif is_causal and length == 1:
+            is_causal = False  # one new step attends to the whole cache
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=is_causal,
+        )
+        attn_output = attn_output.reshape(num_sequences, length, hidden_size)
+        return self.o_proj(attn_output)
+
+
+class CalmMLP(nn.Module):
+    def __init__(self, config: CalmConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+class CalmDualAxisLayer(nn.Module):
+    """Pre-norm layer: neuron-axis attention, then causal time-axis attention (RoPE), then FFN, each with a residual."""
+
+    def __init__(self, config: CalmConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.neuron_norm = CalmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.neuron_attn = CalmAttention(config, layer_idx, is_causal=False)
+        self.time_norm = CalmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.time_attn = CalmAttention(config, layer_idx, is_causal=True)
+        self.ffn_norm = CalmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = CalmMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        neuron_attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        batch_size, num_neurons, num_steps, hidden_size = hidden_states.shape
+
+        # (batch*steps, neurons, hidden): bidirectional attention across neurons within each step
+        residual = hidden_states
+        hidden = self.neuron_norm(hidden_states).transpose(1, 2).reshape(batch_size * num_steps, num_neurons, -1)
+        hidden = self.neuron_attn(hidden, attention_mask=neuron_attention_mask)
+        hidden = hidden.view(batch_size, num_steps, num_neurons, hidden_size).transpose(1, 2)
+        hidden_states = residual + self.dropout(hidden)
+
+        # (batch*neurons, steps, hidden): causal attention across time for each neuron
+        residual = hidden_states
+        hidden = self.time_norm(hidden_states).reshape(batch_size * num_neurons, num_steps, hidden_size)
+        hidden = self.time_attn(hidden, position_embeddings=position_embeddings, past_key_values=past_key_values)
+        hidden_states = residual + self.dropout(hidden.view(batch_size, num_neurons, num_steps, hidden_size))
+
+        residual = hidden_states
+        hidden_states = residual + self.dropout(self.mlp(self.ffn_norm(hidden_states)))
+        return hidden_states
+
+
+class CalmIdEmbedding(nn.Embedding):
+    """Neuron / session embedding table that can train a subset of rows while the others stay bit-identical.
+
+    In adaptation mode (`train_only_rows`) the table itself is frozen and the selected rows live in a separate
+    parameter `trainable_rows`; the forward writes them into a copy of the table. `state_dict()` folds them back into
+    `weight` (checkpoints keep the usual layout), so saving mid-adaptation works.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, **kwargs) -> None:
+        super().__init__(num_embeddings, embedding_dim, **kwargs)
+        self.register_parameter("trainable_rows", None)
+        self.register_buffer("trainable_row_ids", None, persistent=False)
+        self.register_state_dict_post_hook(self._fold_trainable_rows)
+        self.register_load_state_dict_pre_hook(self._unfold_trainable_rows)
+
+    @property
+    def is_adapting(self) -> bool:
+        return self.trainable_rows is not None
+
+    def train_only_rows(self, row_ids: torch.Tensor) -> nn.Parameter:
+        row_ids = torch.as_tensor(row_ids, dtype=torch.long, device=self.weight.device).flatten().unique()
+        if row_ids.numel() and not 0 <= int(row_ids.min()) <= int(row_ids.max()) < self.num_embeddings:
+            raise ValueError(
+                f"Rows {row_ids.tolist()} are outside the table of {self.num_embeddings} rows; grow it first "
+                "(model.add_session(...) or resize_*_embeddings)."
+            )
+        self.merge_trainable_rows()
+        self.weight.requires_grad_(False)
+        self.trainable_row_ids = row_ids
+        self.trainable_rows = nn.Parameter(self.weight.detach()[row_ids].clone())
+        return self.trainable_rows
+
+    @torch.no_grad()
+    def merge_trainable_rows(self) -> None:
+        if self.trainable_rows is not None:
+            self.weight[self.trainable_row_ids] = self.trainable_rows.to(self.weight.dtype)
+            self.trainable_rows = None
+            self.trainable_row_ids = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.trainable_rows is not None:
+            weight = weight.index_copy(0, self.trainable_row_ids, self.trainable_rows.to(weight.dtype))
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def _fold_trainable_rows(module, state_dict, prefix, local_metadata) -> None:
+        if module.trainable_rows is not None:
+            weight = state_dict[prefix + "weight"].detach().clone()
+            weight[module.trainable_row_ids] = module.trainable_rows.detach().to(weight.dtype)
+            state_dict[prefix + "weight"] = weight
+            state_dict.pop(prefix + "trainable_rows", None)
+
+    def _unfold_trainable_rows(self, state_dict, prefix, *args) -> None:
+        if self.trainable_rows is not None and prefix + "trainable_rows" not in state_dict:
+            state_dict[prefix + "trainable_rows"] = state_dict[prefix + "weight"][self.trainable_row_ids].clone()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretrained base: init, auto_map, adaptation to new sessions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _as_id_tensor(ids: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+    if ids is None:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.as_tensor(ids, dtype=torch.long).flatten()
+
+
+class CalmPreTrainedModel(PreTrainedModel):
+    config: CalmConfig
+    config_class = CalmConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["CalmDualAxisLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, CalmRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, CalmRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+        if getattr(module, "codebook_neighbors", None) is not None:
+            init.constant_(module.codebook_neighbors, -1)  # -1 = never set: neighbour replacement is skipped
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Both auto classes in auto_map, whichever class is saved, so AutoModel and AutoModelForCausalLM both load
+        # the checkpoint with trust_remote_code=True.
+        if self.is_remote_code():
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.update(
+                {
+                    "AutoConfig": "configuration_calm.CalmConfig",
+                    "AutoModel": "modeling_calm.CalmModel",
+                    "AutoModelForCausalLM": "modeling_calm.CalmForCausalNeuralModeling",
+                }
+            )
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # -- growing the identity tables for new sessions / animals ------------------------------------------------------
+
+    def _calm_backbone(self) -> CalmModel:
+        return self.base_model
+
+    def _resize_id_table(self, name: str, new_size: int) -> CalmIdEmbedding:
+        backbone = self._calm_backbone()
+        old: CalmIdEmbedding = getattr(backbone, name)
+        if old.is_adapting:
+            raise ValueError(
+                f"{name} is in adaptation mode; call model.merge_adapted_embeddings() before resizing it."
+            )
+        if not isinstance(new_size, int) or new_size < 1:
+            raise ValueError(f"The new size of {name} must be a positive integer, got {new_size!r}.")
+        new = CalmIdEmbedding(new_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            keep = min(new_size, old.num_embeddings)
+            new.weight[:keep] = old.weight[:keep]
+            if new_size > old.num_embeddings:
+                # mean init, like resize_token_embeddings(mean_resizing=True): new ids start at the population mean
+                new.weight[old.num_embeddings :] = old.weight.mean(dim=0, keepdim=True)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        setattr(backbone, name, new)
+        return new
+
+    def resize_neuron_embeddings(self, new_num_neurons: int) -> nn.Embedding:
+        """Grows (or shrinks) the global neuron table to `new_num_neurons` rows; new rows start at the mean of the
+        existing rows. Updates `config.num_neurons`."""
+        ranges = self.config.session_neuron_ranges or []
+        highest = max((stop for _, stop in ranges), default=0)
+        if new_num_neurons < highest:
+            raise ValueError(
+                f"Cannot shrink the neuron table to {new_num_neurons} rows: session_neuron_ranges use ids up to "
+                f"{highest}. Remove those sessions from the config first."
+            )
+        table = self._resize_id_table("neuron_embeddings", new_num_neurons)
+        self.config.num_neurons = new_num_neurons
+        return table
+
+    def resize_session_embeddings(self, new_num_sessions: int) -> nn.Embedding:
+        """Grows (or shrinks) the session table to `new_num_sessions` rows (mean init); updates `config.num_sessions`
+        and truncates `session_names` / `session_neuron_ranges` when shrinking."""
+        table = self._resize_id_table("session_embeddings", new_num_sessions)
+        self.config.num_sessions = new_num_sessions
+        if self.config.session_names is not None:
+            self.config.session_names = self.config.session_names[:new_num_sessions]
+        if self.config.session_neuron_ranges is not None:
+            self.config.session_neuron_ranges = self.config.session_neuron_ranges[:new_num_sessions]
+        return table
+
+    def add_session(self, name: str, num_neurons: int) -> tuple[int, torch.Tensor]:
+        """Adds a new session (e.g. a held-out animal): one session row and a fresh block of `num_neurons` neuron ids,
+        both initialised at the mean of the existing rows and recorded in `config.session_names` /
+        `config.session_neuron_ranges`. Sessions without a recorded name get `"session_<id>"` with an empty range.
+
+        Returns:
+            `(session_id, neuron_ids)` with `neuron_ids` a long tensor of shape `(num_neurons,)`.
+        """
+        config = self.config
+        if not isinstance(num_neurons, int) or num_neurons < 1:
+            raise ValueError(f"num_neurons must be a positive integer, got {num_neurons!r}.")
+        names = list(config.session_names or [])
+        ranges = [list(r) for r in (config.session_neuron_ranges or [])]
+        if name in names:
+            raise ValueError(f"Session {name!r} already exists (id {names.index(name)}); pick a new name.")
+        old_sessions, old_neurons = config.num_sessions, config.num_neurons
+        names += [f"session_{i}" for i in range(len(names), old_sessions)]
+        ranges += [[0, 0] for _ in range(len(ranges), old_sessions)]
+        self.resize_session_embeddings(old_sessions + 1)
+        self.resize_neuron_embeddings(old_neurons + num_neurons)
+        config.session_names = names + [name]
+        config.session_neuron_ranges = ranges + [[old_neurons, old_neurons + num_neurons]]
+        return old_sessions, torch.arange(old_neurons, old_neurons + num_neurons)
+
+    def freeze_backbone_except_embeddings(
+        self,
+        session_ids: int | Sequence[int] | torch.Tensor | None = None,
+        neuron_ids: int | Sequence[int] | torch.Tensor | None = None,
+    ) -> list[nn.Parameter]:
+        """Freezes every parameter and makes only the given rows of the session / neuron tables trainable.
+
+        The rows are moved into separate parameters (`*.trainable_rows`), so every other weight, including the other
+        rows of the same tables, stays bit-identical under any optimizer, weight decay included. Give the optimizer
+        only the returned parameters (or `[p for p in model.parameters() if p.requires_grad]`, which is the same
+        set; `Trainer` does this). `state_dict()`/`save_pretrained` fold the rows back into the tables; call
+        [`merge_adapted_embeddings`] to end adaptation.
+
+        Returns:
+            The trainable parameters: `trainable_rows` of the session table and/or the neuron table.
+        """
+        session_ids, neuron_ids = _as_id_tensor(session_ids), _as_id_tensor(neuron_ids)
+        if session_ids.numel() == 0 and neuron_ids.numel() == 0:
+            raise ValueError("Pass the session_ids and/or neuron_ids to train, e.g. the ones add_session returned.")
+        self.requires_grad_(False)
+        backbone = self._calm_backbone()
+        trainable = []
+        if session_ids.numel():
+            trainable.append(backbone.session_embeddings.train_only_rows(session_ids))
+        if neuron_ids.numel():
+            trainable.append(backbone.neuron_embeddings.train_only_rows(neuron_ids))
+        return trainable
+
+    def merge_adapted_embeddings(self) -> None:
+        """Writes the adapted rows back into the (still frozen) tables and leaves adaptation mode."""
+        backbone = self._calm_backbone()
+        backbone.session_embeddings.merge_trainable_rows()
+        backbone.neuron_embeddings.merge_trainable_rows()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backbone
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CalmModel(CalmPreTrainedModel):
+    """The dual-axis transformer backbone: token grid `(batch, neurons, steps)` -> hidden states
+    `(batch, neurons, steps, hidden)`."""
+
+    # loading the backbone alone from a head checkpoint drops the head quietly
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^codebook_neighbors$"]
+
+    def __init__(self, config: CalmConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.neuron_embeddings = CalmIdEmbedding(config.num_neurons, config.hidden_size)
+        self.session_embeddings = CalmIdEmbedding(config.num_sessions, config.hidden_size)
+        self.embed_dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList([CalmDualAxisLayer(config, idx) for idx in range(config.num_hidden_layers)])
+        self.norm = CalmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = CalmRotaryEmbedding(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def prepare_identity_inputs(
+        self,
+        batch_size: int,
+        num_neurons: int,
+        device: torch.device,
+        neuron_ids: torch.Tensor | None = None,
+        session_ids: torch.Tensor | None = None,
+        neuron_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Fills defaults (`neuron_ids = arange(neurons)`, `session_ids = 0`) and validates identity inputs."""
+        config = self.config
+        if neuron_ids is None:
+            neuron_ids = torch.arange(num_neurons, device=device).expand(batch_size, num_neurons)
+        neuron_ids = torch.as_tensor(neuron_ids, device=device)
+        if neuron_ids.dim() == 1:
+            neuron_ids = neuron_ids.expand(batch_size, -1)
+        if neuron_ids.shape != (batch_size, num_neurons):
+            raise ValueError(
+                f"neuron_ids must have shape (batch, neurons) = {(batch_size, num_neurons)}, got "
+                f"{tuple(neuron_ids.shape)}."
+            )
+        if neuron_ids.numel() and (int(neuron_ids.min()) < 0 or int(neuron_ids.max()) >= config.num_neurons):
+            raise ValueError(
+                f"neuron_ids range over [{int(neuron_ids.min())}, {int(neuron_ids.max())}] but the model has "
+                f"num_neurons={config.num_neurons}; for a new session call model.add_session(name, num_neurons) "
+                "or resize_neuron_embeddings(...)."
+            )
+        if session_ids is None:
+            session_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
+        session_ids = torch.as_tensor(session_ids, device=device)
+        if session_ids.dim() == 0:
+            session_ids = session_ids.expand(batch_size)
+        if session_ids.shape != (batch_size,):
+            raise ValueError(f"session_ids must have shape (batch,) = ({batch_size},), got {tuple(session_ids.shape)}.")
+        if int(session_ids.min()) < 0 or int(session_ids.max()) >= config.num_sessions:
+            raise ValueError(
+                f"Unknown session id {session_ids.tolist()}: the model has num_sessions={config.num_sessions} "
+                f"(names: {config.session_names}); add the session with model.add_session(name, num_neurons)."
+            )
+        if neuron_mask is not None:
+            neuron_mask = torch.as_tensor(neuron_mask, device=device)
+            if neuron_mask.shape != (batch_size, num_neurons):
+                raise ValueError(
+                    f"neuron_mask must have shape (batch, neurons) = {(batch_size, num_neurons)}, got "
+                    f"{tuple(neuron_mask.shape)}."
+                )
+            neuron_mask = neuron_mask.bool()
+        return neuron_ids.long(), session_ids.long(), neuron_mask
+
+    def validate_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 3:
+            raise ValueError(
+                f"input_ids must be a (batch, neurons, token_steps) grid of codes, got shape {tuple(input_ids.shape)};"
+                " add the missing axes (e.g. input_ids[None] for one trial)."
+            )
+        if input_ids.dtype.is_floating_point:
+            raise ValueError("input_ids must hold integer codes; tokenize traces with CalmTokenizer.encode first.")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"input_ids contain codes in [{int(input_ids.min())}, {int(input_ids.max())}]: the tokenizer "
+                f"codebook_size (at least {int(input_ids.max()) + 1}) differs from model vocab_size "
+                f"{self.config.vocab_size}. Use the tokenizer this model was trained with."
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CalmModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`):
+                Codes from [`CalmTokenizer.encode`].
+            inputs_embeds (`torch.FloatTensor` of shape `(batch, neurons, token_steps, hidden_size)`, *optional*):
+                Token embeddings used instead of `embed_tokens(input_ids)` (e.g. probability-weighted code
+                embeddings); neuron and session embeddings are still added.
+            neuron_ids (`torch.LongTensor` of shape `(batch, neurons)`, *optional*):
+                Global neuron ids; defaults to `arange(neurons)`.
+            session_ids (`torch.LongTensor` of shape `(batch,)`, *optional*):
+                Session ids; defaults to 0.
+            neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*):
+                True for real neurons, False for padding; padded neurons never influence real ones.
+            past_key_values (`Cache`, *optional*):
+                Time-axis KV cache from a previous call; `input_ids` then holds only the new steps.
+            use_cache (`bool`, *optional*):
+                Return the KV cache (default: `config.use_cache` outside training).
+            output_hidden_states (`bool`, *optional*):
+                Return the embedding output and every layer's output.
+            return_dict (`bool`, *optional*):
+                Return a [`CalmModelOutput`] instead of a tuple.
+        """
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids (batch, neurons, steps) or inputs_embeds.")
+        if input_ids is not None:
+            self.validate_input_ids(input_ids)
+            batch_size, num_neurons, num_steps = input_ids.shape
+            device = input_ids.device
+        else:
+            if inputs_embeds.dim() != 4 or inputs_embeds.shape[-1] != config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, neurons, token_steps, {config.hidden_size}), got "
+                    f"{tuple(inputs_embeds.shape)}."
+                )
+            batch_size, num_neurons, num_steps, _ = inputs_embeds.shape
+            device = inputs_embeds.device
+        if num_steps < 1 or num_neurons < 1:
+            raise ValueError(
+                f"The context must hold at least 1 token step and 1 neuron, got {num_neurons} neurons x {num_steps} "
+                "steps; give at least window_size frames of context."
+            )
+        neuron_ids, session_ids, neuron_mask = self.prepare_identity_inputs(
+            batch_size, num_neurons, device, neuron_ids, session_ids, neuron_mask
+        )
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_key_values is not None and past_length and past_key_values.layers[0].keys.shape[0] != (
+            batch_size * num_neurons
+        ):
+            raise ValueError(
+                f"past_key_values hold {past_key_values.layers[0].keys.shape[0]} sequences but the input has "
+                f"batch*neurons = {batch_size * num_neurons}; pass the cache returned for this same grid."
+            )
+        if past_length + num_steps > config.max_token_steps:
+            raise ValueError(
+                f"{past_length + num_steps} token steps exceed max_token_steps={config.max_token_steps}; crop the "
+                "context (keep the most recent steps) or generate fewer new tokens."
+            )
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        # (batch, neurons, steps, hidden) = token + neuron identity + session identity
+        hidden_states = (
+            inputs_embeds
+            + self.neuron_embeddings(neuron_ids)[:, :, None, :]
+            + self.session_embeddings(session_ids)[:, None, None, :]
+        )
+        hidden_states = self.embed_dropout(hidden_states)
+
+        neuron_attention_mask = None
+        if neuron_mask is not None and not bool(neuron_mask.all()):
+            # a sample whose neurons are all padding attends to all of them (avoids NaN rows; its outputs are ignored)
+            key_mask = neuron_mask | ~neuron_mask.any(dim=1, keepdim=True)
+            # (batch*steps, 1, 1, neurons): True = this neuron may be attended to
+            neuron_attention_mask = key_mask[:, None, :].expand(batch_size, num_steps, num_neurons)
+            neuron_attention_mask = neuron_attention_mask.reshape(batch_size * num_steps, 1, 1, num_neurons)
+
+        position_ids = torch.arange(past_length, past_length + num_steps, device=device)
+        position_embeddings = self.rotary_emb(position_ids)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                neuron_attention_mask=neuron_attention_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+
+        output = CalmModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Next-token head + generation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
+    """DAT with a next-code head: predicts every neuron's code at step t+1 from steps <= t of all neurons."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # forward has no **kwargs, but stay explicit: Trainer must scale the loss for gradient accumulation itself
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CalmConfig) -> None:
+        super().__init__(config)
+        self.model = CalmModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # (vocab, k) nearest codebook neighbours by cosine similarity; -1 = not set (see set_codebook_neighbors)
+        self.register_buffer(
+            "codebook_neighbors", torch.full((config.vocab_size, config.neighbor_k), -1, dtype=torch.long)
+        )
+        self._warned_no_neighbors = False
+        self.post_init()
+        self.generation_config = self.default_generation_config()
+
+    @staticmethod
+    def default_generation_config() -> GenerationConfig:
+        # codes have no special tokens: never stop early, never pad
+        return GenerationConfig(
+            max_new_tokens=15, do_sample=False, bos_token_id=None, eos_token_id=None, pad_token_id=None
+        )
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    # -- training-time augmentations ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_codebook_neighbors(self, codebook: torch.Tensor) -> torch.Tensor:
+        """Stores, for every code, its `config.neighbor_k` nearest other codes by cosine similarity.
+
+        Args:
+            codebook (`torch.FloatTensor` of shape `(vocab_size, dim)`): the tokenizer's codebook vectors.
+        """
+        vocab_size, k = self.config.vocab_size, self.config.neighbor_k
+        if codebook.dim() != 2 or codebook.shape[0] != vocab_size:
+            raise ValueError(
+                f"codebook must have shape (vocab_size={vocab_size}, dim), got {tuple(codebook.shape)}: the tokenizer "
+                f"codebook_size {codebook.shape[0] if codebook.dim() else '?'} differs from model vocab_size {vocab_size}."
+            )
+        unit = F.normalize(codebook.detach().float(), dim=-1)
+        similarity = unit @ unit.T
+        similarity.fill_diagonal_(float("-inf"))  # a code is not its own neighbour
+        neighbors = similarity.topk(k, dim=-1).indices
+        self.codebook_neighbors.copy_(neighbors.to(self.codebook_neighbors.device))
+        return self.codebook_neighbors
+
+    def augment_input_ids(
+        self,
+        input_ids: torch.LongTensor,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Applies the paper's training-time input corruptions (only in `model.train()`; identity in eval):
+        scheduled sampling (probability `scheduled_sampling_prob` per batch, one block of `scheduled_sampling_block`
+        steps replaced by the model's own one-step argmax predictions) and neighbourhood replacement (each token with
+        probability `neighbor_replacement_prob` swapped for one of its `neighbor_k` nearest codes).
+
+        Returns:
+            `(input_ids, scheduled_sampling_applied)`.
+        """
+        config = self.config
+        applied = torch.tensor(False, device=input_ids.device)
+        if not self.training:
+            return input_ids, applied
+        num_steps = input_ids.shape[-1]
+        block = min(config.scheduled_sampling_block, num_steps - 1)
+        if config.scheduled_sampling_prob > 0 and block >= 1 and bool(torch.rand(()) < config.scheduled_sampling_prob):
+            with torch.no_grad():
+                hidden = self.model(
+                    input_ids=input_ids, neuron_ids=neuron_ids, session_ids=session_ids, neuron_mask=neuron_mask,
+                    use_cache=False,
+                ).last_hidden_state
+                # logits at step t predict step t+1
+                predictions = self.lm_head(hidden[:, :, :-1]).argmax(dim=-1)
+            start = int(torch.randint(1, num_steps - block + 1, ()))
+            input_ids = input_ids.clone()
+            input_ids[:, :, start : start + block] = predictions[:, :, start - 1 : start - 1 + block]
+            applied = torch.tensor(True, device=input_ids.device)
+        if config.neighbor_replacement_prob > 0:
+            if int(self.codebook_neighbors[0, 0]) < 0:
+                if not self._warned_no_neighbors:
+                    warnings.warn(
+                        "Neighbourhood replacement is enabled but model.set_codebook_neighbors(tokenizer codebook) "
+                        "was never called; skipping it.",
+                        stacklevel=2,
+                    )
+                    self._warned_no_neighbors = True
+            else:
+                replace = torch.rand(input_ids.shape, device=input_ids.device) < config.neighbor_replacement_prob
+                choice = torch.randint(0, config.neighbor_k, input_ids.shape, device=input_ids.device)
+                neighbors = self.codebook_neighbors[input_ids, choice]
+                input_ids = torch.where(replace, neighbors, input_ids)
+        return input_ids, applied
+
+    # -- forward ------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        num_neurons: int | None = None,
+        logits_to_keep: int = 0,
+    ) -> CalmCausalNeuralModelingOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`):
+                Codes. The flattened form `(batch * neurons, token_steps)` is accepted together with `num_neurons`
+                (this is how `generate` calls the model).
+            inputs_embeds (`torch.FloatTensor` of shape `(batch, neurons, token_steps, hidden_size)`, *optional*):
+                Token embeddings instead of `input_ids` (flattened form likewise).
+            neuron_ids (`torch.LongTensor` of shape `(batch, neurons)`, *optional*): global neuron ids.
+            session_ids (`torch.LongTensor` of shape `(batch,)`, *optional*): session ids.
+            neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*): False marks padded neurons,
+                which are also left out of the loss.
+            labels (`torch.LongTensor` of shape `(batch, neurons, token_steps)`, *optional*):
+                Usually `input_ids`; shifted inside (logits at step t are scored against labels at t+1). -100 is
+                ignored.
+            past_key_values (`Cache`, *optional*): time-axis KV cache.
+            use_cache (`bool`, *optional*): return the KV cache.
+            output_hidden_states (`bool`, *optional*): return the backbone's hidden states.
+            return_dict (`bool`, *optional*): return a ModelOutput instead of a tuple.
+            num_neurons (`int`, *optional*): number of neurons when the grid comes flattened.
+            logits_to_keep (`int`, *optional*, defaults to 0): compute logits only for the last this many steps
+                (0 = all).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        flat_batch = None
+        if num_neurons is not None:
+            main = input_ids if input_ids is not None else inputs_embeds
+            expected_dim = 2 if input_ids is not None else 3
+            if main is not None and main.dim() == expected_dim:
+                if main.shape[0] % num_neurons != 0:
+                    raise ValueError(
+                        f"The flattened batch {main.shape[0]} is not a multiple of num_neurons={num_neurons}."
+                    )
+                flat_batch = main.shape[0]
+                if input_ids is not None:
+                    input_ids = input_ids.reshape(-1, num_neurons, input_ids.shape[-1])
+                else:
+                    inputs_embeds = inputs_embeds.reshape(-1, num_neurons, *inputs_embeds.shape[1:])
+                if labels is not None and labels.dim() == 2:
+                    labels = labels.reshape(-1, num_neurons, labels.shape[-1])
+
+        scheduled_sampling_applied = None
+        if self.training and labels is not None and input_ids is not None:
+            input_ids, scheduled_sampling_applied = self.augment_input_ids(
+                input_ids, neuron_ids, session_ids, neuron_mask
+            )
+
+        outputs = self.model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            neuron_ids=neuron_ids,
+            session_ids=session_ids,
+            neuron_mask=neuron_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, :, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels cannot be combined with logits_to_keep; use logits_to_keep=0 for training.")
+            if labels.shape != logits.shape[:-1]:
+                raise ValueError(
+                    f"labels must have the shape of input_ids {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}."
+                )
+            if neuron_mask is not None:
+                labels = labels.masked_fill(~neuron_mask.to(labels.device).bool()[:, :, None], -100)
+            # logits at t predict t+1; cross-entropy in float32 (bf16 autocast safe)
+            shift_logits = logits[:, :, :-1].float().reshape(-1, self.config.vocab_size)
+            shift_labels = labels[:, :, 1:].reshape(-1).to(shift_logits.device)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+        if flat_batch is not None:
+            logits = logits.reshape(flat_batch, logits.shape[2], logits.shape[3])
+
+        output = CalmCausalNeuralModelingOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            scheduled_sampling_applied=scheduled_sampling_applied,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # -- generation ---------------------------------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        next_sequence_length: int | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        # input_ids (batch*neurons, steps so far); with a cache only the steps it has not seen are fed (one per step)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length:
+            input_ids = input_ids[:, past_length:]
+        model_inputs = {"input_ids": input_ids.contiguous(), "past_key_values": past_key_values}
+        if inputs_embeds is not None and is_first_iteration and not past_length:
+            model_inputs = {"input_ids": None, "inputs_embeds": inputs_embeds, "past_key_values": past_key_values}
+        forward_args = set(inspect.signature(self.forward).parameters)
+        for key, value in kwargs.items():
+            if key in forward_args and key not in model_inputs and key != "labels":
+                model_inputs[key] = value
+        return model_inputs
+
+    def _generation_setting(self, name: str, generation_config: GenerationConfig | None, kwargs: dict):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        config = generation_config if generation_config is not None else self.generation_config
+        return getattr(config, name, None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor | ModelOutput:
+        r"""
+        Rolls the token grid forward in time with a KV cache (greedy, or sampling with temperature / top_k / top_p).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`): context codes.
+            neuron_ids (`torch.LongTensor` of shape `(batch, neurons)`, *optional*): global neuron ids.
+            session_ids (`torch.LongTensor` of shape `(batch,)`, *optional*): session ids.
+            neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*): False marks padded neurons.
+            generation_config (`GenerationConfig`, *optional*): defaults to `model.generation_config`
+                (`max_new_tokens=15`, greedy, no eos/pad).
+            generate_kwargs: any `GenerationConfig` field (`max_new_tokens`, `do_sample`, `temperature`, `top_k`,
+                `top_p`, `num_return_sequences`, `return_dict_in_generate`, `output_scores`, ...). Seed with
+                `torch.manual_seed`.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch * num_return_sequences, neurons, token_steps + new)`, rows grouped by
+            input (`[b * R + r]` is sample r of input b); with `return_dict_in_generate=True` a
+            `GenerateDecoderOnlyOutput` whose `sequences` has that shape and whose `scores`/`logits` are tuples of
+            `(batch * R, neurons, vocab_size)`.
+        """
+        if input_ids is None:
+            input_ids = generate_kwargs.pop("inputs", None)
+        if input_ids is None:
+            raise ValueError("generate needs input_ids of shape (batch, neurons, token_steps): the context codes.")
+        self.model.validate_input_ids(input_ids)
+        if generate_kwargs.get("inputs_embeds") is not None:
+            raise ValueError("generate takes input_ids; for embedding feedback use model.rollout(..., mode='soft').")
+        batch_size, num_neurons, num_steps = input_ids.shape
+        if num_steps < 1:
+            raise ValueError("The context must hold at least 1 token step; give at least window_size frames.")
+        neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
+            batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
+        )
+
+        num_beams = self._generation_setting("num_beams", generation_config, generate_kwargs) or 1
+        if num_beams > 1:
+            raise ValueError("Beam search is not supported on the neuron grid; use greedy or do_sample=True.")
+        num_return = generate_kwargs.pop("num_return_sequences", None)
+        if num_return is None:
+            config = generation_config if generation_config is not None else self.generation_config
+            num_return = config.num_return_sequences or 1
+        if generate_kwargs.get("max_length") is not None and generate_kwargs.get("max_new_tokens") is None:
+            # max_length counts token steps of the grid; the default max_new_tokens would otherwise win
+            generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length") - num_steps
+        max_new_tokens = self._generation_setting("max_new_tokens", generation_config, generate_kwargs)
+        if max_new_tokens is not None and num_steps + max_new_tokens > self.config.max_token_steps:
+            raise ValueError(
+                f"{num_steps} context steps + {max_new_tokens} new steps exceed max_token_steps="
+                f"{self.config.max_token_steps}; crop the context or lower max_new_tokens."
+            )
+
+        # expand on the grid ourselves so the R samples of a trial keep their neurons together: (batch*R, neurons, T)
+        if num_return > 1:
+            input_ids = input_ids.repeat_interleave(num_return, dim=0)
+            neuron_ids = neuron_ids.repeat_interleave(num_return, dim=0)
+            session_ids = session_ids.repeat_interleave(num_return, dim=0)
+            if neuron_mask is not None:
+                neuron_mask = neuron_mask.repeat_interleave(num_return, dim=0)
+        grid_batch = input_ids.shape[0]
+
+        outputs = super().generate(
+            input_ids.reshape(grid_batch * num_neurons, num_steps),
+            generation_config=generation_config,
+            num_return_sequences=1,
+            num_neurons=num_neurons,
+            neuron_ids=neuron_ids,
+            session_ids=session_ids,
+            neuron_mask=neuron_mask,
+            **generate_kwargs,
+        )
+
+        def to_grid(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.reshape(grid_batch, num_neurons, *tensor.shape[1:])
+
+        if isinstance(outputs, torch.Tensor):
+            return to_grid(outputs)
+        outputs.sequences = to_grid(outputs.sequences)
+        for name in ("scores", "logits"):
+            if getattr(outputs, name, None) is not None:
+                setattr(outputs, name, tuple(to_grid(step) for step in getattr(outputs, name)))
+        return outputs
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+        mode: str = "greedy",
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> CalmRolloutOutput:
+        r"""
+        Autoregressive rollout with a KV cache, with a choice of what is fed back at each step.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`): context codes.
+            max_new_tokens (`int`): number of token steps to roll out.
+            neuron_ids, session_ids, neuron_mask: as in `forward`.
+            mode (`str`, *optional*, defaults to `"greedy"`):
+                `"greedy"` feeds back the argmax code, `"sample"` a code drawn from the (temperature / top-k)
+                distribution, `"soft"` the probability-weighted code embedding `probs @ embed_tokens.weight` (a
+                mean-field rollout that does not collapse to typical codes); its returned codes are the argmax.
+            temperature (`float`, *optional*, defaults to 1.0): softmax temperature ("sample" and "soft").
+            top_k (`int`, *optional*): keep only the k most likely codes ("sample" and "soft").
+            generator (`torch.Generator`, *optional*): random generator for "sample".
+
+        Returns:
+            [`CalmRolloutOutput`] with `codes` `(batch, neurons, token_steps + max_new_tokens)` and
+            `probabilities` `(batch, neurons, max_new_tokens, vocab_size)`.
+        """
+        if mode not in ("greedy", "sample", "soft"):
+            raise ValueError(f"mode must be 'greedy', 'sample' or 'soft', got {mode!r}.")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}; use mode='greedy' for argmax.")
+        self.model.validate_input_ids(input_ids)
+        if input_ids.shape[-1] + max_new_tokens > self.config.max_token_steps:
+            raise ValueError(
+                f"{input_ids.shape[-1]} context steps + {max_new_tokens} new steps exceed max_token_steps="
+                f"{self.config.max_token_steps}; crop the context or roll out fewer steps."
+            )
+        identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
+        outputs = self(input_ids=input_ids, use_cache=True, logits_to_keep=1, return_dict=True, **identity)
+        cache = outputs.past_key_values
+        codes, probabilities = [], []
+        for step in range(max_new_tokens):
+            logits = outputs.logits[:, :, -1].float()  # (batch, neurons, vocab)
+            if mode != "greedy":
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.shape[-1]:
+                    threshold = logits.topk(top_k, dim=-1).values[..., -1:]
+                    logits = logits.masked_fill(logits < threshold, float("-inf"))
+            probs = logits.softmax(dim=-1)
+            if mode == "sample":
+                next_codes = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+                next_codes = next_codes.view(probs.shape[:-1])
+            else:
+                next_codes = probs.argmax(dim=-1)
+            codes.append(next_codes)
+            probabilities.append(probs)
+            if step == max_new_tokens - 1:
+                break
+            if mode == "soft":
+                embedding = self.get_input_embeddings().weight
+                feed = {"inputs_embeds": (probs.to(embedding.dtype) @ embedding)[:, :, None, :]}
+            else:
+                feed = {"input_ids": next_codes[:, :, None]}
+            outputs = self(past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True, **feed, **identity)
+            cache = outputs.past_key_values
+        return CalmRolloutOutput(
+            codes=torch.cat([input_ids, torch.stack(codes, dim=-1)], dim=-1),
+            probabilities=torch.stack(probabilities, dim=2),
+        )
+
+
+CalmConfig.register_for_auto_class()
+CalmModel.register_for_auto_class("AutoModel")
+CalmForCausalNeuralModeling.register_for_auto_class("AutoModelForCausalLM")
+
+
+__all__ = [
+    "CalmCausalNeuralModelingOutput",
+    "CalmDualAxisLayer",
+    "CalmForCausalNeuralModeling",
+    "CalmModel",
+    "CalmModelOutput",
+    "CalmPreTrainedModel",
+    "CalmRolloutOutput",
+]
