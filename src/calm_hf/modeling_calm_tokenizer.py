@@ -1,0 +1,751 @@
+"""CalM neural quantizer (NQ): a VQ-VAE that turns each neuron's calcium trace into discrete tokens.
+
+Pipeline for traces `(batch, neurons, frames)`: neurons are independent, so they are folded into the batch;
+a strided Conv1d (kernel = stride = L) cuts every trace into token windows, RoPE Transformer layers (causal along
+time) encode them, each vector snaps to its nearest codebook entry (Euclidean, fp32), and Transformer layers plus a
+transposed conv decode the codes back to frames. Training losses follow the paper: reconstruction
+`MSE + a (1 - r)`, commitment, codebook (embed) loss with EMA updates, Gumbel-softmax codebook entropy,
+codebook orthogonality, dead-code revival from a queue of recent encoder vectors, and an auxiliary
+autoregressive head predicting the next `ar_horizon` codes.
+"""
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_calm_tokenizer import (
+    CalmTokenizerConfig,
+    plain_auto_map,
+    rewrite_calm_tokenizer_auto_map,
+)
+
+
+@dataclass
+class CalmTokenizerEncoderOutput(ModelOutput):
+    r"""
+    codes (`torch.LongTensor` of shape `(batch, neurons, token_steps)`):
+        Index of the nearest codebook entry for every window of `window_size` frames.
+    quantized_embeddings (`torch.FloatTensor` of shape `(batch, neurons, token_steps, hidden_size)`):
+        The codebook vectors of `codes` (what the decoder consumes).
+    """
+
+    codes: torch.LongTensor | None = None
+    quantized_embeddings: torch.FloatTensor | None = None
+
+
+@dataclass
+class CalmTokenizerDecoderOutput(ModelOutput):
+    r"""
+    trace_values (`torch.FloatTensor` of shape `(batch, neurons, token_steps * window_size)`):
+        Traces reconstructed from the codes.
+    """
+
+    trace_values: torch.FloatTensor | None = None
+
+
+@dataclass
+class CalmTokenizerOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`):
+        Weighted sum of all training losses below (only `reconstruction_loss` during the codebook warm-up).
+    reconstruction_loss (`torch.FloatTensor` of shape `()`):
+        `mse_loss + reconstruction_pearson_weight * pearson_loss`.
+    mse_loss (`torch.FloatTensor` of shape `()`):
+        Mean squared error between the reconstruction and the input traces.
+    pearson_loss (`torch.FloatTensor` of shape `()`):
+        `1 - r`, with `r` the Pearson correlation per trace averaged over traces.
+    commitment_loss (`torch.FloatTensor` of shape `()`):
+        `||z - sg[e]||^2` averaged over vectors and dimensions.
+    embed_loss (`torch.FloatTensor` of shape `()`):
+        `||sg[z] - e||^2` averaged over vectors and dimensions (codebook loss).
+    entropy_loss (`torch.FloatTensor` of shape `()`):
+        `log(K) - H(p)`, with `p` the batch-averaged Gumbel-softmax assignment (0 for perfectly even usage).
+    orthogonality_loss (`torch.FloatTensor` of shape `()`):
+        Mean of `(E E^T - I)^2` over the L2-normalised codebook.
+    ar_loss (`torch.FloatTensor` of shape `()`):
+        Cross-entropy of the auxiliary head predicting codes 1..`ar_horizon` steps ahead.
+    codebook_perplexity (`torch.FloatTensor` of shape `()`):
+        `exp(entropy)` of the hard code usage in the batch (K when all codes are used evenly).
+    dead_codes (`torch.LongTensor` of shape `()`):
+        Number of codes whose EMA usage is below `dead_code_threshold / K` (the revival criterion).
+    codes (`torch.LongTensor` of shape `(batch, neurons, token_steps)`):
+        The tokens of the input.
+    trace_values (`torch.FloatTensor` of shape `(batch, neurons, frames)`):
+        The reconstruction (decoded from the codes with straight-through gradients; from the continuous encoder
+        output during the codebook warm-up).
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    mse_loss: torch.FloatTensor | None = None
+    pearson_loss: torch.FloatTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    embed_loss: torch.FloatTensor | None = None
+    entropy_loss: torch.FloatTensor | None = None
+    orthogonality_loss: torch.FloatTensor | None = None
+    ar_loss: torch.FloatTensor | None = None
+    codebook_perplexity: torch.FloatTensor | None = None
+    dead_codes: torch.LongTensor | None = None
+    codes: torch.LongTensor | None = None
+    trace_values: torch.FloatTensor | None = None
+
+
+def rotate_half(hidden_states: torch.Tensor) -> torch.Tensor:
+    """Rotates half the hidden dims of the input."""
+    first, second = hidden_states.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on `(batch, heads, steps, head_dim)` query/key with `(steps, head_dim)` cos/sin."""
+    return (query * cos) + (rotate_half(query) * sin), (key * cos) + (rotate_half(key) * sin)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # (batch, heads, steps, steps)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    is_causal = module.is_causal if is_causal is None else is_causal
+    if is_causal and query.shape[2] > 1:
+        future = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).triu(1)
+        attn_weights = attn_weights.masked_fill(future, float("-inf"))
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class CalmTokenizerRotaryEmbedding(nn.Module):
+    """RoPE along token steps; sin/cos cached up to `max_token_steps`, computed on the fly beyond."""
+
+    def __init__(self, config: CalmTokenizerConfig):
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.rope_theta = float(config.rope_theta)
+        self.max_token_steps = config.max_token_steps
+        cos, sin = self.compute_cos_sin(self.max_token_steps)
+        self.register_buffer("cos_cached", cos, persistent=False)
+        self.register_buffer("sin_cached", sin, persistent=False)
+
+    def compute_cos_sin(self, steps: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        inv_freq = 1.0 / (self.rope_theta**exponents)
+        freqs = torch.outer(torch.arange(steps, dtype=torch.float32, device=device), inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (steps, head_dim)
+        return angles.cos(), angles.sin()
+
+    def forward(self, steps: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if steps <= self.max_token_steps:
+            cos, sin = self.cos_cached[:steps], self.sin_cached[:steps]
+        else:
+            cos, sin = self.compute_cos_sin(steps, device=self.cos_cached.device)
+        return cos.to(dtype), sin.to(dtype)
+
+
+class CalmTokenizerAttention(nn.Module):
+    """Multi-head self-attention along time with RoPE; causal or bidirectional."""
+
+    def __init__(self, config: CalmTokenizerConfig, is_causal: bool):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = is_causal
+        self.num_key_value_groups = 1
+        self.attention_dropout = config.dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, self.num_heads, self.head_dim)
+        # (batch*neurons, heads, steps, head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=self.is_causal,
+        )
+        # (batch*neurons, steps, hidden)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output)
+
+
+class CalmTokenizerMLP(nn.Module):
+    def __init__(self, config: CalmTokenizerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.activation = nn.GELU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_states)))
+
+
+class CalmTokenizerLayer(nn.Module):
+    """Pre-norm Transformer layer over the token steps of one trace."""
+
+    def __init__(self, config: CalmTokenizerConfig, is_causal: bool):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = CalmTokenizerAttention(config, is_causal=is_causal)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CalmTokenizerMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings)
+        hidden_states = hidden_states + self.dropout(attn)
+        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+
+
+class CalmTokenizerEncoder(nn.Module):
+    """Traces `(batch*neurons, frames)` -> latents `(batch*neurons, frames // L, hidden)`."""
+
+    def __init__(self, config: CalmTokenizerConfig):
+        super().__init__()
+        # kernel = stride = L: one token per non-overlapping window, so a token never sees later windows
+        self.patch_embed = nn.Conv1d(1, config.hidden_size, kernel_size=config.window_size, stride=config.window_size)
+        self.rotary_emb = CalmTokenizerRotaryEmbedding(config)
+        self.layers = nn.ModuleList(
+            [CalmTokenizerLayer(config, is_causal=config.causal_encoder) for _ in range(config.num_encoder_layers)]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, traces: torch.Tensor) -> torch.Tensor:
+        # (batch*neurons, 1, frames) -> (batch*neurons, hidden, steps) -> (batch*neurons, steps, hidden)
+        hidden_states = self.patch_embed(traces.unsqueeze(1)).transpose(1, 2)
+        position_embeddings = self.rotary_emb(hidden_states.shape[1], hidden_states.dtype)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings)
+        return self.norm(hidden_states)
+
+
+class CalmTokenizerDecoder(nn.Module):
+    """Code embeddings `(batch*neurons, steps, hidden)` -> traces `(batch*neurons, steps * L)`."""
+
+    def __init__(self, config: CalmTokenizerConfig):
+        super().__init__()
+        self.rotary_emb = CalmTokenizerRotaryEmbedding(config)
+        self.layers = nn.ModuleList(
+            [CalmTokenizerLayer(config, is_causal=config.causal_decoder) for _ in range(config.num_decoder_layers)]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.unpatch = nn.ConvTranspose1d(
+            config.hidden_size, 1, kernel_size=config.window_size, stride=config.window_size
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        position_embeddings = self.rotary_emb(embeddings.shape[1], embeddings.dtype)
+        hidden_states = embeddings
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings)
+        hidden_states = self.norm(hidden_states)
+        # (batch*neurons, hidden, steps) -> (batch*neurons, 1, steps * L)
+        return self.unpatch(hidden_states.transpose(1, 2)).squeeze(1)
+
+
+class CalmTokenizerQuantizer(nn.Module):
+    """Codebook with nearest-neighbour lookup, EMA updates, usage tracking and a revival queue.
+
+    All distance computations run in fp32 (autocast disabled) so that bf16 training does not flip assignments.
+    """
+
+    def __init__(self, config: CalmTokenizerConfig):
+        super().__init__()
+        self.codebook_size = config.codebook_size
+        self.hidden_size = config.hidden_size
+        self.ema_decay = config.ema_decay
+        self.codebook = nn.Parameter(torch.empty(config.codebook_size, config.hidden_size))
+        # EMA of the fraction of vectors assigned to each code; uniform = 1 / K
+        self.register_buffer("code_usage", torch.full((config.codebook_size,), 1.0 / config.codebook_size))
+        # FIFO ring buffer of recent encoder vectors that dead codes are reset to
+        self.register_buffer("revival_queue", torch.zeros(config.revival_queue_size, config.hidden_size))
+        self.register_buffer("revival_queue_pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("revival_queue_filled", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def squared_distances(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """`(n, hidden)` x `(K, hidden)` -> `(n, K)` squared Euclidean distances in fp32."""
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            latents = latents.float()
+            codebook = codebook.float()
+            return (
+                latents.pow(2).sum(-1, keepdim=True)
+                - 2.0 * latents @ codebook.t()
+                + codebook.pow(2).sum(-1).unsqueeze(0)
+            )
+
+    def nearest_codes(self, latents: torch.Tensor) -> torch.LongTensor:
+        """`(..., hidden)` -> `(...)` index of the nearest codebook entry."""
+        flat = latents.reshape(-1, latents.shape[-1])
+        return self.squared_distances(flat, self.codebook).argmin(dim=-1).reshape(latents.shape[:-1])
+
+    def dead_code_mask(self, threshold: float) -> torch.BoolTensor:
+        return self.code_usage * self.codebook_size < threshold
+
+    @torch.no_grad()
+    def update_state(self, latents: torch.Tensor, codes: torch.LongTensor, update_codebook: bool) -> None:
+        """Training-time state updates from flat `latents` `(n, hidden)` and their `codes` `(n,)`."""
+        latents = latents.detach().float()
+        counts = torch.bincount(codes, minlength=self.codebook_size).float()
+        share = (counts / counts.sum().clamp_min(1.0)).to(self.code_usage.dtype)
+        self.code_usage.mul_(self.ema_decay).add_(share, alpha=1.0 - self.ema_decay)
+        if update_codebook:
+            # EMA codebook: every used code moves towards the mean of the vectors assigned to it
+            sums = torch.zeros_like(self.codebook).index_add_(0, codes, latents)
+            used = counts > 0
+            means = sums[used] / counts[used].unsqueeze(-1)
+            self.codebook[used] = torch.lerp(self.codebook[used], means.to(self.codebook.dtype), 1.0 - self.ema_decay)
+        # push a random subset so the queue spans several recent steps
+        queue_size = self.revival_queue.shape[0]
+        num_push = min(latents.shape[0], max(1, queue_size // 8))
+        pushed = latents[torch.randperm(latents.shape[0], device=latents.device)[:num_push]]
+        slots = (self.revival_queue_pointer + torch.arange(num_push, device=latents.device)) % queue_size
+        self.revival_queue[slots] = pushed.to(self.revival_queue.dtype)
+        self.revival_queue_pointer.copy_((self.revival_queue_pointer + num_push) % queue_size)
+        self.revival_queue_filled.copy_(torch.clamp(self.revival_queue_filled + num_push, max=queue_size))
+
+    @torch.no_grad()
+    def initialize_from_queue(self, kmeans_iterations: int) -> bool:
+        """Data-dependent codebook init: k-means (Lloyd) on the queued encoder vectors, seeded with random ones.
+
+        Returns False (and leaves the codebook alone) when the queue is still empty."""
+        filled = int(self.revival_queue_filled)
+        if filled == 0:
+            return False
+        data = self.revival_queue[:filled].float()
+        if filled >= self.codebook_size:
+            picks = torch.randperm(filled, device=data.device)[: self.codebook_size]
+        else:
+            picks = torch.randint(filled, (self.codebook_size,), device=data.device)
+        centroids = data[picks].clone()
+        for _ in range(kmeans_iterations):
+            assignment = self.squared_distances(data, centroids).argmin(-1)
+            counts = torch.bincount(assignment, minlength=self.codebook_size).float()
+            sums = torch.zeros_like(centroids).index_add_(0, assignment, data)
+            filled_clusters = counts > 0  # empty clusters keep their seed vector
+            centroids[filled_clusters] = sums[filled_clusters] / counts[filled_clusters].unsqueeze(-1)
+        self.codebook.copy_(centroids.to(self.codebook.dtype))
+        self.code_usage.fill_(1.0 / self.codebook_size)
+        return True
+
+    @torch.no_grad()
+    def revive_dead_codes(self, threshold: float) -> int:
+        """Reset codes whose EMA usage is below `threshold / K` to queued encoder vectors; returns how many."""
+        dead = self.dead_code_mask(threshold).nonzero().squeeze(-1)
+        available = int(self.revival_queue_filled)
+        if dead.numel() == 0 or available == 0:
+            return 0
+        if available >= dead.numel():
+            picks = torch.randperm(available, device=dead.device)[: dead.numel()]
+        else:
+            picks = torch.randint(available, (dead.numel(),), device=dead.device)
+        self.codebook[dead] = self.revival_queue[picks].to(self.codebook.dtype)
+        self.code_usage[dead] = 1.0 / self.codebook_size
+        return int(dead.numel())
+
+
+class CalmTokenizerPreTrainedModel(PreTrainedModel):
+    config_class = CalmTokenizerConfig
+    config: CalmTokenizerConfig
+    base_model_prefix = "calm_tokenizer"
+    main_input_name = "input_values"
+    _no_split_modules = ["CalmTokenizerLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+            # the patch convs see only L inputs: torch's fan-in init keeps their outputs at unit scale
+            module.reset_parameters()
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, CalmTokenizerRotaryEmbedding):
+            cos, sin = module.compute_cos_sin(module.max_token_steps)
+            init.copy_(module.cos_cached, cos)
+            init.copy_(module.sin_cached, sin)
+        elif isinstance(module, CalmTokenizerQuantizer):
+            # unit-variance codes match the LayerNorm-ed encoder outputs
+            init.normal_(module.codebook, mean=0.0, std=1.0)
+            init.constant_(module.code_usage, 1.0 / module.codebook_size)
+            init.zeros_(module.revival_queue)
+            init.zeros_(module.revival_queue_pointer)
+            init.zeros_(module.revival_queue_filled)
+        elif isinstance(module, CalmTokenizer):
+            init.zeros_(module.training_step)
+
+
+class CalmTokenizer(CalmTokenizerPreTrainedModel):
+    r"""
+    The CalM neural quantizer: tokenizes each neuron's trace into `frames // window_size` codes from a shared
+    codebook and decodes codes back to traces.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from calm_hf import CalmTokenizer, CalmTokenizerConfig
+
+    >>> model = CalmTokenizer(CalmTokenizerConfig.from_preset("tiny")).eval()
+    >>> traces = torch.randn(2, 5, 40)  # (batch, neurons, frames), z-scored per neuron
+    >>> codes = model.encode(traces).codes  # (2, 5, 10)
+    >>> reconstruction = model.decode(codes).trace_values  # (2, 5, 40)
+    ```"""
+
+    # Trainer: the loss is a mean over the batch, let Trainer scale it for gradient accumulation
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CalmTokenizerConfig):
+        super().__init__(config)
+        self.encoder = CalmTokenizerEncoder(config)
+        self.quantizer = CalmTokenizerQuantizer(config)
+        self.decoder = CalmTokenizerDecoder(config)
+        # logits of the codes 1..ar_horizon steps ahead, from the causal encoder state
+        self.ar_head = nn.Linear(config.hidden_size, config.ar_horizon * config.codebook_size)
+        # training forward passes so far; drives codebook warm-up, Gumbel annealing and dead-code revival
+        self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
+        self.post_init()
+
+    # ------------------------------------------------------------------ input checks
+    def _check_input_values(self, input_values: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input_values, torch.Tensor):
+            raise ValueError(
+                f"`input_values` must be a torch.Tensor of shape (batch, neurons, frames), got "
+                f"{type(input_values).__name__}; convert with torch.as_tensor(x, dtype=torch.float32)."
+            )
+        if input_values.ndim != 3:
+            raise ValueError(
+                f"`input_values` must be 3-D (batch, neurons, frames), got shape {tuple(input_values.shape)}. "
+                "A single trace needs x[None, None]; a (neurons, frames) recording needs x[None]."
+            )
+        if input_values.numel() == 0:
+            raise ValueError(
+                f"`input_values` is empty (shape {tuple(input_values.shape)}); pass at least one neuron with "
+                f"{self.config.window_size} or more frames."
+            )
+        frames = input_values.shape[-1]
+        window = self.config.window_size
+        if frames < window:
+            raise ValueError(
+                f"`input_values` has {frames} frames, fewer than one token window (window_size={window}); "
+                f"pass at least {window} frames."
+            )
+        if frames % window != 0:
+            usable = frames - frames % window
+            raise ValueError(
+                f"`input_values` has {frames} frames, not a multiple of window_size={window}; "
+                f"crop to {usable} frames, e.g. x[..., :{usable}]."
+            )
+        if not torch.is_floating_point(input_values):
+            input_values = input_values.float()
+        finite = torch.isfinite(input_values)
+        if not bool(finite.all()):
+            batch_index, neuron_index, frame_index = (~finite).nonzero()[0].tolist()
+            bad_count = int((~finite).sum())
+            raise ValueError(
+                f"`input_values` contains {bad_count} NaN/Inf value(s), first at batch index {batch_index}, neuron "
+                f"{neuron_index}, frame {frame_index}; interpolate or drop that neuron (or use torch.nan_to_num) "
+                "before tokenizing."
+            )
+        return input_values.to(self.dtype)
+
+    def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        if not isinstance(codes, torch.Tensor):
+            raise ValueError(f"`codes` must be a torch.LongTensor (batch, neurons, token_steps), got {type(codes).__name__}.")
+        if torch.is_floating_point(codes) or codes.dtype == torch.bool or torch.is_complex(codes):
+            raise ValueError(
+                f"`codes` must be an integer tensor, got dtype {codes.dtype}; decode() takes tokens from encode(), "
+                "not trace values."
+            )
+        if codes.ndim != 3:
+            raise ValueError(
+                f"`codes` must be 3-D (batch, neurons, token_steps), got shape {tuple(codes.shape)}; "
+                "a single token sequence needs codes[None, None]."
+            )
+        if codes.numel() == 0:
+            raise ValueError(f"`codes` is empty (shape {tuple(codes.shape)}); pass at least one token.")
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= self.config.codebook_size:
+            raise ValueError(
+                f"`codes` must lie in [0, {self.config.codebook_size - 1}] (codebook_size={self.config.codebook_size}), "
+                f"got values from {low} to {high}; were they produced by a tokenizer with a different codebook?"
+            )
+        return codes.long()
+
+    # ------------------------------------------------------------------ schedules
+    def gumbel_temperature(self, step: int | None = None) -> float:
+        """Gumbel-softmax temperature at `step` (default: the current training step), decaying geometrically."""
+        step = int(self.training_step) if step is None else step
+        progress = min(step / self.config.gumbel_anneal_steps, 1.0)
+        start, end = self.config.gumbel_temperature_start, self.config.gumbel_temperature_end
+        return float(start * (end / start) ** progress)
+
+    def codebook_frozen(self) -> bool:
+        return int(self.training_step) < self.config.codebook_warmup_steps
+
+    # ------------------------------------------------------------------ public API
+    def get_codebook(self) -> torch.Tensor:
+        """The codebook, `(codebook_size, hidden_size)` (a detached copy)."""
+        return self.quantizer.codebook.detach().clone()
+
+    def encode(self, input_values: torch.Tensor, return_dict: bool | None = None) -> CalmTokenizerEncoderOutput | tuple:
+        r"""
+        Args:
+            input_values (`torch.FloatTensor` of shape `(batch, neurons, frames)`):
+                Traces z-scored per neuron; `frames` must be a multiple of `window_size`.
+            return_dict (`bool`, *optional*):
+                Return a [`CalmTokenizerEncoderOutput`] instead of a tuple.
+
+        Returns:
+            [`CalmTokenizerEncoderOutput`] with `codes` `(batch, neurons, frames // window_size)` and
+            `quantized_embeddings` `(batch, neurons, frames // window_size, hidden_size)`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        input_values = self._check_input_values(input_values)
+        batch, neurons, frames = input_values.shape
+        # neurons are independent: fold them into the batch -> (batch*neurons, steps, hidden)
+        latents = self.encoder(input_values.reshape(batch * neurons, frames))
+        codes = self.quantizer.nearest_codes(latents)
+        embeddings = F.embedding(codes, self.quantizer.codebook)
+        codes = codes.reshape(batch, neurons, -1)
+        embeddings = embeddings.reshape(batch, neurons, codes.shape[-1], -1)
+        if not return_dict:
+            return (codes, embeddings)
+        return CalmTokenizerEncoderOutput(codes=codes, quantized_embeddings=embeddings)
+
+    def decode(self, codes: torch.LongTensor, return_dict: bool | None = None) -> CalmTokenizerDecoderOutput | tuple:
+        r"""
+        Args:
+            codes (`torch.LongTensor` of shape `(batch, neurons, token_steps)`):
+                Token indices in `[0, codebook_size)`.
+            return_dict (`bool`, *optional*):
+                Return a [`CalmTokenizerDecoderOutput`] instead of a tuple.
+
+        Returns:
+            [`CalmTokenizerDecoderOutput`] with `trace_values` `(batch, neurons, token_steps * window_size)`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        codes = self._check_codes(codes)
+        batch, neurons, steps = codes.shape
+        embeddings = F.embedding(codes.reshape(batch * neurons, steps), self.quantizer.codebook).to(self.dtype)
+        trace_values = self.decoder(embeddings).reshape(batch, neurons, steps * self.config.window_size)
+        if not return_dict:
+            return (trace_values,)
+        return CalmTokenizerDecoderOutput(trace_values=trace_values)
+
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        neuron_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> CalmTokenizerOutput | tuple:
+        r"""
+        Tokenize, reconstruct and compute every training loss. In training mode the call also advances the step
+        counter and updates the codebook state (EMA, usage, revival queue, dead-code revival).
+
+        Args:
+            input_values (`torch.FloatTensor` of shape `(batch, neurons, frames)`):
+                Traces z-scored per neuron; `frames` must be a multiple of `window_size`.
+            neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*):
+                True for real neurons, False for padding; padded neurons are left out of losses and state updates.
+            return_dict (`bool`, *optional*):
+                Return a [`CalmTokenizerOutput`] instead of a tuple.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        input_values = self._check_input_values(input_values)
+        batch, neurons, frames = input_values.shape
+        steps = frames // config.window_size
+        traces = input_values.reshape(batch * neurons, frames)
+        if neuron_mask is not None:
+            if tuple(neuron_mask.shape) != (batch, neurons):
+                raise ValueError(
+                    f"`neuron_mask` must have shape (batch, neurons) = {(batch, neurons)}, got {tuple(neuron_mask.shape)}."
+                )
+            valid = neuron_mask.reshape(-1).to(device=traces.device, dtype=torch.bool)
+            if not bool(valid.any()):
+                raise ValueError("`neuron_mask` marks every neuron as padding; pass at least one real neuron.")
+        else:
+            valid = None
+
+        if self.training and config.codebook_warmup_steps > 0 and int(self.training_step) == config.codebook_warmup_steps:
+            # end of warm-up: move the random codebook onto the encoder's distribution before it starts learning
+            self.quantizer.initialize_from_queue(config.codebook_kmeans_iterations)
+        frozen = self.codebook_frozen()
+        # clone: the in-place EMA/revival updates below must not touch a tensor saved for backward
+        codebook = self.quantizer.codebook.clone()
+        if frozen:
+            codebook = codebook.detach()
+
+        # (batch*neurons, steps, hidden)
+        latents = self.encoder(traces)
+        codes = self.quantizer.nearest_codes(latents)  # (batch*neurons, steps)
+        code_vectors = F.embedding(codes, codebook)
+        # straight-through estimator: forward uses the code, backward passes gradients to the encoder
+        quantized = latents + (code_vectors - latents).detach()
+        # warm-up trains a plain autoencoder on the continuous latents: quantizing against a frozen random codebook
+        # would collapse the encoder onto the few codes nearest to it before k-means can seed the codebook
+        decoder_input = latents if frozen else quantized.to(latents.dtype)
+        reconstruction = self.decoder(decoder_input)  # (batch*neurons, frames)
+
+        # ---- losses on real neurons only, in fp32
+        if valid is not None:
+            traces_v, latents_v, codes_v = traces[valid], latents[valid], codes[valid]
+            code_vectors_v, reconstruction_v = code_vectors[valid], reconstruction[valid]
+        else:
+            traces_v, latents_v, codes_v = traces, latents, codes
+            code_vectors_v, reconstruction_v = code_vectors, reconstruction
+        target = traces_v.float()
+        prediction = reconstruction_v.float()
+        mse_loss = F.mse_loss(prediction, target)
+        centered_prediction = prediction - prediction.mean(-1, keepdim=True)
+        centered_target = target - target.mean(-1, keepdim=True)
+        correlation = (centered_prediction * centered_target).sum(-1) / (
+            centered_prediction.norm(dim=-1) * centered_target.norm(dim=-1) + 1e-8
+        )
+        pearson_loss = 1.0 - correlation.mean()
+        reconstruction_loss = mse_loss + config.reconstruction_pearson_weight * pearson_loss
+
+        latents_flat = latents_v.reshape(-1, config.hidden_size).float()
+        codes_flat = codes_v.reshape(-1)
+        code_vectors_flat = code_vectors_v.reshape(-1, config.hidden_size).float()
+        commitment_loss = F.mse_loss(latents_flat, code_vectors_flat.detach())
+        embed_loss = F.mse_loss(code_vectors_flat, latents_flat.detach())
+
+        # codebook entropy through Gumbel-softmax over negative (per-dimension) squared distances
+        logits = -self.quantizer.squared_distances(latents_flat, codebook) / config.hidden_size
+        temperature = self.gumbel_temperature()
+        if self.training:
+            soft_assignment = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=-1)
+        else:
+            soft_assignment = F.softmax(logits / temperature, dim=-1)
+        mean_assignment = soft_assignment.mean(0)
+        soft_entropy = -(mean_assignment * torch.log(mean_assignment + 1e-10)).sum()
+        entropy_loss = math.log(config.codebook_size) - soft_entropy
+
+        normalized_codebook = F.normalize(codebook.float(), dim=-1)
+        gram = normalized_codebook @ normalized_codebook.t()
+        identity = torch.eye(config.codebook_size, device=gram.device, dtype=gram.dtype)
+        orthogonality_loss = (gram - identity).pow(2).mean()
+
+        # auxiliary AR head: from the encoder state at step t predict the codes at t+1 .. t+ar_horizon
+        ar_logits = self.ar_head(latents_v).float().reshape(
+            latents_v.shape[0], steps, config.ar_horizon, config.codebook_size
+        )
+        ar_terms = []
+        for offset in range(1, config.ar_horizon + 1):
+            if steps > offset:
+                ar_terms.append(
+                    F.cross_entropy(
+                        ar_logits[:, : steps - offset, offset - 1].reshape(-1, config.codebook_size),
+                        codes_v[:, offset:].reshape(-1),
+                    )
+                )
+        ar_loss = torch.stack(ar_terms).mean() if ar_terms else latents_flat.new_zeros(())
+
+        # the quantizer terms are reported during warm-up but only train once the codebook is live
+        quantizer_loss = (
+            config.commitment_weight * commitment_loss
+            + config.embed_weight * embed_loss
+            + config.entropy_weight * entropy_loss
+            + config.orthogonality_weight * orthogonality_loss
+            + config.ar_weight * ar_loss
+        )
+        loss = reconstruction_loss if frozen else reconstruction_loss + quantizer_loss
+
+        with torch.no_grad():
+            usage = torch.bincount(codes_flat, minlength=config.codebook_size).float()
+            usage = usage / usage.sum()
+            codebook_perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum())
+
+        if self.training:
+            with torch.no_grad():
+                self.quantizer.update_state(latents_flat, codes_flat, update_codebook=not frozen)
+                self.training_step.add_(1)
+                step = int(self.training_step)
+                if step > config.codebook_warmup_steps and step % config.revival_interval == 0:
+                    self.quantizer.revive_dead_codes(config.dead_code_threshold)
+        dead_codes = self.quantizer.dead_code_mask(config.dead_code_threshold).sum()
+
+        output = CalmTokenizerOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction_loss,
+            mse_loss=mse_loss,
+            pearson_loss=pearson_loss,
+            commitment_loss=commitment_loss,
+            embed_loss=embed_loss,
+            entropy_loss=entropy_loss,
+            orthogonality_loss=orthogonality_loss,
+            ar_loss=ar_loss,
+            codebook_perplexity=codebook_perplexity,
+            dead_codes=dead_codes,
+            codes=codes.reshape(batch, neurons, steps),
+            trace_values=reconstruction.reshape(batch, neurons, frames),
+        )
+        return output if return_dict else output.to_tuple()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Save as safetensors with config.json; `auto_map` is rewritten to plain strings so the folder loads with
+        `AutoModel.from_pretrained(folder, trust_remote_code=True)` (see `rewrite_calm_tokenizer_auto_map`)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self.config, "auto_map", None) is not None:
+            self.config.auto_map = plain_auto_map(self.config.auto_map)
+        rewrite_calm_tokenizer_auto_map(save_directory)
+        return result
+
+
+CalmTokenizer.register_for_auto_class("AutoModel")
+
+
+__all__ = [
+    "CalmTokenizer",
+    "CalmTokenizerDecoderOutput",
+    "CalmTokenizerEncoderOutput",
+    "CalmTokenizerOutput",
+    "CalmTokenizerPreTrainedModel",
+]
