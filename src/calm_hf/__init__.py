@@ -1,1 +1,54 @@
-"""CalM for Hugging Face."""
+"""calm_hf: CalM, a self-supervised foundation model for calcium-imaging population dynamics, Hugging Face native.
+
+Importing the package registers the models with the transformers Auto classes and the `"neural-forecasting"`
+pipeline task:
+
+    import calm_hf
+    from transformers import AutoModel, AutoModelForCausalLM, pipeline
+    backbone = AutoModel.from_pretrained("calm-base")
+    model = AutoModelForCausalLM.from_pretrained("calm-base")
+    forecaster = pipeline("neural-forecasting", model="calm-base")
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_calm import CalmConfig
+from .configuration_calm_tokenizer import CalmTokenizerConfig
+from .modeling_calm import CalmForCausalNeuralModeling, CalmModel, CalmPreTrainedModel
+from .modeling_calm_behavior import CalmForBehaviorRegression
+from .modeling_calm_tokenizer import CalmTokenizer
+from .pipeline_neural_forecasting import NeuralForecastingPipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalmConfig",
+    "CalmForBehaviorRegression",
+    "CalmForCausalNeuralModeling",
+    "CalmModel",
+    "CalmPreTrainedModel",
+    "CalmTokenizer",
+    "CalmTokenizerConfig",
+    "NeuralForecastingPipeline",
+    "__version__",
+]
+
+
+def _register() -> None:
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    AutoConfig.register(CalmConfig.model_type, CalmConfig, exist_ok=True)
+    AutoConfig.register(CalmTokenizerConfig.model_type, CalmTokenizerConfig, exist_ok=True)
+    AutoModel.register(CalmConfig, CalmModel, exist_ok=True)
+    AutoModel.register(CalmTokenizerConfig, CalmTokenizer, exist_ok=True)
+    AutoModelForCausalLM.register(CalmConfig, CalmForCausalNeuralModeling, exist_ok=True)
+    if "neural-forecasting" not in PIPELINE_REGISTRY.supported_tasks:
+        PIPELINE_REGISTRY.register_pipeline(
+            "neural-forecasting",
+            pipeline_class=NeuralForecastingPipeline,
+            pt_model=AutoModelForCausalLM,
+            type="time_series",
+        )
+
+
+_register()

@@ -1,0 +1,202 @@
+"""Turn a finished pretraining run into a release folder: evaluate, plot, save with remote code, write the cards.
+
+Used by the main job (`calm main`) and usable on its own:
+
+    from calm_hf.publish import write_release
+    write_release(pretrain_dir="runs/pretrain", tokenized_dir="runs/tokenized", model_dir="calm-base",
+                  dataset_dir="calm-base-dataset")
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from .baselines.forecasting import MeanForecaster, RidgeARForecaster
+from .cards import render_dataset_card, render_model_card, render_tokenizer_card
+from .data import load_session_metadata
+from .forecasting import CalmForecaster, evaluate_forecasting
+from .metrics.functional import forecast_pearson_r, mse
+from .modeling_calm import CalmForCausalNeuralModeling
+from .modeling_calm_tokenizer import CalmTokenizer
+
+FIGURE_NAME = "forecast_example.png"
+
+
+def _split_arrays(split: datasets.Dataset, max_trials: int | None = None):
+    rows = split if max_trials is None else split.select(range(min(max_trials, len(split))))
+    rows = rows.with_format("numpy", columns=["input_values", "session_id"])
+    return np.stack(list(rows["input_values"])).astype(np.float32), np.asarray(rows["session_id"])
+
+
+def baseline_scores(corpus: datasets.DatasetDict, context_frames: int, max_trials: int | None) -> dict:
+    """Per-session ridge autoregression and training-mean forecasts on the same test trials as CalM."""
+    train_x, train_s = _split_arrays(corpus["train"])
+    val_x, val_s = _split_arrays(corpus["validation"])
+    test_x, test_s = _split_arrays(corpus["test"], max_trials)
+    scores = {}
+    for name, factory in (("ridge_ar", lambda: RidgeARForecaster(context=context_frames)),
+                          ("train_mean", lambda: MeanForecaster(context=context_frames))):
+        preds = np.zeros_like(test_x[..., context_frames:])
+        for session in np.unique(test_s):
+            model = factory()
+            model.fit(train_x[train_s == session], val_x[val_s == session])
+            mask = test_s == session
+            preds[mask] = model.predict(test_x[mask][..., :context_frames], test_x.shape[-1] - context_frames)
+        truth = test_x[..., context_frames:]
+        scores[name] = {
+            "pearson_r": float(forecast_pearson_r(preds, truth, session_ids=test_s)["pearson_r"]),
+            "mse": float(mse(preds, truth)),
+        }
+    return scores
+
+
+def forecast_figure(forecaster: CalmForecaster, split: datasets.Dataset, path: Path, context_frames: int,
+                    num_samples: int, frame_rate: float, num_neurons: int = 4, seed: int = 0) -> None:
+    """PNG: context, truth and forecast (mean of sampled rollouts with a 5-95% band) for a few neurons."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    row = split.with_format("numpy")[0]
+    values = np.asarray(row["input_values"], dtype=np.float32)
+    ids = torch.as_tensor(np.asarray(row["input_ids"], dtype=np.int64))[None, :, : context_frames // forecaster.window_size]
+    horizon = values.shape[-1] - context_frames
+    torch.manual_seed(seed)
+    result = forecaster.forecast(
+        None, horizon=horizon, context_ids=ids,
+        neuron_ids=torch.as_tensor(np.asarray(row["neuron_ids"], dtype=np.int64))[None],
+        session_ids=torch.as_tensor([int(row["session_id"])]), mode="mean" if num_samples > 1 else "greedy",
+        num_samples=num_samples,
+    )
+    greedy = forecaster.forecast(
+        None, horizon=horizon, context_ids=ids,
+        neuron_ids=torch.as_tensor(np.asarray(row["neuron_ids"], dtype=np.int64))[None],
+        session_ids=torch.as_tensor([int(row["session_id"])]), mode="greedy",
+    ).forecast[0]
+    # the most active neurons of this trial make the clearest panels
+    chosen = np.argsort(values.std(axis=-1))[::-1][:num_neurons]
+    time = np.arange(values.shape[-1]) / frame_rate
+    future = time[context_frames:]
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(8, 1.9 * len(chosen)), sharex=True)
+    for ax, neuron in zip(np.atleast_1d(axes), chosen):
+        ax.plot(time[: context_frames + 1], values[neuron, : context_frames + 1], color="black", lw=1.2, label="context")
+        ax.plot(future, values[neuron, context_frames:], color="0.55", lw=1.2, label="truth")
+        if result.samples is not None:
+            low, high = np.quantile(result.samples[0, :, neuron], [0.05, 0.95], axis=0)
+            ax.fill_between(future, low, high, color="tab:red", alpha=0.2, lw=0, label="5-95% of samples")
+            ax.plot(future, result.forecast[0, neuron], color="tab:red", lw=1.2, label="sample mean")
+        ax.plot(future, greedy[neuron], color="tab:blue", lw=1.0, ls="--", label="greedy")
+        ax.axvline(time[context_frames], color="0.3", lw=0.6, ls=":")
+        ax.set_ylabel(f"neuron {neuron}\n(z)")
+    np.atleast_1d(axes)[0].legend(loc="upper left", fontsize=7, ncol=5, frameon=False)
+    np.atleast_1d(axes)[-1].set_xlabel("time (s)")
+    fig.suptitle(f"CalM forecast, held-out trial (context {context_frames} frames)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_frames: int = 40,
+                  eval_trials: int | None = None, forecast_samples: int = 16, bf16: bool = True,
+                  run_info: dict | None = None) -> dict:
+    """Evaluate the pretrained model on the test split and write the model and dataset folders with their cards.
+
+    Returns a summary with the metrics written into the card.
+    """
+    pretrain_dir, tokenized_dir = Path(pretrain_dir), Path(tokenized_dir)
+    model_dir, dataset_dir = Path(model_dir), Path(dataset_dir)
+    model = CalmForCausalNeuralModeling.from_pretrained(pretrain_dir).eval()
+    tokenizer = CalmTokenizer.from_pretrained(pretrain_dir / "tokenizer").eval()
+    corpus = datasets.load_from_disk(str(tokenized_dir))
+    forecaster = CalmForecaster(model, tokenizer, autocast_dtype=torch.bfloat16 if bf16 else None)
+    test = corpus["test"]
+
+    torch.manual_seed(0)
+    greedy = evaluate_forecasting(forecaster, test, context_frames=context_frames, max_trials=eval_trials)
+    sampled = evaluate_forecasting(forecaster, test, context_frames=context_frames, max_trials=eval_trials,
+                                   mode="mean", num_samples=max(2, forecast_samples // 2))
+    baselines = baseline_scores(corpus, context_frames, eval_trials)
+    metrics = {
+        "forecast_pearson_r_greedy": greedy["pearson_r"],
+        "forecast_mse_greedy": greedy["mse"],
+        "forecast_pearson_r_sample_mean": sampled["pearson_r"],
+        "forecast_mse_sample_mean": sampled["mse"],
+        "ridge_ar_pearson_r": baselines["ridge_ar"]["pearson_r"],
+        "ridge_ar_mse": baselines["ridge_ar"]["mse"],
+        "train_mean_pearson_r": baselines["train_mean"]["pearson_r"],
+        "train_mean_mse": baselines["train_mean"]["mse"],
+    }
+    num_test = len(test) if eval_trials is None else min(eval_trials, len(test))
+    # Tokenizer reconstruction on the same test trials: decode(encode(x)) vs x.
+    values, _ = _split_arrays(test, eval_trials)
+    with torch.no_grad():
+        ids = np.stack(list(test.select(range(num_test)).with_format("numpy", columns=["input_ids"])["input_ids"]))
+        recon = forecaster.decode(torch.as_tensor(ids.astype(np.int64))).numpy()
+    metrics["tokenizer_reconstruction_pearson_r"] = float(
+        forecast_pearson_r(recon, values[..., : recon.shape[-1]])["pearson_r"]
+    )
+
+    staging = model_dir.with_name(model_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging / "tokenizer")
+    # transformers resolves remote code of a `subfolder=` load at the repository root, so the tokenizer's code files
+    # are placed there too: AutoModel.from_pretrained(repo, subfolder="tokenizer", trust_remote_code=True) works.
+    for code_file in ("configuration_calm_tokenizer.py", "modeling_calm_tokenizer.py"):
+        shutil.copy2(staging / "tokenizer" / code_file, staging / code_file)
+    forecast_figure(forecaster, test, staging / FIGURE_NAME, context_frames, forecast_samples,
+                    float(model.config.frame_rate_hz))
+    run_info = dict(run_info or {})
+    run_info.update(
+        num_test_trials=num_test,
+        context_frames=context_frames,
+        horizon_frames=int(len(test[0]["input_values"][0]) - context_frames),
+        sessions=[{"name": s.name, "session_id": s.session_id, "num_neurons": s.num_neurons,
+                   "neuron_ids": [s.neuron_offset, s.neuron_offset + s.num_neurons]}
+                  for s in load_session_metadata(str(tokenized_dir))],
+    )
+    config_summary = {
+        "hidden_size": model.config.hidden_size,
+        "num_hidden_layers": model.config.num_hidden_layers,
+        "num_attention_heads": model.config.num_attention_heads,
+        "vocab_size": model.config.vocab_size,
+        "window_size": model.config.window_size,
+        "frame_rate_hz": model.config.frame_rate_hz,
+        "num_parameters": model.num_parameters(),
+        "tokenizer_hidden_size": tokenizer.config.hidden_size,
+        "tokenizer_codebook_size": tokenizer.config.codebook_size,
+    }
+    baseline_rows = {
+        "population ridge AR, rolled out (per session, lags/alpha on validation)": metrics["ridge_ar_pearson_r"],
+        "per-neuron training-trial mean": metrics["train_mean_pearson_r"],
+    }
+    card = render_model_card(
+        metrics={k: v for k, v in metrics.items() if not k.startswith(("ridge_ar", "train_mean"))},
+        config_summary=config_summary,
+        training_summary={k: v for k, v in run_info.items() if k != "sessions"},
+        baselines=baseline_rows,
+        figure=FIGURE_NAME,
+    )
+    card.save(staging / "README.md")
+    render_tokenizer_card(metrics=metrics, config_summary=config_summary, training_summary=run_info).save(
+        staging / "tokenizer" / "README.md"
+    )
+    (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    staging.rename(model_dir)
+
+    dataset_staging = dataset_dir.with_name(dataset_dir.name + ".partial")
+    shutil.rmtree(dataset_staging, ignore_errors=True)
+    shutil.copytree(tokenized_dir, dataset_staging, ignore=shutil.ignore_patterns(".calm_stage.json"))
+    render_dataset_card(corpus, generation_parameters=run_info.get("simulation", {})).save(dataset_staging / "README.md")
+    shutil.rmtree(dataset_dir, ignore_errors=True)
+    dataset_staging.rename(dataset_dir)
+    return {"metrics": metrics, "model_dir": str(model_dir), "dataset_dir": str(dataset_dir)}

@@ -1,0 +1,65 @@
+"""`CalmTrainer`: the stock `Trainer`, plus logging of every loss component a CalM model returns.
+
+CalM's models return each loss term in its own output field (DAC style). The stock Trainer logs only `loss`; this
+subclass averages the scalar components over the steps between two logging events and adds them to the log line
+(`train/commitment_loss`, `train/codebook_perplexity`, ...), so training logs show what moves.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+
+class CalmTrainer(Trainer):
+    """`Trainer` that logs scalar output fields (`*_loss`, perplexities, counts) next to the loss.
+
+    Args:
+        log_fields: names of output fields to log; by default every scalar field of the model output except `loss`.
+        extra_evaluation: called with the model after each evaluation; the floats it returns are logged and added to
+            the metrics with the evaluation prefix (e.g. the forecasting Pearson r, which needs rollouts, not logits).
+        All other arguments are `Trainer`'s.
+    """
+
+    def __init__(self, *args, log_fields: list[str] | None = None, extra_evaluation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log_fields = log_fields
+        self.extra_evaluation = extra_evaluation
+        self._component_sums: dict[str, float] = defaultdict(float)
+        self._component_counts: dict[str, int] = defaultdict(int)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            for name, value in outputs.items():
+                if name == "loss" or (self.log_fields is not None and name not in self.log_fields):
+                    continue
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    self._component_sums[name] += float(value.detach().float())
+                    self._component_counts[name] += 1
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._component_sums[name] += float(value)
+                    self._component_counts[name] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Only training log lines (they carry "loss"); evaluation lines carry eval_* keys instead.
+        if "loss" in logs and self._component_counts:
+            for name, total in self._component_sums.items():
+                logs[name] = round(total / self._component_counts[name], 6)
+            self._component_sums.clear()
+            self._component_counts.clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self.extra_evaluation is not None:
+            was_training = self.model.training
+            extra = self.extra_evaluation(self.accelerator.unwrap_model(self.model))
+            self.model.train(was_training)
+            extra = {f"{metric_key_prefix}_{name}": float(value) for name, value in extra.items()}
+            self.log(extra)
+            metrics.update(extra)
+        return metrics

@@ -1,0 +1,146 @@
+"""The main job end to end (tiny sizes, seconds): every file of calm-base/, the card's numbers, the user's everyday
+calls from that folder, remote-code loading without calm_hf, hub push and load back, and stage reuse."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from calm_hf.cli import load_training_script
+
+BLOCK_CALM_HF = 'import sys; sys.modules["calm_hf"] = None  # a Python without calm_hf\n'
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    out = tmp_path_factory.mktemp("main-job")
+    summary = load_training_script("run_all").main(["--size", "tiny", "--output_dir", str(out), "--bf16", "false"])
+    return out, summary
+
+
+def test_main_job_writes_every_file(release):
+    out, summary = release
+    model_dir = out / "calm-base"
+    for name in ("config.json", "model.safetensors", "generation_config.json", "modeling_calm.py",
+                 "configuration_calm.py", "README.md", "forecast_example.png", "eval_results.json",
+                 "run_summary.json", "tokenizer/config.json", "tokenizer/model.safetensors",
+                 "tokenizer/modeling_calm_tokenizer.py", "tokenizer/configuration_calm_tokenizer.py",
+                 "tokenizer/README.md"):
+        assert (model_dir / name).is_file(), name
+    assert (out / "calm-base-dataset" / "dataset_dict.json").is_file()
+    assert (out / "calm-base-dataset" / "README.md").is_file()
+    assert (model_dir / "forecast_example.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_calm.CalmModel"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_calm.CalmForCausalNeuralModeling"
+    tokenizer_map = json.loads((model_dir / "tokenizer" / "config.json").read_text())["auto_map"]
+    assert all(isinstance(v, str) for v in tokenizer_map.values())  # not the list form of text tokenizers
+    assert set(summary["timings"]) >= {"simulate", "train_tokenizer", "tokenize", "pretrain", "evaluate_and_write"}
+
+
+def test_model_card_carries_the_runs_numbers(release):
+    out, summary = release
+    card = ModelCard.load(out / "calm-base" / "README.md")
+    results = card.data.to_dict()["model-index"][0]["results"]
+    values = {m["type"] if "type" in m else m["name"]: m["value"] for r in results for m in r["metrics"]}
+    written = json.loads((out / "calm-base" / "eval_results.json").read_text())
+    r = written["forecast_pearson_r_greedy"]
+    assert any(abs(v - r) < 1e-6 for v in values.values()), (values, r)
+    assert f"{r:.3f}" in card.text or f"{r:.4f}" in card.text
+    assert "forecast_example.png" in card.text
+    assert card.data.license == "apache-2.0"
+
+
+def test_rerun_reuses_finished_stages(release):
+    out, _ = release
+    summary = load_training_script("run_all").main(["--size", "tiny", "--output_dir", str(out), "--bf16", "false"])
+    for stage in ("simulate", "train_tokenizer", "tokenize", "pretrain"):
+        assert summary["timings"][stage]["reused"], stage
+
+
+def test_everyday_calls_from_the_folder(release, monkeypatch):
+    out, _ = release
+    monkeypatch.chdir(out)
+    from transformers import AutoModel, AutoModelForCausalLM, pipeline
+
+    from calm_hf import CalmForCausalNeuralModeling, CalmModel
+
+    assert isinstance(AutoModel.from_pretrained("calm-base"), CalmModel)
+    model = AutoModelForCausalLM.from_pretrained("calm-base")
+    assert isinstance(model, CalmForCausalNeuralModeling)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12, 5))
+    assert model.generate(input_ids=ids, max_new_tokens=3).shape == (1, 12, 8)
+
+    forecaster = pipeline("neural-forecasting", model="calm-base")
+    rng = np.random.default_rng(0)
+    traces = 50.0 + 10.0 * rng.standard_normal((12, 40)).astype(np.float32)  # user units, far from z-scores
+    out_single = forecaster(traces, horizon=20)
+    assert out_single["forecast"].shape == (12, 20)
+    assert abs(float(np.median(out_single["forecast"])) - 50.0) < 30.0  # mapped back to the input's units
+    sampled = forecaster(traces, horizon=20, num_samples=3, sampling_rate=10.0)
+    assert sampled["samples"].shape == (3, 12, 20) and sampled["forecast"].shape == (12, 20)
+    assert np.all(sampled["quantiles"][0.05] <= sampled["quantiles"][0.95] + 1e-6)
+    with pytest.raises(ValueError, match="NaN"):
+        forecaster(np.full((12, 40), np.nan), horizon=5)
+    with pytest.raises(ValueError, match="unknown session"):
+        forecaster(traces, horizon=5, session="no-such-session")
+
+
+def test_remote_code_load_and_generate_without_calm_hf(release):
+    out, _ = release
+    script = BLOCK_CALM_HF + textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out / 'calm-base')!r}, trust_remote_code=True)
+        backbone = AutoModel.from_pretrained({str(out / 'calm-base')!r}, trust_remote_code=True)
+        tok = AutoModel.from_pretrained({str(out / 'calm-base' / 'tokenizer')!r}, trust_remote_code=True)
+        codes = tok.encode(torch.randn(1, 12, 40)).codes
+        seq = model.generate(input_ids=codes, max_new_tokens=4)
+        print("OK", tuple(seq.shape), type(model).__module__.startswith("transformers_modules"))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK (1, 12, 14) True" in result.stdout
+
+
+def test_push_to_local_hub_and_load_back(release, hub_server):
+    from hub_server import run_in_hub_env
+
+    out, _ = release
+    push = textwrap.dedent(
+        f"""
+        from calm_hf.hub import push_to_hub
+        print(push_to_hub({str(out / 'calm-base')!r}, "calm-tester/calm-base", dataset_dir={str(out / 'calm-base-dataset')!r},
+                          dataset_repo_id="calm-tester/calm-base-dataset"))
+        """
+    )
+    run_in_hub_env(push, hub_server)
+    load = BLOCK_CALM_HF + textwrap.dedent(
+        """
+        import numpy as np, torch
+        from datasets import load_dataset, load_from_disk
+        from transformers import AutoModel, AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained("calm-tester/calm-base", trust_remote_code=True)
+        tok = AutoModel.from_pretrained("calm-tester/calm-base", subfolder="tokenizer", trust_remote_code=True)
+        seq = model.generate(input_ids=tok.encode(torch.randn(1, 12, 40)).codes, max_new_tokens=2)
+        assert tuple(seq.shape) == (1, 12, 12), seq.shape
+        pushed = load_dataset("calm-tester/calm-base-dataset")
+        local = load_from_disk(LOCAL)
+        for split in local:
+            assert pushed[split].features == local[split].features, (pushed[split].features, local[split].features)
+            a = np.asarray(pushed[split].with_format("numpy")["input_ids"])
+            b = np.asarray(local[split].with_format("numpy")["input_ids"])
+            assert np.array_equal(a, b)
+        print("LOADED")
+        """
+    ).replace("LOCAL", repr(str(out / "calm-base-dataset")))
+    result = run_in_hub_env(load, hub_server)
+    assert "LOADED" in result.stdout

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Held-out sessions and animals: learn only a new session's session and neuron embeddings, backbone frozen.
+
+    python training/adapt_session.py --model_path calm-base --tokenized_dataset runs/new-session-tokenized \
+        --session_name mouse7 --output_dir runs/calm-mouse7 --num_train_epochs 20 --learning_rate 1e-2
+
+The tokenized dataset must hold one session (neuron ids 0..N-1 of its own); the model grows its session and neuron
+tables (new rows start at the mean of the existing rows), every other weight stays bit-identical, and the adapted
+checkpoint is saved with the new session's name so `pipeline(..., session="mouse7")` finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+import torch
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+from calm_hf import CalmForCausalNeuralModeling, CalmTokenizer
+from calm_hf.data import CalmDataCollator
+from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
+from calm_hf.trainer import CalmTrainer
+
+logger = logging.getLogger("calm_hf.adapt_session")
+
+
+@dataclass
+class AdaptArguments:
+    model_path: str = field(metadata={"help": "Pretrained CalmForCausalNeuralModeling folder (e.g. calm-base)."})
+    tokenized_dataset: str = field(metadata={"help": "Tokenized DatasetDict of the new session."})
+    session_name: str = field(metadata={"help": "Name recorded for the new session."})
+    tokenizer_path: str | None = field(default=None, metadata={"help": "Default: <model_path>/tokenizer."})
+    max_neurons: int | None = field(default=64, metadata={"help": "Neurons per training example."})
+    context_frames: int = field(default=40, metadata={"help": "Forecast context for the final evaluation."})
+
+
+def remap_to_session(split: datasets.Dataset, session_id: int, neuron_ids: np.ndarray) -> datasets.Dataset:
+    """Point a one-session split at the model's new table rows."""
+    local = split.unique("session_id")
+    if len(local) != 1:
+        raise ValueError(
+            f"the tokenized dataset holds sessions {local}; adapt one session at a time (filter it with "
+            "dataset.filter(lambda r: r['session_id'] == k))."
+        )
+
+    def remap(row):
+        ids = np.asarray(row["neuron_ids"])
+        ids = ids - ids.min()
+        if ids.max() >= len(neuron_ids):
+            raise ValueError(f"row has neuron ids up to {ids.max()} but the new session has {len(neuron_ids)} neurons.")
+        return {"neuron_ids": neuron_ids[ids].tolist(), "session_id": session_id}
+
+    return split.map(remap)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((AdaptArguments, TrainingArguments))
+    args, training_args = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    training_args.remove_unused_columns = False
+    # Weight decay would shrink frozen rows of the shared tables; only the new rows may move.
+    training_args.weight_decay = 0.0
+    set_seed(training_args.seed)
+
+    model = CalmForCausalNeuralModeling.from_pretrained(args.model_path)
+    tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path or os.path.join(args.model_path, "tokenizer"))
+    check_tokenizer_matches_model(model, tokenizer)
+    corpus = datasets.load_from_disk(args.tokenized_dataset)
+    num_neurons = len(corpus["train"][0]["neuron_ids"])
+    session_id, neuron_ids = model.add_session(args.session_name, num_neurons)
+    neuron_ids = np.asarray(neuron_ids)
+    model.freeze_backbone_except_embeddings(session_ids=[session_id], neuron_ids=neuron_ids.tolist())
+    corpus = datasets.DatasetDict({name: remap_to_session(split, session_id, neuron_ids) for name, split in corpus.items()})
+    logger.info(
+        "adapting session %r (id %d, neurons %d..%d); trainable parameters: %d",
+        args.session_name,
+        session_id,
+        neuron_ids[0],
+        neuron_ids[-1],
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    columns = ["input_ids", "neuron_ids", "session_id"]
+    trainer = CalmTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=corpus["train"].select_columns(columns),
+        eval_dataset=corpus["validation"].select_columns(columns),
+        data_collator=CalmDataCollator(max_neurons=args.max_neurons, seed=training_args.seed),
+    )
+    trainer.train()
+    model.unfreeze_all() if hasattr(model, "unfreeze_all") else None
+    forecaster = CalmForecaster(model, tokenizer, autocast_dtype=torch.bfloat16 if training_args.bf16 else None)
+    metrics = evaluate_forecasting(forecaster, corpus["test"], context_frames=args.context_frames)
+    metrics = {f"test_forecast_{k}": v for k, v in metrics.items()}
+    if trainer.is_world_process_zero():
+        trainer.save_model(training_args.output_dir)
+        tokenizer.save_pretrained(os.path.join(training_args.output_dir, "tokenizer"))
+        trainer.save_metrics("test", {k: v for k, v in metrics.items() if isinstance(v, float)})
+    logger.info("held-out session forecast r = %.3f", metrics["test_forecast_pearson_r"])
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

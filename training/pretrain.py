@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Stage 2: pretrain the dual-axis transformer on tokenized trials with the stock Trainer.
+
+    python training/pretrain.py --tokenized_dataset runs/sim-tokenized --tokenizer_path runs/tokenizer \
+        --output_dir runs/calm --preset cpu --bf16 --num_train_epochs 4
+
+Two-process DDP on CPU (gloo), same script:
+
+    torchrun --nproc_per_node 2 training/pretrain.py --tokenized_dataset ... --output_dir ... --use_cpu
+
+Or `python training/pretrain.py config.json` with the same fields as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from transformers import GenerationConfig, HfArgumentParser, TrainingArguments, set_seed
+
+from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer
+from calm_hf.data import CalmDataCollator, load_session_metadata
+from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
+from calm_hf.trainer import CalmTrainer
+
+logger = logging.getLogger("calm_hf.pretrain")
+
+
+@dataclass
+class ModelArguments:
+    tokenizer_path: str = field(metadata={"help": "Folder of the trained CalmTokenizer (stage 1)."})
+    preset: str = field(default="cpu", metadata={"help": "Named CalmConfig: tiny, cpu or paper."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": 'JSON of CalmConfig fields overriding the preset, e.g. \'{"num_hidden_layers": 2}\'.'}
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "Continue pretraining from this CalmForCausalNeuralModeling checkpoint."}
+    )
+
+
+@dataclass
+class DataArguments:
+    tokenized_dataset: str = field(metadata={"help": "DatasetDict folder written by training/tokenize_trials.py."})
+    max_neurons: int | None = field(
+        default=64, metadata={"help": "Neurons per training example (random subset, so large sessions fit)."}
+    )
+    context_frames: int = field(default=40, metadata={"help": "Forecast context at evaluation (frames)."})
+    forecast_eval_trials: int = field(
+        default=48, metadata={"help": "Validation trials rolled out at each evaluation (0 = skip the forecast metric)."}
+    )
+    forecast_eval_mode: str = field(default="greedy", metadata={"help": "greedy, sample, mean or soft rollouts."})
+
+
+def build_model(model_args: ModelArguments, tokenizer: CalmTokenizer, sessions: list, max_token_steps: int):
+    """A fresh (or continued) CalmForCausalNeuralModeling sized to the corpus' neuron and session tables."""
+    if model_args.init_from:
+        model = CalmForCausalNeuralModeling.from_pretrained(model_args.init_from)
+        check_tokenizer_matches_model(model, tokenizer)
+        return model
+    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+    config = CalmConfig.from_preset(
+        model_args.preset,
+        vocab_size=tokenizer.config.codebook_size,
+        window_size=tokenizer.config.window_size,
+        num_neurons=max(s.neuron_offset + s.num_neurons for s in sessions),
+        num_sessions=len(sessions),
+        session_names=[s.name for s in sessions],
+        session_neuron_ranges=[[s.neuron_offset, s.neuron_offset + s.num_neurons] for s in sessions],
+        max_token_steps=max(max_token_steps, 64),
+        **overrides,
+    )
+    model = CalmForCausalNeuralModeling(config)
+    model.set_codebook_neighbors(tokenizer.get_codebook())
+    return model
+
+
+def forecast_evaluation(tokenizer, validation, data_args: DataArguments, bf16: bool):
+    """Returns the callable CalmTrainer runs after each evaluation: forecast Pearson r on validation trials."""
+
+    def evaluate(model) -> dict[str, float]:
+        forecaster = CalmForecaster(model, tokenizer, autocast_dtype=torch.bfloat16 if bf16 else None)
+        metrics = evaluate_forecasting(
+            forecaster,
+            validation,
+            context_frames=data_args.context_frames,
+            mode=data_args.forecast_eval_mode,
+            max_trials=data_args.forecast_eval_trials,
+        )
+        return {"forecast_pearson_r": metrics["pearson_r"], "forecast_mse": metrics["mse"]}
+
+    return evaluate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids before renaming
+    set_seed(training_args.seed)
+
+    tokenizer = CalmTokenizer.from_pretrained(model_args.tokenizer_path)
+    corpus = datasets.load_from_disk(data_args.tokenized_dataset)
+    if "input_ids" not in corpus["train"].column_names:
+        raise ValueError(
+            f"{data_args.tokenized_dataset} has no `input_ids` column: tokenize it first with "
+            "training/tokenize_trials.py (stage 1's tokenization step)."
+        )
+    sessions = load_session_metadata(data_args.tokenized_dataset)
+    token_steps = len(corpus["train"][0]["input_ids"][0])
+    model = build_model(model_args, tokenizer, sessions, token_steps)
+    model.generation_config = GenerationConfig(
+        max_new_tokens=max(1, token_steps - data_args.context_frames // tokenizer.config.window_size),
+        do_sample=False,
+    )
+    logger.info("model: %s parameters", f"{model.num_parameters():,}")
+
+    columns = ["input_ids", "neuron_ids", "session_id"]
+    train = corpus["train"].select_columns(columns)
+    validation = corpus["validation"]
+    extra = None
+    if data_args.forecast_eval_trials > 0:
+        extra = forecast_evaluation(tokenizer, validation, data_args, training_args.bf16)
+    trainer = CalmTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=validation.select_columns(columns),
+        data_collator=CalmDataCollator(max_neurons=data_args.max_neurons, seed=training_args.seed),
+        extra_evaluation=extra,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    if trainer.is_world_process_zero():
+        trainer.save_model(training_args.output_dir)
+        tokenizer.save_pretrained(os.path.join(training_args.output_dir, "tokenizer"))
+    if training_args.eval_strategy != "no" or training_args.do_eval:
+        metrics.update(trainer.evaluate())
+    if trainer.is_world_process_zero():
+        trainer.save_metrics("all", metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
