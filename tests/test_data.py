@@ -459,7 +459,8 @@ def test_calm_collator_pads_and_masks():
 def test_calm_collator_subsamples_reproducibly():
     rows = _rows([3, 40])
     first, second = CalmDataCollator(max_neurons=8, seed=1), CalmDataCollator(max_neurons=8, seed=1)
-    batch_a, batch_b = first(rows), second(rows)
+    batch_a = first(rows)
+    batch_b = second(rows)  # same seed, epoch and rows -> same subset, however many batches came before
     assert batch_a["input_ids"].shape == (2, 8, 5)
     assert torch.equal(batch_a["neuron_ids"], batch_b["neuron_ids"])
     kept = batch_a["neuron_ids"][1] - 100  # positions of the kept neurons in row 1
@@ -467,7 +468,9 @@ def test_calm_collator_subsamples_reproducibly():
     expected = torch.as_tensor(rows[1]["input_ids"], dtype=torch.long)[kept]
     assert torch.equal(batch_a["input_ids"][1], expected)  # values stay with their ids
     assert batch_a["neuron_ids"][0, :3].tolist() == [0, 1, 2]  # small rows untouched
-    assert not torch.equal(first(rows)["neuron_ids"], batch_a["neuron_ids"])  # next call, new subset
+    first.set_epoch(1)
+    assert not torch.equal(first(rows)["neuron_ids"], batch_a["neuron_ids"])  # next epoch, new subset
+    assert not torch.equal(first(list(reversed(rows)))["neuron_ids"], batch_a["neuron_ids"].flip(0))  # new batch
     assert not torch.equal(CalmDataCollator(max_neurons=8, seed=2)(rows)["neuron_ids"], batch_a["neuron_ids"])
     with pytest.raises(ValueError, match="max_neurons"):
         CalmDataCollator(max_neurons=0)

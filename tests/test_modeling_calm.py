@@ -48,7 +48,7 @@ def test_presets_have_the_documented_sizes():
         512, 6, 8, 2048,
     )
     cpu = CalmConfig.from_preset("cpu", num_neurons=600)
-    assert (cpu.hidden_size, cpu.num_hidden_layers, cpu.num_attention_heads, cpu.intermediate_size) == (128, 4, 4, 512)
+    assert (cpu.hidden_size, cpu.num_hidden_layers, cpu.num_attention_heads, cpu.intermediate_size) == (96, 3, 4, 384)
     tiny = CalmConfig.from_preset("tiny", max_token_steps=20)
     assert (tiny.hidden_size, tiny.num_hidden_layers, tiny.vocab_size, tiny.max_token_steps) == (32, 2, 16, 20)
     # paper defaults of the augmentations

@@ -454,7 +454,7 @@ def test_presets():
         0.99, 1.0, 0.5, 0.5, 0.5,
     )  # fmt: skip
     cpu = CalmTokenizerConfig.from_preset("cpu")
-    assert (cpu.hidden_size, cpu.codebook_size, cpu.num_encoder_layers, cpu.num_attention_heads) == (128, 128, 2, 4)
+    assert (cpu.hidden_size, cpu.codebook_size, cpu.num_encoder_layers, cpu.num_attention_heads) == (64, 128, 2, 4)
     tiny = CalmTokenizerConfig.from_preset("tiny", codebook_size=8)
     assert (tiny.hidden_size, tiny.codebook_size) == (32, 8)
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):

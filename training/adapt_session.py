@@ -22,7 +22,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from calm_hf import CalmForCausalNeuralModeling, CalmTokenizer
-from calm_hf.data import CalmDataCollator
+from calm_hf.data import CalmDataCollator, CollatorEpochCallback
 from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
 from calm_hf.trainer import CalmTrainer
 
@@ -85,12 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
         sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     columns = ["input_ids", "neuron_ids", "session_id"]
+    collator = CalmDataCollator(max_neurons=args.max_neurons, seed=training_args.seed)
     trainer = CalmTrainer(
         model=model,
         args=training_args,
         train_dataset=corpus["train"].select_columns(columns),
         eval_dataset=corpus["validation"].select_columns(columns),
-        data_collator=CalmDataCollator(max_neurons=args.max_neurons, seed=training_args.seed),
+        data_collator=collator,
+        callbacks=[CollatorEpochCallback(collator)],
     )
     trainer.train()
     model.unfreeze_all() if hasattr(model, "unfreeze_all") else None

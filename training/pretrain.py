@@ -24,7 +24,7 @@ import torch
 from transformers import GenerationConfig, HfArgumentParser, TrainingArguments, set_seed
 
 from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer
-from calm_hf.data import CalmDataCollator, load_session_metadata
+from calm_hf.data import CalmDataCollator, CollatorEpochCallback, load_session_metadata
 from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
 from calm_hf.trainer import CalmTrainer
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_new_tokens=max(1, token_steps - data_args.context_frames // tokenizer.config.window_size),
         do_sample=False,
     )
-    logger.info("model: %s parameters", f"{model.num_parameters():,}")
+    logger.info("model: %s parameters; world size %d", f"{model.num_parameters():,}", training_args.world_size)
 
     columns = ["input_ids", "neuron_ids", "session_id"]
     train = corpus["train"].select_columns(columns)
@@ -129,12 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
     extra = None
     if data_args.forecast_eval_trials > 0:
         extra = forecast_evaluation(tokenizer, validation, data_args, training_args.bf16)
+    collator = CalmDataCollator(max_neurons=data_args.max_neurons, seed=training_args.seed)
     trainer = CalmTrainer(
         model=model,
         args=training_args,
         train_dataset=train,
         eval_dataset=validation.select_columns(columns),
-        data_collator=CalmDataCollator(max_neurons=data_args.max_neurons, seed=training_args.seed),
+        data_collator=collator,
+        callbacks=[CollatorEpochCallback(collator)],
         extra_evaluation=extra,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -37,8 +37,8 @@ logger = logging.getLogger("calm_hf.main")
 SIZES = {
     "cpu": dict(
         num_sessions=3, num_neurons=200, num_trials=400, num_steps=100,
-        tokenizer_preset="cpu", tokenizer_epochs=1.0, tokenizer_batch=256, tokenizer_lr=2e-3, tokenizer_segments=120_000,
-        model_preset="cpu", pretrain_epochs=6.0, pretrain_batch=8, pretrain_lr=1e-3, max_neurons=64,
+        tokenizer_preset="cpu", tokenizer_epochs=1.0, tokenizer_batch=128, tokenizer_lr=2e-3, tokenizer_segments=200_000,
+        model_preset="cpu", pretrain_epochs=4.0, pretrain_batch=8, pretrain_lr=1e-3, max_neurons=64,
         eval_trials=None, forecast_samples=16,
     ),
     "tiny": dict(

@@ -13,7 +13,7 @@ batch = CalmDataCollator(max_neurons=128)(list(dataset["train"].with_format("num
 ```
 """
 
-from .collator import CalmDataCollator, TraceCollator
+from .collator import CalmDataCollator, CollatorEpochCallback, TraceCollator
 from .datasets import (
     SessionInfo,
     build_trial_dataset,
@@ -47,6 +47,7 @@ from .simulation import SimulationConfig, simulate_benchmark, simulate_session, 
 
 __all__ = [
     "CalmDataCollator",
+    "CollatorEpochCallback",
     "PreparedSession",
     "Recording",
     "SessionInfo",

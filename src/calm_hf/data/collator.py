@@ -1,18 +1,22 @@
 """Collators turning dataset rows into model batches (usable as `Trainer(data_collator=...)`).
 
 Rows may hold numpy arrays, torch tensors or nested lists; `dataset.with_format("numpy")` is the fastest input.
-Random neuron subsets are reproducible: call `k` of a collator built with `seed` uses
-`numpy.random.default_rng([seed, k])`, so the same sequence of batches gives the same subsets. (Each DataLoader
-worker holds its own copy of the collator and counter; with several workers give each a different seed if the
-subsets must differ between workers.)
+Random neuron subsets are a pure function of (seed, epoch, batch content): `numpy.random.default_rng([seed, epoch,
+crc32 of the batch])`. Shuffling makes every epoch's batches (and so their subsets) new, `set_epoch` (called by
+`CollatorEpochCallback` under Trainer) separates epochs, and nothing depends on how many batches were collated before —
+so a run resumed from a checkpoint mid-epoch draws exactly the subsets of an uninterrupted run. (A call counter
+restarts at zero on resume, and a draw from torch's RNG happens before Trainer restores its RNG state.)
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 
 def _as_array(value: Any, name: str, ndim: int) -> np.ndarray:
@@ -26,18 +30,28 @@ def _as_array(value: Any, name: str, ndim: int) -> np.ndarray:
     return array
 
 
+def _batch_key(features: list[dict[str, Any]]) -> int:
+    """crc32 of the batch's arrays: the same rows in the same order give the same key."""
+    key = 0
+    for row in features:
+        for name in ("input_ids", "input_values", "neuron_ids", "session_id", "trial_index"):
+            if row.get(name) is not None:
+                value = row[name]
+                value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+                key = zlib.crc32(np.ascontiguousarray(value).tobytes(), key)
+    return key
+
+
 class _NeuronSampler:
     def __init__(self, max_neurons: int | None, seed: int):
         if max_neurons is not None and int(max_neurons) < 1:
             raise ValueError(f"max_neurons must be a positive number or None, got {max_neurons}.")
         self.max_neurons = None if max_neurons is None else int(max_neurons)
         self.seed = int(seed)
-        self.num_calls = 0
+        self.epoch = 0
 
-    def next_rng(self) -> np.random.Generator:
-        rng = np.random.default_rng([self.seed, self.num_calls])
-        self.num_calls += 1
-        return rng
+    def next_rng(self, features: list[dict[str, Any]]) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, _batch_key(features)])
 
     @staticmethod
     def subset(rng: np.random.Generator, num_neurons: int, keep: int) -> np.ndarray:
@@ -75,10 +89,14 @@ class CalmDataCollator:
     def max_neurons(self) -> int | None:
         return self.sampler.max_neurons
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new neuron subsets in a new epoch (Trainer: `CollatorEpochCallback`)."""
+        self.sampler.epoch = int(epoch)
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("CalmDataCollator got an empty list of rows.")
-        rng = self.sampler.next_rng()
+        rng = self.sampler.next_rng(features)
         grids, ids, sessions, behaviors = [], [], [], []
         for row in features:
             if "input_ids" not in row:
@@ -171,10 +189,14 @@ class TraceCollator:
                 )
         self.crop_frames = crop_frames
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new subsets and crops in a new epoch (Trainer: `CollatorEpochCallback`)."""
+        self.sampler.epoch = int(epoch)
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("TraceCollator got an empty list of rows.")
-        rng = self.sampler.next_rng()
+        rng = self.sampler.next_rng(features)
         traces = []
         for row in features:
             if "input_values" not in row:
@@ -199,3 +221,14 @@ class TraceCollator:
             start = 0 if self.crop_frames is None else int(rng.integers(0, num_frames - length + 1))
             batch[i] = trace[neurons, start : start + length]
         return {"input_values": torch.from_numpy(batch)}
+
+
+class CollatorEpochCallback(TrainerCallback):
+    """Tells a collator with `set_epoch` which epoch Trainer is in (also right after resuming)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is k.0 at the start of epoch k, fractional when resuming mid-epoch
+        self.collator.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))

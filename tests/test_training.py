@@ -1,0 +1,96 @@
+"""Training scripts: an interrupted pretraining resumed from its checkpoint ends with the same weights as an
+uninterrupted run (CPU determinism), and the same script runs as two-process DDP under torchrun."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calm_hf.cli import load_training_script
+from calm_hf.trainer import CalmTrainer
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    """A tiny simulated corpus, tokenized by a tiny tokenizer (the first stages of the main job)."""
+    root = tmp_path_factory.mktemp("corpus")
+    load_training_script("prepare_data").main(
+        ["--output_dir", str(root / "trials"), "--num_sessions", "2", "--num_neurons", "12", "--num_trials", "20",
+         "--num_steps", "60"]
+    )
+    load_training_script("train_tokenizer").main(
+        ["--trials_dataset", str(root / "trials"), "--output_dir", str(root / "tokenizer"), "--preset", "tiny",
+         "--max_steps", "4", "--per_device_train_batch_size", "32", "--report_to", "none", "--use_cpu",
+         "--save_strategy", "no", "--disable_tqdm", "true"]
+    )
+    load_training_script("tokenize_trials").main(
+        ["--tokenizer_path", str(root / "tokenizer"), "--trials_dataset", str(root / "trials"),
+         "--output_dir", str(root / "tokenized")]
+    )
+    return root
+
+
+def pretrain_args(root: Path, output_dir: Path, extra: list[str] = ()) -> list[str]:
+    return [
+        "--tokenized_dataset", str(root / "tokenized"), "--tokenizer_path", str(root / "tokenizer"),
+        "--output_dir", str(output_dir), "--preset", "tiny", "--max_neurons", "8",  # 12 neurons: subsampling is on
+        "--max_steps", "6", "--save_steps", "3", "--save_strategy", "steps", "--per_device_train_batch_size", "4",
+        "--learning_rate", "3e-3", "--seed", "7", "--report_to", "none", "--use_cpu", "--forecast_eval_trials", "0",
+        "--disable_tqdm", "true", "--dataloader_num_workers", "0", *extra,
+    ]
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class InterruptAfterThreeSteps(CalmTrainer):
+    """Dies at the start of step 4, after checkpoint-3 was written: a crash mid-run."""
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step >= 3:
+            raise Interrupted("simulated crash")
+        return super().training_step(*args, **kwargs)
+
+
+def test_resumed_pretraining_matches_uninterrupted(tokenized, tmp_path, monkeypatch):
+    pretrain = load_training_script("pretrain")
+    load_training_script("pretrain").main(pretrain_args(tokenized, tmp_path / "straight"))
+
+    monkeypatch.setattr(pretrain, "CalmTrainer", InterruptAfterThreeSteps)
+    with pytest.raises(Interrupted):
+        pretrain.main(pretrain_args(tokenized, tmp_path / "resumed"))
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    monkeypatch.setattr(pretrain, "CalmTrainer", CalmTrainer)
+    pretrain.main(pretrain_args(tokenized, tmp_path / "resumed",
+                                ["--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-3")]))
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    # and training did move the weights (the comparison is not between two untouched initialisations)
+    start = load_file(tmp_path / "resumed" / "checkpoint-3" / "model.safetensors")
+    assert any(not torch.equal(start[n], resumed[n]) for n in start)
+
+
+def test_pretrain_runs_as_two_process_ddp(tokenized, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun is installed with torch"
+    out = tmp_path / "ddp"
+    args = pretrain_args(tokenized, out, ["--ddp_backend", "gloo"])
+    args[args.index("--max_steps") + 1] = "2"
+    script = Path(__file__).resolve().parents[1] / "training" / "pretrain.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", str(script), *args], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.safetensors").is_file()
+    assert "world size 2" in result.stderr  # two gloo processes, not one
