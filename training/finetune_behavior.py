@@ -32,7 +32,7 @@ from transformers import EvalPrediction, HfArgumentParser, TrainingArguments, se
 
 from calm_hf.data import CalmDataCollator, SessionInfo, load_session_metadata, read_session_metadata
 from calm_hf.metrics.functional import mse, r2_score
-from calm_hf.modeling_calm_behavior import CalmForBehaviorRegression
+from calm_hf.modeling_calm import CalmForBehaviorRegression
 from calm_hf.trainer import CalmTrainer
 
 logger = logging.getLogger("calm_hf.finetune_behavior")

@@ -14,8 +14,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_calm import CalmConfig
 from .configuration_calm_tokenizer import CalmTokenizerConfig
-from .modeling_calm import CalmForCausalNeuralModeling, CalmModel, CalmPreTrainedModel
-from .modeling_calm_behavior import CalmForBehaviorRegression
+from .modeling_calm import (
+    CalmForBehaviorRegression,
+    CalmForCausalNeuralModeling,
+    CalmModel,
+    CalmPreTrainedModel,
+)
 from .modeling_calm_tokenizer import CalmTokenizer
 from .pipeline_neural_forecasting import NeuralForecastingPipeline
 

@@ -103,6 +103,19 @@ class CalmConfig(PreTrainedConfig):
             Name of every session; index = session id.
         session_neuron_ranges (`list[list[int]]`, *optional*):
             `[start, stop)` block of global neuron ids of every session; index = session id (`[0, 0]` = unknown).
+        behavior_head (`str`, *optional*, defaults to `"glu"`):
+            Readout of `CalmForBehaviorRegression`: `"glu"` (gated per-neuron features weighted by a global neuron-weight
+            bank) or `"linear"` (the paper's low-rank readout with a neuron-indexed bank).
+        num_behavior_channels (`int`, *optional*):
+            Number of behaviour channels M decoded by `CalmForBehaviorRegression` (required by that head only).
+        behavior_rank (`int`, *optional*, defaults to 4):
+            Rank R of the linear low-rank readout.
+        behavior_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout on the GLU head's features (the head is small next to the data: it overfits without it).
+        behavior_smoothing_kernel (`int`, *optional*, defaults to 5):
+            Frames of the causal depthwise convolution that smooths the decoded behaviour (initialised as identity).
+        freeze_backbone (`bool`, *optional*, defaults to `True`):
+            Decode from a frozen backbone, as the paper does; only the head trains.
 
     Example:
 
@@ -139,6 +152,12 @@ class CalmConfig(PreTrainedConfig):
     use_cache: bool = True
     session_names: list[str] | None = None
     session_neuron_ranges: list[list[int]] | None = None
+    behavior_head: str = "glu"
+    num_behavior_channels: int | None = None
+    behavior_rank: int = 4
+    behavior_dropout: float = 0.1
+    behavior_smoothing_kernel: int = 5
+    freeze_backbone: bool = True
 
     def __post_init__(self, **kwargs):
         if self.session_neuron_ranges is not None:
