@@ -1,0 +1,1122 @@
+#!/usr/bin/env python
+"""Forecasting benchmark (issues 3 and 6): CalM against established forecasters, every model on the same splits.
+
+    python benchmarks/forecasting.py                                    # everything, CPU sizes, 5 min per model fit
+    python benchmarks/forecasting.py --ablations --time_budget_minutes 10
+    python benchmarks/forecasting.py --calm_dir .calm-base-work         # reuse the main job's tokenizer + DAT on sim
+    python benchmarks/forecasting.py --size tiny --out /tmp/fb          # the seconds-long smoke version
+
+Protocol (DESIGN.md): trials z-scored per neuron with training statistics, split 70/15/15 by trial; the first 40 frames
+are the context, the rest of the trial is forecast. Score: Pearson r per neuron over the horizon, averaged neurons ->
+trials -> sessions (`calm_hf.metrics.functional.forecast_pearson_r`), and MSE in z-scored units; per-session numbers
+are kept. Every baseline picks its hyperparameters on the validation trials (its `search_log_` is written to the JSON);
+CalM is pretrained with a fixed preset (no search) and reported with three rollouts: greedy, the mean of
+`--num_samples` sampled futures, and soft (probability-weighted embedding fed back).
+
+Datasets
+- `sim`: the paper's simulated benchmark (3 sessions x 400 trials x 200 neurons x 100 frames at 5 Hz, seeds
+  `seed..seed+2`). CalM: tokenizer + dual-axis transformer pretrained on all sessions' training trials. Baselines: one
+  fit per session (they have neuron-specific weights), scores pooled with the session ids.
+- `heldout`: CalM pretrained on sim sessions 0-1 only (same tokenizer and tokens as `sim`), then only the new session's
+  and neurons' embeddings are learned on session 2's training trials (`training/adapt_session.py`); scored on
+  session 2's test trials. Baselines are trained on session 2's training trials directly (when `sim` runs in the same
+  invocation these are the very fits of `sim`'s session 2, reused).
+- `zebrafish`: Triplett et al. 2018 tectum recording (114 neurons, 2.2 Hz) resampled to 5 Hz as one continuous
+  recording, cut into non-overlapping 100-frame (20 s) trials, split 70/15/15, z-scored with training statistics.
+  CalM: its own tokenizer and DAT trained on this recording's training trials.
+- `--ablations` (sim only): CalM without scheduled sampling and without neighbourhood replacement, same preset,
+  budget, tokenizer and tokens.
+
+Budgets: every trainable model has a wall-clock cap. `--time_budget_minutes N` is the cap of one baseline fit (one
+session; split over its learning-rate grid). CalM's tokenizer and its pretraining each get N per training session
+(the same total as one per-session baseline over all sessions), adaptation N. CalM's step count is planned from a
+measured step time so the cosine schedule ends inside the budget; a callback stops training at the cap regardless.
+Finished stages (trials, tokenizer, tokens, pretraining, adaptation) live in `--work_dir` and are reused on a re-run
+with the same settings; an interrupted training stage resumes from its last checkpoint.
+
+Cost table (same run): training wall time, inference time per test trial (wall time of the test forecasts / trials),
+parameters, and peak memory = highest resident set size (RSS) during the fit minus RSS just before it, sampled every
+5 ms from /proc/self/statm (covers numpy and torch allocations; `ru_maxrss` deltas are recorded too but stay 0 once
+the process high-water mark is above the fit's needs).
+
+Writes `<out>/forecasting.json`, `forecasting.md`, `forecasting.png` (default out: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+CONTEXT_FRAMES = 40
+MODEL_RATE = 5.0
+ALL_DATASETS = ("sim", "zebrafish", "heldout")
+ALL_MODELS = ("calm", "ridge_ar", "mean", "per_neuron_ar", "tcn", "patchtst_hf", "nf_patchtst", "nf_itransformer")
+NF_NOT_INSTALLED = "not run: neuralforecast not installed (pip install calm_hf[bench])"
+ABLATIONS = {
+    "no_scheduled_sampling": {"scheduled_sampling_prob": 0.0},
+    "no_neighbor_replacement": {"neighbor_replacement_prob": 0.0},
+}
+
+# "cpu": the real run on this 2-core machine; "tiny": the smoke test (seconds per model).
+SIZES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "sim": {"num_sessions": 3, "num_neurons": 200, "num_trials": 400, "num_steps": 100},
+        "zebrafish": {"trial_frames": 100, "max_neurons": None, "max_trials": None},
+        "tokenizer": {"preset": "cpu", "epochs": 1.0, "batch": 256, "lr": 2e-3, "max_segments": 120_000},
+        "calm": {"preset": "cpu", "epochs": 6.0, "batch": 8, "lr": 1e-3, "max_neurons": 64},
+        "adapt": {"epochs": 10.0, "batch": 8, "lr": 1e-2, "max_neurons": 64},
+        "tcn": {"hidden_size": 256, "kernel_size": 5, "dilations": (1, 2, 4, 8, 16)},
+        "patchtst_hf": {},
+        "nf": {"max_steps": 1000},
+        "time_budget_minutes": 5.0,
+        "num_samples": 4,
+    },
+    "tiny": {
+        "sim": {"num_sessions": 3, "num_neurons": 10, "num_trials": 20, "num_steps": 60},
+        "zebrafish": {"trial_frames": 60, "max_neurons": 10, "max_trials": 20},
+        "tokenizer": {"preset": "tiny", "epochs": 1.0, "batch": 64, "lr": 3e-3, "max_segments": 1_000},
+        "calm": {"preset": "tiny", "epochs": 1.0, "batch": 4, "lr": 1e-3, "max_neurons": 8},
+        "adapt": {"epochs": 1.0, "batch": 4, "lr": 1e-2, "max_neurons": 8},
+        "tcn": {"hidden_size": 16, "kernel_size": 3, "dilations": (1, 2), "max_epochs": 2, "learning_rates": (1e-3,)},
+        "patchtst_hf": {"d_model": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "ffn_dim": 32,
+                        "batch_size": 64, "batches_per_eval": 3, "max_epochs": 2, "learning_rates": (1e-3,)},
+        "nf": {"max_steps": 5},
+        "time_budget_minutes": 0.05,
+        "num_samples": 2,
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurement helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: fall back to the high-water mark
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak RSS increase over a block, sampled every `interval` s from a background thread (see module docstring)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak_delta_mb = 0.0
+        self.maxrss_delta_mb = 0.0
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._start = _rss_bytes()
+        self._peak = self._start
+        self._maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_bytes())
+        self.peak_delta_mb = (self._peak - self._start) / 2**20
+        self.maxrss_delta_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._maxrss) / 1024
+        return False
+
+
+def score(pred: np.ndarray, truth: np.ndarray, session_ids: np.ndarray) -> dict[str, Any]:
+    """The benchmark's metrics: hierarchical Pearson r (with per-session values and the spread over sessions, or
+    the SEM over trials for one session), per-trial means, MSE and per-session MSE."""
+    from calm_hf.metrics.functional import forecast_pearson_r, mse, pearson_r_per_neuron
+
+    result = forecast_pearson_r(pred, truth, session_ids=session_ids)
+    with warnings.catch_warnings():  # a trial whose neurons are all undefined (constant) has no mean: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_trial = np.nanmean(pearson_r_per_neuron(pred, truth), axis=1)
+    per_session = {str(k): float(v) for k, v in result["per_session"].items()}
+    values = np.array([v for v in per_session.values() if math.isfinite(v)])
+    if len(values) > 1:
+        error, error_kind = float(values.std(ddof=1)), "std over sessions"
+    else:
+        finite = per_trial[np.isfinite(per_trial)]
+        error = float(finite.std(ddof=1) / math.sqrt(len(finite))) if len(finite) > 1 else float("nan")
+        error_kind = "SEM over test trials (one session)"
+    return {
+        "pearson_r": float(result["pearson_r"]),
+        "pearson_r_error": error,
+        "pearson_r_error_kind": error_kind,
+        "per_session_pearson_r": per_session,
+        "mse": float(mse(pred, truth)),
+        "per_session_mse": {str(s): float(mse(pred[session_ids == s], truth[session_ids == s]))
+                            for s in np.unique(session_ids)},
+        "num_nan": int(result["num_nan"]),
+        "num_test_trials": int(len(truth)),
+    }
+
+
+def split_arrays(split) -> tuple[np.ndarray, np.ndarray]:
+    """(trials, neurons, frames) float32 and (trials,) session ids of a trial split, in row order."""
+    rows = split.with_format("numpy", columns=["input_values", "session_id"])
+    return np.stack(list(rows["input_values"])).astype(np.float32), np.asarray(rows["session_id"], dtype=np.int64)
+
+
+def jsonable(value: Any) -> Any:
+    """Numpy/tuple/non-finite-safe copy for strict JSON (non-finite floats become None)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def log(message: str) -> None:
+    print(f"[forecasting {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Baselines
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def neuralforecast_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("neuralforecast") is not None
+
+
+def make_baseline(name: str, size: dict, budget_s: float, seed: int):
+    from calm_hf.baselines import (
+        MeanForecaster,
+        PatchTSTForecaster,
+        PerNeuronARForecaster,
+        RidgeARForecaster,
+        TCNForecaster,
+    )
+
+    if name == "ridge_ar":
+        return RidgeARForecaster(context=CONTEXT_FRAMES)
+    if name == "mean":
+        return MeanForecaster(context=CONTEXT_FRAMES)
+    if name == "per_neuron_ar":
+        return PerNeuronARForecaster(context=CONTEXT_FRAMES)
+    if name == "tcn":
+        return TCNForecaster(context=CONTEXT_FRAMES, max_seconds=budget_s, seed=seed, bf16=False, **size["tcn"])
+    if name == "patchtst_hf":
+        return PatchTSTForecaster(context=CONTEXT_FRAMES, max_seconds=budget_s, seed=seed, bf16=False,
+                                  **size["patchtst_hf"])
+    from calm_hf.baselines.neuralforecast_models import NeuralForecastITransformer, NeuralForecastPatchTST
+
+    if name == "nf_patchtst":  # issue 6: patch 8 / stride 4, dim 128, 3 layers, 8 heads (the wrapper's defaults)
+        return NeuralForecastPatchTST(context=CONTEXT_FRAMES, max_seconds=budget_s, seed=seed, **size["nf"])
+    if name == "nf_itransformer":  # issue 6: dim 64, 2 layers, 4 heads
+        return NeuralForecastITransformer(context=CONTEXT_FRAMES, max_seconds=budget_s, seed=seed, **size["nf"],
+                                          model_kwargs={"hidden_size": 64, "n_heads": 4, "e_layers": 2, "d_ff": 256})
+    raise ValueError(f"unknown baseline {name!r}; choose from {ALL_MODELS[1:]}.")
+
+
+def count_parameters(model) -> int:
+    """Trainable numbers of a fitted baseline: torch weights, or the fitted numpy arrays of the linear models."""
+    network = getattr(model, "model_", None)
+    if network is not None and hasattr(network, "parameters"):
+        return int(sum(p.numel() for p in network.parameters()))
+    names = {"RidgeARForecaster": ("weights_", "bias_"), "PerNeuronARForecaster": ("weights_", "bias_")}
+    if type(model).__name__ == "MeanForecaster":
+        names = {"MeanForecaster": ("frame_mean_",) if model.variant_ == "per_frame" else ("global_mean_",)}
+    arrays = [getattr(model, attr, None) for attr in names.get(type(model).__name__, ())]
+    return int(sum(np.asarray(a).size for a in arrays if a is not None)) or -1
+
+
+def fit_baseline_sessions(name: str, data: dict, sessions: list[int], size: dict, budget_s: float, seed: int) -> dict:
+    """Fit one forecaster per session; return per-session predictions on the test trials and costs."""
+    per_session = {}
+    for session in sessions:
+        train = data["train"][0][data["train"][1] == session]
+        val = data["validation"][0][data["validation"][1] == session]
+        test = data["test"][0][data["test"][1] == session]
+        model = make_baseline(name, size, budget_s, seed)
+        start = time.perf_counter()
+        with PeakMemory() as memory:
+            model.fit(train, val)
+        train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        pred = model.predict(test[:, :, :CONTEXT_FRAMES], test.shape[-1] - CONTEXT_FRAMES)
+        infer_seconds = time.perf_counter() - start
+        per_session[session] = {
+            "pred": np.asarray(pred, dtype=np.float32),
+            "train_seconds": train_seconds,
+            "inference_seconds": infer_seconds,
+            "num_test_trials": len(test),
+            "parameters": count_parameters(model),
+            "peak_memory_mb": memory.peak_delta_mb,
+            "maxrss_delta_mb": memory.maxrss_delta_mb,
+            "search_log": getattr(model, "search_log_", {}),
+        }
+        chosen = per_session[session]["search_log"].get("chosen")
+        log(f"  {name} session {session}: fit {train_seconds:.1f} s, chosen {chosen}")
+    return per_session
+
+
+def baseline_result(per_session: dict, data: dict, note: str | None = None) -> tuple[dict, np.ndarray]:
+    """Assemble per-session fits into one scored model entry over the test trials of those sessions."""
+    test_x, test_s = data["test"]
+    sessions = sorted(per_session)
+    keep = np.isin(test_s, sessions)
+    truth, session_ids = test_x[keep][:, :, CONTEXT_FRAMES:], test_s[keep]
+    pred = np.zeros_like(truth)
+    for session in sessions:
+        pred[session_ids == session] = per_session[session]["pred"]
+    entry = {
+        "status": "ok",
+        **score(pred, truth, session_ids),
+        "cost": {
+            "train_seconds": sum(p["train_seconds"] for p in per_session.values()),
+            "inference_seconds_per_trial": sum(p["inference_seconds"] for p in per_session.values()) / len(truth),
+            "parameters": sum(p["parameters"] for p in per_session.values()),
+            "peak_memory_mb": max(p["peak_memory_mb"] for p in per_session.values()),
+            "maxrss_delta_mb": max(p["maxrss_delta_mb"] for p in per_session.values()),
+            "fits": len(sessions),
+        },
+        "search_log": {str(s): per_session[s]["search_log"] for s in sessions},
+        "chosen": {str(s): per_session[s]["search_log"].get("chosen") for s in sessions},
+    }
+    if note:
+        entry["note"] = note
+    return entry, pred
+
+
+def run_baselines(models: list[str], data: dict, sessions: list[int], size: dict, budget_s: float, seed: int,
+                  reuse: dict | None = None) -> tuple[dict, dict, dict]:
+    """Returns (entries, predictions, raw per-session fits) for every requested baseline."""
+    entries, predictions, fits = {}, {}, {}
+    for name in models:
+        if name.startswith("nf_") and not neuralforecast_available():
+            entries[name] = {"status": NF_NOT_INSTALLED}
+            continue
+        note = None
+        if reuse is not None and name in reuse and all(s in reuse[name] for s in sessions):
+            per_session = {s: reuse[name][s] for s in sessions}
+            note = "same fit as in `sim` (trained on this session's training trials)"
+        else:
+            log(f"baseline {name} on sessions {sessions}")
+            per_session = fit_baseline_sessions(name, data, sessions, size, budget_s, seed)
+        fits[name] = per_session
+        entries[name], predictions[name] = baseline_result(per_session, data, note)
+        log(f"  {name}: r = {entries[name]['pearson_r']:.3f}, mse = {entries[name]['mse']:.3f}")
+    return entries, predictions, fits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CalM through the training scripts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def training_script(name: str):
+    from calm_hf.cli import load_training_script
+
+    return load_training_script(name)
+
+
+@contextlib.contextmanager
+def time_limited(script_module, max_seconds: float, record: dict):
+    """Make `script_module`'s CalmTrainer stop training after `max_seconds` (a TrainerCallback; the script itself is
+    unchanged). `record["stopped_by_budget"]` / `record["steps"]` tell what happened."""
+    from transformers import TrainerCallback
+
+    class TimeBudgetCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            record["steps"] = state.global_step
+            if time.perf_counter() - self.start > max_seconds:
+                record["stopped_by_budget"] = True
+                control.should_training_stop = True
+            return control
+
+    original = script_module.CalmTrainer
+
+    class TimeLimitedTrainer(original):
+        def __init__(self, *args, **kwargs):
+            callbacks = list(kwargs.pop("callbacks", None) or []) + [TimeBudgetCallback()]
+            super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    record.setdefault("stopped_by_budget", False)
+    script_module.CalmTrainer = TimeLimitedTrainer
+    try:
+        yield record
+    finally:
+        script_module.CalmTrainer = original
+
+
+def seconds_per_step(model, batch: dict, steps: int = 2) -> float:
+    """Measured wall time of one AdamW training step (after one warm-up step); used to plan step counts."""
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:
+            times.append(time.perf_counter() - start)
+    return float(np.mean(times))
+
+
+def plan_steps(planned_steps: int, step_seconds: float, budget_s: float) -> int:
+    """Steps that fit 90% of the budget (the rest covers saving/evaluation), at most the planned epochs' steps."""
+    return max(1, min(planned_steps, int(0.9 * budget_s / max(step_seconds, 1e-6))))
+
+
+def fingerprint(path: Path) -> float | None:
+    """Modification time of a finished stage's main file: stage keys change when an upstream stage was redone."""
+    for name in ("model.safetensors", "dataset_dict.json"):
+        if (Path(path) / name).is_file():
+            return (Path(path) / name).stat().st_mtime
+    return None
+
+
+def trainer_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed: int, max_steps: int,
+                  resume: str | None) -> list[str]:
+    run_all = training_script("run_all")
+    flags = run_all.training_flags(output_dir, epochs, batch, lr, seed, False, resume)
+    return flags + ["--max_steps", str(max_steps), "--logging_steps", str(max(1, min(25, max_steps // 4)))]
+
+
+def train_tokenizer_stage(work: Path, trials_dir: Path, size: dict, budget_s: float, seed: int) -> dict:
+    """Tokenizer stage (reused when finished with the same parameters). Returns stage info."""
+    import datasets
+    import torch
+
+    from calm_hf import CalmTokenizer, CalmTokenizerConfig
+
+    run_all = training_script("run_all")
+    cfg = size["tokenizer"]
+    stage = run_all.Stage(work / "tokenizer", {"trials": str(trials_dir), "trials_version": fingerprint(trials_dir),
+                                               **cfg, "budget_s": budget_s, "seed": seed})
+    info: dict[str, Any] = {"budget_seconds": budget_s, **cfg}
+
+    def run():
+        corpus = datasets.load_from_disk(str(trials_dir))
+        row = corpus["train"].with_format("numpy")[0]["input_values"]
+        segments = len(corpus["train"]) * row.shape[0] * (row.shape[-1] // 48)
+        segments = min(segments, cfg["max_segments"])
+        planned = math.ceil(cfg["epochs"] * segments / cfg["batch"])
+        model = CalmTokenizer(CalmTokenizerConfig.from_preset(cfg["preset"]))
+        step_s = seconds_per_step(model, {"input_values": torch.randn(min(cfg["batch"], segments), 1, 48)})
+        max_steps = plan_steps(planned, step_s, budget_s)
+        info.update(seconds_per_step=step_s, planned_steps=planned, max_steps=max_steps)
+        script = training_script("train_tokenizer")
+        with time_limited(script, budget_s, info), PeakMemory() as memory:
+            script.main(["--trials_dataset", str(trials_dir), "--preset", cfg["preset"],
+                         "--max_segments", str(cfg["max_segments"])]
+                        + trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps,
+                                        stage.last_checkpoint()))
+        info["peak_memory_mb"] = memory.peak_delta_mb
+        return {"info": info}
+
+    timings: dict = {}
+    run_all.run_stage(stage, "train_tokenizer", run, timings)
+    info = json.loads(stage.marker.read_text()).get("info", info)
+    info["seconds"], info["reused"] = timings["train_tokenizer"]["seconds"], timings["train_tokenizer"]["reused"]
+    return info
+
+
+def tokenize_stage(work: Path, trials_dir: Path, tokenizer_dir: Path) -> Path:
+    run_all = training_script("run_all")
+    stage = run_all.Stage(work / "tokenized", {"trials": str(trials_dir), "tokenizer": str(tokenizer_dir),
+                                               "tokenizer_version": fingerprint(tokenizer_dir),
+                                               "trials_version": fingerprint(trials_dir)})
+    run_all.run_stage(stage, "tokenize", lambda: training_script("tokenize_trials").main(
+        ["--tokenizer_path", str(tokenizer_dir), "--trials_dataset", str(trials_dir), "--output_dir", str(stage.path)]
+    ) and None, {})
+    return stage.path
+
+
+def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, size: dict, budget_s: float, seed: int,
+                   overrides: dict | None = None) -> dict:
+    """Pretrain the DAT with training/pretrain.py within `budget_s` (reused when finished). Returns stage info."""
+    import datasets
+
+    from calm_hf import CalmTokenizer
+    from calm_hf.data import CalmDataCollator, load_session_metadata
+
+    run_all = training_script("run_all")
+    cfg = size["calm"]
+    overrides = dict(overrides or {})
+    stage = run_all.Stage(stage_dir, {"tokenized": str(tokenized_dir), "tokenized_version": fingerprint(tokenized_dir),
+                                      "tokenizer": str(tokenizer_dir), **cfg,
+                                      "overrides": overrides, "budget_s": budget_s, "seed": seed})
+    info: dict[str, Any] = {"budget_seconds": budget_s, "config_overrides": overrides, **cfg}
+    script = training_script("pretrain")
+
+    def run():
+        corpus = datasets.load_from_disk(str(tokenized_dir))
+        tokenizer = CalmTokenizer.from_pretrained(tokenizer_dir)
+        sessions = load_session_metadata(tokenized_dir)
+        token_steps = len(corpus["train"][0]["input_ids"][0])
+        model_args = script.ModelArguments(tokenizer_path=str(tokenizer_dir), preset=cfg["preset"],
+                                           config_overrides=json.dumps(overrides) if overrides else None)
+        model = script.build_model(model_args, tokenizer, sessions, token_steps)
+        rows = corpus["train"].select_columns(["input_ids", "neuron_ids", "session_id"]).with_format("numpy")
+        batch = CalmDataCollator(max_neurons=cfg["max_neurons"], seed=seed)(
+            [rows[i] for i in range(min(cfg["batch"], len(rows)))])
+        step_s = seconds_per_step(model, batch)
+        planned = math.ceil(cfg["epochs"] * math.ceil(len(corpus["train"]) / cfg["batch"]))
+        max_steps = plan_steps(planned, step_s, budget_s)
+        info.update(seconds_per_step=step_s, planned_steps=planned, max_steps=max_steps,
+                    parameters=int(model.num_parameters()))
+        del model
+        argv = ["--tokenized_dataset", str(tokenized_dir), "--tokenizer_path", str(tokenizer_dir),
+                "--preset", cfg["preset"], "--max_neurons", str(cfg["max_neurons"]), "--forecast_eval_trials", "0"]
+        if overrides:
+            argv += ["--config_overrides", json.dumps(overrides)]
+        with time_limited(script, budget_s, info), PeakMemory() as memory:
+            script.main(argv + trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps,
+                                             stage.last_checkpoint()))
+        info["peak_memory_mb"] = memory.peak_delta_mb
+        return {"info": info}
+
+    timings: dict = {}
+    run_all.run_stage(stage, "pretrain", run, timings)
+    info = json.loads(stage.marker.read_text()).get("info", info)
+    info["seconds"], info["reused"] = timings["pretrain"]["seconds"], timings["pretrain"]["reused"]
+    return info
+
+
+def reused_calm_info(calm_dir: Path, stage: str) -> dict:
+    marker = calm_dir / stage / ".calm_stage.json"
+    info = {"reused_from": str(calm_dir / stage), "reused": True}
+    if marker.is_file():
+        data = json.loads(marker.read_text())
+        info.update(seconds=data.get("seconds"), params=data.get("params"))
+    return info
+
+
+def evaluate_calm(model_dir: Path, tokenizer_dir: Path, test, truth: np.ndarray, session_ids: np.ndarray,
+                  modes: list[str], num_samples: int, seed: int, model=None) -> tuple[dict, dict]:
+    """Score CalM rollouts on the test split; returns (entries per variant, predictions per variant)."""
+    import torch
+
+    from calm_hf import CalmForCausalNeuralModeling, CalmTokenizer
+    from calm_hf.forecasting import CalmForecaster, evaluate_forecasting
+
+    model = model if model is not None else CalmForCausalNeuralModeling.from_pretrained(model_dir)
+    tokenizer = CalmTokenizer.from_pretrained(tokenizer_dir)
+    forecaster = CalmForecaster(model.eval(), tokenizer.eval())
+    params = {"dat": int(model.num_parameters()), "tokenizer": int(tokenizer.num_parameters())}
+    entries, predictions = {}, {}
+    names = {"greedy": "greedy", "mean": f"sample_mean{num_samples}", "soft": "soft", "sample": "sample"}
+    for mode in modes:
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        out = evaluate_forecasting(forecaster, test, context_frames=CONTEXT_FRAMES, mode=mode,
+                                   num_samples=num_samples if mode in ("mean", "sample") else 1,
+                                   return_predictions=True)
+        seconds = time.perf_counter() - start
+        if out["truth"].shape != truth.shape or not np.allclose(out["truth"], truth, atol=1e-6):
+            raise RuntimeError("CalM was scored on different trials than the baselines; the splits must match.")
+        pred = out["predictions"].astype(np.float32)
+        entries[names[mode]] = {
+            "status": "ok",
+            **score(pred, truth, session_ids),
+            "rollout": {"mode": mode, "num_samples": num_samples if mode in ("mean", "sample") else 1},
+            "inference_seconds_per_trial": seconds / len(truth),
+            "parameters": params,
+        }
+        predictions[names[mode]] = pred
+        log(f"  calm {names[mode]}: r = {entries[names[mode]]['pearson_r']:.3f} ({seconds:.0f} s)")
+    return entries, predictions
+
+
+def calm_entries(prefix: str, entries: dict, predictions: dict, train_info: dict) -> tuple[dict, dict]:
+    """Name CalM variants `<prefix>_<rollout>` and attach the training cost to each."""
+    out, preds = {}, {}
+    for variant, entry in entries.items():
+        name = f"{prefix}_{variant}"
+        params = entry.pop("parameters")
+        entry["cost"] = {
+            "train_seconds": train_info.get("train_seconds"),
+            "inference_seconds_per_trial": entry.pop("inference_seconds_per_trial"),
+            "parameters": params["dat"] + params["tokenizer"],
+            "parameters_detail": params,
+            "peak_memory_mb": train_info.get("peak_memory_mb"),
+        }
+        entry["training"] = train_info
+        entry["search_log"] = {"note": "no hyperparameter search: fixed preset and budget; rollout variants are all "
+                                       "reported (choosing the best on test would be optimistic)"}
+        out[name], preds[name] = entry, predictions[variant]
+    return out, preds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sim_corpus(args, size: dict, work: Path, budget_s: float) -> dict:
+    """Trials, tokenizer and tokens of the simulated benchmark: from `--calm_dir` or built in `work/sim`."""
+    import datasets
+
+    run_all = training_script("run_all")
+    if args.calm_dir:
+        calm = Path(args.calm_dir).resolve()
+        missing = [p for p in ("trials", "tokenizer", "tokenized", "pretrain") if not (calm / p).is_dir()]
+        if missing:
+            raise ValueError(f"--calm_dir {calm} lacks {missing}; point it at a main job's .calm-base-work folder.")
+        corpus = {"trials": calm / "trials", "tokenizer": calm / "tokenizer", "tokenized": calm / "tokenized",
+                  "pretrain": calm / "pretrain", "tokenizer_info": reused_calm_info(calm, "tokenizer"),
+                  "simulation": reused_calm_info(calm, "trials").get("params")}
+    else:
+        sim = size["sim"]
+        trials = run_all.Stage(work / "trials", {**sim, "seed": args.seed})
+        run_all.run_stage(trials, "simulate", lambda: training_script("prepare_data").main(
+            ["--output_dir", str(trials.path), "--seed", str(args.seed)] + [f"--{k}={v}" for k, v in sim.items()]
+        ) and None, {})
+        tokenizer_info = train_tokenizer_stage(work, trials.path, size, budget_s * sim["num_sessions"], args.seed)
+        corpus = {"trials": trials.path, "tokenizer": work / "tokenizer",
+                  "tokenized": tokenize_stage(work, trials.path, work / "tokenizer"), "pretrain": None,
+                  "tokenizer_info": tokenizer_info, "simulation": {**sim, "seed": args.seed}}
+    tokenized = datasets.load_from_disk(str(corpus["tokenized"]))
+    corpus["dataset"] = tokenized
+    corpus["arrays"] = {split: split_arrays(tokenized[split]) for split in ("train", "validation", "test")}
+    return corpus
+
+
+def run_sim(args, size, work, budget_s, models, corpus) -> tuple[dict, dict, dict]:
+    from calm_hf.data import load_session_metadata
+
+    data = corpus["arrays"]
+    sessions = sorted(int(s) for s in np.unique(data["train"][1]))
+    infos = load_session_metadata(corpus["tokenized"])
+    result: dict[str, Any] = {
+        "status": "ok",
+        "description": f"simulated benchmark, {len(sessions)} sessions x {infos[0].num_neurons} neurons, "
+                       f"{infos[0].num_frames} frames per trial at {infos[0].fs} Hz",
+        "simulation": corpus["simulation"],
+        "sessions": [i.name for i in infos],
+        "split_sizes": {k: int(len(v[0])) for k, v in data.items()},
+        "models": {},
+    }
+    entries, predictions, fits = run_baselines([m for m in models if m != "calm"], data, sessions, size, budget_s,
+                                               args.seed)
+    result["models"].update(entries)
+    test_x, test_s = data["test"]
+    truth = test_x[:, :, CONTEXT_FRAMES:]
+    if "calm" in models:
+        tokenizer_info = corpus["tokenizer_info"]
+        if corpus["pretrain"] is not None:
+            pretrain_dir, info = corpus["pretrain"], reused_calm_info(Path(args.calm_dir).resolve(), "pretrain")
+        else:
+            log("calm: pretraining on all sessions' training trials")
+            pretrain_dir = work / "pretrain"
+            info = pretrain_stage(pretrain_dir, corpus["tokenized"], corpus["tokenizer"], size,
+                                  budget_s * len(sessions), args.seed)
+        train_info = {"tokenizer": tokenizer_info, "pretrain": info,
+                      "train_seconds": _sum_seconds(tokenizer_info, info), "peak_memory_mb": info.get("peak_memory_mb")}
+        calm, calm_preds = evaluate_calm(pretrain_dir, pretrain_dir / "tokenizer", corpus["dataset"]["test"], truth,
+                                         test_s, args.calm_modes, args.num_samples, args.seed)
+        entries, preds = calm_entries("calm", calm, calm_preds, train_info)
+        result["models"].update(entries)
+        predictions.update(preds)
+        if args.ablations:
+            ablation_budget, ablation_size = budget_s * len(sessions), calm_size(size, corpus)
+            if corpus["pretrain"] is not None and info.get("seconds"):  # the reused run's own training time
+                ablation_budget = 1.1 * float(info["seconds"])
+            for name, overrides in ABLATIONS.items():
+                log(f"calm ablation {name}: {overrides}")
+                ab_info = pretrain_stage(work / f"pretrain_{name}", corpus["tokenized"], corpus["tokenizer"],
+                                         ablation_size,
+                                         ablation_budget, args.seed, overrides)
+                ab_train = {"tokenizer": tokenizer_info, "pretrain": ab_info,
+                            "train_seconds": _sum_seconds(tokenizer_info, ab_info),
+                            "peak_memory_mb": ab_info.get("peak_memory_mb")}
+                ab, ab_preds = evaluate_calm(work / f"pretrain_{name}", corpus["tokenizer"], corpus["dataset"]["test"],
+                                             truth, test_s, args.ablation_modes, args.num_samples, args.seed)
+                entries, preds = calm_entries(f"calm_{name}", ab, ab_preds, ab_train)
+                result["models"].update(entries)
+                predictions.update(preds)
+    return result, {"truth": truth, "session_ids": test_s, "context": test_x[:, :, :CONTEXT_FRAMES],
+                    "predictions": predictions}, fits
+
+
+def calm_size(size: dict, corpus: dict) -> dict:
+    """The size dict with CalM's pretraining settings taken from a reused `--calm_dir` run (so ablations and the
+    held-out pretraining match it), else unchanged."""
+    if corpus.get("pretrain") is None:
+        return size
+    params = reused_calm_info(corpus["pretrain"].parent, "pretrain").get("params") or {}
+    keys = (("preset", "model_preset"), ("epochs", "pretrain_epochs"), ("batch", "pretrain_batch"),
+            ("lr", "pretrain_lr"), ("max_neurons", "max_neurons"))
+    return {**size, "calm": {**size["calm"], **{k: params[p] for k, p in keys if p in params}}}
+
+
+def _sum_seconds(*infos: dict) -> float | None:
+    values = [i.get("seconds") for i in infos]
+    return float(sum(values)) if all(v is not None for v in values) else None
+
+
+def run_heldout(args, size, work, budget_s, models, corpus, sim_fits: dict | None) -> tuple[dict, dict]:
+    import datasets
+
+    from calm_hf import CalmForCausalNeuralModeling
+    from calm_hf.data import load_session_metadata, save_session_metadata
+
+    infos = load_session_metadata(corpus["tokenized"])
+    if len(infos) < 2:
+        message = (f"skipped: the held-out protocol needs >= 2 simulated sessions (pretrain on all but the last), the "
+                   f"corpus has {len(infos)}; simulate more sessions or drop --calm_dir")
+        log(message)
+        return {"status": message, "models": {}}, None
+    held = infos[-1]
+    pretrain_infos = infos[:-1]
+    data = corpus["arrays"]
+    result: dict[str, Any] = {
+        "status": "ok",
+        "description": f"CalM pretrained on {[i.name for i in pretrain_infos]}, embeddings adapted on {held.name}; "
+                       f"scored on {held.name}'s test trials",
+        "held_out_session": held.name,
+        "models": {},
+    }
+    entries, predictions, _ = run_baselines([m for m in models if m != "calm"], data, [held.session_id], size,
+                                            budget_s, args.seed, reuse=sim_fits)
+    result["models"].update(entries)
+    test_x, test_s = data["test"]
+    keep = test_s == held.session_id
+    truth, session_ids = test_x[keep][:, :, CONTEXT_FRAMES:], test_s[keep]
+    if "calm" in models:
+        tokenized = corpus["dataset"]
+        heldout_work = work / "heldout"
+        pre_dir = heldout_work / "splits" / "pretrain_tokenized"
+        own_dir = heldout_work / "splits" / "session_tokenized"
+        keep_ids = {i.session_id for i in pretrain_infos}
+
+        def split_sessions():
+            tokenized.filter(lambda s: s in keep_ids, input_columns="session_id").save_to_disk(str(pre_dir))
+            save_session_metadata(pre_dir, pretrain_infos)
+            tokenized.filter(lambda s: s == held.session_id, input_columns="session_id").save_to_disk(str(own_dir))
+            save_session_metadata(own_dir, [held])
+
+        run_all = training_script("run_all")
+        split_stage = run_all.Stage(heldout_work / "splits", {"tokenized": str(corpus["tokenized"]),
+                                                              "tokenized_version": fingerprint(corpus["tokenized"]),
+                                                              "held_out": held.session_id})
+        run_all.run_stage(split_stage, "heldout_split", split_sessions, {})
+        log(f"heldout: pretraining on {[i.name for i in pretrain_infos]}")
+        pre_info = pretrain_stage(heldout_work / "pretrain", pre_dir, corpus["tokenizer"], calm_size(size, corpus),
+                                  budget_s * len(pretrain_infos), args.seed)
+        adapt_info = adapt_stage(heldout_work, own_dir, held.name, size, budget_s, args.seed, pre_info)
+        adapted = CalmForCausalNeuralModeling.from_pretrained(heldout_work / "adapted")
+        session_id = adapted.config.session_names.index(held.name)
+        neuron_ids = np.arange(*adapted.config.session_neuron_ranges[session_id])
+        own = datasets.load_from_disk(str(own_dir))
+        test = training_script("adapt_session").remap_to_session(own["test"], session_id, neuron_ids)
+        train_info = {"tokenizer": corpus["tokenizer_info"], "pretrain": pre_info, "adapt": adapt_info,
+                      "train_seconds": _sum_seconds(corpus["tokenizer_info"], pre_info, adapt_info),
+                      "adapt_seconds": adapt_info.get("seconds"),
+                      "peak_memory_mb": max(pre_info.get("peak_memory_mb") or 0, adapt_info.get("peak_memory_mb") or 0)}
+        calm, calm_preds = evaluate_calm(heldout_work / "adapted", heldout_work / "adapted" / "tokenizer", test,
+                                         truth, session_ids, args.calm_modes, args.num_samples, args.seed,
+                                         model=adapted)
+        entries, preds = calm_entries("calm_adapted", calm, calm_preds, train_info)
+        result["models"].update(entries)
+        predictions.update(preds)
+    return result, {"truth": truth, "session_ids": session_ids, "context": test_x[keep][:, :, :CONTEXT_FRAMES],
+                    "predictions": predictions}
+
+
+def adapt_stage(heldout_work: Path, own_dir: Path, session_name: str, size: dict, budget_s: float, seed: int,
+                pre_info: dict) -> dict:
+    import datasets
+
+    run_all = training_script("run_all")
+    cfg = size["adapt"]
+    stage = run_all.Stage(heldout_work / "adapted", {"data": str(own_dir), "data_version": fingerprint(own_dir),
+                                                     "model_version": fingerprint(heldout_work / "pretrain"),
+                                                     **cfg, "budget_s": budget_s, "seed": seed})
+    info: dict[str, Any] = {"budget_seconds": budget_s, **cfg}
+    script = training_script("adapt_session")
+
+    def run():
+        rows = len(datasets.load_from_disk(str(own_dir))["train"])
+        planned = math.ceil(cfg["epochs"] * math.ceil(rows / cfg["batch"]))
+        # the frozen backbone still runs forward and backward: the pretraining step time is the estimate
+        max_steps = plan_steps(planned, float(pre_info.get("seconds_per_step") or 1.0), budget_s)
+        info.update(planned_steps=planned, max_steps=max_steps)
+        with time_limited(script, budget_s, info), PeakMemory() as memory:
+            metrics = script.main(
+                ["--model_path", str(heldout_work / "pretrain"), "--tokenized_dataset", str(own_dir),
+                 "--session_name", session_name, "--max_neurons", str(cfg["max_neurons"]),
+                 "--context_frames", str(CONTEXT_FRAMES)]
+                + trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps, None))
+        info["peak_memory_mb"] = memory.peak_delta_mb
+        info["script_test_forecast_pearson_r_greedy"] = float(metrics["test_forecast_pearson_r"])
+        return {"info": info}
+
+    timings: dict = {}
+    run_all.run_stage(stage, "adapt", run, timings)
+    info = json.loads(stage.marker.read_text()).get("info", info)
+    info["seconds"], info["reused"] = timings["adapt"]["seconds"], timings["adapt"]["reused"]
+    return info
+
+
+def run_zebrafish(args, size, work, budget_s, models) -> tuple[dict, dict | None]:
+    import datasets
+
+    from calm_hf.data import (
+        SessionTrials,
+        build_trial_dataset,
+        cut_trials,
+        default_data_dir,
+        load_triplett_zebrafish,
+        prepare_session,
+        resample,
+        save_session_metadata,
+    )
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    try:
+        recording = load_triplett_zebrafish(data_dir)
+    except FileNotFoundError as error:
+        message = f"skipped: zebrafish recording not found ({error})"
+        log(message)
+        return {"status": message, "models": {}}, None
+    cfg = size["zebrafish"]
+    run_all = training_script("run_all")
+    zf_work = work / "zebrafish"
+    trials = run_all.Stage(zf_work / "trials", {**cfg, "seed": args.seed, "source": str(data_dir)})
+
+    def prepare():
+        traces = recording.traces if cfg["max_neurons"] is None else recording.traces[: cfg["max_neurons"]]
+        continuous = resample(traces, recording.fs, MODEL_RATE)  # the whole recording at once: no per-trial edges
+        cut = cut_trials(continuous, cfg["trial_frames"])
+        if cfg["max_trials"] is not None:
+            cut = cut[: cfg["max_trials"]]
+        session = SessionTrials(name=recording.name, traces=cut, fs=MODEL_RATE)
+        prepared = prepare_session(session, target_fs=MODEL_RATE, split_seed=args.seed)
+        build_trial_dataset(prepared).save_to_disk(str(trials.path))
+        save_session_metadata(trials.path, [prepared])
+
+    run_all.run_stage(trials, "zebrafish_trials", prepare, {})
+    corpus = datasets.load_from_disk(str(trials.path))
+    data = {split: split_arrays(corpus[split]) for split in ("train", "validation", "test")}
+    result: dict[str, Any] = {
+        "status": "ok",
+        "description": f"Triplett 2018 zebrafish tectum ({recording.name}), {data['train'][0].shape[1]} neurons, "
+                       f"{recording.fs} Hz resampled to {MODEL_RATE} Hz, {cfg['trial_frames']}-frame trials",
+        "split_sizes": {k: int(len(v[0])) for k, v in data.items()},
+        "calm_setup": "own tokenizer + DAT trained on this recording's training trials",
+        "models": {},
+    }
+    entries, predictions, _ = run_baselines([m for m in models if m != "calm"], data, [0], size, budget_s, args.seed)
+    result["models"].update(entries)
+    test_x, test_s = data["test"]
+    truth = test_x[:, :, CONTEXT_FRAMES:]
+    if "calm" in models:
+        log("zebrafish: calm tokenizer + pretraining")
+        tokenizer_info = train_tokenizer_stage(zf_work, trials.path, size, budget_s, args.seed)
+        tokenized_dir = tokenize_stage(zf_work, trials.path, zf_work / "tokenizer")
+        info = pretrain_stage(zf_work / "pretrain", tokenized_dir, zf_work / "tokenizer", size, budget_s, args.seed)
+        train_info = {"tokenizer": tokenizer_info, "pretrain": info,
+                      "train_seconds": _sum_seconds(tokenizer_info, info), "peak_memory_mb": info.get("peak_memory_mb")}
+        tokenized = datasets.load_from_disk(str(tokenized_dir))
+        calm, calm_preds = evaluate_calm(zf_work / "pretrain", zf_work / "pretrain" / "tokenizer", tokenized["test"],
+                                         truth, test_s, args.calm_modes, args.num_samples, args.seed)
+        entries, preds = calm_entries("calm", calm, calm_preds, train_info)
+        result["models"].update(entries)
+        predictions.update(preds)
+    return result, {"truth": truth, "session_ids": test_s, "context": test_x[:, :, :CONTEXT_FRAMES],
+                    "predictions": predictions}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    datasets_run = [d for d in results["datasets"]]
+    models: list[str] = []
+    for name in datasets_run:
+        for model in results["datasets"][name].get("models", {}):
+            if model not in models:
+                models.append(model)
+    lines = ["# Forecasting benchmark", "",
+             f"Size `{results['config']['size']}`, seed {results['config']['seed']}, context {CONTEXT_FRAMES} frames "
+             f"at {MODEL_RATE} Hz, horizon = rest of the trial. Pearson r per neuron over the horizon, averaged "
+             "neurons -> trials -> sessions (± std over sessions; SEM over test trials for one-session datasets); "
+             "MSE in z-scored units. Command: `" + results["config"]["command"] + "`", ""]
+    for name in datasets_run:
+        status = results["datasets"][name]["status"]
+        if status != "ok":
+            lines.append(f"- **{name}**: {status}")
+        else:
+            lines.append(f"- **{name}**: {results['datasets'][name]['description']}")
+    lines += ["", "## Mean forecast Pearson r (higher is better) and MSE", ""]
+    header = "| model | " + " | ".join(f"{d} r | {d} MSE" for d in datasets_run) + " |"
+    lines += [header, "|" + "---|" * (1 + 2 * len(datasets_run))]
+    for model in models:
+        cells = []
+        for name in datasets_run:
+            entry = results["datasets"][name].get("models", {}).get(model)
+            if entry is None:
+                cells += ["", ""]
+            elif entry["status"] != "ok":
+                cells += [entry["status"], ""]
+            else:
+                cells += [f"{_fmt(entry['pearson_r'])} ± {_fmt(entry['pearson_r_error'])}", _fmt(entry["mse"])]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    for name in datasets_run:
+        data = results["datasets"][name]
+        ok = {m: e for m, e in data.get("models", {}).items() if e["status"] == "ok"}
+        if not ok:
+            continue
+        sessions = list(next(iter(ok.values()))["per_session_pearson_r"])
+        lines += ["", f"## {name}: per session (r / MSE)", "",
+                  "| model | " + " | ".join(f"session {s}" for s in sessions) + " |",
+                  "|" + "---|" * (1 + len(sessions))]
+        for model, entry in ok.items():
+            lines.append(f"| {model} | " + " | ".join(
+                f"{_fmt(entry['per_session_pearson_r'].get(s))} / {_fmt(entry['per_session_mse'].get(s))}"
+                for s in sessions) + " |")
+        lines += ["", f"## {name}: cost (same run)", "",
+                  "| model | training wall time (s) | inference per trial (ms) | parameters | peak memory (MB) | "
+                  "hyperparameters chosen on validation |", "|---|---|---|---|---|---|"]
+        for model, entry in ok.items():
+            cost = entry["cost"]
+            chosen = entry.get("chosen")
+            if chosen is None:
+                pre = entry.get("training", {}).get("pretrain", {})
+                if pre.get("reused_from"):
+                    params = pre.get("params") or {}
+                    chosen = (f"reused run {pre['reused_from']} (preset {params.get('model_preset', '?')}, "
+                              f"{params.get('pretrain_epochs', '?')} epochs)")
+                else:
+                    chosen = (f"fixed preset {pre.get('preset', '?')}, {pre.get('max_steps', '?')} steps"
+                              f"{' (stopped by budget)' if pre.get('stopped_by_budget') else ''}")
+                chosen += f"; rollout {entry['rollout']['mode']}"
+            else:
+                chosen = "; ".join(f"s{s}: " + ", ".join(f"{k}={v}" for k, v in (c or {}).items())
+                                   for s, c in chosen.items())
+            note = f" ({entry['note']})" if entry.get("note") else ""
+            lines.append(f"| {model} | {_fmt(cost.get('train_seconds'), 1)} | "
+                         f"{_fmt(1000 * cost['inference_seconds_per_trial'], 2)} | {cost.get('parameters'):,} | "
+                         f"{_fmt(cost.get('peak_memory_mb'), 1)} | {chosen}{note} |")
+    lines += ["", "Peak memory: " + results["config"]["memory_method"], "",
+              "Validation search grids, every score and the choices are in `forecasting.json` "
+              "(`datasets.<name>.models.<model>.search_log`).", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_figure(results: dict, arrays: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [d for d in results["datasets"] if results["datasets"][d]["status"] == "ok"]
+    if not names:
+        names = list(results["datasets"])
+    fig, axes = plt.subplots(2, max(1, len(names)), figsize=(5.2 * max(1, len(names)), 7.5), squeeze=False)
+    for column, name in enumerate(names):
+        ax = axes[0, column]
+        models = {m: e for m, e in results["datasets"][name].get("models", {}).items() if e["status"] == "ok"}
+        if not models:
+            ax.text(0.5, 0.5, results["datasets"][name]["status"], ha="center", va="center", wrap=True, fontsize=8)
+            ax.set_axis_off()
+            axes[1, column].set_axis_off()
+            continue
+        labels = list(models)
+        values = [models[m]["pearson_r"] for m in labels]
+        errors = [models[m]["pearson_r_error"] if math.isfinite(models[m]["pearson_r_error"]) else 0 for m in labels]
+        colors = ["tab:red" if m.startswith("calm") else "tab:gray" for m in labels]
+        ax.bar(range(len(labels)), values, yerr=errors, color=colors, capsize=3)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_ylabel("forecast Pearson r")
+        kind = next(iter(models.values()))["pearson_r_error_kind"]
+        ax.set_title(f"{name} (error bars: {kind})", fontsize=9)
+        # example forecasts: the first test trial, its most variable neuron
+        example = arrays.get(name)
+        ax = axes[1, column]
+        if example is None:
+            ax.set_axis_off()
+            continue
+        truth, context = example["truth"][0], example["context"][0]
+        neuron = int(np.argmax(np.concatenate([context, truth], axis=-1).std(axis=-1)))
+        t_context = np.arange(context.shape[-1]) / MODEL_RATE
+        t_future = (context.shape[-1] + np.arange(truth.shape[-1])) / MODEL_RATE
+        ax.plot(t_context, context[neuron], color="black", lw=1.2, label="context")
+        ax.plot(t_future, truth[neuron], color="black", lw=1.2, ls=":", label="truth")
+        shown = [m for m in example["predictions"] if not m.startswith("calm_no_")][:8]
+        for model in shown:
+            ax.plot(t_future, example["predictions"][model][0, neuron], lw=1.0, label=model,
+                    ls="-" if model.startswith("calm") else "--")
+        ax.axvline(t_context[-1] + 0.5 / MODEL_RATE, color="0.5", lw=0.6)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel(f"neuron {neuron} (z)")
+        ax.set_title(f"{name}: test trial 0, example forecasts", fontsize=9)
+        ax.legend(fontsize=6, ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default=",".join(ALL_DATASETS), help=f"comma list of {ALL_DATASETS}")
+    parser.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma list of {ALL_MODELS}")
+    parser.add_argument("--ablations", action="store_true", help="CalM without scheduled sampling / neighbourhood "
+                                                                 "replacement (sim only)")
+    parser.add_argument("--size", default="cpu", choices=sorted(SIZES))
+    parser.add_argument("--time_budget_minutes", type=float, default=None,
+                        help="wall-clock cap of one baseline fit (default: the size's); CalM: see module docstring")
+    parser.add_argument("--out", default=str(RESULTS), help="where forecasting.{json,md,png} are written")
+    parser.add_argument("--work_dir", default=None, help="training stages (default: runs/forecasting_<size>, "
+                                                         "gitignored); finished stages are reused on a re-run")
+    parser.add_argument("--calm_dir", default=None, help="reuse a finished CalM run on sim (a main job's "
+                                                         ".calm-base-work: trials/ tokenizer/ tokenized/ pretrain/)")
+    parser.add_argument("--data_dir", default=None, help="real recordings folder (default: CALM_DATA_DIR or "
+                                                         "../shared/data)")
+    parser.add_argument("--num_samples", type=int, default=None, help="sampled rollouts averaged by CalM sample-mean")
+    parser.add_argument("--calm_modes", default="greedy,mean,soft", help="CalM rollouts to report")
+    parser.add_argument("--ablation_modes", default="greedy,soft", help="CalM rollouts reported for the ablations")
+    parser.add_argument("--save_predictions", action="store_true",
+                        help="also write forecasting_predictions_<dataset>.npz (truth, session ids, every forecast)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.calm_modes = [m.strip() for m in args.calm_modes.split(",") if m.strip()]
+    args.ablation_modes = [m.strip() for m in args.ablation_modes.split(",") if m.strip()]
+    for value, allowed, flag in ((args.datasets, ALL_DATASETS, "--datasets"), (args.models, ALL_MODELS, "--models"),
+                                 (args.calm_modes, ("greedy", "mean", "soft", "sample"), "--calm_modes"),
+                                 (args.ablation_modes, ("greedy", "mean", "soft", "sample"), "--ablation_modes")):
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            parser.error(f"{flag}: unknown {unknown}; choose from {list(allowed)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.set_verbosity_warning()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size]
+    if args.num_samples is None:
+        args.num_samples = size["num_samples"]
+    budget_minutes = args.time_budget_minutes if args.time_budget_minutes is not None else size["time_budget_minutes"]
+    budget_s = 60.0 * budget_minutes
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir).resolve() if args.work_dir else REPO / "runs" / f"forecasting_{args.size}"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "config": {
+            "command": "python benchmarks/forecasting.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "size": args.size, "seed": args.seed, "datasets": args.datasets, "models": args.models,
+            "ablations": args.ablations, "time_budget_minutes_per_fit": budget_minutes,
+            "calm_budgets": "tokenizer and pretraining: 1 budget per training session each; adaptation: 1 budget",
+            "context_frames": CONTEXT_FRAMES, "model_rate_hz": MODEL_RATE, "num_samples": args.num_samples,
+            "calm_modes": args.calm_modes, "ablation_modes": args.ablation_modes, "calm_dir": args.calm_dir,
+            "sizes": SIZES[args.size], "precision": "fp32 (bf16 is far slower on this CPU; see calm_hf.hardware)",
+            "torch_threads": torch.get_num_threads(),
+            "memory_method": "peak resident set size during the fit minus the RSS just before it, sampled every 5 ms "
+                             "from /proc/self/statm (ru_maxrss deltas also in the JSON as maxrss_delta_mb); CalM: "
+                             "the pretraining stage (not measured when a finished run was reused).",
+            "neuralforecast": "installed" if neuralforecast_available() else NF_NOT_INSTALLED,
+        },
+        "datasets": {},
+    }
+    arrays: dict[str, dict] = {}
+    corpus = None
+    sim_fits = None
+    for name in args.datasets:
+        log(f"=== {name} ===")
+        if name in ("sim", "heldout") and corpus is None:
+            corpus = sim_corpus(args, size, work / "sim", budget_s)
+        if name == "sim":
+            results["datasets"][name], arrays[name], sim_fits = run_sim(args, size, work / "sim", budget_s,
+                                                                        args.models, corpus)
+        elif name == "heldout":
+            results["datasets"][name], example = run_heldout(args, size, work / "sim", budget_s, args.models,
+                                                             corpus, sim_fits)
+            if example is not None:
+                arrays[name] = example
+        else:
+            results["datasets"][name], example = run_zebrafish(args, size, work, budget_s, args.models)
+            if example is not None:
+                arrays[name] = example
+    if args.ablations and "sim" not in args.datasets:
+        results["config"]["ablations_note"] = "ablations run only with --datasets including sim"
+    results["total_seconds"] = time.perf_counter() - started
+    (out / "forecasting.json").write_text(json.dumps(jsonable(results), indent=2, allow_nan=False))
+    write_markdown(results, out / "forecasting.md")
+    write_figure(results, arrays, out / "forecasting.png")
+    if args.save_predictions:
+        for name, example in arrays.items():
+            np.savez_compressed(out / f"forecasting_predictions_{name}.npz", truth=example["truth"],
+                                session_ids=example["session_ids"], context=example["context"],
+                                **{f"pred_{m}": p for m, p in example["predictions"].items()})
+    log(f"done in {results['total_seconds']:.0f} s: {out / 'forecasting.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
