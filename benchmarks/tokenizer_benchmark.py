@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default=str(RESULTS / "tokenizer"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", default="auto", help="auto (measured), true or false")
+    parser.add_argument("--config_overrides", default=None, help='JSON of CalmTokenizerConfig fields, e.g. \'{"ar_weight": 0.1}\'')
     args = parser.parse_args(argv)
     from transformers import TrainingArguments, default_data_collator, set_seed
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     max_segments = 20_000 if args.quick else args.max_segments
     if len(train) > max_segments:
         train = train[rng.choice(len(train), max_segments, replace=False)]
-    config = CalmTokenizerConfig.from_preset(args.preset)
+    config = CalmTokenizerConfig.from_preset(args.preset, **(json.loads(args.config_overrides) if args.config_overrides else {}))
     features = datasets.Features({"input_values": datasets.Array2D(shape=(1, train.shape[-1]), dtype="float32")})
     dataset = datasets.Dataset.from_dict({"input_values": train[:, None, :]}, features=features).with_format("torch")
     workdir = Path(tempfile.mkdtemp(prefix="calm-tokbench-"))
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     speed = throughput(model)
     history = [h for h in trainer.state.log_history if "loss" in h]
     result = {
-        "config": {"preset": args.preset, **{k: getattr(config, k) for k in ("hidden_size", "codebook_size",
+        "config": {"preset": args.preset, "overrides": args.config_overrides, **{k: getattr(config, k) for k in ("hidden_size", "codebook_size",
                    "num_encoder_layers", "num_decoder_layers", "window_size")}},
         "training": {"segments": int(len(train)), "segment_frames": int(train.shape[-1]), "epochs": training_args.num_train_epochs,
                      "seconds": train_seconds, "steps": trainer.state.global_step, "final_log": history[-1] if history else None,

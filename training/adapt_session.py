@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
+from calm_hf.hardware import configure_torch_threads
 from calm_hf import CalmForCausalNeuralModeling, CalmTokenizer
 from calm_hf.data import CalmDataCollator, CollatorEpochCallback
 from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((AdaptArguments, TrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_torch_threads()
     training_args.remove_unused_columns = False
     # Weight decay would shrink frozen rows of the shared tables; only the new rows may move.
     training_args.weight_decay = 0.0

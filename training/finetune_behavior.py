@@ -30,6 +30,7 @@ import datasets
 import numpy as np
 from transformers import EvalPrediction, HfArgumentParser, TrainingArguments, set_seed
 
+from calm_hf.hardware import configure_torch_threads
 from calm_hf.data import CalmDataCollator, SessionInfo, load_session_metadata, read_session_metadata
 from calm_hf.metrics.functional import mse, r2_score
 from calm_hf.modeling_calm import CalmForBehaviorRegression
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_torch_threads()
     training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids/behavior
     training_args.label_names = ["labels"]
     set_seed(training_args.seed)

@@ -23,6 +23,7 @@ import datasets
 import torch
 from transformers import GenerationConfig, HfArgumentParser, TrainingArguments, set_seed
 
+from calm_hf.hardware import configure_torch_threads
 from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer
 from calm_hf.data import CalmDataCollator, CollatorEpochCallback, load_session_metadata
 from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_torch_threads()
     training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids before renaming
     set_seed(training_args.seed)
 

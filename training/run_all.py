@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
+from calm_hf.hardware import configure_torch_threads
 from calm_hf.cli import load_training_script as load_script
 
 logger = logging.getLogger("calm_hf.main")
@@ -124,6 +125,7 @@ def run_stage(stage: Stage, name: str, fn, timings: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(MainArguments).parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_torch_threads()
     if args.size not in SIZES:
         raise ValueError(f"--size {args.size!r} is not one of {sorted(SIZES)}.")
     size = dict(SIZES[args.size])
@@ -238,7 +240,8 @@ def print_summary(summary: dict, model_dir: Path) -> None:
     for name, timing in summary["timings"].items():
         note = " (reused)" if timing.get("reused") else ""
         lines.append(f"  {name:<22} {timing['seconds']:8.1f} s{note}")
-    lines.append(f"  {'total':<22} {summary['total_seconds']:8.1f} s")
+    stage_sum = sum(timing["seconds"] for timing in summary["timings"].values())
+    lines.append(f"  {'all stages':<22} {stage_sum:8.1f} s   (this invocation: {summary['total_seconds']:.1f} s)")
     lines.append("-" * 72)
     for name, value in summary["metrics"].items():
         if isinstance(value, float):

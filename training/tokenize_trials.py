@@ -19,6 +19,7 @@ import datasets
 import torch
 from transformers import HfArgumentParser
 
+from calm_hf.hardware import configure_torch_threads
 from calm_hf import CalmTokenizer
 from calm_hf.data import load_session_metadata, save_session_metadata, tokenize_dataset
 
@@ -37,6 +38,7 @@ class TokenizeArguments:
 def main(argv: list[str] | None = None):
     (args,) = HfArgumentParser(TokenizeArguments).parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_torch_threads()
     tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path).eval()
     corpus = datasets.load_from_disk(args.trials_dataset)
     dtype = torch.bfloat16 if args.bf16 else None

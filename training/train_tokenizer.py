@@ -21,6 +21,7 @@ import datasets
 import numpy as np
 from transformers import HfArgumentParser, TrainingArguments, default_data_collator, set_seed
 
+from calm_hf.hardware import configure_torch_threads
 from calm_hf import CalmTokenizer, CalmTokenizerConfig
 from calm_hf.trainer import CalmTrainer
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_torch_threads()
     set_seed(training_args.seed)
 
     overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}

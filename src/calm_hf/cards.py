@@ -234,6 +234,7 @@ def _render(
         ),
         citation=CALM_CITATION,
     )
+    kwargs["limitations"] += list(template_kwargs.pop("extra_limitations", None) or [])
     kwargs.update(template_kwargs)
     template = "model_card.md" if kind == "model" else "tokenizer_card.md"
     return ModelCard.from_template(card_data, template_path=template_path(template), **kwargs)
