@@ -247,6 +247,9 @@ def make_baseline(name: str, size: dict, budget_s: float, seed: int):
 def count_parameters(model) -> int:
     """Trainable numbers of a fitted baseline: torch weights, or the fitted numpy arrays of the linear models."""
     network = getattr(model, "model_", None)
+    if network is None and getattr(model, "forecaster_", None) is not None:  # NeuralForecast: its fitted modules
+        models = getattr(model.forecaster_, "models", [])
+        return int(sum(p.numel() for m in models for p in m.parameters())) or -1
     if network is not None and hasattr(network, "parameters"):
         return int(sum(p.numel() for p in network.parameters()))
     names = {"RidgeARForecaster": ("weights_", "bias_"), "PerNeuronARForecaster": ("weights_", "bias_")}

@@ -242,7 +242,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# Tokenizer benchmark", "",
         f"Training: {result['training']['segments']:,} segments x {result['training']['segment_frames']} frames, "
-        f"{result['training']['steps']} steps in {result['training']['seconds'] / 60:.1f} min (2 CPU cores). "
+        f"{result['training']['steps']} steps in {result['training']['seconds'] / 60:.1f} min "
+        f"({result['machine']['threads']} torch thread(s), fp32; config {result['config']}). "
         f"Held out: simulated seed 100, Cascade {result['training']['held_out_indicator']}*, Park, Triplett.", "",
         "| held-out dataset | traces | CalM NQ r | k-means r |", "|---|---:|---:|---:|",
     ]

@@ -55,6 +55,9 @@ def test_model_card_carries_the_runs_numbers(release):
     assert f"{r:.3f}" in card.text or f"{r:.4f}" in card.text
     assert "forecast_example.png" in card.text
     assert card.data.license == "apache-2.0"
+    best = max(v for k, v in written.items() if k.startswith("forecast_pearson_r"))
+    if best < written["ridge_ar_pearson_r"]:  # the card must say so in plain words
+        assert "WORSE than a population ridge autoregression" in card.text
 
 
 def test_rerun_reuses_finished_stages(release):
