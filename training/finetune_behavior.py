@@ -21,16 +21,14 @@ Or `python training/finetune_behavior.py config.json` with the same fields as JS
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 import numpy as np
-from transformers import EvalPrediction, HfArgumentParser, TrainingArguments, set_seed
+from transformers import EvalPrediction, TrainingArguments, set_seed
 
-from calm_hf.hardware import configure_torch_threads
+from calm_hf.cli import parse_script_args
 from calm_hf.data import CalmDataCollator, SessionInfo, load_session_metadata, read_session_metadata
 from calm_hf.metrics.functional import mse, r2_score
 from calm_hf.modeling_calm import CalmForBehaviorRegression
@@ -164,14 +162,7 @@ def load_model(model_args: ModelArguments, num_channels: int) -> CalmForBehavior
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    configure_torch_threads()
+    model_args, data_args, training_args = parse_script_args((ModelArguments, DataArguments, TrainingArguments), argv)
     training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids/behavior
     training_args.label_names = ["labels"]
     set_seed(training_args.seed)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import datasets
 import torch
-from transformers import GenerationConfig, HfArgumentParser, TrainingArguments, set_seed
+from transformers import GenerationConfig, TrainingArguments, set_seed
 
-from calm_hf.hardware import configure_torch_threads
+from calm_hf.cli import parse_script_args
 from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer
 from calm_hf.data import CalmDataCollator, CollatorEpochCallback, load_session_metadata
 from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
@@ -98,14 +97,7 @@ def forecast_evaluation(tokenizer, validation, data_args: DataArguments, bf16: b
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    configure_torch_threads()
+    model_args, data_args, training_args = parse_script_args((ModelArguments, DataArguments, TrainingArguments), argv)
     training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids before renaming
     set_seed(training_args.seed)
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
-from transformers import HfArgumentParser, TrainingArguments, default_data_collator, set_seed
+from transformers import TrainingArguments, default_data_collator, set_seed
 
-from calm_hf.hardware import configure_torch_threads
+from calm_hf.cli import parse_script_args
 from calm_hf import CalmTokenizer, CalmTokenizerConfig
 from calm_hf.trainer import CalmTrainer
 
@@ -94,14 +92,7 @@ def build_segments(data_args: DataArguments, window_size: int, seed: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    configure_torch_threads()
+    model_args, data_args, training_args = parse_script_args((ModelArguments, DataArguments, TrainingArguments), argv)
     set_seed(training_args.seed)
 
     overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}

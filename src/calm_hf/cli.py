@@ -41,6 +41,27 @@ def training_dir() -> Path:
     return candidate
 
 
+def parse_script_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """What every training script does first: parse its dataclasses from the command line, or from a single `.json`
+    file of the same fields; set up logging; pick the torch thread count (`calm_hf.hardware.default_num_threads`)."""
+    import logging
+    import os
+
+    from transformers import HfArgumentParser
+
+    from .hardware import configure_torch_threads
+
+    parser = HfArgumentParser(dataclass_types)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_torch_threads()
+    return tuple(parsed)
+
+
 def load_training_script(name: str):
     """Import training/<name>.py as module `calm_training_<name>` (the training scripts are scripts, not package
     modules); registered in sys.modules first so its dataclasses resolve their annotations."""
