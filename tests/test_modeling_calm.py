@@ -113,10 +113,12 @@ def test_shapes(model):
 def test_loss_is_finite_and_backpropagates():
     model = make_model().train()
     input_ids = codes()
-    output = model(input_ids=input_ids, labels=input_ids)
+    values = torch.randn(2, 5, 8 * 4)
+    output = model(input_ids=input_ids, labels=input_ids, value_labels=values)
     assert output.loss.ndim == 0 and torch.isfinite(output.loss)
-    # untrained model: close to log(vocab)
-    assert abs(output.loss.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 0.5
+    # untrained model: next-token CE close to log(vocab); the total is the weighted sum of both terms
+    assert abs(output.next_token_loss.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 0.5
+    torch.testing.assert_close(output.loss, output.next_token_loss + output.value_loss)
     output.loss.backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None, name
@@ -569,3 +571,94 @@ def test_tied_word_embeddings():
 
 def test_max_length_counts_token_steps(model):
     assert model.generate(codes(steps=4), max_length=10).shape == (2, 5, 10)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# continuous forecast head and linear neuron mixer (issue 9)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_value_loss_scores_the_frames_after_each_step():
+    model = make_model()
+    input_ids, window, steps = codes(), 4, 8
+    values = torch.randn(2, 5, steps * window)
+    out = model(input_ids=input_ids, value_labels=values)
+    horizon = model.config.value_head_steps * window
+    assert out.value_predictions.shape == (2, 5, steps, horizon)
+    # the same number computed by hand: step t predicts frames (t+1)*L ... (t+1)*L + horizon - 1 that exist
+    errors = []
+    for t in range(steps):
+        for k in range(horizon):
+            frame = (t + 1) * window + k
+            if frame < steps * window:
+                errors.append((out.value_predictions[:, :, t, k] - values[:, :, frame]).pow(2))
+    expected = torch.stack(errors).mean()
+    torch.testing.assert_close(out.value_loss, expected)
+    assert out.loss is out.value_loss or torch.allclose(out.loss, out.value_loss)  # no labels: value term only
+    # padded neurons are left out of the loss
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    garbage = values.clone()
+    garbage[1, 3:] = 1e3
+    masked = model(input_ids=input_ids, value_labels=garbage, neuron_mask=mask).value_loss
+    assert masked.item() < 100
+
+
+def test_value_labels_need_the_head_and_the_right_shape():
+    model = make_model(value_head_steps=0)
+    assert model.value_head is None
+    with pytest.raises(ValueError, match="no continuous head"):
+        model(input_ids=codes(), value_labels=torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match="no continuous forecast head"):
+        model.forecast_values(codes())
+    with pytest.raises(ValueError, match="value_labels must be"):
+        make_model()(input_ids=codes(), value_labels=torch.randn(2, 5, 31))
+
+
+def test_forecast_values_is_causal_and_matches_forward():
+    model = make_model()
+    input_ids = codes()
+    direct = model.forecast_values(input_ids)
+    torch.testing.assert_close(direct, model(input_ids=input_ids).value_predictions[:, :, -1])
+    # the forecast made at step 3 ignores steps 4..7
+    changed = input_ids.clone()
+    changed[..., 4:] = (changed[..., 4:] + 1) % VOCAB
+    torch.testing.assert_close(model.forecast_values(input_ids[..., :4]), model.forecast_values(changed[..., :4]))
+    torch.testing.assert_close(
+        model(input_ids=input_ids).value_predictions[:, :, 3], model(input_ids=changed).value_predictions[:, :, 3]
+    )
+
+
+def test_neuron_mixer_mixes_neurons_and_ignores_padding():
+    model = make_model()
+    assert model.model.layers[0].mixer is not None
+    input_ids = codes(batch=1, neurons=6)
+    base = model.forecast_values(input_ids)
+    # another neuron's activity changes neuron 0's forecast (population coupling through the mixer)
+    other = input_ids.clone()
+    other[0, 5] = (other[0, 5] + 3) % VOCAB
+    assert (model.forecast_values(other)[0, 0] - base[0, 0]).abs().max() > 1e-6
+    # a padded neuron changes nothing for the real ones, whatever its tokens
+    padded = torch.cat([input_ids, torch.randint(0, VOCAB, (1, 2, 8))], dim=1)
+    mask = torch.tensor([[True] * 6 + [False] * 2])
+    out = model.forecast_values(padded, neuron_ids=torch.arange(8)[None], neuron_mask=mask)
+    torch.testing.assert_close(out[:, :6], base, atol=1e-5, rtol=1e-5)
+
+
+def test_mixer_and_head_weights_round_trip(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    loaded = CalmForCausalNeuralModeling.from_pretrained(tmp_path).eval()
+    assert loaded.config.value_head_steps == model.config.value_head_steps
+    torch.testing.assert_close(loaded.forecast_values(codes()), model.forecast_values(codes()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"value_head_steps": -1}, "value_head_steps"), ({"neuron_mixer_rank": 1.5}, "neuron_mixer_rank"),
+     ({"value_loss_weight": -1.0}, "value_loss_weight"),
+     ({"value_loss_weight": 0.0, "next_token_loss_weight": 0.0}, "nothing would be trained")],
+)
+def test_invalid_head_settings_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)

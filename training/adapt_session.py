@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
         sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     columns = ["input_ids", "neuron_ids", "session_id"]
-    collator = CalmDataCollator(max_neurons=args.max_neurons, seed=training_args.seed)
+    with_values = model.config.value_head_steps > 0
+    if with_values:  # the new session's embeddings also learn from the continuous forecast head's MSE
+        columns.append("input_values")
+    collator = CalmDataCollator(max_neurons=args.max_neurons, seed=training_args.seed, with_values=with_values)
     trainer = CalmTrainer(
         model=model,
         args=training_args,

@@ -118,12 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("model: %s parameters; world size %d", f"{model.num_parameters():,}", training_args.world_size)
 
     columns = ["input_ids", "neuron_ids", "session_id"]
+    with_values = model.config.value_head_steps > 0
+    if with_values:  # the continuous forecast head trains on the z-scored traces the codes were made from
+        columns.append("input_values")
     train = corpus["train"].select_columns(columns)
     validation = corpus["validation"]
     extra = None
     if data_args.forecast_eval_trials > 0:
         extra = forecast_evaluation(tokenizer, validation, data_args, training_args.bf16)
-    collator = CalmDataCollator(max_neurons=data_args.max_neurons, seed=training_args.seed)
+    collator = CalmDataCollator(max_neurons=data_args.max_neurons, seed=training_args.seed, with_values=with_values)
     trainer = CalmTrainer(
         model=model,
         args=training_args,

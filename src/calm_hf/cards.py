@@ -66,9 +66,11 @@ _MODEL_LIMITATIONS = [
     "{window_size} frames.",
     "Neuron and session embeddings exist only for the sessions seen in training; a new session or animal needs "
     "`training/adapt_session.py` (frozen backbone, new embeddings) before its forecasts are meaningful.",
-    "Autoregressive rollouts compound errors: accuracy falls with the horizon, and greedy rollouts drift towards "
-    "typical codes. A strong linear baseline (population ridge autoregression) is a bar the model must be compared "
-    "against; see the table above.",
+    "The default forecast is the continuous head's conditional mean over the next value_head_steps windows (one "
+    "forward pass; longer horizons re-tokenize the forecast and continue). It is the right point estimate for "
+    "Pearson r and MSE but is smooth by construction: use sampled token rollouts (`num_samples`) for the spread of "
+    "possible futures. Token rollouts alone (greedy) drift towards typical codes. A strong linear baseline "
+    "(population ridge autoregression) is a bar the model must be compared against; see the table above.",
     "Calcium signals are an indirect, slow proxy of spiking; forecasts are not spike predictions.",
 ]
 

@@ -16,6 +16,13 @@ import torch
 from .metrics.functional import forecast_pearson_r, mse
 
 ROLLOUT_MODES = ("greedy", "sample", "mean", "soft")
+# "direct": the continuous head's conditional-mean forecast (models with `config.value_head_steps > 0`; the default)
+FORECAST_MODES = ("direct",) + ROLLOUT_MODES
+
+
+def default_forecast_mode(model) -> str:
+    """"direct" for models with a continuous forecast head (the best estimator measured), else "greedy"."""
+    return "direct" if getattr(model, "value_head", None) is not None else "greedy"
 
 
 @dataclass
@@ -144,6 +151,38 @@ class CalmForecaster:
             values = self.tokenizer.decode(flat).trace_values
         return values.float().reshape(*lead, codes.shape[-2], -1)
 
+    @torch.no_grad()
+    def direct(
+        self,
+        context_ids: torch.Tensor,
+        horizon: int,
+        context_values: torch.Tensor | None = None,
+        neuron_ids: torch.Tensor | None = None,
+        session_ids: torch.Tensor | None = None,
+        neuron_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Conditional-mean forecast from the continuous head, (batch, neurons, horizon) z-scored.
+
+        One forward pass covers `value_head_steps * L` frames; longer horizons append that chunk to the context,
+        re-tokenize and predict again. `context_values` (batch, neurons, steps * L) are the frames behind
+        `context_ids`; they are decoded from the codes when not given and a second chunk is needed.
+        """
+        chunk = self.model.config.value_head_steps * self.window_size
+        identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
+        max_steps = self.model.config.max_token_steps
+        pieces, produced, ids = [], 0, context_ids
+        while True:
+            with self._autocast():
+                prediction = self.model.forecast_values(ids[..., -max_steps:], **identity).float()
+            pieces.append(prediction[..., : horizon - produced])
+            produced += pieces[-1].shape[-1]
+            if produced >= horizon:
+                return torch.cat(pieces, dim=-1)
+            if context_values is None:
+                context_values = self.decode(context_ids)
+            context_values = torch.cat([context_values[..., -ids.shape[-1] * self.window_size :], prediction], dim=-1)
+            ids = self.tokenize(context_values)
+
     def forecast(
         self,
         context_values: torch.Tensor | np.ndarray,
@@ -152,7 +191,7 @@ class CalmForecaster:
         session_ids: torch.Tensor | None = None,
         neuron_mask: torch.Tensor | None = None,
         context_ids: torch.Tensor | None = None,
-        mode: str = "greedy",
+        mode: str | None = None,
         num_samples: int = 1,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -164,12 +203,20 @@ class CalmForecaster:
             context_values: (batch, neurons, frames) z-scored context at the model rate.
             horizon: number of future frames wanted.
             context_ids: pre-computed context codes (batch, neurons, steps); skips tokenization when given.
-            mode, num_samples, temperature, top_k, top_p: see `rollout`.
+            mode: "direct" (the continuous head's conditional mean; default for models that have the head, with
+                `num_samples > 1` adding sampled token rollouts recentred on it as `samples`), or a token rollout
+                mode of `rollout` (default for older checkpoints: "greedy").
+            num_samples, temperature, top_k, top_p: see `rollout`.
         """
         if horizon < 1:
             raise ValueError(f"horizon={horizon} must be at least one frame.")
-        if context_ids is None:
+        mode = default_forecast_mode(self.model) if mode is None else mode
+        if mode not in FORECAST_MODES:
+            raise ValueError(f"mode={mode!r} is not one of {FORECAST_MODES}.")
+        values = None
+        if context_values is not None:
             values = torch.as_tensor(np.asarray(context_values, dtype=np.float32))
+        if context_ids is None:
             if values.ndim != 3:
                 raise ValueError(
                     f"context_values must be (batch, neurons, frames), got shape {tuple(values.shape)}; "
@@ -182,6 +229,15 @@ class CalmForecaster:
                     "interpolate or drop that neuron before forecasting."
                 )
             context_ids = self.tokenize(values)
+        identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
+        if mode == "direct":
+            point = self.direct(context_ids, horizon, values, **identity)
+            samples = None
+            if num_samples > 1:  # spread of sampled token rollouts, recentred on the conditional mean
+                sampled = self.forecast(values, horizon, context_ids=context_ids, mode="sample", num_samples=num_samples,
+                                        temperature=temperature, top_k=top_k, top_p=top_p, **identity)
+                samples = point.numpy()[:, None] + (sampled.samples - sampled.forecast[:, None])
+            return ForecastResult(forecast=point.numpy(), samples=samples, codes=context_ids[:, None].numpy())
         new_steps = -(-horizon // self.window_size)
         codes = self.rollout(
             context_ids,
@@ -208,7 +264,7 @@ def evaluate_forecasting(
     dataset,
     context_frames: int = 40,
     batch_size: int = 8,
-    mode: str = "greedy",
+    mode: str | None = None,
     num_samples: int = 1,
     temperature: float = 1.0,
     max_trials: int | None = None,
@@ -222,6 +278,7 @@ def evaluate_forecasting(
     units.
     """
     window = forecaster.window_size
+    mode = default_forecast_mode(forecaster.model) if mode is None else mode
     if context_frames % window:
         raise ValueError(f"context_frames={context_frames} must be a multiple of the token window {window}.")
     rows = dataset if max_trials is None else dataset.select(range(min(max_trials, len(dataset))))
@@ -238,7 +295,7 @@ def evaluate_forecasting(
             )
         ids = torch.as_tensor(np.stack(list(batch["input_ids"])).astype(np.int64))[..., : context_frames // window]
         result = forecaster.forecast(
-            None,
+            values[..., :context_frames],
             horizon=frames - context_frames,
             context_ids=ids,
             neuron_ids=torch.as_tensor(np.stack(list(batch["neuron_ids"])).astype(np.int64)),
@@ -261,3 +318,83 @@ def evaluate_forecasting(
         metrics["truth"] = truth
         metrics["session_ids"] = session_ids
     return metrics
+
+
+@torch.no_grad()
+def trial_swap_probe(
+    model,
+    dataset,
+    context_frames: int = 40,
+    max_trials: int = 60,
+    block_neurons: int = 50,
+    seed: int = 0,
+) -> dict:
+    """Does the model use the other neurons' activity? Scores every neuron twice: with the true population, and
+    with every OTHER neuron's tokens taken from a different trial of the same session (its own tokens kept).
+
+    A model that forecasts each neuron from its own history and identity scores the same both ways; a model of
+    population dynamics loses accuracy when the population comes from another trial. Neurons are scored in blocks
+    of `block_neurons` (the block keeps its true tokens, everything else is swapped) to bound the cost.
+
+    Each row needs `input_values` (neurons, frames), `input_ids`, `neuron_ids`, `session_id`.
+
+    Returns:
+        `dict` with `next_token_ce` / `next_token_ce_swapped` (teacher-forced, nats) and, for models with a
+        continuous head, `pearson_r` / `pearson_r_swapped` and `mse` / `mse_swapped` of the direct forecast of
+        the frames after `context_frames`, plus `trials`.
+    """
+    import torch.nn.functional as F
+
+    model = model.eval()
+    rows = dataset.select(range(min(max_trials, len(dataset)))).with_format(
+        "numpy", columns=["input_values", "input_ids", "neuron_ids", "session_id"]
+    )
+    values = np.stack(list(rows["input_values"])).astype(np.float32)
+    ids = torch.as_tensor(np.stack(list(rows["input_ids"])).astype(np.int64))
+    neuron_ids = torch.as_tensor(np.stack(list(rows["neuron_ids"])).astype(np.int64))
+    sessions = np.asarray(rows["session_id"], dtype=np.int64)
+    trials, neurons, steps = ids.shape
+    rng = np.random.default_rng(seed)
+    partner = np.empty(trials, dtype=np.int64)
+    for i in range(trials):
+        same = np.flatnonzero((sessions == sessions[i]) & (np.arange(trials) != i))
+        if not len(same):
+            raise ValueError(f"trial {i} has no other trial of its session among the first {trials}; raise max_trials.")
+        partner[i] = rng.choice(same)
+    session_ids = torch.as_tensor(sessions)
+    context_steps = context_frames // model.config.window_size
+    has_head = getattr(model, "value_head", None) is not None
+    horizon = values.shape[-1] - context_frames
+
+    def run(grid: torch.Tensor, keep: slice):
+        out = model(input_ids=grid, neuron_ids=neuron_ids, session_ids=session_ids, use_cache=False, return_dict=True)
+        logits = out.logits[:, keep, :-1].float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, keep, 1:].reshape(-1), reduction="sum")
+        pred = None
+        if has_head:
+            pred = out.value_predictions[:, keep, context_steps - 1, :horizon].float().numpy()
+        return float(ce), pred
+
+    results = {}
+    for label, swapped in (("", False), ("_swapped", True)):
+        ce_total, preds = 0.0, np.zeros((trials, neurons, max(horizon, 0)), dtype=np.float32)
+        for start in range(0, neurons, block_neurons):
+            keep = slice(start, min(start + block_neurons, neurons))
+            grid = ids
+            if swapped:
+                grid = ids[partner].clone()
+                grid[:, keep] = ids[:, keep]
+            ce, pred = run(grid, keep)
+            ce_total += ce
+            if pred is not None:
+                preds[:, keep, : pred.shape[-1]] = pred
+        results[f"next_token_ce{label}"] = ce_total / ids[:, :, 1:].numel()
+        if has_head:
+            truth = values[..., context_frames:]
+            chunk = min(horizon, model.config.value_head_steps * model.config.window_size)
+            results[f"pearson_r{label}"] = float(
+                forecast_pearson_r(preds[..., :chunk], truth[..., :chunk], session_ids=sessions)["pearson_r"]
+            )
+            results[f"mse{label}"] = float(mse(preds[..., :chunk], truth[..., :chunk]))
+    results["trials"] = int(trials)
+    return results

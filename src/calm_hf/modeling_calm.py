@@ -65,6 +65,14 @@ class CalmCausalNeuralModelingOutput(ModelOutput):
             Hidden states of the backbone.
         scheduled_sampling_applied (`torch.BoolTensor` of shape `()`, *optional*):
             Whether this training batch had a block of inputs replaced by the model's own predictions.
+        next_token_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Next-token cross-entropy (returned when `labels` is given).
+        value_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            MSE of the continuous forecast head over every available future frame (returned when `value_labels` is
+            given).
+        value_predictions (`torch.FloatTensor` of shape `(batch, neurons, token_steps, value_head_steps * window_size)`, *optional*):
+            Forecast of the next `value_head_steps * window_size` frames (z-scored) made at every token step; `None`
+            without a continuous head.
     """
 
     loss: torch.FloatTensor | None = None
@@ -72,6 +80,9 @@ class CalmCausalNeuralModelingOutput(ModelOutput):
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     scheduled_sampling_applied: torch.BoolTensor | None = None
+    next_token_loss: torch.FloatTensor | None = None
+    value_loss: torch.FloatTensor | None = None
+    value_predictions: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -249,8 +260,38 @@ class CalmMLP(nn.Module):
         return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
 
 
+class CalmNeuronMixer(nn.Module):
+    """Linear population mixing across neurons: a learned low-rank linear map from all neurons' activity to each one.
+
+    `out[i] = W_o sum_j (q_i . k_j) v_j / n_real`, with `q`, `k` projections of the identity (neuron + session
+    embedding) and `v` of the activity. Computed factored, `z = K^T V` then `Q z`, so cost and memory are linear in
+    neurons. Padded neurons (mask False) contribute nothing.
+    """
+
+    def __init__(self, config: CalmConfig) -> None:
+        super().__init__()
+        rank = config.neuron_mixer_rank
+        self.norm = CalmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.query = nn.Linear(config.hidden_size, rank, bias=False)
+        self.key = nn.Linear(config.hidden_size, rank, bias=False)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, identity_states: torch.Tensor, neuron_weight: torch.Tensor
+    ) -> torch.Tensor:
+        # hidden_states (batch, neurons, steps, hidden); identity_states (batch, neurons, hidden);
+        # neuron_weight (batch, neurons): 1/n_real for real neurons, 0 for padding
+        keys = self.key(identity_states) * neuron_weight[:, :, None]  # (batch, neurons, rank)
+        values = self.value(self.norm(hidden_states))  # (batch, neurons, steps, hidden)
+        summary = torch.einsum("bnr,bnth->btrh", keys, values)  # (batch, steps, rank, hidden): population state
+        mixed = torch.einsum("bnr,btrh->bnth", self.query(identity_states), summary)
+        return self.o_proj(mixed)
+
+
 class CalmDualAxisLayer(nn.Module):
-    """Pre-norm layer: neuron-axis attention, then causal time-axis attention (RoPE), then FFN, each with a residual."""
+    """Pre-norm layer: neuron-axis attention (plus the optional linear neuron mixer), then causal time-axis attention
+    (RoPE), then FFN, each with a residual."""
 
     def __init__(self, config: CalmConfig, layer_idx: int) -> None:
         super().__init__()
@@ -260,6 +301,7 @@ class CalmDualAxisLayer(nn.Module):
         self.time_attn = CalmAttention(config, layer_idx, is_causal=True)
         self.ffn_norm = CalmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = CalmMLP(config)
+        self.mixer = CalmNeuronMixer(config) if config.neuron_mixer_rank > 0 else None
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
@@ -268,6 +310,8 @@ class CalmDualAxisLayer(nn.Module):
         neuron_attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
+        identity_states: torch.Tensor | None = None,
+        neuron_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch_size, num_neurons, num_steps, hidden_size = hidden_states.shape
 
@@ -276,6 +320,8 @@ class CalmDualAxisLayer(nn.Module):
         hidden = self.neuron_norm(hidden_states).transpose(1, 2).reshape(batch_size * num_steps, num_neurons, -1)
         hidden = self.neuron_attn(hidden, attention_mask=neuron_attention_mask)
         hidden = hidden.view(batch_size, num_steps, num_neurons, hidden_size).transpose(1, 2)
+        if self.mixer is not None:
+            hidden = hidden + self.mixer(hidden_states, identity_states, neuron_weight)
         hidden_states = residual + self.dropout(hidden)
 
         # (batch*neurons, steps, hidden): causal attention across time for each neuron
@@ -683,13 +729,14 @@ class CalmModel(CalmPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        # (batch, neurons, hidden): who each neuron is; added to every token and read by the neuron mixer
+        identity_states = self.neuron_embeddings(neuron_ids) + self.session_embeddings(session_ids)[:, None, :]
         # (batch, neurons, steps, hidden) = token + neuron identity + session identity
-        hidden_states = (
-            inputs_embeds
-            + self.neuron_embeddings(neuron_ids)[:, :, None, :]
-            + self.session_embeddings(session_ids)[:, None, None, :]
-        )
-        hidden_states = self.embed_dropout(hidden_states)
+        hidden_states = self.embed_dropout(inputs_embeds + identity_states[:, :, None, :])
+        neuron_weight = None
+        if config.neuron_mixer_rank > 0:
+            real = torch.ones(batch_size, num_neurons, device=device) if neuron_mask is None else neuron_mask.float()
+            neuron_weight = real / real.sum(dim=1, keepdim=True).clamp_min(1.0)
 
         neuron_attention_mask = None
         if neuron_mask is not None and not bool(neuron_mask.all()):
@@ -709,6 +756,8 @@ class CalmModel(CalmPreTrainedModel):
                 neuron_attention_mask=neuron_attention_mask,
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
+                identity_states=identity_states,
+                neuron_weight=neuron_weight,
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -738,6 +787,12 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = CalmModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # continuous forecast head: the next value_head_steps windows of raw (z-scored) trace from every position
+        self.value_head = (
+            nn.Linear(config.hidden_size, config.value_head_steps * config.window_size)
+            if config.value_head_steps > 0
+            else None
+        )
         # (vocab, k) nearest codebook neighbours by cosine similarity; -1 = not set (see set_codebook_neighbors)
         self.register_buffer(
             "codebook_neighbors", torch.full((config.vocab_size, config.neighbor_k), -1, dtype=torch.long)
@@ -846,6 +901,7 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         session_ids: torch.LongTensor | None = None,
         neuron_mask: torch.BoolTensor | None = None,
         labels: torch.LongTensor | None = None,
+        value_labels: torch.FloatTensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -867,6 +923,9 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch, neurons, token_steps)`, *optional*):
                 Usually `input_ids`; shifted inside (logits at step t are scored against labels at t+1). -100 is
                 ignored.
+            value_labels (`torch.FloatTensor` of shape `(batch, neurons, token_steps * window_size)`, *optional*):
+                The z-scored traces the codes were made from. The continuous head at step t is scored (MSE) on the
+                `value_head_steps * window_size` frames after that step's window, as far as the trial reaches.
             past_key_values (`Cache`, *optional*): time-axis KV cache.
             use_cache (`bool`, *optional*): return the KV cache.
             output_hidden_states (`bool`, *optional*): return the backbone's hidden states.
@@ -915,20 +974,19 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, :, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
 
+        value_predictions = self.value_head(hidden_states) if self.value_head is not None else None
+        if (labels is not None or value_labels is not None) and logits_to_keep:
+            raise ValueError("labels cannot be combined with logits_to_keep; use logits_to_keep=0 for training.")
+        next_token_loss = self.next_token_loss(logits, labels, neuron_mask) if labels is not None else None
+        value_loss = None
+        if value_labels is not None:
+            value_loss = self.value_loss(value_predictions, value_labels, neuron_mask)
         loss = None
-        if labels is not None:
-            if logits_to_keep:
-                raise ValueError("labels cannot be combined with logits_to_keep; use logits_to_keep=0 for training.")
-            if labels.shape != logits.shape[:-1]:
-                raise ValueError(
-                    f"labels must have the shape of input_ids {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}."
-                )
-            if neuron_mask is not None:
-                labels = labels.masked_fill(~neuron_mask.to(labels.device).bool()[:, :, None], -100)
-            # logits at t predict t+1; cross-entropy in float32 (bf16 autocast safe)
-            shift_logits = logits[:, :, :-1].float().reshape(-1, self.config.vocab_size)
-            shift_labels = labels[:, :, 1:].reshape(-1).to(shift_logits.device)
-            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        if next_token_loss is not None or value_loss is not None:
+            config = self.config
+            terms = [config.next_token_loss_weight * next_token_loss] if next_token_loss is not None else []
+            terms += [config.value_loss_weight * value_loss] if value_loss is not None else []
+            loss = sum(terms)
 
         if flat_batch is not None:
             logits = logits.reshape(flat_batch, logits.shape[2], logits.shape[3])
@@ -939,8 +997,82 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             scheduled_sampling_applied=scheduled_sampling_applied,
+            next_token_loss=next_token_loss,
+            value_loss=value_loss,
+            value_predictions=value_predictions,
         )
         return output if return_dict else output.to_tuple()
+
+    def next_token_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, neuron_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Cross-entropy of logits at step t against labels at t+1 (float32; -100 and padded neurons ignored)."""
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}."
+            )
+        if neuron_mask is not None:
+            labels = labels.masked_fill(~neuron_mask.to(labels.device).bool()[:, :, None], -100)
+        shift_logits = logits[:, :, :-1].float().reshape(-1, self.config.vocab_size)
+        shift_labels = labels[:, :, 1:].reshape(-1).to(shift_logits.device)
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+    def value_loss(
+        self, value_predictions: torch.Tensor | None, value_labels: torch.Tensor, neuron_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """MSE of the continuous head: the prediction made at step t against frames `[(t+1)L, (t+1+K)L)` of the
+        trace, over the frames that exist (the tail of each trial has fewer) and real neurons only."""
+        if value_predictions is None:
+            raise ValueError("value_labels were given but the model has no continuous head (config.value_head_steps=0).")
+        batch_size, num_neurons, num_steps, horizon = value_predictions.shape
+        window = self.config.window_size
+        if value_labels.shape != (batch_size, num_neurons, num_steps * window):
+            raise ValueError(
+                f"value_labels must be the z-scored traces (batch, neurons, token_steps * window_size) = "
+                f"{(batch_size, num_neurons, num_steps * window)}, got {tuple(value_labels.shape)}."
+            )
+        frames = num_steps * window
+        # (steps, horizon) frame index predicted by step t, offset k: (t + 1) * L + k
+        target_index = (torch.arange(num_steps, device=value_labels.device)[:, None] + 1) * window + torch.arange(
+            horizon, device=value_labels.device
+        )
+        valid = (target_index < frames).to(value_predictions.dtype)
+        targets = value_labels.float()[:, :, target_index.clamp_max(frames - 1)]  # (batch, neurons, steps, horizon)
+        weight = valid.expand(batch_size, num_neurons, num_steps, horizon)
+        if neuron_mask is not None:
+            weight = weight * neuron_mask.to(value_predictions.dtype)[:, :, None, None]
+        squared = (value_predictions.float() - targets).pow(2) * weight
+        return squared.sum() / weight.sum().clamp_min(1.0)
+
+    @torch.no_grad()
+    def forecast_values(
+        self,
+        input_ids: torch.LongTensor,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+    ) -> torch.FloatTensor:
+        r"""
+        Point forecast of the continuous head: the conditional mean of the next `value_head_steps * window_size`
+        frames after the context, in z-scored units, from one forward pass (no token rollout, so no drift).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`): context codes.
+            neuron_ids, session_ids, neuron_mask: as in `forward`.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, neurons, value_head_steps * window_size)`.
+        """
+        if self.value_head is None:
+            raise ValueError(
+                "This checkpoint has no continuous forecast head (config.value_head_steps=0); forecast by token "
+                "rollout instead (generate / CalmForecaster with mode='greedy', 'mean' or 'soft')."
+            )
+        outputs = self(
+            input_ids=input_ids, neuron_ids=neuron_ids, session_ids=session_ids, neuron_mask=neuron_mask,
+            use_cache=False, logits_to_keep=1, return_dict=True,
+        )
+        return outputs.value_predictions[:, :, -1].float()
 
     # -- generation ---------------------------------------------------------------------------------------------------
 

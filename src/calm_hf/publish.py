@@ -20,7 +20,7 @@ import torch
 from .baselines.forecasting import MeanForecaster, RidgeARForecaster
 from .cards import render_dataset_card, render_model_card, render_tokenizer_card
 from .data import load_session_metadata
-from .forecasting import CalmForecaster, evaluate_forecasting
+from .forecasting import CalmForecaster, evaluate_forecasting, trial_swap_probe
 from .metrics.functional import forecast_pearson_r, mse
 from .modeling_calm import CalmForCausalNeuralModeling
 from .modeling_calm_tokenizer import CalmTokenizer
@@ -60,7 +60,8 @@ def baseline_scores(corpus: datasets.DatasetDict, context_frames: int, max_trial
 
 def forecast_figure(forecaster: CalmForecaster, split: datasets.Dataset, path: Path, context_frames: int,
                     num_samples: int, frame_rate: float, num_neurons: int = 4, seed: int = 0) -> None:
-    """PNG: context, truth and forecast (mean of sampled rollouts with a 5-95% band) for a few neurons."""
+    """PNG: context, truth and forecast (the continuous head's conditional mean, or the mean of sampled rollouts for
+    checkpoints without it, with a 5-95% band of sampled futures) and a greedy rollout, for a few neurons."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,11 +72,11 @@ def forecast_figure(forecaster: CalmForecaster, split: datasets.Dataset, path: P
     ids = torch.as_tensor(np.asarray(row["input_ids"], dtype=np.int64))[None, :, : context_frames // forecaster.window_size]
     horizon = values.shape[-1] - context_frames
     torch.manual_seed(seed)
+    mode = "direct" if forecaster.model.value_head is not None else ("mean" if num_samples > 1 else "greedy")
     result = forecaster.forecast(
-        None, horizon=horizon, context_ids=ids,
+        values[None, :, :context_frames], horizon=horizon, context_ids=ids,
         neuron_ids=torch.as_tensor(np.asarray(row["neuron_ids"], dtype=np.int64))[None],
-        session_ids=torch.as_tensor([int(row["session_id"])]), mode="mean" if num_samples > 1 else "greedy",
-        num_samples=num_samples,
+        session_ids=torch.as_tensor([int(row["session_id"])]), mode=mode, num_samples=num_samples,
     )
     greedy = forecaster.forecast(
         None, horizon=horizon, context_ids=ids,
@@ -93,7 +94,8 @@ def forecast_figure(forecaster: CalmForecaster, split: datasets.Dataset, path: P
         if result.samples is not None:
             low, high = np.quantile(result.samples[0, :, neuron], [0.05, 0.95], axis=0)
             ax.fill_between(future, low, high, color="tab:red", alpha=0.2, lw=0, label="5-95% of samples")
-            ax.plot(future, result.forecast[0, neuron], color="tab:red", lw=1.2, label="sample mean")
+        point_label = "CalM forecast (conditional mean)" if mode == "direct" else "sample mean"
+        ax.plot(future, result.forecast[0, neuron], color="tab:red", lw=1.2, label=point_label)
         ax.plot(future, greedy[neuron], color="tab:blue", lw=1.0, ls="--", label="greedy")
         ax.axvline(time[context_frames], color="0.3", lw=0.6, ls=":")
         ax.set_ylabel(f"neuron {neuron}\n(z)")
@@ -140,13 +142,19 @@ def write_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_f
     test = corpus["test"]
 
     torch.manual_seed(0)
-    greedy = evaluate_forecasting(forecaster, test, context_frames=context_frames, max_trials=eval_trials)
+    direct = None
+    if model.value_head is not None:  # the default forecast: the continuous head's conditional mean
+        direct = evaluate_forecasting(forecaster, test, context_frames=context_frames, max_trials=eval_trials,
+                                      mode="direct")
+    greedy = evaluate_forecasting(forecaster, test, context_frames=context_frames, max_trials=eval_trials,
+                                  mode="greedy")
     # Sampled rollouts cost num_samples greedy ones: the sample mean is scored on the first test trials only.
     sample_trials = min(len(test), eval_trials or SAMPLED_EVAL_TRIALS)
     sampled = evaluate_forecasting(forecaster, test, context_frames=context_frames, max_trials=sample_trials,
                                    mode="mean", num_samples=SAMPLED_EVAL_SAMPLES)
     baselines = baseline_scores(corpus, context_frames, eval_trials)
     metrics = {
+        **({"forecast_pearson_r_direct": direct["pearson_r"], "forecast_mse_direct": direct["mse"]} if direct else {}),
         "forecast_pearson_r_greedy": greedy["pearson_r"],
         "forecast_mse_greedy": greedy["mse"],
         f"forecast_pearson_r_sample_mean_{SAMPLED_EVAL_SAMPLES}x_first_{sample_trials}_trials": sampled["pearson_r"],
@@ -165,6 +173,9 @@ def write_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_f
     metrics["tokenizer_reconstruction_pearson_r"] = float(
         forecast_pearson_r(recon, values[..., : recon.shape[-1]])["pearson_r"]
     )
+    # population use: the same trials with every other neuron's tokens taken from another trial of the session
+    probe = trial_swap_probe(model, test, context_frames=context_frames, max_trials=min(num_test, 60))
+    metrics.update({f"trial_swap_{key}": value for key, value in probe.items() if key != "trials"})
 
     staging = model_dir.with_name(model_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

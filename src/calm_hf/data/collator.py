@@ -73,17 +73,22 @@ class CalmDataCollator:
             their ids); reproducible from `seed` and the call counter.
         seed (`int`, *optional*, defaults to 0): seed of the neuron subsets.
         label_pad (`int`, *optional*, defaults to -100): label at padded neurons (ignored by the loss).
+        with_values (`bool`, *optional*, defaults to `False`): also batch the rows' z-scored `input_values`
+            `(neurons, frames)` as `value_labels` (same neuron subset, zero at padded neurons), the targets of the
+            continuous forecast head (`CalmConfig.value_head_steps > 0`).
 
     Returns (on call) a dict of tensors:
         `input_ids` long `(batch, max_neurons_in_batch, token_steps)` (padding 0), `labels` the same with
         `label_pad` at padded neurons (the model shifts them), `neuron_ids` long `(batch, neurons)` (padding 0),
         `neuron_mask` bool `(batch, neurons)` (True = real), `session_ids` long `(batch,)`, and
-        `behavior_labels` float `(batch, channels, frames)` when rows carry `behavior`.
+        `behavior_labels` float `(batch, channels, frames)` when rows carry `behavior`, and `value_labels` float
+        `(batch, neurons, frames)` with `with_values=True`.
     """
 
-    def __init__(self, max_neurons: int | None = None, seed: int = 0, label_pad: int = -100):
+    def __init__(self, max_neurons: int | None = None, seed: int = 0, label_pad: int = -100, with_values: bool = False):
         self.sampler = _NeuronSampler(max_neurons, seed)
         self.label_pad = int(label_pad)
+        self.with_values = bool(with_values)
 
     @property
     def max_neurons(self) -> int | None:
@@ -97,7 +102,7 @@ class CalmDataCollator:
         if not features:
             raise ValueError("CalmDataCollator got an empty list of rows.")
         rng = self.sampler.next_rng(features)
-        grids, ids, sessions, behaviors = [], [], [], []
+        grids, ids, sessions, behaviors, values = [], [], [], [], []
         for row in features:
             if "input_ids" not in row:
                 raise ValueError(
@@ -113,9 +118,25 @@ class CalmDataCollator:
                 raise ValueError(
                     f"Row has {grid.shape[0]} neurons in input_ids but {neuron_ids.shape[0]} neuron_ids; they must match."
                 )
+            trace = None
+            if self.with_values:
+                if row.get("input_values") is None:
+                    raise ValueError(
+                        "with_values=True needs rows with 'input_values' (neurons, frames): keep that column of the "
+                        "tokenized dataset (it holds the z-scored traces the codes were made from)."
+                    )
+                trace = _as_array(row["input_values"], "input_values", 2).astype(np.float32)
+                if trace.shape[0] != grid.shape[0] or trace.shape[1] < grid.shape[1]:
+                    raise ValueError(
+                        f"input_values {trace.shape} do not match input_ids {grid.shape}: expected (neurons, "
+                        "token_steps * window_size) frames of the same trial."
+                    )
             if self.max_neurons is not None and grid.shape[0] > self.max_neurons:
                 keep = self.sampler.subset(rng, grid.shape[0], self.max_neurons)
                 grid, neuron_ids = grid[keep], neuron_ids[keep]
+                trace = None if trace is None else trace[keep]
+            if trace is not None:
+                values.append(trace)
             grids.append(grid)
             ids.append(neuron_ids)
             session = row.get("session_id", 0)
@@ -149,6 +170,14 @@ class CalmDataCollator:
             "neuron_mask": neuron_mask,
             "session_ids": torch.tensor(sessions, dtype=torch.long),
         }
+        if values:
+            frames = {trace.shape[1] for trace in values}
+            if len(frames) != 1:
+                raise ValueError(f"Rows have input_values of different lengths {sorted(frames)}; crop trials first.")
+            value_labels = torch.zeros(batch_size, max_neurons, frames.pop())
+            for i, trace in enumerate(values):
+                value_labels[i, : trace.shape[0]] = torch.from_numpy(trace)
+            batch["value_labels"] = value_labels
         if behaviors:
             shapes = {b.shape for b in behaviors}
             if len(shapes) != 1:

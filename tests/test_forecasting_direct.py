@@ -1,0 +1,97 @@
+"""The continuous-head forecast path (issue 9): collator value targets, direct forecasts, the trial-swap probe."""
+
+import numpy as np
+import pytest
+import torch
+from datasets import Array2D, Dataset, Features, Sequence, Value
+
+from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer, CalmTokenizerConfig
+from calm_hf.data import CalmDataCollator
+from calm_hf.forecasting import CalmForecaster, default_forecast_mode, evaluate_forecasting, trial_swap_probe
+
+
+def make_pair(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", num_neurons=64, **overrides)).eval()
+    tokenizer = CalmTokenizer(CalmTokenizerConfig.from_preset("tiny")).eval()
+    return model, tokenizer
+
+
+def tokenized_rows(trials=6, neurons=5, frames=48, sessions=(0, 1)):
+    rng = np.random.default_rng(0)
+    model, tokenizer = make_pair()
+    values = rng.standard_normal((trials, neurons, frames)).astype(np.float32)
+    with torch.no_grad():
+        ids = tokenizer.encode(torch.from_numpy(values)).codes.numpy().astype(np.int16)
+    session = np.array([sessions[i % len(sessions)] for i in range(trials)])
+    features = Features({
+        "input_values": Array2D((None, frames), "float32"), "input_ids": Array2D((None, frames // 4), "int16"),
+        "neuron_ids": Sequence(Value("int32")), "session_id": Value("int32"),
+    })
+    return Dataset.from_dict({
+        "input_values": list(values), "input_ids": list(ids),
+        "neuron_ids": [list(range(s * neurons, (s + 1) * neurons)) for s in session], "session_id": session.tolist(),
+    }, features=features)
+
+
+def test_collator_batches_value_labels_with_the_same_neuron_subset():
+    rows = [{"input_ids": np.arange(6 * 3).reshape(6, 3) % 16, "input_values": np.arange(6 * 12, dtype=np.float32).reshape(6, 12),
+             "neuron_ids": np.arange(6), "session_id": 0},
+            {"input_ids": np.zeros((4, 3), dtype=np.int64), "input_values": np.ones((4, 12), dtype=np.float32),
+             "neuron_ids": np.arange(10, 14), "session_id": 1}]
+    batch = CalmDataCollator(max_neurons=3, seed=1, with_values=True)(rows)
+    assert batch["value_labels"].shape == (2, 3, 12)
+    # the kept neurons' values are exactly their own rows
+    for kept, local in zip(batch["neuron_ids"][0].tolist(), range(3)):
+        np.testing.assert_array_equal(batch["value_labels"][0, local].numpy(), rows[0]["input_values"][kept])
+    assert "value_labels" not in CalmDataCollator()(rows)
+    with pytest.raises(ValueError, match="input_values"):
+        CalmDataCollator(with_values=True)([{"input_ids": np.zeros((2, 3), dtype=np.int64)}])
+
+
+def test_direct_is_the_default_for_models_with_the_head_and_covers_long_horizons():
+    model, tokenizer = make_pair()
+    assert default_forecast_mode(model) == "direct"
+    assert default_forecast_mode(make_pair(value_head_steps=0)[0]) == "greedy"
+    forecaster = CalmForecaster(model, tokenizer)
+    context = torch.randn(2, 5, 24)
+    chunk = model.config.value_head_steps * 4
+    result = forecaster.forecast(context, horizon=chunk)
+    codes = forecaster.tokenize(context)
+    np.testing.assert_allclose(result.forecast, model.forecast_values(codes).numpy(), rtol=1e-6, atol=1e-6)
+    # beyond one chunk: the first chunk is unchanged, the rest continues from the re-tokenized forecast
+    longer = forecaster.forecast(context, horizon=2 * chunk + 3)
+    assert longer.forecast.shape == (2, 5, 2 * chunk + 3) and np.isfinite(longer.forecast).all()
+    np.testing.assert_allclose(longer.forecast[..., :chunk], result.forecast, rtol=1e-6, atol=1e-6)
+    # sampled futures are centred on the direct forecast
+    torch.manual_seed(0)
+    sampled = forecaster.forecast(context, horizon=chunk, num_samples=4)
+    assert sampled.samples.shape == (2, 4, 5, chunk)
+    np.testing.assert_allclose(sampled.samples.mean(axis=1), sampled.forecast, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mode"):
+        forecaster.forecast(context, horizon=4, mode="best")
+
+
+def test_evaluate_forecasting_defaults_to_direct():
+    model, tokenizer = make_pair()
+    rows = tokenized_rows()
+    forecaster = CalmForecaster(model, tokenizer)
+    direct = evaluate_forecasting(forecaster, rows, context_frames=24, return_predictions=True)
+    explicit = evaluate_forecasting(forecaster, rows, context_frames=24, mode="direct", return_predictions=True)
+    np.testing.assert_array_equal(direct["predictions"], explicit["predictions"])
+    greedy = evaluate_forecasting(forecaster, rows, context_frames=24, mode="greedy", return_predictions=True)
+    assert not np.allclose(direct["predictions"], greedy["predictions"])
+
+
+def test_trial_swap_probe_changes_only_with_population_coupling():
+    rows = tokenized_rows(trials=8)
+    coupled, _ = make_pair()
+    probe = trial_swap_probe(coupled, rows, context_frames=24, block_neurons=2)
+    assert {"next_token_ce", "next_token_ce_swapped", "pearson_r", "pearson_r_swapped", "mse", "mse_swapped"} <= set(probe)
+    assert probe["mse"] != probe["mse_swapped"]
+    # a model without any cross-neuron path (no neuron attention effect, no mixer) cannot notice the swap:
+    # with one neuron per block and block_neurons >= neurons nothing is swapped, so both scores agree exactly
+    same = trial_swap_probe(coupled, rows, context_frames=24, block_neurons=5)
+    assert same["mse"] == pytest.approx(same["mse_swapped"])
+    with pytest.raises(ValueError, match="no other trial"):
+        trial_swap_probe(coupled, rows.select([0, 1]), context_frames=24, max_trials=2)
