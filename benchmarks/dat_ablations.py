@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Why the dual-axis transformer forecast like a per-neuron model, and what fixed it: ablations + learning curves.
 
-    python benchmarks/dat_ablations.py                       # every row, 8 minutes of training each (~55 min)
+    python benchmarks/dat_ablations.py                       # the ablation rows, 8 minutes of training each (~55 min)
+    python benchmarks/dat_ablations.py --rows head_mixer_long --minutes 4 --out benchmarks/results/long  # 16 min curve
     python benchmarks/dat_ablations.py --rows ce_only,head,head_mixer --minutes 5
     python benchmarks/dat_ablations.py --quick --out /tmp/abl   # seconds-long smoke version
 
@@ -56,7 +57,10 @@ ROWS: dict[str, tuple[str, dict, dict]] = {
     "head_mixer_small": ("default at a smaller size (hidden 64, 2 layers)",
                          {"value_head_steps": 15, "neuron_mixer_rank": 64, "hidden_size": 64, "num_hidden_layers": 2,
                           "intermediate_size": 256}, {}),
+    "head_mixer_long": ("default trained 4x longer (learning curve)",
+                        {"value_head_steps": 15, "neuron_mixer_rank": 64}, {"minutes_factor": 4.0}),
 }
+DEFAULT_ROWS = "ce_only,head,head_mixer,head_mixer_subset64,head_mixer_augment,head_mixer_small"
 
 
 def log(message: str) -> None:
@@ -121,6 +125,7 @@ class Row:
         description, overrides, training = ROWS[name]
         self.description = description
         self.neurons_per_example = training.get("neurons", data["train"].shape[1])
+        self.minutes = args.minutes * training.get("minutes_factor", 1.0)
         self.num_neurons = data["train"].shape[1]
         config = dict(vocab_size=args.codes, num_neurons=3 * self.num_neurons, num_sessions=3, window_size=WINDOW,
                       hidden_dropout=0.0, scheduled_sampling_prob=0.0, neighbor_replacement_prob=0.0)
@@ -231,7 +236,7 @@ class Row:
         modes = ["direct"] if self.config.value_head_steps > 0 else ["expected", "greedy"]
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
         rng = np.random.default_rng(args.seed)
-        budget, curve, step = args.minutes * 60.0, [], 0
+        budget, curve, step = self.minutes * 60.0, [], 0
         start = last_eval = time.perf_counter()
         model.train()
         while (elapsed := time.perf_counter() - start) < budget:
@@ -277,6 +282,7 @@ def write_markdown(results: dict, path: Path) -> None:
         "# DAT ablations and learning curves (validation split, simulated benchmark)",
         "",
         f"Same data, same k-means tokens, {results['settings']['minutes']} min of 1-thread fp32 training per row "
+        "(the `_long` row: 4x) "
         f"(batch {results['settings']['batch']} trials). Forecast: 40 frames of context -> 60 frames. "
         "`python benchmarks/dat_ablations.py` (see its docstring).",
         "",
@@ -325,7 +331,7 @@ def write_figure(results: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {list(ROWS)}")
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma list of {list(ROWS)}")
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget per row (wall clock)")
     parser.add_argument("--batch", type=int, default=4, help="trials per step")
     parser.add_argument("--lr", type=float, default=3e-3)
