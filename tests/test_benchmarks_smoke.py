@@ -1,8 +1,9 @@
 """Smoke run of the forecasting benchmark suite (benchmarks/forecasting.py) on tiny data and tiny configs.
 
-One `--size tiny --ablations` run of every dataset (sim, zebrafish when the recording is present, heldout) and every
-model: every model trains, every table and the figure are written, metrics are finite, the reported Pearson r and MSE
-match a direct numpy computation on the arrays the benchmark scored, and the time budgets really stop training.
+One `--size tiny --ablations` run of every dataset (sim, zebrafish and park when the recordings are present, heldout)
+and every model: every model trains, every table and the figure are written, metrics are finite, the reported Pearson
+r and MSE match a direct numpy computation on the arrays the benchmark scored (also for park's sessions of different
+sizes), band calibration and the trial-swap probe are reported, and the time budgets really stop training.
 """
 
 import importlib.util
@@ -49,16 +50,17 @@ def _strict_json(path: Path) -> dict:
 def test_every_model_trains_with_finite_metrics(smoke):
     out, results = smoke
     written = _strict_json(out / "forecasting.json")
-    assert list(written["datasets"]) == ["sim", "zebrafish", "heldout"]
+    assert list(written["datasets"]) == ["sim", "zebrafish", "heldout", "park"]
     expected_calm = {
-        "sim": ["calm_greedy", "calm_sample_mean2", "calm_soft", "calm_no_scheduled_sampling_greedy",
-                "calm_no_scheduled_sampling_soft", "calm_no_neighbor_replacement_greedy",
-                "calm_no_neighbor_replacement_soft"],
-        "zebrafish": ["calm_greedy", "calm_sample_mean2", "calm_soft"],
-        "heldout": ["calm_adapted_greedy", "calm_adapted_sample_mean2", "calm_adapted_soft"],
+        "sim": ["calm_direct", "calm_greedy", "calm_sample_mean2", "calm_no_scheduled_sampling_direct",
+                "calm_no_scheduled_sampling_greedy", "calm_no_neighbor_replacement_direct",
+                "calm_no_neighbor_replacement_greedy"],
+        "zebrafish": ["calm_direct", "calm_greedy", "calm_sample_mean2"],
+        "heldout": ["calm_adapted_direct", "calm_adapted_greedy", "calm_adapted_sample_mean2"],
+        "park": ["calm_direct", "calm_greedy", "calm_sample_mean2"],
     }
     for name, dataset in written["datasets"].items():
-        if name == "zebrafish" and dataset["status"].startswith("skipped"):
+        if name in ("zebrafish", "park") and dataset["status"].startswith("skipped"):
             continue  # the real recording is absent on this machine: a clear message instead of numbers
         assert dataset["status"] == "ok", (name, dataset["status"])
         models = dataset["models"]
@@ -75,6 +77,15 @@ def test_every_model_trains_with_finite_metrics(smoke):
         for calm in expected_calm[name]:
             assert models[calm]["status"] == "ok", calm
             assert models[calm]["training"]["pretrain"]["max_steps"] >= 1
+        for calm in expected_calm[name][:3]:  # the main CalM of the dataset: probe on every variant, bands calibrated
+            probe = models[calm]["swap_probe"]
+            assert probe["status"] == "ok" and probe["trials"] >= 2, (name, calm, probe)
+            for key in ("next_token_ce", "next_token_ce_swapped", "pearson_r", "pearson_r_swapped"):
+                assert math.isfinite(probe[key]), (name, calm, key)
+        for calm in (expected_calm[name][0], expected_calm[name][2]):  # direct and sample-mean carry a band
+            calibration = models[calm]["calibration"]
+            assert calibration["num_samples"] == 2 and 0 <= calibration["coverage"] <= 1
+            assert math.isfinite(calibration["crps"]) and calibration["crps"] >= 0
         for model, entry in models.items():
             if entry["status"] != "ok":
                 continue
@@ -101,8 +112,10 @@ def test_every_model_trains_with_finite_metrics(smoke):
 def test_tables_and_figure_are_written(smoke):
     out, results = smoke
     markdown = (out / "forecasting.md").read_text()
-    for heading in ("Mean forecast Pearson r", "sim: per session", "sim: cost", "heldout: cost", "Peak memory"):
+    for heading in ("Mean forecast Pearson r", "sim: per session", "sim: cost", "heldout: cost", "Peak memory",
+                    "Forecast bands: calibration", "Trial-swap probe"):
         assert heading in markdown
+    assert "| sim | calm | " in markdown and "| heldout | calm_adapted | " in markdown  # one probe row per model
     for model in results["datasets"]["sim"]["models"]:
         assert f"| {model} |" in markdown
     if not bench.neuralforecast_available():
@@ -111,7 +124,7 @@ def test_tables_and_figure_are_written(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
-@pytest.mark.parametrize("model", ["ridge_ar", "tcn", "calm_greedy", "calm_sample_mean2"])
+@pytest.mark.parametrize("model", ["ridge_ar", "tcn", "calm_direct", "calm_greedy", "calm_sample_mean2"])
 def test_reported_metrics_match_direct_numpy(smoke, model):
     out, results = smoke
     arrays = np.load(out / "forecasting_predictions_sim.npz")
@@ -131,6 +144,57 @@ def test_reported_metrics_match_direct_numpy(smoke, model):
     for session, value in session_means.items():
         assert entry["per_session_pearson_r"][session] == pytest.approx(value, abs=1e-6)
     assert entry["mse"] == pytest.approx(np.mean((pred.astype(np.float64) - truth) ** 2), rel=1e-6)
+
+
+def test_park_metrics_match_direct_numpy_on_padded_sessions(smoke):
+    """Park's sessions have different neuron counts: arrays are zero-padded and only real neurons are scored."""
+    out, results = smoke
+    park = _strict_json(out / "forecasting.json")["datasets"]["park"]
+    if park["status"].startswith("skipped"):
+        pytest.skip(park["status"])
+    assert park["context_frames"] == 24 and park["rate_hz"] == 16.0
+    arrays = np.load(out / "forecasting_predictions_park.npz")
+    truth, sessions = arrays["truth"], arrays["session_ids"]
+    mask = arrays["neuron_mask"] if "neuron_mask" in arrays else np.ones(truth.shape[:2], dtype=bool)
+    assert truth.shape[-1] == 48 - 24
+    for model in ("ridge_ar", "calm_direct"):
+        pred = arrays[f"pred_{model}"]
+        session_means = []
+        for session in np.unique(sessions):
+            trial_means = []
+            for trial in np.flatnonzero(sessions == session):
+                real = np.flatnonzero(mask[trial])
+                neuron_r = [np.corrcoef(pred[trial, n], truth[trial, n])[0, 1] for n in real]
+                trial_means.append(np.mean([r for r in neuron_r if np.isfinite(r)]))
+            session_means.append(np.mean(trial_means))
+        entry = park["models"][model]
+        assert entry["pearson_r"] == pytest.approx(np.mean(session_means), abs=1e-6), model
+        squared = (pred.astype(np.float64) - truth) ** 2
+        assert entry["mse"] == pytest.approx(squared[mask].mean(), rel=1e-6), model
+
+
+def test_band_calibration_matches_brute_force():
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(3, 5, 4, 6))
+    truth = rng.normal(size=(3, 4, 6))
+    got = bench.band_calibration(samples, truth, point=samples.mean(axis=1))
+    pairs = np.abs(samples[:, :, None] - samples[:, None, :]).mean(axis=(1, 2))
+    crps = np.abs(samples - truth[:, None]).mean(axis=1) - 0.5 * pairs
+    assert got["crps"] == pytest.approx(crps.mean(), rel=1e-9)
+    lower, upper = np.quantile(samples, [0.05, 0.95], axis=1)
+    assert got["coverage"] == pytest.approx(np.mean((truth >= lower) & (truth <= upper)))
+    assert got["point_mae"] == pytest.approx(np.abs(samples.mean(axis=1) - truth).mean())
+    # a band around the truth covers it and has a lower CRPS than one far away
+    near = bench.band_calibration(truth[:, None] + rng.normal(scale=0.1, size=(3, 8, 4, 6)), truth)
+    far = bench.band_calibration(truth[:, None] + 3 + rng.normal(scale=0.1, size=(3, 8, 4, 6)), truth)
+    assert near["coverage"] > 0.8 and far["coverage"] == 0 and near["crps"] < far["crps"]
+    # padded neurons are not scored
+    mask = np.ones((3, 4), dtype=bool)
+    mask[:, 3] = False
+    padded = samples.copy()
+    padded[:, :, 3] = 100.0
+    assert bench.band_calibration(padded, truth, neuron_mask=mask)["crps"] == pytest.approx(
+        bench.band_calibration(samples[:, :, :3], truth[:, :3])["crps"])
 
 
 def test_time_budget_stops_trainer(tmp_path):
@@ -169,10 +233,12 @@ def test_time_budget_stops_trainer(tmp_path):
 
 
 def test_missing_real_data_is_skipped_with_a_message(tmp_path):
-    results = bench.main(["--size", "tiny", "--datasets", "zebrafish", "--models", "mean", "--out", str(tmp_path),
+    results = bench.main(["--size", "tiny", "--datasets", "zebrafish,park", "--models", "mean", "--out", str(tmp_path),
                           "--data_dir", str(tmp_path / "nowhere"), "--work_dir", str(tmp_path / "work")])
     status = results["datasets"]["zebrafish"]["status"]
     assert status.startswith("skipped: zebrafish recording not found") and "nowhere" in status
+    status = results["datasets"]["park"]["status"]
+    assert status.startswith("skipped: Park 2024 recordings not found") and "nowhere" in status
     assert "zebrafish" in (tmp_path / "forecasting.md").read_text()
     assert (tmp_path / "forecasting.png").is_file()
 
@@ -182,3 +248,6 @@ def test_bad_arguments_are_refused():
         bench.parse_args(["--models", "calm,prophet"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--datasets", "mars"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--calm_modes", "direct,beam"])
+    assert bench.parse_args([]).calm_modes == ["direct", "greedy", "mean"]

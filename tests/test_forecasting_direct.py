@@ -93,5 +93,5 @@ def test_trial_swap_probe_changes_only_with_population_coupling():
     # with one neuron per block and block_neurons >= neurons nothing is swapped, so both scores agree exactly
     same = trial_swap_probe(coupled, rows, context_frames=24, block_neurons=5)
     assert same["mse"] == pytest.approx(same["mse_swapped"])
-    with pytest.raises(ValueError, match="no other trial"):
+    with pytest.raises(ValueError, match="no session has two trials"):
         trial_swap_probe(coupled, rows.select([0, 1]), context_frames=24, max_trials=2)

@@ -346,7 +346,17 @@ def trial_swap_probe(
     import torch.nn.functional as F
 
     model = model.eval()
-    rows = dataset.select(range(min(max_trials, len(dataset)))).with_format(
+    # evenly spaced trials (splits are often grouped by session), keeping only sessions with at least two of them
+    chosen = np.unique(np.linspace(0, len(dataset) - 1, min(max_trials, len(dataset))).round().astype(int))
+    chosen_sessions = np.asarray(dataset.select(chosen.tolist())["session_id"])
+    counts = {s: int((chosen_sessions == s).sum()) for s in np.unique(chosen_sessions)}
+    chosen = [int(i) for i, s in zip(chosen, chosen_sessions) if counts[s] > 1]
+    if not chosen:
+        raise ValueError(
+            f"no session has two trials among the {min(max_trials, len(dataset))} probed: the probe swaps the population "
+            "with another trial of the same session; raise max_trials or give more trials."
+        )
+    rows = dataset.select(chosen).with_format(
         "numpy", columns=["input_values", "input_ids", "neuron_ids", "session_id"]
     )
     values = np.stack(list(rows["input_values"])).astype(np.float32)
@@ -358,8 +368,6 @@ def trial_swap_probe(
     partner = np.empty(trials, dtype=np.int64)
     for i in range(trials):
         same = np.flatnonzero((sessions == sessions[i]) & (np.arange(trials) != i))
-        if not len(same):
-            raise ValueError(f"trial {i} has no other trial of its session among the first {trials}; raise max_trials.")
         partner[i] = rng.choice(same)
     session_ids = torch.as_tensor(sessions)
     context_steps = context_frames // model.config.window_size

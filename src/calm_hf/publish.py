@@ -173,8 +173,14 @@ def write_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_f
     metrics["tokenizer_reconstruction_pearson_r"] = float(
         forecast_pearson_r(recon, values[..., : recon.shape[-1]])["pearson_r"]
     )
+    # error by position: a tokenizer used beyond its training length reconstructs the ends of a trial worse
+    window = model.config.window_size
+    per_window = ((recon - values[..., : recon.shape[-1]]) ** 2).reshape(*recon.shape[:2], -1, window).mean(axis=(0, 1, 3))
+    metrics["tokenizer_reconstruction_mse_first_window"] = float(per_window[0])
+    metrics["tokenizer_reconstruction_mse_middle_windows"] = float(per_window[1:-1].mean()) if len(per_window) > 2 else float(per_window.mean())
+    metrics["tokenizer_reconstruction_mse_last_window"] = float(per_window[-1])
     # population use: the same trials with every other neuron's tokens taken from another trial of the session
-    probe = trial_swap_probe(model, test, context_frames=context_frames, max_trials=min(num_test, 60))
+    probe = trial_swap_probe(model, test, context_frames=context_frames, max_trials=60)
     metrics.update({f"trial_swap_{key}": value for key, value in probe.items() if key != "trials"})
 
     staging = model_dir.with_name(model_dir.name + ".partial")
