@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -352,6 +353,26 @@ class CalmIdEmbedding(nn.Embedding):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _as_integer_tensor(values: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
+    """Accept integer codes/ids of any integer dtype (int16 is what `with_format("numpy")` gives for tokenized
+    datasets), as a tensor, numpy array or nested list, and return them as a long tensor; refuse everything else
+    (floats, bools, complex, objects) with a message instead of an indexing error deep inside an embedding."""
+    if not isinstance(values, torch.Tensor):
+        try:
+            values = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"{name} must be an integer tensor, numpy array or nested list of integers, got "
+                f"{type(values).__name__} ({error})."
+            ) from None
+    if values.dtype == torch.bool or values.dtype.is_floating_point or values.dtype.is_complex:
+        raise TypeError(
+            f"{name} must hold integers, got dtype {values.dtype}; "
+            + ("tokenize traces with CalmTokenizer.encode first." if name == "input_ids" else "pass integer ids.")
+        )
+    return values.to(device=device if device is not None else values.device, dtype=torch.long)
+
+
 def _as_id_tensor(ids: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
     if ids is None:
         return torch.zeros(0, dtype=torch.long)
@@ -552,7 +573,7 @@ class CalmModel(CalmPreTrainedModel):
         config = self.config
         if neuron_ids is None:
             neuron_ids = torch.arange(num_neurons, device=device).expand(batch_size, num_neurons)
-        neuron_ids = torch.as_tensor(neuron_ids, device=device)
+        neuron_ids = _as_integer_tensor(neuron_ids, "neuron_ids", device)
         if neuron_ids.dim() == 1:
             neuron_ids = neuron_ids.expand(batch_size, -1)
         if neuron_ids.shape != (batch_size, num_neurons):
@@ -568,12 +589,12 @@ class CalmModel(CalmPreTrainedModel):
             )
         if session_ids is None:
             session_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
-        session_ids = torch.as_tensor(session_ids, device=device)
+        session_ids = _as_integer_tensor(session_ids, "session_ids", device)
         if session_ids.dim() == 0:
             session_ids = session_ids.expand(batch_size)
         if session_ids.shape != (batch_size,):
             raise ValueError(f"session_ids must have shape (batch,) = ({batch_size},), got {tuple(session_ids.shape)}.")
-        if int(session_ids.min()) < 0 or int(session_ids.max()) >= config.num_sessions:
+        if session_ids.numel() and (int(session_ids.min()) < 0 or int(session_ids.max()) >= config.num_sessions):
             raise ValueError(
                 f"Unknown session id {session_ids.tolist()}: the model has num_sessions={config.num_sessions} "
                 f"(names: {config.session_names}); add the session with model.add_session(name, num_neurons)."
@@ -594,8 +615,11 @@ class CalmModel(CalmPreTrainedModel):
                 f"input_ids must be a (batch, neurons, token_steps) grid of codes, got shape {tuple(input_ids.shape)};"
                 " add the missing axes (e.g. input_ids[None] for one trial)."
             )
-        if input_ids.dtype.is_floating_point:
-            raise ValueError("input_ids must hold integer codes; tokenize traces with CalmTokenizer.encode first.")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(
+                f"input_ids must hold integer codes, got dtype {input_ids.dtype}; tokenize traces with "
+                "CalmTokenizer.encode first."
+            )
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(
                 f"input_ids contain codes in [{int(input_ids.min())}, {int(input_ids.max())}]: the tokenizer "
@@ -928,6 +952,7 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             # logits at t predict t+1; cross-entropy in float32 (bf16 autocast safe)
             shift_logits = logits[:, :, :-1].float().reshape(-1, self.config.vocab_size)
             shift_labels = labels[:, :, 1:].reshape(-1).to(shift_logits.device)
+            self._check_shifted_labels(shift_labels)
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
 
         if flat_batch is not None:
@@ -941,6 +966,27 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             scheduled_sampling_applied=scheduled_sampling_applied,
         )
         return output if return_dict else output.to_tuple()
+
+    def _check_shifted_labels(self, shift_labels: torch.Tensor) -> None:
+        """Out-of-vocabulary targets give an IndexError (or a device assert) inside cross_entropy, and a batch whose
+        targets are all -100 gives a NaN loss that poisons training: name both instead (one host sync)."""
+        if shift_labels.dtype.is_floating_point or shift_labels.dtype == torch.bool:
+            raise TypeError(f"labels must hold integer codes (or -100 to ignore), got dtype {shift_labels.dtype}.")
+        vocab_size = self.config.vocab_size
+        scored = shift_labels != -100
+        out_of_vocab = scored & ((shift_labels < 0) | (shift_labels >= vocab_size))
+        num_scored, num_bad = torch.stack([scored.sum(), out_of_vocab.sum()]).tolist()
+        if num_bad:
+            bad = shift_labels[out_of_vocab]
+            raise ValueError(
+                f"labels hold {num_bad} code(s) outside [0, {vocab_size}) and not -100 (e.g. {int(bad[0])}): use "
+                "codes from the tokenizer this model was built for, and -100 for targets to ignore."
+            )
+        if num_scored == 0:
+            raise ValueError(
+                "Every label is -100 (or masked by neuron_mask) after the one-step shift, so the loss would be NaN: "
+                "give at least 2 token steps and at least one real neuron with real labels."
+            )
 
     # -- generation ---------------------------------------------------------------------------------------------------
 
@@ -971,6 +1017,27 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             return kwargs[name]
         config = generation_config if generation_config is not None else self.generation_config
         return getattr(config, name, None)
+
+    def _check_generation_arguments(self, generation_config: GenerationConfig | None, kwargs: dict) -> None:
+        """Range-check the sampling arguments GenerationMixin accepts silently (top_p > 1 samples from the whole
+        vocabulary, a fractional max_new_tokens adds an extra step)."""
+        max_new_tokens = self._generation_setting("max_new_tokens", generation_config, kwargs)
+        if max_new_tokens is not None and (
+            isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        top_p = self._generation_setting("top_p", generation_config, kwargs)
+        if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1] (1 = no nucleus filtering), got {top_p!r}.")
+        top_k = self._generation_setting("top_k", generation_config, kwargs)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer (0 = no top-k filtering), got {top_k!r}.")
+        temperature = self._generation_setting("temperature", generation_config, kwargs)
+        do_sample = self._generation_setting("do_sample", generation_config, kwargs)
+        if do_sample and temperature is not None and not (
+            isinstance(temperature, numbers.Real) and 0.0 < temperature < float("inf")
+        ):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}; use greedy for argmax.")
 
     @torch.no_grad()
     def generate(
@@ -1006,12 +1073,17 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             input_ids = generate_kwargs.pop("inputs", None)
         if input_ids is None:
             raise ValueError("generate needs input_ids of shape (batch, neurons, token_steps): the context codes.")
+        input_ids = _as_integer_tensor(input_ids, "input_ids")
+        if input_ids.dim() == 3 and 0 in input_ids.shape:
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} (batch, neurons, token_steps) is empty: generate needs "
+                "at least 1 trial, 1 neuron and 1 token step (window_size frames) of context."
+            )
         self.model.validate_input_ids(input_ids)
         if generate_kwargs.get("inputs_embeds") is not None:
             raise ValueError("generate takes input_ids; for embedding feedback use model.rollout(..., mode='soft').")
         batch_size, num_neurons, num_steps = input_ids.shape
-        if num_steps < 1:
-            raise ValueError("The context must hold at least 1 token step; give at least window_size frames.")
+        self._check_generation_arguments(generation_config, generate_kwargs)
         neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
             batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
         )
@@ -1023,6 +1095,8 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         if num_return is None:
             config = generation_config if generation_config is not None else self.generation_config
             num_return = config.num_return_sequences or 1
+        if isinstance(num_return, bool) or not isinstance(num_return, numbers.Integral) or num_return < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}.")
         if generate_kwargs.get("max_length") is not None and generate_kwargs.get("max_new_tokens") is None:
             # max_length counts token steps of the grid; the default max_new_tokens would otherwise win
             generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length") - num_steps

@@ -481,18 +481,40 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
                 f"`input_values` has {frames} frames, not a multiple of window_size={window}; "
                 f"crop to {usable} frames, e.g. x[..., :{usable}]."
             )
-        if not torch.is_floating_point(input_values):
-            input_values = input_values.float()
+        if torch.is_complex(input_values) or input_values.dtype == torch.bool:
+            # a complex->real cast silently drops the imaginary part; booleans are masks, not traces
+            raise ValueError(
+                f"`input_values` must be a real float tensor of traces, got dtype {input_values.dtype}; pass e.g. "
+                "x.real.float() or x.abs().float() explicitly if that is what you mean."
+            )
+        source_finite = torch.isfinite(input_values)
+        # check finiteness *after* the cast: float64 values beyond the model dtype's range become +-inf there
+        input_values = input_values.to(self.dtype)
         finite = torch.isfinite(input_values)
         if not bool(finite.all()):
             batch_index, neuron_index, frame_index = (~finite).nonzero()[0].tolist()
             bad_count = int((~finite).sum())
+            overflow = bool(source_finite.all())
+            cause = f"value(s) beyond the range of {self.dtype}" if overflow else "NaN/Inf value(s)"
             raise ValueError(
-                f"`input_values` contains {bad_count} NaN/Inf value(s), first at batch index {batch_index}, neuron "
-                f"{neuron_index}, frame {frame_index}; interpolate or drop that neuron (or use torch.nan_to_num) "
-                "before tokenizing."
+                f"`input_values` contains {bad_count} {cause}, first at batch index {batch_index}, neuron "
+                f"{neuron_index}, frame {frame_index}; "
+                + ("z-score the traces first (encode expects per-neuron z-scored values)." if overflow else
+                   "interpolate or drop that neuron (or use torch.nan_to_num) before tokenizing.")
             )
-        return input_values.to(self.dtype)
+        return input_values
+
+    @staticmethod
+    def _check_encoder_states(latents: torch.Tensor, input_values: torch.Tensor) -> None:
+        """Huge but finite inputs (|x| ~ 1e30) overflow inside the encoder; nearest-code search on NaN/Inf states
+        returns code 0 everywhere, a silent wrong answer, so refuse them with the scale that caused it."""
+        if not bool(torch.isfinite(latents).all()):
+            peak = float(input_values.abs().max())
+            raise ValueError(
+                f"The encoder produced non-finite states for `input_values` with max |x| = {peak:.3g}: the traces "
+                "are far outside the z-scored range the tokenizer was trained on. Z-score each neuron first "
+                "(calm_hf.data.ZScoreStats) or use the neural-forecasting pipeline, which does it for you."
+            )
 
     def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
         if not isinstance(codes, torch.Tensor):
@@ -550,6 +572,7 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         batch, neurons, frames = input_values.shape
         # neurons are independent: fold them into the batch -> (batch*neurons, steps, hidden)
         latents = self.encoder(input_values.reshape(batch * neurons, frames))
+        self._check_encoder_states(latents, input_values)
         codes = self.quantizer.nearest_codes(latents)
         embeddings = F.embedding(codes, self.quantizer.codebook)
         codes = codes.reshape(batch, neurons, -1)
