@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -176,6 +178,18 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def eager_attention_max_bytes() -> int:
+    """Memory the eager attention may spend on its score matrices per call (env `CALM_EAGER_ATTENTION_MAX_GIB`,
+    default 4 GiB). Eager attention materialises (sequences, heads, length, length) float32 scores: across 20k
+    neurons that is ~370 GB, so larger calls are split over sequences, and refused when one sequence alone is too big."""
+    return int(float(os.environ.get("CALM_EAGER_ATTENTION_MAX_GIB", "4")) * 2**30)
+
+
+def eager_attention_bytes(num_sequences: int, num_heads: int, q_len: int, kv_len: int) -> int:
+    # scores in float32, the masked copy and the softmax output live at the same time: ~3 float32 matrices
+    return 3 * 4 * num_sequences * num_heads * q_len * kv_len
+
+
 class CalmAttention(nn.Module):
     """Multi-head self-attention over one axis of the grid, dispatched through transformers' attention interface.
 
@@ -225,18 +239,43 @@ class CalmAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=is_causal,
-        )
+        chunk = num_sequences
+        if attention_interface is eager_attention_forward:
+            chunk = self._eager_sequence_chunk(num_sequences, length, kv_len)
+        outputs = []
+        for start in range(0, num_sequences, chunk):
+            # a per-sequence mask (neuron axis: (sequences, 1, 1, neurons)) is split with the sequences
+            mask = attention_mask
+            if mask is not None and mask.dim() == 4 and mask.shape[0] == num_sequences and chunk < num_sequences:
+                mask = mask[start : start + chunk]
+            attn_output, _ = attention_interface(
+                self,
+                query[start : start + chunk],
+                key[start : start + chunk],
+                value[start : start + chunk],
+                mask,
+                dropout=self.attention_dropout if self.training else 0.0,
+                scaling=self.scaling,
+                is_causal=is_causal,
+            )
+            outputs.append(attn_output)
+        attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
         attn_output = attn_output.reshape(num_sequences, length, hidden_size)
         return self.o_proj(attn_output)
+
+    def _eager_sequence_chunk(self, num_sequences: int, length: int, kv_len: int) -> int:
+        """Sequences per eager-attention call so the score matrices stay under `eager_attention_max_bytes()`."""
+        limit = eager_attention_max_bytes()
+        per_sequence = eager_attention_bytes(1, self.num_heads, length, kv_len)
+        if per_sequence > limit:
+            raise ValueError(
+                f"Eager attention over {kv_len} {'steps' if self.is_causal else 'neurons'} needs ~"
+                f"{eager_attention_bytes(num_sequences, self.num_heads, length, kv_len) / 2**30:.1f} GiB for its score "
+                f"matrices ({per_sequence / 2**30:.2f} GiB per sequence, above the "
+                f"{limit / 2**30:.2f} GiB limit): load the model with attn_implementation='sdpa' (memory linear in "
+                "the neurons), use fewer neurons per call, or raise CALM_EAGER_ATTENTION_MAX_GIB."
+            )
+        return max(1, min(num_sequences, limit // per_sequence))
 
 
 class CalmMLP(nn.Module):
@@ -379,6 +418,55 @@ def _as_id_tensor(ids: int | Sequence[int] | torch.Tensor | None) -> torch.Tenso
     return torch.as_tensor(ids, dtype=torch.long).flatten()
 
 
+def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args: tuple, kwargs: dict):
+    """`PreTrainedModel.from_pretrained` with the checks a user needs to trust what loaded: a missing local folder
+    (e.g. a checkpoint without its `tokenizer/` subfolder) is a FileNotFoundError naming it, not a "Repo id must be
+    in the form ..." hub error; a truncated or garbled safetensors file is an error naming the file; and layers that
+    `config.json` declares but the weights lack (or the reverse) are an error, not freshly initialised layers."""
+    kwargs = dict(kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    folder = None
+    if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
+        parent = os.path.dirname(path)
+        looks_local = os.path.isabs(path) or path.startswith(".") or os.path.isdir(path) or (parent and os.path.isdir(parent))
+        if looks_local:
+            folder = os.path.join(path, kwargs.get("subfolder") or "")
+            if not os.path.isdir(folder):
+                hint = ""
+                if os.path.basename(os.path.normpath(folder)) == "tokenizer":
+                    hint = (
+                        " A CalM checkpoint keeps its CalmTokenizer in a `tokenizer/` subfolder (written by pretraining "
+                        "and by the main job); point to the tokenizer folder you trained, or re-save the checkpoint."
+                    )
+                raise FileNotFoundError(f"No checkpoint folder at {folder}.{hint}")
+    try:
+        model, info = load(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+    except Exception as error:
+        if "safetensor" not in type(error).__name__.lower() and "deserializ" not in str(error).lower():
+            raise
+        where = os.path.join(folder, "model.safetensors") if folder else f"the weights of {pretrained_model_name_or_path}"
+        raise ValueError(
+            f"{where} is truncated or corrupt and cannot be read ({type(error).__name__}: {error}); copy or download "
+            "the checkpoint again, or re-save it with save_pretrained."
+        ) from error
+    layer_keys = [
+        key
+        for key in [*info.get("missing_keys", []), *info.get("unexpected_keys", [])]
+        if re.search(r"(^|\.)layers\.\d+\.", key)
+    ]
+    if layer_keys:
+        missing = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("missing_keys", []) if k in layer_keys})
+        extra = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("unexpected_keys", []) if k in layer_keys})
+        raise ValueError(
+            f"config.json of {pretrained_model_name_or_path} does not match its weights: layers in the config but "
+            f"not in the weights: {missing or 'none'}; layers in the weights but not in the config: {extra or 'none'}. "
+            "Loading would leave randomly initialised (or dropped) layers; fix num_hidden_layers (or the encoder/decoder "
+            "layer counts) in config.json to match the weights."
+        )
+    return (model, info) if want_info else model
+
+
 class CalmPreTrainedModel(PreTrainedModel):
     config: CalmConfig
     config_class = CalmConfig
@@ -391,6 +479,10 @@ class CalmPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        return load_checked_pretrained(super().from_pretrained, pretrained_model_name_or_path, args, kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

@@ -11,6 +11,7 @@ autoregressive head predicting the next `ar_horizon` codes.
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -384,6 +385,56 @@ class CalmTokenizerQuantizer(nn.Module):
         return int(dead.numel())
 
 
+# Copied from calm_hf.modeling_calm.load_checked_pretrained
+def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args: tuple, kwargs: dict):
+    """`PreTrainedModel.from_pretrained` with the checks a user needs to trust what loaded: a missing local folder
+    (e.g. a checkpoint without its `tokenizer/` subfolder) is a FileNotFoundError naming it, not a "Repo id must be
+    in the form ..." hub error; a truncated or garbled safetensors file is an error naming the file; and layers that
+    `config.json` declares but the weights lack (or the reverse) are an error, not freshly initialised layers."""
+    kwargs = dict(kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    folder = None
+    if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
+        parent = os.path.dirname(path)
+        looks_local = os.path.isabs(path) or path.startswith(".") or os.path.isdir(path) or (parent and os.path.isdir(parent))
+        if looks_local:
+            folder = os.path.join(path, kwargs.get("subfolder") or "")
+            if not os.path.isdir(folder):
+                hint = ""
+                if os.path.basename(os.path.normpath(folder)) == "tokenizer":
+                    hint = (
+                        " A CalM checkpoint keeps its CalmTokenizer in a `tokenizer/` subfolder (written by pretraining "
+                        "and by the main job); point to the tokenizer folder you trained, or re-save the checkpoint."
+                    )
+                raise FileNotFoundError(f"No checkpoint folder at {folder}.{hint}")
+    try:
+        model, info = load(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+    except Exception as error:
+        if "safetensor" not in type(error).__name__.lower() and "deserializ" not in str(error).lower():
+            raise
+        where = os.path.join(folder, "model.safetensors") if folder else f"the weights of {pretrained_model_name_or_path}"
+        raise ValueError(
+            f"{where} is truncated or corrupt and cannot be read ({type(error).__name__}: {error}); copy or download "
+            "the checkpoint again, or re-save it with save_pretrained."
+        ) from error
+    layer_keys = [
+        key
+        for key in [*info.get("missing_keys", []), *info.get("unexpected_keys", [])]
+        if re.search(r"(^|\.)layers\.\d+\.", key)
+    ]
+    if layer_keys:
+        missing = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("missing_keys", []) if k in layer_keys})
+        extra = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("unexpected_keys", []) if k in layer_keys})
+        raise ValueError(
+            f"config.json of {pretrained_model_name_or_path} does not match its weights: layers in the config but "
+            f"not in the weights: {missing or 'none'}; layers in the weights but not in the config: {extra or 'none'}. "
+            "Loading would leave randomly initialised (or dropped) layers; fix num_hidden_layers (or the encoder/decoder "
+            "layer counts) in config.json to match the weights."
+        )
+    return (model, info) if want_info else model
+
+
 class CalmTokenizerPreTrainedModel(PreTrainedModel):
     config_class = CalmTokenizerConfig
     config: CalmTokenizerConfig
@@ -391,6 +442,10 @@ class CalmTokenizerPreTrainedModel(PreTrainedModel):
     main_input_name = "input_values"
     _no_split_modules = ["CalmTokenizerLayer"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        return load_checked_pretrained(super().from_pretrained, pretrained_model_name_or_path, args, kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -554,6 +609,30 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
     def get_codebook(self) -> torch.Tensor:
         """The codebook, `(codebook_size, hidden_size)` (a detached copy)."""
         return self.quantizer.codebook.detach().clone()
+
+    def fingerprint(self) -> str:
+        """A short hash identifying this trained tokenizer: its codebook (rounded to bfloat16, so an fp32 and a bf16
+        load agree), `window_size` and every CalmTokenizerConfig field. Pretraining stores it in the DAT's config
+        (`tokenizer_fingerprint`); `check_tokenizer_fingerprint` refuses a tokenizer whose hash differs, which catches
+        another run's tokenizer with the same codebook size that would otherwise feed the DAT codes it never saw."""
+        import dataclasses
+        import hashlib
+        import json
+
+        from transformers import PreTrainedConfig
+
+        base_fields = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+        settings = {
+            f.name: getattr(self.config, f.name)
+            for f in dataclasses.fields(type(self.config))
+            if f.name not in base_fields
+        }
+        digest = hashlib.sha256()
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        digest.update(f"window_size={self.config.window_size}".encode())
+        codebook = self.quantizer.codebook.detach().to("cpu", torch.bfloat16).float().contiguous()
+        digest.update(codebook.numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def encode(self, input_values: torch.Tensor, return_dict: bool | None = None) -> CalmTokenizerEncoderOutput | tuple:
         r"""
@@ -765,8 +844,32 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
 CalmTokenizer.register_for_auto_class("AutoModel")
 
 
+def check_tokenizer_fingerprint(model, tokenizer: CalmTokenizer) -> None:
+    """Refuse a tokenizer that is not the one `model` (a CalM dual-axis transformer) was pretrained with.
+
+    The DAT's config records `tokenizer_fingerprint` (see `CalmTokenizer.fingerprint`) at pretraining; checkpoints
+    saved before it existed carry None and are not checked.
+
+    Raises:
+        `ValueError`: naming both fingerprints and where the right tokenizer lives.
+    """
+    expected = getattr(model.config, "tokenizer_fingerprint", None)
+    if expected is None:
+        return
+    actual = tokenizer.fingerprint()
+    if actual != expected:
+        source = getattr(tokenizer.config, "_name_or_path", "")
+        raise ValueError(
+            f"The tokenizer{f' loaded from {source}' if source else ''} has fingerprint {actual} but the model was pretrained with the tokenizer of "
+            f"fingerprint {expected} (config.tokenizer_fingerprint): its codes would mean different things to the "
+            "model. Load the tokenizer saved with this checkpoint (its `tokenizer/` subfolder), or retokenize and "
+            "pretrain with this one."
+        )
+
+
 __all__ = [
     "CalmTokenizer",
+    "check_tokenizer_fingerprint",
     "CalmTokenizerDecoderOutput",
     "CalmTokenizerEncoderOutput",
     "CalmTokenizerOutput",
