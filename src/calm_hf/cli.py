@@ -118,23 +118,43 @@ def forecast_command(argv: list[str]) -> None:
     print(f"wrote {args.output}: forecast {out['forecast'].shape} at {out['sampling_rate']} Hz")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand and return its exit code (the `calm` console script exits with it): 0 on success, 1 when the
+    command fails (the error is printed as one line; set CALM_DEBUG=1 for the traceback), 2 for bad flags."""
+    import os
+
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return
+        return 0
     command, rest = argv[0], argv[1:]
-    if command in SCRIPTS:
-        run_script(SCRIPTS[command], rest)
-    elif command == "forecast":
-        forecast_command(rest)
-    elif command == "push":
-        from .hub import main as push_main
+    if command not in (*SCRIPTS, "forecast", "push"):
+        print(f"calm: unknown command {command!r}; choose one of {sorted([*SCRIPTS, 'forecast', 'push'])}.", file=sys.stderr)
+        return 2
+    try:
+        if command in SCRIPTS:
+            run_script(SCRIPTS[command], rest)
+        elif command == "forecast":
+            forecast_command(rest)
+        else:
+            from .hub import main as push_main
 
-        push_main(rest)
-    else:
-        raise SystemExit(f"calm: unknown command {command!r}; choose one of {sorted([*SCRIPTS, 'forecast', 'push'])}.")
+            return int(push_main(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"calm {command}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as error:  # argparse (bad flags) and explicit exits keep their code; None/0 means success
+        if error.code is None or isinstance(error.code, int):
+            return int(error.code or 0)
+        print(error.code, file=sys.stderr)
+        return 1
+    except Exception as error:
+        if os.environ.get("CALM_DEBUG"):
+            raise
+        print(f"calm {command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
