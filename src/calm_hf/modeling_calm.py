@@ -268,12 +268,16 @@ class CalmAttention(nn.Module):
         limit = eager_attention_max_bytes()
         per_sequence = eager_attention_bytes(1, self.num_heads, length, kv_len)
         if per_sequence > limit:
+
+            def size(num_bytes: int) -> str:
+                return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+            total = eager_attention_bytes(num_sequences, self.num_heads, length, kv_len)
             raise ValueError(
-                f"Eager attention over {kv_len} {'steps' if self.is_causal else 'neurons'} needs ~"
-                f"{eager_attention_bytes(num_sequences, self.num_heads, length, kv_len) / 2**30:.1f} GiB for its score "
-                f"matrices ({per_sequence / 2**30:.2f} GiB per sequence, above the "
-                f"{limit / 2**30:.2f} GiB limit): load the model with attn_implementation='sdpa' (memory linear in "
-                "the neurons), use fewer neurons per call, or raise CALM_EAGER_ATTENTION_MAX_GIB."
+                f"Eager attention over {kv_len} {'steps' if self.is_causal else 'neurons'} needs ~{size(total)} for "
+                f"its score matrices ({size(per_sequence)} per sequence, above the {size(limit)} limit): load the "
+                "model with attn_implementation='sdpa' (memory linear in the neurons), use fewer neurons per call, "
+                "or raise CALM_EAGER_ATTENTION_MAX_GIB."
             )
         return max(1, min(num_sequences, limit // per_sequence))
 
