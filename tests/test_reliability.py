@@ -250,15 +250,33 @@ def corrupt(path: Path, how: str) -> None:
         path.write_bytes(b"")
 
 
+@pytest.mark.parametrize("checksums", [True, False], ids=["with-checksums", "without-checksums"])
 @pytest.mark.parametrize("how", ["truncated", "garbage", "header-only", "empty"])
 @pytest.mark.parametrize("which", ["model", "tokenizer"])
-def test_corrupt_safetensors_is_an_error_naming_the_file(tmp_path, model, tokenizer, which, how):
+def test_corrupt_safetensors_is_an_error_naming_the_file(tmp_path, model, tokenizer, which, how, checksums):
     folder = tmp_path / which
     (model if which == "model" else tokenizer).save_pretrained(folder)
     corrupt(folder / "model.safetensors", how)
+    if not checksums:  # a checkpoint saved before checksums existed: the safetensors parser's error is rewrapped
+        (folder / "checksums.sha256").unlink()
     cls = CalmForCausalNeuralModeling if which == "model" else CalmTokenizer
     with pytest.raises((ValueError, OSError), match=str(folder / "model.safetensors").replace(".", r"\.")):
         cls.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("which", ["model", "tokenizer"])
+def test_bit_flipped_weights_are_refused(tmp_path, model, tokenizer, which):
+    folder = tmp_path / which
+    (model if which == "model" else tokenizer).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # one bit of the last tensor: the file still parses and loads
+    weights.write_bytes(bytes(data))
+    cls = CalmForCausalNeuralModeling if which == "model" else CalmTokenizer
+    with pytest.raises(ValueError, match="does not match the sha256 recorded"):  # before: loaded and generated
+        cls.from_pretrained(folder)
+    line = (folder / "checksums.sha256").read_text().split()
+    assert line[1] == "model.safetensors" and len(line[0]) == 64  # `sha256sum -c` format
 
 
 def test_missing_tokenizer_subfolder_is_a_file_not_found_error(tmp_path, model):
@@ -305,9 +323,11 @@ def test_load_checks_are_copied_identically_into_the_tokenizer_file():
 
     from calm_hf import modeling_calm, modeling_calm_tokenizer
 
-    assert inspect.getsource(modeling_calm.load_checked_pretrained) == inspect.getsource(
-        modeling_calm_tokenizer.load_checked_pretrained
-    )
+    for name in ("load_checked_pretrained", "_sha256_of_file", "write_weight_checksums", "verify_weight_checksums"):
+        assert inspect.getsource(getattr(modeling_calm, name)) == inspect.getsource(
+            getattr(modeling_calm_tokenizer, name)
+        ), name
+    assert modeling_calm.WEIGHT_CHECKSUMS == modeling_calm_tokenizer.WEIGHT_CHECKSUMS
 
 
 def test_tokenizer_fingerprint_refuses_another_runs_tokenizer(tmp_path, model, tokenizer):

@@ -422,6 +422,55 @@ def _as_id_tensor(ids: int | Sequence[int] | torch.Tensor | None) -> torch.Tenso
     return torch.as_tensor(ids, dtype=torch.long).flatten()
 
 
+WEIGHT_CHECKSUMS = "checksums.sha256"
+
+
+def _sha256_of_file(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_weight_checksums(save_directory) -> None:
+    """Record the sha256 of every weights file in `<save_directory>/checksums.sha256` (the `sha256sum` format, so
+    `sha256sum -c checksums.sha256` checks a copy by hand); `load_checked_pretrained` verifies it on load."""
+    names = sorted(name for name in os.listdir(save_directory) if name.endswith(".safetensors"))
+    lines = [f"{_sha256_of_file(os.path.join(save_directory, name))}  {name}\n" for name in names]
+    staging = os.path.join(save_directory, WEIGHT_CHECKSUMS + ".partial")
+    with open(staging, "w") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, os.path.join(save_directory, WEIGHT_CHECKSUMS))
+
+
+def verify_weight_checksums(folder: str) -> None:
+    """Raise a ValueError naming the file when a weights file differs from the hash recorded at save time (bit
+    flips, a partial copy that still parses). Folders saved without checksums are not checked."""
+    record = os.path.join(folder, WEIGHT_CHECKSUMS)
+    if not os.path.isfile(record):
+        return
+    with open(record) as handle:
+        entries = [line.strip().split(None, 1) for line in handle if line.strip()]
+    for entry in entries:
+        if len(entry) != 2:
+            raise ValueError(f"{record} is garbled (line {' '.join(entry)!r}); re-save the checkpoint.")
+        expected, name = entry[0], entry[1].lstrip("*")
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue  # a missing file gets transformers' own error
+        actual = _sha256_of_file(path)
+        if actual != expected:
+            raise ValueError(
+                f"{path} does not match the sha256 recorded when it was saved ({record}): expected {expected}, "
+                f"got {actual}. The file is corrupt (bit flips or an incomplete copy); copy or download it again."
+            )
+
+
 def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args: tuple, kwargs: dict):
     """`PreTrainedModel.from_pretrained` with the checks a user needs to trust what loaded: a missing local folder
     (e.g. a checkpoint without its `tokenizer/` subfolder) is a FileNotFoundError naming it, not a "Repo id must be
@@ -444,6 +493,8 @@ def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args:
                         "and by the main job); point to the tokenizer folder you trained, or re-save the checkpoint."
                     )
                 raise FileNotFoundError(f"No checkpoint folder at {folder}.{hint}")
+    if folder is not None:
+        verify_weight_checksums(folder)
     try:
         model, info = load(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
     except Exception as error:
@@ -516,7 +567,10 @@ class CalmPreTrainedModel(PreTrainedModel):
                 }
             )
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_weight_checksums(save_directory)
+        return result
 
     # -- growing the identity tables for new sessions / animals ------------------------------------------------------
 

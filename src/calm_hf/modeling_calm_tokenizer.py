@@ -385,6 +385,57 @@ class CalmTokenizerQuantizer(nn.Module):
         return int(dead.numel())
 
 
+WEIGHT_CHECKSUMS = "checksums.sha256"
+
+
+# Copied from calm_hf.modeling_calm._sha256_of_file, write_weight_checksums, verify_weight_checksums
+
+def _sha256_of_file(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_weight_checksums(save_directory) -> None:
+    """Record the sha256 of every weights file in `<save_directory>/checksums.sha256` (the `sha256sum` format, so
+    `sha256sum -c checksums.sha256` checks a copy by hand); `load_checked_pretrained` verifies it on load."""
+    names = sorted(name for name in os.listdir(save_directory) if name.endswith(".safetensors"))
+    lines = [f"{_sha256_of_file(os.path.join(save_directory, name))}  {name}\n" for name in names]
+    staging = os.path.join(save_directory, WEIGHT_CHECKSUMS + ".partial")
+    with open(staging, "w") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, os.path.join(save_directory, WEIGHT_CHECKSUMS))
+
+
+def verify_weight_checksums(folder: str) -> None:
+    """Raise a ValueError naming the file when a weights file differs from the hash recorded at save time (bit
+    flips, a partial copy that still parses). Folders saved without checksums are not checked."""
+    record = os.path.join(folder, WEIGHT_CHECKSUMS)
+    if not os.path.isfile(record):
+        return
+    with open(record) as handle:
+        entries = [line.strip().split(None, 1) for line in handle if line.strip()]
+    for entry in entries:
+        if len(entry) != 2:
+            raise ValueError(f"{record} is garbled (line {' '.join(entry)!r}); re-save the checkpoint.")
+        expected, name = entry[0], entry[1].lstrip("*")
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue  # a missing file gets transformers' own error
+        actual = _sha256_of_file(path)
+        if actual != expected:
+            raise ValueError(
+                f"{path} does not match the sha256 recorded when it was saved ({record}): expected {expected}, "
+                f"got {actual}. The file is corrupt (bit flips or an incomplete copy); copy or download it again."
+            )
+
+
 # Copied from calm_hf.modeling_calm.load_checked_pretrained
 def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args: tuple, kwargs: dict):
     """`PreTrainedModel.from_pretrained` with the checks a user needs to trust what loaded: a missing local folder
@@ -408,6 +459,8 @@ def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args:
                         "and by the main job); point to the tokenizer folder you trained, or re-save the checkpoint."
                     )
                 raise FileNotFoundError(f"No checkpoint folder at {folder}.{hint}")
+    if folder is not None:
+        verify_weight_checksums(folder)
     try:
         model, info = load(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
     except Exception as error:
@@ -838,6 +891,8 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         if getattr(self.config, "auto_map", None) is not None:
             self.config.auto_map = plain_auto_map(self.config.auto_map)
         rewrite_calm_tokenizer_auto_map(save_directory)
+        if kwargs.get("is_main_process", True):
+            write_weight_checksums(save_directory)
         return result
 
 
