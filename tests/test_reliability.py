@@ -372,6 +372,28 @@ def test_cli_returns_non_zero_on_every_failure(argv, code, capsys):
         assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["truncated-npz", "garbage-npz", "truncated-npy", "npz-without-traces",
+                                  "npz-renamed-npy-without-traces"])
+def test_calm_forecast_names_a_corrupt_trace_file(tmp_path, model, kind, capsys):
+    model.save_pretrained(tmp_path / "calm-base")
+    archive = tmp_path / "ok.npz"
+    np.savez(archive, traces=np.zeros((3, 40), dtype=np.float32))
+    np.save(tmp_path / "ok.npy", np.zeros((3, 40), dtype=np.float32))
+    path = tmp_path / ("bad.npz" if "npz" in kind and "renamed" not in kind else "bad.npy")
+    if kind == "truncated-npz":
+        path.write_bytes(archive.read_bytes()[:100])
+    elif kind == "garbage-npz":
+        path.write_bytes(b"PK\x03\x04" + b"x" * 50)
+    elif kind == "truncated-npy":
+        path.write_bytes((tmp_path / "ok.npy").read_bytes()[:-40])
+    else:
+        np.savez(tmp_path / "other.npz", x=np.zeros(3))
+        path.write_bytes((tmp_path / "other.npz").read_bytes())
+    # before: BadZipFile / EOFError / an NpzFile passed on as traces, without the path
+    assert calm_main(["forecast", "--model", str(tmp_path / "calm-base"), "--traces", str(path), "--horizon", "4"]) == 1
+    assert str(path) in capsys.readouterr().err
+
+
 def test_calm_push_failure_exits_non_zero_in_a_subprocess(tmp_path):
     result = subprocess.run([sys.executable, "-m", "calm_hf.cli", "push", str(tmp_path / "missing"), "a/b"],
                             capture_output=True, text=True, env=src_env(), timeout=120)

@@ -86,6 +86,7 @@ def run_script(name: str, argv: list[str]):
 
 def forecast_command(argv: list[str]) -> None:
     import argparse
+    import os
 
     import numpy as np
 
@@ -102,12 +103,33 @@ def forecast_command(argv: list[str]) -> None:
 
     import calm_hf  # noqa: F401  (registers the task)
 
-    if args.traces.endswith(".npz"):
-        with np.load(args.traces, allow_pickle=False) as data:
-            traces = data["traces"]
-            fs = float(data["fs"]) if "fs" in data and args.sampling_rate is None else args.sampling_rate
-    else:
-        traces, fs = np.load(args.traces, allow_pickle=False), args.sampling_rate
+    import zipfile
+
+    try:
+        if args.traces.endswith(".npz"):
+            with np.load(args.traces, allow_pickle=False) as data:
+                if "traces" not in data:
+                    raise ValueError(f"{args.traces} holds {sorted(data.files)} but no `traces` array.")
+                traces = data["traces"]
+                fs = float(data["fs"]) if "fs" in data and args.sampling_rate is None else args.sampling_rate
+        else:
+            traces, fs = np.load(args.traces, allow_pickle=False), args.sampling_rate
+            if isinstance(traces, np.lib.npyio.NpzFile):  # an .npz archive under a .npy name
+                with traces as data:
+                    if "traces" not in data:
+                        raise ValueError(f"{args.traces} is an .npz archive with {sorted(data.files)} but no `traces`.")
+                    traces = data["traces"]
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        if isinstance(error, FileNotFoundError) or (isinstance(error, ValueError) and args.traces in str(error)):
+            raise
+        # truncated/corrupt archives and renamed files otherwise fail with "File is not a zip file" and no path
+        raise ValueError(
+            f"{args.traces} is not a readable .npy/.npz file ({type(error).__name__}: {error}); it may be truncated, "
+            "corrupt or of another format. Save it again with np.save / np.savez."
+        ) from error
+    model_path = os.path.expanduser(args.model)
+    if (os.path.isabs(model_path) or model_path.startswith(".")) and not os.path.isdir(model_path):
+        raise FileNotFoundError(f"No checkpoint folder at {args.model}; pass the folder written by `calm main`.")
     forecaster = pipeline("neural-forecasting", model=args.model)
     out = forecaster(traces, sampling_rate=fs, horizon=args.horizon, num_samples=args.num_samples, session=args.session)
     arrays = {"forecast": out["forecast"]}
