@@ -66,7 +66,7 @@ def trace_inputs(draw):
             array = draw(hnp.arrays(np.float64, shape, elements=trace_values)).astype(dtype)
     container = draw(st.sampled_from(["tensor", "numpy", "list"]))
     if container == "tensor":
-        return torch.from_numpy(np.ascontiguousarray(array)) if dtype != np.uint16 else torch.as_tensor(array)
+        return torch.from_numpy(np.ascontiguousarray(array))
     return array if container == "numpy" else array.tolist()
 
 
@@ -115,10 +115,6 @@ def generate_calls(draw):
         if draw(st.booleans()):
             kwargs[name] = draw(strategy)
     return ids, kwargs
-
-
-def expected_steps(ids) -> int:
-    return np.asarray(ids).shape[-1]
 
 
 @given(call=generate_calls())
