@@ -467,7 +467,8 @@ def verify_weight_checksums(folder: str) -> None:
         if actual != expected:
             raise ValueError(
                 f"{path} does not match the sha256 recorded when it was saved ({record}): expected {expected}, "
-                f"got {actual}. The file is corrupt (bit flips or an incomplete copy); copy or download it again."
+                f"got {actual}. The file is corrupt (bit flips or an incomplete copy): copy or download it again. (If you "
+                "replaced the weights on purpose without save_pretrained, delete checksums.sha256 or re-save.)"
             )
 
 
