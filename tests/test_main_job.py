@@ -62,9 +62,49 @@ def test_model_card_carries_the_runs_numbers(release):
 
 def test_rerun_reuses_finished_stages(release):
     out, _ = release
+    # staging folders as a killed (SIGKILL) run leaves them: never read, removed by the next run
+    stale = [out / ".calm-base-work" / "tokenized.partial", out / "calm-base.partial",
+             out / ".calm-base-work" / "pretrain" / ".calm_stage.json.partial"]
+    for path in stale[:2]:
+        (path / "train").mkdir(parents=True)
+    stale[2].write_text('{"key": ')
     summary = load_training_script("run_all").main(["--size", "tiny", "--output_dir", str(out), "--bf16", "false"])
     for stage in ("simulate", "train_tokenizer", "tokenize", "pretrain"):
         assert summary["timings"][stage]["reused"], stage
+    assert not any(path.exists() for path in stale)
+
+
+def test_release_records_its_tokenizers_fingerprint(release):
+    from calm_hf import CalmTokenizer
+
+    out, _ = release
+    config = json.loads((out / "calm-base" / "config.json").read_text())
+    assert config["tokenizer_fingerprint"] == CalmTokenizer.from_pretrained(out / "calm-base" / "tokenizer").fingerprint()
+
+
+def test_changed_seed_in_the_same_folder_retrains_instead_of_reusing_checkpoints(release, tmp_path):
+    """Issue 12: `--seed 1` after a seed-0 run used to resume seed-0's finished Trainer checkpoints, train 0 steps and
+    publish seed-0's weights under a seed-1 summary."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out, _ = release
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.partial"))
+    before = load_file(str(copy / "calm-base" / "model.safetensors"))
+    summary = load_training_script("run_all").main(
+        ["--size", "tiny", "--output_dir", str(copy), "--bf16", "false", "--seed", "1"]
+    )
+    for stage in ("simulate", "train_tokenizer", "tokenize", "pretrain"):
+        assert not summary["timings"][stage]["reused"], stage
+    after = load_file(str(copy / "calm-base" / "model.safetensors"))
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert json.loads((copy / "calm-base" / "run_summary.json").read_text())["timings"]["pretrain"]["reused"] is False
+    # the tokenizer was retrained too (its weights differ from seed 0's), and the release pairs with it
+    tokenizer_before = load_file(str(out / "calm-base" / "tokenizer" / "model.safetensors"))
+    tokenizer_after = load_file(str(copy / "calm-base" / "tokenizer" / "model.safetensors"))
+    assert any(not torch.equal(tokenizer_before[name], tokenizer_after[name]) for name in tokenizer_before)
 
 
 def test_everyday_calls_from_the_folder(release, monkeypatch):

@@ -74,6 +74,8 @@ def build_model(model_args: ModelArguments, tokenizer: CalmTokenizer, sessions: 
         max_token_steps=max(max_token_steps, 64),
         **overrides,
     )
+    # recorded so a tokenizer from another run (same codebook size, different codes) is refused when paired later
+    config.tokenizer_fingerprint = tokenizer.fingerprint()
     model = CalmForCausalNeuralModeling(config)
     model.set_codebook_neighbors(tokenizer.get_codebook())
     return model

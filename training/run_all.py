@@ -10,17 +10,24 @@ forecasting on held-out trials -> write `calm-base/` (DAT weights, `tokenizer/`,
 files, model card with this run's numbers, forecast figure) and `calm-base-dataset/` (tokenized trials + card).
 
 Re-running reuses every finished stage (a stage is finished when its folder holds a `.calm_stage.json` written with
-the same parameters) and resumes an interrupted training stage from its last Trainer checkpoint.
+the same parameters: its script's whole command line and the keys of the stages it reads) and resumes an interrupted
+training stage from its last *complete* Trainer checkpoint of the same parameters (a stage folder written with other
+parameters is removed with its checkpoints first). Data stages and the release folders are written to `.partial` and
+renamed into place; markers are written atomically; SIGTERM stops the job cleanly and stale `.partial` folders are
+removed on the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
+from calm_hf.atomic import atomic_write_text, fsync_tree, partial_path, remove_stale_partials, replace_folder
 from calm_hf.hardware import configure_torch_threads
 from calm_hf.cli import load_training_script as load_script
 
@@ -72,29 +80,132 @@ class MainArguments:
     context_frames: int = field(default=40, metadata={"help": "Forecast context (frames) of the evaluation."})
 
 
-class Stage:
-    """A stage folder with a completion marker keyed by the stage's parameters."""
+MARKER = ".calm_stage.json"
+KEY_FILE = ".calm_stage_key"
+# flags naming where things are (not what they are): the upstream stages' keys already identify their content
+PATH_FLAGS = ("--output_dir", "--resume_from_checkpoint", "--trials_dataset", "--tokenizer_path", "--tokenized_dataset")
 
-    def __init__(self, path: Path, params: dict):
+
+def stage_argv(argv: list[str]) -> list[str]:
+    """A stage script's command line without its path flags: the part of the key that says what the stage does."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in PATH_FLAGS:
+            skip = True
+        else:
+            kept.append(item)
+    return kept
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from (None when it is complete): a run killed while saving leaves
+    folders without trainer_state.json or with truncated weights, which would make every later resume fail."""
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        return f"unreadable trainer_state.json ({error})"
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        return "no model.safetensors"
+    try:
+        from safetensors.torch import load_file
+
+        load_file(str(weights))
+    except Exception as error:  # safetensors raises its own error type for truncated/garbled files
+        return f"unreadable model.safetensors ({type(error).__name__}: {error})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (checkpoint / name).is_file():
+            return f"no {name}"
+        try:
+            torch.load(checkpoint / name, map_location="cpu", weights_only=True)
+        except Exception as error:
+            return f"unreadable {name} ({type(error).__name__})"
+    return None
+
+
+class Stage:
+    """A stage folder whose reuse is keyed by every parameter that shapes its output.
+
+    - `done()`: the folder holds a `.calm_stage.json` with this key (an unreadable marker counts as not done).
+    - `start()`: before running, a folder left by a run with *other* parameters (its `.calm_stage_key` differs) is
+      removed with its Trainer checkpoints, so a changed run never resumes another run's checkpoints.
+    - `atomic=True` stages write into `<folder>.partial`, which is renamed into place only when complete.
+    - Markers and key files are written atomically (`.partial` + fsync + rename).
+    """
+
+    def __init__(self, path: Path, params: dict, atomic: bool = False):
         self.path = path
         self.params = params
+        self.atomic = atomic
         self.key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.marker = path / ".calm_stage.json"
+        self.marker = path / MARKER
+
+    @property
+    def output(self) -> Path:
+        """Where the stage's script writes: the staging folder of an atomic stage, else the stage folder."""
+        return partial_path(self.path) if self.atomic else self.path
+
+    def _read_marker(self) -> dict | None:
+        try:
+            marker = json.loads(self.marker.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+            logger.warning("%s is unreadable (%s): running the stage again", self.marker, error)
+            return None
+        return marker if isinstance(marker, dict) else None
 
     def done(self) -> bool:
-        if not self.marker.exists():
-            return False
-        return json.loads(self.marker.read_text()).get("key") == self.key
+        marker = self._read_marker()
+        return marker is not None and marker.get("key") == self.key
+
+    def start(self) -> None:
+        if self.atomic:
+            shutil.rmtree(self.output, ignore_errors=True)
+            return
+        key_file = self.path / KEY_FILE
+        owner = key_file.read_text().strip() if key_file.is_file() else None
+        if self.path.exists() and owner != self.key:
+            logger.info("%s was written with other parameters (key %s, now %s): removing it and its checkpoints",
+                        self.path, owner, self.key)
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(key_file, self.key)
 
     def finish(self, seconds: float, **info) -> None:
-        self.marker.write_text(json.dumps({"key": self.key, "seconds": seconds, "params": self.params, **info}, default=str))
+        marker = json.dumps({"key": self.key, "seconds": seconds, "params": self.params, **info}, default=str)
+        if self.atomic:
+            self.output.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.output / MARKER, marker)
+            fsync_tree(self.output)
+            replace_folder(self.output, self.path)
+        else:
+            atomic_write_text(self.marker, marker)
 
     def seconds(self) -> float:
-        return float(json.loads(self.marker.read_text()).get("seconds", 0.0))
+        marker = self._read_marker() or {}
+        return float(marker.get("seconds", 0.0))
 
     def last_checkpoint(self) -> str | None:
-        checkpoints = sorted(self.path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        return str(checkpoints[-1]) if checkpoints else None
+        """The newest complete Trainer checkpoint of this stage's run; incomplete ones are logged and removed."""
+        checkpoints = sorted(
+            (p for p in self.path.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+            key=lambda p: int(p.name.split("-")[-1]),
+            reverse=True,
+        )
+        for checkpoint in checkpoints:
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                logger.info("resuming from %s", checkpoint)
+                return str(checkpoint)
+            logger.warning("skipping incomplete checkpoint %s (%s): removing it", checkpoint, problem)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        return None
 
 
 def training_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed: int, bf16: bool, resume: str | None,
@@ -117,15 +228,41 @@ def training_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed:
 def run_stage(stage: Stage, name: str, fn, timings: dict) -> None:
     if stage.done():
         timings[name] = {"seconds": stage.seconds(), "reused": True}
-        logger.info("[%s] reusing %s", name, stage.path)
+        logger.info("[%s] reusing %s (key %s)", name, stage.path, stage.key)
         return
-    logger.info("[%s] running -> %s", name, stage.path)
+    logger.info("[%s] running -> %s (key %s)", name, stage.path, stage.key)
+    stage.start()
     start = time.perf_counter()
-    info = fn() or {}
+    try:
+        info = fn() or {}
+    except BaseException:
+        if stage.atomic:  # never leave a half-written staging folder behind
+            shutil.rmtree(stage.output, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - start
-    stage.path.mkdir(parents=True, exist_ok=True)
     stage.finish(seconds, **info)
     timings[name] = {"seconds": seconds, "reused": False}
+
+
+class _Terminated(SystemExit):
+    """Raised by the SIGTERM handler so `finally`/cleanup code runs (the default action kills without it)."""
+
+
+@contextlib.contextmanager
+def terminate_cleanly():
+    """Turn SIGTERM into an exception for the duration of the job, so staging folders are removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,66 +284,75 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    # staging folders/files of a killed run are never read: remove them (the job's own names only)
+    remove_stale_partials(work, max_depth=3)
+    for stale in (partial_path(out / args.model_name), partial_path(out / f"{args.model_name}-dataset"),
+                  partial_path(out / f"{args.model_name}.old"), partial_path(out / f"{args.model_name}-dataset.old")):
+        if stale.exists():
+            logger.info("removing %s left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    with terminate_cleanly():
+        return run_job(args, size, out, work)
+
+
+def run_job(args: MainArguments, size: dict, out: Path, work: Path) -> dict:
     timings: dict[str, dict] = {}
     total_start = time.perf_counter()
 
+    # Every stage's key covers all it depends on: the command line of its script (minus paths) and the keys of the
+    # stages it reads, so a change anywhere (seed, sizes, dtype, schedule) re-runs it and everything downstream.
     # 1. simulate -----------------------------------------------------------------------------------------------
     sim_params = {k: size[k] for k in ("num_sessions", "num_neurons", "num_trials", "num_steps")} | {"seed": args.seed}
-    trials = Stage(work / "trials", sim_params)
+    sim_argv = ["--seed", str(args.seed)] + [f"--{k}={v}" for k, v in sim_params.items() if k != "seed"]
+    trials = Stage(work / "trials", {"argv": sim_argv}, atomic=True)
     run_stage(
         trials,
         "simulate",
-        lambda: load_script("prepare_data").main(
-            ["--output_dir", str(trials.path), "--seed", str(args.seed)]
-            + [f"--{k}={v}" for k, v in sim_params.items() if k != "seed"]
-        )
-        and None,
+        lambda: load_script("prepare_data").main(["--output_dir", str(trials.output)] + sim_argv) and None,
         timings,
     )
 
     # 2. train the tokenizer --------------------------------------------------------------------------------------
-    tok_params = {"after": trials.key, "bf16": args.bf16} | {k: size[k] for k in size if k.startswith("tokenizer")}
-    tokenizer_stage = Stage(work / "tokenizer", tok_params)
+    tokenizer_stage_path = work / "tokenizer"
+    tok_argv = ["--trials_dataset", str(trials.path), "--preset", size["tokenizer_preset"],
+                "--max_segments", str(size["tokenizer_segments"]),
+                "--segment_frames", str(size["tokenizer_segment_frames"])] + training_flags(
+        tokenizer_stage_path, size["tokenizer_epochs"], size["tokenizer_batch"], size["tokenizer_lr"], args.seed,
+        args.bf16, None)
+    tok_params = {"after": [trials.key], "argv": stage_argv(tok_argv)}
+    tokenizer_stage = Stage(tokenizer_stage_path, tok_params)
 
     def train_tokenizer():
-        flags = training_flags(tokenizer_stage.path, size["tokenizer_epochs"], size["tokenizer_batch"], size["tokenizer_lr"],
-                               args.seed, args.bf16, tokenizer_stage.last_checkpoint())
-        metrics = load_script("train_tokenizer").main(
-            ["--trials_dataset", str(trials.path), "--preset", size["tokenizer_preset"],
-             "--max_segments", str(size["tokenizer_segments"]),
-             "--segment_frames", str(size["tokenizer_segment_frames"])] + flags
-        )
+        resume = tokenizer_stage.last_checkpoint()
+        metrics = load_script("train_tokenizer").main(tok_argv + (["--resume_from_checkpoint", resume] if resume else []))
         return {"metrics": metrics}
 
     run_stage(tokenizer_stage, "train_tokenizer", train_tokenizer, timings)
 
     # 3. tokenize ------------------------------------------------------------------------------------------------
-    tokenized = Stage(work / "tokenized", {"after": tokenizer_stage.key})
+    tokenize_argv = ["--tokenizer_path", str(tokenizer_stage.path), "--trials_dataset", str(trials.path)] + (
+        ["--bf16"] if args.bf16 else [])
+    tokenized = Stage(work / "tokenized", {"after": [trials.key, tokenizer_stage.key], "argv": stage_argv(tokenize_argv)},
+                      atomic=True)
     run_stage(
         tokenized,
         "tokenize",
-        lambda: load_script("tokenize_trials").main(
-            ["--tokenizer_path", str(tokenizer_stage.path), "--trials_dataset", str(trials.path),
-             "--output_dir", str(tokenized.path)] + (["--bf16"] if args.bf16 else [])
-        )
-        and None,
+        lambda: load_script("tokenize_trials").main(tokenize_argv + ["--output_dir", str(tokenized.output)]) and None,
         timings,
     )
 
     # 4. pretrain ------------------------------------------------------------------------------------------------
-    pre_params = {"after": tokenized.key, "bf16": args.bf16} | {
-        k: size[k] for k in ("model_preset", "pretrain_epochs", "pretrain_batch", "pretrain_lr", "max_neurons")
-    }
-    pretrain = Stage(work / "pretrain", pre_params)
+    pretrain_path = work / "pretrain"
+    pre_argv = ["--tokenized_dataset", str(tokenized.path), "--tokenizer_path", str(tokenizer_stage.path),
+                "--preset", size["model_preset"], "--max_neurons", str(size["max_neurons"]),
+                "--forecast_eval_trials", "0"] + training_flags(
+        pretrain_path, size["pretrain_epochs"], size["pretrain_batch"], size["pretrain_lr"], args.seed, args.bf16, None)
+    pre_params = {"after": [tokenizer_stage.key, tokenized.key], "argv": stage_argv(pre_argv)}
+    pretrain = Stage(pretrain_path, pre_params)
 
     def run_pretrain():
-        flags = training_flags(pretrain.path, size["pretrain_epochs"], size["pretrain_batch"], size["pretrain_lr"],
-                               args.seed, args.bf16, pretrain.last_checkpoint())
-        metrics = load_script("pretrain").main(
-            ["--tokenized_dataset", str(tokenized.path), "--tokenizer_path", str(tokenizer_stage.path),
-             "--preset", size["model_preset"], "--max_neurons", str(size["max_neurons"]),
-             "--forecast_eval_trials", "0"] + flags
-        )
+        resume = pretrain.last_checkpoint()
+        metrics = load_script("pretrain").main(pre_argv + (["--resume_from_checkpoint", resume] if resume else []))
         return {"metrics": metrics}
 
     run_stage(pretrain, "pretrain", run_pretrain, timings)
@@ -237,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = time.perf_counter() - total_start
     summary["timings"] = timings
     summary["total_seconds"] = total
-    (out / args.model_name / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / args.model_name / "run_summary.json", json.dumps(summary, indent=2, default=str))
     print_summary(summary, out / args.model_name)
     return summary
 

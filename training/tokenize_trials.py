@@ -4,7 +4,8 @@
     python training/tokenize_trials.py --tokenizer_path runs/tokenizer --trials_dataset runs/sim-trials \
         --output_dir runs/sim-tokenized --bf16
 
-Writes to a temporary folder and renames it into place, so an interrupted run never leaves a half-written dataset.
+Writes to `<output_dir>.partial` and renames it into place, so an interrupted run never leaves a half-written
+dataset; a stale `.partial` from a killed run is removed on the next one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from transformers import HfArgumentParser
 
 from calm_hf.hardware import configure_torch_threads
 from calm_hf import CalmTokenizer
-from calm_hf.data import load_session_metadata, save_session_metadata, tokenize_dataset
+from calm_hf.atomic import partial_path
+from calm_hf.data import load_session_metadata, save_trial_dataset, tokenize_dataset
 
 logger = logging.getLogger("calm_hf.tokenize_trials")
 
@@ -39,18 +41,20 @@ def main(argv: list[str] | None = None):
     (args,) = HfArgumentParser(TokenizeArguments).parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     configure_torch_threads()
+    # a .partial left by a run killed while saving is stale: remove it before starting (never read it)
+    output = os.path.abspath(args.output_dir.rstrip("/"))
+    for stale in (partial_path(output), partial_path(output + ".old")):
+        if stale.exists():
+            logger.info("removing %s left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path).eval()
     corpus = datasets.load_from_disk(args.trials_dataset)
     dtype = torch.bfloat16 if args.bf16 else None
     tokenized = datasets.DatasetDict(
         {name: tokenize_dataset(split, tokenizer, batch_size=args.batch_size, dtype=dtype) for name, split in corpus.items()}
     )
-    partial = args.output_dir.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    tokenized.save_to_disk(partial)
-    save_session_metadata(partial, load_session_metadata(args.trials_dataset))
-    shutil.rmtree(args.output_dir, ignore_errors=True)
-    os.replace(partial, args.output_dir)
+    # dataset + calm_sessions.json go to <output_dir>.partial, are fsynced and renamed into place together
+    save_trial_dataset(tokenized, args.output_dir.rstrip("/"), load_session_metadata(args.trials_dataset))
     logger.info("wrote %s", args.output_dir)
     return tokenized
 

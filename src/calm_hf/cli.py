@@ -86,6 +86,7 @@ def run_script(name: str, argv: list[str]):
 
 def forecast_command(argv: list[str]) -> None:
     import argparse
+    import os
 
     import numpy as np
 
@@ -102,12 +103,33 @@ def forecast_command(argv: list[str]) -> None:
 
     import calm_hf  # noqa: F401  (registers the task)
 
-    if args.traces.endswith(".npz"):
-        with np.load(args.traces, allow_pickle=False) as data:
-            traces = data["traces"]
-            fs = float(data["fs"]) if "fs" in data and args.sampling_rate is None else args.sampling_rate
-    else:
-        traces, fs = np.load(args.traces, allow_pickle=False), args.sampling_rate
+    import zipfile
+
+    try:
+        if args.traces.endswith(".npz"):
+            with np.load(args.traces, allow_pickle=False) as data:
+                if "traces" not in data:
+                    raise ValueError(f"{args.traces} holds {sorted(data.files)} but no `traces` array.")
+                traces = data["traces"]
+                fs = float(data["fs"]) if "fs" in data and args.sampling_rate is None else args.sampling_rate
+        else:
+            traces, fs = np.load(args.traces, allow_pickle=False), args.sampling_rate
+            if isinstance(traces, np.lib.npyio.NpzFile):  # an .npz archive under a .npy name
+                with traces as data:
+                    if "traces" not in data:
+                        raise ValueError(f"{args.traces} is an .npz archive with {sorted(data.files)} but no `traces`.")
+                    traces = data["traces"]
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        if isinstance(error, FileNotFoundError) or (isinstance(error, ValueError) and args.traces in str(error)):
+            raise
+        # truncated/corrupt archives and renamed files otherwise fail with "File is not a zip file" and no path
+        raise ValueError(
+            f"{args.traces} is not a readable .npy/.npz file ({type(error).__name__}: {error}); it may be truncated, "
+            "corrupt or of another format. Save it again with np.save / np.savez."
+        ) from error
+    model_path = os.path.expanduser(args.model)
+    if (os.path.isabs(model_path) or model_path.startswith(".")) and not os.path.isdir(model_path):
+        raise FileNotFoundError(f"No checkpoint folder at {args.model}; pass the folder written by `calm main`.")
     forecaster = pipeline("neural-forecasting", model=args.model)
     out = forecaster(traces, sampling_rate=fs, horizon=args.horizon, num_samples=args.num_samples, session=args.session)
     arrays = {"forecast": out["forecast"]}
@@ -118,23 +140,43 @@ def forecast_command(argv: list[str]) -> None:
     print(f"wrote {args.output}: forecast {out['forecast'].shape} at {out['sampling_rate']} Hz")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand and return its exit code (the `calm` console script exits with it): 0 on success, 1 when the
+    command fails (the error is printed as one line; set CALM_DEBUG=1 for the traceback), 2 for bad flags."""
+    import os
+
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return
+        return 0
     command, rest = argv[0], argv[1:]
-    if command in SCRIPTS:
-        run_script(SCRIPTS[command], rest)
-    elif command == "forecast":
-        forecast_command(rest)
-    elif command == "push":
-        from .hub import main as push_main
+    if command not in (*SCRIPTS, "forecast", "push"):
+        print(f"calm: unknown command {command!r}; choose one of {sorted([*SCRIPTS, 'forecast', 'push'])}.", file=sys.stderr)
+        return 2
+    try:
+        if command in SCRIPTS:
+            run_script(SCRIPTS[command], rest)
+        elif command == "forecast":
+            forecast_command(rest)
+        else:
+            from .hub import main as push_main
 
-        push_main(rest)
-    else:
-        raise SystemExit(f"calm: unknown command {command!r}; choose one of {sorted([*SCRIPTS, 'forecast', 'push'])}.")
+            return int(push_main(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"calm {command}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as error:  # argparse (bad flags) and explicit exits keep their code; None/0 means success
+        if error.code is None or isinstance(error.code, int):
+            return int(error.code or 0)
+        print(error.code, file=sys.stderr)
+        return 1
+    except Exception as error:
+        if os.environ.get("CALM_DEBUG"):
+            raise
+        print(f"calm {command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -116,6 +116,9 @@ class CalmConfig(PreTrainedConfig):
             Name of every session; index = session id.
         session_neuron_ranges (`list[list[int]]`, *optional*):
             `[start, stop)` block of global neuron ids of every session; index = session id (`[0, 0]` = unknown).
+        tokenizer_fingerprint (`str`, *optional*):
+            `CalmTokenizer.fingerprint()` of the tokenizer the model was pretrained with, recorded at pretraining;
+            pairing the model with a different tokenizer is refused (`check_tokenizer_fingerprint`).
         behavior_head (`str`, *optional*, defaults to `"glu"`):
             Readout of `CalmForBehaviorRegression`: `"glu"` (gated per-neuron features weighted by a global neuron-weight
             bank) or `"linear"` (the paper's low-rank readout with a neuron-indexed bank).
@@ -180,6 +183,7 @@ class CalmConfig(PreTrainedConfig):
     use_cache: bool = True
     session_names: list[str] | None = None
     session_neuron_ranges: list[list[int]] | None = None
+    tokenizer_fingerprint: str | None = None
     behavior_head: str = "glu"
     num_behavior_channels: int | None = None
     behavior_rank: int = 4

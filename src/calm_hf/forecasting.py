@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .metrics.functional import forecast_pearson_r, mse
+from .modeling_calm_tokenizer import check_tokenizer_fingerprint
 
 ROLLOUT_MODES = ("greedy", "sample", "mean", "soft")
 # "direct": the continuous head's conditional-mean forecast (models with `config.value_head_steps > 0`; the default)
@@ -54,6 +55,7 @@ def check_tokenizer_matches_model(model, tokenizer) -> None:
             f"tokenizer window_size={tokenizer.config.window_size} differs from the model's "
             f"window_size={model.config.window_size}: use the tokenizer saved with this checkpoint."
         )
+    check_tokenizer_fingerprint(model, tokenizer)
 
 
 class CalmForecaster:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import numbers
+import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -186,6 +189,18 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def eager_attention_max_bytes() -> int:
+    """Memory the eager attention may spend on its score matrices per call (env `CALM_EAGER_ATTENTION_MAX_GIB`,
+    default 4 GiB). Eager attention materialises (sequences, heads, length, length) float32 scores: across 20k
+    neurons that is ~370 GB, so larger calls are split over sequences, and refused when one sequence alone is too big."""
+    return int(float(os.environ.get("CALM_EAGER_ATTENTION_MAX_GIB", "4")) * 2**30)
+
+
+def eager_attention_bytes(num_sequences: int, num_heads: int, q_len: int, kv_len: int) -> int:
+    # scores in float32, the masked copy and the softmax output live at the same time: ~3 float32 matrices
+    return 3 * 4 * num_sequences * num_heads * q_len * kv_len
+
+
 class CalmAttention(nn.Module):
     """Multi-head self-attention over one axis of the grid, dispatched through transformers' attention interface.
 
@@ -235,18 +250,47 @@ class CalmAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=is_causal,
-        )
+        chunk = num_sequences
+        if attention_interface is eager_attention_forward:
+            chunk = self._eager_sequence_chunk(num_sequences, length, kv_len)
+        outputs = []
+        for start in range(0, num_sequences, chunk):
+            # a per-sequence mask (neuron axis: (sequences, 1, 1, neurons)) is split with the sequences
+            mask = attention_mask
+            if mask is not None and mask.dim() == 4 and mask.shape[0] == num_sequences and chunk < num_sequences:
+                mask = mask[start : start + chunk]
+            attn_output, _ = attention_interface(
+                self,
+                query[start : start + chunk],
+                key[start : start + chunk],
+                value[start : start + chunk],
+                mask,
+                dropout=self.attention_dropout if self.training else 0.0,
+                scaling=self.scaling,
+                is_causal=is_causal,
+            )
+            outputs.append(attn_output)
+        attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
         attn_output = attn_output.reshape(num_sequences, length, hidden_size)
         return self.o_proj(attn_output)
+
+    def _eager_sequence_chunk(self, num_sequences: int, length: int, kv_len: int) -> int:
+        """Sequences per eager-attention call so the score matrices stay under `eager_attention_max_bytes()`."""
+        limit = eager_attention_max_bytes()
+        per_sequence = eager_attention_bytes(1, self.num_heads, length, kv_len)
+        if per_sequence > limit:
+
+            def size(num_bytes: int) -> str:
+                return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+            total = eager_attention_bytes(num_sequences, self.num_heads, length, kv_len)
+            raise ValueError(
+                f"Eager attention over {kv_len} {'steps' if self.is_causal else 'neurons'} needs ~{size(total)} for "
+                f"its score matrices ({size(per_sequence)} per sequence, above the {size(limit)} limit): load the "
+                "model with attn_implementation='sdpa' (memory linear in the neurons), use fewer neurons per call, "
+                "or raise CALM_EAGER_ATTENTION_MAX_GIB."
+            )
+        return max(1, min(num_sequences, limit // per_sequence))
 
 
 class CalmMLP(nn.Module):
@@ -398,10 +442,131 @@ class CalmIdEmbedding(nn.Embedding):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _as_integer_tensor(values: Any, name: str, device: torch.device | None = None) -> torch.Tensor:
+    """Accept integer codes/ids of any integer dtype (int16 is what `with_format("numpy")` gives for tokenized
+    datasets), as a tensor, numpy array or nested list, and return them as a long tensor; refuse everything else
+    (floats, bools, complex, objects) with a message instead of an indexing error deep inside an embedding."""
+    if not isinstance(values, torch.Tensor):
+        try:
+            values = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"{name} must be an integer tensor, numpy array or nested list of integers, got "
+                f"{type(values).__name__} ({error})."
+            ) from None
+    if values.dtype == torch.bool or values.dtype.is_floating_point or values.dtype.is_complex:
+        raise TypeError(
+            f"{name} must hold integers, got dtype {values.dtype}; "
+            + ("tokenize traces with CalmTokenizer.encode first." if name == "input_ids" else "pass integer ids.")
+        )
+    return values.to(device=device if device is not None else values.device, dtype=torch.long)
+
+
 def _as_id_tensor(ids: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
     if ids is None:
         return torch.zeros(0, dtype=torch.long)
     return torch.as_tensor(ids, dtype=torch.long).flatten()
+
+
+WEIGHT_CHECKSUMS = "checksums.sha256"
+
+
+def _sha256_of_file(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_weight_checksums(save_directory) -> None:
+    """Record the sha256 of every weights file in `<save_directory>/checksums.sha256` (the `sha256sum` format, so
+    `sha256sum -c checksums.sha256` checks a copy by hand); `load_checked_pretrained` verifies it on load."""
+    names = sorted(name for name in os.listdir(save_directory) if name.endswith(".safetensors"))
+    lines = [f"{_sha256_of_file(os.path.join(save_directory, name))}  {name}\n" for name in names]
+    staging = os.path.join(save_directory, WEIGHT_CHECKSUMS + ".partial")
+    with open(staging, "w") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, os.path.join(save_directory, WEIGHT_CHECKSUMS))
+
+
+def verify_weight_checksums(folder: str) -> None:
+    """Raise a ValueError naming the file when a weights file differs from the hash recorded at save time (bit
+    flips, a partial copy that still parses). Folders saved without checksums are not checked."""
+    record = os.path.join(folder, WEIGHT_CHECKSUMS)
+    if not os.path.isfile(record):
+        return
+    with open(record) as handle:
+        entries = [line.strip().split(None, 1) for line in handle if line.strip()]
+    for entry in entries:
+        if len(entry) != 2:
+            raise ValueError(f"{record} is garbled (line {' '.join(entry)!r}); re-save the checkpoint.")
+        expected, name = entry[0], entry[1].lstrip("*")
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue  # a missing file gets transformers' own error
+        actual = _sha256_of_file(path)
+        if actual != expected:
+            raise ValueError(
+                f"{path} does not match the sha256 recorded when it was saved ({record}): expected {expected}, "
+                f"got {actual}. The file is corrupt (bit flips or an incomplete copy): copy or download it again. (If you "
+                "replaced the weights on purpose without save_pretrained, delete checksums.sha256 or re-save.)"
+            )
+
+
+def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args: tuple, kwargs: dict):
+    """`PreTrainedModel.from_pretrained` with the checks a user needs to trust what loaded: a missing local folder
+    (e.g. a checkpoint without its `tokenizer/` subfolder) is a FileNotFoundError naming it, not a "Repo id must be
+    in the form ..." hub error; a truncated or garbled safetensors file is an error naming the file; and layers that
+    `config.json` declares but the weights lack (or the reverse) are an error, not freshly initialised layers."""
+    kwargs = dict(kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    folder = None
+    if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
+        parent = os.path.dirname(path)
+        looks_local = os.path.isabs(path) or path.startswith(".") or os.path.isdir(path) or (parent and os.path.isdir(parent))
+        if looks_local:
+            folder = os.path.join(path, kwargs.get("subfolder") or "")
+            if not os.path.isdir(folder):
+                hint = ""
+                if os.path.basename(os.path.normpath(folder)) == "tokenizer":
+                    hint = (
+                        " A CalM checkpoint keeps its CalmTokenizer in a `tokenizer/` subfolder (written by pretraining "
+                        "and by the main job); point to the tokenizer folder you trained, or re-save the checkpoint."
+                    )
+                raise FileNotFoundError(f"No checkpoint folder at {folder}.{hint}")
+    if folder is not None:
+        verify_weight_checksums(folder)
+    try:
+        model, info = load(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+    except Exception as error:
+        if "safetensor" not in type(error).__name__.lower() and "deserializ" not in str(error).lower():
+            raise
+        where = os.path.join(folder, "model.safetensors") if folder else f"the weights of {pretrained_model_name_or_path}"
+        raise ValueError(
+            f"{where} is truncated or corrupt and cannot be read ({type(error).__name__}: {error}); copy or download "
+            "the checkpoint again, or re-save it with save_pretrained."
+        ) from error
+    layer_keys = [
+        key
+        for key in [*info.get("missing_keys", []), *info.get("unexpected_keys", [])]
+        if re.search(r"(^|\.)layers\.\d+\.", key)
+    ]
+    if layer_keys:
+        missing = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("missing_keys", []) if k in layer_keys})
+        extra = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("unexpected_keys", []) if k in layer_keys})
+        raise ValueError(
+            f"config.json of {pretrained_model_name_or_path} does not match its weights: layers in the config but "
+            f"not in the weights: {missing or 'none'}; layers in the weights but not in the config: {extra or 'none'}. "
+            "Loading would leave randomly initialised (or dropped) layers; fix num_hidden_layers (or the encoder/decoder "
+            "layer counts) in config.json to match the weights."
+        )
+    return (model, info) if want_info else model
 
 
 class CalmPreTrainedModel(PreTrainedModel):
@@ -416,6 +581,10 @@ class CalmPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        return load_checked_pretrained(super().from_pretrained, pretrained_model_name_or_path, args, kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -445,7 +614,10 @@ class CalmPreTrainedModel(PreTrainedModel):
                 }
             )
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_weight_checksums(save_directory)
+        return result
 
     # -- growing the identity tables for new sessions / animals ------------------------------------------------------
 
@@ -598,7 +770,7 @@ class CalmModel(CalmPreTrainedModel):
         config = self.config
         if neuron_ids is None:
             neuron_ids = torch.arange(num_neurons, device=device).expand(batch_size, num_neurons)
-        neuron_ids = torch.as_tensor(neuron_ids, device=device)
+        neuron_ids = _as_integer_tensor(neuron_ids, "neuron_ids", device)
         if neuron_ids.dim() == 1:
             neuron_ids = neuron_ids.expand(batch_size, -1)
         if neuron_ids.shape != (batch_size, num_neurons):
@@ -614,12 +786,12 @@ class CalmModel(CalmPreTrainedModel):
             )
         if session_ids is None:
             session_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
-        session_ids = torch.as_tensor(session_ids, device=device)
+        session_ids = _as_integer_tensor(session_ids, "session_ids", device)
         if session_ids.dim() == 0:
             session_ids = session_ids.expand(batch_size)
         if session_ids.shape != (batch_size,):
             raise ValueError(f"session_ids must have shape (batch,) = ({batch_size},), got {tuple(session_ids.shape)}.")
-        if int(session_ids.min()) < 0 or int(session_ids.max()) >= config.num_sessions:
+        if session_ids.numel() and (int(session_ids.min()) < 0 or int(session_ids.max()) >= config.num_sessions):
             raise ValueError(
                 f"Unknown session id {session_ids.tolist()}: the model has num_sessions={config.num_sessions} "
                 f"(names: {config.session_names}); add the session with model.add_session(name, num_neurons)."
@@ -640,8 +812,11 @@ class CalmModel(CalmPreTrainedModel):
                 f"input_ids must be a (batch, neurons, token_steps) grid of codes, got shape {tuple(input_ids.shape)};"
                 " add the missing axes (e.g. input_ids[None] for one trial)."
             )
-        if input_ids.dtype.is_floating_point:
-            raise ValueError("input_ids must hold integer codes; tokenize traces with CalmTokenizer.encode first.")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(
+                f"input_ids must hold integer codes, got dtype {input_ids.dtype}; tokenize traces with "
+                "CalmTokenizer.encode first."
+            )
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(
                 f"input_ids contain codes in [{int(input_ids.min())}, {int(input_ids.max())}]: the tokenizer "
@@ -1015,6 +1190,7 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             labels = labels.masked_fill(~neuron_mask.to(labels.device).bool()[:, :, None], -100)
         shift_logits = logits[:, :, :-1].float().reshape(-1, self.config.vocab_size)
         shift_labels = labels[:, :, 1:].reshape(-1).to(shift_logits.device)
+        self._check_shifted_labels(shift_labels)
         return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
 
     def value_loss(
@@ -1074,6 +1250,27 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         )
         return outputs.value_predictions[:, :, -1].float()
 
+    def _check_shifted_labels(self, shift_labels: torch.Tensor) -> None:
+        """Out-of-vocabulary targets give an IndexError (or a device assert) inside cross_entropy, and a batch whose
+        targets are all -100 gives a NaN loss that poisons training: name both instead (one host sync)."""
+        if shift_labels.dtype.is_floating_point or shift_labels.dtype == torch.bool:
+            raise TypeError(f"labels must hold integer codes (or -100 to ignore), got dtype {shift_labels.dtype}.")
+        vocab_size = self.config.vocab_size
+        scored = shift_labels != -100
+        out_of_vocab = scored & ((shift_labels < 0) | (shift_labels >= vocab_size))
+        num_scored, num_bad = torch.stack([scored.sum(), out_of_vocab.sum()]).tolist()
+        if num_bad:
+            bad = shift_labels[out_of_vocab]
+            raise ValueError(
+                f"labels hold {num_bad} code(s) outside [0, {vocab_size}) and not -100 (e.g. {int(bad[0])}): use "
+                "codes from the tokenizer this model was built for, and -100 for targets to ignore."
+            )
+        if num_scored == 0:
+            raise ValueError(
+                "Every label is -100 (or masked by neuron_mask) after the one-step shift, so the loss would be NaN: "
+                "give at least 2 token steps and at least one real neuron with real labels."
+            )
+
     # -- generation ---------------------------------------------------------------------------------------------------
 
     def prepare_inputs_for_generation(
@@ -1103,6 +1300,27 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             return kwargs[name]
         config = generation_config if generation_config is not None else self.generation_config
         return getattr(config, name, None)
+
+    def _check_generation_arguments(self, generation_config: GenerationConfig | None, kwargs: dict) -> None:
+        """Range-check the sampling arguments GenerationMixin accepts silently (top_p > 1 samples from the whole
+        vocabulary, a fractional max_new_tokens adds an extra step)."""
+        max_new_tokens = self._generation_setting("max_new_tokens", generation_config, kwargs)
+        if max_new_tokens is not None and (
+            isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        top_p = self._generation_setting("top_p", generation_config, kwargs)
+        if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1] (1 = no nucleus filtering), got {top_p!r}.")
+        top_k = self._generation_setting("top_k", generation_config, kwargs)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+            raise ValueError(f"top_k must be a non-negative integer (0 = no top-k filtering), got {top_k!r}.")
+        temperature = self._generation_setting("temperature", generation_config, kwargs)
+        do_sample = self._generation_setting("do_sample", generation_config, kwargs)
+        if do_sample and temperature is not None and not (
+            isinstance(temperature, numbers.Real) and 0.0 < temperature < float("inf")
+        ):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}; use greedy for argmax.")
 
     @torch.no_grad()
     def generate(
@@ -1138,12 +1356,17 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             input_ids = generate_kwargs.pop("inputs", None)
         if input_ids is None:
             raise ValueError("generate needs input_ids of shape (batch, neurons, token_steps): the context codes.")
+        input_ids = _as_integer_tensor(input_ids, "input_ids")
+        if input_ids.dim() == 3 and 0 in input_ids.shape:
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} (batch, neurons, token_steps) is empty: generate needs "
+                "at least 1 trial, 1 neuron and 1 token step (window_size frames) of context."
+            )
         self.model.validate_input_ids(input_ids)
         if generate_kwargs.get("inputs_embeds") is not None:
             raise ValueError("generate takes input_ids; for embedding feedback use model.rollout(..., mode='soft').")
         batch_size, num_neurons, num_steps = input_ids.shape
-        if num_steps < 1:
-            raise ValueError("The context must hold at least 1 token step; give at least window_size frames.")
+        self._check_generation_arguments(generation_config, generate_kwargs)
         neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
             batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
         )
@@ -1155,6 +1378,8 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         if num_return is None:
             config = generation_config if generation_config is not None else self.generation_config
             num_return = config.num_return_sequences or 1
+        if isinstance(num_return, bool) or not isinstance(num_return, numbers.Integral) or num_return < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}.")
         if generate_kwargs.get("max_length") is not None and generate_kwargs.get("max_new_tokens") is None:
             # max_length counts token steps of the grid; the default max_new_tokens would otherwise win
             generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length") - num_steps

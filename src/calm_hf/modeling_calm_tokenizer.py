@@ -11,6 +11,7 @@ autoregressive head predicting the next `ar_horizon` codes.
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -384,6 +385,110 @@ class CalmTokenizerQuantizer(nn.Module):
         return int(dead.numel())
 
 
+WEIGHT_CHECKSUMS = "checksums.sha256"
+
+
+# Copied from calm_hf.modeling_calm._sha256_of_file, write_weight_checksums, verify_weight_checksums
+
+def _sha256_of_file(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_weight_checksums(save_directory) -> None:
+    """Record the sha256 of every weights file in `<save_directory>/checksums.sha256` (the `sha256sum` format, so
+    `sha256sum -c checksums.sha256` checks a copy by hand); `load_checked_pretrained` verifies it on load."""
+    names = sorted(name for name in os.listdir(save_directory) if name.endswith(".safetensors"))
+    lines = [f"{_sha256_of_file(os.path.join(save_directory, name))}  {name}\n" for name in names]
+    staging = os.path.join(save_directory, WEIGHT_CHECKSUMS + ".partial")
+    with open(staging, "w") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, os.path.join(save_directory, WEIGHT_CHECKSUMS))
+
+
+def verify_weight_checksums(folder: str) -> None:
+    """Raise a ValueError naming the file when a weights file differs from the hash recorded at save time (bit
+    flips, a partial copy that still parses). Folders saved without checksums are not checked."""
+    record = os.path.join(folder, WEIGHT_CHECKSUMS)
+    if not os.path.isfile(record):
+        return
+    with open(record) as handle:
+        entries = [line.strip().split(None, 1) for line in handle if line.strip()]
+    for entry in entries:
+        if len(entry) != 2:
+            raise ValueError(f"{record} is garbled (line {' '.join(entry)!r}); re-save the checkpoint.")
+        expected, name = entry[0], entry[1].lstrip("*")
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue  # a missing file gets transformers' own error
+        actual = _sha256_of_file(path)
+        if actual != expected:
+            raise ValueError(
+                f"{path} does not match the sha256 recorded when it was saved ({record}): expected {expected}, "
+                f"got {actual}. The file is corrupt (bit flips or an incomplete copy): copy or download it again. (If you "
+                "replaced the weights on purpose without save_pretrained, delete checksums.sha256 or re-save.)"
+            )
+
+
+# Copied from calm_hf.modeling_calm.load_checked_pretrained
+def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args: tuple, kwargs: dict):
+    """`PreTrainedModel.from_pretrained` with the checks a user needs to trust what loaded: a missing local folder
+    (e.g. a checkpoint without its `tokenizer/` subfolder) is a FileNotFoundError naming it, not a "Repo id must be
+    in the form ..." hub error; a truncated or garbled safetensors file is an error naming the file; and layers that
+    `config.json` declares but the weights lack (or the reverse) are an error, not freshly initialised layers."""
+    kwargs = dict(kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    folder = None
+    if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
+        parent = os.path.dirname(path)
+        looks_local = os.path.isabs(path) or path.startswith(".") or os.path.isdir(path) or (parent and os.path.isdir(parent))
+        if looks_local:
+            folder = os.path.join(path, kwargs.get("subfolder") or "")
+            if not os.path.isdir(folder):
+                hint = ""
+                if os.path.basename(os.path.normpath(folder)) == "tokenizer":
+                    hint = (
+                        " A CalM checkpoint keeps its CalmTokenizer in a `tokenizer/` subfolder (written by pretraining "
+                        "and by the main job); point to the tokenizer folder you trained, or re-save the checkpoint."
+                    )
+                raise FileNotFoundError(f"No checkpoint folder at {folder}.{hint}")
+    if folder is not None:
+        verify_weight_checksums(folder)
+    try:
+        model, info = load(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+    except Exception as error:
+        if "safetensor" not in type(error).__name__.lower() and "deserializ" not in str(error).lower():
+            raise
+        where = os.path.join(folder, "model.safetensors") if folder else f"the weights of {pretrained_model_name_or_path}"
+        raise ValueError(
+            f"{where} is truncated or corrupt and cannot be read ({type(error).__name__}: {error}); copy or download "
+            "the checkpoint again, or re-save it with save_pretrained."
+        ) from error
+    layer_keys = [
+        key
+        for key in [*info.get("missing_keys", []), *info.get("unexpected_keys", [])]
+        if re.search(r"(^|\.)layers\.\d+\.", key)
+    ]
+    if layer_keys:
+        missing = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("missing_keys", []) if k in layer_keys})
+        extra = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("unexpected_keys", []) if k in layer_keys})
+        raise ValueError(
+            f"config.json of {pretrained_model_name_or_path} does not match its weights: layers in the config but "
+            f"not in the weights: {missing or 'none'}; layers in the weights but not in the config: {extra or 'none'}. "
+            "Loading would leave randomly initialised (or dropped) layers; fix num_hidden_layers (or the encoder/decoder "
+            "layer counts) in config.json to match the weights."
+        )
+    return (model, info) if want_info else model
+
+
 class CalmTokenizerPreTrainedModel(PreTrainedModel):
     config_class = CalmTokenizerConfig
     config: CalmTokenizerConfig
@@ -391,6 +496,10 @@ class CalmTokenizerPreTrainedModel(PreTrainedModel):
     main_input_name = "input_values"
     _no_split_modules = ["CalmTokenizerLayer"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        return load_checked_pretrained(super().from_pretrained, pretrained_model_name_or_path, args, kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -481,18 +590,40 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
                 f"`input_values` has {frames} frames, not a multiple of window_size={window}; "
                 f"crop to {usable} frames, e.g. x[..., :{usable}]."
             )
-        if not torch.is_floating_point(input_values):
-            input_values = input_values.float()
+        if torch.is_complex(input_values) or input_values.dtype == torch.bool:
+            # a complex->real cast silently drops the imaginary part; booleans are masks, not traces
+            raise ValueError(
+                f"`input_values` must be a real float tensor of traces, got dtype {input_values.dtype}; pass e.g. "
+                "x.real.float() or x.abs().float() explicitly if that is what you mean."
+            )
+        source_finite = torch.isfinite(input_values)
+        # check finiteness *after* the cast: float64 values beyond the model dtype's range become +-inf there
+        input_values = input_values.to(self.dtype)
         finite = torch.isfinite(input_values)
         if not bool(finite.all()):
             batch_index, neuron_index, frame_index = (~finite).nonzero()[0].tolist()
             bad_count = int((~finite).sum())
+            overflow = bool(source_finite.all())
+            cause = f"value(s) beyond the range of {self.dtype}" if overflow else "NaN/Inf value(s)"
             raise ValueError(
-                f"`input_values` contains {bad_count} NaN/Inf value(s), first at batch index {batch_index}, neuron "
-                f"{neuron_index}, frame {frame_index}; interpolate or drop that neuron (or use torch.nan_to_num) "
-                "before tokenizing."
+                f"`input_values` contains {bad_count} {cause}, first at batch index {batch_index}, neuron "
+                f"{neuron_index}, frame {frame_index}; "
+                + ("z-score the traces first (encode expects per-neuron z-scored values)." if overflow else
+                   "interpolate or drop that neuron (or use torch.nan_to_num) before tokenizing.")
             )
-        return input_values.to(self.dtype)
+        return input_values
+
+    @staticmethod
+    def _check_encoder_states(latents: torch.Tensor, input_values: torch.Tensor) -> None:
+        """Huge but finite inputs (|x| ~ 1e30) overflow inside the encoder; nearest-code search on NaN/Inf states
+        returns code 0 everywhere, a silent wrong answer, so refuse them with the scale that caused it."""
+        if not bool(torch.isfinite(latents).all()):
+            peak = float(input_values.abs().max())
+            raise ValueError(
+                f"The encoder produced non-finite states for `input_values` with max |x| = {peak:.3g}: the traces "
+                "are far outside the z-scored range the tokenizer was trained on. Z-score each neuron first "
+                "(calm_hf.data.ZScoreStats) or use the neural-forecasting pipeline, which does it for you."
+            )
 
     def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
         if not isinstance(codes, torch.Tensor):
@@ -533,6 +664,30 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         """The codebook, `(codebook_size, hidden_size)` (a detached copy)."""
         return self.quantizer.codebook.detach().clone()
 
+    def fingerprint(self) -> str:
+        """A short hash identifying this trained tokenizer: its codebook (rounded to bfloat16, so an fp32 and a bf16
+        load agree), `window_size` and every CalmTokenizerConfig field. Pretraining stores it in the DAT's config
+        (`tokenizer_fingerprint`); `check_tokenizer_fingerprint` refuses a tokenizer whose hash differs, which catches
+        another run's tokenizer with the same codebook size that would otherwise feed the DAT codes it never saw."""
+        import dataclasses
+        import hashlib
+        import json
+
+        from transformers import PreTrainedConfig
+
+        base_fields = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+        settings = {
+            f.name: getattr(self.config, f.name)
+            for f in dataclasses.fields(type(self.config))
+            if f.name not in base_fields
+        }
+        digest = hashlib.sha256()
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        digest.update(f"window_size={self.config.window_size}".encode())
+        codebook = self.quantizer.codebook.detach().to("cpu", torch.bfloat16).float().contiguous()
+        digest.update(codebook.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def encode(self, input_values: torch.Tensor, return_dict: bool | None = None) -> CalmTokenizerEncoderOutput | tuple:
         r"""
         Args:
@@ -550,6 +705,7 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         batch, neurons, frames = input_values.shape
         # neurons are independent: fold them into the batch -> (batch*neurons, steps, hidden)
         latents = self.encoder(input_values.reshape(batch * neurons, frames))
+        self._check_encoder_states(latents, input_values)
         codes = self.quantizer.nearest_codes(latents)
         embeddings = F.embedding(codes, self.quantizer.codebook)
         codes = codes.reshape(batch, neurons, -1)
@@ -736,14 +892,40 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         if getattr(self.config, "auto_map", None) is not None:
             self.config.auto_map = plain_auto_map(self.config.auto_map)
         rewrite_calm_tokenizer_auto_map(save_directory)
+        if kwargs.get("is_main_process", True):
+            write_weight_checksums(save_directory)
         return result
 
 
 CalmTokenizer.register_for_auto_class("AutoModel")
 
 
+def check_tokenizer_fingerprint(model, tokenizer: CalmTokenizer) -> None:
+    """Refuse a tokenizer that is not the one `model` (a CalM dual-axis transformer) was pretrained with.
+
+    The DAT's config records `tokenizer_fingerprint` (see `CalmTokenizer.fingerprint`) at pretraining; checkpoints
+    saved before it existed carry None and are not checked.
+
+    Raises:
+        `ValueError`: naming both fingerprints and where the right tokenizer lives.
+    """
+    expected = getattr(model.config, "tokenizer_fingerprint", None)
+    if expected is None:
+        return
+    actual = tokenizer.fingerprint()
+    if actual != expected:
+        source = getattr(tokenizer.config, "_name_or_path", "")
+        raise ValueError(
+            f"The tokenizer{f' loaded from {source}' if source else ''} has fingerprint {actual} but the model was pretrained with the tokenizer of "
+            f"fingerprint {expected} (config.tokenizer_fingerprint): its codes would mean different things to the "
+            "model. Load the tokenizer saved with this checkpoint (its `tokenizer/` subfolder), or retokenize and "
+            "pretrain with this one."
+        )
+
+
 __all__ = [
     "CalmTokenizer",
+    "check_tokenizer_fingerprint",
     "CalmTokenizerDecoderOutput",
     "CalmTokenizerEncoderOutput",
     "CalmTokenizerOutput",

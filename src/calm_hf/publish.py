@@ -17,6 +17,7 @@ import datasets
 import numpy as np
 import torch
 
+from .atomic import fsync_tree, replace_folder
 from .baselines.forecasting import MeanForecaster, RidgeARForecaster
 from .cards import render_dataset_card, render_model_card, render_tokenizer_card
 from .data import load_session_metadata
@@ -231,13 +232,13 @@ def write_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_f
         staging / "tokenizer" / "README.md"
     )
     (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
-    shutil.rmtree(model_dir, ignore_errors=True)
-    staging.rename(model_dir)
+    fsync_tree(staging)
+    replace_folder(staging, model_dir)  # the old release stays whole until the new one is complete
 
     dataset_staging = dataset_dir.with_name(dataset_dir.name + ".partial")
     shutil.rmtree(dataset_staging, ignore_errors=True)
-    shutil.copytree(tokenized_dir, dataset_staging, ignore=shutil.ignore_patterns(".calm_stage.json"))
+    shutil.copytree(tokenized_dir, dataset_staging, ignore=shutil.ignore_patterns(".calm_stage*"))
     render_dataset_card(corpus, generation_parameters=run_info.get("simulation", {})).save(dataset_staging / "README.md")
-    shutil.rmtree(dataset_dir, ignore_errors=True)
-    dataset_staging.rename(dataset_dir)
+    fsync_tree(dataset_staging)
+    replace_folder(dataset_staging, dataset_dir)
     return {"metrics": metrics, "model_dir": str(model_dir), "dataset_dir": str(dataset_dir)}

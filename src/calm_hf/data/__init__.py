@@ -20,6 +20,7 @@ from .datasets import (
     load_session_metadata,
     read_session_metadata,
     save_session_metadata,
+    save_trial_dataset,
     session_metadata,
     tokenize_dataset,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "read_session_metadata",
     "resample",
     "save_session_metadata",
+    "save_trial_dataset",
     "session_metadata",
     "simulate_benchmark",
     "simulate_session",

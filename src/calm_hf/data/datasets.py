@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from datasets import Array2D, Dataset, DatasetDict, DatasetInfo, Features, Sequence, Value
 
+from ..atomic import atomic_folder, atomic_write_text
 from .preprocessing import PreparedSession, ZScoreStats
 
 
@@ -244,8 +245,30 @@ def save_session_metadata(
     if path.is_dir() or path.suffix == "":
         path.mkdir(parents=True, exist_ok=True)
         path = path / METADATA_FILENAME
-    path.write_text(json.dumps({METADATA_KEY: [info.to_dict() for info in infos]}, indent=2))
+    # atomic: a run killed mid-write must not leave a truncated calm_sessions.json (wrong normalisation later)
+    atomic_write_text(path, json.dumps({METADATA_KEY: [info.to_dict() for info in infos]}, indent=2))
     return path
+
+
+def save_trial_dataset(
+    dataset: DatasetDict,
+    output_dir: str | os.PathLike,
+    sessions: list[SessionInfo] | list[PreparedSession] | Dataset | DatasetDict | None = None,
+) -> Path:
+    """Save a trial (or tokenized) DatasetDict and its `calm_sessions.json` together, atomically.
+
+    Both are written into `<output_dir>.partial`, flushed and renamed into place, so an interrupted run leaves the
+    previous `output_dir` untouched (never new trials beside old session statistics). `sessions` defaults to the
+    metadata carried in the dataset's `info.description`. Returns `output_dir`.
+    """
+    output_dir = Path(output_dir)
+
+    def write(staging: Path) -> None:
+        dataset.save_to_disk(str(staging))
+        save_session_metadata(staging, sessions if sessions is not None else dataset)
+
+    atomic_folder(output_dir, write)
+    return output_dir
 
 
 def load_session_metadata(path: str | os.PathLike) -> list[SessionInfo]:

@@ -31,6 +31,7 @@ def check_traces(
     name: str = "traces",
     ndim: int | tuple[int, ...] | None = None,
     min_frames: int = 1,
+    dtype: Any = None,
 ) -> np.ndarray:
     """Validate a trace array and return it as a floating numpy array.
 
@@ -43,13 +44,16 @@ def check_traces(
             Accepted rank(s). `None` accepts any rank >= 1.
         min_frames (`int`, *optional*, defaults to 1):
             Minimum length of the last (time) axis.
+        dtype (`np.dtype`, *optional*):
+            Cast to this float dtype before the finiteness check, so float64 values beyond e.g. float32's range
+            (which the cast turns into +-inf) are reported instead of passing silently.
 
     Returns:
-        `np.ndarray`: the traces (float dtype kept, integer input converted to float32).
+        `np.ndarray`: the traces (float dtype kept, integer input converted to float32, or `dtype` when given).
 
     Raises:
-        `ValueError`: wrong rank, empty array, too few frames, or a non-finite value (the message names the first
-        offending trial / neuron / frame).
+        `ValueError`: wrong rank, empty array, complex values, too few frames, or a non-finite value (the message
+        names the first offending trial / neuron / frame).
     """
     array = np.asarray(x)
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
@@ -57,7 +61,17 @@ def check_traces(
             f"{name} must be a numeric array, got dtype {array.dtype}. Pass a float array of shape "
             "(trials, neurons, frames) or (neurons, frames); ragged lists of traces must be padded or cut first."
         )
-    if not np.issubdtype(array.dtype, np.floating):
+    if np.iscomplexobj(array):
+        # a cast to float would silently drop the imaginary part
+        raise ValueError(
+            f"{name} must be real, got complex dtype {array.dtype}; pass np.abs(x) or x.real explicitly."
+        )
+    source_finite = None
+    if dtype is not None:
+        source_finite = bool(np.isfinite(array).all()) if np.issubdtype(array.dtype, np.floating) else True
+        with np.errstate(over="ignore"):
+            array = array.astype(dtype, copy=False)
+    elif not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
@@ -87,11 +101,31 @@ def check_traces(
         axis_names = _AXIS_NAMES.get(array.ndim, tuple(f"axis{i}" for i in range(array.ndim)))
         where = ", ".join(f"{axis} {index}" for axis, index in zip(axis_names, bad))
         count = int((~finite).sum())
+        if source_finite:
+            raise ValueError(
+                f"{name} contains {count} value(s) beyond the range of {np.dtype(dtype).name} (they become inf "
+                f"when cast); the first is at {where}. Rescale the traces (e.g. to other units) before use."
+            )
         raise ValueError(
             f"{name} contains {count} non-finite value(s) (NaN/Inf); the first is at {where} "
             f"(value {array[bad]}). Interpolate or drop the affected neurons/trials before use."
         )
     return array
+
+
+def _check_finite_signal(array: np.ndarray, what: str) -> None:
+    """NaN/Inf would spread along the time axis through a filter (silently blanking whole traces): refuse them."""
+    if np.iscomplexobj(array):
+        raise ValueError(f"{what} needs real traces, got complex dtype {array.dtype}; pass np.abs(x) or x.real.")
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(f"{what} needs a numeric array, got dtype {array.dtype}.")
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(
+            f"{what}: the traces contain {int((~finite).sum())} NaN/Inf value(s), the first at index {bad}; the filter "
+            "would spread them over the rest of the trace. Interpolate or drop those neurons first."
+        )
 
 
 def _check_rate(value: float, name: str) -> float:
@@ -124,6 +158,7 @@ def resample(traces: Any, fs_in: float, fs_out: float, axis: int = -1, max_denom
     array = np.asarray(traces)
     if array.ndim == 0 or array.size == 0:
         raise ValueError(f"resample needs a non-empty array with a time axis, got shape {array.shape}.")
+    _check_finite_signal(array, "resample")
     dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32
     if fs_in == fs_out:
         return array.astype(dtype, copy=True)
@@ -133,7 +168,11 @@ def resample(traces: Any, fs_in: float, fs_out: float, axis: int = -1, max_denom
             f"Cannot resample from {fs_in} Hz to {fs_out} Hz: ratio below 1/{max_denominator}; raise max_denominator."
         )
     out = signal.resample_poly(array.astype(np.float64), ratio.numerator, ratio.denominator, axis=axis, padtype="line")
-    return out.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):
+        out = out.astype(dtype, copy=False)
+    if not np.isfinite(out).all():
+        raise ValueError(f"resample: the resampled traces overflow {np.dtype(dtype).name}; rescale the input first.")
+    return out
 
 
 def causal_ema(traces: Any, alpha: float = 0.15, axis: int = -1) -> np.ndarray:
@@ -154,6 +193,7 @@ def causal_ema(traces: Any, alpha: float = 0.15, axis: int = -1) -> np.ndarray:
     array = np.asarray(traces)
     if array.ndim == 0 or array.size == 0:
         raise ValueError(f"causal_ema needs a non-empty array with a time axis, got shape {array.shape}.")
+    _check_finite_signal(array, "causal_ema")
     dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32
     x = np.moveaxis(array.astype(np.float64), axis, -1)
     b, a = [alpha], [1.0, alpha - 1.0]

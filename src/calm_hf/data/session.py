@@ -36,13 +36,13 @@ class SessionTrials:
     def __post_init__(self):
         self.name = str(self.name)
         self.traces = np.ascontiguousarray(
-            check_traces(self.traces, name=f"traces of session {self.name!r}", ndim=3), dtype=np.float32
+            check_traces(self.traces, name=f"traces of session {self.name!r}", ndim=3, dtype=np.float32)
         )
         self.fs = float(self.fs)
         if not np.isfinite(self.fs) or self.fs <= 0:
             raise ValueError(f"Session {self.name!r}: fs must be a positive frame rate in Hz, got {self.fs}.")
         if self.behavior is not None:
-            behavior = check_traces(self.behavior, name=f"behavior of session {self.name!r}", ndim=3)
+            behavior = check_traces(self.behavior, name=f"behavior of session {self.name!r}", ndim=3, dtype=np.float32)
             if behavior.shape[0] != self.traces.shape[0] or behavior.shape[2] != self.traces.shape[2]:
                 raise ValueError(
                     f"Session {self.name!r}: behavior has shape {behavior.shape} but traces {self.traces.shape}; "

@@ -1,0 +1,570 @@
+"""Issue 12: no silent wrong answers, no obscure crashes, no stale or half-written state.
+
+One test per class of defect, parametrised over the bad inputs that used to give a silent result or an obscure
+traceback; each asserts the clear error (type + words of the message) or the now-correct result. The stage machinery
+of the main job and the atomic writes are tested here with fabricated folders (fast) and with SIGTERM in
+subprocesses; the end-to-end stale-stage case lives in test_main_job.py.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from calm_hf import (
+    CalmConfig,
+    CalmForCausalNeuralModeling,
+    CalmModel,
+    CalmTokenizer,
+    CalmTokenizerConfig,
+)
+from calm_hf.atomic import atomic_folder, atomic_write_text, partial_path, remove_stale_partials
+from calm_hf.cli import load_training_script
+from calm_hf.cli import main as calm_main
+from calm_hf.data import SessionTrials, causal_ema, check_traces, resample
+from calm_hf.forecasting import check_tokenizer_matches_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def src_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    torch.manual_seed(0)
+    return CalmTokenizer(CalmTokenizerConfig.from_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = CalmConfig.from_preset(
+        "tiny", vocab_size=tokenizer.config.codebook_size, window_size=tokenizer.config.window_size,
+        num_neurons=16, num_sessions=2, tokenizer_fingerprint=tokenizer.fingerprint(),
+    )
+    return CalmForCausalNeuralModeling(config).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# numeric guards: encode, trace checks, filters
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        (torch.full((1, 2, 8), 1e30), "non-finite states"),
+        (torch.full((1, 2, 8), -1e35), "non-finite states"),
+        (torch.full((1, 2, 8), 1e300, dtype=torch.float64), "beyond the range of torch.float32"),
+        (torch.full((1, 2, 8), -1e39, dtype=torch.float64), "beyond the range"),
+        (torch.ones(1, 2, 8, dtype=torch.complex64), "complex"),
+        (torch.ones(1, 2, 8, dtype=torch.bool), "bool"),
+    ],
+    ids=["1e30", "-1e35", "float64-1e300", "float64-1e39", "complex", "bool"],
+)
+def test_encode_refuses_values_it_cannot_tokenize(tokenizer, values, match):
+    # before: 1e30 gave all-zero codes, float64 beyond float32 became inf codes, complex dropped the imaginary part
+    with pytest.raises(ValueError, match=match):
+        tokenizer.encode(values)
+
+
+def test_encode_accepts_integer_and_float64_traces_in_range(tokenizer):
+    x = torch.randn(1, 2, 8, dtype=torch.float64)
+    codes = tokenizer.encode(x).codes
+    assert torch.equal(codes, tokenizer.encode(x.float()).codes)
+    assert tokenizer.encode(torch.ones(1, 2, 8, dtype=torch.int64)).codes.shape == (1, 2, 2)
+
+
+@pytest.mark.parametrize("value", [1e39, -3.5e38, 1e300])
+def test_float64_beyond_float32_is_caught_when_cast(value):
+    traces = np.zeros((2, 3, 10))
+    traces[1, 2, 7] = value
+    # before: the finiteness check ran on float64, the cast to float32 then gave inf silently
+    with pytest.raises(ValueError, match="beyond the range of float32.*trial 1, neuron 2, frame 7"):
+        SessionTrials(name="s", traces=traces, fs=5.0)
+    with pytest.raises(ValueError, match="beyond the range"):
+        check_traces(traces, dtype=np.float32)
+
+
+def test_check_traces_refuses_complex():
+    with pytest.raises(ValueError, match="complex"):
+        check_traces(np.ones((2, 5), dtype=np.complex128))
+    with pytest.raises(ValueError, match="complex"):
+        SessionTrials(name="s", traces=np.ones((1, 2, 5), dtype=np.complex64), fs=5.0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("filter_name", ["resample", "causal_ema"])
+def test_filters_refuse_non_finite_instead_of_spreading_it(filter_name, bad):
+    traces = np.ones((2, 30), dtype=np.float32)
+    traces[1, 4] = bad
+    call = (lambda x: resample(x, 10.0, 5.0)) if filter_name == "resample" else causal_ema
+    # before: NaN spread over the rest of the trace (causal_ema) or the whole trace (resample) silently
+    with pytest.raises(ValueError, match=r"NaN/Inf.*\(1, 4\)"):
+        call(traces)
+    with pytest.raises(ValueError, match="complex"):
+        call(traces.astype(np.complex64))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate / forward argument validation
+# ---------------------------------------------------------------------------------------------------------------------
+
+IDS = torch.randint(0, 16, (2, 3, 4), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda ids: ids.to(torch.int16),  # what with_format("numpy") gives for the tokenized dataset
+        lambda ids: ids.to(torch.int8),
+        lambda ids: ids.to(torch.uint8),
+        lambda ids: ids.to(torch.int32),
+        lambda ids: ids.numpy().astype(np.int16),
+        lambda ids: ids.numpy().astype(np.uint16),
+        lambda ids: ids.tolist(),
+    ],
+    ids=["int16", "int8", "uint8", "int32", "numpy-int16", "numpy-uint16", "list"],
+)
+def test_generate_accepts_any_integer_ids(model, convert):
+    expected = model.generate(input_ids=IDS, max_new_tokens=2)
+    assert torch.equal(model.generate(input_ids=convert(IDS), max_new_tokens=2), expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(input_ids=IDS.float()), TypeError, "must hold integers, got dtype torch.float32"),
+        (dict(input_ids=IDS > 3), TypeError, "must hold integers, got dtype torch.bool"),
+        (dict(input_ids=IDS.to(torch.complex64)), TypeError, "complex"),
+        (dict(input_ids=IDS.numpy().astype(np.float64)), TypeError, "float64"),
+        (dict(input_ids=[[[1, 2], [3]]]), TypeError, "nested list"),
+        (dict(input_ids=IDS[:, :0]), ValueError, "is empty"),
+        (dict(input_ids=IDS[:0]), ValueError, "is empty"),
+        (dict(input_ids=IDS[:, :, :0]), ValueError, "is empty"),
+        (dict(input_ids=IDS, num_return_sequences=0), ValueError, "num_return_sequences"),
+        (dict(input_ids=IDS, num_return_sequences=-1), ValueError, "num_return_sequences"),
+        (dict(input_ids=IDS, num_return_sequences=2.5), ValueError, "num_return_sequences"),
+        (dict(input_ids=IDS, do_sample=True, top_p=2.0), ValueError, "top_p"),
+        (dict(input_ids=IDS, do_sample=True, top_p=0.0), ValueError, "top_p"),
+        (dict(input_ids=IDS, do_sample=True, top_p=float("nan")), ValueError, "top_p"),
+        (dict(input_ids=IDS, do_sample=True, top_k=-1), ValueError, "top_k"),
+        (dict(input_ids=IDS, do_sample=True, temperature=0.0), ValueError, "temperature"),
+        (dict(input_ids=IDS, do_sample=True, temperature=float("inf")), ValueError, "temperature"),
+        (dict(input_ids=IDS, max_new_tokens=0), ValueError, "max_new_tokens"),
+        (dict(input_ids=IDS, max_new_tokens=2.5), ValueError, "max_new_tokens"),
+        (dict(input_ids=IDS + 100), ValueError, "vocab_size"),
+        (dict(input_ids=IDS, neuron_ids=torch.zeros(2, 3)), TypeError, "neuron_ids must hold integers"),
+        (dict(input_ids=IDS, session_ids=[0.5, 1.0]), TypeError, "session_ids must hold integers"),
+    ],
+    ids=["float", "bool", "complex", "numpy-float", "ragged", "0-neurons", "0-batch", "0-steps", "nrs-0", "nrs-neg",
+         "nrs-frac", "top_p-2", "top_p-0", "top_p-nan", "top_k-neg", "temperature-0", "temperature-inf", "mnt-0",
+         "mnt-frac", "oov", "float-neuron-ids", "float-session-ids"],
+)
+def test_generate_refuses_bad_arguments_clearly(model, kwargs, error, match):
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        model.generate(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (torch.full_like(IDS, 99), "outside \\[0, 16\\)"),
+        (torch.full_like(IDS, -5), "outside"),
+        (torch.full_like(IDS, -100), "Every label is -100"),
+        (IDS[:, :, :1], None),  # one step: nothing to predict after the shift
+    ],
+    ids=["oov", "negative", "all-ignored", "one-step"],
+)
+def test_labels_out_of_vocabulary_or_all_ignored_is_a_clear_error(model, labels, match):
+    if match is None:
+        with pytest.raises(ValueError, match="Every label is -100"):
+            model(input_ids=IDS[:, :, :1], labels=labels)
+        return
+    with pytest.raises(ValueError, match=match):  # before: IndexError "Target 99 is out of bounds" / NaN loss
+        model(input_ids=IDS, labels=labels)
+
+
+def test_partially_ignored_labels_still_give_a_finite_loss(model):
+    labels = IDS.clone()
+    labels[0] = -100
+    assert torch.isfinite(model(input_ids=IDS, labels=labels).loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eager attention memory guard
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_eager_attention_chunks_under_the_memory_bound_and_refuses_beyond(monkeypatch):
+    torch.manual_seed(0)
+    config = CalmConfig.from_preset("tiny", vocab_size=16, num_neurons=300, num_sessions=1, attn_implementation="eager")
+    eager = CalmForCausalNeuralModeling(config).eval()
+    ids = torch.randint(0, 16, (2, 300, 6))
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1, 250:] = False
+    with torch.no_grad():
+        whole = eager(input_ids=ids, neuron_mask=mask).logits
+        # 300 neurons x 2 heads x 300 x 12 bytes = 2.2 MB per sequence: 5 MB forces chunks of 2 of the 12 sequences
+        monkeypatch.setenv("CALM_EAGER_ATTENTION_MAX_GIB", str(5e6 / 2**30))
+        chunked = eager(input_ids=ids, neuron_mask=mask).logits
+    assert torch.allclose(whole, chunked, atol=1e-6)
+    monkeypatch.setenv("CALM_EAGER_ATTENTION_MAX_GIB", str(1e6 / 2**30))
+    with pytest.raises(ValueError, match=r"300 neurons needs ~\d+\.\d MiB.*\(2\.1 MiB per sequence.*attn_implementation='sdpa'"):
+        eager(input_ids=ids)
+
+
+def test_eager_guard_estimate_matches_the_issue_scale():
+    from calm_hf.modeling_calm import eager_attention_bytes
+
+    # 20k neurons, 8 heads, one sequence: ~38 GB of float32 score matrices, far above the default 4 GiB
+    assert eager_attention_bytes(1, 8, 20_000, 20_000) / 2**30 > 30
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoint integrity and the tokenizer fingerprint
+# ---------------------------------------------------------------------------------------------------------------------
+
+def corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"not a safetensors file" * 8)
+    elif how == "header-only":
+        path.write_bytes(data[:5])
+    elif how == "empty":
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["with-checksums", "without-checksums"])
+@pytest.mark.parametrize("how", ["truncated", "garbage", "header-only", "empty"])
+@pytest.mark.parametrize("which", ["model", "tokenizer"])
+def test_corrupt_safetensors_is_an_error_naming_the_file(tmp_path, model, tokenizer, which, how, checksums):
+    folder = tmp_path / which
+    (model if which == "model" else tokenizer).save_pretrained(folder)
+    corrupt(folder / "model.safetensors", how)
+    if not checksums:  # a checkpoint saved before checksums existed: the safetensors parser's error is rewrapped
+        (folder / "checksums.sha256").unlink()
+    cls = CalmForCausalNeuralModeling if which == "model" else CalmTokenizer
+    with pytest.raises((ValueError, OSError), match=str(folder / "model.safetensors").replace(".", r"\.")):
+        cls.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("which", ["model", "tokenizer"])
+def test_bit_flipped_weights_are_refused(tmp_path, model, tokenizer, which):
+    folder = tmp_path / which
+    (model if which == "model" else tokenizer).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # one bit of the last tensor: the file still parses and loads
+    weights.write_bytes(bytes(data))
+    cls = CalmForCausalNeuralModeling if which == "model" else CalmTokenizer
+    with pytest.raises(ValueError, match="does not match the sha256 recorded"):  # before: loaded and generated
+        cls.from_pretrained(folder)
+    line = (folder / "checksums.sha256").read_text().split()
+    assert line[1] == "model.safetensors" and len(line[0]) == 64  # `sha256sum -c` format
+
+
+def test_missing_tokenizer_subfolder_is_a_file_not_found_error(tmp_path, model):
+    model.save_pretrained(tmp_path / "calm-base")
+    for call in (lambda: CalmTokenizer.from_pretrained(tmp_path / "calm-base" / "tokenizer"),
+                 lambda: CalmTokenizer.from_pretrained(str(tmp_path / "calm-base"), subfolder="tokenizer")):
+        # before: "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+        with pytest.raises(FileNotFoundError, match="tokenizer/` subfolder"):
+            call()
+    with pytest.raises(FileNotFoundError, match="No checkpoint folder"):
+        CalmForCausalNeuralModeling.from_pretrained(tmp_path / "no-such-run")
+
+
+@pytest.mark.parametrize("delta", [+1, -1])
+@pytest.mark.parametrize("cls", [CalmForCausalNeuralModeling, CalmModel])
+def test_config_weights_layer_mismatch_is_an_error(tmp_path, model, cls, delta):
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] += delta
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    # before: a warning, and randomly initialised (or dropped) layers
+    with pytest.raises(ValueError, match="does not match its weights"):
+        cls.from_pretrained(tmp_path)
+
+
+def test_tokenizer_layer_mismatch_is_an_error(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_decoder_layers"] += 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="decoder.layers"):
+        CalmTokenizer.from_pretrained(tmp_path)
+
+
+def test_intact_checkpoints_still_load_with_loading_info(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    loaded, info = CalmForCausalNeuralModeling.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert isinstance(CalmModel.from_pretrained(tmp_path), CalmModel)  # the head's weights are not an error
+
+
+def test_load_checks_are_copied_identically_into_the_tokenizer_file():
+    import inspect
+
+    from calm_hf import modeling_calm, modeling_calm_tokenizer
+
+    for name in ("load_checked_pretrained", "_sha256_of_file", "write_weight_checksums", "verify_weight_checksums"):
+        assert inspect.getsource(getattr(modeling_calm, name)) == inspect.getsource(
+            getattr(modeling_calm_tokenizer, name)
+        ), name
+    assert modeling_calm.WEIGHT_CHECKSUMS == modeling_calm_tokenizer.WEIGHT_CHECKSUMS
+
+
+def test_tokenizer_fingerprint_refuses_another_runs_tokenizer(tmp_path, model, tokenizer):
+    torch.manual_seed(1)
+    other = CalmTokenizer(CalmTokenizerConfig.from_preset("tiny")).eval()
+    assert other.config.codebook_size == model.config.vocab_size  # same size: the old check let it through
+    with pytest.raises(ValueError, match=f"fingerprint {other.fingerprint()}.*fingerprint {tokenizer.fingerprint()}"):
+        check_tokenizer_matches_model(model, other)
+    check_tokenizer_matches_model(model, tokenizer)
+    # stable across save/load and a bf16 load
+    tokenizer.save_pretrained(tmp_path / "tok")
+    model.save_pretrained(tmp_path / "model")
+    reloaded = CalmForCausalNeuralModeling.from_pretrained(tmp_path / "model")
+    check_tokenizer_matches_model(reloaded, CalmTokenizer.from_pretrained(tmp_path / "tok"))
+    check_tokenizer_matches_model(reloaded, CalmTokenizer.from_pretrained(tmp_path / "tok", dtype=torch.bfloat16))
+    # a checkpoint from before fingerprints (None) is not refused
+    legacy = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", vocab_size=model.config.vocab_size))
+    check_tokenizer_matches_model(legacy, other)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI exit codes
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["push", "/no/such/calm-base", "someone/calm-base"], 1),
+        (["forecast", "--model", "/no/such/model", "--traces", "/no/such.npy", "--horizon", "3"], 1),
+        (["tokenize", "--tokenizer_path", "/no/such/tok", "--trials_dataset", "/no/such/trials", "--output_dir",
+          "/tmp/calm-test-never-written"], 1),
+        (["no-such-command"], 2),
+        (["forecast", "--horizon", "x"], 2),
+        (["--help"], 0),
+    ],
+    ids=["push-missing-folder", "forecast-missing-file", "tokenize-missing-tokenizer", "unknown-command",
+         "bad-flag", "help"],
+)
+def test_cli_returns_non_zero_on_every_failure(argv, code, capsys):
+    assert calm_main(argv) == code  # before: push returned None (exit 0) on every failure
+    if code == 1:
+        assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["truncated-npz", "garbage-npz", "truncated-npy", "npz-without-traces",
+                                  "npz-renamed-npy-without-traces"])
+def test_calm_forecast_names_a_corrupt_trace_file(tmp_path, model, kind, capsys):
+    model.save_pretrained(tmp_path / "calm-base")
+    archive = tmp_path / "ok.npz"
+    np.savez(archive, traces=np.zeros((3, 40), dtype=np.float32))
+    np.save(tmp_path / "ok.npy", np.zeros((3, 40), dtype=np.float32))
+    path = tmp_path / ("bad.npz" if "npz" in kind and "renamed" not in kind else "bad.npy")
+    if kind == "truncated-npz":
+        path.write_bytes(archive.read_bytes()[:100])
+    elif kind == "garbage-npz":
+        path.write_bytes(b"PK\x03\x04" + b"x" * 50)
+    elif kind == "truncated-npy":
+        path.write_bytes((tmp_path / "ok.npy").read_bytes()[:-40])
+    else:
+        np.savez(tmp_path / "other.npz", x=np.zeros(3))
+        path.write_bytes((tmp_path / "other.npz").read_bytes())
+    # before: BadZipFile / EOFError / an NpzFile passed on as traces, without the path
+    assert calm_main(["forecast", "--model", str(tmp_path / "calm-base"), "--traces", str(path), "--horizon", "4"]) == 1
+    assert str(path) in capsys.readouterr().err
+
+
+def test_calm_push_failure_exits_non_zero_in_a_subprocess(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "calm_hf.cli", "push", str(tmp_path / "missing"), "a/b"],
+                            capture_output=True, text=True, env=src_env(), timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "does not exist" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# stage machinery of the main job (fabricated folders) and atomic writes
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_all():
+    return load_training_script("run_all")
+
+
+def fake_checkpoint(folder: Path, state: bool = True, weights: str = "ok", optimizer: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    if state:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[-1])}))
+    if weights != "none":
+        save_file({"w": torch.ones(64)}, str(folder / "model.safetensors"))
+        if weights == "truncated":
+            corrupt(folder / "model.safetensors", "truncated")
+    if optimizer:
+        torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+        torch.save({"last_epoch": 1}, folder / "scheduler.pt")
+    return folder
+
+
+def test_resume_only_from_complete_checkpoints(tmp_path, run_all, caplog):
+    stage = run_all.Stage(tmp_path / "pretrain", {"argv": ["--seed", "0"]})
+    good = fake_checkpoint(stage.path / "checkpoint-2")
+    fake_checkpoint(stage.path / "checkpoint-4", optimizer=False)
+    fake_checkpoint(stage.path / "checkpoint-6", weights="truncated")
+    fake_checkpoint(stage.path / "checkpoint-8", state=False)
+    with caplog.at_level("WARNING"):
+        # before: checkpoint-8 (no trainer_state.json) was resumed from and every re-run failed until --fresh
+        assert stage.last_checkpoint() == str(good)
+    assert "no trainer_state.json" in caplog.text and "unreadable model.safetensors" in caplog.text
+    assert sorted(p.name for p in stage.path.iterdir()) == ["checkpoint-2"]
+
+
+def test_changed_parameters_never_resume_the_old_runs_checkpoints(tmp_path, run_all):
+    old = run_all.Stage(tmp_path / "pretrain", {"argv": ["--seed", "0"]})
+    old.start()
+    fake_checkpoint(old.path / "checkpoint-7")
+    old.finish(1.0)
+    new = run_all.Stage(tmp_path / "pretrain", {"argv": ["--seed", "1"]})
+    assert old.done() and not new.done()
+    new.start()  # before: the seed-1 run resumed seed-0's finished checkpoint-7 and trained 0 steps
+    assert new.last_checkpoint() is None and not old.done()
+    # an interrupted run of the *same* parameters keeps its checkpoints
+    fake_checkpoint(new.path / "checkpoint-3")
+    again = run_all.Stage(tmp_path / "pretrain", {"argv": ["--seed", "1"]})
+    again.start()
+    assert again.last_checkpoint() == str(new.path / "checkpoint-3")
+
+
+@pytest.mark.parametrize("content", ['{"key": "abc", "sec', "", "\x00\x01", "[1, 2]"])
+def test_truncated_stage_marker_means_not_done(tmp_path, run_all, content):
+    stage = run_all.Stage(tmp_path / "trials", {"argv": []})
+    stage.path.mkdir()
+    stage.marker.write_text(content)
+    assert not stage.done()  # before: JSONDecodeError on every run
+    assert stage.seconds() == 0.0
+
+
+def test_stage_markers_are_written_atomically(tmp_path, run_all):
+    stage = run_all.Stage(tmp_path / "tokenizer", {"argv": []})
+    stage.start()
+    stage.finish(2.5, metrics={"loss": 1.0})
+    assert stage.done() and stage.seconds() == 2.5
+    assert not list(stage.path.glob("*.partial"))
+    atomic = run_all.Stage(tmp_path / "trials", {"argv": []}, atomic=True)
+    atomic.start()
+    atomic.output.mkdir()
+    (atomic.output / "data.txt").write_text("new")
+    atomic.finish(1.0)
+    assert (atomic.path / "data.txt").read_text() == "new" and atomic.done() and not atomic.output.exists()
+
+
+def test_stale_partials_are_removed(tmp_path):
+    (tmp_path / "trials.partial" / "train").mkdir(parents=True)
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / ".calm_stage.json.partial").write_text("{")
+    (tmp_path / "keep").mkdir()
+    removed = remove_stale_partials(tmp_path)
+    assert sorted(p.name for p in removed) == [".calm_stage.json.partial", "trials.partial"]
+    assert (tmp_path / "keep").is_dir() and (tmp_path / "tokenizer").is_dir()
+
+
+def test_atomic_folder_keeps_the_old_version_when_writing_fails(tmp_path):
+    target = tmp_path / "out"
+    atomic_folder(target, lambda staging: (staging.mkdir(), (staging / "v").write_text("1")))
+
+    def failing(staging):
+        staging.mkdir()
+        (staging / "v").write_text("2")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_folder(target, failing)
+    assert (target / "v").read_text() == "1" and not partial_path(target).exists()
+    atomic_write_text(tmp_path / "f.json", "{}")
+    assert (tmp_path / "f.json").read_text() == "{}" and not partial_path(tmp_path / "f.json").exists()
+
+
+KILLED_SAVE = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+    import calm_hf.data.datasets as ds
+
+    out = sys.argv[1]
+    def corpus(value):
+        return DatasetDict({"train": Dataset.from_dict({"x": [value] * 4})})
+    ds.save_trial_dataset(corpus(1), out, sessions=[])
+    real = ds.save_session_metadata
+    def slow(path, sessions):  # the splits are written; metadata pending: where `calm prepare` used to be killed
+        print("SPLITS WRITTEN", flush=True)
+        time.sleep(60)
+        return real(path, sessions)
+    ds.save_session_metadata = slow
+    ds.save_trial_dataset(corpus(2), out, sessions=[])
+    """
+)
+
+
+def test_sigterm_while_saving_a_dataset_leaves_the_old_one_whole(tmp_path):
+    out = tmp_path / "trials"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(out)], stdout=subprocess.PIPE, text=True,
+                               env=src_env())
+    try:
+        assert process.stdout.readline().strip() == "SPLITS WRITTEN"
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    from datasets import load_from_disk
+
+    # before: the new splits sat beside the old calm_sessions.json; now the old version is intact and complete
+    assert load_from_disk(str(out))["train"]["x"] == [1] * 4
+    assert json.loads((out / "calm_sessions.json").read_text()) == {"calm_sessions": []}
+    assert partial_path(out).exists()  # killed hard: the stale staging folder is left ...
+    remove_stale_partials(tmp_path, max_depth=1)  # ... and removed by the next run
+    assert not partial_path(out).exists()
+
+
+@pytest.mark.slow
+def test_main_job_killed_with_sigterm_resumes_cleanly(tmp_path):
+    """SIGTERM during tokenizer training: the job exits non-zero without a staging folder; the re-run finishes and
+    its release is complete (about 30 s: two tiny runs)."""
+    command = [sys.executable, "-m", "calm_hf.cli", "main", "--size", "tiny", "--output_dir", str(tmp_path),
+               "--bf16", "false"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=src_env())
+        deadline = time.time() + 120
+        while "[train_tokenizer] running" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    assert process.returncode != 0, log.read_text()[-2000:]
+    work = tmp_path / ".calm-base-work"
+    assert not list(work.glob("*.partial")) and not (tmp_path / "calm-base").exists()
+    (work / "tokenized.partial").mkdir()  # as a SIGKILL would leave it
+    result = subprocess.run(command, capture_output=True, text=True, env=src_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[simulate] reusing" in result.stderr
+    assert not list(work.glob("*.partial")) and not list(tmp_path.glob("*.partial"))
+    assert (tmp_path / "calm-base" / "run_summary.json").is_file()
