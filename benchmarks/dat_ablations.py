@@ -238,8 +238,9 @@ class Row:
         rng = np.random.default_rng(args.seed)
         budget, curve, step = self.minutes * 60.0, [], 0
         start = last_eval = time.perf_counter()
+        eval_seconds = 0.0  # evaluation time is not training time: it is excluded from the budget and the curve
         model.train()
-        while (elapsed := time.perf_counter() - start) < budget:
+        while (elapsed := time.perf_counter() - start - eval_seconds) < budget:
             index = rng.integers(0, len(train), args.batch)
             chosen = torch.stack([torch.as_tensor(np.sort(rng.permutation(self.num_neurons)[: self.neurons_per_example]))
                                   for _ in index])
@@ -256,11 +257,14 @@ class Row:
             optimizer.step()
             step += 1
             if time.perf_counter() - last_eval >= args.eval_every_seconds:
-                point = {"seconds": round(time.perf_counter() - start, 1), "step": step, **self.evaluate(modes[:1])}
+                eval_start = time.perf_counter()
+                point = {"seconds": round(eval_start - start - eval_seconds, 1), "step": step,
+                         **self.evaluate(modes[:1])}
                 curve.append(point)
                 log(f"  {self.name} {point}")
                 last_eval = time.perf_counter()
-        seconds = time.perf_counter() - start
+                eval_seconds += last_eval - eval_start
+        seconds = time.perf_counter() - start - eval_seconds
         final = self.evaluate(modes)
         log(f"{self.name}: {step} steps in {seconds:.0f} s -> {final}")
         probe = self.swap_probe(12 if args.quick else 60)
