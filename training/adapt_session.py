@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=corpus["validation"].select_columns(columns),
         data_collator=collator,
         callbacks=[CollatorEpochCallback(collator)],
+        neural_tokenizer=tokenizer,
     )
     trainer.train()
     model.unfreeze_all() if hasattr(model, "unfreeze_all") else None

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=validation.select_columns(columns),
         data_collator=collator,
         callbacks=[CollatorEpochCallback(collator)],
+        neural_tokenizer=tokenizer,
         extra_evaluation=extra,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

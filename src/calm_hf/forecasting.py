@@ -1,8 +1,11 @@
 """Forecasting with a CalM checkpoint: tokenize a context, roll out the dual-axis transformer, decode.
 
-`CalmForecaster` works on z-scored traces at the model's frame rate; the `"neural-forecasting"` pipeline
-(`pipeline_neural_forecasting.py`) wraps it with unit conversion and resampling. `evaluate_forecasting` scores
-a held-out split with the paper's protocol and serves `training/pretrain.py`, the main job and the benchmarks.
+`CalmForecaster` works on z-scored traces at the model's frame rate (`forecast`), or on raw traces through the
+checkpoint's `CalmTraceProcessor` (`forecast_traces`); the `"neural-forecasting"` pipeline
+(`pipeline_neural_forecasting.py`) wraps the latter. `evaluate_forecasting` scores a held-out split with the paper's
+protocol and serves `training/pretrain.py`, the main job and the benchmarks.
+
+This file ships with checkpoints (the pipeline imports it), so it imports only numpy, torch and its siblings.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from .metrics.functional import forecast_pearson_r, mse
 
 ROLLOUT_MODES = ("greedy", "sample", "mean", "soft")
 
@@ -182,10 +183,9 @@ class CalmForecaster:
                     "interpolate or drop that neuron before forecasting."
                 )
             context_ids = self.tokenize(values)
-        new_steps = -(-horizon // self.window_size)
-        codes = self.rollout(
+        return self._predict(
             context_ids,
-            new_steps,
+            horizon,
             neuron_ids=neuron_ids,
             session_ids=session_ids,
             neuron_mask=neuron_mask,
@@ -195,12 +195,46 @@ class CalmForecaster:
             top_k=top_k,
             top_p=top_p,
         )
+
+    def _predict(self, context_ids: torch.Tensor, horizon: int, **rollout_kwargs) -> ForecastResult:
+        """The model call: context codes (batch, neurons, steps) -> `horizon` z-scored frames after the context.
+        Kept in one place so another point forecast (e.g. a continuous head) can replace the token rollout."""
+        new_steps = -(-horizon // self.window_size)
+        codes = self.rollout(context_ids, new_steps, **rollout_kwargs)
         # The decoder sees context and rollout together so the seam is decoded with its left context.
         decoded = self.decode(codes)  # (batch, samples, neurons, frames)
         context_frames = context_ids.shape[-1] * self.window_size
         future = decoded[..., context_frames : context_frames + horizon].numpy()
         samples = future if future.shape[1] > 1 else None
         return ForecastResult(forecast=future.mean(axis=1), samples=samples, codes=codes.numpy())
+
+    def forecast_traces(
+        self,
+        traces: np.ndarray,
+        horizon: int,
+        processor=None,
+        sampling_rate: float | None = None,
+        mean: np.ndarray | None = None,
+        std: np.ndarray | None = None,
+        max_context_frames: int | None = None,
+        **forecast_kwargs,
+    ) -> dict:
+        """Forecast raw traces `(batch, neurons, frames)` (or `(neurons, frames)`) in their own units and rate.
+
+        `processor` (a `CalmTraceProcessor`; default: one matching the model config) resamples (end aligned),
+        z-scores and crops; the model forecasts at its rate; the processor maps the forecast back. Returns a dict
+        with `forecast` `(batch, neurons, horizon)`, `samples` `(batch, samples, neurons, horizon)` or None, and
+        the processor's `features`."""
+        if processor is None:
+            from .processing_calm import CalmTraceProcessor
+
+            processor = CalmTraceProcessor.from_model_config(self.model.config)
+        features = processor(traces, sampling_rate=sampling_rate, mean=mean, std=std, max_frames=max_context_frames)
+        fs = features["sampling_rate"]
+        result = self.forecast(features["input_values"], horizon=processor.model_horizon(horizon, fs), **forecast_kwargs)
+        forecast = processor.postprocess_forecast(result.forecast, features, horizon)
+        samples = None if result.samples is None else processor.postprocess_forecast(result.samples, features, horizon)
+        return {"forecast": forecast, "samples": samples, "features": features}
 
 
 def evaluate_forecasting(
@@ -221,6 +255,10 @@ def evaluate_forecasting(
     trial. Pearson r per neuron over the horizon, averaged over neurons -> trials -> sessions, and MSE in z-scored
     units.
     """
+    try:  # imported here, not at the top: this file also ships inside checkpoints, without calm_hf's metrics
+        from calm_hf.metrics.functional import forecast_pearson_r, mse
+    except ImportError as error:  # pragma: no cover
+        raise ImportError("evaluate_forecasting needs the calm_hf package (pip install calm_hf).") from error
     window = forecaster.window_size
     if context_frames % window:
         raise ValueError(f"context_frames={context_frames} must be a multiple of the token window {window}.")
