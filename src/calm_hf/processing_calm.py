@@ -136,8 +136,9 @@ class CalmTraceProcessor(FeatureExtractionMixin):
     # ------------------------------------------------------------------ resampling (end aligned)
 
     def model_frames(self, num_frames: int, sampling_rate: float) -> int:
-        """Model-rate frames covering `num_frames` input frames (same duration, rounded)."""
-        return max(1, int(round(num_frames * self.sampling_rate / sampling_rate)))
+        """Model-rate frames covering the duration of `num_frames` input frames (rounded up, as polyphase resamplers
+        do; the earliest model frame may then sit up to one model frame before the first input frame, extrapolated)."""
+        return max(1, int(math.ceil(num_frames * self.sampling_rate / sampling_rate - 1e-9)))
 
     def resample(self, traces: np.ndarray, sampling_rate: float) -> np.ndarray:
         """`(..., frames)` at `sampling_rate` -> `(..., model_frames)` at the model rate; the last output frame is the
