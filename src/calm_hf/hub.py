@@ -263,6 +263,12 @@ def push_to_hub(
             dataset_url = api.create_repo(dataset_repo_id, repo_type="dataset", private=private, exist_ok=True)
             info = dataset.push_to_hub(dataset_repo_id, private=private, token=token,
                                        commit_message="Upload tokenized CalM dataset")
+            # Session metadata (names, neuron ranges, z-score statistics) travels as the same sidecar as on disk, so
+            # load_trial_corpus("namespace/name") and the training scripts get it back.
+            sidecar = Path(dataset_dir) / "calm_sessions.json"
+            if sidecar.is_file():
+                api.upload_file(path_or_fileobj=str(sidecar), path_in_repo=sidecar.name, repo_id=dataset_repo_id,
+                                repo_type="dataset", commit_message="Upload calm_hf session metadata")
             card_path = Path(dataset_dir) / "README.md"
             card_commit = _merge_dataset_card(api, dataset_repo_id, card_path, token) if card_path.is_file() else None
             result.update(dataset_url=str(dataset_url), dataset_commit=card_commit or getattr(info, "oid", None))

@@ -23,13 +23,21 @@ class CalmTrainer(Trainer):
         neural_tokenizer: the `CalmTokenizer` of a dual-axis transformer being trained. Every save of such a model
             (final, intermediate, and so `push_to_hub=True`) writes a complete checkpoint: `tokenizer/`, the trace
             processor, the remote-code files and `custom_pipelines` (`calm_hf.checkpoint.complete_checkpoint`).
+        trace_processor: the `CalmTraceProcessor` saved with it (default: one matching the model config).
         All other arguments are `Trainer`'s.
     """
 
     def __init__(
-        self, *args, log_fields: list[str] | None = None, extra_evaluation=None, neural_tokenizer=None, **kwargs
+        self,
+        *args,
+        log_fields: list[str] | None = None,
+        extra_evaluation=None,
+        neural_tokenizer=None,
+        trace_processor=None,
+        **kwargs,
     ):
         self.neural_tokenizer = neural_tokenizer
+        self.trace_processor = trace_processor
         super().__init__(*args, **kwargs)
         self.log_fields = log_fields
         self.extra_evaluation = extra_evaluation
@@ -76,7 +84,8 @@ class CalmTrainer(Trainer):
         if getattr(model.config, "model_type", None) == "calm":  # the dual-axis transformer, not the tokenizer
             from .checkpoint import complete_checkpoint
 
-            complete_checkpoint(output_dir or self.args.output_dir, tokenizer=self.neural_tokenizer)
+            complete_checkpoint(output_dir or self.args.output_dir, tokenizer=self.neural_tokenizer,
+                                processor=self.trace_processor)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """A CalM card instead of the generic Trainer card when pushing a dual-axis transformer."""
