@@ -19,7 +19,7 @@ def pretrained(tmp_path_factory):
     """A tiny tokenizer and dual-axis transformer pretrained for a few steps on a tiny simulation."""
     root = tmp_path_factory.mktemp("byo")
     calm(["prepare", "--output_dir", str(root / "sim"), "--num_sessions", "2", "--num_neurons", "10", "--num_trials",
-          "12", "--num_steps", "40"])
+          "12", "--num_steps", "60"])
     calm(["train-tokenizer", "--trials_dataset", str(root / "sim"), "--output_dir", str(root / "tok"), "--preset", "tiny",
           "--max_steps", "3", "--per_device_train_batch_size", "32", *TRAIN_FLAGS])
     calm(["tokenize", "--tokenizer_path", str(root / "tok"), "--trials_dataset", str(root / "sim"),

@@ -65,7 +65,12 @@ def complete_checkpoint(folder: str | os.PathLike, tokenizer=None, processor=Non
     if "CalmForBehaviorRegression" in (config.get("architectures") or []):
         # No Auto class names behaviour decoding; time-series prediction is the closest, and calm_hf registers it too.
         # A behaviour head does not forecast traces, so no forecasting pipeline is advertised for it.
-        config.setdefault("auto_map", {})["AutoModelForTimeSeriesPrediction"] = "modeling_calm.CalmForBehaviorRegression"
+        auto_map = config.setdefault("auto_map", {})
+        auto_map["AutoModelForTimeSeriesPrediction"] = "modeling_calm.CalmForBehaviorRegression"
+        auto_map.setdefault("AutoConfig", "configuration_calm.CalmConfig")
+        for name in ("configuration_calm.py", "modeling_calm.py"):  # the head class is not registered for copying
+            if not (folder / name).is_file():
+                shutil.copyfile(package / name, folder / name)
     else:
         config["custom_pipelines"] = CUSTOM_PIPELINES
     if json.dumps(config, sort_keys=True) != before:
