@@ -107,13 +107,14 @@ def recording_to_session(recording: Recording, trial_seconds: float | None, stri
 def load_sessions(args: PrepareArguments) -> list[SessionTrials]:
     recordings = load_recordings(args)
     if not recordings:
-        return simulate_benchmark(
-            num_sessions=args.num_sessions,
-            seed=args.seed,
-            num_neurons=args.num_neurons,
-            num_trials=args.num_trials,
-            num_steps=args.num_steps,
-        )
+        from tqdm.auto import tqdm
+
+        # one session per call (session i = seed + i, as simulate_benchmark names them) so a bar shows progress
+        return [
+            simulate_benchmark(num_sessions=1, seed=args.seed + i, num_neurons=args.num_neurons,
+                               num_trials=args.num_trials, num_steps=args.num_steps)[0]
+            for i in tqdm(range(args.num_sessions), desc="Simulating sessions", unit="session")
+        ]
     names = [r.name for r in recordings]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

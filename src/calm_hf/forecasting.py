@@ -247,13 +247,14 @@ def evaluate_forecasting(
     temperature: float = 1.0,
     max_trials: int | None = None,
     return_predictions: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Score forecasts on a split with the paper's protocol.
 
     Each row needs `input_values` (neurons, frames) z-scored, `input_ids` (neurons, steps) codes of the same trial,
     `neuron_ids` and `session_id`. The context is the first `context_frames` frames; the horizon is the rest of the
     trial. Pearson r per neuron over the horizon, averaged over neurons -> trials -> sessions, and MSE in z-scored
-    units.
+    units. `progress` shows a progress bar over the batches (rollouts are the slow part).
     """
     try:  # imported here, not at the top: this file also ships inside checkpoints, without calm_hf's metrics
         from calm_hf.metrics.functional import forecast_pearson_r, mse
@@ -266,7 +267,9 @@ def evaluate_forecasting(
     columns = ["input_values", "input_ids", "neuron_ids", "session_id"]
     rows = rows.with_format("numpy", columns=columns)
     predictions, truths, sessions = [], [], []
-    for start in range(0, len(rows), batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(rows), batch_size), desc="Forecasting trials", unit="batch", disable=not progress):
         batch = rows[start : start + batch_size]
         values = np.stack(list(batch["input_values"])).astype(np.float32)  # (B, N, F)
         frames = values.shape[-1]
