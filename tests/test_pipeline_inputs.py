@@ -215,3 +215,13 @@ def test_pipeline_loads_without_calm_hf(checkpoint):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK (12, 11) (3, 12, 11) CalmTraceProcessor" in result.stdout
+
+
+def test_forecaster_forecast_traces_matches_the_pipeline(forecaster):
+    traces = np.random.default_rng(6).standard_normal((12, 77)) * 4 + 20
+    out = forecaster(traces, sampling_rate=7.5, horizon=11, session="s0")
+    direct = forecaster.forecaster.forecast_traces(
+        traces, horizon=11, processor=forecaster.trace_processor, sampling_rate=7.5,
+        neuron_ids=torch.arange(12)[None], session_ids=torch.zeros(1, dtype=torch.long),
+    )
+    np.testing.assert_allclose(direct["forecast"][0], out["forecast"], rtol=1e-5, atol=1e-5)
