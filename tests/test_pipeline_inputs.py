@@ -85,6 +85,13 @@ def test_processor_exact_inverse_with_ema_and_save_load(tmp_path):
     assert isinstance(loaded, CalmTraceProcessor) and loaded.to_dict() == processor.to_dict()
 
 
+def test_processor_loads_from_a_checkpoint_with_auto_classes(checkpoint):
+    from transformers import AutoFeatureExtractor, AutoProcessor
+
+    for auto in (AutoFeatureExtractor, AutoProcessor):  # registered: no remote-code prompt with calm_hf installed
+        assert isinstance(auto.from_pretrained(checkpoint), CalmTraceProcessor)
+
+
 @pytest.mark.parametrize("fs", RATES)
 def test_pipeline_forecast_lines_up_with_truth(forecaster, monkeypatch, fs):
     monkeypatch.setattr(forecaster.forecaster, "forecast", ramp_stand_in)

@@ -17,6 +17,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForTimeSeriesPrediction,
+    AutoProcessor,
 )
 
 from .configuration_calm import CalmConfig
@@ -57,6 +58,7 @@ def _register() -> None:
     AutoModelForCausalLM.register(CalmConfig, CalmForCausalNeuralModeling, exist_ok=True)
     AutoModelForTimeSeriesPrediction.register(CalmConfig, CalmForBehaviorRegression, exist_ok=True)
     AutoFeatureExtractor.register(CalmConfig, CalmTraceProcessor, exist_ok=True)
+    AutoProcessor.register(CalmConfig, CalmTraceProcessor, exist_ok=True)  # no remote-code prompt for AutoProcessor
     # save_pretrained then writes auto_map and copies processing_calm.py, for trust_remote_code loading
     CalmTraceProcessor.register_for_auto_class("AutoFeatureExtractor")
     if "neural-forecasting" not in PIPELINE_REGISTRY.supported_tasks:
