@@ -23,7 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from calm_hf.hardware import configure_torch_threads
 from calm_hf import CalmForCausalNeuralModeling, CalmTokenizer
-from calm_hf.data import CalmDataCollator, CollatorEpochCallback
+from calm_hf.data import CalmDataCollator, CollatorEpochCallback, load_trial_corpus
 from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
 from calm_hf.trainer import CalmTrainer
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = CalmForCausalNeuralModeling.from_pretrained(args.model_path)
     tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path or os.path.join(args.model_path, "tokenizer"))
     check_tokenizer_matches_model(model, tokenizer)
-    corpus = datasets.load_from_disk(args.tokenized_dataset)
+    corpus, _ = load_trial_corpus(args.tokenized_dataset)  # a folder or a Hub dataset id
     num_neurons = len(corpus["train"][0]["neuron_ids"])
     session_id, neuron_ids = model.add_session(args.session_name, num_neurons)
     neuron_ids = np.asarray(neuron_ids)
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=corpus["validation"].select_columns(columns),
         data_collator=collator,
         callbacks=[CollatorEpochCallback(collator)],
+        neural_tokenizer=tokenizer,
     )
     trainer.train()
     model.unfreeze_all() if hasattr(model, "unfreeze_all") else None

@@ -29,7 +29,7 @@ import numpy as np
 from transformers import EvalPrediction, TrainingArguments, set_seed
 
 from calm_hf.cli import parse_script_args
-from calm_hf.data import CalmDataCollator, SessionInfo, load_session_metadata, read_session_metadata
+from calm_hf.data import CalmDataCollator, SessionInfo, load_trial_corpus
 from calm_hf.metrics.functional import mse, r2_score
 from calm_hf.modeling_calm import CalmForBehaviorRegression
 from calm_hf.trainer import CalmTrainer
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.label_names = ["labels"]
     set_seed(training_args.seed)
 
-    corpus = datasets.load_from_disk(data_args.tokenized_dataset)
+    corpus, sessions = load_trial_corpus(data_args.tokenized_dataset)  # a folder or a Hub dataset id
     for name, split in corpus.items():
         missing = {"input_ids", "behavior", "neuron_ids", "session_id"} - set(split.column_names)
         if missing:
@@ -175,10 +175,6 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{data_args.tokenized_dataset} split {name!r} lacks columns {sorted(missing)}: build it from sessions "
                 "with behaviour (training/prepare_data.py) and tokenize it (training/tokenize_trials.py)."
             )
-    try:
-        sessions = load_session_metadata(data_args.tokenized_dataset)
-    except FileNotFoundError:
-        sessions = read_session_metadata(corpus)
     wanted = [data_args.adapt_session] if data_args.adapt_session else data_args.sessions
     if wanted:
         unknown = sorted(set(wanted) - {s.name for s in sessions})

@@ -1,9 +1,16 @@
 #!/usr/bin/env python
-"""Data step: simulated benchmark or real `.npz` recordings -> a trial DatasetDict (train/validation/test).
+"""Data step: simulated benchmark or real recordings -> a trial DatasetDict (train/validation/test).
 
     python training/prepare_data.py --output_dir runs/sim-trials                      # the paper's simulation
     python training/prepare_data.py --output_dir runs/zf --npz ../shared/data/triplett2018_zf_tectum_spont/zf_20151104-f1.npz \
         --trial_seconds 20
+    calm prepare --output_dir runs/mouse --nwb session.nwb --nwb_behavior speed --trial_seconds 10
+    calm prepare --output_dir runs/fov --suite2p path/to/suite2p --trial_seconds 30
+    calm prepare --output_dir runs/fov --caiman results.hdf5 --trial_seconds 30
+
+Every recording, whatever its format, is read into a `calm_hf.data.Recording` and cut with `Recording.to_session`:
+at its `trial_starts` when it has them (NWB trials table, npz `trial_starts`; `--trial_seconds` then sets the trial
+length and may not exceed the gap between starts), else into consecutive `--trial_seconds` windows.
 
 Every session is resampled to the model rate, optionally EMA-smoothed, split 70/15/15 by trial and z-scored with its
 training trials' statistics (kept in `calm_sessions.json` beside the dataset so forecasts map back to input units).
@@ -12,16 +19,21 @@ training trials' statistics (kept in `calm_sessions.json` beside the dataset so 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
 from calm_hf.data import (
+    Recording,
     SessionTrials,
     build_trial_dataset,
-    cut_trials,
+    load_caiman_recording,
     load_npz_recording,
+    load_nwb_recording,
+    load_suite2p_recording,
     prepare_session,
     save_session_metadata,
     simulate_benchmark,
@@ -33,7 +45,20 @@ logger = logging.getLogger("calm_hf.prepare_data")
 @dataclass
 class PrepareArguments:
     output_dir: str = field(metadata={"help": "Where the DatasetDict (and calm_sessions.json) is written."})
-    npz: list[str] = field(default_factory=list, metadata={"help": "Real recordings (.npz); none = simulate."})
+    npz: list[str] = field(default_factory=list, metadata={"help": "Recordings as .npz files (traces, fs, ...)."})
+    nwb: list[str] = field(default_factory=list, metadata={"help": "Recordings as .nwb files (needs calm_hf[nwb])."})
+    suite2p: list[str] = field(default_factory=list, metadata={"help": "suite2p output folders (plane*/F.npy, ...)."})
+    caiman: list[str] = field(default_factory=list, metadata={"help": "CaImAn results .hdf5 files (estimates/C)."})
+    nwb_series: str | None = field(
+        default=None, metadata={"help": "NWB: which RoiResponseSeries (DfOverF, Fluorescence or a series name)."}
+    )
+    nwb_behavior: list[str] = field(
+        default_factory=list, metadata={"help": "NWB: TimeSeries names read as behaviour (e.g. running_speed)."}
+    )
+    neuropil_coefficient: float = field(default=0.7, metadata={"help": "suite2p: F - coefficient * Fneu."})
+    layout: str = field(
+        default="auto", metadata={"help": "npz: traces layout, auto, neurons_frames or frames_neurons."}
+    )
     num_sessions: int = field(default=3, metadata={"help": "Simulated sessions (one recurrent matrix each)."})
     seed: int = field(default=0, metadata={"help": "Simulation seed (session i uses seed + i) and split seed."})
     num_neurons: int = field(default=200, metadata={"help": "Simulated neurons per session."})
@@ -42,39 +67,59 @@ class PrepareArguments:
     target_fs: float = field(default=5.0, metadata={"help": "Model frame rate in Hz."})
     ema_alpha: float | None = field(default=None, metadata={"help": "Causal EMA smoothing (authors: 0.15); None = off."})
     trial_seconds: float | None = field(
-        default=None, metadata={"help": "Cut continuous recordings (no trial_starts) into trials of this length."}
+        default=None,
+        metadata={
+            "help": "Trial length in seconds: continuous recordings are cut into consecutive windows of it; "
+            "recordings with trial starts are cut at them (default there: the shortest gap between starts)."
+        },
+    )
+    trial_stride_seconds: float | None = field(
+        default=None, metadata={"help": "Continuous recordings: seconds between trial starts (default: no overlap)."}
     )
     window_size: int = field(default=4, metadata={"help": "Tokenizer window L: frames are cropped to a multiple."})
 
 
+def load_recordings(args: PrepareArguments) -> list[Recording]:
+    """Every recording named on the command line, read by its format's reader."""
+    recordings = [load_npz_recording(path, layout=args.layout) for path in args.npz]
+    recordings += [load_nwb_recording(path, series=args.nwb_series, behavior_series=args.nwb_behavior or None)
+                   for path in args.nwb]
+    recordings += [load_suite2p_recording(path, neuropil_coefficient=args.neuropil_coefficient) for path in args.suite2p]
+    recordings += [load_caiman_recording(path) for path in args.caiman]
+    return recordings
+
+
+def recording_to_session(recording: Recording, trial_seconds: float | None, stride_seconds: float | None = None):
+    """The one Recording -> SessionTrials path: cut at trial starts when the recording has them, else in windows."""
+    length = None if trial_seconds is None else int(round(trial_seconds * recording.fs))
+    stride = None if stride_seconds is None else max(1, int(round(stride_seconds * recording.fs)))
+    if length is not None and length < 1:
+        raise ValueError(f"--trial_seconds {trial_seconds} is shorter than one frame at {recording.fs} Hz.")
+    if recording.trial_starts is None and length is None:
+        raise ValueError(
+            f"{recording.name} is a continuous recording ({recording.num_frames} frames = "
+            f"{recording.num_frames / recording.fs:.1f} s at {recording.fs:g} Hz) without trial starts: pass "
+            "--trial_seconds to cut it into trials (e.g. --trial_seconds 20)."
+        )
+    return recording.to_session(trial_length=length, stride=stride)
+
+
 def load_sessions(args: PrepareArguments) -> list[SessionTrials]:
-    if not args.npz:
-        return simulate_benchmark(
-            num_sessions=args.num_sessions,
-            seed=args.seed,
-            num_neurons=args.num_neurons,
-            num_trials=args.num_trials,
-            num_steps=args.num_steps,
-        )
-    sessions = []
-    for path in args.npz:
-        recording = load_npz_recording(path)
-        if args.trial_seconds is None:
-            raise ValueError(
-                f"{path} is a continuous recording: pass --trial_seconds to cut it into fixed-length trials."
-            )
-        length = int(round(args.trial_seconds * recording.fs))
-        traces, behavior = cut_trials(recording.traces, length, behavior=recording.behavior)
-        sessions.append(
-            SessionTrials(
-                name=recording.name,
-                traces=traces,
-                fs=recording.fs,
-                behavior=behavior,
-                behavior_names=recording.behavior_names if behavior is not None else None,
-            )
-        )
-    return sessions
+    recordings = load_recordings(args)
+    if not recordings:
+        from tqdm.auto import tqdm
+
+        # one session per call (session i = seed + i, as simulate_benchmark names them) so a bar shows progress
+        return [
+            simulate_benchmark(num_sessions=1, seed=args.seed + i, num_neurons=args.num_neurons,
+                               num_trials=args.num_trials, num_steps=args.num_steps)[0]
+            for i in tqdm(range(args.num_sessions), desc="Simulating sessions", unit="session")
+        ]
+    names = [r.name for r in recordings]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"several recordings are named {duplicates}; session names must be unique (rename files).")
+    return [recording_to_session(r, args.trial_seconds, args.trial_stride_seconds) for r in recordings]
 
 
 def main(argv: list[str] | None = None):
@@ -88,8 +133,13 @@ def main(argv: list[str] | None = None):
         for session in sessions
     ]
     corpus = build_trial_dataset(prepared)
-    corpus.save_to_disk(args.output_dir)
-    save_session_metadata(args.output_dir, prepared)
+    # Write next to the target and rename: a failure never leaves a half-written dataset under output_dir.
+    partial = args.output_dir.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    corpus.save_to_disk(partial)
+    save_session_metadata(partial, prepared)
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    os.replace(partial, args.output_dir)
     logger.info("wrote %s: %s", args.output_dir, {name: len(split) for name, split in corpus.items()})
     return corpus
 

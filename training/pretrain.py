@@ -18,13 +18,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-import datasets
 import torch
 from transformers import GenerationConfig, TrainingArguments, set_seed
 
 from calm_hf.cli import parse_script_args
-from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer
-from calm_hf.data import CalmDataCollator, CollatorEpochCallback, load_session_metadata
+from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer, CalmTraceProcessor
+from calm_hf.data import CalmDataCollator, CollatorEpochCallback, load_trial_corpus
 from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
 from calm_hf.trainer import CalmTrainer
 
@@ -104,13 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     tokenizer = CalmTokenizer.from_pretrained(model_args.tokenizer_path)
-    corpus = datasets.load_from_disk(data_args.tokenized_dataset)
+    corpus, sessions = load_trial_corpus(data_args.tokenized_dataset)  # a folder or a Hub dataset id
     if "input_ids" not in corpus["train"].column_names:
         raise ValueError(
             f"{data_args.tokenized_dataset} has no `input_ids` column: tokenize it first with "
             "training/tokenize_trials.py (stage 1's tokenization step)."
         )
-    sessions = load_session_metadata(data_args.tokenized_dataset)
     token_steps = len(corpus["train"][0]["input_ids"][0])
     model = build_model(model_args, tokenizer, sessions, token_steps)
     model.generation_config = GenerationConfig(
@@ -136,6 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=validation.select_columns(columns),
         data_collator=collator,
         callbacks=[CollatorEpochCallback(collator)],
+        neural_tokenizer=tokenizer,
+        # saved with the checkpoint: the rate, window and smoothing the training data were prepared with
+        trace_processor=CalmTraceProcessor(sampling_rate=model.config.frame_rate_hz, window_size=model.config.window_size,
+                                           ema_alpha=sessions[0].ema_alpha if sessions else None),
         extra_evaluation=extra,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

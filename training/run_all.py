@@ -77,6 +77,7 @@ class MainArguments:
     )
     model_name: str = field(default="calm-base", metadata={"help": "Name of the checkpoint folder."})
     pretrain_epochs: float | None = field(default=None, metadata={"help": "Override the size's pretraining epochs."})
+    num_neurons: int | None = field(default=None, metadata={"help": "Override the size's simulated neurons per session."})
     context_frames: int = field(default=40, metadata={"help": "Forecast context (frames) of the evaluation."})
 
 
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     size = dict(SIZES[args.size])
     if args.pretrain_epochs is not None:
         size["pretrain_epochs"] = args.pretrain_epochs
+    if args.num_neurons is not None:
+        size["num_neurons"] = args.num_neurons
     from calm_hf.hardware import resolve_bf16
 
     args.bf16 = resolve_bf16(args.bf16)

@@ -23,7 +23,7 @@ from transformers import HfArgumentParser
 from calm_hf.hardware import configure_torch_threads
 from calm_hf import CalmTokenizer
 from calm_hf.atomic import partial_path
-from calm_hf.data import load_session_metadata, save_trial_dataset, tokenize_dataset
+from calm_hf.data import load_trial_corpus, save_trial_dataset, tokenize_dataset
 
 logger = logging.getLogger("calm_hf.tokenize_trials")
 
@@ -31,7 +31,7 @@ logger = logging.getLogger("calm_hf.tokenize_trials")
 @dataclass
 class TokenizeArguments:
     tokenizer_path: str = field(metadata={"help": "Folder of the trained CalmTokenizer."})
-    trials_dataset: str = field(metadata={"help": "Trial DatasetDict folder (training/prepare_data.py)."})
+    trials_dataset: str = field(metadata={"help": "Trial DatasetDict folder (training/prepare_data.py) or Hub id."})
     output_dir: str = field(metadata={"help": "Where the tokenized DatasetDict is written."})
     batch_size: int = field(default=16, metadata={"help": "Trials per encode call."})
     bf16: bool = field(default=False, metadata={"help": "Encode under bf16 autocast (codes can differ in rare ties)."})
@@ -48,13 +48,13 @@ def main(argv: list[str] | None = None):
             logger.info("removing %s left by an interrupted run", stale)
             shutil.rmtree(stale, ignore_errors=True)
     tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path).eval()
-    corpus = datasets.load_from_disk(args.trials_dataset)
+    corpus, sessions = load_trial_corpus(args.trials_dataset)
     dtype = torch.bfloat16 if args.bf16 else None
     tokenized = datasets.DatasetDict(
         {name: tokenize_dataset(split, tokenizer, batch_size=args.batch_size, dtype=dtype) for name, split in corpus.items()}
     )
     # dataset + calm_sessions.json go to <output_dir>.partial, are fsynced and renamed into place together
-    save_trial_dataset(tokenized, args.output_dir.rstrip("/"), load_session_metadata(args.trials_dataset))
+    save_trial_dataset(tokenized, args.output_dir.rstrip("/"), sessions)
     logger.info("wrote %s", args.output_dir)
     return tokenized
 

@@ -21,6 +21,7 @@ from transformers import TrainingArguments, default_data_collator, set_seed
 
 from calm_hf.cli import parse_script_args
 from calm_hf import CalmTokenizer, CalmTokenizerConfig
+from calm_hf.data import load_trial_corpus
 from calm_hf.trainer import CalmTrainer
 
 logger = logging.getLogger("calm_hf.train_tokenizer")
@@ -36,7 +37,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    trials_dataset: str = field(metadata={"help": "Trial DatasetDict folder (training/prepare_data.py)."})
+    trials_dataset: str = field(metadata={"help": "Trial DatasetDict folder (training/prepare_data.py) or Hub dataset id."})
     segment_frames: int = field(default=48, metadata={"help": "Frames per training segment (multiple of the window)."})
     max_segments: int | None = field(
         default=None, metadata={"help": "Cap on training segments (random subset); None = all."}
@@ -76,7 +77,7 @@ def build_segments(data_args: DataArguments, window_size: int, seed: int):
         raise ValueError(
             f"segment_frames={data_args.segment_frames} is not a multiple of the token window {window_size}."
         )
-    corpus = datasets.load_from_disk(data_args.trials_dataset)
+    corpus, _ = load_trial_corpus(data_args.trials_dataset)  # a folder or a Hub dataset id
     rng = np.random.default_rng(seed)
     train = cut_segments(trial_traces(corpus["train"]), data_args.segment_frames)
     if data_args.extra_traces:

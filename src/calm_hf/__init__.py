@@ -8,9 +8,17 @@ pipeline task:
     backbone = AutoModel.from_pretrained("calm-base")
     model = AutoModelForCausalLM.from_pretrained("calm-base")
     forecaster = pipeline("neural-forecasting", model="calm-base")
+    processor = AutoFeatureExtractor.from_pretrained("calm-base")   # CalmTraceProcessor saved with the checkpoint
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForTimeSeriesPrediction,
+    AutoProcessor,
+)
 
 from .configuration_calm import CalmConfig
 from .configuration_calm_tokenizer import CalmTokenizerConfig
@@ -22,6 +30,7 @@ from .modeling_calm import (
 )
 from .modeling_calm_tokenizer import CalmTokenizer
 from .pipeline_neural_forecasting import NeuralForecastingPipeline
+from .processing_calm import CalmTraceProcessor
 
 __version__ = "0.1.0"
 
@@ -33,6 +42,7 @@ __all__ = [
     "CalmPreTrainedModel",
     "CalmTokenizer",
     "CalmTokenizerConfig",
+    "CalmTraceProcessor",
     "NeuralForecastingPipeline",
     "__version__",
 ]
@@ -46,6 +56,11 @@ def _register() -> None:
     AutoModel.register(CalmConfig, CalmModel, exist_ok=True)
     AutoModel.register(CalmTokenizerConfig, CalmTokenizer, exist_ok=True)
     AutoModelForCausalLM.register(CalmConfig, CalmForCausalNeuralModeling, exist_ok=True)
+    AutoModelForTimeSeriesPrediction.register(CalmConfig, CalmForBehaviorRegression, exist_ok=True)
+    AutoFeatureExtractor.register(CalmConfig, CalmTraceProcessor, exist_ok=True)
+    AutoProcessor.register(CalmConfig, CalmTraceProcessor, exist_ok=True)  # no remote-code prompt for AutoProcessor
+    # save_pretrained then writes auto_map and copies processing_calm.py, for trust_remote_code loading
+    CalmTraceProcessor.register_for_auto_class("AutoFeatureExtractor")
     if "neural-forecasting" not in PIPELINE_REGISTRY.supported_tasks:
         PIPELINE_REGISTRY.register_pipeline(
             "neural-forecasting",

@@ -8,6 +8,7 @@
     calm adapt --model_path calm-base --tokenized_dataset ... --session_name ... --output_dir ...
     calm finetune-behavior ...
     calm forecast --model calm-base --traces traces.npy --horizon 60 [--sampling_rate 30] [--num_samples 20]
+                  [--holdout] [--plot out.png]
     calm push --model_dir calm-base --repo_id you/calm-base [--dataset_dir calm-base-dataset ...]
 
 Each subcommand takes the flags of its script (`calm pretrain --help`).
@@ -84,20 +85,60 @@ def run_script(name: str, argv: list[str]):
     return load_training_script(name).main(argv)
 
 
+def plot_forecast(path, context, forecast, sampling_rate: float, truth=None, lower=None, upper=None,
+                  neurons: int = 4, context_frames: int | None = None) -> None:
+    """Draw context, truth (when given), forecast and the sampled band (when given) for the first `neurons` neurons.
+
+    Arrays are `(neurons, frames)` at `sampling_rate`; the forecast starts one frame after the context's last frame.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    count = min(int(neurons), context.shape[0])
+    shown = context.shape[-1] if context_frames is None else min(context_frames, context.shape[-1])
+    past = (np.arange(-shown + 1, 1)) / sampling_rate
+    future = np.arange(1, forecast.shape[-1] + 1) / sampling_rate
+    figure, axes = plt.subplots(count, 1, figsize=(8, 1.8 * count + 0.6), sharex=True, squeeze=False)
+    for row, axis in zip(range(count), axes[:, 0]):
+        axis.plot(past, context[row, -shown:], color="0.3", lw=1, label="context")
+        if truth is not None:
+            axis.plot(future, truth[row], color="black", lw=1, ls="--", label="truth")
+        if lower is not None and upper is not None:
+            axis.fill_between(future, lower[row], upper[row], color="tab:blue", alpha=0.25, label="5-95% of samples")
+        axis.plot(future, forecast[row], color="tab:blue", lw=1.5, label="forecast")
+        axis.axvline(0.0, color="0.6", lw=0.8)
+        axis.set_ylabel(f"neuron {row}")
+    axes[0, 0].legend(loc="upper left", fontsize=7, ncol=4)
+    axes[-1, 0].set_xlabel("time from the end of the context (s)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def forecast_command(argv: list[str]) -> None:
     import argparse
     import os
+    import warnings
 
     import numpy as np
 
     parser = argparse.ArgumentParser(prog="calm forecast", description="Forecast traces from a .npy/.npz file.")
-    parser.add_argument("--model", required=True, help="checkpoint folder, e.g. calm-base")
-    parser.add_argument("--traces", required=True, help=".npy (neurons, frames) or .npz with a `traces` array")
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id, e.g. calm-base")
+    parser.add_argument("--traces", required=True, help=".npy (neurons, frames), .npz with a `traces` array, .nwb, "
+                        "CaImAn .hdf5 or a suite2p folder")
     parser.add_argument("--horizon", type=int, required=True, help="frames to forecast at --sampling_rate")
     parser.add_argument("--sampling_rate", type=float, default=None, help="Hz of the input; default: the model's")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--session", default=None)
     parser.add_argument("--output", default="forecast.npz")
+    parser.add_argument("--holdout", action="store_true",
+                        help="hold out the last --horizon frames as the truth: forecast them from the frames before, "
+                        "report the Pearson r (per neuron over the horizon, averaged) and draw them with --plot")
+    parser.add_argument("--plot", default=None, help="write a figure (e.g. out.png): context, truth, forecast, band")
+    parser.add_argument("--plot_neurons", type=int, default=4, help="neurons drawn by --plot")
     args = parser.parse_args(argv)
     from transformers import pipeline
 
@@ -112,32 +153,62 @@ def forecast_command(argv: list[str]) -> None:
                     raise ValueError(f"{args.traces} holds {sorted(data.files)} but no `traces` array.")
                 traces = data["traces"]
                 fs = float(data["fs"]) if "fs" in data and args.sampling_rate is None else args.sampling_rate
-        else:
+        elif args.traces.endswith(".npy"):
             traces, fs = np.load(args.traces, allow_pickle=False), args.sampling_rate
             if isinstance(traces, np.lib.npyio.NpzFile):  # an .npz archive under a .npy name
                 with traces as data:
                     if "traces" not in data:
                         raise ValueError(f"{args.traces} is an .npz archive with {sorted(data.files)} but no `traces`.")
                     traces = data["traces"]
+        else:  # .nwb, CaImAn .hdf5/.h5, a suite2p folder: the same readers as `calm prepare`
+            from .data import load_recording
+
+            recording = load_recording(args.traces)
+            traces, fs = recording.traces, args.sampling_rate or recording.fs
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
         if isinstance(error, FileNotFoundError) or (isinstance(error, ValueError) and args.traces in str(error)):
             raise
         # truncated/corrupt archives and renamed files otherwise fail with "File is not a zip file" and no path
         raise ValueError(
-            f"{args.traces} is not a readable .npy/.npz file ({type(error).__name__}: {error}); it may be truncated, "
+            f"{args.traces} is not a readable recording ({type(error).__name__}: {error}); it may be truncated, "
             "corrupt or of another format. Save it again with np.save / np.savez."
         ) from error
     model_path = os.path.expanduser(args.model)
     if (os.path.isabs(model_path) or model_path.startswith(".")) and not os.path.isdir(model_path):
         raise FileNotFoundError(f"No checkpoint folder at {args.model}; pass the folder written by `calm main`.")
+    truth = None
+    if args.holdout:
+        if traces.shape[-1] <= args.horizon:
+            raise SystemExit(f"calm forecast: --holdout needs more than --horizon={args.horizon} frames.")
+        traces, truth = traces[..., : -args.horizon], traces[..., -args.horizon :]
     forecaster = pipeline("neural-forecasting", model=args.model)
-    out = forecaster(traces, sampling_rate=fs, horizon=args.horizon, num_samples=args.num_samples, session=args.session)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = forecaster(traces, sampling_rate=fs, horizon=args.horizon, num_samples=args.num_samples,
+                         session=args.session)
+    for warning in caught:
+        print(f"calm forecast: warning: {warning.message}", file=sys.stderr)
     arrays = {"forecast": out["forecast"]}
     if out["samples"] is not None:
         arrays["samples"] = out["samples"]
         arrays.update({f"quantile_{q:g}": v for q, v in out["quantiles"].items()})
+    summary = f"wrote {args.output}: forecast {out['forecast'].shape} at {out['sampling_rate']} Hz"
+    if truth is not None:
+        from .metrics.functional import forecast_pearson_r
+
+        arrays["truth"] = truth
+        r = float(forecast_pearson_r(out["forecast"][None], truth[None])["pearson_r"])
+        arrays["pearson_r"] = np.float64(r)
+        summary += f"; forecast Pearson r vs the held-out {args.horizon} frames = {r:.3f}"
     np.savez(args.output, **arrays)
-    print(f"wrote {args.output}: forecast {out['forecast'].shape} at {out['sampling_rate']} Hz")
+    if args.plot:
+        quantiles = out["quantiles"] or {}
+        plot_forecast(args.plot, np.asarray(traces, dtype=np.float64), out["forecast"], float(out["sampling_rate"]),
+                      truth=truth, lower=quantiles.get(0.05), upper=quantiles.get(0.95), neurons=args.plot_neurons,
+                      context_frames=3 * args.horizon)
+        summary += f"; figure {args.plot}"
+    print(summary)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

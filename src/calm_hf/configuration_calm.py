@@ -202,6 +202,11 @@ class CalmConfig(PreTrainedConfig):
             self.session_names = [str(name) for name in self.session_names]
         self._validate_calm()
         super().__post_init__(**kwargs)
+        # `custom_pipelines` in config.json points Pythons without calm_hf at the pipeline shipped with the checkpoint;
+        # the installed package registers the task itself, and transformers would otherwise insist on
+        # trust_remote_code=True. The remote copy of this file keeps it (its module is not calm_hf's).
+        if __name__.startswith("calm_hf.") and getattr(self, "custom_pipelines", None):
+            del self.custom_pipelines
 
     def _validate_calm(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

@@ -1,8 +1,11 @@
 """Forecasting with a CalM checkpoint: tokenize a context, roll out the dual-axis transformer, decode.
 
-`CalmForecaster` works on z-scored traces at the model's frame rate; the `"neural-forecasting"` pipeline
-(`pipeline_neural_forecasting.py`) wraps it with unit conversion and resampling. `evaluate_forecasting` scores
-a held-out split with the paper's protocol and serves `training/pretrain.py`, the main job and the benchmarks.
+`CalmForecaster` works on z-scored traces at the model's frame rate (`forecast`), or on raw traces through the
+checkpoint's `CalmTraceProcessor` (`forecast_traces`); the `"neural-forecasting"` pipeline
+(`pipeline_neural_forecasting.py`) wraps the latter. `evaluate_forecasting` scores a held-out split with the paper's
+protocol and serves `training/pretrain.py`, the main job and the benchmarks.
+
+This file ships with checkpoints (the pipeline imports it), so it imports only numpy, torch and its siblings.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .metrics.functional import forecast_pearson_r, mse
 from .modeling_calm_tokenizer import check_tokenizer_fingerprint
 
 ROLLOUT_MODES = ("greedy", "sample", "mean", "soft")
@@ -236,14 +238,13 @@ class CalmForecaster:
             point = self.direct(context_ids, horizon, values, **identity)
             samples = None
             if num_samples > 1:  # spread of sampled token rollouts, recentred on the conditional mean
-                sampled = self.forecast(values, horizon, context_ids=context_ids, mode="sample", num_samples=num_samples,
+                sampled = self._predict(context_ids, horizon, mode="sample", num_samples=num_samples,
                                         temperature=temperature, top_k=top_k, top_p=top_p, **identity)
                 samples = point.numpy()[:, None] + (sampled.samples - sampled.forecast[:, None])
             return ForecastResult(forecast=point.numpy(), samples=samples, codes=context_ids[:, None].numpy())
-        new_steps = -(-horizon // self.window_size)
-        codes = self.rollout(
+        return self._predict(
             context_ids,
-            new_steps,
+            horizon,
             neuron_ids=neuron_ids,
             session_ids=session_ids,
             neuron_mask=neuron_mask,
@@ -253,12 +254,46 @@ class CalmForecaster:
             top_k=top_k,
             top_p=top_p,
         )
+
+    def _predict(self, context_ids: torch.Tensor, horizon: int, **rollout_kwargs) -> ForecastResult:
+        """The model call: context codes (batch, neurons, steps) -> `horizon` z-scored frames after the context.
+        Token rollouts only; the continuous head's forecast is `direct`."""
+        new_steps = -(-horizon // self.window_size)
+        codes = self.rollout(context_ids, new_steps, **rollout_kwargs)
         # The decoder sees context and rollout together so the seam is decoded with its left context.
         decoded = self.decode(codes)  # (batch, samples, neurons, frames)
         context_frames = context_ids.shape[-1] * self.window_size
         future = decoded[..., context_frames : context_frames + horizon].numpy()
         samples = future if future.shape[1] > 1 else None
         return ForecastResult(forecast=future.mean(axis=1), samples=samples, codes=codes.numpy())
+
+    def forecast_traces(
+        self,
+        traces: np.ndarray,
+        horizon: int,
+        processor=None,
+        sampling_rate: float | None = None,
+        mean: np.ndarray | None = None,
+        std: np.ndarray | None = None,
+        max_context_frames: int | None = None,
+        **forecast_kwargs,
+    ) -> dict:
+        """Forecast raw traces `(batch, neurons, frames)` (or `(neurons, frames)`) in their own units and rate.
+
+        `processor` (a `CalmTraceProcessor`; default: one matching the model config) resamples (end aligned),
+        z-scores and crops; the model forecasts at its rate; the processor maps the forecast back. Returns a dict
+        with `forecast` `(batch, neurons, horizon)`, `samples` `(batch, samples, neurons, horizon)` or None, and
+        the processor's `features`."""
+        if processor is None:
+            from .processing_calm import CalmTraceProcessor
+
+            processor = CalmTraceProcessor.from_model_config(self.model.config)
+        features = processor(traces, sampling_rate=sampling_rate, mean=mean, std=std, max_frames=max_context_frames)
+        fs = features["sampling_rate"]
+        result = self.forecast(features["input_values"], horizon=processor.model_horizon(horizon, fs), **forecast_kwargs)
+        forecast = processor.postprocess_forecast(result.forecast, features, horizon)
+        samples = None if result.samples is None else processor.postprocess_forecast(result.samples, features, horizon)
+        return {"forecast": forecast, "samples": samples, "features": features}
 
 
 def evaluate_forecasting(
@@ -271,14 +306,19 @@ def evaluate_forecasting(
     temperature: float = 1.0,
     max_trials: int | None = None,
     return_predictions: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Score forecasts on a split with the paper's protocol.
 
     Each row needs `input_values` (neurons, frames) z-scored, `input_ids` (neurons, steps) codes of the same trial,
     `neuron_ids` and `session_id`. The context is the first `context_frames` frames; the horizon is the rest of the
     trial. Pearson r per neuron over the horizon, averaged over neurons -> trials -> sessions, and MSE in z-scored
-    units.
+    units. `progress` shows a progress bar over the batches (rollouts are the slow part).
     """
+    try:  # imported here, not at the top: this file also ships inside checkpoints, without calm_hf's metrics
+        from calm_hf.metrics.functional import forecast_pearson_r, mse
+    except ImportError as error:  # pragma: no cover
+        raise ImportError("evaluate_forecasting needs the calm_hf package (pip install calm_hf).") from error
     window = forecaster.window_size
     mode = default_forecast_mode(forecaster.model) if mode is None else mode
     if context_frames % window:
@@ -287,7 +327,9 @@ def evaluate_forecasting(
     columns = ["input_values", "input_ids", "neuron_ids", "session_id"]
     rows = rows.with_format("numpy", columns=columns)
     predictions, truths, sessions = [], [], []
-    for start in range(0, len(rows), batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(rows), batch_size), desc="Forecasting trials", unit="batch", disable=not progress):
         batch = rows[start : start + batch_size]
         values = np.stack(list(batch["input_values"])).astype(np.float32)  # (B, N, F)
         frames = values.shape[-1]
@@ -346,6 +388,8 @@ def trial_swap_probe(
         the frames after `context_frames`, plus `trials`.
     """
     import torch.nn.functional as F
+
+    from calm_hf.metrics.functional import forecast_pearson_r, mse  # not at the top: this file ships in checkpoints
 
     model = model.eval()
     # evenly spaced trials (splits are often grouped by session), keeping only sessions with at least two of them

@@ -1,6 +1,6 @@
 """Push a CalM checkpoint folder (and its tokenized dataset) to the Hugging Face Hub.
 
-    calm push calm-base me/calm-base --dataset-dir calm-base-dataset --dataset-repo-id me/calm-base-dataset
+    calm push --model_dir calm-base --repo_id me/calm-base --dataset_dir calm-base-dataset --dataset_repo_id me/calm-base-dataset
 
 ```python
 >>> from calm_hf.hub import push_to_hub
@@ -263,6 +263,12 @@ def push_to_hub(
             dataset_url = api.create_repo(dataset_repo_id, repo_type="dataset", private=private, exist_ok=True)
             info = dataset.push_to_hub(dataset_repo_id, private=private, token=token,
                                        commit_message="Upload tokenized CalM dataset")
+            # Session metadata (names, neuron ranges, z-score statistics) travels as the same sidecar as on disk, so
+            # load_trial_corpus("namespace/name") and the training scripts get it back.
+            sidecar = Path(dataset_dir) / "calm_sessions.json"
+            if sidecar.is_file():
+                api.upload_file(path_or_fileobj=str(sidecar), path_in_repo=sidecar.name, repo_id=dataset_repo_id,
+                                repo_type="dataset", commit_message="Upload calm_hf session metadata")
             card_path = Path(dataset_dir) / "README.md"
             card_commit = _merge_dataset_card(api, dataset_repo_id, card_path, token) if card_path.is_file() else None
             result.update(dataset_url=str(dataset_url), dataset_commit=card_commit or getattr(info, "oid", None))
@@ -278,17 +284,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Upload a CalM checkpoint folder (and optionally its tokenized dataset) to the Hugging Face Hub. "
         "Needs a write token (HF_TOKEN or `hf auth login`); HF_ENDPOINT selects another Hub.",
     )
-    parser.add_argument("model_dir", help="checkpoint folder, e.g. calm-base/")
-    parser.add_argument("repo_id", help="model repository, namespace/name (a bare name goes under your user)")
-    parser.add_argument("--dataset-dir", default=None, help="tokenized dataset folder written by save_to_disk")
-    parser.add_argument("--dataset-repo-id", default=None, help="dataset repository (default: <repo_id>-dataset)")
+    # Flags in the --snake_case style of every other calm command; the positional form and --kebab-case spellings
+    # of the first version keep working.
+    parser.add_argument("model_dir_arg", nargs="?", metavar="model_dir", help="checkpoint folder, e.g. calm-base/")
+    parser.add_argument("repo_id_arg", nargs="?", metavar="repo_id",
+                        help="model repository, namespace/name (a bare name goes under your user)")
+    parser.add_argument("--model_dir", default=None, help="checkpoint folder (same as the first positional)")
+    parser.add_argument("--repo_id", default=None, help="model repository (same as the second positional)")
+    parser.add_argument("--dataset_dir", "--dataset-dir", default=None, help="tokenized dataset folder (save_to_disk)")
+    parser.add_argument("--dataset_repo_id", "--dataset-repo-id", default=None,
+                        help="dataset repository (default: <repo_id>-dataset)")
     parser.add_argument("--token", default=None, help="write token (default: HF_TOKEN or the saved login)")
     parser.add_argument("--private", action="store_true", help="create the repositories as private")
-    parser.add_argument("--commit-message", default=None, help="message of the model commit")
-    parser.add_argument("--stage-only", action="store_true",
-                        help="only copy what would be uploaded into --staging-dir, for inspection")
-    parser.add_argument("--staging-dir", default="hub_uploads/staging", help="staging root (default: %(default)s)")
+    parser.add_argument("--commit_message", "--commit-message", default=None, help="message of the model commit")
+    parser.add_argument("--stage_only", "--stage-only", action="store_true",
+                        help="only copy what would be uploaded into --staging_dir, for inspection")
+    parser.add_argument("--staging_dir", "--staging-dir", default="hub_uploads/staging",
+                        help="staging root (default: %(default)s)")
     args = parser.parse_args(argv)
+    args.model_dir = args.model_dir or args.model_dir_arg
+    args.repo_id = args.repo_id or args.repo_id_arg
+    if args.model_dir is None or (args.repo_id is None and not args.stage_only):
+        parser.error("give the checkpoint folder and the repository: --model_dir calm-base --repo_id you/calm-base")
     try:
         if args.stage_only:
             staged = stage_for_upload(args.model_dir, args.staging_dir)

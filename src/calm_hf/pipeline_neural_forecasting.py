@@ -1,73 +1,121 @@
 """The `"neural-forecasting"` pipeline: raw traces in, forecasts in the same units and rate out.
 
     from transformers import pipeline
-    import calm_hf  # registers the task
+    import calm_hf  # registers the task (or: pipeline(..., trust_remote_code=True) without calm_hf)
     forecaster = pipeline("neural-forecasting", model="calm-base")
     out = forecaster(traces, sampling_rate=30.0, horizon=90, num_samples=20)   # traces: (neurons, frames)
     out["forecast"]          # (neurons, 90) in the units of `traces`
     out["quantiles"][0.05]   # lower band of the sampled futures
 
-Steps: check -> resample to the model rate -> z-score each neuron with its context statistics (or the statistics
-you pass) -> tokenize (the oldest frames are dropped to a multiple of the token window) -> roll out -> decode ->
-undo the z-score -> resample back to the input rate.
+Steps, all in the checkpoint's `CalmTraceProcessor`: check -> fill NaN gaps -> resample to the model rate (end of the
+context aligned) -> z-score each neuron (context statistics, or the statistics you pass) -> keep the most recent
+frames that fit the model -> roll out -> decode -> undo the z-score -> resample back to the input rate.
+
+This file ships with checkpoints (`custom_pipelines` in `config.json`), so it imports only numpy, torch, transformers
+and its siblings.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 
 import numpy as np
 import torch
 from transformers import Pipeline
-from transformers.utils import logging
 
-from .forecasting import CalmForecaster
+from .forecasting import CalmForecaster, default_forecast_mode
+from .processing_calm import MAX_ABS_INPUT, CalmTraceProcessor
 
-logger = logging.get_logger(__name__)
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+PROCESSOR_FILE = "preprocessor_config.json"
+# Inside the calm_hf package the Auto classes are registered; as remote code they come from the checkpoint.
+_REMOTE = not __name__.startswith("calm_hf.")
 
 
-def _resample(traces: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
-    from .data.preprocessing import resample
-
-    return resample(traces, fs_in, fs_out, axis=-1)
+def _model_source(model) -> str | None:
+    return getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or None
 
 
 def _load_neural_tokenizer(model):
     """The CalmTokenizer saved in the checkpoint's `tokenizer/` subfolder."""
-    from .modeling_calm_tokenizer import CalmTokenizer
+    from transformers import AutoModel
 
-    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    source = _model_source(model)
     if not source:
         raise ValueError(
             "the model was not loaded from a folder, so its tokenizer cannot be found: pass "
             "neural_tokenizer=CalmTokenizer.from_pretrained(...) to pipeline()."
         )
     if os.path.isdir(source):
-        return CalmTokenizer.from_pretrained(os.path.join(source, "tokenizer"))
-    return CalmTokenizer.from_pretrained(source, subfolder="tokenizer")
+        return AutoModel.from_pretrained(os.path.join(source, "tokenizer"), trust_remote_code=_REMOTE)
+    return AutoModel.from_pretrained(source, subfolder="tokenizer", trust_remote_code=_REMOTE)
+
+
+def _load_processor(model) -> CalmTraceProcessor:
+    """The checkpoint's saved processor, or one matching the model config for checkpoints saved without it."""
+    source = _model_source(model)
+    if source and os.path.isdir(source) and os.path.isfile(os.path.join(source, PROCESSOR_FILE)):
+        return CalmTraceProcessor.from_pretrained(source)
+    if source and not os.path.isdir(source):
+        try:
+            return CalmTraceProcessor.from_pretrained(source)
+        except OSError:  # an older checkpoint without preprocessor_config.json
+            pass
+    return CalmTraceProcessor.from_model_config(model.config)
+
+
+def _check_count(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def fill_nan_frames(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Linearly interpolate NaN frames of `(batch, neurons, frames)` per neuron along time (edges take the nearest
+    valid value). Returns the filled array and the number of filled values; a neuron with no valid frame raises."""
+    missing = np.isnan(values)
+    count = int(missing.sum())
+    if not count:
+        return values, 0
+    filled = values.copy()
+    frames = np.arange(values.shape[-1])
+    for b, n in zip(*np.nonzero(missing.any(axis=-1))):
+        good = ~missing[b, n]
+        if not good.any():
+            raise ValueError(f"neuron {n} (batch {b}) is NaN in every frame: drop it or give a context where it was recorded.")
+        filled[b, n] = np.interp(frames, frames[good], values[b, n, good])
+    return filled, count
 
 
 class NeuralForecastingPipeline(Pipeline):
     """Forecast calcium traces with a CalM checkpoint.
 
     Call arguments:
-        traces (`np.ndarray` of shape `(neurons, frames)` or `(batch, neurons, frames)`): context in the user's units.
+        traces (`np.ndarray` of shape `(neurons, frames)` or `(batch, neurons, frames)`, or a list of such arrays):
+            context in the user's units; a whole recording is fine (the most recent frames the model can hold are
+            kept, with a warning). NaN frames are interpolated per neuron (with a warning); Inf is refused.
         sampling_rate (`float`, *optional*): frame rate of `traces` in Hz; defaults to the model's rate.
         horizon (`int`): frames to forecast, at `sampling_rate`.
         num_samples (`int`, defaults to 1): 1 = one greedy rollout; more = sampled futures, returned with their mean
             and quantile bands.
+        quantiles (`sequence of float`, *optional*): levels of the bands, each in (0, 1); default 5/25/50/75/95 %.
+        batch_size (`int`, *optional*): recordings per model call (a 3-D input or a list is split into chunks).
         temperature, top_k, top_p: sampling controls when `num_samples > 1`.
-        mode (`str`, *optional*): force `greedy`, `sample`, `mean` or `soft` rollouts.
-        session (`str` or `int`, *optional*): the recording session whose learned identity to use; required when the
-            model knows several sessions with different neuron counts.
+        mode (`str`, *optional*): `direct` (default for models with a continuous head), or force `greedy`,
+            `sample`, `mean` or `soft` token rollouts.
+        session (`str` or `int`, *optional*): the recording session whose learned identity to use. Without it a new
+            recording borrows a known session's identity (a warning says which, and how to adapt a session).
         neuron_ids (`array`, *optional*): global neuron ids, (neurons,); default: the session's neurons in order.
         mean, std (`array` of shape `(neurons,)`, *optional*): z-score statistics in the input units (e.g. from
-            training trials); by default each neuron's context mean and standard deviation.
+            training trials), both or neither; by default each neuron's context mean and standard deviation, with a
+            std floor relative to the data's scale (constant neurons are only centred).
 
-    Returns a dict (a list of dicts for a batch): `forecast` (neurons, horizon), `samples` (num_samples, neurons,
-    horizon) or None, `quantiles` {q: (neurons, horizon)} or None, `sampling_rate`.
+    Returns a dict (a list of dicts for a batch): `forecast` (neurons, horizon) -- the greedy rollout, or the mean of
+    the samples --, `mean` (neurons, horizon) or None, `samples` (num_samples, neurons, horizon) or None, `quantiles`
+    {q: (neurons, horizon)} or None, `sampling_rate`, `context_frames` (input frames the model used).
     """
 
     _load_processor = False
@@ -76,11 +124,22 @@ class NeuralForecastingPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def __init__(self, *args, neural_tokenizer=None, **kwargs):
+    def __init__(self, *args, neural_tokenizer=None, trace_processor=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.neural_tokenizer = neural_tokenizer if neural_tokenizer is not None else _load_neural_tokenizer(self.model)
         self.neural_tokenizer.to(self.model.device)
+        self.trace_processor = trace_processor if trace_processor is not None else _load_processor(self.model)
         self.forecaster = CalmForecaster(self.model, self.neural_tokenizer)
+
+    def __call__(self, traces, batch_size: int | None = None, **kwargs):
+        if isinstance(traces, (list, tuple)) and traces and np.ndim(traces[0]) == 2:
+            shapes = {np.shape(t) for t in traces}
+            if len(shapes) > 1:  # recordings of different sizes are forecast one by one
+                return [self(t, **kwargs) for t in traces]
+            traces = np.stack([np.asarray(t, dtype=np.float64) for t in traces])
+        if batch_size is not None:
+            kwargs["batch_size_"] = _check_count(batch_size, "batch_size")
+        return super().__call__(traces, **kwargs)
 
     def _sanitize_parameters(
         self,
@@ -96,6 +155,7 @@ class NeuralForecastingPipeline(Pipeline):
         mean=None,
         std=None,
         quantiles=None,
+        batch_size_=None,
         **kwargs,
     ):
         if kwargs:
@@ -103,16 +163,27 @@ class NeuralForecastingPipeline(Pipeline):
         preprocess = {
             k: v
             for k, v in dict(
-                sampling_rate=sampling_rate, horizon=horizon, session=session, neuron_ids=neuron_ids, mean=mean, std=std
+                sampling_rate=sampling_rate, horizon=horizon, session=session, neuron_ids=neuron_ids, mean=mean,
+                std=std,
             ).items()
             if v is not None
         }
+        if num_samples is not None:
+            _check_count(num_samples, "num_samples")
         forward = {
             k: v
-            for k, v in dict(num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p, mode=mode).items()
+            for k, v in dict(
+                num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p, mode=mode,
+                batch_size=batch_size_,
+            ).items()
             if v is not None
         }
-        postprocess = {"quantiles": quantiles} if quantiles is not None else {}
+        postprocess = {}
+        if quantiles is not None:
+            levels = [float(q) for q in np.atleast_1d(np.asarray(quantiles, dtype=np.float64))]
+            if not levels or not all(0.0 < q < 1.0 for q in levels):
+                raise ValueError(f"quantiles must be levels in (0, 1), e.g. (0.05, 0.5, 0.95); got {quantiles!r}.")
+            postprocess["quantiles"] = tuple(levels)
         return preprocess, forward, postprocess
 
     def _resolve_session(self, session, num_neurons: int, neuron_ids):
@@ -120,144 +191,182 @@ class NeuralForecastingPipeline(Pipeline):
         names = list(config.session_names or [])
         ranges = list(config.session_neuron_ranges or [])
         if session is None:
-            if len(names) > 1:
-                matching = [i for i, (a, b) in enumerate(ranges) if b - a == num_neurons]
-                session_id = matching[0] if matching else 0
-                logger.warning_once(
-                    f"no session given; using the identity embeddings of session {names[session_id]!r} "
-                    f"(known sessions: {names}). Pass session=... to choose, or adapt a new session with "
-                    "training/adapt_session.py."
+            matching = [i for i, (a, b) in enumerate(ranges) if b - a == num_neurons]
+            session_id = matching[0] if matching else 0
+            if neuron_ids is None:
+                known = names[session_id] if session_id < len(names) else f"#{session_id}"
+                warnings.warn(
+                    f"no session given: this recording borrows the identity (session and neuron embeddings) of session "
+                    f"{known!r}, which the model learned on another recording (known sessions: {names or '[unnamed]'}); "
+                    "forecasts are then only as good as that match. To give it its own identity: `calm prepare` the "
+                    "recording, `calm tokenize` it, `calm adapt --model_path <this checkpoint> --session_name NAME`, and "
+                    "pass session='NAME'. Pass session=... explicitly to silence this warning.",
+                    UserWarning,
+                    stacklevel=4,
                 )
-            else:
-                session_id = 0
         elif isinstance(session, str):
             if session not in names:
                 raise ValueError(
-                    f"unknown session {session!r}; this model knows {names}. Add it with "
-                    "model.add_session(name, num_neurons) and train its embeddings with training/adapt_session.py."
+                    f"unknown session {session!r}; this model knows {names}. Add it with `calm adapt --session_name "
+                    f"{session} ...` (training/adapt_session.py), which learns its embeddings with the backbone frozen."
                 )
             session_id = names.index(session)
         else:
-            session_id = int(session)
-            if not 0 <= session_id < config.num_sessions:
+            session_id = _check_count(session, "session", minimum=0)
+            if session_id >= config.num_sessions:
                 raise ValueError(
                     f"unknown session id {session_id}; the model has {config.num_sessions} sessions (0.."
-                    f"{config.num_sessions - 1}). Add one with model.add_session(...)."
+                    f"{config.num_sessions - 1}). Add one with `calm adapt`."
                 )
         if neuron_ids is None:
-            if ranges:
+            if session_id < len(ranges):
                 start, stop = ranges[session_id]
                 if num_neurons > stop - start:
+                    label = names[session_id] if session_id < len(names) else session_id
                     raise ValueError(
-                        f"traces have {num_neurons} neurons but session {names[session_id]!r} has {stop - start}: "
-                        "pass neuron_ids=..., or add a session of that size with model.add_session(name, "
-                        f"{num_neurons}) and adapt it with training/adapt_session.py."
+                        f"traces have {num_neurons} neurons but session {label!r} has {stop - start}: pass "
+                        f"neuron_ids=..., or adapt a session of {num_neurons} neurons with `calm adapt`."
                     )
                 neuron_ids = np.arange(start, start + num_neurons)
-            else:
+            elif session is not None or ranges:
+                raise ValueError(
+                    f"session {session_id} has no neuron range recorded in the model config, so which neuron "
+                    "embeddings belong to these traces is unknown: pass neuron_ids=... (one global id per neuron)."
+                )
+            else:  # a model that never recorded session ranges: neurons in order
                 neuron_ids = np.arange(num_neurons)
-        neuron_ids = np.asarray(neuron_ids, dtype=np.int64)
-        if neuron_ids.shape != (num_neurons,):
-            raise ValueError(f"neuron_ids must have shape ({num_neurons},), got {neuron_ids.shape}.")
+        neuron_ids = np.asarray(neuron_ids)
+        if neuron_ids.shape != (num_neurons,) or not np.issubdtype(neuron_ids.dtype, np.integer):
+            raise ValueError(f"neuron_ids must be {num_neurons} integers (one per neuron), got shape {neuron_ids.shape}.")
         if neuron_ids.max() >= config.num_neurons or neuron_ids.min() < 0:
             raise ValueError(
                 f"neuron_ids must lie in [0, {config.num_neurons}) (the model's neuron table); grow it with "
                 "model.add_session(...) or model.resize_neuron_embeddings(...)."
             )
-        return session_id, neuron_ids
+        return session_id, neuron_ids.astype(np.int64)
 
-    def preprocess(self, traces, sampling_rate=None, horizon=None, session=None, neuron_ids=None, mean=None, std=None):
-        values = np.asarray(traces, dtype=np.float64)
-        if values.ndim == 2:
+    def _check_traces(self, traces) -> tuple[np.ndarray, bool]:
+        values = np.asarray(traces)
+        if values.dtype == object or not np.issubdtype(values.dtype, np.number):
+            raise ValueError(f"traces must be a numeric array (neurons, frames), got dtype {values.dtype}.")
+        values = values.astype(np.float64)
+        single = values.ndim == 2
+        if single:
             values = values[None]
-            single = True
-        elif values.ndim == 3:
-            single = False
-        else:
+        if values.ndim != 3:
             raise ValueError(
                 f"traces must be (neurons, frames) or (batch, neurons, frames), got shape {values.shape}; "
                 "for one neuron use x[None]."
             )
         if values.size == 0:
-            raise ValueError("traces are empty: give at least one neuron and one token window of frames.")
-        if not np.isfinite(values).all():
-            b, n, t = np.argwhere(~np.isfinite(values))[0]
+            raise ValueError(f"traces are empty (shape {values.shape}): give at least one neuron and some frames.")
+        if np.isinf(values).any():
+            b, n, t = np.argwhere(np.isinf(values))[0]
+            raise ValueError(f"traces contain Inf (batch {b}, neuron {n}, frame {t}); fix or drop that neuron.")
+        peak = float(np.nanmax(np.abs(values))) if not np.isnan(values).all() else 0.0
+        if peak >= MAX_ABS_INPUT:
             raise ValueError(
-                f"traces contain NaN/Inf (batch {b}, neuron {n}, frame {t}): interpolate the gap or drop that neuron."
+                f"traces reach {peak:.3g}, too large for float32 forecasts (limit {MAX_ABS_INPUT:.3g}); rescale them "
+                "(e.g. divide by their median) and scale the forecast back."
             )
-        if horizon is None or int(horizon) < 1:
+        return values, single
+
+    def preprocess(self, traces, sampling_rate=None, horizon=None, session=None, neuron_ids=None, mean=None, std=None):
+        values, single = self._check_traces(traces)
+        if horizon is None:
             raise ValueError("pass horizon=<number of frames to forecast, at the input sampling rate> (>= 1).")
-        model_rate = float(self.model.config.frame_rate_hz)
+        horizon = _check_count(horizon, "horizon")
+        processor = self.trace_processor
+        model_rate = processor.sampling_rate
         fs = model_rate if sampling_rate is None else float(sampling_rate)
-        if fs <= 0:
-            raise ValueError(f"sampling_rate={sampling_rate} must be positive (Hz).")
-        resampled = _resample(values, fs, model_rate) if fs != model_rate else values
-        window = self.model.config.window_size
-        if resampled.shape[-1] < window:
-            raise ValueError(
-                f"the context is {values.shape[-1]} frames at {fs} Hz = {resampled.shape[-1]} frames at the model rate "
-                f"{model_rate} Hz, shorter than one token window ({window} frames): give at least "
-                f"{int(np.ceil(window * fs / model_rate))} frames."
+        if not math.isfinite(fs) or fs <= 0:
+            raise ValueError(f"sampling_rate={sampling_rate} must be a positive frame rate in Hz.")
+        values, filled = fill_nan_frames(values)
+        if filled:
+            warnings.warn(
+                f"traces had {filled} NaN value(s) ({filled / values.shape[1] / values.shape[0]:.1f} frames per neuron on "
+                f"average); they were linearly interpolated in time before forecasting.",
+                UserWarning,
+                stacklevel=4,
             )
-        if mean is None or std is None:
-            mean_ = resampled.mean(axis=-1, keepdims=True)
-            std_ = resampled.std(axis=-1, keepdims=True)
-        else:
-            mean_ = np.broadcast_to(np.asarray(mean, dtype=np.float64)[..., :, None], resampled.shape[:-1] + (1,))
-            std_ = np.broadcast_to(np.asarray(std, dtype=np.float64)[..., :, None], resampled.shape[:-1] + (1,))
-        std_ = np.maximum(std_, 1e-6)
+        window = processor.window_size
+        horizon_model = processor.model_horizon(horizon, fs)
+        new_steps = -(-horizon_model // window)
+        max_steps = self.model.config.max_token_steps
+        if new_steps >= max_steps:
+            most = int(math.floor((max_steps - 1) * window * fs / model_rate))
+            raise ValueError(
+                f"horizon={horizon} frames ({horizon / fs:g} s at {fs:g} Hz) is longer than this model can roll out "
+                f"after a context: ask for at most {most} frames ({most / fs:g} s)."
+            )
+        max_context = (max_steps - new_steps) * window  # model frames
+        available = processor.model_frames(values.shape[-1], fs)
+        if available - available % window > max_context:
+            kept = int(math.floor(max_context * fs / model_rate))
+            warnings.warn(
+                f"the context is {values.shape[-1]} frames ({values.shape[-1] / fs:g} s at {fs:g} Hz); with a "
+                f"{horizon}-frame horizon the model holds {kept} frames ({kept / fs:g} s), so the most recent {kept} "
+                "frames are used and the older ones only set the z-score statistics.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if (mean is None) != (std is None):
+            raise ValueError("pass mean and std together (both in the traces' units), or neither (context statistics).")
+        features = processor(values, sampling_rate=fs, mean=mean, std=std, max_frames=max_context)
         session_id, ids = self._resolve_session(session, values.shape[1], neuron_ids)
         batch = values.shape[0]
-        horizon_model = int(np.ceil(int(horizon) * model_rate / fs)) + (1 if fs != model_rate else 0)
+        used_model = features["input_values"].shape[-1]
         return {
-            "values": torch.as_tensor((resampled - mean_) / std_, dtype=torch.float32),
+            "values": torch.as_tensor(features["input_values"]),
             "neuron_ids": torch.as_tensor(np.broadcast_to(ids, (batch, ids.shape[0])).copy()),
             "session_ids": torch.full((batch,), session_id, dtype=torch.long),
-            "mean": mean_,
-            "std": std_,
-            "fs": fs,
-            "horizon": int(horizon),
+            "features": features,
+            "horizon": horizon,
             "horizon_model": horizon_model,
             "single": single,
+            "context_frames": min(values.shape[-1], int(math.floor((used_model - 1) * fs / model_rate)) + 1),
         }
 
-    def _forward(self, inputs, num_samples=1, temperature=1.0, top_k=None, top_p=None, mode=None):
-        if mode is None:
-            mode = "greedy" if num_samples == 1 else "mean"
-        result = self.forecaster.forecast(
-            inputs["values"],
-            horizon=inputs["horizon_model"],
-            neuron_ids=inputs["neuron_ids"],
-            session_ids=inputs["session_ids"],
-            mode=mode,
-            num_samples=num_samples,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-        )
-        return {"result": result, **{k: v for k, v in inputs.items() if k not in ("values",)}}
+    def _forward(self, inputs, num_samples=1, temperature=1.0, top_k=None, top_p=None, mode=None, batch_size=None):
+        if mode is None:  # the continuous head's conditional mean when the model has one (samples recentred on it)
+            mode = default_forecast_mode(self.model)
+            if mode != "direct":
+                mode = "greedy" if num_samples == 1 else "mean"
+        values = inputs["values"]
+        step = values.shape[0] if batch_size is None else batch_size
+        forecasts, samples = [], []
+        for start in range(0, values.shape[0], step):
+            chunk = slice(start, start + step)
+            result = self.forecaster.forecast(
+                values[chunk],
+                horizon=inputs["horizon_model"],
+                neuron_ids=inputs["neuron_ids"][chunk],
+                session_ids=inputs["session_ids"][chunk],
+                mode=mode,
+                num_samples=num_samples,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+            )
+            forecasts.append(result.forecast)
+            samples.append(result.samples)
+        stacked = None if samples[0] is None else np.concatenate(samples)
+        return {"forecast": np.concatenate(forecasts), "samples": stacked,
+                **{k: v for k, v in inputs.items() if k != "values"}}
 
     def postprocess(self, outputs, quantiles=DEFAULT_QUANTILES):
-        result = outputs["result"]
-        std, mean = outputs["std"], outputs["mean"]  # (batch, neurons, 1)
-        rate = float(self.model.config.frame_rate_hz)
-
-        def to_units(z: np.ndarray) -> np.ndarray:  # (batch, [samples,] neurons, horizon_model)
-            if z.ndim == 4:
-                values = z * std[:, None] + mean[:, None]
-            else:
-                values = z * std + mean
-            if outputs["fs"] != rate:
-                values = _resample(values, rate, outputs["fs"])
-            return values[..., : outputs["horizon"]].astype(np.float32)
-
-        forecast = to_units(result.forecast)
-        samples = to_units(result.samples) if result.samples is not None else None
+        processor, features, horizon = self.trace_processor, outputs["features"], outputs["horizon"]
+        forecast = processor.postprocess_forecast(outputs["forecast"], features, horizon)
+        samples = None
+        if outputs["samples"] is not None:
+            samples = processor.postprocess_forecast(outputs["samples"], features, horizon)
         records = []
         for b in range(forecast.shape[0]):
-            record = {"forecast": forecast[b], "samples": None, "quantiles": None, "sampling_rate": outputs["fs"]}
+            record = {"forecast": forecast[b], "mean": None, "samples": None, "quantiles": None,
+                      "sampling_rate": float(features["sampling_rate"]), "context_frames": outputs["context_frames"]}
             if samples is not None:
                 record["samples"] = samples[b]
+                record["mean"] = samples[b].mean(axis=0)
                 record["quantiles"] = {float(q): np.quantile(samples[b], q, axis=0).astype(np.float32) for q in quantiles}
             records.append(record)
         return records[0] if outputs["single"] else records

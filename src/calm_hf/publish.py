@@ -20,6 +20,7 @@ import torch
 from .atomic import fsync_tree, replace_folder
 from .baselines.forecasting import MeanForecaster, RidgeARForecaster
 from .cards import render_dataset_card, render_model_card, render_tokenizer_card
+from .checkpoint import complete_checkpoint
 from .data import load_session_metadata
 from .forecasting import CalmForecaster, evaluate_forecasting, trial_swap_probe
 from .metrics.functional import forecast_pearson_r, mse
@@ -189,10 +190,8 @@ def write_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_f
     staging.mkdir(parents=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging / "tokenizer")
-    # transformers resolves remote code of a `subfolder=` load at the repository root, so the tokenizer's code files
-    # are placed there too: AutoModel.from_pretrained(repo, subfolder="tokenizer", trust_remote_code=True) works.
-    for code_file in ("configuration_calm_tokenizer.py", "modeling_calm_tokenizer.py"):
-        shutil.copy2(staging / "tokenizer" / code_file, staging / code_file)
+    # tokenizer code at the root, processor, pipeline remote code and custom_pipelines
+    complete_checkpoint(staging)
     forecast_figure(forecaster, test, staging / FIGURE_NAME, context_frames, forecast_samples,
                     float(model.config.frame_rate_hz))
     run_info = dict(run_info or {})

@@ -20,10 +20,24 @@ class CalmTrainer(Trainer):
         log_fields: names of output fields to log; by default every scalar field of the model output except `loss`.
         extra_evaluation: called with the model after each evaluation; the floats it returns are logged and added to
             the metrics with the evaluation prefix (e.g. the forecasting Pearson r, which needs rollouts, not logits).
+        neural_tokenizer: the `CalmTokenizer` of a dual-axis transformer being trained. Every save of such a model
+            (final, intermediate, and so `push_to_hub=True`) writes a complete checkpoint: `tokenizer/`, the trace
+            processor, the remote-code files and `custom_pipelines` (`calm_hf.checkpoint.complete_checkpoint`).
+        trace_processor: the `CalmTraceProcessor` saved with it (default: one matching the model config).
         All other arguments are `Trainer`'s.
     """
 
-    def __init__(self, *args, log_fields: list[str] | None = None, extra_evaluation=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        log_fields: list[str] | None = None,
+        extra_evaluation=None,
+        neural_tokenizer=None,
+        trace_processor=None,
+        **kwargs,
+    ):
+        self.neural_tokenizer = neural_tokenizer
+        self.trace_processor = trace_processor
         super().__init__(*args, **kwargs)
         self.log_fields = log_fields
         self.extra_evaluation = extra_evaluation
@@ -63,3 +77,31 @@ class CalmTrainer(Trainer):
             self.log(extra)
             metrics.update(extra)
         return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model.config, "model_type", None) == "calm":  # the dual-axis transformer, not the tokenizer
+            from .checkpoint import complete_checkpoint
+
+            complete_checkpoint(output_dir or self.args.output_dir, tokenizer=self.neural_tokenizer,
+                                processor=self.trace_processor)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """A CalM card instead of the generic Trainer card when pushing a dual-axis transformer."""
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model.config, "model_type", None) != "calm":
+            return super().create_model_card(*args, **kwargs)
+        import os
+
+        from .cards import render_model_card
+
+        config = model.config
+        summary = {name: getattr(config, name) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                            "vocab_size", "window_size", "frame_rate_hz")}
+        metrics = {k: v for k, v in (self.state.log_history[-1] if self.state.log_history else {}).items()
+                   if isinstance(v, float) and k.startswith("eval_")}
+        card = render_model_card(metrics=metrics, config_summary=summary,
+                                 training_summary={"global_step": self.state.global_step},
+                                 repo_id=self.hub_model_id if hasattr(self, "hub_model_id") else None)
+        card.save(os.path.join(self.args.output_dir, "README.md"))

@@ -18,20 +18,25 @@ from .datasets import (
     SessionInfo,
     build_trial_dataset,
     load_session_metadata,
+    load_trial_corpus,
     read_session_metadata,
     save_session_metadata,
     save_trial_dataset,
     session_metadata,
     tokenize_dataset,
 )
+from .caiman import load_caiman_recording
 from .io import (
     Recording,
     default_data_dir,
     load_cascade_groundtruth,
     load_npz_recording,
     load_park_sessions,
+    load_recording,
     load_triplett_zebrafish,
+    recording_from_arrays,
 )
+from .nwb import load_nwb_recording
 from .preprocessing import (
     PreparedSession,
     ZScoreStats,
@@ -44,6 +49,7 @@ from .preprocessing import (
 )
 from .session import SessionTrials
 from .simulation import SimulationConfig, simulate_benchmark, simulate_session, spikes_to_calcium
+from .suite2p import load_suite2p_recording
 
 
 __all__ = [
@@ -61,13 +67,19 @@ __all__ = [
     "check_traces",
     "cut_trials",
     "default_data_dir",
+    "load_caiman_recording",
     "load_cascade_groundtruth",
     "load_npz_recording",
+    "load_nwb_recording",
     "load_park_sessions",
+    "load_recording",
+    "load_suite2p_recording",
+    "load_trial_corpus",
     "load_session_metadata",
     "load_triplett_zebrafish",
     "prepare_session",
     "read_session_metadata",
+    "recording_from_arrays",
     "resample",
     "save_session_metadata",
     "save_trial_dataset",

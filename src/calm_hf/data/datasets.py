@@ -382,3 +382,32 @@ def tokenize_dataset(
         if hasattr(tokenizer, "train"):
             tokenizer.train(was_training)
     return encoded.with_format(None)
+
+
+def load_trial_corpus(source: str | os.PathLike) -> tuple[DatasetDict, list[SessionInfo]]:
+    """A trial DatasetDict and its session metadata, from a local folder or a Hub dataset id.
+
+    A folder written by `save_to_disk` is read with `load_from_disk` and its `calm_sessions.json`; anything else is
+    taken as a Hub dataset id, read with `load_dataset` and the `calm_sessions.json` pushed beside it
+    (`calm_hf.hub.push_to_hub` uploads it), falling back to the metadata in `info.description`.
+    """
+    from datasets import load_dataset, load_from_disk
+
+    path = Path(source)
+    if path.is_dir():
+        corpus = load_from_disk(str(path))
+        if (path / METADATA_FILENAME).is_file():
+            return corpus, load_session_metadata(path)
+        return corpus, read_session_metadata(corpus)
+    if path.suffix or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise FileNotFoundError(
+            f"{source} is neither a dataset folder (written by save_to_disk) nor a Hub dataset id (namespace/name)."
+        )
+    corpus = load_dataset(str(source))
+    try:
+        from huggingface_hub import hf_hub_download
+
+        sidecar = hf_hub_download(str(source), METADATA_FILENAME, repo_type="dataset")
+    except Exception:  # noqa: BLE001 - an older push without the sidecar: use the metadata in the dataset info
+        return corpus, read_session_metadata(corpus)
+    return corpus, load_session_metadata(sidecar)

@@ -1,4 +1,5 @@
-"""Loading the real recordings shipped as plain `.npz` files (see `<data dir>/README.md`).
+"""Loading recordings: the `Recording` container, `.npz` files (the real recordings shipped in `<data dir>`), and
+`load_recording`, which dispatches to the NWB (`nwb.py`), suite2p (`suite2p.py`) and CaImAn (`caiman.py`) readers.
 
 The data folder defaults to `<repo root>/../shared/data` and is overridden by the environment variable
 `CALM_DATA_DIR`. Files are read with `np.load(..., allow_pickle=False)`; nothing is downloaded.
@@ -90,10 +91,15 @@ class Recording:
                 gaps = np.diff(np.append(starts, self.num_frames))
                 trial_length = int(gaps.min())
             trial_length = int(trial_length)
-            if trial_length < 1 or (starts < 0).any() or (starts + trial_length > self.num_frames).any():
+            if trial_length < 1 or (starts < 0).any():
+                raise ValueError(f"{self.name}: trial_length must be positive and trial_starts non-negative.")
+            # Time is not continuous across a trial start: a trial that runs into the next one mixes two trials.
+            gaps = np.diff(np.append(np.sort(starts), self.num_frames))
+            if trial_length > int(gaps.min()):
                 raise ValueError(
-                    f"{self.name}: trials of {trial_length} frames starting at trial_starts do not fit in "
-                    f"{self.num_frames} frames; pass a shorter trial_length."
+                    f"{self.name}: trials of {trial_length} frames ({trial_length / self.fs:g} s) would run across the "
+                    f"next trial start or the end of the recording (the shortest trial is {int(gaps.min())} frames = "
+                    f"{gaps.min() / self.fs:g} s); pass a trial length of at most {int(gaps.min())} frames."
                 )
             index = starts[:, None] + np.arange(trial_length)[None]  # (trials, L)
             traces = np.moveaxis(self.traces[:, index], 1, 0)
@@ -107,8 +113,10 @@ class Recording:
                     f"{self.name} is a continuous recording ({self.num_frames} frames at {self.fs} Hz) without "
                     "trial_starts; pass trial_length (frames per trial) to cut it."
                 )
-            cut = cut_trials(self.traces, trial_length, stride=stride, behavior=self.behavior)
-            traces, behavior = cut if self.behavior is not None else (cut, None)
+            if self.behavior is not None:
+                traces, behavior = cut_trials(self.traces, trial_length, stride=stride, behavior=self.behavior)
+            else:  # cut_trials returns a bare array without behaviour
+                traces = cut_trials(self.traces, trial_length, stride=stride)
             extras = dict(self.extras)
         return SessionTrials(
             name=self.name,
@@ -120,61 +128,187 @@ class Recording:
         )
 
 
-def load_npz_recording(path: str | os.PathLike) -> Recording:
-    """Load a `.npz` recording (`traces` `(neurons, frames)` and `fs` required; `behavior`, `behavior_names`,
-    `trial_starts` optional; every other array goes to `extras`).
+LAYOUTS = ("auto", "neurons_frames", "frames_neurons")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _orient_traces(traces: np.ndarray, layout: str, source: str, num_frames_hint: int | None = None) -> np.ndarray:
+    """Return `(neurons, frames)` traces from a 2-D array stored either way.
+
+    `layout="auto"` keeps `(neurons, frames)` unless the other arrays of the file (behaviour, timestamps) say the
+    frames are on the first axis; an array with more rows than columns and nothing to tell is refused, because a
+    silent transpose turns 1000 frames of 50 neurons into 50 frames of 1000 "neurons".
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}.")
+    if layout == "frames_neurons":
+        return np.ascontiguousarray(traces.T)
+    if layout == "neurons_frames":
+        return traces
+    rows, columns = traces.shape
+    if num_frames_hint is not None and rows != columns:
+        if rows == num_frames_hint:
+            return np.ascontiguousarray(traces.T)
+        if columns == num_frames_hint:
+            return traces
+    if rows > columns:
+        raise ValueError(
+            f"{source}: traces have shape {traces.shape} (more rows than columns), which looks like (frames, neurons) "
+            "but nothing in the file says which axis is time. Pass layout='frames_neurons' to transpose it, or "
+            "layout='neurons_frames' if there really are more neurons than frames."
+        )
+    return traces
+
+
+def recording_from_arrays(
+    source: str | os.PathLike,
+    traces: Any,
+    fs: Any,
+    behavior: Any | None = None,
+    behavior_names: list[str] | None = None,
+    trial_starts: Any | None = None,
+    extras: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> Recording:
+    """Validate arrays read from `source` and build a `Recording`; every message names `source`.
+
+    Checks: traces numeric, 2-D `(neurons, frames)`, finite and within float32 range (float64 values beyond it would
+    become Inf); `fs` positive; behaviour `(channels, frames)` on the same frames; trial starts inside the recording.
+    """
+    source = str(source)
+    label = Path(source).name or source
+    array = np.asarray(traces)
+    if np.issubdtype(array.dtype, np.floating) and array.size and np.isfinite(array).all():
+        peak = float(np.abs(array).max())
+        if peak > _FLOAT32_MAX:
+            raise ValueError(
+                f"{source}: traces reach {peak:.3g}, beyond the float32 range ({_FLOAT32_MAX:.3g}) the model computes "
+                "in; rescale the traces (e.g. divide by their median) before use."
+            )
+    traces = np.asarray(check_traces(array, name=f"traces in {label}", ndim=2), dtype=np.float32)
+    fs_value = float(str(np.asarray(fs).reshape(-1)[0])) if np.asarray(fs).size else float("nan")
+    if not np.isfinite(fs_value) or fs_value <= 0:
+        raise ValueError(f"{source}: the frame rate must be a positive number of Hz, got {fs_value}.")
+    if behavior is not None:
+        behavior = np.asarray(check_traces(behavior, name=f"behavior in {label}", ndim=(1, 2)), np.float32)
+        behavior = behavior[None] if behavior.ndim == 1 else behavior
+        if behavior.shape[1] != traces.shape[1]:
+            raise ValueError(
+                f"{source}: behavior has {behavior.shape[1]} frames but traces have {traces.shape[1]}; they must match."
+            )
+        behavior_names = (
+            [str(n) for n in behavior_names] if behavior_names is not None else [f"behavior_{i}" for i in range(len(behavior))]
+        )
+        if len(behavior_names) != behavior.shape[0]:
+            raise ValueError(f"{source}: {len(behavior_names)} behavior_names for {behavior.shape[0]} behavior channels.")
+    else:
+        behavior_names = None
+    if trial_starts is not None:
+        trial_starts = np.asarray(trial_starts).reshape(-1)
+        if not np.issubdtype(trial_starts.dtype, np.integer):
+            if not np.isfinite(trial_starts).all() or (trial_starts != np.round(trial_starts)).any():
+                raise ValueError(f"{source}: trial_starts must be whole frame indices, got {trial_starts[:8]}...")
+        trial_starts = trial_starts.astype(np.int64)
+        if (trial_starts < 0).any() or (trial_starts >= traces.shape[1]).any():
+            raise ValueError(f"{source}: trial_starts must lie in [0, {traces.shape[1]}), got {trial_starts}.")
+    return Recording(
+        name=name or Path(source).stem,
+        traces=traces,
+        fs=fs_value,
+        behavior=behavior,
+        behavior_names=behavior_names,
+        trial_starts=trial_starts,
+        extras=dict(extras or {}),
+    )
+
+
+def load_npz_recording(path: str | os.PathLike, layout: str = "auto") -> Recording:
+    """Load a `.npz` recording (`traces` and `fs` required; `behavior`, `behavior_names`, `trial_starts` optional;
+    every other array goes to `extras`). Read with `allow_pickle=False`.
+
+    Args:
+        path (`str` or `os.PathLike`): the `.npz` file.
+        layout (`str`, *optional*, defaults to `"auto"`): `"neurons_frames"`, `"frames_neurons"` or `"auto"`
+            (`(neurons, frames)` unless `behavior` says the frames are on the first axis; a traces array with more
+            rows than columns and nothing to tell is refused with a message naming both options).
 
     Raises:
         `FileNotFoundError`: the file does not exist (the message names the data folder and `CALM_DATA_DIR`).
-        `ValueError`: a required key is missing, shapes disagree, or a value is NaN/Inf (named by neuron and frame).
+        `ValueError`: not a readable npz (corrupt/truncated), a required key is missing, shapes disagree, values
+        are NaN/Inf or beyond float32 range (named by neuron and frame).
     """
     path = Path(path)
     if not path.is_file():
         raise _missing_file_error(path)
-    with np.load(path, allow_pickle=False) as archive:
-        data = {key: archive[key] for key in archive.files}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            data = {key: archive[key] for key in archive.files}
+    except ValueError as error:
+        if "pickle" in str(error).lower():
+            raise ValueError(
+                f"{path} holds pickled Python objects, which calm_hf does not load (unsafe). Save plain arrays "
+                "(np.savez with numeric/str arrays); for NWB files use load_nwb_recording / `calm prepare --nwb`."
+            ) from error
+        raise ValueError(f"{path} is not a readable .npz file ({error}); re-export it with np.savez.") from error
+    except Exception as error:  # zipfile.BadZipFile, EOFError, OSError of a truncated or garbled file
+        raise ValueError(
+            f"{path} is not a readable .npz file ({type(error).__name__}: {error}); it may be truncated or corrupt. "
+            "Re-export it with np.savez(path, traces=..., fs=...)."
+        ) from error
     missing = [key for key in ("traces", "fs") if key not in data]
     if missing:
         raise ValueError(
             f"{path} lacks the key(s) {missing}; a recording needs 'traces' (neurons, frames) and 'fs' (Hz). "
             f"Found keys: {sorted(data)}."
         )
-    traces = np.asarray(check_traces(data["traces"], name=f"traces in {path.name}", ndim=2), dtype=np.float32)
-    # str() of a float32 scalar is its shortest repr: 2.2 stays 2.2 instead of 2.2000000476837
-    fs = float(str(np.asarray(data["fs"]).reshape(-1)[0]))
-    if not np.isfinite(fs) or fs <= 0:
-        raise ValueError(f"{path}: 'fs' must be a positive frame rate in Hz, got {fs}.")
-    behavior = behavior_names = trial_starts = None
-    if "behavior" in data:
-        behavior = np.asarray(check_traces(data["behavior"], name=f"behavior in {path.name}", ndim=2), np.float32)
-        if behavior.shape[1] != traces.shape[1]:
-            raise ValueError(
-                f"{path}: behavior has {behavior.shape[1]} frames but traces have {traces.shape[1]}; they must match."
-            )
-        names = data.get("behavior_names")
-        behavior_names = (
-            [str(n) for n in names.reshape(-1)] if names is not None else [f"behavior_{i}" for i in range(len(behavior))]
-        )
-        if len(behavior_names) != behavior.shape[0]:
-            raise ValueError(
-                f"{path}: {len(behavior_names)} behavior_names for {behavior.shape[0]} behavior channels."
-            )
-    if "trial_starts" in data:
-        trial_starts = np.asarray(data["trial_starts"], dtype=np.int64).reshape(-1)
-        if (trial_starts < 0).any() or (trial_starts >= traces.shape[1]).any():
-            raise ValueError(f"{path}: trial_starts must lie in [0, {traces.shape[1]}), got {trial_starts}.")
+    traces = np.asarray(data["traces"])
+    if traces.ndim != 2:
+        raise ValueError(f"{path}: traces must be 2-D (neurons, frames), got shape {traces.shape}.")
+    behavior = data.get("behavior")
+    frames_hint = None
+    if behavior is not None and np.asarray(behavior).ndim >= 1:
+        frames_hint = int(np.asarray(behavior).shape[-1])
+    traces = _orient_traces(traces, layout, str(path), frames_hint)
+    names = data.get("behavior_names")
     extras = {key: value for key, value in data.items() if key not in _STANDARD_KEYS}
     for key, value in extras.items():
         if value.ndim == 0:
             extras[key] = value.item()
-    return Recording(
-        name=path.stem,
-        traces=traces,
-        fs=fs,
+    return recording_from_arrays(
+        path,
+        traces,
+        data["fs"],
         behavior=behavior,
-        behavior_names=behavior_names,
-        trial_starts=trial_starts,
+        behavior_names=None if names is None or behavior is None else list(names.reshape(-1)),
+        trial_starts=data.get("trial_starts"),
         extras=extras,
+    )
+
+
+def load_recording(path: str | os.PathLike, **kwargs) -> Recording:
+    """Read any supported recording by its form: a `.nwb` file (`load_nwb_recording`), a suite2p output folder
+    (`load_suite2p_recording`), a CaImAn `.hdf5`/`.h5` file (`load_caiman_recording`) or a `.npz` file
+    (`load_npz_recording`). Keyword arguments go to that reader."""
+    path = Path(path)
+    if not path.exists():
+        raise _missing_file_error(path, "file" if path.suffix else "folder")
+    if path.is_dir():
+        from .suite2p import load_suite2p_recording
+
+        return load_suite2p_recording(path, **kwargs)
+    suffix = path.suffix.lower()
+    if suffix == ".nwb":
+        from .nwb import load_nwb_recording
+
+        return load_nwb_recording(path, **kwargs)
+    if suffix in (".hdf5", ".h5"):
+        from .caiman import load_caiman_recording
+
+        return load_caiman_recording(path, **kwargs)
+    if suffix == ".npz":
+        return load_npz_recording(path, **kwargs)
+    raise ValueError(
+        f"{path}: unknown recording format {suffix!r}; calm_hf reads .nwb, .npz, CaImAn .hdf5/.h5 and suite2p folders."
     )
 
 

@@ -424,10 +424,12 @@ def prepare_session(
 ) -> PreparedSession:
     """Resample, optionally smooth, crop, split and z-score one session.
 
-    Steps: resample every trial (and the behaviour) from `session.fs` to `target_fs`; optional causal EMA with
-    `ema_alpha` (traces only); crop frames to a multiple of `window_size` (drops the last frames); split trials
-    with `split_trials(num_trials, split_seed, fractions)`; z-score traces and behaviour with statistics of the
-    training trials only (validation/test never leak into the normalisation).
+    Steps, with `CalmTraceProcessor` (the object checkpoints save and the pipeline uses): resample every trial (and
+    the behaviour) from `session.fs` to `target_fs`, end of each trial aligned; optional causal EMA with `ema_alpha`
+    (traces only); crop frames to a multiple of `window_size` (drops the oldest frames); split trials with
+    `split_trials(num_trials, split_seed, fractions)`; z-score traces and behaviour with statistics of the training
+    trials only (validation/test never leak into the normalisation; the std floor is relative to the session's
+    median std, so recordings in any units are normalised alike).
 
     Args:
         session (`SessionTrials`): raw trials `(trials, neurons, frames)` in the recording's units.
@@ -440,11 +442,17 @@ def prepare_session(
     Returns:
         `PreparedSession`.
     """
+    from ..processing_calm import CalmTraceProcessor
+
     window_size = int(window_size)
     if window_size < 1:
         raise ValueError(f"window_size must be a positive number of frames, got {window_size}.")
-    traces = resample(session.traces, session.fs, target_fs, axis=-1)
-    behavior = None if session.behavior is None else resample(session.behavior, session.fs, target_fs, axis=-1)
+    target_fs = _check_rate(target_fs, "target_fs")
+    # The same processor (end-aligned resampling, causal EMA, crop of the oldest frames, relative std floor) that
+    # the checkpoint saves and the pipeline applies to a user's context.
+    processor = CalmTraceProcessor(sampling_rate=target_fs, window_size=window_size, ema_alpha=ema_alpha)
+    traces = processor.resample(session.traces, session.fs)
+    behavior = None if session.behavior is None else processor.resample(session.behavior, session.fs)
     if ema_alpha is not None:
         traces = causal_ema(traces, alpha=ema_alpha, axis=-1)
     num_frames = traces.shape[-1] - traces.shape[-1] % window_size
@@ -453,11 +461,12 @@ def prepare_session(
             f"Session {session.name!r}: {session.traces.shape[-1]} frames at {session.fs} Hz become {traces.shape[-1]} "
             f"frames at {target_fs} Hz, fewer than one token window of {window_size} frames; use longer trials."
         )
-    traces = traces[..., :num_frames]
+    start = traces.shape[-1] - num_frames
+    traces = traces[..., start:]
     if behavior is not None:
-        behavior = behavior[..., :num_frames]
+        behavior = behavior[..., start:]
     splits = split_trials(traces.shape[0], seed=split_seed, fractions=fractions)
-    stats = ZScoreStats.fit(traces[splits["train"]])
+    stats = ZScoreStats(*processor.fit_stats(traces[splits["train"]]))
     traces = stats.transform(traces).astype(np.float32)
     behavior_stats = None
     if behavior is not None:

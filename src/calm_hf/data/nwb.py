@@ -1,0 +1,180 @@
+"""Reading calcium traces from Neurodata Without Borders (`.nwb`) files with `pynwb` (extra: `pip install calm_hf[nwb]`).
+
+NWB keeps optical-physiology traces as `RoiResponseSeries` inside a `Fluorescence` or `DfOverF` container under
+`processing/ophys`; the data are stored `(frames, rois)` and the rate is either `.rate` or given by `.timestamps`.
+Trials live in the file's `trials` table (`start_time` in seconds), behaviour in any `TimeSeries` (acquisition or
+processing modules), often at another rate than the imaging.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import Recording, _missing_file_error, recording_from_arrays
+
+
+_CONTAINERS = ("DfOverF", "Fluorescence")
+
+
+def _import_pynwb():
+    try:
+        import pynwb
+    except ImportError as error:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "Reading .nwb files needs pynwb: `pip install 'calm_hf[nwb]'` (or `pip install pynwb`)."
+        ) from error
+    return pynwb
+
+
+def _roi_series(nwbfile, path: Path) -> dict[str, Any]:
+    """Every RoiResponseSeries under processing/ophys, keyed `"<container>/<series>"`."""
+    if "ophys" not in nwbfile.processing:
+        raise ValueError(
+            f"{path} has no processing/ophys module, so no fluorescence traces (modules: "
+            f"{sorted(nwbfile.processing)}). calm_hf reads RoiResponseSeries from processing/ophys/Fluorescence "
+            "or processing/ophys/DfOverF."
+        )
+    found = {}
+    for container_name, container in nwbfile.processing["ophys"].data_interfaces.items():
+        series = getattr(container, "roi_response_series", None)
+        if series is None:
+            continue
+        for series_name, item in series.items():
+            found[f"{container_name}/{series_name}"] = item
+    if not found:
+        raise ValueError(
+            f"{path}: processing/ophys holds no Fluorescence or DfOverF traces (it has "
+            f"{sorted(nwbfile.processing['ophys'].data_interfaces)})."
+        )
+    return found
+
+
+def _pick_series(found: dict[str, Any], series: str | None, path: Path):
+    if series is not None:
+        matches = [key for key in found if key == series or key.split("/")[-1] == series or key.split("/")[0] == series]
+        if len(matches) != 1:
+            raise ValueError(
+                f"{path}: series={series!r} matches {matches or 'nothing'}; choose one of {sorted(found)}."
+            )
+        return matches[0], found[matches[0]]
+    for container in _CONTAINERS:  # prefer dF/F, then raw fluorescence
+        matches = [key for key in found if key.split("/")[0] == container]
+        if len(matches) == 1:
+            return matches[0], found[matches[0]]
+        if len(matches) > 1:
+            raise ValueError(
+                f"{path} holds several {container} series {sorted(matches)}; choose one with series=... "
+                "(`calm prepare --nwb_series NAME`)."
+            )
+    if len(found) == 1:
+        key = next(iter(found))
+        return key, found[key]
+    raise ValueError(f"{path} holds several ROI series {sorted(found)}; choose one with series=....")
+
+
+def _timestamps(series, num_frames: int) -> tuple[np.ndarray, float]:
+    """Frame times in seconds and the frame rate: from `.rate` when set, else from `.timestamps`."""
+    if series.rate is not None:
+        rate = float(series.rate)
+        start = float(series.starting_time or 0.0)
+        return start + np.arange(num_frames) / rate, rate
+    times = np.asarray(series.timestamps[:], dtype=np.float64)
+    if times.size < 2:
+        raise ValueError("the series has neither a rate nor two timestamps, so its frame rate is unknown.")
+    # 10 significant digits: timestamps 0.1 s apart give 10.0 Hz, not 10.000000000000002
+    return times, float(f"{1.0 / np.median(np.diff(times)):.10g}")
+
+
+def _find_time_series(nwbfile, name: str):
+    if name in nwbfile.acquisition:
+        return nwbfile.acquisition[name]
+    for module in nwbfile.processing.values():
+        for interface_name, interface in module.data_interfaces.items():
+            if interface_name == name and hasattr(interface, "data"):
+                return interface
+            nested = getattr(interface, "time_series", None)  # BehavioralTimeSeries and friends
+            if nested and name in nested:
+                return nested[name]
+    return None
+
+
+def load_nwb_recording(
+    path: str | os.PathLike,
+    series: str | None = None,
+    behavior_series: list[str] | tuple[str, ...] | None = None,
+) -> Recording:
+    """Read one `RoiResponseSeries` of an NWB file into a `Recording`.
+
+    Args:
+        path (`str` or `os.PathLike`): the `.nwb` file.
+        series (`str`, *optional*): which traces when the file has several, as `"DfOverF"`, `"Fluorescence"`, a
+            series name, or `"<container>/<series>"`; default: the single DfOverF series, else the single
+            Fluorescence series.
+        behavior_series (`list[str]`, *optional*): names of `TimeSeries` to read as behaviour (searched in
+            `acquisition`, then in every processing module), interpolated onto the imaging frame times.
+
+    Returns:
+        `Recording` with traces `(rois, frames)`, `fs` from the series' rate or timestamps, `trial_starts` (the frame
+        nearest each `trials.start_time`) when the file has a trials table, and `extras["roi_ids"]`.
+
+    Raises:
+        `FileNotFoundError`, `ValueError` (not an NWB file, no ophys traces, an ambiguous or unknown series, a
+        behaviour series that does not exist), `ImportError` without pynwb.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _missing_file_error(path)
+    pynwb = _import_pynwb()
+    try:
+        io = pynwb.NWBHDF5IO(str(path), mode="r")
+        nwbfile = io.read()
+    except Exception as error:  # h5py OSError on a non-HDF5 file, hdmf errors on a foreign HDF5 layout
+        raise ValueError(f"{path} is not a readable NWB file ({type(error).__name__}: {error}).") from error
+    try:
+        key, item = _pick_series(_roi_series(nwbfile, path), series, path)
+        data = np.asarray(item.data[:])
+        if data.ndim == 1:
+            data = data[:, None]
+        if data.ndim != 2:
+            raise ValueError(f"{path}: series {key} has shape {data.shape}; expected (frames, rois).")
+        times, fs = _timestamps(item, data.shape[0])
+        traces = data.T  # NWB stores (frames, rois)
+        trial_starts = None
+        if nwbfile.trials is not None and len(nwbfile.trials) > 0:
+            starts = np.asarray(nwbfile.trials["start_time"][:], dtype=np.float64)
+            trial_starts = np.searchsorted(times, starts - 0.5 / fs)
+            if (trial_starts >= len(times)).any():
+                raise ValueError(f"{path}: a trial starts at {starts.max():g} s, after the last imaging frame.")
+        behavior = names = None
+        if behavior_series:
+            channels = []
+            for name in behavior_series:
+                found = _find_time_series(nwbfile, name)
+                if found is None:
+                    raise ValueError(
+                        f"{path}: no TimeSeries named {name!r} (acquisition has {sorted(nwbfile.acquisition)})."
+                    )
+                values = np.asarray(found.data[:], dtype=np.float64)
+                values = values if values.ndim == 1 else values.reshape(values.shape[0], -1).mean(axis=1)
+                behavior_times, _ = _timestamps(found, values.shape[0])
+                channels.append(np.interp(times, behavior_times, values))
+            behavior, names = np.stack(channels), list(behavior_series)
+        roi_ids = None
+        rois = getattr(item, "rois", None)
+        if rois is not None:
+            try:
+                roi_ids = np.asarray(rois.data[:], dtype=np.int64)
+            except Exception:  # noqa: BLE001 - ids are informative only
+                roi_ids = None
+    finally:
+        io.close()
+    extras = {"nwb_series": key}
+    if roi_ids is not None and roi_ids.shape == (traces.shape[0],):
+        extras["roi_ids"] = roi_ids
+    return recording_from_arrays(
+        path, traces, fs, behavior=behavior, behavior_names=names, trial_starts=trial_starts, extras=extras
+    )

@@ -1,0 +1,111 @@
+"""The README as a test: every shell command and every Python block of README.md runs, in order, in a scratch folder.
+
+How it is shrunk (the commands are run as written, plus what `SHRINK` appends; argparse keeps the last value of a
+repeated flag, so an appended `--preset tiny` overrides the README's `--preset cpu`):
+
+- `bash scripts/main.sh` runs what the script runs after creating the venv: `calm main` (here `--size tiny
+  --num_neurons 200`, so the Python example's 200-neuron traces fit a session). `bash scripts/test.sh` runs what it
+  runs, `python -m pytest`, on one small test file instead of the whole suite (which is what is running this test).
+  Both scripts are checked with `bash -n`; the venv set-up they source is `scripts/_venv.sh`, not run here (it would
+  reinstall the package).
+- `source .venv/bin/activate` sources a stand-in that puts this interpreter's bin folder first on PATH.
+- training commands get tiny presets and a few steps; `calm push` goes to the fake hub on 127.0.0.1.
+- `../shared/data` is the real data folder (linked next to the scratch folder); without it the test is skipped.
+"""
+
+import os
+import re
+import time
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hub_server import hub_env
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"]
+# command prefix -> flags appended (or a replacement command line, for the two set-up scripts)
+SHRINK = {
+    "bash scripts/main.sh": "calm main --size tiny --num_neurons 200 --bf16 false",
+    "bash scripts/test.sh": f"python -m pytest -q -p no:cacheprovider {REPO / 'tests' / 'test_readme.py'}::test_readme_has_the_documented_commands",
+    "calm main": ["--size", "tiny", "--num_neurons", "200", "--bf16", "false"],
+    "calm train-tokenizer": ["--preset", "tiny", "--max_steps", "3", "--max_segments", "500", "--use_cpu", *TRAIN],
+    "calm pretrain": ["--preset", "tiny", "--max_steps", "2", "--max_neurons", "8", "--forecast_eval_trials", "0",
+                      "--per_device_train_batch_size", "4", *TRAIN],
+    "torchrun": ["--preset", "tiny", "--max_steps", "1", "--max_neurons", "8", "--forecast_eval_trials", "0",
+                 "--per_device_train_batch_size", "4", *TRAIN],
+    "calm adapt": ["--max_steps", "2", "--max_neurons", "16", "--per_device_train_batch_size", "4", "--use_cpu", *TRAIN],
+}
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    text = (REPO / "README.md").read_text()
+    return [(lang, body) for lang, body in re.findall(r"```(bash|python)\n(.*?)```", text, flags=re.DOTALL)]
+
+
+def shell_commands(body: str) -> list[str]:
+    commands = []
+    for line in body.splitlines():
+        line = re.sub(r"\s+#.*$", "", line).strip()
+        if line and not line.startswith("#"):
+            commands.append(line)
+    return commands
+
+
+def shrunk(command: str) -> str:
+    for prefix, extra in SHRINK.items():
+        if command.startswith(prefix):
+            return extra if isinstance(extra, str) else command + " " + shlex.join(extra)
+    return command
+
+
+def test_readme_has_the_documented_commands():
+    blocks = readme_blocks()
+    commands = [c for lang, body in blocks if lang == "bash" for c in shell_commands(body)]
+    assert sum(lang == "python" for lang, _ in blocks) >= 1
+    for expected in ("bash scripts/main.sh", "calm prepare", "calm forecast", "calm push --model_dir"):
+        assert any(c.startswith(expected) for c in commands), expected
+    for script in ("main.sh", "test.sh", "_venv.sh"):
+        subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], check=True)
+
+
+@pytest.mark.slow  # a tiny main job, tokenizer, pretraining (also as two-process DDP), adaptation: ~2 min on 1 core
+@pytest.mark.data
+def test_every_readme_command_runs(tmp_path, shared_data_dir, hub_server):
+    work = tmp_path / "repo"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(shared_data_dir.parent)  # ../shared/data as in a checkout
+    (work / "training").symlink_to(REPO / "training")
+    bin_dir = Path(sys.executable).parent
+    (work / ".venv" / "bin").mkdir(parents=True)
+    (work / ".venv" / "bin" / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
+    env = hub_env(hub_server, hf_home=tmp_path / "hf-home")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    ran = []
+    for lang, body in readme_blocks():
+        if lang == "bash":
+            # one shell per block, so `source .venv/bin/activate` carries over like in a terminal
+            commands = [shrunk(c) for c in shell_commands(body)]
+            for command in commands:
+                online = command.startswith("calm push")
+                script = "set -euo pipefail\n" + "\n".join(
+                    ["source .venv/bin/activate"] * any(c.startswith("source") for c in commands) + [command]
+                )
+                start = time.perf_counter()
+                result = subprocess.run(["bash", "-c", script], cwd=work, env=env if online else env | offline,
+                                        capture_output=True, text=True, timeout=600)
+                print(f"{time.perf_counter() - start:6.1f} s  {command}")
+                assert result.returncode == 0, f"README command failed: {command}\n{result.stderr[-4000:]}"
+                ran.append(command)
+        else:
+            result = subprocess.run([sys.executable, "-c", body], cwd=work, env=env | offline, capture_output=True,
+                                    text=True, timeout=600)
+            assert result.returncode == 0, f"README Python block failed:\n{body}\n{result.stderr[-4000:]}"
+            ran.append("<python block>")
+    assert (work / "forecast.png").is_file() and (work / "runs" / "calm-zf" / "preprocessor_config.json").is_file()
+    assert any(c.startswith("calm push") for c in ran) and "<python block>" in ran
