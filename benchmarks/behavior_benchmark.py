@@ -175,7 +175,8 @@ def tokenize(tokenizer: CalmTokenizer, sessions: list[Session]) -> dict:
 
 
 def pretrain_backbone(sessions: list[Session], tokenizer: CalmTokenizer, budget: dict, seed: int):
-    """CalmForCausalNeuralModeling on the training trials of every session (next-token CE), time-bounded."""
+    """CalmForCausalNeuralModeling on the training trials of every session (next-token CE plus the continuous head's
+    MSE, the preset's objective), time-bounded."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     hidden = budget["hidden_size"]
@@ -198,10 +199,14 @@ def pretrain_backbone(sessions: list[Session], tokenizer: CalmTokenizer, budget:
         batch_size = 32 if session.kind == "park" else budget["sim_batch"]
         index = rng.choice(session.split("train"), batch_size, replace=False)
         input_ids = session.codes[index]
+        # the continuous forecast head's targets (the preset's default objective since issue 9): the z-scored traces
+        frames = input_ids.shape[-1] * WINDOW
+        values = torch.as_tensor(session.prepared.traces[index][..., :frames], dtype=torch.float32)
         with autocast():
             loss = model(
                 input_ids=input_ids, neuron_ids=session.neuron_ids.expand(batch_size, -1),
                 session_ids=torch.full((batch_size,), session.session_id), labels=input_ids,
+                value_labels=values if model.config.value_head_steps > 0 else None,
             ).loss
         optimizer.zero_grad()
         loss.backward()

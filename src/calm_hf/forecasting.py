@@ -370,7 +370,7 @@ def trial_swap_probe(
     dataset,
     context_frames: int = 40,
     max_trials: int = 60,
-    block_neurons: int = 50,
+    block_neurons: int | None = None,
     seed: int = 0,
 ) -> dict:
     """Does the model use the other neurons' activity? Scores every neuron twice: with the true population, and
@@ -410,6 +410,7 @@ def trial_swap_probe(
     neuron_ids = torch.as_tensor(np.stack(list(rows["neuron_ids"])).astype(np.int64))
     sessions = np.asarray(rows["session_id"], dtype=np.int64)
     trials, neurons, steps = ids.shape
+    block_neurons = max(1, -(-neurons // 4)) if block_neurons is None else int(block_neurons)
     rng = np.random.default_rng(seed)
     partner = np.empty(trials, dtype=np.int64)
     for i in range(trials):
