@@ -9,6 +9,7 @@
     calm finetune-behavior ...
     calm forecast --model calm-base --traces traces.npy --horizon 60 [--sampling_rate 30] [--num_samples 20]
     calm push --model_dir calm-base --repo_id you/calm-base [--dataset_dir calm-base-dataset ...]
+    calm analyze --model calm-base --dataset calm-base-dataset --labels labels.json --output_dir analysis
 
 Each subcommand takes the flags of its script (`calm pretrain --help`).
 """
@@ -132,8 +133,14 @@ def main(argv: list[str] | None = None) -> None:
         from .hub import main as push_main
 
         push_main(rest)
+    elif command == "analyze":
+        from .analysis.report import main as analyze_main
+
+        analyze_main(rest)
     else:
-        raise SystemExit(f"calm: unknown command {command!r}; choose one of {sorted([*SCRIPTS, 'forecast', 'push'])}.")
+        raise SystemExit(
+            f"calm: unknown command {command!r}; choose one of {sorted([*SCRIPTS, 'forecast', 'push', 'analyze'])}."
+        )
 
 
 if __name__ == "__main__":
