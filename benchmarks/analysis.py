@@ -221,27 +221,35 @@ def main(argv: list[str] | None = None) -> dict:
             report = _analyze(name, out, Path(args.out) / f"analysis_{name}", args.max_forecast_trials,
                               args.forecast_mode)
             timings["analyze"] = round(time.perf_counter() - start, 1)
-            summary[name] = {"headline": report.get("headline", {}), "seconds": timings}
+            summary[name] = {"headline": report.get("headline", {}), "seconds": timings,
+                             "embedding_change": report.get("embedding_change")}
             if name == "sim":
                 summary[name]["ground_truth"] = sim_ground_truth(out)
             print(f"[{name}] analyze: {timings['analyze']} s", flush=True)
     if summary:
-        write_summary(summary, Path(args.out))
+        write_summary(summary, Path(args.out), args.size)
     return summary
 
 
-def write_summary(summary: dict, out: Path) -> None:
+def write_summary(summary: dict, out: Path, summary_size: str = "cpu") -> None:
     """`analysis.md` / `analysis.json`: the headline numbers of every dataset, controls beside them."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(summary, indent=2, default=float))
     lines = ["# Interpretability benchmark (benchmarks/analysis.py)", "",
              "Each row: trained CalM | untrained CalM (same config) | shuffled labels (trained). Full reports: "
              "`analysis_<dataset>/report.md`.", "",
+             f"Models (size `{summary_size}`): {SIZES[summary_size]}; pretraining epochs x "
+             f"{ {name: DATASETS[name]['epoch_scale'] for name in summary} } per dataset. CalM forecasts: soft "
+             "rollouts. Reproduce: `python benchmarks/analysis.py` (prepare, train, analyze).", "",
              "| dataset | analysis | trained | untrained | shuffled labels | chance |", "|---|---|---|---|---|---|"]
     for name, item in summary.items():
         for row in item["headline"].get("rows", []):
             lines.append(f"| {name} | {row['analysis']} | {row['trained']} | {row['untrained']} | {row['shuffled']} | "
                          f"{row.get('chance', '')} |")
+    lines += ["", "Neuron embeddings after training vs the untrained control (= the model's own initialisation, same seed): "
+              + "; ".join(f"{name} cosine {item['embedding_change']['mean_cosine_to_untrained']:.2f}, relative change "
+                          f"{item['embedding_change']['mean_relative_change']:.2f}"
+                          for name, item in summary.items() if item.get("embedding_change"))]
     for name, item in summary.items():
         if "ground_truth" in item:
             truth = item["ground_truth"]

@@ -211,3 +211,22 @@ def test_calm_analyze_rejects_labels_of_unknown_sessions(tiny_checkpoint, tmp_pa
               "--labels", str(bad), "--output_dir", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="config.json"):
         main(["--model", str(tmp_path), "--dataset", str(tiny_checkpoint / "data"), "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_analysis_benchmark_tiny_run(tmp_path):
+    """benchmarks/analysis.py end to end at the tiny size on the simulation: trains with the training scripts, writes
+    the per-dataset report and the summary with the simulator's ground-truth check (~1-2 min on one core)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "analysis.py"
+    spec = importlib.util.spec_from_file_location("calm_benchmarks_analysis", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = bench.main(["--datasets", "sim", "--size", "tiny", "--work", str(tmp_path / "work"),
+                          "--out", str(tmp_path / "results"), "--max_forecast_trials", "4"])
+    assert (tmp_path / "results" / "analysis_sim" / "report.md").is_file()
+    assert "Ground truth (sim)" in (tmp_path / "results" / "analysis.md").read_text()
+    truth = summary["sim"]["ground_truth"]
+    assert truth["driven_neurons_preferring_their_driving_condition"] > 0.6

@@ -201,6 +201,17 @@ def _controls(name, features_trained, features_untrained, labels, args, kind="pr
     return {"name": name, "trained": trained, "untrained": untrained}
 
 
+def embedding_change(trained: np.ndarray, untrained: np.ndarray) -> dict[str, float]:
+    """How far training moved the neuron embeddings from the untrained control's rows `(neurons, hidden)` each.
+
+    The untrained control is built with the analysis seed; when that is the pretraining seed (0 for the repository's
+    scripts) it IS the model's initialisation, and a cosine near 1 means training left the embeddings near their
+    random start, so they cannot encode much."""
+    cosine = (trained * untrained).sum(1) / (np.linalg.norm(trained, axis=1) * np.linalg.norm(untrained, axis=1))
+    relative = np.linalg.norm(trained - untrained, axis=1) / np.linalg.norm(untrained, axis=1)
+    return {"mean_cosine_to_untrained": float(np.mean(cosine)), "mean_relative_change": float(np.mean(relative))}
+
+
 def _strip(result: dict) -> dict:
     """JSON copy without the big projection arrays."""
     return {k: v for k, v in result.items() if k not in ("projection",)}
@@ -459,6 +470,10 @@ def write_markdown(report: dict, out: Path) -> Path:
     for row in report["headline"]["rows"]:
         lines.append(f"| {row['analysis']} | {row['trained']} | {row['untrained']} | {row['shuffled']} | "
                      f"{row.get('chance', '')} |")
+    change = report["embedding_change"]
+    lines += ["", f"Neuron embeddings vs the untrained control's rows: mean cosine {change['mean_cosine_to_untrained']:.3f}, "
+              f"mean relative change {change['mean_relative_change']:.3f} (with the pretraining seed the untrained "
+              "control is the model's own initialisation: cosine near 1 = training barely moved the embeddings)."]
     lines += ["", "## Tuning (d') and neuron embeddings", ""]
     for item in report["tuning"]:
         lines.append(f"- **{item['attribute']}**: {item['num_tuned']}/{item['num_neurons']} neurons with |d'| > "
@@ -523,11 +538,13 @@ def run_analysis(args: AnalyzeArguments) -> dict:
     tables, session_tables = embedding_tables(model)
     untrained_tables, untrained_session_tables = embedding_tables(untrained)
     rows = _all_rows(dataset)
+    used = np.concatenate([neurons for _, neurons in id_map])
     report: dict[str, Any] = {
         "model": str(args.model), "dataset": str(args.dataset), "split": args.split, "seed": args.seed,
         "num_shuffles": args.num_shuffles, "num_components": args.num_components, "num_sessions": len(infos),
         "num_neurons": int(sum(info.num_neurons for info in infos)),
     }
+    report["embedding_change"] = embedding_change(tables[used], untrained_tables[used])
     report["tuning"] = analyze_tuning(args, infos, id_map, tables, untrained_tables, rows, labels, out)
     report["neuron_probes"], report["session_probes"] = analyze_identity(
         args, infos, id_map, tables, untrained_tables, session_tables, untrained_session_tables, labels)
