@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
 def write_summary(summary: dict, out: Path, summary_size: str = "cpu") -> None:
     """`analysis.md` / `analysis.json`: the headline numbers of every dataset, controls beside them."""
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "analysis.json").is_file():  # re-analysing one dataset keeps the others' rows
+        summary = {**json.loads((out / "analysis.json").read_text()), **summary}
     (out / "analysis.json").write_text(json.dumps(summary, indent=2, default=float))
     lines = ["# Interpretability benchmark (benchmarks/analysis.py)", "",
              "Each row: trained CalM | untrained CalM (same config) | shuffled labels (trained). Full reports: "

@@ -461,7 +461,7 @@ def headline(report: dict) -> dict:
 
 def write_markdown(report: dict, out: Path) -> Path:
     lines = [f"# CalM interpretability report", "",
-             f"Model `{report['model']}`, dataset `{report['dataset']}` ({report['num_sessions']} sessions, "
+             f"Model `{report['model']}`, dataset `{report['dataset']}` ({report['num_sessions']} session(s), "
              f"{report['num_neurons']} neurons). Every accuracy is 5-fold cross-validated (mean ± std over folds); "
              "**untrained** = a freshly initialised model of the same config (seed "
              f"{report['seed']}); **shuffled** = the trained model's embeddings with permuted labels "
@@ -475,6 +475,8 @@ def write_markdown(report: dict, out: Path) -> Path:
               f"mean relative change {change['mean_relative_change']:.3f} (with the pretraining seed the untrained "
               "control is the model's own initialisation: cosine near 1 = training barely moved the embeddings)."]
     lines += ["", "## Tuning (d') and neuron embeddings", ""]
+    if not report["tuning"]:
+        lines.append("No per-trial labels given (`trial` in --labels): tuning analyses not run.")
     for item in report["tuning"]:
         lines.append(f"- **{item['attribute']}**: {item['num_tuned']}/{item['num_neurons']} neurons with |d'| > "
                      f"{item['threshold']} (window {item['window']}; d' 10/50/90%: "
