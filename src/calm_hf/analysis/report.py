@@ -318,9 +318,9 @@ def _baseline(name: str, context: int):
     from ..baselines.forecasting import MeanForecaster, PerNeuronARForecaster, RidgeARForecaster
 
     if name == "ridge_ar":
-        return RidgeARForecaster(context=context, lags_grid=tuple(l for l in (1, 2, 4, 8) if l <= context))
+        return RidgeARForecaster(context=context, lags_grid=tuple(lag for lag in (1, 2, 4, 8) if lag <= context))
     if name == "per_neuron_ar":
-        return PerNeuronARForecaster(context=context, lags_grid=tuple(l for l in (1, 2, 4, 8, 16) if l <= context))
+        return PerNeuronARForecaster(context=context, lags_grid=tuple(lag for lag in (1, 2, 4, 8, 16) if lag <= context))
     if name == "mean":
         return MeanForecaster(context=context, variant="per_frame")
     raise ValueError(f"unknown baseline {name!r}; choose from ridge_ar, per_neuron_ar, mean.")
