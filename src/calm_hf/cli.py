@@ -10,6 +10,7 @@
     calm forecast --model calm-base --traces traces.npy --horizon 60 [--sampling_rate 30] [--num_samples 20]
                   [--holdout] [--plot out.png]
     calm push --model_dir calm-base --repo_id you/calm-base [--dataset_dir calm-base-dataset ...]
+    calm analyze --model calm-base --dataset calm-base-dataset --labels labels.json --output_dir analysis
 
 Each subcommand takes the flags of its script (`calm pretrain --help`).
 """
@@ -221,14 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in (*SCRIPTS, "forecast", "push"):
-        print(f"calm: unknown command {command!r}; choose one of {sorted([*SCRIPTS, 'forecast', 'push'])}.", file=sys.stderr)
+    if command not in (*SCRIPTS, "forecast", "push", "analyze"):
+        choices = sorted([*SCRIPTS, "forecast", "push", "analyze"])
+        print(f"calm: unknown command {command!r}; choose one of {choices}.", file=sys.stderr)
         return 2
     try:
         if command in SCRIPTS:
             run_script(SCRIPTS[command], rest)
         elif command == "forecast":
             forecast_command(rest)
+        elif command == "analyze":
+            from .analysis.report import main as analyze_main
+
+            analyze_main(rest)
         else:
             from .hub import main as push_main
 

@@ -61,6 +61,11 @@ class SimulationConfig:
         burn_in_steps (`int`, defaults to 50): frames simulated (and filtered) before each trial starts.
         num_behavior_channels (`int`, defaults to 3): linear "velocity" readouts of tanh(r); 0 = no behaviour.
         behavior_noise_std (`float`, defaults to 0.1): std of the readout noise.
+        task_fraction (`float`, defaults to 0.0): fraction of neurons driven by the two-condition task input
+            (0 = no task; the simulation is then exactly the paper's protocol).
+        task_amplitude (`float`, defaults to 1.5): drive added to `tau dr/dt` of the stimulated group.
+        task_onset_step (`int`, defaults to 20): first frame of the stimulus window within the trial.
+        task_duration_steps (`int`, defaults to 30): frames the stimulus lasts.
         seed (`int`, defaults to 0): session seed (recurrent matrix, readout, initial states, noise, spikes).
         name (`str`, *optional*): session name; defaults to `"sim-s{seed}"`.
 
@@ -90,6 +95,10 @@ class SimulationConfig:
     burn_in_steps: int = 50
     num_behavior_channels: int = 3
     behavior_noise_std: float = 0.1
+    task_fraction: float = 0.0
+    task_amplitude: float = 1.5
+    task_onset_step: int = 20
+    task_duration_steps: int = 30
     seed: int = 0
     name: str | None = None
 
@@ -108,6 +117,20 @@ class SimulationConfig:
             value = float(getattr(self, key))
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"SimulationConfig.{key} must be >= 0, got {value}.")
+        if not (0.0 <= float(self.task_fraction) <= 1.0):
+            raise ValueError(f"SimulationConfig.task_fraction must lie in [0, 1], got {self.task_fraction}.")
+        if not math.isfinite(float(self.task_amplitude)):
+            raise ValueError(f"SimulationConfig.task_amplitude must be finite, got {self.task_amplitude}.")
+        if int(self.task_onset_step) < 0 or int(self.task_duration_steps) < 1:
+            raise ValueError(
+                f"SimulationConfig.task_onset_step ({self.task_onset_step}) must be >= 0 and task_duration_steps "
+                f"({self.task_duration_steps}) >= 1."
+            )
+        if self.task_fraction > 0 and int(self.task_onset_step) >= int(self.num_steps):
+            raise ValueError(
+                f"task_onset_step={self.task_onset_step} lies after the last of num_steps={self.num_steps} frames; "
+                "the stimulus would never be shown."
+            )
         if self.calcium_rise_s >= self.calcium_decay_s:
             raise ValueError(
                 f"calcium_rise_s ({self.calcium_rise_s}) must be shorter than calcium_decay_s ({self.calcium_decay_s})."
@@ -143,6 +166,22 @@ def spikes_to_calcium(spikes: np.ndarray, config: SimulationConfig) -> np.ndarra
     return np.maximum(calcium, 0.0)  # exact kernel is >= 0; clip float round-off only
 
 
+def _task_design(config: SimulationConfig) -> dict[str, np.ndarray]:
+    """Conditions per trial, driven groups per neuron and the (trials, neurons) drive of the stimulus window.
+
+    Uses its own random stream (spawn key 6 of the session seed), so enabling the task leaves the six streams of the
+    default simulation untouched."""
+    rng = np.random.default_rng(np.random.SeedSequence(int(config.seed), spawn_key=(6,)))
+    num_neurons, num_trials = int(config.num_neurons), int(config.num_trials)
+    condition = rng.integers(0, 2, size=num_trials).astype(np.int64)
+    num_driven = int(round(config.task_fraction * num_neurons))
+    groups = np.full(num_neurons, -1, dtype=np.int64)
+    driven = rng.permutation(num_neurons)[:num_driven]
+    groups[driven] = np.arange(num_driven) % 2  # half to condition 0, half to condition 1
+    drive = (groups[None, :] == condition[:, None]).astype(np.float32) * np.float32(config.task_amplitude)
+    return {"condition": condition, "groups": groups, "drive": drive}
+
+
 def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -> SessionTrials:
     """Simulate one session of the benchmark.
 
@@ -155,7 +194,9 @@ def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -
         `(trials, channels, frames)` (or `None` when `num_behavior_channels=0`) and `extras`:
         `"latents"` tanh(r) `(trials, neurons, frames)` float32, `"spikes"` counts `(trials, neurons, frames)`
         uint8, `"recurrent_weights"` W `(neurons, neurons)`, `"behavior_weights"` B `(channels, neurons)`
-        (behaviour = B @ latents + noise), `"config"` the parameters as a dict.
+        (behaviour = B @ latents + noise), `"config"` the parameters as a dict. With `task_fraction > 0` also
+        `"task_condition"` int64 `(trials,)` in {0, 1} and `"task_groups"` int64 `(neurons,)`: the condition that
+        drives each neuron, -1 for neurons without task input.
     """
     config = SimulationConfig() if config is None else config
     if overrides:
@@ -171,6 +212,7 @@ def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -
     recurrent_weights = (rng_weights.standard_normal((num_neurons, num_neurons)) * config.gain / math.sqrt(num_neurons))
     recurrent_weights = recurrent_weights.astype(np.float32)
     weights_t = np.ascontiguousarray(recurrent_weights.T)
+    task = _task_design(config) if config.task_fraction > 0 else None
 
     h = config.dt / config.substeps
     decay = np.float32(h / config.tau)
@@ -179,6 +221,9 @@ def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -
     latents = np.empty((total_frames, num_trials, num_neurons), dtype=np.float32)
     noise = np.empty((num_trials, num_neurons), dtype=np.float32)
     for frame in range(total_frames):
+        stimulus = None
+        if task is not None and 0 <= frame - burn_in - config.task_onset_step < config.task_duration_steps:
+            stimulus = task["drive"]  # (trials, neurons): the trial's condition drives its group
         if noise_scale > 0:  # one Wiener increment per frame (split-step), drift integrated in substeps
             rng_noise.standard_normal(out=noise, dtype=np.float32)
             noise *= noise_scale
@@ -186,6 +231,8 @@ def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -
         for _ in range(config.substeps):
             drive = np.tanh(state) @ weights_t  # (trials, neurons)
             drive -= state
+            if stimulus is not None:
+                drive += stimulus
             drive *= decay
             state += drive
         latents[frame] = np.tanh(state)
@@ -212,6 +259,9 @@ def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -
         behavior = behavior + config.behavior_noise_std * rng_behavior.standard_normal(behavior.shape)
         behavior_names = [f"velocity_{i}" for i in range(num_channels)]
 
+    extras = {}
+    if task is not None:
+        extras = {"task_condition": task["condition"], "task_groups": task["groups"]}
     return SessionTrials(
         name=config.name,
         traces=calcium.astype(np.float32),
@@ -224,6 +274,7 @@ def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -
             "recurrent_weights": recurrent_weights,
             "behavior_weights": behavior_weights,
             "config": asdict(config),
+            **extras,
         },
     )
 
