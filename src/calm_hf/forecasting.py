@@ -389,7 +389,10 @@ def trial_swap_probe(
     """
     import torch.nn.functional as F
 
-    from calm_hf.metrics.functional import forecast_pearson_r, mse  # not at the top: this file ships in checkpoints
+    try:  # not at the top (and inside try, which transformers' remote-code import check skips): this file ships
+        from calm_hf.metrics.functional import forecast_pearson_r, mse  # inside checkpoints, without calm_hf
+    except ImportError as error:  # pragma: no cover
+        raise ImportError("trial_swap_probe needs the calm_hf package (pip install calm_hf).") from error
 
     model = model.eval()
     # evenly spaced trials (splits are often grouped by session), keeping only sessions with at least two of them
