@@ -80,6 +80,8 @@ class CalmTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:  # other DDP ranks wrote nothing (Trainer saves on the main process only)
+            return
         model = self.accelerator.unwrap_model(self.model)
         if getattr(model.config, "model_type", None) == "calm":  # the dual-axis transformer, not the tokenizer
             from .checkpoint import complete_checkpoint
