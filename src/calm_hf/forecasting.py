@@ -235,13 +235,14 @@ class CalmForecaster:
             context_ids = self.tokenize(values)
         identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
         if mode == "direct":
-            point = self.direct(context_ids, horizon, values, **identity)
+            # the model may sit on a GPU; results are numpy on the host
+            point = self.direct(context_ids, horizon, values, **identity).cpu().numpy()
             samples = None
             if num_samples > 1:  # spread of sampled token rollouts, recentred on the conditional mean
                 sampled = self._predict(context_ids, horizon, mode="sample", num_samples=num_samples,
                                         temperature=temperature, top_k=top_k, top_p=top_p, **identity)
-                samples = point.numpy()[:, None] + (sampled.samples - sampled.forecast[:, None])
-            return ForecastResult(forecast=point.numpy(), samples=samples, codes=context_ids[:, None].numpy())
+                samples = point[:, None] + (sampled.samples - sampled.forecast[:, None])
+            return ForecastResult(forecast=point, samples=samples, codes=context_ids[:, None].cpu().numpy())
         return self._predict(
             context_ids,
             horizon,
