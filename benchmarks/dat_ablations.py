@@ -59,6 +59,12 @@ ROWS: dict[str, tuple[str, dict, dict]] = {
                           "intermediate_size": 256}, {}),
     "head_mixer_long": ("head_mixer trained 4x longer (learning curve)",
                         {"value_head_steps": 15, "neuron_mixer_rank": 64}, {"minutes_factor": 4.0}),
+    # learning curves of the shipped recipe at two sizes (run with a long --minutes, e.g. 40-60)
+    "curve_cpu": ("learning curve: the cpu preset (hidden 96, 3 layers), 64 neurons per example",
+                  {"value_head_steps": 15, "neuron_mixer_rank": 64}, {"neurons": 64}),
+    "curve_small": ("learning curve: hidden 64, 2 layers, 64 neurons per example",
+                    {"value_head_steps": 15, "neuron_mixer_rank": 64, "hidden_size": 64, "num_hidden_layers": 2,
+                     "intermediate_size": 256}, {"neurons": 64}),
 }
 DEFAULT_ROWS = "ce_only,head,head_mixer,head_mixer_subset64,head_mixer_augment,head_mixer_small"
 
@@ -99,13 +105,21 @@ class KMeansTokens:
         return torch.cdist(windows.reshape(-1, WINDOW), self.centroids).argmin(-1).reshape(windows.shape[:3])
 
 
-def fit_reference_lines(data: dict) -> dict:
-    from calm_hf.baselines.forecasting import PerNeuronARForecaster, RidgeARForecaster
+def fit_reference_lines(data: dict, tcn_minutes: float = 0.0) -> dict:
+    """Closed-form population ridge AR and per-neuron AR; with `tcn_minutes` > 0 also the TCN baseline, trained
+    per session for that many minutes in total (early-stopped on the validation trials, like forecasting.py)."""
+    from functools import partial
+
+    from calm_hf.baselines.forecasting import PerNeuronARForecaster, RidgeARForecaster, TCNForecaster
     from calm_hf.metrics.functional import forecast_pearson_r, mse
 
     val, val_s, train, train_s = data["validation"], data["validation_session"], data["train"], data["train_session"]
     truth, lines = val[:, :, CONTEXT:], {}
-    for name, factory in (("ridge_ar", RidgeARForecaster), ("per_neuron_ar", PerNeuronARForecaster)):
+    factories = [("ridge_ar", RidgeARForecaster), ("per_neuron_ar", PerNeuronARForecaster)]
+    if tcn_minutes > 0:
+        seconds = tcn_minutes * 60.0 / len(np.unique(train_s))
+        factories.append(("tcn", partial(TCNForecaster, max_seconds=seconds, learning_rates=(1e-3,))))
+    for name, factory in factories:
         pred = np.zeros_like(truth)
         start = time.perf_counter()
         for session in np.unique(train_s):
@@ -290,11 +304,12 @@ def write_markdown(results: dict, path: Path) -> None:
         f"(batch {results['settings']['batch']} trials). Forecast: 40 frames of context -> 60 frames. "
         "`python benchmarks/dat_ablations.py` (see its docstring).",
         "",
-        "| row | what changed | forecast | val r | val MSE | next-token CE | swap probe: r own -> swapped | steps |",
+        "| row | what changed | forecast | val r | val MSE | next-token CE | swap probe: r own -> swapped | steps (train min) |",
         "|---|---|---|---:|---:|---:|---|---:|",
     ]
     for name, line in results["reference_lines"].items():
-        lines.append(f"| {name} | closed-form baseline, same training trials | rolled out | {line['pearson_r']:.3f} | "
+        kind, forecast = ("trained baseline", "rolled out") if name == "tcn" else ("closed-form baseline", "rolled out")
+        lines.append(f"| {name} | {kind}, same training trials | {forecast} | {line['pearson_r']:.3f} | "
                      f"{line['mse']:.3f} | | | |")
     for name, row in results["rows"].items():
         mode, score = headline(row)
@@ -305,7 +320,7 @@ def write_markdown(results: dict, path: Path) -> None:
         if "greedy" in row["final"]:
             extra = f" (greedy {row['final']['greedy']['pearson_r']:.3f})"
         lines.append(f"| {name} | {row['description']} | {mode}{extra} | {score['pearson_r']:.3f} | {score['mse']:.3f} "
-                     f"| {row['final']['next_token_ce']:.3f} | {swap} | {row['steps']} |")
+                     f"| {row['final']['next_token_ce']:.3f} | {swap} | {row['steps']} ({row['train_seconds'] / 60:.0f}) |")
     lines += ["", "Learning curves (validation r of the row's headline forecast vs training seconds) are in the JSON "
               "and `dat_ablations.png`."]
     path.write_text("\n".join(lines) + "\n")
@@ -323,7 +338,7 @@ def write_figure(results: dict, path: Path) -> None:
         points = [(p["seconds"], p[mode]["pearson_r"]) for p in row["curve"] if mode in p]
         points.append((row["train_seconds"], row["final"][mode]["pearson_r"]))
         ax.plot(*zip(*points), marker="o", ms=3, label=name)
-    for (name, line), style in zip(results["reference_lines"].items(), ("--", ":")):
+    for (name, line), style in zip(results["reference_lines"].items(), ("--", ":", "-.")):
         ax.axhline(line["pearson_r"], color="black", ls=style, lw=1, label=name)
     ax.set_xlabel("training seconds (1 thread, fp32)")
     ax.set_ylabel("validation forecast Pearson r")
@@ -344,6 +359,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny data and models: a seconds-long smoke run")
+    parser.add_argument("--tcn_minutes", type=float, default=0.0,
+                        help="also train the TCN baseline for this many minutes (a reference line; 0 = skip)")
+    parser.add_argument("--merge", default=None,
+                        help="comma list of result folders of earlier runs: write one table and figure of all their "
+                             "rows to --out (no training)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     unknown = [row for row in args.rows.split(",") if row not in ROWS]
@@ -356,6 +376,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge_results(args.merge.split(","), Path(args.out))
     torch.set_num_threads(args.threads)
     if args.quick:
         args.minutes, args.eval_every_seconds = min(args.minutes, 0.05), 1.0
@@ -363,7 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         data = {k: (v[:, :24] if v.ndim == 3 else v) for k, v in data.items()}
     tokens = KMeansTokens(data["train"], args.codes, args.seed)
-    results = {"settings": vars(args), "reference_lines": fit_reference_lines(data), "rows": {}}
+    results = {"settings": vars(args), "reference_lines": fit_reference_lines(data, args.tcn_minutes),
+               "rows": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.rows.split(","):
@@ -374,6 +397,24 @@ def main(argv: list[str] | None = None) -> dict:
     write_figure(results, out / "dat_ablations.png")
     log(f"wrote {out}/dat_ablations.{{json,md,png}}")
     return results
+
+
+def merge_results(folders: list[str], out: Path) -> dict:
+    """One table and figure from several runs (e.g. two sizes trained at the same time on different cores); the
+    reference lines are the union (the same data and seed give the same closed-form lines)."""
+    merged: dict = {"settings": None, "reference_lines": {}, "rows": {}, "merged_from": folders}
+    for folder in folders:
+        part = json.loads((Path(folder) / "dat_ablations.json").read_text())
+        merged["settings"] = merged["settings"] or part["settings"]
+        merged["reference_lines"].update(part["reference_lines"])
+        for name, row in part["rows"].items():
+            merged["rows"][name] = {**row, "minutes": part["settings"]["minutes"]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dat_ablations.json").write_text(json.dumps(merged, indent=1, default=float))
+    write_markdown(merged, out / "dat_ablations.md")
+    write_figure(merged, out / "dat_ablations.png")
+    log(f"merged {folders} -> {out}/dat_ablations.{{json,md,png}}")
+    return merged
 
 
 if __name__ == "__main__":
