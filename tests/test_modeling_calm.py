@@ -660,5 +660,22 @@ def test_mixer_and_head_weights_round_trip(tmp_path):
      ({"value_loss_weight": 0.0, "next_token_loss_weight": 0.0}, "nothing would be trained")],
 )
 def test_invalid_head_settings_raise(overrides, message):
-    with pytest.raises(ValueError, match=message):
+    # a wrong type (1.5 for an int) is a TypeError from the strict dataclass, a wrong value a ValueError
+    with pytest.raises((ValueError, TypeError), match=message):
         tiny_config(**overrides)
+
+
+def test_config_is_strict_and_checks_assignments_before_saving(tmp_path):
+    config = tiny_config()
+    with pytest.raises(Exception, match="hidden_size"):
+        config.hidden_size = "wide"  # @strict checks the type of every assignment
+    config.num_attention_heads = 5  # a cross-field inconsistency is caught when the config is validated ...
+    with pytest.raises(Exception, match="divisible by num_attention_heads"):
+        config.save_pretrained(tmp_path)  # ... which save_pretrained does before writing config.json
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_float_fields_accept_integers_from_older_config_files():
+    # config.json written before the config was strict may hold e.g. `"hidden_dropout": 0`
+    config = tiny_config(attention_dropout=0, rope_theta=10000, frame_rate_hz=6)
+    assert config.attention_dropout == 0 and config.frame_rate_hz == 6

@@ -1503,18 +1503,17 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
 # Behaviour decoding from the frozen backbone
 # ---------------------------------------------------------------------------------------------------------------
 
-# Behaviour-head settings: typed CalmConfig fields with these defaults. They can also be passed
+# Behaviour-head settings: typed CalmConfig fields (their defaults and checks live there). They can also be passed
 # as keyword arguments: `CalmForBehaviorRegression(config, num_behavior_channels=2)` or
 # `CalmForBehaviorRegression.from_pretrained(causal_checkpoint, num_behavior_channels=2, behavior_head="glu")`.
+BEHAVIOR_HEAD_SETTINGS = (
+    "behavior_head", "num_behavior_channels", "behavior_rank", "behavior_dropout", "behavior_smoothing_kernel",
+    "freeze_backbone",
+)
+# read from CalmConfig's field defaults, not a second copy of them
 BEHAVIOR_HEAD_DEFAULTS: dict[str, Any] = {
-    "behavior_head": "glu",  # "glu" | "linear": the two readouts of the paper
-    "num_behavior_channels": None,  # M; required
-    "behavior_rank": 4,  # R of the linear low-rank readout
-    "behavior_dropout": 0.1,  # dropout on the GLU features
-    "behavior_smoothing_kernel": 5,  # frames of the causal depthwise smoothing conv (initialised as identity)
-    "freeze_backbone": True,  # the paper decodes from a frozen backbone
+    name: CalmConfig.__dataclass_fields__[name].default for name in BEHAVIOR_HEAD_SETTINGS
 }
-BEHAVIOR_HEADS = ("glu", "linear")
 
 
 @dataclass
@@ -1538,37 +1537,30 @@ class CalmBehaviorRegressionOutput(ModelOutput):
 
 
 def behavior_head_settings(config: CalmConfig) -> dict[str, Any]:
-    """The head settings of `config` (with defaults for fields it does not carry), validated.
+    """The head settings of `config` (`BEHAVIOR_HEAD_SETTINGS`; `CalmConfig` validates their values).
 
     Raises:
-        `ValueError` when a setting is out of range or inconsistent with the backbone.
+        `ValueError` when `num_behavior_channels` is not set: a head needs the number of behaviour channels.
     """
-    settings = {name: getattr(config, name, default) for name, default in BEHAVIOR_HEAD_DEFAULTS.items()}
-    if settings["behavior_head"] is None:
-        settings["behavior_head"] = BEHAVIOR_HEAD_DEFAULTS["behavior_head"]
-    head = settings["behavior_head"]
-    if head not in BEHAVIOR_HEADS:
-        raise ValueError(f"Unknown behavior_head {head!r}; choose one of {list(BEHAVIOR_HEADS)}.")
-    channels = settings["num_behavior_channels"]
-    if channels is None:
+    if config.num_behavior_channels is None:
         raise ValueError(
             "num_behavior_channels is not set; pass the number of behaviour channels M, e.g. "
             "CalmForBehaviorRegression.from_pretrained(path, num_behavior_channels=2)."
         )
-    for name in ("num_behavior_channels", "behavior_rank", "behavior_smoothing_kernel"):
-        value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if settings["behavior_rank"] > config.hidden_size:
+    return {name: getattr(config, name) for name in BEHAVIOR_HEAD_SETTINGS}
+
+
+def config_with_head_settings(config: CalmConfig, **head_kwargs: Any) -> CalmConfig:
+    """A copy of `config` with behaviour-head settings overridden (and validated by `CalmConfig`); `config` itself is
+    left unchanged. Without overrides, `config` is returned as it is."""
+    unknown = sorted(set(head_kwargs) - set(BEHAVIOR_HEAD_SETTINGS))
+    if unknown:
         raise ValueError(
-            f"behavior_rank ({settings['behavior_rank']}) exceeds the backbone hidden_size ({config.hidden_size}); "
-            "a low-rank readout needs behavior_rank <= hidden_size."
+            f"Unknown CalmForBehaviorRegression arguments {unknown}; head settings are {sorted(BEHAVIOR_HEAD_SETTINGS)}."
         )
-    if not 0.0 <= float(settings["behavior_dropout"]) < 1.0:
-        raise ValueError(f"behavior_dropout must lie in [0, 1), got {settings['behavior_dropout']!r}.")
-    if not isinstance(settings["freeze_backbone"], bool):
-        raise ValueError(f"freeze_backbone must be True or False, got {settings['freeze_backbone']!r}.")
-    return settings
+    if not head_kwargs:
+        return config
+    return type(config).from_dict({**config.to_dict(), **head_kwargs})
 
 
 class CalmBehaviorLinearHead(nn.Module):
@@ -1659,8 +1651,8 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
     to the end of that token (up to `window_size - 1` frames after the predicted frame within the token), and never
     later tokens.
 
-    Head settings are read from the config (defaults in `BEHAVIOR_HEAD_DEFAULTS`) and can be given as keyword
-    arguments, which are stored in the config:
+    Head settings are `CalmConfig` fields (`BEHAVIOR_HEAD_SETTINGS`) and can be given as keyword arguments, which
+    build a copy of the config with them (the config passed in is not changed):
 
     ```python
     >>> model = CalmForBehaviorRegression.from_pretrained("calm-base", num_behavior_channels=2, behavior_head="glu")
@@ -1681,16 +1673,9 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
     accepts_loss_kwargs = False
 
     def __init__(self, config: CalmConfig, **head_kwargs: Any) -> None:
-        unknown = sorted(set(head_kwargs) - set(BEHAVIOR_HEAD_DEFAULTS))
-        if unknown:
-            raise ValueError(
-                f"Unknown CalmForBehaviorRegression arguments {unknown}; head settings are {sorted(BEHAVIOR_HEAD_DEFAULTS)}."
-            )
-        for name, value in head_kwargs.items():
-            setattr(config, name, value)
+        # keyword overrides go through a validated copy of the config; the head is then built from the config alone
+        config = config_with_head_settings(config, **head_kwargs)
         settings = behavior_head_settings(config)
-        for name, value in settings.items():  # stored in config.json so the head rebuilds identically
-            setattr(config, name, value)
         super().__init__(config)
         self.model = CalmModel(config)
         self.num_behavior_channels = settings["num_behavior_channels"]
@@ -1957,6 +1942,7 @@ CalmForCausalNeuralModeling.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "BEHAVIOR_HEAD_DEFAULTS",
+    "BEHAVIOR_HEAD_SETTINGS",
     "CalmBehaviorGLUHead",
     "CalmBehaviorLinearHead",
     "CalmBehaviorRegressionOutput",
@@ -1970,4 +1956,5 @@ __all__ = [
     "CalmPreTrainedModel",
     "CalmRolloutOutput",
     "behavior_head_settings",
+    "config_with_head_settings",
 ]
