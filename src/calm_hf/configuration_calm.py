@@ -19,7 +19,6 @@ BEHAVIOR_HEADS = ("glu", "linear")
 CALM_PRESETS: dict[str, dict[str, Any]] = {name: parts["model"] for name, parts in PRESETS.items()}
 
 
-# Copied from calm_hf.configuration_calm.plain_validation_errors
 def plain_validation_errors(cls: type) -> type:
     """Make a `@strict` config raise the failed check's own `ValueError`/`TypeError`.
 

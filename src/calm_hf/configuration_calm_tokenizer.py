@@ -101,7 +101,8 @@ class CalmTokenizerConfig(PreTrainedConfig):
         rope_theta (`float`, *optional*, defaults to 10000.0):
             Base of the rotary position embedding along time.
         max_token_steps (`int`, *optional*, defaults to 1024):
-            Token steps for which RoPE sin/cos are cached; longer inputs are still accepted (computed on the fly).
+            Longest trace in token steps the tokenizer is meant for (kept in config.json; RoPE sin/cos are computed
+            for every call, so longer inputs are still accepted).
         causal_encoder (`bool`, *optional*, defaults to `True`):
             Causal attention along time in the encoder, so a token only depends on past and present frames (needed
             for forecasting: context tokens never see the future).

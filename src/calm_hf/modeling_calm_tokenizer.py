@@ -100,19 +100,23 @@ class CalmTokenizerOutput(ModelOutput):
     trace_values: torch.FloatTensor | None = None
 
 
-def rotate_half(hidden_states: torch.Tensor) -> torch.Tensor:
-    """Rotates half the hidden dims of the input."""
-    first, second = hidden_states.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+# Copied from calm_hf.modeling_calm.rotate_half
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
 
 
+# Copied from calm_hf.modeling_calm.apply_rotary_pos_emb
 def apply_rotary_pos_emb(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on `(batch, heads, steps, head_dim)` query/key with `(steps, head_dim)` cos/sin."""
+    # query/key (sequences, heads, steps, head_dim); cos/sin (steps, head_dim)
+    cos, sin = cos.to(query.dtype), sin.to(query.dtype)
     return (query * cos) + (rotate_half(query) * sin), (key * cos) + (rotate_half(key) * sin)
 
 
+# Copied from calm_hf.modeling_calm.eager_attention_forward
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -121,48 +125,46 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
-    is_causal: bool | None = None,
+    is_causal: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # (batch, heads, steps, steps)
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    """Reference attention (softmax in float32). `attention_mask` is boolean (True = attend) or additive."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    attn_weights = torch.matmul(query, key.transpose(2, 3)).float() * scaling
+    if is_causal and q_len > 1:
+        # bottom-right aligned: query i sits at absolute step kv_len - q_len + i
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attn_weights = attn_weights.masked_fill(~causal, torch.finfo(attn_weights.dtype).min)
     if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    is_causal = module.is_causal if is_causal is None else is_causal
-    if is_causal and query.shape[2] > 1:
-        future = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).triu(1)
-        attn_weights = attn_weights.masked_fill(future, float("-inf"))
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1).to(value.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
 
 
+# Copied from calm_hf.modeling_calm.CalmRotaryEmbedding with Calm->CalmTokenizer
 class CalmTokenizerRotaryEmbedding(nn.Module):
-    """RoPE along token steps; sin/cos cached up to `max_token_steps`, computed on the fly beyond."""
+    """RoPE over token steps (time axis only; neurons are an unordered set)."""
 
-    def __init__(self, config: CalmTokenizerConfig):
+    def __init__(self, config: CalmTokenizerConfig) -> None:
         super().__init__()
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.rope_theta = float(config.rope_theta)
-        self.max_token_steps = config.max_token_steps
-        cos, sin = self.compute_cos_sin(self.max_token_steps)
-        self.register_buffer("cos_cached", cos, persistent=False)
-        self.register_buffer("sin_cached", sin, persistent=False)
+        self.rope_theta = config.rope_theta
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
 
-    def compute_cos_sin(self, steps: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        inv_freq = 1.0 / (self.rope_theta**exponents)
-        freqs = torch.outer(torch.arange(steps, dtype=torch.float32, device=device), inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)  # (steps, head_dim)
-        return angles.cos(), angles.sin()
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
 
-    def forward(self, steps: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if steps <= self.max_token_steps:
-            cos, sin = self.cos_cached[:steps], self.sin_cached[:steps]
-        else:
-            cos, sin = self.compute_cos_sin(steps, device=self.cos_cached.device)
-        return cos.to(dtype), sin.to(dtype)
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (steps,) -> cos, sin (steps, head_dim), float32
+        freqs = position_ids[:, None].float() * self.inv_freq[None, :].to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
 
 
 class CalmTokenizerAttention(nn.Module):
@@ -254,7 +256,7 @@ class CalmTokenizerEncoder(nn.Module):
     def forward(self, traces: torch.Tensor) -> torch.Tensor:
         # (batch*neurons, 1, frames) -> (batch*neurons, hidden, steps) -> (batch*neurons, steps, hidden)
         hidden_states = self.patch_embed(traces.unsqueeze(1)).transpose(1, 2)
-        position_embeddings = self.rotary_emb(hidden_states.shape[1], hidden_states.dtype)
+        position_embeddings = self.rotary_emb(torch.arange(hidden_states.shape[1], device=hidden_states.device))
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings)
         return self.norm(hidden_states)
@@ -275,7 +277,7 @@ class CalmTokenizerDecoder(nn.Module):
         )
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        position_embeddings = self.rotary_emb(embeddings.shape[1], embeddings.dtype)
+        position_embeddings = self.rotary_emb(torch.arange(embeddings.shape[1], device=embeddings.device))
         hidden_states = embeddings
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings)
@@ -388,8 +390,7 @@ class CalmTokenizerQuantizer(nn.Module):
 WEIGHT_CHECKSUMS = "checksums.sha256"
 
 
-# Copied from calm_hf.modeling_calm._sha256_of_file, write_weight_checksums, verify_weight_checksums
-
+# Copied from calm_hf.modeling_calm._sha256_of_file
 def _sha256_of_file(path: str) -> str:
     import hashlib
 
@@ -400,6 +401,7 @@ def _sha256_of_file(path: str) -> str:
     return digest.hexdigest()
 
 
+# Copied from calm_hf.modeling_calm.write_weight_checksums
 def write_weight_checksums(save_directory) -> None:
     """Record the sha256 of every weights file in `<save_directory>/checksums.sha256` (the `sha256sum` format, so
     `sha256sum -c checksums.sha256` checks a copy by hand); `load_checked_pretrained` verifies it on load."""
@@ -413,6 +415,7 @@ def write_weight_checksums(save_directory) -> None:
     os.replace(staging, os.path.join(save_directory, WEIGHT_CHECKSUMS))
 
 
+# Copied from calm_hf.modeling_calm.verify_weight_checksums
 def verify_weight_checksums(folder: str) -> None:
     """Raise a ValueError naming the file when a weights file differs from the hash recorded at save time (bit
     flips, a partial copy that still parses). Folders saved without checksums are not checked."""
@@ -515,9 +518,7 @@ class CalmTokenizerPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, CalmTokenizerRotaryEmbedding):
-            cos, sin = module.compute_cos_sin(module.max_token_steps)
-            init.copy_(module.cos_cached, cos)
-            init.copy_(module.sin_cached, sin)
+            init.copy_(module.inv_freq, module.compute_inv_freq())
         elif isinstance(module, CalmTokenizerQuantizer):
             # unit-variance codes match the LayerNorm-ed encoder outputs
             init.normal_(module.codebook, mean=0.0, std=1.0)
