@@ -18,6 +18,7 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
@@ -67,7 +68,9 @@ class CalmCausalNeuralModelingOutput(ModelOutput):
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Hidden states of the backbone.
         scheduled_sampling_applied (`torch.BoolTensor` of shape `()`, *optional*):
-            Whether this training batch had a block of inputs replaced by the model's own predictions.
+            Whether this training batch had a block of inputs replaced by the model's own predictions; set by the
+            training step (`calm_hf.trainer.augment_training_batch`, which `CalmTrainer.compute_loss` calls), None
+            from `forward`.
         next_token_loss (`torch.FloatTensor` of shape `()`, *optional*):
             Next-token cross-entropy (returned when `labels` is given).
         value_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -333,9 +336,10 @@ class CalmNeuronMixer(nn.Module):
         return self.o_proj(mixed)
 
 
-class CalmDualAxisLayer(nn.Module):
+class CalmDualAxisLayer(GradientCheckpointingLayer):
     """Pre-norm layer: neuron-axis attention (plus the optional linear neuron mixer), then causal time-axis attention
-    (RoPE), then FFN, each with a residual."""
+    (RoPE), then FFN, each with a residual. Under `model.gradient_checkpointing_enable()` its activations are
+    recomputed in the backward pass (call it with `hidden_states` positional)."""
 
     def __init__(self, config: CalmConfig, layer_idx: int) -> None:
         super().__init__()
@@ -468,6 +472,161 @@ def _as_id_tensor(ids: int | Sequence[int] | torch.Tensor | None) -> torch.Tenso
     return torch.as_tensor(ids, dtype=torch.long).flatten()
 
 
+def _check_input_id_values(config: CalmConfig, input_ids: torch.Tensor) -> None:
+    """Grid shape, integer dtype, codes inside the vocabulary, at least one step and neuron, at most max_token_steps."""
+    if input_ids.dim() != 3:
+        raise ValueError(
+            f"input_ids must be a (batch, neurons, token_steps) grid of codes, got shape {tuple(input_ids.shape)};"
+            " add the missing axes (e.g. input_ids[None] for one trial)."
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(
+            f"input_ids must hold integer codes, got dtype {input_ids.dtype}; tokenize traces with "
+            "CalmTokenizer.encode first."
+        )
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+        raise ValueError(
+            f"input_ids contain codes in [{int(input_ids.min())}, {int(input_ids.max())}]: the tokenizer "
+            f"codebook_size (at least {int(input_ids.max()) + 1}) differs from model vocab_size "
+            f"{config.vocab_size}. Use the tokenizer this model was trained with."
+        )
+    _check_grid_size(config, input_ids.shape[1], input_ids.shape[2])
+
+
+def _check_grid_size(config: CalmConfig, num_neurons: int, num_steps: int, past_length: int = 0) -> None:
+    """Shape-only checks (no host sync): forward runs them on every call."""
+    if num_steps < 1 or num_neurons < 1:
+        raise ValueError(
+            f"The context must hold at least 1 token step and 1 neuron, got {num_neurons} neurons x {num_steps} "
+            "steps; give at least window_size frames of context."
+        )
+    if past_length + num_steps > config.max_token_steps:
+        raise ValueError(
+            f"{past_length + num_steps} token steps exceed max_token_steps={config.max_token_steps}; crop the "
+            "context (keep the most recent steps) or generate fewer new tokens."
+        )
+
+
+def _check_identity_values(config: CalmConfig, neuron_ids: torch.Tensor, session_ids: torch.Tensor) -> None:
+    """Neuron and session ids inside the embedding tables (two host syncs)."""
+    if neuron_ids.numel() and (int(neuron_ids.min()) < 0 or int(neuron_ids.max()) >= config.num_neurons):
+        raise ValueError(
+            f"neuron_ids range over [{int(neuron_ids.min())}, {int(neuron_ids.max())}] but the model has "
+            f"num_neurons={config.num_neurons}; for a new session call model.add_session(name, num_neurons) "
+            "or resize_neuron_embeddings(...)."
+        )
+    if session_ids.numel() and (int(session_ids.min()) < 0 or int(session_ids.max()) >= config.num_sessions):
+        raise ValueError(
+            f"Unknown session id {session_ids.tolist()}: the model has num_sessions={config.num_sessions} "
+            f"(names: {config.session_names}); add the session with model.add_session(name, num_neurons)."
+        )
+
+
+def _check_label_values(config: CalmConfig, labels: Any, neuron_mask: torch.Tensor | None) -> None:
+    """Out-of-vocabulary targets give an IndexError (or a device assert) inside cross_entropy, and a batch whose
+    targets are all -100 trains nothing: name both (one host sync)."""
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise TypeError(f"labels must hold integer codes (or -100 to ignore), got dtype {labels.dtype}.")
+    if neuron_mask is not None and labels.dim() == 3:
+        labels = labels.masked_fill(~neuron_mask.to(labels.device).bool()[:, :, None], -100)
+    shift_labels = labels[..., 1:]
+    scored = shift_labels != -100
+    out_of_vocab = scored & ((shift_labels < 0) | (shift_labels >= config.vocab_size))
+    num_scored, num_bad = torch.stack([scored.sum(), out_of_vocab.sum()]).tolist()
+    if num_bad:
+        bad = shift_labels[out_of_vocab]
+        raise ValueError(
+            f"labels hold {num_bad} code(s) outside [0, {config.vocab_size}) and not -100 (e.g. {int(bad[0])}): use "
+            "codes from the tokenizer this model was built for, and -100 for targets to ignore."
+        )
+    if num_scored == 0:
+        raise ValueError(
+            "Every label is -100 (or masked by neuron_mask) after the one-step shift, so nothing would be trained: "
+            "give at least 2 token steps and at least one real neuron with real labels."
+        )
+
+
+def validate_inputs(
+    config: CalmConfig,
+    input_ids: Any = None,
+    neuron_ids: Any = None,
+    session_ids: Any = None,
+    neuron_mask: Any = None,
+    labels: Any = None,
+) -> None:
+    r"""
+    Checks a batch for a CalM model once, where it enters (`generate`, `rollout`, `forecast_values`, the forecasting
+    pipeline, the data collator, `CalmForBehaviorRegression.forward`), with the fix in every message. The value checks
+    read tensors back to the host; `forward` itself only checks shapes, so training and generation steps do not sync.
+
+    Args:
+        config ([`CalmConfig`]): the model's config.
+        input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`, *optional*): codes.
+        neuron_ids (`torch.LongTensor` of shape `(batch, neurons)` or `(neurons,)`, *optional*): global neuron ids.
+        session_ids (`torch.LongTensor` of shape `(batch,)` or `()`, *optional*): session ids.
+        neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*): False marks padded neurons.
+        labels (`torch.LongTensor` of shape `(batch, neurons, token_steps)`, *optional*): next-token targets.
+
+    Raises:
+        `ValueError` / `TypeError` naming the problem and the fix.
+    """
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor):  # numpy arrays and nested lists of codes
+            input_ids = _as_integer_tensor(input_ids, "input_ids")
+        _check_input_id_values(config, input_ids)
+        batch_size, num_neurons, _ = input_ids.shape
+        neuron_ids, session_ids, neuron_mask = _identity_inputs(
+            batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
+        )
+        _check_identity_values(config, neuron_ids, session_ids)
+    if labels is not None:
+        if input_ids is not None and tuple(torch.as_tensor(labels).shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                f"{tuple(torch.as_tensor(labels).shape)}."
+            )
+        _check_label_values(config, labels, neuron_mask)
+
+
+def _identity_inputs(
+    batch_size: int,
+    num_neurons: int,
+    device: torch.device,
+    neuron_ids: Any = None,
+    session_ids: Any = None,
+    neuron_mask: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fills defaults (`neuron_ids = arange(neurons)`, `session_ids = 0`) and checks dtypes and shapes (no host
+    sync); returns `(neuron_ids, session_ids, neuron_mask)` as long, long and bool tensors on `device`."""
+    if neuron_ids is None:
+        neuron_ids = torch.arange(num_neurons, device=device).expand(batch_size, num_neurons)
+    neuron_ids = _as_integer_tensor(neuron_ids, "neuron_ids", device)
+    if neuron_ids.dim() == 1:
+        neuron_ids = neuron_ids.expand(batch_size, -1)
+    if neuron_ids.shape != (batch_size, num_neurons):
+        raise ValueError(
+            f"neuron_ids must have shape (batch, neurons) = {(batch_size, num_neurons)}, got "
+            f"{tuple(neuron_ids.shape)}."
+        )
+    if session_ids is None:
+        session_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
+    session_ids = _as_integer_tensor(session_ids, "session_ids", device)
+    if session_ids.dim() == 0:
+        session_ids = session_ids.expand(batch_size)
+    if session_ids.shape != (batch_size,):
+        raise ValueError(f"session_ids must have shape (batch,) = ({batch_size},), got {tuple(session_ids.shape)}.")
+    if neuron_mask is not None:
+        neuron_mask = torch.as_tensor(neuron_mask, device=device)
+        if neuron_mask.shape != (batch_size, num_neurons):
+            raise ValueError(
+                f"neuron_mask must have shape (batch, neurons) = {(batch_size, num_neurons)}, got "
+                f"{tuple(neuron_mask.shape)}."
+            )
+        neuron_mask = neuron_mask.bool()
+    return neuron_ids, session_ids, neuron_mask
+
+
 WEIGHT_CHECKSUMS = "checksums.sha256"
 
 
@@ -574,7 +733,7 @@ class CalmPreTrainedModel(PreTrainedModel):
     config_class = CalmConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["CalmDualAxisLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
@@ -585,6 +744,18 @@ class CalmPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         return load_checked_pretrained(super().from_pretrained, pretrained_model_name_or_path, args, kwargs)
+
+    def validate_inputs(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+        labels: torch.LongTensor | None = None,
+    ) -> None:
+        """Checks a batch against this model's config once, where it enters (see the module-level
+        `validate_inputs`); `forward` itself only checks shapes."""
+        validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask, labels)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -766,63 +937,13 @@ class CalmModel(CalmPreTrainedModel):
         session_ids: torch.Tensor | None = None,
         neuron_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Fills defaults (`neuron_ids = arange(neurons)`, `session_ids = 0`) and validates identity inputs."""
-        config = self.config
-        if neuron_ids is None:
-            neuron_ids = torch.arange(num_neurons, device=device).expand(batch_size, num_neurons)
-        neuron_ids = _as_integer_tensor(neuron_ids, "neuron_ids", device)
-        if neuron_ids.dim() == 1:
-            neuron_ids = neuron_ids.expand(batch_size, -1)
-        if neuron_ids.shape != (batch_size, num_neurons):
-            raise ValueError(
-                f"neuron_ids must have shape (batch, neurons) = {(batch_size, num_neurons)}, got "
-                f"{tuple(neuron_ids.shape)}."
-            )
-        if neuron_ids.numel() and (int(neuron_ids.min()) < 0 or int(neuron_ids.max()) >= config.num_neurons):
-            raise ValueError(
-                f"neuron_ids range over [{int(neuron_ids.min())}, {int(neuron_ids.max())}] but the model has "
-                f"num_neurons={config.num_neurons}; for a new session call model.add_session(name, num_neurons) "
-                "or resize_neuron_embeddings(...)."
-            )
-        if session_ids is None:
-            session_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
-        session_ids = _as_integer_tensor(session_ids, "session_ids", device)
-        if session_ids.dim() == 0:
-            session_ids = session_ids.expand(batch_size)
-        if session_ids.shape != (batch_size,):
-            raise ValueError(f"session_ids must have shape (batch,) = ({batch_size},), got {tuple(session_ids.shape)}.")
-        if session_ids.numel() and (int(session_ids.min()) < 0 or int(session_ids.max()) >= config.num_sessions):
-            raise ValueError(
-                f"Unknown session id {session_ids.tolist()}: the model has num_sessions={config.num_sessions} "
-                f"(names: {config.session_names}); add the session with model.add_session(name, num_neurons)."
-            )
-        if neuron_mask is not None:
-            neuron_mask = torch.as_tensor(neuron_mask, device=device)
-            if neuron_mask.shape != (batch_size, num_neurons):
-                raise ValueError(
-                    f"neuron_mask must have shape (batch, neurons) = {(batch_size, num_neurons)}, got "
-                    f"{tuple(neuron_mask.shape)}."
-                )
-            neuron_mask = neuron_mask.bool()
-        return neuron_ids.long(), session_ids.long(), neuron_mask
+        """Fills defaults (`neuron_ids = arange(neurons)`, `session_ids = 0`) and checks shapes and dtypes (the id
+        ranges are checked by `validate_inputs`, where inputs enter)."""
+        return _identity_inputs(batch_size, num_neurons, device, neuron_ids, session_ids, neuron_mask)
 
     def validate_input_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dim() != 3:
-            raise ValueError(
-                f"input_ids must be a (batch, neurons, token_steps) grid of codes, got shape {tuple(input_ids.shape)};"
-                " add the missing axes (e.g. input_ids[None] for one trial)."
-            )
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(
-                f"input_ids must hold integer codes, got dtype {input_ids.dtype}; tokenize traces with "
-                "CalmTokenizer.encode first."
-            )
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"input_ids contain codes in [{int(input_ids.min())}, {int(input_ids.max())}]: the tokenizer "
-                f"codebook_size (at least {int(input_ids.max()) + 1}) differs from model vocab_size "
-                f"{self.config.vocab_size}. Use the tokenizer this model was trained with."
-            )
+        """Shape, dtype and vocabulary range of a code grid (see `validate_inputs`)."""
+        _check_input_id_values(self.config, input_ids)
 
     def forward(
         self,
@@ -862,45 +983,15 @@ class CalmModel(CalmPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
         use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
-
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids (batch, neurons, steps) or inputs_embeds.")
-        if input_ids is not None:
-            self.validate_input_ids(input_ids)
-            batch_size, num_neurons, num_steps = input_ids.shape
-            device = input_ids.device
-        else:
-            if inputs_embeds.dim() != 4 or inputs_embeds.shape[-1] != config.hidden_size:
-                raise ValueError(
-                    f"inputs_embeds must have shape (batch, neurons, token_steps, {config.hidden_size}), got "
-                    f"{tuple(inputs_embeds.shape)}."
-                )
-            batch_size, num_neurons, num_steps, _ = inputs_embeds.shape
-            device = inputs_embeds.device
-        if num_steps < 1 or num_neurons < 1:
-            raise ValueError(
-                f"The context must hold at least 1 token step and 1 neuron, got {num_neurons} neurons x {num_steps} "
-                "steps; give at least window_size frames of context."
-            )
-        neuron_ids, session_ids, neuron_mask = self.prepare_identity_inputs(
+        # shape checks only: value checks (code and id ranges) need host syncs and run once in `validate_inputs`
+        batch_size, num_neurons, num_steps, device = self._grid_shape(input_ids, inputs_embeds)
+        neuron_ids, session_ids, neuron_mask = _identity_inputs(
             batch_size, num_neurons, device, neuron_ids, session_ids, neuron_mask
         )
-
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_key_values is not None and past_length and past_key_values.layers[0].keys.shape[0] != (
-            batch_size * num_neurons
-        ):
-            raise ValueError(
-                f"past_key_values hold {past_key_values.layers[0].keys.shape[0]} sequences but the input has "
-                f"batch*neurons = {batch_size * num_neurons}; pass the cache returned for this same grid."
-            )
-        if past_length + num_steps > config.max_token_steps:
-            raise ValueError(
-                f"{past_length + num_steps} token steps exceed max_token_steps={config.max_token_steps}; crop the "
-                "context (keep the most recent steps) or generate fewer new tokens."
-            )
+        past_length = self._past_length(past_key_values, batch_size * num_neurons)
+        _check_grid_size(config, num_neurons, num_steps, past_length)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -912,28 +1003,18 @@ class CalmModel(CalmPreTrainedModel):
         if config.neuron_mixer_rank > 0:
             real = torch.ones(batch_size, num_neurons, device=device) if neuron_mask is None else neuron_mask.float()
             neuron_weight = real / real.sum(dim=1, keepdim=True).clamp_min(1.0)
-
-        neuron_attention_mask = None
-        if neuron_mask is not None and not bool(neuron_mask.all()):
-            # a sample whose neurons are all padding attends to all of them (avoids NaN rows; its outputs are ignored)
-            key_mask = neuron_mask | ~neuron_mask.any(dim=1, keepdim=True)
-            # (batch*steps, 1, 1, neurons): True = this neuron may be attended to
-            neuron_attention_mask = key_mask[:, None, :].expand(batch_size, num_steps, num_neurons)
-            neuron_attention_mask = neuron_attention_mask.reshape(batch_size * num_steps, 1, 1, num_neurons)
-
         position_ids = torch.arange(past_length, past_length + num_steps, device=device)
-        position_embeddings = self.rotary_emb(position_ids)
+        layer_kwargs = {
+            "neuron_attention_mask": self._neuron_attention_mask(neuron_mask, num_steps),
+            "position_embeddings": self.rotary_emb(position_ids),
+            "past_key_values": past_key_values,
+            "identity_states": identity_states,
+            "neuron_weight": neuron_weight,
+        }
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                neuron_attention_mask=neuron_attention_mask,
-                position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
-                identity_states=identity_states,
-                neuron_weight=neuron_weight,
-            )
+            hidden_states = layer(hidden_states, **layer_kwargs)  # positional: gradient checkpointing needs it
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -944,6 +1025,54 @@ class CalmModel(CalmPreTrainedModel):
             hidden_states=all_hidden_states,
         )
         return output if return_dict else output.to_tuple()
+
+
+    def _grid_shape(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> tuple[int, int, int, torch.device]:
+        """`(batch, neurons, steps, device)` of the grid, with the shape and dtype checks that need no host sync."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids (batch, neurons, steps) or inputs_embeds.")
+        if input_ids is not None:
+            if input_ids.dim() != 3:
+                raise ValueError(
+                    f"input_ids must be a (batch, neurons, token_steps) grid of codes, got shape "
+                    f"{tuple(input_ids.shape)}; add the missing axes (e.g. input_ids[None] for one trial)."
+                )
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise ValueError(
+                    f"input_ids must hold integer codes, got dtype {input_ids.dtype}; tokenize traces with "
+                    "CalmTokenizer.encode first."
+                )
+            return (*input_ids.shape, input_ids.device)
+        if inputs_embeds.dim() != 4 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, neurons, token_steps, {self.config.hidden_size}), got "
+                f"{tuple(inputs_embeds.shape)}."
+            )
+        return (*inputs_embeds.shape[:3], inputs_embeds.device)
+
+    @staticmethod
+    def _past_length(past_key_values: Cache | None, num_sequences: int) -> int:
+        """Steps already in the time-axis cache (its shape, no host sync); the cache must belong to this grid."""
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length and past_key_values.layers[0].keys.shape[0] != num_sequences:
+            raise ValueError(
+                f"past_key_values hold {past_key_values.layers[0].keys.shape[0]} sequences but the input has "
+                f"batch*neurons = {num_sequences}; pass the cache returned for this same grid."
+            )
+        return past_length
+
+    @staticmethod
+    def _neuron_attention_mask(neuron_mask: torch.Tensor | None, num_steps: int) -> torch.Tensor | None:
+        """`(batch*steps, 1, 1, neurons)` key mask of the neuron-axis attention (True = may be attended to)."""
+        if neuron_mask is None:
+            return None
+        batch_size, num_neurons = neuron_mask.shape
+        # a sample whose neurons are all padding attends to all of them (avoids NaN rows; its outputs are ignored)
+        key_mask = neuron_mask | ~neuron_mask.any(dim=1, keepdim=True)
+        key_mask = key_mask[:, None, :].expand(batch_size, num_steps, num_neurons)
+        return key_mask.reshape(batch_size * num_steps, 1, 1, num_neurons)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1024,7 +1153,9 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         session_ids: torch.LongTensor | None = None,
         neuron_mask: torch.BoolTensor | None = None,
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """Applies the paper's training-time input corruptions (only in `model.train()`; identity in eval):
+        """Applies the paper's training-time input corruptions (only in `model.train()`; identity in eval). The
+        training step calls it (`calm_hf.trainer.augment_training_batch`, used by `CalmTrainer.compute_loss`);
+        `forward` never does, so a forward is one pass of the model on the inputs it is given:
         scheduled sampling (probability `scheduled_sampling_prob` per batch, one block of `scheduled_sampling_block`
         steps replaced by the model's own one-step argmax predictions) and neighbourhood replacement (each token with
         probability `neighbor_replacement_prob` swapped for one of its `neighbor_k` nearest codes).
@@ -1110,28 +1241,11 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
                 (0 = all).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (labels is not None or value_labels is not None) and logits_to_keep:
+            raise ValueError("labels cannot be combined with logits_to_keep; use logits_to_keep=0 for training.")
         flat_batch = None
-        if num_neurons is not None:
-            main = input_ids if input_ids is not None else inputs_embeds
-            expected_dim = 2 if input_ids is not None else 3
-            if main is not None and main.dim() == expected_dim:
-                if main.shape[0] % num_neurons != 0:
-                    raise ValueError(
-                        f"The flattened batch {main.shape[0]} is not a multiple of num_neurons={num_neurons}."
-                    )
-                flat_batch = main.shape[0]
-                if input_ids is not None:
-                    input_ids = input_ids.reshape(-1, num_neurons, input_ids.shape[-1])
-                else:
-                    inputs_embeds = inputs_embeds.reshape(-1, num_neurons, *inputs_embeds.shape[1:])
-                if labels is not None and labels.dim() == 2:
-                    labels = labels.reshape(-1, num_neurons, labels.shape[-1])
-
-        scheduled_sampling_applied = None
-        if self.training and labels is not None and input_ids is not None:
-            input_ids, scheduled_sampling_applied = self.augment_input_ids(
-                input_ids, neuron_ids, session_ids, neuron_mask
-            )
+        if num_neurons is not None:  # generate's flattened (batch*neurons, steps) form
+            flat_batch, input_ids, inputs_embeds, labels = self._unflatten_grid(num_neurons, input_ids, inputs_embeds, labels)
 
         outputs = self.model(
             input_ids=input_ids,
@@ -1148,50 +1262,70 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden_states = hidden_states[:, :, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
-
         value_predictions = self.value_head(hidden_states) if self.value_head is not None else None
-        if (labels is not None or value_labels is not None) and logits_to_keep:
-            raise ValueError("labels cannot be combined with logits_to_keep; use logits_to_keep=0 for training.")
+
         next_token_loss = self.next_token_loss(logits, labels, neuron_mask) if labels is not None else None
         value_loss = None
         if value_labels is not None:
             value_loss = self.value_loss(value_predictions, value_labels, neuron_mask)
-        loss = None
-        if next_token_loss is not None or value_loss is not None:
-            config = self.config
-            terms = [config.next_token_loss_weight * next_token_loss] if next_token_loss is not None else []
-            terms += [config.value_loss_weight * value_loss] if value_loss is not None else []
-            loss = sum(terms)
-
+        terms = [self.config.next_token_loss_weight * next_token_loss] if next_token_loss is not None else []
+        terms += [self.config.value_loss_weight * value_loss] if value_loss is not None else []
         if flat_batch is not None:
             logits = logits.reshape(flat_batch, logits.shape[2], logits.shape[3])
 
         output = CalmCausalNeuralModelingOutput(
-            loss=loss,
+            loss=sum(terms) if terms else None,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
-            scheduled_sampling_applied=scheduled_sampling_applied,
             next_token_loss=next_token_loss,
             value_loss=value_loss,
             value_predictions=value_predictions,
         )
         return output if return_dict else output.to_tuple()
 
+    @staticmethod
+    def _unflatten_grid(
+        num_neurons: int,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ) -> tuple[int | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """`(batch*neurons, steps)` inputs (as generate passes them) -> `(batch, neurons, steps)`; returns the flat
+        batch size (None when the inputs were already a grid) and the reshaped tensors."""
+        main = input_ids if input_ids is not None else inputs_embeds
+        expected_dim = 2 if input_ids is not None else 3
+        if main is None or main.dim() != expected_dim:
+            return None, input_ids, inputs_embeds, labels
+        if main.shape[0] % num_neurons != 0:
+            raise ValueError(f"The flattened batch {main.shape[0]} is not a multiple of num_neurons={num_neurons}.")
+        if input_ids is not None:
+            input_ids = input_ids.reshape(-1, num_neurons, input_ids.shape[-1])
+        else:
+            inputs_embeds = inputs_embeds.reshape(-1, num_neurons, *inputs_embeds.shape[1:])
+        if labels is not None and labels.dim() == 2:
+            labels = labels.reshape(-1, num_neurons, labels.shape[-1])
+        return main.shape[0], input_ids, inputs_embeds, labels
+
     def next_token_loss(
         self, logits: torch.Tensor, labels: torch.Tensor, neuron_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Cross-entropy of logits at step t against labels at t+1 (float32; -100 and padded neurons ignored)."""
+        """Cross-entropy of logits at step t against labels at t+1 (float32; -100 and padded neurons ignored).
+
+        Label values are not checked here (that needs a host sync): `validate_inputs` does it where batches enter. A
+        batch with no scored target gives a zero loss instead of NaN."""
         if labels.shape != logits.shape[:-1]:
             raise ValueError(
                 f"labels must have the shape of input_ids {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}."
             )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must hold integer codes (or -100 to ignore), got dtype {labels.dtype}.")
         if neuron_mask is not None:
             labels = labels.masked_fill(~neuron_mask.to(labels.device).bool()[:, :, None], -100)
         shift_logits = logits[:, :, :-1].float().reshape(-1, self.config.vocab_size)
         shift_labels = labels[:, :, 1:].reshape(-1).to(shift_logits.device)
-        self._check_shifted_labels(shift_labels)
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+        return total / (shift_labels != -100).sum().clamp_min(1)
 
     def value_loss(
         self, value_predictions: torch.Tensor | None, value_labels: torch.Tensor, neuron_mask: torch.Tensor | None
@@ -1244,32 +1378,12 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
                 "This checkpoint has no continuous forecast head (config.value_head_steps=0); forecast by token "
                 "rollout instead (generate / CalmForecaster with mode='greedy', 'mean' or 'soft')."
             )
+        validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
         outputs = self(
             input_ids=input_ids, neuron_ids=neuron_ids, session_ids=session_ids, neuron_mask=neuron_mask,
             use_cache=False, logits_to_keep=1, return_dict=True,
         )
         return outputs.value_predictions[:, :, -1].float()
-
-    def _check_shifted_labels(self, shift_labels: torch.Tensor) -> None:
-        """Out-of-vocabulary targets give an IndexError (or a device assert) inside cross_entropy, and a batch whose
-        targets are all -100 gives a NaN loss that poisons training: name both instead (one host sync)."""
-        if shift_labels.dtype.is_floating_point or shift_labels.dtype == torch.bool:
-            raise TypeError(f"labels must hold integer codes (or -100 to ignore), got dtype {shift_labels.dtype}.")
-        vocab_size = self.config.vocab_size
-        scored = shift_labels != -100
-        out_of_vocab = scored & ((shift_labels < 0) | (shift_labels >= vocab_size))
-        num_scored, num_bad = torch.stack([scored.sum(), out_of_vocab.sum()]).tolist()
-        if num_bad:
-            bad = shift_labels[out_of_vocab]
-            raise ValueError(
-                f"labels hold {num_bad} code(s) outside [0, {vocab_size}) and not -100 (e.g. {int(bad[0])}): use "
-                "codes from the tokenizer this model was built for, and -100 for targets to ignore."
-            )
-        if num_scored == 0:
-            raise ValueError(
-                "Every label is -100 (or masked by neuron_mask) after the one-step shift, so the loss would be NaN: "
-                "give at least 2 token steps and at least one real neuron with real labels."
-            )
 
     # -- generation ---------------------------------------------------------------------------------------------------
 
@@ -1362,7 +1476,8 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
                 f"input_ids of shape {tuple(input_ids.shape)} (batch, neurons, token_steps) is empty: generate needs "
                 "at least 1 trial, 1 neuron and 1 token step (window_size frames) of context."
             )
-        self.model.validate_input_ids(input_ids)
+        # the one value check of the whole rollout: the per-step forwards only check shapes
+        validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
         if generate_kwargs.get("inputs_embeds") is not None:
             raise ValueError("generate takes input_ids; for embedding feedback use model.rollout(..., mode='soft').")
         batch_size, num_neurons, num_steps = input_ids.shape
@@ -1459,7 +1574,7 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}; use mode='greedy' for argmax.")
-        self.model.validate_input_ids(input_ids)
+        validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
         if input_ids.shape[-1] + max_new_tokens > self.config.max_token_steps:
             raise ValueError(
                 f"{input_ids.shape[-1]} context steps + {max_new_tokens} new steps exceed max_token_steps="
@@ -1880,10 +1995,12 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
             neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
                 batch_size, num_neurons, hidden_states.device, neuron_ids, session_ids, neuron_mask
             )
+            _check_identity_values(self.config, neuron_ids, session_ids)
         else:
             if input_ids is None:
                 raise ValueError("Pass input_ids (batch, neurons, token_steps) (or precomputed backbone_hidden_states).")
-            self.model.validate_input_ids(input_ids)
+            # this head's forward is its entry point (no generate or pipeline in front): the value checks run here
+            validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
             batch_size, num_neurons, num_steps = input_ids.shape
             neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
                 batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
@@ -1957,4 +2074,5 @@ __all__ = [
     "CalmRolloutOutput",
     "behavior_head_settings",
     "config_with_head_settings",
+    "validate_inputs",
 ]
