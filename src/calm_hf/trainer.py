@@ -47,6 +47,10 @@ def augment_training_batch(
     return {**inputs, "input_ids": input_ids}, applied
 
 
+# the batch fields `validate_inputs` checks
+VALIDATED_INPUTS = ("input_ids", "neuron_ids", "session_ids", "neuron_mask", "labels")
+
+
 class CalmTokenizerTrainingCallback(TrainerCallback):
     """Applies `CalmTokenizer.update_codebook_state` after the backward pass of every training micro-batch, before
     the optimizer step: usage and codebook EMA, revival queue, step counter, dead-code revival, k-means seeding.
@@ -100,6 +104,9 @@ class CalmTrainer(Trainer):
             (final, intermediate, and so `push_to_hub=True`) writes a complete checkpoint: `tokenizer/`, the trace
             processor, the remote-code files and `custom_pipelines` (`calm_hf.checkpoint.complete_checkpoint`).
         trace_processor: the `CalmTraceProcessor` saved with it (default: one matching the model config).
+        validate_batches: check every training batch of a dual-axis transformer with `validate_inputs` (codes and
+            labels inside the vocabulary, ids inside the tables, something to score) before the forward, which checks
+            shapes only. One host sync per step; turn it off when the collator already validates.
         All other arguments are `Trainer`'s.
     """
 
@@ -110,8 +117,10 @@ class CalmTrainer(Trainer):
         extra_evaluation=None,
         neural_tokenizer=None,
         trace_processor=None,
+        validate_batches: bool = True,
         **kwargs,
     ):
+        self.validate_batches = validate_batches
         self.neural_tokenizer = neural_tokenizer
         self.trace_processor = trace_processor
         super().__init__(*args, **kwargs)
@@ -128,6 +137,8 @@ class CalmTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         applied = None
         if isinstance(unwrapped, CalmForCausalNeuralModeling):
+            if self.validate_batches and model.training:
+                unwrapped.validate_inputs(**{name: inputs.get(name) for name in VALIDATED_INPUTS})
             inputs, applied = augment_training_batch(unwrapped, inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if applied is not None:
