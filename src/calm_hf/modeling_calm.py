@@ -993,23 +993,14 @@ class CalmModel(CalmPreTrainedModel):
         past_length = self._past_length(past_key_values, batch_size * num_neurons)
         _check_grid_size(config, num_neurons, num_steps, past_length)
 
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        # (batch, neurons, hidden): who each neuron is; added to every token and read by the neuron mixer
-        identity_states = self.neuron_embeddings(neuron_ids) + self.session_embeddings(session_ids)[:, None, :]
-        # (batch, neurons, steps, hidden) = token + neuron identity + session identity
-        hidden_states = self.embed_dropout(inputs_embeds + identity_states[:, :, None, :])
-        neuron_weight = None
-        if config.neuron_mixer_rank > 0:
-            real = torch.ones(batch_size, num_neurons, device=device) if neuron_mask is None else neuron_mask.float()
-            neuron_weight = real / real.sum(dim=1, keepdim=True).clamp_min(1.0)
+        hidden_states, identity_states = self._embed(input_ids, inputs_embeds, neuron_ids, session_ids)
         position_ids = torch.arange(past_length, past_length + num_steps, device=device)
         layer_kwargs = {
             "neuron_attention_mask": self._neuron_attention_mask(neuron_mask, num_steps),
             "position_embeddings": self.rotary_emb(position_ids),
             "past_key_values": past_key_values,
             "identity_states": identity_states,
-            "neuron_weight": neuron_weight,
+            "neuron_weight": self._neuron_weight(neuron_mask, batch_size, num_neurons, device),
         }
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -1051,6 +1042,29 @@ class CalmModel(CalmPreTrainedModel):
                 f"{tuple(inputs_embeds.shape)}."
             )
         return (*inputs_embeds.shape[:3], inputs_embeds.device)
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        neuron_ids: torch.Tensor,
+        session_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(hidden_states (batch, neurons, steps, hidden), identity_states (batch, neurons, hidden))`: the token
+        embedding plus who each neuron is (neuron + session embedding), which the neuron mixer reads again."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        identity_states = self.neuron_embeddings(neuron_ids) + self.session_embeddings(session_ids)[:, None, :]
+        return self.embed_dropout(inputs_embeds + identity_states[:, :, None, :]), identity_states
+
+    def _neuron_weight(
+        self, neuron_mask: torch.Tensor | None, batch_size: int, num_neurons: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """`(batch, neurons)` weights of the linear neuron mixer: 1 / real neurons for real ones, 0 for padding."""
+        if self.config.neuron_mixer_rank == 0:
+            return None
+        real = torch.ones(batch_size, num_neurons, device=device) if neuron_mask is None else neuron_mask.float()
+        return real / real.sum(dim=1, keepdim=True).clamp_min(1.0)
 
     @staticmethod
     def _past_length(past_key_values: Cache | None, num_sequences: int) -> int:
@@ -1268,13 +1282,11 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         value_loss = None
         if value_labels is not None:
             value_loss = self.value_loss(value_predictions, value_labels, neuron_mask)
-        terms = [self.config.next_token_loss_weight * next_token_loss] if next_token_loss is not None else []
-        terms += [self.config.value_loss_weight * value_loss] if value_loss is not None else []
         if flat_batch is not None:
             logits = logits.reshape(flat_batch, logits.shape[2], logits.shape[3])
 
         output = CalmCausalNeuralModelingOutput(
-            loss=sum(terms) if terms else None,
+            loss=self.weighted_loss(next_token_loss, value_loss),
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
@@ -1283,6 +1295,12 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             value_predictions=value_predictions,
         )
         return output if return_dict else output.to_tuple()
+
+    def weighted_loss(self, next_token_loss: torch.Tensor | None, value_loss: torch.Tensor | None) -> torch.Tensor | None:
+        """`next_token_loss_weight * next_token_loss + value_loss_weight * value_loss` over the terms given."""
+        terms = [self.config.next_token_loss_weight * next_token_loss] if next_token_loss is not None else []
+        terms += [self.config.value_loss_weight * value_loss] if value_loss is not None else []
+        return sum(terms) if terms else None
 
     @staticmethod
     def _unflatten_grid(
@@ -1436,6 +1454,62 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         ):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}; use greedy for argmax.")
 
+    def _prepare_generation(
+        self,
+        input_ids: Any,
+        neuron_ids: Any,
+        session_ids: Any,
+        neuron_mask: Any,
+        generation_config: GenerationConfig | None,
+        generate_kwargs: dict,
+    ) -> tuple[torch.LongTensor, dict[str, torch.Tensor | None]]:
+        """Validates a `generate` call once (inputs and sampling arguments; `generate_kwargs` is edited in place) and
+        expands the grid for `num_return_sequences` so the R samples of a trial keep their neurons together.
+
+        Returns:
+            `(input_ids (batch*R, neurons, steps), {"neuron_ids", "session_ids", "neuron_mask"} expanded alike)`.
+        """
+        if input_ids is None:
+            raise ValueError("generate needs input_ids of shape (batch, neurons, token_steps): the context codes.")
+        input_ids = _as_integer_tensor(input_ids, "input_ids")
+        if input_ids.dim() == 3 and 0 in input_ids.shape:
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} (batch, neurons, token_steps) is empty: generate needs "
+                "at least 1 trial, 1 neuron and 1 token step (window_size frames) of context."
+            )
+        # the one value check of the whole rollout: the per-step forwards only check shapes
+        validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
+        if generate_kwargs.get("inputs_embeds") is not None:
+            raise ValueError("generate takes input_ids; for embedding feedback use model.rollout(..., mode='soft').")
+        batch_size, num_neurons, num_steps = input_ids.shape
+        self._check_generation_arguments(generation_config, generate_kwargs)
+        identity = dict(zip(("neuron_ids", "session_ids", "neuron_mask"), self.model.prepare_identity_inputs(
+            batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
+        )))
+        num_beams = self._generation_setting("num_beams", generation_config, generate_kwargs) or 1
+        if num_beams > 1:
+            raise ValueError("Beam search is not supported on the neuron grid; use greedy or do_sample=True.")
+        num_return = generate_kwargs.pop("num_return_sequences", None)
+        if num_return is None:
+            config = generation_config if generation_config is not None else self.generation_config
+            num_return = config.num_return_sequences or 1
+        if isinstance(num_return, bool) or not isinstance(num_return, numbers.Integral) or num_return < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}.")
+        if generate_kwargs.get("max_length") is not None and generate_kwargs.get("max_new_tokens") is None:
+            # max_length counts token steps of the grid; the default max_new_tokens would otherwise win
+            generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length") - num_steps
+        max_new_tokens = self._generation_setting("max_new_tokens", generation_config, generate_kwargs)
+        if max_new_tokens is not None and num_steps + max_new_tokens > self.config.max_token_steps:
+            raise ValueError(
+                f"{num_steps} context steps + {max_new_tokens} new steps exceed max_token_steps="
+                f"{self.config.max_token_steps}; crop the context or lower max_new_tokens."
+            )
+        if num_return > 1:  # (batch*R, neurons, T)
+            input_ids = input_ids.repeat_interleave(num_return, dim=0)
+            identity = {name: None if value is None else value.repeat_interleave(num_return, dim=0)
+                        for name, value in identity.items()}
+        return input_ids, identity
+
     @torch.no_grad()
     def generate(
         self,
@@ -1468,60 +1542,17 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             input_ids = generate_kwargs.pop("inputs", None)
-        if input_ids is None:
-            raise ValueError("generate needs input_ids of shape (batch, neurons, token_steps): the context codes.")
-        input_ids = _as_integer_tensor(input_ids, "input_ids")
-        if input_ids.dim() == 3 and 0 in input_ids.shape:
-            raise ValueError(
-                f"input_ids of shape {tuple(input_ids.shape)} (batch, neurons, token_steps) is empty: generate needs "
-                "at least 1 trial, 1 neuron and 1 token step (window_size frames) of context."
-            )
-        # the one value check of the whole rollout: the per-step forwards only check shapes
-        validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
-        if generate_kwargs.get("inputs_embeds") is not None:
-            raise ValueError("generate takes input_ids; for embedding feedback use model.rollout(..., mode='soft').")
-        batch_size, num_neurons, num_steps = input_ids.shape
-        self._check_generation_arguments(generation_config, generate_kwargs)
-        neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
-            batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
+        input_ids, identity = self._prepare_generation(
+            input_ids, neuron_ids, session_ids, neuron_mask, generation_config, generate_kwargs
         )
-
-        num_beams = self._generation_setting("num_beams", generation_config, generate_kwargs) or 1
-        if num_beams > 1:
-            raise ValueError("Beam search is not supported on the neuron grid; use greedy or do_sample=True.")
-        num_return = generate_kwargs.pop("num_return_sequences", None)
-        if num_return is None:
-            config = generation_config if generation_config is not None else self.generation_config
-            num_return = config.num_return_sequences or 1
-        if isinstance(num_return, bool) or not isinstance(num_return, numbers.Integral) or num_return < 1:
-            raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}.")
-        if generate_kwargs.get("max_length") is not None and generate_kwargs.get("max_new_tokens") is None:
-            # max_length counts token steps of the grid; the default max_new_tokens would otherwise win
-            generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length") - num_steps
-        max_new_tokens = self._generation_setting("max_new_tokens", generation_config, generate_kwargs)
-        if max_new_tokens is not None and num_steps + max_new_tokens > self.config.max_token_steps:
-            raise ValueError(
-                f"{num_steps} context steps + {max_new_tokens} new steps exceed max_token_steps="
-                f"{self.config.max_token_steps}; crop the context or lower max_new_tokens."
-            )
-
-        # expand on the grid ourselves so the R samples of a trial keep their neurons together: (batch*R, neurons, T)
-        if num_return > 1:
-            input_ids = input_ids.repeat_interleave(num_return, dim=0)
-            neuron_ids = neuron_ids.repeat_interleave(num_return, dim=0)
-            session_ids = session_ids.repeat_interleave(num_return, dim=0)
-            if neuron_mask is not None:
-                neuron_mask = neuron_mask.repeat_interleave(num_return, dim=0)
-        grid_batch = input_ids.shape[0]
+        grid_batch, num_neurons, num_steps = input_ids.shape
 
         outputs = super().generate(
             input_ids.reshape(grid_batch * num_neurons, num_steps),
             generation_config=generation_config,
             num_return_sequences=1,
             num_neurons=num_neurons,
-            neuron_ids=neuron_ids,
-            session_ids=session_ids,
-            neuron_mask=neuron_mask,
+            **identity,
             **generate_kwargs,
         )
 
@@ -1535,6 +1566,23 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             if getattr(outputs, name, None) is not None:
                 setattr(outputs, name, tuple(to_grid(step) for step in getattr(outputs, name)))
         return outputs
+
+    @staticmethod
+    def _next_codes(
+        logits: torch.Tensor, mode: str, temperature: float, top_k: int | None, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """`(probabilities, codes)` of one rollout step from `(batch, neurons, vocab)` logits (see `rollout`)."""
+        logits = logits.float()
+        if mode != "greedy":
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.shape[-1]:
+                threshold = logits.topk(top_k, dim=-1).values[..., -1:]
+                logits = logits.masked_fill(logits < threshold, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if mode == "sample":
+            next_codes = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+            return probs, next_codes.view(probs.shape[:-1])
+        return probs, probs.argmax(dim=-1)
 
     @torch.no_grad()
     def rollout(
@@ -1585,18 +1633,8 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         cache = outputs.past_key_values
         codes, probabilities = [], []
         for step in range(max_new_tokens):
-            logits = outputs.logits[:, :, -1].float()  # (batch, neurons, vocab)
-            if mode != "greedy":
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
-                    threshold = logits.topk(top_k, dim=-1).values[..., -1:]
-                    logits = logits.masked_fill(logits < threshold, float("-inf"))
-            probs = logits.softmax(dim=-1)
-            if mode == "sample":
-                next_codes = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-                next_codes = next_codes.view(probs.shape[:-1])
-            else:
-                next_codes = probs.argmax(dim=-1)
+            # (batch, neurons, vocab) distribution of the next step and the codes picked from it
+            probs, next_codes = self._next_codes(outputs.logits[:, :, -1], mode, temperature, top_k, generator)
             codes.append(next_codes)
             probabilities.append(probs)
             if step == max_new_tokens - 1:
@@ -1949,38 +1987,17 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
             )
         return scored
 
-    def forward(
+    def _backbone_states(
         self,
-        input_ids: torch.LongTensor | None = None,
-        neuron_ids: torch.LongTensor | None = None,
-        session_ids: torch.LongTensor | None = None,
-        neuron_mask: torch.BoolTensor | None = None,
-        labels: torch.FloatTensor | None = None,
-        behavior_mask: torch.BoolTensor | None = None,
-        backbone_hidden_states: torch.FloatTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> CalmBehaviorRegressionOutput | tuple:
-        r"""
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`):
-                Codes from [`CalmTokenizer.encode`].
-            neuron_ids (`torch.LongTensor` of shape `(batch, neurons)`, *optional*):
-                Global neuron ids (index the backbone's neuron embeddings and the head's bank); default `arange`.
-            session_ids (`torch.LongTensor` of shape `(batch,)`, *optional*): session ids; default 0.
-            neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*):
-                True for real neurons, False for padding (padded neurons contribute nothing).
-            labels (`torch.FloatTensor` of shape `(batch, num_behavior_channels, token_steps * window_size)`, *optional*):
-                Behaviour at frame rate (z-scored by the data layer); gives the MSE `loss`.
-            behavior_mask (`torch.BoolTensor` of the shape of `labels`, *optional*):
-                False marks label entries left out of the loss (e.g. missing samples, which may then be NaN).
-            backbone_hidden_states (`torch.FloatTensor` of shape `(batch, neurons, token_steps, hidden_size)`, *optional*):
-                Precomputed `last_hidden_state` of the frozen backbone (e.g. `model.model(...)`, cached once); skips
-                the backbone. `input_ids` may then be omitted.
-            output_hidden_states (`bool`, *optional*): return the backbone's hidden states.
-            return_dict (`bool`, *optional*): return a [`CalmBehaviorRegressionOutput`] instead of a tuple.
-        """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        input_ids: torch.LongTensor | None,
+        neuron_ids: torch.LongTensor | None,
+        session_ids: torch.LongTensor | None,
+        neuron_mask: torch.BoolTensor | None,
+        backbone_hidden_states: torch.FloatTensor | None,
+        output_hidden_states: bool | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, CalmModelOutput | None]:
+        """The backbone's `(batch, neurons, steps, hidden)` states (given, or computed without gradient when the
+        backbone is frozen), with the validated identity inputs: `(hidden_states, neuron_ids, neuron_mask, outputs)`."""
         backbone_outputs = None
         if backbone_hidden_states is not None:
             if backbone_hidden_states.dim() != 4 or backbone_hidden_states.shape[-1] != self.config.hidden_size:
@@ -2017,6 +2034,44 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
                 )
             hidden_states = backbone_outputs.last_hidden_state
 
+        return hidden_states, neuron_ids, neuron_mask, backbone_outputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        behavior_mask: torch.BoolTensor | None = None,
+        backbone_hidden_states: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CalmBehaviorRegressionOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`):
+                Codes from [`CalmTokenizer.encode`].
+            neuron_ids (`torch.LongTensor` of shape `(batch, neurons)`, *optional*):
+                Global neuron ids (index the backbone's neuron embeddings and the head's bank); default `arange`.
+            session_ids (`torch.LongTensor` of shape `(batch,)`, *optional*): session ids; default 0.
+            neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*):
+                True for real neurons, False for padding (padded neurons contribute nothing).
+            labels (`torch.FloatTensor` of shape `(batch, num_behavior_channels, token_steps * window_size)`, *optional*):
+                Behaviour at frame rate (z-scored by the data layer); gives the MSE `loss`.
+            behavior_mask (`torch.BoolTensor` of the shape of `labels`, *optional*):
+                False marks label entries left out of the loss (e.g. missing samples, which may then be NaN).
+            backbone_hidden_states (`torch.FloatTensor` of shape `(batch, neurons, token_steps, hidden_size)`, *optional*):
+                Precomputed `last_hidden_state` of the frozen backbone (e.g. `model.model(...)`, cached once); skips
+                the backbone. `input_ids` may then be omitted.
+            output_hidden_states (`bool`, *optional*): return the backbone's hidden states.
+            return_dict (`bool`, *optional*): return a [`CalmBehaviorRegressionOutput`] instead of a tuple.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden_states, neuron_ids, neuron_mask, backbone_outputs = self._backbone_states(
+            input_ids, neuron_ids, session_ids, neuron_mask, backbone_hidden_states, output_hidden_states
+        )
+        batch_size, num_neurons, num_steps, _ = hidden_states.shape
         bank_size = self.behavior_head.neuron_weights.shape[0]
         if int(neuron_ids.max()) >= bank_size:
             raise ValueError(
