@@ -433,6 +433,7 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
 
 def test_remote_code_load_and_generate_in_fresh_process(tmp_path, model):
     model.save_pretrained(tmp_path)
+    assert (tmp_path / "presets.py").is_file()  # configuration_calm imports the preset table: it travels along
     input_ids = codes(batch=1, neurons=3, steps=4)
     expected = model.generate(input_ids, max_new_tokens=3)
     torch.save({"input_ids": input_ids, "expected": expected}, tmp_path / "io.pt")
