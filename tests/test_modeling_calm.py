@@ -583,7 +583,7 @@ def test_validate_inputs_checks_labels_once_where_they_enter(model):
         model.validate_inputs(input_ids, labels=input_ids[..., :2])
     # forward needs no check to stay finite: a batch with nothing to score has a zero loss, not NaN
     loss = model(input_ids=input_ids, labels=torch.full_like(input_ids, -100)).loss
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
 
 
 def test_forward_and_loss_make_no_host_sync(model, monkeypatch):
@@ -615,7 +615,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         # dropout on: the recompute must replay the same masks
         model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", hidden_dropout=0.1)).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            # transformers 5.23 renames the switch; older 5.x only has gradient_checkpointing_enable
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
             assert all(layer.gradient_checkpointing for layer in model.model.layers)
         torch.manual_seed(5)
         model(input_ids=input_ids, labels=input_ids, value_labels=value_labels).loss.backward()

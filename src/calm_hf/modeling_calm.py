@@ -1017,7 +1017,6 @@ class CalmModel(CalmPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-
     def _grid_shape(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
     ) -> tuple[int, int, int, torch.device]:
