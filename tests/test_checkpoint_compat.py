@@ -91,3 +91,12 @@ def test_tokenizer_config_without_newer_fields_loads(tmp_path, expected):
     assert tokenizer.config.codebook_kmeans_iterations == 10 and tokenizer.config.embed_weight == 1.0
     with torch.no_grad():
         assert torch.equal(tokenizer.eval().encode(expected["input_values"]).codes, expected["tokenizer_codes"])
+
+
+def test_behavior_head_on_a_causal_checkpoint_from_main_with_keyword_settings():
+    model = CalmForBehaviorRegression.from_pretrained(FIXTURE / "model", num_behavior_channels=3, behavior_rank=2)
+    assert model.config.num_behavior_channels == 3 and model.behavior_head.neuron_weights.shape == (16, 3 * 4)
+    # keyword settings set after the config is built are still cross-checked (rank 99 > hidden_size 16)
+    with pytest.raises(ValueError, match="exceeds the backbone hidden_size"):
+        CalmForBehaviorRegression.from_pretrained(FIXTURE / "model", num_behavior_channels=3, behavior_rank=99,
+                                                  behavior_head="linear")

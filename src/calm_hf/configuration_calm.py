@@ -279,6 +279,18 @@ class CalmConfig(PreTrainedConfig):
         if not 0.0 <= float(self.behavior_dropout) < 1.0:
             raise ValueError(f"behavior_dropout must lie in [0, 1), got {self.behavior_dropout!r}.")
 
+    def raise_if_invalid(self) -> None:
+        """Runs every `validate_*` check now, raising the failed check's own `ValueError`/`TypeError`. Fields
+        assigned one by one after construction (e.g. `from_pretrained(path, behavior_rank=...)` overrides) are
+        type-checked on assignment but cross-checked only here or at `save_pretrained`."""
+        try:
+            self.validate()
+        except StrictDataclassError as error:
+            cause = error.__cause__
+            if not isinstance(cause, (ValueError, TypeError)):
+                raise
+            raise type(cause)(f"{type(self).__name__}: {cause}") from error
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "CalmConfig":
         """Builds a config from the model part of preset `name` ("tiny", "cpu", "paper"; the table is in

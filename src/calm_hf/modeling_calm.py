@@ -1692,8 +1692,10 @@ def behavior_head_settings(config: CalmConfig) -> dict[str, Any]:
     """The head settings of `config` (`BEHAVIOR_HEAD_SETTINGS`; `CalmConfig` validates their values).
 
     Raises:
-        `ValueError` when `num_behavior_channels` is not set: a head needs the number of behaviour channels.
+        `ValueError` when a setting is out of range (e.g. set by a `from_pretrained` keyword after construction) or
+        `num_behavior_channels` is not set: a head needs the number of behaviour channels.
     """
+    config.raise_if_invalid()
     if config.num_behavior_channels is None:
         raise ValueError(
             "num_behavior_channels is not set; pass the number of behaviour channels M, e.g. "
