@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from calm_hf.configuration_calm import CALM_PRESETS, CalmConfig
-from calm_hf.modeling_calm import CalmForCausalNeuralModeling, CalmModel
+from calm_hf.modeling_calm import CalmForCausalNeuralModeling, CalmModel, validate_inputs
+from calm_hf.trainer import augment_training_batch
 
 
 VOCAB = 16
@@ -340,13 +341,35 @@ def test_scheduled_sampling_changes_inputs_only_in_train_mode():
     with torch.no_grad():
         predictions = model.lm_head(model.model(input_ids=input_ids).last_hidden_state).argmax(-1)
     assert torch.equal(augmented[:, :, start], predictions[:, :, start - 1])
-    # the training loss uses the corrupted inputs but the true targets
-    output = model(input_ids=input_ids, labels=input_ids)
-    assert bool(output.scheduled_sampling_applied)
+    # the training step corrupts the inputs but keeps the true targets; forward itself never corrupts anything
+    batch, applied = augment_training_batch(model, {"input_ids": input_ids, "labels": input_ids})
+    assert bool(applied) and torch.equal(batch["labels"], input_ids) and not torch.equal(batch["input_ids"], input_ids)
+    output = model(**batch)
     with torch.no_grad():
         eval_loss = model.eval()(input_ids=input_ids, labels=input_ids).loss
     assert not torch.isclose(output.loss, eval_loss)
-    assert model.eval()(input_ids=input_ids, labels=input_ids).scheduled_sampling_applied is None
+    model.train()
+    torch.manual_seed(0)
+    train_forward = model(input_ids=input_ids, labels=input_ids)  # no hidden augmentation: dropout is 0 here
+    torch.testing.assert_close(train_forward.loss, eval_loss)
+    assert train_forward.scheduled_sampling_applied is None
+    assert augment_training_batch(model.eval(), {"input_ids": input_ids, "labels": input_ids})[1] is None
+
+
+def test_calm_trainer_applies_the_augmentations_in_compute_loss(tmp_path):
+    from transformers import TrainingArguments
+
+    from calm_hf.trainer import CalmTrainer
+
+    model = make_model(scheduled_sampling_prob=1.0, neighbor_replacement_prob=0.0).train()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    trainer = CalmTrainer(model=model, args=args)
+    input_ids = codes(steps=10)
+    loss, outputs = trainer.compute_loss(model, {"input_ids": input_ids, "labels": input_ids}, return_outputs=True)
+    assert bool(outputs.scheduled_sampling_applied)
+    with torch.no_grad():
+        plain = model(input_ids=input_ids, labels=input_ids).loss
+    assert not torch.isclose(loss, plain)  # the loss was computed on the corrupted inputs
 
 
 def test_neighbor_replacement_uses_codebook_neighbors_only_in_train_mode():
@@ -410,6 +433,7 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
 
 def test_remote_code_load_and_generate_in_fresh_process(tmp_path, model):
     model.save_pretrained(tmp_path)
+    assert (tmp_path / "presets.py").is_file()  # configuration_calm imports the preset table: it travels along
     input_ids = codes(batch=1, neurons=3, steps=4)
     expected = model.generate(input_ids, max_new_tokens=3)
     torch.save({"input_ids": input_ids, "expected": expected}, tmp_path / "io.pt")
@@ -531,8 +555,76 @@ def test_adaptation_trains_only_the_new_rows(tmp_path):
     ],
 )
 def test_bad_inputs_raise_helpful_errors(model, kwargs, message):
+    # where inputs enter (generate, pipeline, collator) validate_inputs runs first; forward only checks shapes
     with pytest.raises(ValueError, match=message):
+        model.validate_inputs(**kwargs)
         model(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"input_ids": torch.zeros(5, 8, dtype=torch.long)}, {"input_ids": torch.zeros(1, 2, 33, dtype=torch.long)},
+     {"input_ids": torch.zeros(1, 2, 4), "neuron_mask": torch.ones(1, 2, dtype=torch.bool)},
+     {"input_ids": torch.zeros(1, 2, 4, dtype=torch.long), "neuron_mask": torch.ones(1, 3, dtype=torch.bool)}],
+)
+def test_forward_still_refuses_bad_shapes(model, kwargs):
+    with pytest.raises(ValueError):
+        model(**kwargs)
+
+
+def test_validate_inputs_checks_labels_once_where_they_enter(model):
+    input_ids = codes()
+    validate_inputs(model.config, input_ids, labels=input_ids)  # fine
+    with pytest.raises(ValueError, match="outside"):
+        validate_inputs(model.config, input_ids, labels=torch.full_like(input_ids, 99))
+    with pytest.raises(ValueError, match="Every label is -100"):
+        model.validate_inputs(input_ids, labels=torch.full_like(input_ids, -100))
+    with pytest.raises(ValueError, match="shape of input_ids"):
+        model.validate_inputs(input_ids, labels=input_ids[..., :2])
+    # forward needs no check to stay finite: a batch with nothing to score has a zero loss, not NaN
+    loss = model(input_ids=input_ids, labels=torch.full_like(input_ids, -100)).loss
+    assert float(loss.detach()) == 0.0
+
+
+def test_forward_and_loss_make_no_host_sync(model, monkeypatch):
+    """Reading a tensor back to Python (`int()`, `bool()`, `.item()`, `.tolist()`) stalls a GPU pipeline; on CPU we
+    make every such read raise and run a training-style forward with a neuron mask, labels and value labels."""
+    input_ids = codes()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    value_labels = torch.randn(2, 5, input_ids.shape[-1] * 4)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync inside forward")
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    outputs = model.train()(input_ids=input_ids, neuron_mask=mask, labels=input_ids, value_labels=value_labels)
+    monkeypatch.undo()
+    model.eval()
+    assert torch.isfinite(outputs.loss)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    assert CalmForCausalNeuralModeling.supports_gradient_checkpointing
+    input_ids = codes()
+    value_labels = torch.randn(2, 5, input_ids.shape[-1] * 4, generator=torch.Generator().manual_seed(3))
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        # dropout on: the recompute must replay the same masks
+        model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", hidden_dropout=0.1)).train()
+        if checkpointing:
+            # transformers 5.23 renames the switch; older 5.x only has gradient_checkpointing_enable
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        torch.manual_seed(5)
+        model(input_ids=input_ids, labels=input_ids, value_labels=value_labels).loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 10
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_bad_generate_calls_raise(model):
@@ -660,5 +752,22 @@ def test_mixer_and_head_weights_round_trip(tmp_path):
      ({"value_loss_weight": 0.0, "next_token_loss_weight": 0.0}, "nothing would be trained")],
 )
 def test_invalid_head_settings_raise(overrides, message):
-    with pytest.raises(ValueError, match=message):
+    # a wrong type (1.5 for an int) is a TypeError from the strict dataclass, a wrong value a ValueError
+    with pytest.raises((ValueError, TypeError), match=message):
         tiny_config(**overrides)
+
+
+def test_config_is_strict_and_checks_assignments_before_saving(tmp_path):
+    config = tiny_config()
+    with pytest.raises(Exception, match="hidden_size"):
+        config.hidden_size = "wide"  # @strict checks the type of every assignment
+    config.num_attention_heads = 5  # a cross-field inconsistency is caught when the config is validated ...
+    with pytest.raises(Exception, match="divisible by num_attention_heads"):
+        config.save_pretrained(tmp_path)  # ... which save_pretrained does before writing config.json
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_float_fields_accept_integers_from_older_config_files():
+    # config.json written before the config was strict may hold e.g. `"hidden_dropout": 0`
+    config = tiny_config(attention_dropout=0, rope_theta=10000, frame_rate_hz=6)
+    assert config.attention_dropout == 0 and config.frame_rate_hz == 6

@@ -91,7 +91,24 @@ def test_finite_loss_backpropagates_to_every_part():
         grad = model.get_parameter(name).grad
         assert grad is not None, name
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    # forward changed no state; the training step's update does
+    assert int(model.training_step) == 0
+    model.update_codebook_state(output)
     assert int(model.training_step) == 1
+
+
+def test_forward_changes_no_state_and_the_update_needs_a_training_output():
+    model = make_model(codebook_warmup_steps=0).train()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    output = model(smooth_traces(2, 3, 32))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    assert output.encoder_vectors.shape == (2 * 3 * 8, 32) and output.encoder_codes.shape == (2 * 3 * 8,)
+    with torch.no_grad():
+        eval_output = model.eval()(smooth_traces(2, 3, 32))
+    assert eval_output.encoder_vectors is None
+    with pytest.raises(ValueError, match="training-mode forward"):
+        model.update_codebook_state(eval_output)
 
 
 def test_bf16_autocast_forward_backward():
@@ -119,7 +136,9 @@ def test_save_load_round_trip_is_exact(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(3):  # move weights and every buffer away from their init
         optimizer.zero_grad()
-        model(smooth_traces(2, 3, 32, seed=step)).loss.backward()
+        output = model(smooth_traces(2, 3, 32, seed=step))
+        output.loss.backward()
+        model.update_codebook_state(output)
         optimizer.step()
     model.eval()
     model.save_pretrained(tmp_path)
@@ -137,8 +156,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
     for key in state:
         assert torch.equal(state[key], loaded_state[key]), key
     assert int(loaded.training_step) == 3
-    # non-persistent RoPE caches are rebuilt identically
-    assert torch.equal(loaded.encoder.rotary_emb.cos_cached, model.encoder.rotary_emb.cos_cached)
+    # the non-persistent RoPE frequencies are rebuilt identically
+    assert torch.equal(loaded.encoder.rotary_emb.inv_freq, model.encoder.rotary_emb.inv_freq)
     traces = smooth_traces(2, 3, 40, seed=9)
     with torch.no_grad():
         codes, embeddings = model.encode(traces, return_dict=False)
@@ -211,10 +230,14 @@ def test_codebook_frozen_during_warmup_then_learns():
     for step in range(3):
         assert model.codebook_frozen()
         optimizer.zero_grad()
-        model(smooth_traces(2, 3, 32, seed=step)).loss.backward()
+        output = model(smooth_traces(2, 3, 32, seed=step))
+        output.loss.backward()
         assert model.quantizer.codebook.grad is None
+        model.update_codebook_state(output)  # the last warm-up step's update seeds the codebook by k-means
+        seeded = model.get_codebook()
+        assert torch.equal(seeded, initial) == (step < 2), step
         optimizer.step()
-        assert torch.equal(model.get_codebook(), initial), f"codebook moved during warm-up step {step}"
+        assert torch.equal(model.get_codebook(), seeded), f"the optimizer moved the codebook in warm-up step {step}"
     assert not torch.equal(model.encoder.patch_embed.weight, encoder_weight)  # the rest did train
     assert not model.codebook_frozen()
     optimizer.zero_grad()
@@ -226,19 +249,21 @@ def test_codebook_frozen_during_warmup_then_learns():
 
 def test_warmup_is_autoencoding_then_codebook_is_seeded_by_kmeans():
     model = make_model(codebook_warmup_steps=2).train()
+    initial_codebook = model.get_codebook()
     for step in range(2):
         output = model(smooth_traces(2, 4, 32, seed=step))
         # only the reconstruction trains during warm-up
         torch.testing.assert_close(output.loss, output.reconstruction_loss)
-    queue = model.quantizer.revival_queue[: int(model.quantizer.revival_queue_filled)].clone()
+        queue = torch.cat([model.quantizer.revival_queue[: int(model.quantizer.revival_queue_filled)],
+                           output.encoder_vectors])
+        model.update_codebook_state(output)  # the second update ends the warm-up: k-means on the queue
 
-    def mean_distance_to_codebook() -> float:
-        return float(model.quantizer.squared_distances(queue, model.quantizer.codebook.detach()).min(-1).values.mean())
+    def mean_distance(codebook: torch.Tensor) -> float:
+        return float(model.quantizer.squared_distances(queue, codebook).min(-1).values.mean())
 
-    random_init_distance = mean_distance_to_codebook()
-    output = model(smooth_traces(2, 4, 32, seed=2))  # first step after warm-up: k-means on the queue
+    assert mean_distance(model.get_codebook()) < 0.5 * mean_distance(initial_codebook)
+    output = model(smooth_traces(2, 4, 32, seed=2))  # first step after warm-up: the quantizer terms train
     assert not torch.allclose(output.loss, output.reconstruction_loss)
-    assert mean_distance_to_codebook() < 0.5 * random_init_distance
 
 
 def test_kmeans_initialization_finds_clusters():
@@ -263,7 +288,9 @@ def test_ema_update_moves_used_codes_towards_their_vectors():
     with torch.no_grad():
         latents = model.encoder(traces.reshape(6, 32)).reshape(-1, 32)
         codes = model.quantizer.nearest_codes(latents)
-        model(traces)
+        output = model(traces)
+    assert torch.equal(model.get_codebook(), before)  # forward moves nothing ...
+    model.update_codebook_state(output)  # ... the training step's update does
     after = model.get_codebook()
     for code in codes.unique():
         mean = latents[codes == code].mean(0)
@@ -280,6 +307,8 @@ def test_dead_code_revival_resets_unused_codes():
         model.quantizer.code_usage[dead] = 0.0
     before = model.get_codebook()
     output = model(smooth_traces(2, 3, 32))
+    assert int(output.dead_codes) >= len(dead)  # counted before the update
+    model.update_codebook_state(output)
     after = model.get_codebook()
     queue = model.quantizer.revival_queue[: int(model.quantizer.revival_queue_filled)]
     assert queue.shape[0] > 0
@@ -288,14 +317,14 @@ def test_dead_code_revival_resets_unused_codes():
         # the revived code is exactly one of the queued encoder vectors
         assert (queue == after[code]).all(-1).any(), code
     torch.testing.assert_close(model.quantizer.code_usage[dead], torch.full((3,), 1 / 16))
-    assert int(output.dead_codes) == 0
+    assert int(model.quantizer.dead_code_mask(0.5).sum()) == 0
 
     # control: with revival only every 10 steps, the same dead codes stay put and are counted
     model = make_model(codebook_warmup_steps=0, revival_interval=10, dead_code_threshold=0.5).train()
     with torch.no_grad():
         model.quantizer.code_usage[dead] = 0.0
-    output = model(smooth_traces(2, 3, 32))
-    assert int(output.dead_codes) >= len(dead)
+    model.update_codebook_state(model(smooth_traces(2, 3, 32)))
+    assert int(model.quantizer.dead_code_mask(0.5).sum()) >= len(dead)
 
 
 def test_gumbel_temperature_anneals():
@@ -337,6 +366,7 @@ def test_training_reduces_reconstruction_loss():
         output = model(smooth_traces(4, 8, 32, seed=step))
         assert torch.isfinite(output.loss)
         output.loss.backward()
+        model.update_codebook_state(output)
         optimizer.step()
     final = evaluate()
     assert int(model.training_step) == 100
@@ -345,6 +375,8 @@ def test_training_reduces_reconstruction_loss():
 
 def test_trainer_runs_a_few_steps(tmp_path):
     from transformers import Trainer, TrainingArguments
+
+    from calm_hf.trainer import CalmTokenizerTrainingCallback, CalmTrainer
 
     class TraceDataset(torch.utils.data.Dataset):
         def __len__(self):
@@ -358,8 +390,14 @@ def test_trainer_runs_a_few_steps(tmp_path):
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, gradient_accumulation_steps=2,
         report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
     )  # fmt: skip
-    Trainer(model=model, args=args, train_dataset=TraceDataset()).train()
+    trainer = CalmTrainer(model=model, args=args, train_dataset=TraceDataset())
+    assert sum(isinstance(cb, CalmTokenizerTrainingCallback) for cb in trainer.callback_handler.callbacks) == 1
+    trainer.train()
     assert int(model.training_step) == 4  # two optimizer steps x two accumulated micro-batches
+    # the stock Trainer with the callback does the same; without it the codebook state would not move
+    model = make_model(codebook_warmup_steps=0)
+    Trainer(model=model, args=args, train_dataset=TraceDataset(), callbacks=[CalmTokenizerTrainingCallback()]).train()
+    assert int(model.training_step) == 4
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

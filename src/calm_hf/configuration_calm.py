@@ -1,64 +1,48 @@
 """Configuration of the CalM dual-axis transformer (DAT)."""
 
-from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 
-
-# Named sizes. "paper" follows the publication (dim 512, 6 layers, 8 heads, FFN 2048); "cpu" pretrains the
-# simulated benchmark (3 x 840 trials x 200 neurons x 25 token steps, 2 epochs) in about 10 minutes on one fp32
-# AVX2 core; "tiny" is for tests. Since issue 9 the cpu and paper presets carry the continuous forecast head and
-# the linear neuron mixer (the two changes that made the model use the population; see CalmConfig).
-CALM_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "vocab_size": 16,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "num_neurons": 64,
-        "num_sessions": 4,
-        "max_token_steps": 32,
-        "neighbor_k": 4,
-        "value_head_steps": 4,
-        "neuron_mixer_rank": 8,
-    },
-    # sized for a 2-core AVX2 CPU in fp32: ~9k training tokens/s, a few epochs of the simulated benchmark in 8 min
-    "cpu": {
-        "vocab_size": 128,
-        "hidden_size": 96,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "intermediate_size": 384,
-        "num_neurons": 600,
-        "num_sessions": 3,
-        "max_token_steps": 64,
-        "value_head_steps": 15,
-        "neuron_mixer_rank": 64,
-        # measured at this budget: dropout, scheduled sampling and neighbour replacement cost next-token CE and ~25%
-        # of the step time without raising forecast r (the paper preset keeps the paper's values)
-        "hidden_dropout": 0.0,
-        "scheduled_sampling_prob": 0.0,
-        "neighbor_replacement_prob": 0.0,
-    },
-    "paper": {
-        "vocab_size": 128,
-        "hidden_size": 512,
-        "num_hidden_layers": 6,
-        "num_attention_heads": 8,
-        "intermediate_size": 2048,
-        "num_neurons": 4096,
-        "num_sessions": 64,
-        "max_token_steps": 64,
-        "value_head_steps": 15,
-        "neuron_mixer_rank": 64,
-    },
-}
+from .presets import PRESETS, preset_fields
 
 
+# the model part of the one preset table shared with the tokenizer ("tiny", "cpu", "paper"; see presets.py)
+# the readouts of CalmForBehaviorRegression (config.behavior_head)
+BEHAVIOR_HEADS = ("glu", "linear")
+
+CALM_PRESETS: dict[str, dict[str, Any]] = {name: parts["model"] for name, parts in PRESETS.items()}
+
+
+def plain_validation_errors(cls: type) -> type:
+    """Make a `@strict` config raise the failed check's own `ValueError`/`TypeError`.
+
+    `@strict` wraps every failed field or `validate_*` check in a `StrictDataclassError`, which is neither; callers
+    (and the rest of calm_hf) catch `ValueError`. The message is kept and the strict error stays chained.
+    """
+    strict_init = cls.__init__
+
+    @functools.wraps(strict_init)
+    def __init__(self, *args, **kwargs) -> None:
+        try:
+            strict_init(self, *args, **kwargs)
+        except StrictDataclassError as error:
+            cause = error.__cause__
+            if not isinstance(cause, (ValueError, TypeError)):
+                raise
+            raise type(cause)(f"{type(self).__name__}: {cause}") from error
+
+    cls.__init__ = __init__
+    return cls
+
+
+@plain_validation_errors
+@strict
 class CalmConfig(PreTrainedConfig):
     r"""
     Configuration of [`CalmModel`] and its heads: a dual-axis transformer over the token grid `(neurons, token_steps)`
@@ -165,42 +149,39 @@ class CalmConfig(PreTrainedConfig):
     num_attention_heads: int = 8
     intermediate_size: int = 2048
     hidden_act: str = "gelu"
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.0
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    hidden_dropout: float | int = 0.1
+    attention_dropout: float | int = 0.0
+    rms_norm_eps: float | int = 1e-6
+    rope_theta: float | int = 10000.0
     max_token_steps: int = 64
     num_neurons: int = 1024
     num_sessions: int = 8
     window_size: int = 4
-    frame_rate_hz: float = 5.0
-    scheduled_sampling_prob: float = 0.6
+    frame_rate_hz: float | int = 5.0
+    scheduled_sampling_prob: float | int = 0.6
     scheduled_sampling_block: int = 6
-    neighbor_replacement_prob: float = 0.1
+    neighbor_replacement_prob: float | int = 0.1
     neighbor_k: int = 12
-    initializer_range: float = 0.02
+    initializer_range: float | int = 0.02
     tie_word_embeddings: bool = False
     use_cache: bool = True
     session_names: list[str] | None = None
     session_neuron_ranges: list[list[int]] | None = None
     tokenizer_fingerprint: str | None = None
-    behavior_head: str = "glu"
+    behavior_head: str | None = "glu"
     num_behavior_channels: int | None = None
     behavior_rank: int = 4
-    behavior_dropout: float = 0.1
+    behavior_dropout: float | int = 0.1
     behavior_smoothing_kernel: int = 5
     freeze_backbone: bool = True
     value_head_steps: int = 0
-    value_loss_weight: float = 1.0
-    next_token_loss_weight: float = 1.0
+    value_loss_weight: float | int = 1.0
+    next_token_loss_weight: float | int = 1.0
     neuron_mixer_rank: int = 0
 
     def __post_init__(self, **kwargs):
-        if self.session_neuron_ranges is not None:
-            self.session_neuron_ranges = [[int(start), int(stop)] for start, stop in self.session_neuron_ranges]
-        if self.session_names is not None:
-            self.session_names = [str(name) for name in self.session_names]
-        self._validate_calm()
+        if self.behavior_head is None:  # written by early behaviour checkpoints: the default head
+            self.behavior_head = "glu"
         super().__post_init__(**kwargs)
         # `custom_pipelines` in config.json points Pythons without calm_hf at the pipeline shipped with the checkpoint;
         # the installed package registers the task itself, and transformers would otherwise insist on
@@ -208,22 +189,20 @@ class CalmConfig(PreTrainedConfig):
         if __name__.startswith("calm_hf.") and getattr(self, "custom_pipelines", None):
             del self.custom_pipelines
 
-    def _validate_calm(self) -> None:
+    # `@strict` runs every `validate_*` method after __init__ and before save_pretrained writes config.json
+
+    def validate_architecture(self) -> None:
+        """Sizes of the dual-axis transformer: positive, and a head size that RoPE can rotate."""
+        super().validate_architecture()
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_token_steps", "num_neurons", "num_sessions", "window_size", "scheduled_sampling_block"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ValueError(f"CalmConfig.{name} must be a positive integer, got {value!r}.")
         for name in ("value_head_steps", "neuron_mixer_rank"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if value < 0:
                 raise ValueError(f"CalmConfig.{name} must be a non-negative integer (0 = off), got {value!r}.")
-        for name in ("value_loss_weight", "next_token_loss_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"CalmConfig.{name} must be a finite number >= 0, got {value!r}.")
-        if self.value_loss_weight == 0 and self.next_token_loss_weight == 0:
-            raise ValueError("value_loss_weight and next_token_loss_weight are both 0: nothing would be trained.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -234,6 +213,17 @@ class CalmConfig(PreTrainedConfig):
                 f"The head dimension hidden_size/num_attention_heads = {self.hidden_size}/{self.num_attention_heads}"
                 " must be even for RoPE; change hidden_size or num_attention_heads."
             )
+        if self.frame_rate_hz <= 0:
+            raise ValueError(f"frame_rate_hz must be positive, got {self.frame_rate_hz}.")
+
+    def validate_training(self) -> None:
+        """Loss weights, dropout and the paper's input augmentations."""
+        for name in ("value_loss_weight", "next_token_loss_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"CalmConfig.{name} must be a finite number >= 0, got {value!r}.")
+        if self.value_loss_weight == 0 and self.next_token_loss_weight == 0:
+            raise ValueError("value_loss_weight and next_token_loss_weight are both 0: nothing would be trained.")
         for name in ("scheduled_sampling_prob", "neighbor_replacement_prob", "hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
@@ -243,39 +233,69 @@ class CalmConfig(PreTrainedConfig):
                 f"neighbor_k ({self.neighbor_k}) must be between 1 and vocab_size - 1 ({self.vocab_size - 1}); "
                 "lower neighbor_k."
             )
-        if self.frame_rate_hz <= 0:
-            raise ValueError(f"frame_rate_hz must be positive, got {self.frame_rate_hz}.")
-        if self.session_names is not None and len(self.session_names) > self.num_sessions:
+
+    def validate_sessions(self) -> None:
+        """Session names and neuron blocks: one entry per session, inside the embedding tables."""
+        names, ranges = self.session_names, self.session_neuron_ranges
+        if names is not None and len(names) > self.num_sessions:
             raise ValueError(
-                f"session_names lists {len(self.session_names)} sessions but num_sessions is {self.num_sessions}; "
+                f"session_names lists {len(names)} sessions but num_sessions is {self.num_sessions}; "
                 "raise num_sessions or use model.add_session(...)."
             )
-        if self.session_names is not None and len(set(self.session_names)) != len(self.session_names):
-            raise ValueError(f"session_names must be unique, got {self.session_names}.")
-        if self.session_neuron_ranges is not None:
-            if len(self.session_neuron_ranges) > self.num_sessions:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError(f"session_names must be unique, got {names}.")
+        if ranges is None:
+            return
+        if len(ranges) > self.num_sessions:
+            raise ValueError(
+                f"session_neuron_ranges lists {len(ranges)} sessions but num_sessions is {self.num_sessions}; "
+                "raise num_sessions."
+            )
+        if names is not None and len(names) != len(ranges):
+            raise ValueError(
+                f"session_names ({len(names)}) and session_neuron_ranges ({len(ranges)}) must have one entry per "
+                "session."
+            )
+        for session_id, block in enumerate(ranges):
+            if len(block) != 2 or not 0 <= block[0] <= block[1] <= self.num_neurons:
                 raise ValueError(
-                    f"session_neuron_ranges lists {len(self.session_neuron_ranges)} sessions but num_sessions is "
-                    f"{self.num_sessions}; raise num_sessions."
+                    f"session_neuron_ranges[{session_id}] = {block} is not a [start, stop) block inside "
+                    f"[0, num_neurons={self.num_neurons}); raise num_neurons or fix the range."
                 )
-            if self.session_names is not None and len(self.session_names) != len(self.session_neuron_ranges):
-                raise ValueError(
-                    f"session_names ({len(self.session_names)}) and session_neuron_ranges "
-                    f"({len(self.session_neuron_ranges)}) must have one entry per session."
-                )
-            for session_id, (start, stop) in enumerate(self.session_neuron_ranges):
-                if not 0 <= start <= stop <= self.num_neurons:
-                    raise ValueError(
-                        f"session_neuron_ranges[{session_id}] = [{start}, {stop}) is not a block inside "
-                        f"[0, num_neurons={self.num_neurons}); raise num_neurons or fix the range."
-                    )
+
+    def validate_behavior_head(self) -> None:
+        """Settings of `CalmForBehaviorRegression` (the rank bound only once a head is configured)."""
+        if self.behavior_head not in BEHAVIOR_HEADS:
+            raise ValueError(f"Unknown behavior_head {self.behavior_head!r}; choose one of {list(BEHAVIOR_HEADS)}.")
+        for name in ("num_behavior_channels", "behavior_rank", "behavior_smoothing_kernel"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.num_behavior_channels is not None and self.behavior_rank > self.hidden_size:
+            raise ValueError(
+                f"behavior_rank ({self.behavior_rank}) exceeds the backbone hidden_size ({self.hidden_size}); "
+                "a low-rank readout needs behavior_rank <= hidden_size."
+            )
+        if not 0.0 <= float(self.behavior_dropout) < 1.0:
+            raise ValueError(f"behavior_dropout must lie in [0, 1), got {self.behavior_dropout!r}.")
+
+    def raise_if_invalid(self) -> None:
+        """Runs every `validate_*` check now, raising the failed check's own `ValueError`/`TypeError`. Fields
+        assigned one by one after construction (e.g. `from_pretrained(path, behavior_rank=...)` overrides) are
+        type-checked on assignment but cross-checked only here or at `save_pretrained`."""
+        try:
+            self.validate()
+        except StrictDataclassError as error:
+            cause = error.__cause__
+            if not isinstance(cause, (ValueError, TypeError)):
+                raise
+            raise type(cause)(f"{type(self).__name__}: {cause}") from error
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> CalmConfig:
-        """Builds a config from one of `CALM_PRESETS` ("tiny", "cpu", "paper"), with fields overridden by `overrides`."""
-        if name not in CALM_PRESETS:
-            raise ValueError(f"Unknown CalM preset {name!r}; choose one of {sorted(CALM_PRESETS)}.")
-        return cls(**{**CALM_PRESETS[name], **overrides})
+    def from_preset(cls, name: str, **overrides: Any) -> "CalmConfig":
+        """Builds a config from the model part of preset `name` ("tiny", "cpu", "paper"; the table is in
+        `calm_hf.presets`), with fields overridden by `overrides`."""
+        return cls(**{**preset_fields(name, "model"), **overrides})
 
     def session_id(self, name: str) -> int:
         """Returns the session id recorded for `name` in `session_names`."""
@@ -294,4 +314,4 @@ class CalmConfig(PreTrainedConfig):
         return list(range(start, stop))
 
 
-__all__ = ["CALM_PRESETS", "CalmConfig"]
+__all__ = ["BEHAVIOR_HEADS", "CALM_PRESETS", "CalmConfig"]

@@ -1,10 +1,14 @@
 """Configuration of the CalM neural quantizer (NQ), the VQ-VAE that turns single-neuron traces into tokens."""
 
+import functools
 import json
 import os
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
+
+from .presets import PRESETS, preset_fields
 
 
 CALM_TOKENIZER_AUTO_MAP = {
@@ -44,6 +48,30 @@ def plain_auto_map(auto_map: dict) -> dict:
     return fixed
 
 
+# Copied from calm_hf.configuration_calm.plain_validation_errors
+def plain_validation_errors(cls: type) -> type:
+    """Make a `@strict` config raise the failed check's own `ValueError`/`TypeError`.
+
+    `@strict` wraps every failed field or `validate_*` check in a `StrictDataclassError`, which is neither; callers
+    (and the rest of calm_hf) catch `ValueError`. The message is kept and the strict error stays chained.
+    """
+    strict_init = cls.__init__
+
+    @functools.wraps(strict_init)
+    def __init__(self, *args, **kwargs) -> None:
+        try:
+            strict_init(self, *args, **kwargs)
+        except StrictDataclassError as error:
+            cause = error.__cause__
+            if not isinstance(cause, (ValueError, TypeError)):
+                raise
+            raise type(cause)(f"{type(self).__name__}: {cause}") from error
+
+    cls.__init__ = __init__
+    return cls
+
+
+@plain_validation_errors
 @strict
 class CalmTokenizerConfig(PreTrainedConfig):
     r"""
@@ -73,7 +101,8 @@ class CalmTokenizerConfig(PreTrainedConfig):
         rope_theta (`float`, *optional*, defaults to 10000.0):
             Base of the rotary position embedding along time.
         max_token_steps (`int`, *optional*, defaults to 1024):
-            Token steps for which RoPE sin/cos are cached; longer inputs are still accepted (computed on the fly).
+            Longest trace in token steps the tokenizer is meant for (kept in config.json; RoPE sin/cos are computed
+            for every call, so longer inputs are still accepted).
         causal_encoder (`bool`, *optional*, defaults to `True`):
             Causal attention along time in the encoder, so a token only depends on past and present frames (needed
             for forecasting: context tokens never see the future).
@@ -152,10 +181,10 @@ class CalmTokenizerConfig(PreTrainedConfig):
     max_token_steps: int = 1024
     causal_encoder: bool = True
     causal_decoder: bool = False
-    layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
+    layer_norm_eps: float | int = 1e-5
+    initializer_range: float | int = 0.02
     # codebook learning
-    ema_decay: float = 0.99
+    ema_decay: float | int = 0.99
     codebook_warmup_steps: int = 1000
     codebook_kmeans_iterations: int = 10
     # loss weights and regularisers
@@ -176,10 +205,13 @@ class CalmTokenizerConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
-        self._check_values()
         super().__post_init__(**kwargs)
 
-    def _check_values(self) -> None:
+    # `@strict` runs every `validate_*` method after __init__ and before save_pretrained writes config.json
+
+    def validate_architecture(self) -> None:
+        """Sizes, loss weights and schedules: positive where they count something, a head size RoPE can rotate."""
+        super().validate_architecture()
         positive = {
             "window_size": self.window_size,
             "hidden_size": self.hidden_size,
@@ -227,6 +259,9 @@ class CalmTokenizerConfig(PreTrainedConfig):
                 f"RoPE needs an even head size, got hidden_size={self.hidden_size} / num_attention_heads="
                 f"{self.num_attention_heads} = {head_dim}."
             )
+
+    def validate_training(self) -> None:
+        """Dropout, the EMA decay and the Gumbel temperature schedule."""
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got dropout={self.dropout}.")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -251,9 +286,7 @@ class CalmTokenizerConfig(PreTrainedConfig):
         ```python
         >>> config = CalmTokenizerConfig.from_preset("cpu", codebook_warmup_steps=0)
         ```"""
-        if name not in CALM_TOKENIZER_PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(CALM_TOKENIZER_PRESETS)}.")
-        return cls(**{**CALM_TOKENIZER_PRESETS[name], **overrides})
+        return cls(**{**preset_fields(name, "tokenizer"), **overrides})
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
@@ -263,47 +296,8 @@ class CalmTokenizerConfig(PreTrainedConfig):
         rewrite_calm_tokenizer_auto_map(save_directory)
 
 
-CALM_TOKENIZER_PRESETS: dict[str, dict] = {
-    # seconds-long unit tests
-    "tiny": {
-        "hidden_size": 32,
-        "codebook_size": 16,
-        "num_encoder_layers": 2,
-        "num_decoder_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "max_token_steps": 64,
-        "codebook_warmup_steps": 10,
-        "gumbel_anneal_steps": 200,
-        "revival_interval": 20,
-        "revival_queue_size": 256,
-    },
-    # default for real use on a 2-core CPU with bf16 autocast (a few minutes of training)
-    # sized for a 2-core AVX2 CPU in fp32 (no fast bf16 there): ~0.1 s per 128-trace step, tokenizes the simulated
-    # benchmark (1200 trials x 200 neurons) in ~80 s
-    "cpu": {
-        "hidden_size": 64,
-        "codebook_size": 128,
-        "num_encoder_layers": 2,
-        "num_decoder_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 256,
-        "max_token_steps": 256,
-        "codebook_warmup_steps": 200,
-        "gumbel_anneal_steps": 2000,
-        "revival_interval": 100,
-        "revival_queue_size": 4096,
-    },
-    # the paper's sizes: dim 512, codebook 128, 4 + 4 layers, 4 heads, window 4
-    "paper": {
-        "window_size": 4,
-        "hidden_size": 512,
-        "codebook_size": 128,
-        "num_encoder_layers": 4,
-        "num_decoder_layers": 4,
-        "num_attention_heads": 4,
-    },
-}
+# the tokenizer part of the one preset table shared with the model ("tiny", "cpu", "paper"; see presets.py)
+CALM_TOKENIZER_PRESETS: dict[str, dict] = {name: parts["tokenizer"] for name, parts in PRESETS.items()}
 
 # remote code: save_pretrained copies this file next to the weights and writes auto_map
 CalmTokenizerConfig.register_for_auto_class()

@@ -18,6 +18,7 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
@@ -67,7 +68,9 @@ class CalmCausalNeuralModelingOutput(ModelOutput):
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Hidden states of the backbone.
         scheduled_sampling_applied (`torch.BoolTensor` of shape `()`, *optional*):
-            Whether this training batch had a block of inputs replaced by the model's own predictions.
+            Whether this training batch had a block of inputs replaced by the model's own predictions; set by the
+            training step (`calm_hf.trainer.augment_training_batch`, which `CalmTrainer.compute_loss` calls), None
+            from `forward`.
         next_token_loss (`torch.FloatTensor` of shape `()`, *optional*):
             Next-token cross-entropy (returned when `labels` is given).
         value_loss (`torch.FloatTensor` of shape `()`, *optional*):
@@ -333,9 +336,10 @@ class CalmNeuronMixer(nn.Module):
         return self.o_proj(mixed)
 
 
-class CalmDualAxisLayer(nn.Module):
+class CalmDualAxisLayer(GradientCheckpointingLayer):
     """Pre-norm layer: neuron-axis attention (plus the optional linear neuron mixer), then causal time-axis attention
-    (RoPE), then FFN, each with a residual."""
+    (RoPE), then FFN, each with a residual. Under `model.gradient_checkpointing_enable()` its activations are
+    recomputed in the backward pass (call it with `hidden_states` positional)."""
 
     def __init__(self, config: CalmConfig, layer_idx: int) -> None:
         super().__init__()
@@ -468,6 +472,161 @@ def _as_id_tensor(ids: int | Sequence[int] | torch.Tensor | None) -> torch.Tenso
     return torch.as_tensor(ids, dtype=torch.long).flatten()
 
 
+def _check_input_id_values(config: CalmConfig, input_ids: torch.Tensor) -> None:
+    """Grid shape, integer dtype, codes inside the vocabulary, at least one step and neuron, at most max_token_steps."""
+    if input_ids.dim() != 3:
+        raise ValueError(
+            f"input_ids must be a (batch, neurons, token_steps) grid of codes, got shape {tuple(input_ids.shape)};"
+            " add the missing axes (e.g. input_ids[None] for one trial)."
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(
+            f"input_ids must hold integer codes, got dtype {input_ids.dtype}; tokenize traces with "
+            "CalmTokenizer.encode first."
+        )
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+        raise ValueError(
+            f"input_ids contain codes in [{int(input_ids.min())}, {int(input_ids.max())}]: the tokenizer "
+            f"codebook_size (at least {int(input_ids.max()) + 1}) differs from model vocab_size "
+            f"{config.vocab_size}. Use the tokenizer this model was trained with."
+        )
+    _check_grid_size(config, input_ids.shape[1], input_ids.shape[2])
+
+
+def _check_grid_size(config: CalmConfig, num_neurons: int, num_steps: int, past_length: int = 0) -> None:
+    """Shape-only checks (no host sync): forward runs them on every call."""
+    if num_steps < 1 or num_neurons < 1:
+        raise ValueError(
+            f"The context must hold at least 1 token step and 1 neuron, got {num_neurons} neurons x {num_steps} "
+            "steps; give at least window_size frames of context."
+        )
+    if past_length + num_steps > config.max_token_steps:
+        raise ValueError(
+            f"{past_length + num_steps} token steps exceed max_token_steps={config.max_token_steps}; crop the "
+            "context (keep the most recent steps) or generate fewer new tokens."
+        )
+
+
+def _check_identity_values(config: CalmConfig, neuron_ids: torch.Tensor, session_ids: torch.Tensor) -> None:
+    """Neuron and session ids inside the embedding tables (two host syncs)."""
+    if neuron_ids.numel() and (int(neuron_ids.min()) < 0 or int(neuron_ids.max()) >= config.num_neurons):
+        raise ValueError(
+            f"neuron_ids range over [{int(neuron_ids.min())}, {int(neuron_ids.max())}] but the model has "
+            f"num_neurons={config.num_neurons}; for a new session call model.add_session(name, num_neurons) "
+            "or resize_neuron_embeddings(...)."
+        )
+    if session_ids.numel() and (int(session_ids.min()) < 0 or int(session_ids.max()) >= config.num_sessions):
+        raise ValueError(
+            f"Unknown session id {session_ids.tolist()}: the model has num_sessions={config.num_sessions} "
+            f"(names: {config.session_names}); add the session with model.add_session(name, num_neurons)."
+        )
+
+
+def _check_label_values(config: CalmConfig, labels: Any, neuron_mask: torch.Tensor | None) -> None:
+    """Out-of-vocabulary targets give an IndexError (or a device assert) inside cross_entropy, and a batch whose
+    targets are all -100 trains nothing: name both (one host sync)."""
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise TypeError(f"labels must hold integer codes (or -100 to ignore), got dtype {labels.dtype}.")
+    if neuron_mask is not None and labels.dim() == 3:
+        labels = labels.masked_fill(~neuron_mask.to(labels.device).bool()[:, :, None], -100)
+    shift_labels = labels[..., 1:]
+    scored = shift_labels != -100
+    out_of_vocab = scored & ((shift_labels < 0) | (shift_labels >= config.vocab_size))
+    num_scored, num_bad = torch.stack([scored.sum(), out_of_vocab.sum()]).tolist()
+    if num_bad:
+        bad = shift_labels[out_of_vocab]
+        raise ValueError(
+            f"labels hold {num_bad} code(s) outside [0, {config.vocab_size}) and not -100 (e.g. {int(bad[0])}): use "
+            "codes from the tokenizer this model was built for, and -100 for targets to ignore."
+        )
+    if num_scored == 0:
+        raise ValueError(
+            "Every label is -100 (or masked by neuron_mask) after the one-step shift, so nothing would be trained: "
+            "give at least 2 token steps and at least one real neuron with real labels."
+        )
+
+
+def validate_inputs(
+    config: CalmConfig,
+    input_ids: Any = None,
+    neuron_ids: Any = None,
+    session_ids: Any = None,
+    neuron_mask: Any = None,
+    labels: Any = None,
+) -> None:
+    r"""
+    Checks a batch for a CalM model once, where it enters (`generate`, `rollout`, `forecast_values`, the forecasting
+    pipeline, the data collator, `CalmForBehaviorRegression.forward`), with the fix in every message. The value checks
+    read tensors back to the host; `forward` itself only checks shapes, so training and generation steps do not sync.
+
+    Args:
+        config ([`CalmConfig`]): the model's config.
+        input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`, *optional*): codes.
+        neuron_ids (`torch.LongTensor` of shape `(batch, neurons)` or `(neurons,)`, *optional*): global neuron ids.
+        session_ids (`torch.LongTensor` of shape `(batch,)` or `()`, *optional*): session ids.
+        neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*): False marks padded neurons.
+        labels (`torch.LongTensor` of shape `(batch, neurons, token_steps)`, *optional*): next-token targets.
+
+    Raises:
+        `ValueError` / `TypeError` naming the problem and the fix.
+    """
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor):  # numpy arrays and nested lists of codes
+            input_ids = _as_integer_tensor(input_ids, "input_ids")
+        _check_input_id_values(config, input_ids)
+        batch_size, num_neurons, _ = input_ids.shape
+        neuron_ids, session_ids, neuron_mask = _identity_inputs(
+            batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
+        )
+        _check_identity_values(config, neuron_ids, session_ids)
+    if labels is not None:
+        if input_ids is not None and tuple(torch.as_tensor(labels).shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                f"{tuple(torch.as_tensor(labels).shape)}."
+            )
+        _check_label_values(config, labels, neuron_mask)
+
+
+def _identity_inputs(
+    batch_size: int,
+    num_neurons: int,
+    device: torch.device,
+    neuron_ids: Any = None,
+    session_ids: Any = None,
+    neuron_mask: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fills defaults (`neuron_ids = arange(neurons)`, `session_ids = 0`) and checks dtypes and shapes (no host
+    sync); returns `(neuron_ids, session_ids, neuron_mask)` as long, long and bool tensors on `device`."""
+    if neuron_ids is None:
+        neuron_ids = torch.arange(num_neurons, device=device).expand(batch_size, num_neurons)
+    neuron_ids = _as_integer_tensor(neuron_ids, "neuron_ids", device)
+    if neuron_ids.dim() == 1:
+        neuron_ids = neuron_ids.expand(batch_size, -1)
+    if neuron_ids.shape != (batch_size, num_neurons):
+        raise ValueError(
+            f"neuron_ids must have shape (batch, neurons) = {(batch_size, num_neurons)}, got "
+            f"{tuple(neuron_ids.shape)}."
+        )
+    if session_ids is None:
+        session_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
+    session_ids = _as_integer_tensor(session_ids, "session_ids", device)
+    if session_ids.dim() == 0:
+        session_ids = session_ids.expand(batch_size)
+    if session_ids.shape != (batch_size,):
+        raise ValueError(f"session_ids must have shape (batch,) = ({batch_size},), got {tuple(session_ids.shape)}.")
+    if neuron_mask is not None:
+        neuron_mask = torch.as_tensor(neuron_mask, device=device)
+        if neuron_mask.shape != (batch_size, num_neurons):
+            raise ValueError(
+                f"neuron_mask must have shape (batch, neurons) = {(batch_size, num_neurons)}, got "
+                f"{tuple(neuron_mask.shape)}."
+            )
+        neuron_mask = neuron_mask.bool()
+    return neuron_ids, session_ids, neuron_mask
+
+
 WEIGHT_CHECKSUMS = "checksums.sha256"
 
 
@@ -574,7 +733,7 @@ class CalmPreTrainedModel(PreTrainedModel):
     config_class = CalmConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["CalmDualAxisLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
@@ -585,6 +744,18 @@ class CalmPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         return load_checked_pretrained(super().from_pretrained, pretrained_model_name_or_path, args, kwargs)
+
+    def validate_inputs(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+        labels: torch.LongTensor | None = None,
+    ) -> None:
+        """Checks a batch against this model's config once, where it enters (see the module-level
+        `validate_inputs`); `forward` itself only checks shapes."""
+        validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask, labels)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -766,63 +937,13 @@ class CalmModel(CalmPreTrainedModel):
         session_ids: torch.Tensor | None = None,
         neuron_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Fills defaults (`neuron_ids = arange(neurons)`, `session_ids = 0`) and validates identity inputs."""
-        config = self.config
-        if neuron_ids is None:
-            neuron_ids = torch.arange(num_neurons, device=device).expand(batch_size, num_neurons)
-        neuron_ids = _as_integer_tensor(neuron_ids, "neuron_ids", device)
-        if neuron_ids.dim() == 1:
-            neuron_ids = neuron_ids.expand(batch_size, -1)
-        if neuron_ids.shape != (batch_size, num_neurons):
-            raise ValueError(
-                f"neuron_ids must have shape (batch, neurons) = {(batch_size, num_neurons)}, got "
-                f"{tuple(neuron_ids.shape)}."
-            )
-        if neuron_ids.numel() and (int(neuron_ids.min()) < 0 or int(neuron_ids.max()) >= config.num_neurons):
-            raise ValueError(
-                f"neuron_ids range over [{int(neuron_ids.min())}, {int(neuron_ids.max())}] but the model has "
-                f"num_neurons={config.num_neurons}; for a new session call model.add_session(name, num_neurons) "
-                "or resize_neuron_embeddings(...)."
-            )
-        if session_ids is None:
-            session_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
-        session_ids = _as_integer_tensor(session_ids, "session_ids", device)
-        if session_ids.dim() == 0:
-            session_ids = session_ids.expand(batch_size)
-        if session_ids.shape != (batch_size,):
-            raise ValueError(f"session_ids must have shape (batch,) = ({batch_size},), got {tuple(session_ids.shape)}.")
-        if session_ids.numel() and (int(session_ids.min()) < 0 or int(session_ids.max()) >= config.num_sessions):
-            raise ValueError(
-                f"Unknown session id {session_ids.tolist()}: the model has num_sessions={config.num_sessions} "
-                f"(names: {config.session_names}); add the session with model.add_session(name, num_neurons)."
-            )
-        if neuron_mask is not None:
-            neuron_mask = torch.as_tensor(neuron_mask, device=device)
-            if neuron_mask.shape != (batch_size, num_neurons):
-                raise ValueError(
-                    f"neuron_mask must have shape (batch, neurons) = {(batch_size, num_neurons)}, got "
-                    f"{tuple(neuron_mask.shape)}."
-                )
-            neuron_mask = neuron_mask.bool()
-        return neuron_ids.long(), session_ids.long(), neuron_mask
+        """Fills defaults (`neuron_ids = arange(neurons)`, `session_ids = 0`) and checks shapes and dtypes (the id
+        ranges are checked by `validate_inputs`, where inputs enter)."""
+        return _identity_inputs(batch_size, num_neurons, device, neuron_ids, session_ids, neuron_mask)
 
     def validate_input_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dim() != 3:
-            raise ValueError(
-                f"input_ids must be a (batch, neurons, token_steps) grid of codes, got shape {tuple(input_ids.shape)};"
-                " add the missing axes (e.g. input_ids[None] for one trial)."
-            )
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(
-                f"input_ids must hold integer codes, got dtype {input_ids.dtype}; tokenize traces with "
-                "CalmTokenizer.encode first."
-            )
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"input_ids contain codes in [{int(input_ids.min())}, {int(input_ids.max())}]: the tokenizer "
-                f"codebook_size (at least {int(input_ids.max()) + 1}) differs from model vocab_size "
-                f"{self.config.vocab_size}. Use the tokenizer this model was trained with."
-            )
+        """Shape, dtype and vocabulary range of a code grid (see `validate_inputs`)."""
+        _check_input_id_values(self.config, input_ids)
 
     def forward(
         self,
@@ -862,78 +983,29 @@ class CalmModel(CalmPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
         use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
-
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids (batch, neurons, steps) or inputs_embeds.")
-        if input_ids is not None:
-            self.validate_input_ids(input_ids)
-            batch_size, num_neurons, num_steps = input_ids.shape
-            device = input_ids.device
-        else:
-            if inputs_embeds.dim() != 4 or inputs_embeds.shape[-1] != config.hidden_size:
-                raise ValueError(
-                    f"inputs_embeds must have shape (batch, neurons, token_steps, {config.hidden_size}), got "
-                    f"{tuple(inputs_embeds.shape)}."
-                )
-            batch_size, num_neurons, num_steps, _ = inputs_embeds.shape
-            device = inputs_embeds.device
-        if num_steps < 1 or num_neurons < 1:
-            raise ValueError(
-                f"The context must hold at least 1 token step and 1 neuron, got {num_neurons} neurons x {num_steps} "
-                "steps; give at least window_size frames of context."
-            )
-        neuron_ids, session_ids, neuron_mask = self.prepare_identity_inputs(
+        # shape checks only: value checks (code and id ranges) need host syncs and run once in `validate_inputs`
+        batch_size, num_neurons, num_steps, device = self._grid_shape(input_ids, inputs_embeds)
+        neuron_ids, session_ids, neuron_mask = _identity_inputs(
             batch_size, num_neurons, device, neuron_ids, session_ids, neuron_mask
         )
-
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_key_values is not None and past_length and past_key_values.layers[0].keys.shape[0] != (
-            batch_size * num_neurons
-        ):
-            raise ValueError(
-                f"past_key_values hold {past_key_values.layers[0].keys.shape[0]} sequences but the input has "
-                f"batch*neurons = {batch_size * num_neurons}; pass the cache returned for this same grid."
-            )
-        if past_length + num_steps > config.max_token_steps:
-            raise ValueError(
-                f"{past_length + num_steps} token steps exceed max_token_steps={config.max_token_steps}; crop the "
-                "context (keep the most recent steps) or generate fewer new tokens."
-            )
+        past_length = self._past_length(past_key_values, batch_size * num_neurons)
+        _check_grid_size(config, num_neurons, num_steps, past_length)
 
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        # (batch, neurons, hidden): who each neuron is; added to every token and read by the neuron mixer
-        identity_states = self.neuron_embeddings(neuron_ids) + self.session_embeddings(session_ids)[:, None, :]
-        # (batch, neurons, steps, hidden) = token + neuron identity + session identity
-        hidden_states = self.embed_dropout(inputs_embeds + identity_states[:, :, None, :])
-        neuron_weight = None
-        if config.neuron_mixer_rank > 0:
-            real = torch.ones(batch_size, num_neurons, device=device) if neuron_mask is None else neuron_mask.float()
-            neuron_weight = real / real.sum(dim=1, keepdim=True).clamp_min(1.0)
-
-        neuron_attention_mask = None
-        if neuron_mask is not None and not bool(neuron_mask.all()):
-            # a sample whose neurons are all padding attends to all of them (avoids NaN rows; its outputs are ignored)
-            key_mask = neuron_mask | ~neuron_mask.any(dim=1, keepdim=True)
-            # (batch*steps, 1, 1, neurons): True = this neuron may be attended to
-            neuron_attention_mask = key_mask[:, None, :].expand(batch_size, num_steps, num_neurons)
-            neuron_attention_mask = neuron_attention_mask.reshape(batch_size * num_steps, 1, 1, num_neurons)
-
+        hidden_states, identity_states = self._embed(input_ids, inputs_embeds, neuron_ids, session_ids)
         position_ids = torch.arange(past_length, past_length + num_steps, device=device)
-        position_embeddings = self.rotary_emb(position_ids)
+        layer_kwargs = {
+            "neuron_attention_mask": self._neuron_attention_mask(neuron_mask, num_steps),
+            "position_embeddings": self.rotary_emb(position_ids),
+            "past_key_values": past_key_values,
+            "identity_states": identity_states,
+            "neuron_weight": self._neuron_weight(neuron_mask, batch_size, num_neurons, device),
+        }
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                neuron_attention_mask=neuron_attention_mask,
-                position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
-                identity_states=identity_states,
-                neuron_weight=neuron_weight,
-            )
+            hidden_states = layer(hidden_states, **layer_kwargs)  # positional: gradient checkpointing needs it
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -944,6 +1016,76 @@ class CalmModel(CalmPreTrainedModel):
             hidden_states=all_hidden_states,
         )
         return output if return_dict else output.to_tuple()
+
+    def _grid_shape(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> tuple[int, int, int, torch.device]:
+        """`(batch, neurons, steps, device)` of the grid, with the shape and dtype checks that need no host sync."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids (batch, neurons, steps) or inputs_embeds.")
+        if input_ids is not None:
+            if input_ids.dim() != 3:
+                raise ValueError(
+                    f"input_ids must be a (batch, neurons, token_steps) grid of codes, got shape "
+                    f"{tuple(input_ids.shape)}; add the missing axes (e.g. input_ids[None] for one trial)."
+                )
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise ValueError(
+                    f"input_ids must hold integer codes, got dtype {input_ids.dtype}; tokenize traces with "
+                    "CalmTokenizer.encode first."
+                )
+            return (*input_ids.shape, input_ids.device)
+        if inputs_embeds.dim() != 4 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, neurons, token_steps, {self.config.hidden_size}), got "
+                f"{tuple(inputs_embeds.shape)}."
+            )
+        return (*inputs_embeds.shape[:3], inputs_embeds.device)
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        neuron_ids: torch.Tensor,
+        session_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(hidden_states (batch, neurons, steps, hidden), identity_states (batch, neurons, hidden))`: the token
+        embedding plus who each neuron is (neuron + session embedding), which the neuron mixer reads again."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        identity_states = self.neuron_embeddings(neuron_ids) + self.session_embeddings(session_ids)[:, None, :]
+        return self.embed_dropout(inputs_embeds + identity_states[:, :, None, :]), identity_states
+
+    def _neuron_weight(
+        self, neuron_mask: torch.Tensor | None, batch_size: int, num_neurons: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """`(batch, neurons)` weights of the linear neuron mixer: 1 / real neurons for real ones, 0 for padding."""
+        if self.config.neuron_mixer_rank == 0:
+            return None
+        real = torch.ones(batch_size, num_neurons, device=device) if neuron_mask is None else neuron_mask.float()
+        return real / real.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+    @staticmethod
+    def _past_length(past_key_values: Cache | None, num_sequences: int) -> int:
+        """Steps already in the time-axis cache (its shape, no host sync); the cache must belong to this grid."""
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length and past_key_values.layers[0].keys.shape[0] != num_sequences:
+            raise ValueError(
+                f"past_key_values hold {past_key_values.layers[0].keys.shape[0]} sequences but the input has "
+                f"batch*neurons = {num_sequences}; pass the cache returned for this same grid."
+            )
+        return past_length
+
+    @staticmethod
+    def _neuron_attention_mask(neuron_mask: torch.Tensor | None, num_steps: int) -> torch.Tensor | None:
+        """`(batch*steps, 1, 1, neurons)` key mask of the neuron-axis attention (True = may be attended to)."""
+        if neuron_mask is None:
+            return None
+        batch_size, num_neurons = neuron_mask.shape
+        # a sample whose neurons are all padding attends to all of them (avoids NaN rows; its outputs are ignored)
+        key_mask = neuron_mask | ~neuron_mask.any(dim=1, keepdim=True)
+        key_mask = key_mask[:, None, :].expand(batch_size, num_steps, num_neurons)
+        return key_mask.reshape(batch_size * num_steps, 1, 1, num_neurons)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1024,7 +1166,9 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         session_ids: torch.LongTensor | None = None,
         neuron_mask: torch.BoolTensor | None = None,
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """Applies the paper's training-time input corruptions (only in `model.train()`; identity in eval):
+        """Applies the paper's training-time input corruptions (only in `model.train()`; identity in eval). The
+        training step calls it (`calm_hf.trainer.augment_training_batch`, used by `CalmTrainer.compute_loss`);
+        `forward` never does, so a forward is one pass of the model on the inputs it is given:
         scheduled sampling (probability `scheduled_sampling_prob` per batch, one block of `scheduled_sampling_block`
         steps replaced by the model's own one-step argmax predictions) and neighbourhood replacement (each token with
         probability `neighbor_replacement_prob` swapped for one of its `neighbor_k` nearest codes).
@@ -1110,28 +1254,11 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
                 (0 = all).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (labels is not None or value_labels is not None) and logits_to_keep:
+            raise ValueError("labels cannot be combined with logits_to_keep; use logits_to_keep=0 for training.")
         flat_batch = None
-        if num_neurons is not None:
-            main = input_ids if input_ids is not None else inputs_embeds
-            expected_dim = 2 if input_ids is not None else 3
-            if main is not None and main.dim() == expected_dim:
-                if main.shape[0] % num_neurons != 0:
-                    raise ValueError(
-                        f"The flattened batch {main.shape[0]} is not a multiple of num_neurons={num_neurons}."
-                    )
-                flat_batch = main.shape[0]
-                if input_ids is not None:
-                    input_ids = input_ids.reshape(-1, num_neurons, input_ids.shape[-1])
-                else:
-                    inputs_embeds = inputs_embeds.reshape(-1, num_neurons, *inputs_embeds.shape[1:])
-                if labels is not None and labels.dim() == 2:
-                    labels = labels.reshape(-1, num_neurons, labels.shape[-1])
-
-        scheduled_sampling_applied = None
-        if self.training and labels is not None and input_ids is not None:
-            input_ids, scheduled_sampling_applied = self.augment_input_ids(
-                input_ids, neuron_ids, session_ids, neuron_mask
-            )
+        if num_neurons is not None:  # generate's flattened (batch*neurons, steps) form
+            flat_batch, input_ids, inputs_embeds, labels = self._unflatten_grid(num_neurons, input_ids, inputs_embeds, labels)
 
         outputs = self.model(
             input_ids=input_ids,
@@ -1148,50 +1275,74 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden_states = hidden_states[:, :, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
-
         value_predictions = self.value_head(hidden_states) if self.value_head is not None else None
-        if (labels is not None or value_labels is not None) and logits_to_keep:
-            raise ValueError("labels cannot be combined with logits_to_keep; use logits_to_keep=0 for training.")
+
         next_token_loss = self.next_token_loss(logits, labels, neuron_mask) if labels is not None else None
         value_loss = None
         if value_labels is not None:
             value_loss = self.value_loss(value_predictions, value_labels, neuron_mask)
-        loss = None
-        if next_token_loss is not None or value_loss is not None:
-            config = self.config
-            terms = [config.next_token_loss_weight * next_token_loss] if next_token_loss is not None else []
-            terms += [config.value_loss_weight * value_loss] if value_loss is not None else []
-            loss = sum(terms)
-
         if flat_batch is not None:
             logits = logits.reshape(flat_batch, logits.shape[2], logits.shape[3])
 
         output = CalmCausalNeuralModelingOutput(
-            loss=loss,
+            loss=self.weighted_loss(next_token_loss, value_loss),
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
-            scheduled_sampling_applied=scheduled_sampling_applied,
             next_token_loss=next_token_loss,
             value_loss=value_loss,
             value_predictions=value_predictions,
         )
         return output if return_dict else output.to_tuple()
 
+    def weighted_loss(self, next_token_loss: torch.Tensor | None, value_loss: torch.Tensor | None) -> torch.Tensor | None:
+        """`next_token_loss_weight * next_token_loss + value_loss_weight * value_loss` over the terms given."""
+        terms = [self.config.next_token_loss_weight * next_token_loss] if next_token_loss is not None else []
+        terms += [self.config.value_loss_weight * value_loss] if value_loss is not None else []
+        return sum(terms) if terms else None
+
+    @staticmethod
+    def _unflatten_grid(
+        num_neurons: int,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ) -> tuple[int | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """`(batch*neurons, steps)` inputs (as generate passes them) -> `(batch, neurons, steps)`; returns the flat
+        batch size (None when the inputs were already a grid) and the reshaped tensors."""
+        main = input_ids if input_ids is not None else inputs_embeds
+        expected_dim = 2 if input_ids is not None else 3
+        if main is None or main.dim() != expected_dim:
+            return None, input_ids, inputs_embeds, labels
+        if main.shape[0] % num_neurons != 0:
+            raise ValueError(f"The flattened batch {main.shape[0]} is not a multiple of num_neurons={num_neurons}.")
+        if input_ids is not None:
+            input_ids = input_ids.reshape(-1, num_neurons, input_ids.shape[-1])
+        else:
+            inputs_embeds = inputs_embeds.reshape(-1, num_neurons, *inputs_embeds.shape[1:])
+        if labels is not None and labels.dim() == 2:
+            labels = labels.reshape(-1, num_neurons, labels.shape[-1])
+        return main.shape[0], input_ids, inputs_embeds, labels
+
     def next_token_loss(
         self, logits: torch.Tensor, labels: torch.Tensor, neuron_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Cross-entropy of logits at step t against labels at t+1 (float32; -100 and padded neurons ignored)."""
+        """Cross-entropy of logits at step t against labels at t+1 (float32; -100 and padded neurons ignored).
+
+        Label values are not checked here (that needs a host sync): `validate_inputs` does it where batches enter. A
+        batch with no scored target gives a zero loss instead of NaN."""
         if labels.shape != logits.shape[:-1]:
             raise ValueError(
                 f"labels must have the shape of input_ids {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}."
             )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must hold integer codes (or -100 to ignore), got dtype {labels.dtype}.")
         if neuron_mask is not None:
             labels = labels.masked_fill(~neuron_mask.to(labels.device).bool()[:, :, None], -100)
         shift_logits = logits[:, :, :-1].float().reshape(-1, self.config.vocab_size)
         shift_labels = labels[:, :, 1:].reshape(-1).to(shift_logits.device)
-        self._check_shifted_labels(shift_labels)
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+        return total / (shift_labels != -100).sum().clamp_min(1)
 
     def value_loss(
         self, value_predictions: torch.Tensor | None, value_labels: torch.Tensor, neuron_mask: torch.Tensor | None
@@ -1244,32 +1395,12 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
                 "This checkpoint has no continuous forecast head (config.value_head_steps=0); forecast by token "
                 "rollout instead (generate / CalmForecaster with mode='greedy', 'mean' or 'soft')."
             )
+        validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
         outputs = self(
             input_ids=input_ids, neuron_ids=neuron_ids, session_ids=session_ids, neuron_mask=neuron_mask,
             use_cache=False, logits_to_keep=1, return_dict=True,
         )
         return outputs.value_predictions[:, :, -1].float()
-
-    def _check_shifted_labels(self, shift_labels: torch.Tensor) -> None:
-        """Out-of-vocabulary targets give an IndexError (or a device assert) inside cross_entropy, and a batch whose
-        targets are all -100 gives a NaN loss that poisons training: name both instead (one host sync)."""
-        if shift_labels.dtype.is_floating_point or shift_labels.dtype == torch.bool:
-            raise TypeError(f"labels must hold integer codes (or -100 to ignore), got dtype {shift_labels.dtype}.")
-        vocab_size = self.config.vocab_size
-        scored = shift_labels != -100
-        out_of_vocab = scored & ((shift_labels < 0) | (shift_labels >= vocab_size))
-        num_scored, num_bad = torch.stack([scored.sum(), out_of_vocab.sum()]).tolist()
-        if num_bad:
-            bad = shift_labels[out_of_vocab]
-            raise ValueError(
-                f"labels hold {num_bad} code(s) outside [0, {vocab_size}) and not -100 (e.g. {int(bad[0])}): use "
-                "codes from the tokenizer this model was built for, and -100 for targets to ignore."
-            )
-        if num_scored == 0:
-            raise ValueError(
-                "Every label is -100 (or masked by neuron_mask) after the one-step shift, so the loss would be NaN: "
-                "give at least 2 token steps and at least one real neuron with real labels."
-            )
 
     # -- generation ---------------------------------------------------------------------------------------------------
 
@@ -1322,6 +1453,62 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         ):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}; use greedy for argmax.")
 
+    def _prepare_generation(
+        self,
+        input_ids: Any,
+        neuron_ids: Any,
+        session_ids: Any,
+        neuron_mask: Any,
+        generation_config: GenerationConfig | None,
+        generate_kwargs: dict,
+    ) -> tuple[torch.LongTensor, dict[str, torch.Tensor | None]]:
+        """Validates a `generate` call once (inputs and sampling arguments; `generate_kwargs` is edited in place) and
+        expands the grid for `num_return_sequences` so the R samples of a trial keep their neurons together.
+
+        Returns:
+            `(input_ids (batch*R, neurons, steps), {"neuron_ids", "session_ids", "neuron_mask"} expanded alike)`.
+        """
+        if input_ids is None:
+            raise ValueError("generate needs input_ids of shape (batch, neurons, token_steps): the context codes.")
+        input_ids = _as_integer_tensor(input_ids, "input_ids")
+        if input_ids.dim() == 3 and 0 in input_ids.shape:
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} (batch, neurons, token_steps) is empty: generate needs "
+                "at least 1 trial, 1 neuron and 1 token step (window_size frames) of context."
+            )
+        # the one value check of the whole rollout: the per-step forwards only check shapes
+        validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
+        if generate_kwargs.get("inputs_embeds") is not None:
+            raise ValueError("generate takes input_ids; for embedding feedback use model.rollout(..., mode='soft').")
+        batch_size, num_neurons, num_steps = input_ids.shape
+        self._check_generation_arguments(generation_config, generate_kwargs)
+        identity = dict(zip(("neuron_ids", "session_ids", "neuron_mask"), self.model.prepare_identity_inputs(
+            batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
+        )))
+        num_beams = self._generation_setting("num_beams", generation_config, generate_kwargs) or 1
+        if num_beams > 1:
+            raise ValueError("Beam search is not supported on the neuron grid; use greedy or do_sample=True.")
+        num_return = generate_kwargs.pop("num_return_sequences", None)
+        if num_return is None:
+            config = generation_config if generation_config is not None else self.generation_config
+            num_return = config.num_return_sequences or 1
+        if isinstance(num_return, bool) or not isinstance(num_return, numbers.Integral) or num_return < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}.")
+        if generate_kwargs.get("max_length") is not None and generate_kwargs.get("max_new_tokens") is None:
+            # max_length counts token steps of the grid; the default max_new_tokens would otherwise win
+            generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length") - num_steps
+        max_new_tokens = self._generation_setting("max_new_tokens", generation_config, generate_kwargs)
+        if max_new_tokens is not None and num_steps + max_new_tokens > self.config.max_token_steps:
+            raise ValueError(
+                f"{num_steps} context steps + {max_new_tokens} new steps exceed max_token_steps="
+                f"{self.config.max_token_steps}; crop the context or lower max_new_tokens."
+            )
+        if num_return > 1:  # (batch*R, neurons, T)
+            input_ids = input_ids.repeat_interleave(num_return, dim=0)
+            identity = {name: None if value is None else value.repeat_interleave(num_return, dim=0)
+                        for name, value in identity.items()}
+        return input_ids, identity
+
     @torch.no_grad()
     def generate(
         self,
@@ -1354,59 +1541,17 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             input_ids = generate_kwargs.pop("inputs", None)
-        if input_ids is None:
-            raise ValueError("generate needs input_ids of shape (batch, neurons, token_steps): the context codes.")
-        input_ids = _as_integer_tensor(input_ids, "input_ids")
-        if input_ids.dim() == 3 and 0 in input_ids.shape:
-            raise ValueError(
-                f"input_ids of shape {tuple(input_ids.shape)} (batch, neurons, token_steps) is empty: generate needs "
-                "at least 1 trial, 1 neuron and 1 token step (window_size frames) of context."
-            )
-        self.model.validate_input_ids(input_ids)
-        if generate_kwargs.get("inputs_embeds") is not None:
-            raise ValueError("generate takes input_ids; for embedding feedback use model.rollout(..., mode='soft').")
-        batch_size, num_neurons, num_steps = input_ids.shape
-        self._check_generation_arguments(generation_config, generate_kwargs)
-        neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
-            batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
+        input_ids, identity = self._prepare_generation(
+            input_ids, neuron_ids, session_ids, neuron_mask, generation_config, generate_kwargs
         )
-
-        num_beams = self._generation_setting("num_beams", generation_config, generate_kwargs) or 1
-        if num_beams > 1:
-            raise ValueError("Beam search is not supported on the neuron grid; use greedy or do_sample=True.")
-        num_return = generate_kwargs.pop("num_return_sequences", None)
-        if num_return is None:
-            config = generation_config if generation_config is not None else self.generation_config
-            num_return = config.num_return_sequences or 1
-        if isinstance(num_return, bool) or not isinstance(num_return, numbers.Integral) or num_return < 1:
-            raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}.")
-        if generate_kwargs.get("max_length") is not None and generate_kwargs.get("max_new_tokens") is None:
-            # max_length counts token steps of the grid; the default max_new_tokens would otherwise win
-            generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length") - num_steps
-        max_new_tokens = self._generation_setting("max_new_tokens", generation_config, generate_kwargs)
-        if max_new_tokens is not None and num_steps + max_new_tokens > self.config.max_token_steps:
-            raise ValueError(
-                f"{num_steps} context steps + {max_new_tokens} new steps exceed max_token_steps="
-                f"{self.config.max_token_steps}; crop the context or lower max_new_tokens."
-            )
-
-        # expand on the grid ourselves so the R samples of a trial keep their neurons together: (batch*R, neurons, T)
-        if num_return > 1:
-            input_ids = input_ids.repeat_interleave(num_return, dim=0)
-            neuron_ids = neuron_ids.repeat_interleave(num_return, dim=0)
-            session_ids = session_ids.repeat_interleave(num_return, dim=0)
-            if neuron_mask is not None:
-                neuron_mask = neuron_mask.repeat_interleave(num_return, dim=0)
-        grid_batch = input_ids.shape[0]
+        grid_batch, num_neurons, num_steps = input_ids.shape
 
         outputs = super().generate(
             input_ids.reshape(grid_batch * num_neurons, num_steps),
             generation_config=generation_config,
             num_return_sequences=1,
             num_neurons=num_neurons,
-            neuron_ids=neuron_ids,
-            session_ids=session_ids,
-            neuron_mask=neuron_mask,
+            **identity,
             **generate_kwargs,
         )
 
@@ -1420,6 +1565,23 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             if getattr(outputs, name, None) is not None:
                 setattr(outputs, name, tuple(to_grid(step) for step in getattr(outputs, name)))
         return outputs
+
+    @staticmethod
+    def _next_codes(
+        logits: torch.Tensor, mode: str, temperature: float, top_k: int | None, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """`(probabilities, codes)` of one rollout step from `(batch, neurons, vocab)` logits (see `rollout`)."""
+        logits = logits.float()
+        if mode != "greedy":
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.shape[-1]:
+                threshold = logits.topk(top_k, dim=-1).values[..., -1:]
+                logits = logits.masked_fill(logits < threshold, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if mode == "sample":
+            next_codes = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+            return probs, next_codes.view(probs.shape[:-1])
+        return probs, probs.argmax(dim=-1)
 
     @torch.no_grad()
     def rollout(
@@ -1459,7 +1621,7 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}; use mode='greedy' for argmax.")
-        self.model.validate_input_ids(input_ids)
+        validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
         if input_ids.shape[-1] + max_new_tokens > self.config.max_token_steps:
             raise ValueError(
                 f"{input_ids.shape[-1]} context steps + {max_new_tokens} new steps exceed max_token_steps="
@@ -1470,18 +1632,8 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         cache = outputs.past_key_values
         codes, probabilities = [], []
         for step in range(max_new_tokens):
-            logits = outputs.logits[:, :, -1].float()  # (batch, neurons, vocab)
-            if mode != "greedy":
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
-                    threshold = logits.topk(top_k, dim=-1).values[..., -1:]
-                    logits = logits.masked_fill(logits < threshold, float("-inf"))
-            probs = logits.softmax(dim=-1)
-            if mode == "sample":
-                next_codes = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-                next_codes = next_codes.view(probs.shape[:-1])
-            else:
-                next_codes = probs.argmax(dim=-1)
+            # (batch, neurons, vocab) distribution of the next step and the codes picked from it
+            probs, next_codes = self._next_codes(outputs.logits[:, :, -1], mode, temperature, top_k, generator)
             codes.append(next_codes)
             probabilities.append(probs)
             if step == max_new_tokens - 1:
@@ -1503,18 +1655,17 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
 # Behaviour decoding from the frozen backbone
 # ---------------------------------------------------------------------------------------------------------------
 
-# Behaviour-head settings: typed CalmConfig fields with these defaults. They can also be passed
+# Behaviour-head settings: typed CalmConfig fields (their defaults and checks live there). They can also be passed
 # as keyword arguments: `CalmForBehaviorRegression(config, num_behavior_channels=2)` or
 # `CalmForBehaviorRegression.from_pretrained(causal_checkpoint, num_behavior_channels=2, behavior_head="glu")`.
+BEHAVIOR_HEAD_SETTINGS = (
+    "behavior_head", "num_behavior_channels", "behavior_rank", "behavior_dropout", "behavior_smoothing_kernel",
+    "freeze_backbone",
+)
+# read from CalmConfig's field defaults, not a second copy of them
 BEHAVIOR_HEAD_DEFAULTS: dict[str, Any] = {
-    "behavior_head": "glu",  # "glu" | "linear": the two readouts of the paper
-    "num_behavior_channels": None,  # M; required
-    "behavior_rank": 4,  # R of the linear low-rank readout
-    "behavior_dropout": 0.1,  # dropout on the GLU features
-    "behavior_smoothing_kernel": 5,  # frames of the causal depthwise smoothing conv (initialised as identity)
-    "freeze_backbone": True,  # the paper decodes from a frozen backbone
+    name: CalmConfig.__dataclass_fields__[name].default for name in BEHAVIOR_HEAD_SETTINGS
 }
-BEHAVIOR_HEADS = ("glu", "linear")
 
 
 @dataclass
@@ -1538,37 +1689,32 @@ class CalmBehaviorRegressionOutput(ModelOutput):
 
 
 def behavior_head_settings(config: CalmConfig) -> dict[str, Any]:
-    """The head settings of `config` (with defaults for fields it does not carry), validated.
+    """The head settings of `config` (`BEHAVIOR_HEAD_SETTINGS`; `CalmConfig` validates their values).
 
     Raises:
-        `ValueError` when a setting is out of range or inconsistent with the backbone.
+        `ValueError` when a setting is out of range (e.g. set by a `from_pretrained` keyword after construction) or
+        `num_behavior_channels` is not set: a head needs the number of behaviour channels.
     """
-    settings = {name: getattr(config, name, default) for name, default in BEHAVIOR_HEAD_DEFAULTS.items()}
-    if settings["behavior_head"] is None:
-        settings["behavior_head"] = BEHAVIOR_HEAD_DEFAULTS["behavior_head"]
-    head = settings["behavior_head"]
-    if head not in BEHAVIOR_HEADS:
-        raise ValueError(f"Unknown behavior_head {head!r}; choose one of {list(BEHAVIOR_HEADS)}.")
-    channels = settings["num_behavior_channels"]
-    if channels is None:
+    config.raise_if_invalid()
+    if config.num_behavior_channels is None:
         raise ValueError(
             "num_behavior_channels is not set; pass the number of behaviour channels M, e.g. "
             "CalmForBehaviorRegression.from_pretrained(path, num_behavior_channels=2)."
         )
-    for name in ("num_behavior_channels", "behavior_rank", "behavior_smoothing_kernel"):
-        value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if settings["behavior_rank"] > config.hidden_size:
+    return {name: getattr(config, name) for name in BEHAVIOR_HEAD_SETTINGS}
+
+
+def config_with_head_settings(config: CalmConfig, **head_kwargs: Any) -> CalmConfig:
+    """A copy of `config` with behaviour-head settings overridden (and validated by `CalmConfig`); `config` itself is
+    left unchanged. Without overrides, `config` is returned as it is."""
+    unknown = sorted(set(head_kwargs) - set(BEHAVIOR_HEAD_SETTINGS))
+    if unknown:
         raise ValueError(
-            f"behavior_rank ({settings['behavior_rank']}) exceeds the backbone hidden_size ({config.hidden_size}); "
-            "a low-rank readout needs behavior_rank <= hidden_size."
+            f"Unknown CalmForBehaviorRegression arguments {unknown}; head settings are {sorted(BEHAVIOR_HEAD_SETTINGS)}."
         )
-    if not 0.0 <= float(settings["behavior_dropout"]) < 1.0:
-        raise ValueError(f"behavior_dropout must lie in [0, 1), got {settings['behavior_dropout']!r}.")
-    if not isinstance(settings["freeze_backbone"], bool):
-        raise ValueError(f"freeze_backbone must be True or False, got {settings['freeze_backbone']!r}.")
-    return settings
+    if not head_kwargs:
+        return config
+    return type(config).from_dict({**config.to_dict(), **head_kwargs})
 
 
 class CalmBehaviorLinearHead(nn.Module):
@@ -1659,8 +1805,8 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
     to the end of that token (up to `window_size - 1` frames after the predicted frame within the token), and never
     later tokens.
 
-    Head settings are read from the config (defaults in `BEHAVIOR_HEAD_DEFAULTS`) and can be given as keyword
-    arguments, which are stored in the config:
+    Head settings are `CalmConfig` fields (`BEHAVIOR_HEAD_SETTINGS`) and can be given as keyword arguments, which
+    build a copy of the config with them (the config passed in is not changed):
 
     ```python
     >>> model = CalmForBehaviorRegression.from_pretrained("calm-base", num_behavior_channels=2, behavior_head="glu")
@@ -1681,16 +1827,9 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
     accepts_loss_kwargs = False
 
     def __init__(self, config: CalmConfig, **head_kwargs: Any) -> None:
-        unknown = sorted(set(head_kwargs) - set(BEHAVIOR_HEAD_DEFAULTS))
-        if unknown:
-            raise ValueError(
-                f"Unknown CalmForBehaviorRegression arguments {unknown}; head settings are {sorted(BEHAVIOR_HEAD_DEFAULTS)}."
-            )
-        for name, value in head_kwargs.items():
-            setattr(config, name, value)
+        # keyword overrides go through a validated copy of the config; the head is then built from the config alone
+        config = config_with_head_settings(config, **head_kwargs)
         settings = behavior_head_settings(config)
-        for name, value in settings.items():  # stored in config.json so the head rebuilds identically
-            setattr(config, name, value)
         super().__init__(config)
         self.model = CalmModel(config)
         self.num_behavior_channels = settings["num_behavior_channels"]
@@ -1849,6 +1988,55 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
             )
         return scored
 
+    def _backbone_states(
+        self,
+        input_ids: torch.LongTensor | None,
+        neuron_ids: torch.LongTensor | None,
+        session_ids: torch.LongTensor | None,
+        neuron_mask: torch.BoolTensor | None,
+        backbone_hidden_states: torch.FloatTensor | None,
+        output_hidden_states: bool | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, CalmModelOutput | None]:
+        """The backbone's `(batch, neurons, steps, hidden)` states (given, or computed without gradient when the
+        backbone is frozen), with the validated identity inputs: `(hidden_states, neuron_ids, neuron_mask, outputs)`."""
+        backbone_outputs = None
+        if backbone_hidden_states is not None:
+            if backbone_hidden_states.dim() != 4 or backbone_hidden_states.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"backbone_hidden_states must have shape (batch, neurons, token_steps, {self.config.hidden_size}), "
+                    f"got {tuple(backbone_hidden_states.shape)}."
+                )
+            if output_hidden_states:
+                raise ValueError("output_hidden_states needs the backbone; pass input_ids instead of hidden states.")
+            hidden_states = backbone_hidden_states
+            batch_size, num_neurons, num_steps, _ = hidden_states.shape
+            neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
+                batch_size, num_neurons, hidden_states.device, neuron_ids, session_ids, neuron_mask
+            )
+            _check_identity_values(self.config, neuron_ids, session_ids)
+        else:
+            if input_ids is None:
+                raise ValueError("Pass input_ids (batch, neurons, token_steps) (or precomputed backbone_hidden_states).")
+            # this head's forward is its entry point (no generate or pipeline in front): the value checks run here
+            validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
+            batch_size, num_neurons, num_steps = input_ids.shape
+            neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
+                batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
+            )
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+                backbone_outputs = self.model(
+                    input_ids=input_ids,
+                    neuron_ids=neuron_ids,
+                    session_ids=session_ids,
+                    neuron_mask=neuron_mask,
+                    use_cache=False,
+                    output_hidden_states=output_hidden_states,
+                    return_dict=True,
+                )
+            hidden_states = backbone_outputs.last_hidden_state
+
+        return hidden_states, neuron_ids, neuron_mask, backbone_outputs
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1881,40 +2069,10 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
             return_dict (`bool`, *optional*): return a [`CalmBehaviorRegressionOutput`] instead of a tuple.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        backbone_outputs = None
-        if backbone_hidden_states is not None:
-            if backbone_hidden_states.dim() != 4 or backbone_hidden_states.shape[-1] != self.config.hidden_size:
-                raise ValueError(
-                    f"backbone_hidden_states must have shape (batch, neurons, token_steps, {self.config.hidden_size}), "
-                    f"got {tuple(backbone_hidden_states.shape)}."
-                )
-            if output_hidden_states:
-                raise ValueError("output_hidden_states needs the backbone; pass input_ids instead of hidden states.")
-            hidden_states = backbone_hidden_states
-            batch_size, num_neurons, num_steps, _ = hidden_states.shape
-            neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
-                batch_size, num_neurons, hidden_states.device, neuron_ids, session_ids, neuron_mask
-            )
-        else:
-            if input_ids is None:
-                raise ValueError("Pass input_ids (batch, neurons, token_steps) (or precomputed backbone_hidden_states).")
-            self.model.validate_input_ids(input_ids)
-            batch_size, num_neurons, num_steps = input_ids.shape
-            neuron_ids, session_ids, neuron_mask = self.model.prepare_identity_inputs(
-                batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
-            )
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-                backbone_outputs = self.model(
-                    input_ids=input_ids,
-                    neuron_ids=neuron_ids,
-                    session_ids=session_ids,
-                    neuron_mask=neuron_mask,
-                    use_cache=False,
-                    output_hidden_states=output_hidden_states,
-                    return_dict=True,
-                )
-            hidden_states = backbone_outputs.last_hidden_state
-
+        hidden_states, neuron_ids, neuron_mask, backbone_outputs = self._backbone_states(
+            input_ids, neuron_ids, session_ids, neuron_mask, backbone_hidden_states, output_hidden_states
+        )
+        batch_size, num_neurons, num_steps, _ = hidden_states.shape
         bank_size = self.behavior_head.neuron_weights.shape[0]
         if int(neuron_ids.max()) >= bank_size:
             raise ValueError(
@@ -1957,6 +2115,7 @@ CalmForCausalNeuralModeling.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "BEHAVIOR_HEAD_DEFAULTS",
+    "BEHAVIOR_HEAD_SETTINGS",
     "CalmBehaviorGLUHead",
     "CalmBehaviorLinearHead",
     "CalmBehaviorRegressionOutput",
@@ -1970,4 +2129,6 @@ __all__ = [
     "CalmPreTrainedModel",
     "CalmRolloutOutput",
     "behavior_head_settings",
+    "config_with_head_settings",
+    "validate_inputs",
 ]

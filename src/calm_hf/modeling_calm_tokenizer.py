@@ -83,6 +83,11 @@ class CalmTokenizerOutput(ModelOutput):
     trace_values (`torch.FloatTensor` of shape `(batch, neurons, frames)`):
         The reconstruction (decoded from the codes with straight-through gradients; from the continuous encoder
         output during the codebook warm-up).
+    encoder_vectors (`torch.FloatTensor` of shape `(vectors, hidden_size)`, *optional*):
+        Training mode only: the real neurons' encoder outputs (detached, fp32), what the codebook state update
+        ([`CalmTokenizer.update_codebook_state`]) learns from.
+    encoder_codes (`torch.LongTensor` of shape `(vectors,)`, *optional*):
+        Training mode only: the code assigned to each of `encoder_vectors`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -98,21 +103,54 @@ class CalmTokenizerOutput(ModelOutput):
     dead_codes: torch.LongTensor | None = None
     codes: torch.LongTensor | None = None
     trace_values: torch.FloatTensor | None = None
+    encoder_vectors: torch.FloatTensor | None = None
+    encoder_codes: torch.LongTensor | None = None
 
 
-def rotate_half(hidden_states: torch.Tensor) -> torch.Tensor:
-    """Rotates half the hidden dims of the input."""
-    first, second = hidden_states.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+@dataclass
+class CalmTokenizerQuantizerOutput(ModelOutput):
+    r"""
+    Output of [`CalmTokenizerQuantizer`].
+
+    quantized (`torch.FloatTensor` of shape `(sequences, token_steps, hidden_size)`):
+        The code vectors with straight-through gradients to the encoder (`z + sg[e - z]`).
+    codes (`torch.LongTensor` of shape `(sequences, token_steps)`):
+        Index of the nearest codebook entry of every encoder vector.
+    commitment_loss, embed_loss, entropy_loss, orthogonality_loss, codebook_perplexity (`torch.FloatTensor` of shape `()`):
+        As in [`CalmTokenizerOutput`], over the real neurons.
+    encoder_vectors (`torch.FloatTensor` of shape `(vectors, hidden_size)`):
+        The real neurons' encoder vectors (detached, fp32) and `encoder_codes` `(vectors,)` their codes: the
+        statistics of the codebook state update.
+    """
+
+    quantized: torch.FloatTensor | None = None
+    codes: torch.LongTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    embed_loss: torch.FloatTensor | None = None
+    entropy_loss: torch.FloatTensor | None = None
+    orthogonality_loss: torch.FloatTensor | None = None
+    codebook_perplexity: torch.FloatTensor | None = None
+    encoder_vectors: torch.FloatTensor | None = None
+    encoder_codes: torch.LongTensor | None = None
 
 
+# Copied from calm_hf.modeling_calm.rotate_half
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+# Copied from calm_hf.modeling_calm.apply_rotary_pos_emb
 def apply_rotary_pos_emb(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on `(batch, heads, steps, head_dim)` query/key with `(steps, head_dim)` cos/sin."""
+    # query/key (sequences, heads, steps, head_dim); cos/sin (steps, head_dim)
+    cos, sin = cos.to(query.dtype), sin.to(query.dtype)
     return (query * cos) + (rotate_half(query) * sin), (key * cos) + (rotate_half(key) * sin)
 
 
+# Copied from calm_hf.modeling_calm.eager_attention_forward
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -121,48 +159,46 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
-    is_causal: bool | None = None,
+    is_causal: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # (batch, heads, steps, steps)
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    """Reference attention (softmax in float32). `attention_mask` is boolean (True = attend) or additive."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    attn_weights = torch.matmul(query, key.transpose(2, 3)).float() * scaling
+    if is_causal and q_len > 1:
+        # bottom-right aligned: query i sits at absolute step kv_len - q_len + i
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attn_weights = attn_weights.masked_fill(~causal, torch.finfo(attn_weights.dtype).min)
     if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    is_causal = module.is_causal if is_causal is None else is_causal
-    if is_causal and query.shape[2] > 1:
-        future = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).triu(1)
-        attn_weights = attn_weights.masked_fill(future, float("-inf"))
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1).to(value.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
 
 
+# Copied from calm_hf.modeling_calm.CalmRotaryEmbedding with Calm->CalmTokenizer
 class CalmTokenizerRotaryEmbedding(nn.Module):
-    """RoPE along token steps; sin/cos cached up to `max_token_steps`, computed on the fly beyond."""
+    """RoPE over token steps (time axis only; neurons are an unordered set)."""
 
-    def __init__(self, config: CalmTokenizerConfig):
+    def __init__(self, config: CalmTokenizerConfig) -> None:
         super().__init__()
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.rope_theta = float(config.rope_theta)
-        self.max_token_steps = config.max_token_steps
-        cos, sin = self.compute_cos_sin(self.max_token_steps)
-        self.register_buffer("cos_cached", cos, persistent=False)
-        self.register_buffer("sin_cached", sin, persistent=False)
+        self.rope_theta = config.rope_theta
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
 
-    def compute_cos_sin(self, steps: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        inv_freq = 1.0 / (self.rope_theta**exponents)
-        freqs = torch.outer(torch.arange(steps, dtype=torch.float32, device=device), inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)  # (steps, head_dim)
-        return angles.cos(), angles.sin()
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
 
-    def forward(self, steps: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if steps <= self.max_token_steps:
-            cos, sin = self.cos_cached[:steps], self.sin_cached[:steps]
-        else:
-            cos, sin = self.compute_cos_sin(steps, device=self.cos_cached.device)
-        return cos.to(dtype), sin.to(dtype)
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (steps,) -> cos, sin (steps, head_dim), float32
+        freqs = position_ids[:, None].float() * self.inv_freq[None, :].to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
 
 
 class CalmTokenizerAttention(nn.Module):
@@ -254,7 +290,7 @@ class CalmTokenizerEncoder(nn.Module):
     def forward(self, traces: torch.Tensor) -> torch.Tensor:
         # (batch*neurons, 1, frames) -> (batch*neurons, hidden, steps) -> (batch*neurons, steps, hidden)
         hidden_states = self.patch_embed(traces.unsqueeze(1)).transpose(1, 2)
-        position_embeddings = self.rotary_emb(hidden_states.shape[1], hidden_states.dtype)
+        position_embeddings = self.rotary_emb(torch.arange(hidden_states.shape[1], device=hidden_states.device))
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings)
         return self.norm(hidden_states)
@@ -275,7 +311,7 @@ class CalmTokenizerDecoder(nn.Module):
         )
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        position_embeddings = self.rotary_emb(embeddings.shape[1], embeddings.dtype)
+        position_embeddings = self.rotary_emb(torch.arange(embeddings.shape[1], device=embeddings.device))
         hidden_states = embeddings
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings)
@@ -322,6 +358,67 @@ class CalmTokenizerQuantizer(nn.Module):
 
     def dead_code_mask(self, threshold: float) -> torch.BoolTensor:
         return self.code_usage * self.codebook_size < threshold
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        valid: torch.BoolTensor | None = None,
+        frozen: bool = False,
+        temperature: float = 1.0,
+        sample_gumbel: bool = False,
+    ) -> CalmTokenizerQuantizerOutput:
+        r"""
+        Snap encoder vectors to their nearest codes and compute the quantizer's losses.
+
+        Args:
+            latents (`torch.FloatTensor` of shape `(sequences, token_steps, hidden_size)`): encoder outputs.
+            valid (`torch.BoolTensor` of shape `(sequences,)`, *optional*): False marks padded neurons, left out of
+                the losses and statistics.
+            frozen (`bool`): codebook warm-up; no gradient reaches the codebook.
+            temperature (`float`): Gumbel-softmax temperature of the entropy term.
+            sample_gumbel (`bool`): draw Gumbel noise (training) instead of a plain tempered softmax.
+        """
+        # clone: the in-place state updates must never touch a tensor saved for backward
+        codebook = self.codebook.clone()
+        if frozen:
+            codebook = codebook.detach()
+        codes = self.nearest_codes(latents)  # (sequences, steps)
+        code_vectors = F.embedding(codes, codebook)
+        # straight-through estimator: forward uses the code, backward passes gradients to the encoder
+        quantized = latents + (code_vectors - latents).detach()
+        if valid is not None:
+            latents, codes_v, code_vectors = latents[valid], codes[valid], code_vectors[valid]
+        else:
+            codes_v = codes
+        latents_flat = latents.reshape(-1, self.hidden_size).float()
+        codes_flat = codes_v.reshape(-1)
+        code_vectors_flat = code_vectors.reshape(-1, self.hidden_size).float()
+        # codebook entropy through Gumbel-softmax over negative (per-dimension) squared distances
+        logits = -self.squared_distances(latents_flat, codebook) / self.hidden_size
+        if sample_gumbel:
+            soft_assignment = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=-1)
+        else:
+            soft_assignment = F.softmax(logits / temperature, dim=-1)
+        mean_assignment = soft_assignment.mean(0)
+        soft_entropy = -(mean_assignment * torch.log(mean_assignment + 1e-10)).sum()
+        normalized_codebook = F.normalize(codebook.float(), dim=-1)
+        gram = normalized_codebook @ normalized_codebook.t()
+        identity = torch.eye(self.codebook_size, device=gram.device, dtype=gram.dtype)
+        with torch.no_grad():
+            usage = torch.bincount(codes_flat, minlength=self.codebook_size).float()
+            usage = usage / usage.sum()
+            perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum())
+        return CalmTokenizerQuantizerOutput(
+            quantized=quantized,
+            codes=codes,
+            commitment_loss=F.mse_loss(latents_flat, code_vectors_flat.detach()),
+            embed_loss=F.mse_loss(code_vectors_flat, latents_flat.detach()),
+            entropy_loss=math.log(self.codebook_size) - soft_entropy,
+            orthogonality_loss=(gram - identity).pow(2).mean(),
+            codebook_perplexity=perplexity,
+            encoder_vectors=latents_flat.detach(),
+            encoder_codes=codes_flat,
+        )
 
     @torch.no_grad()
     def update_state(self, latents: torch.Tensor, codes: torch.LongTensor, update_codebook: bool) -> None:
@@ -388,8 +485,7 @@ class CalmTokenizerQuantizer(nn.Module):
 WEIGHT_CHECKSUMS = "checksums.sha256"
 
 
-# Copied from calm_hf.modeling_calm._sha256_of_file, write_weight_checksums, verify_weight_checksums
-
+# Copied from calm_hf.modeling_calm._sha256_of_file
 def _sha256_of_file(path: str) -> str:
     import hashlib
 
@@ -400,6 +496,7 @@ def _sha256_of_file(path: str) -> str:
     return digest.hexdigest()
 
 
+# Copied from calm_hf.modeling_calm.write_weight_checksums
 def write_weight_checksums(save_directory) -> None:
     """Record the sha256 of every weights file in `<save_directory>/checksums.sha256` (the `sha256sum` format, so
     `sha256sum -c checksums.sha256` checks a copy by hand); `load_checked_pretrained` verifies it on load."""
@@ -413,6 +510,7 @@ def write_weight_checksums(save_directory) -> None:
     os.replace(staging, os.path.join(save_directory, WEIGHT_CHECKSUMS))
 
 
+# Copied from calm_hf.modeling_calm.verify_weight_checksums
 def verify_weight_checksums(folder: str) -> None:
     """Raise a ValueError naming the file when a weights file differs from the hash recorded at save time (bit
     flips, a partial copy that still parses). Folders saved without checksums are not checked."""
@@ -515,9 +613,7 @@ class CalmTokenizerPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, CalmTokenizerRotaryEmbedding):
-            cos, sin = module.compute_cos_sin(module.max_token_steps)
-            init.copy_(module.cos_cached, cos)
-            init.copy_(module.sin_cached, sin)
+            init.copy_(module.inv_freq, module.compute_inv_freq())
         elif isinstance(module, CalmTokenizerQuantizer):
             # unit-variance codes match the LayerNorm-ed encoder outputs
             init.normal_(module.codebook, mean=0.0, std=1.0)
@@ -741,8 +837,10 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         return_dict: bool | None = None,
     ) -> CalmTokenizerOutput | tuple:
         r"""
-        Tokenize, reconstruct and compute every training loss. In training mode the call also advances the step
-        counter and updates the codebook state (EMA, usage, revival queue, dead-code revival).
+        Tokenize, reconstruct and compute every training loss. The call changes no state: in training mode it also
+        returns the encoder statistics that [`update_codebook_state`] applies after the backward pass (EMA codebook,
+        usage, revival queue, step counter, dead-code revival, k-means seeding). `CalmTrainer` does that through
+        `CalmTokenizerTrainingCallback`; a hand-written loop calls `model.update_codebook_state(outputs)` itself.
 
         Args:
             input_values (`torch.FloatTensor` of shape `(batch, neurons, frames)`):
@@ -753,51 +851,73 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
                 Return a [`CalmTokenizerOutput`] instead of a tuple.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        config = self.config
         input_values = self._check_input_values(input_values)
         batch, neurons, frames = input_values.shape
-        steps = frames // config.window_size
         traces = input_values.reshape(batch * neurons, frames)
-        if neuron_mask is not None:
-            if tuple(neuron_mask.shape) != (batch, neurons):
-                raise ValueError(
-                    f"`neuron_mask` must have shape (batch, neurons) = {(batch, neurons)}, got {tuple(neuron_mask.shape)}."
-                )
-            valid = neuron_mask.reshape(-1).to(device=traces.device, dtype=torch.bool)
-            if not bool(valid.any()):
-                raise ValueError("`neuron_mask` marks every neuron as padding; pass at least one real neuron.")
-        else:
-            valid = None
+        valid = self._valid_neurons(neuron_mask, batch, neurons, traces.device)
 
-        if self.training and config.codebook_warmup_steps > 0 and int(self.training_step) == config.codebook_warmup_steps:
-            # end of warm-up: move the random codebook onto the encoder's distribution before it starts learning
-            self.quantizer.initialize_from_queue(config.codebook_kmeans_iterations)
         frozen = self.codebook_frozen()
-        # clone: the in-place EMA/revival updates below must not touch a tensor saved for backward
-        codebook = self.quantizer.codebook.clone()
-        if frozen:
-            codebook = codebook.detach()
-
-        # (batch*neurons, steps, hidden)
-        latents = self.encoder(traces)
-        codes = self.quantizer.nearest_codes(latents)  # (batch*neurons, steps)
-        code_vectors = F.embedding(codes, codebook)
-        # straight-through estimator: forward uses the code, backward passes gradients to the encoder
-        quantized = latents + (code_vectors - latents).detach()
+        latents = self.encoder(traces)  # (batch*neurons, steps, hidden)
+        quantizer_output = self.quantizer(
+            latents, valid, frozen=frozen, temperature=self.gumbel_temperature(), sample_gumbel=self.training
+        )
         # warm-up trains a plain autoencoder on the continuous latents: quantizing against a frozen random codebook
         # would collapse the encoder onto the few codes nearest to it before k-means can seed the codebook
-        decoder_input = latents if frozen else quantized.to(latents.dtype)
+        decoder_input = latents if frozen else quantizer_output.quantized.to(latents.dtype)
         reconstruction = self.decoder(decoder_input)  # (batch*neurons, frames)
+        losses = self.training_losses(traces, reconstruction, latents, quantizer_output, valid, frozen)
 
-        # ---- losses on real neurons only, in fp32
+        output = CalmTokenizerOutput(
+            **losses,
+            codebook_perplexity=quantizer_output.codebook_perplexity,
+            dead_codes=self.quantizer.dead_code_mask(self.config.dead_code_threshold).sum(),
+            codes=quantizer_output.codes.reshape(batch, neurons, -1),
+            trace_values=reconstruction.reshape(batch, neurons, frames),
+            encoder_vectors=quantizer_output.encoder_vectors if self.training else None,
+            encoder_codes=quantizer_output.encoder_codes if self.training else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _valid_neurons(
+        neuron_mask: torch.Tensor | None, batch: int, neurons: int, device: torch.device
+    ) -> torch.BoolTensor | None:
+        """`(batch*neurons,)` True for real neurons (None without a mask)."""
+        if neuron_mask is None:
+            return None
+        if tuple(neuron_mask.shape) != (batch, neurons):
+            raise ValueError(
+                f"`neuron_mask` must have shape (batch, neurons) = {(batch, neurons)}, got {tuple(neuron_mask.shape)}."
+            )
+        valid = neuron_mask.reshape(-1).to(device=device, dtype=torch.bool)
+        if not bool(valid.any()):
+            raise ValueError("`neuron_mask` marks every neuron as padding; pass at least one real neuron.")
+        return valid
+
+    def training_losses(
+        self,
+        traces: torch.Tensor,
+        reconstruction: torch.Tensor,
+        latents: torch.Tensor,
+        quantizer_output: CalmTokenizerQuantizerOutput,
+        valid: torch.BoolTensor | None,
+        frozen: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Loss assembly, on real neurons only and in fp32: reconstruction `MSE + a (1 - r)`, the quantizer's terms
+        and the auxiliary AR loss, weighted by the config (only the reconstruction trains during warm-up).
+
+        Args:
+            traces, reconstruction (`torch.FloatTensor` of shape `(batch*neurons, frames)`): input and output traces.
+            latents (`torch.FloatTensor` of shape `(batch*neurons, token_steps, hidden_size)`): encoder outputs.
+            quantizer_output ([`CalmTokenizerQuantizerOutput`]): codes and quantizer losses.
+            valid (`torch.BoolTensor` of shape `(batch*neurons,)`, *optional*): real neurons.
+            frozen (`bool`): codebook warm-up.
+        """
+        config = self.config
+        codes = quantizer_output.codes
         if valid is not None:
-            traces_v, latents_v, codes_v = traces[valid], latents[valid], codes[valid]
-            code_vectors_v, reconstruction_v = code_vectors[valid], reconstruction[valid]
-        else:
-            traces_v, latents_v, codes_v = traces, latents, codes
-            code_vectors_v, reconstruction_v = code_vectors, reconstruction
-        target = traces_v.float()
-        prediction = reconstruction_v.float()
+            traces, reconstruction, latents, codes = traces[valid], reconstruction[valid], latents[valid], codes[valid]
+        target, prediction = traces.float(), reconstruction.float()
         mse_loss = F.mse_loss(prediction, target)
         centered_prediction = prediction - prediction.mean(-1, keepdim=True)
         centered_target = target - target.mean(-1, keepdim=True)
@@ -806,84 +926,75 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         )
         pearson_loss = 1.0 - correlation.mean()
         reconstruction_loss = mse_loss + config.reconstruction_pearson_weight * pearson_loss
-
-        latents_flat = latents_v.reshape(-1, config.hidden_size).float()
-        codes_flat = codes_v.reshape(-1)
-        code_vectors_flat = code_vectors_v.reshape(-1, config.hidden_size).float()
-        commitment_loss = F.mse_loss(latents_flat, code_vectors_flat.detach())
-        embed_loss = F.mse_loss(code_vectors_flat, latents_flat.detach())
-
-        # codebook entropy through Gumbel-softmax over negative (per-dimension) squared distances
-        logits = -self.quantizer.squared_distances(latents_flat, codebook) / config.hidden_size
-        temperature = self.gumbel_temperature()
-        if self.training:
-            soft_assignment = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=-1)
-        else:
-            soft_assignment = F.softmax(logits / temperature, dim=-1)
-        mean_assignment = soft_assignment.mean(0)
-        soft_entropy = -(mean_assignment * torch.log(mean_assignment + 1e-10)).sum()
-        entropy_loss = math.log(config.codebook_size) - soft_entropy
-
-        normalized_codebook = F.normalize(codebook.float(), dim=-1)
-        gram = normalized_codebook @ normalized_codebook.t()
-        identity = torch.eye(config.codebook_size, device=gram.device, dtype=gram.dtype)
-        orthogonality_loss = (gram - identity).pow(2).mean()
-
-        # auxiliary AR head: from the encoder state at step t predict the codes at t+1 .. t+ar_horizon
-        ar_logits = self.ar_head(latents_v).float().reshape(
-            latents_v.shape[0], steps, config.ar_horizon, config.codebook_size
+        ar_loss = self.ar_loss(latents, codes)
+        # the quantizer terms are reported during warm-up but only train once the codebook is live
+        quantizer_loss = (
+            config.commitment_weight * quantizer_output.commitment_loss
+            + config.embed_weight * quantizer_output.embed_loss
+            + config.entropy_weight * quantizer_output.entropy_loss
+            + config.orthogonality_weight * quantizer_output.orthogonality_loss
+            + config.ar_weight * ar_loss
         )
+        return {
+            "loss": reconstruction_loss if frozen else reconstruction_loss + quantizer_loss,
+            "reconstruction_loss": reconstruction_loss,
+            "mse_loss": mse_loss,
+            "pearson_loss": pearson_loss,
+            "commitment_loss": quantizer_output.commitment_loss,
+            "embed_loss": quantizer_output.embed_loss,
+            "entropy_loss": quantizer_output.entropy_loss,
+            "orthogonality_loss": quantizer_output.orthogonality_loss,
+            "ar_loss": ar_loss,
+        }
+
+    def ar_loss(self, latents: torch.Tensor, codes: torch.LongTensor) -> torch.Tensor:
+        """Auxiliary AR head: from the encoder state at step t, cross-entropy of the codes at t+1 .. t+ar_horizon.
+
+        Args:
+            latents (`torch.FloatTensor` of shape `(sequences, token_steps, hidden_size)`): encoder outputs.
+            codes (`torch.LongTensor` of shape `(sequences, token_steps)`): their codes.
+        """
+        config = self.config
+        sequences, steps = codes.shape
+        ar_logits = self.ar_head(latents).float().reshape(sequences, steps, config.ar_horizon, config.codebook_size)
         ar_terms = []
         for offset in range(1, config.ar_horizon + 1):
             if steps > offset:
                 ar_terms.append(
                     F.cross_entropy(
                         ar_logits[:, : steps - offset, offset - 1].reshape(-1, config.codebook_size),
-                        codes_v[:, offset:].reshape(-1),
+                        codes[:, offset:].reshape(-1),
                     )
                 )
-        ar_loss = torch.stack(ar_terms).mean() if ar_terms else latents_flat.new_zeros(())
+        return torch.stack(ar_terms).mean() if ar_terms else ar_logits.new_zeros(())
 
-        # the quantizer terms are reported during warm-up but only train once the codebook is live
-        quantizer_loss = (
-            config.commitment_weight * commitment_loss
-            + config.embed_weight * embed_loss
-            + config.entropy_weight * entropy_loss
-            + config.orthogonality_weight * orthogonality_loss
-            + config.ar_weight * ar_loss
+    @torch.no_grad()
+    def update_codebook_state(self, outputs: CalmTokenizerOutput) -> None:
+        """The training-time state update after one training forward (call it after `backward`, before the
+        optimizer step; `CalmTokenizerTrainingCallback` does it for `Trainer`): usage EMA, EMA codebook update
+        (after warm-up), revival-queue push, step counter, dead-code revival every `revival_interval` steps after
+        warm-up, and k-means seeding of the codebook when the warm-up ends.
+
+        Args:
+            outputs ([`CalmTokenizerOutput`]): the output of a training-mode forward (it carries
+                `encoder_vectors` and `encoder_codes`).
+        """
+        if outputs.encoder_vectors is None or outputs.encoder_codes is None:
+            raise ValueError(
+                "update_codebook_state needs the output of a training-mode forward (model.train()): an eval-mode "
+                "output carries no encoder_vectors / encoder_codes."
+            )
+        config = self.config
+        self.quantizer.update_state(
+            outputs.encoder_vectors, outputs.encoder_codes, update_codebook=not self.codebook_frozen()
         )
-        loss = reconstruction_loss if frozen else reconstruction_loss + quantizer_loss
-
-        with torch.no_grad():
-            usage = torch.bincount(codes_flat, minlength=config.codebook_size).float()
-            usage = usage / usage.sum()
-            codebook_perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum())
-
-        if self.training:
-            with torch.no_grad():
-                self.quantizer.update_state(latents_flat, codes_flat, update_codebook=not frozen)
-                self.training_step.add_(1)
-                step = int(self.training_step)
-                if step > config.codebook_warmup_steps and step % config.revival_interval == 0:
-                    self.quantizer.revive_dead_codes(config.dead_code_threshold)
-        dead_codes = self.quantizer.dead_code_mask(config.dead_code_threshold).sum()
-
-        output = CalmTokenizerOutput(
-            loss=loss,
-            reconstruction_loss=reconstruction_loss,
-            mse_loss=mse_loss,
-            pearson_loss=pearson_loss,
-            commitment_loss=commitment_loss,
-            embed_loss=embed_loss,
-            entropy_loss=entropy_loss,
-            orthogonality_loss=orthogonality_loss,
-            ar_loss=ar_loss,
-            codebook_perplexity=codebook_perplexity,
-            dead_codes=dead_codes,
-            codes=codes.reshape(batch, neurons, steps),
-            trace_values=reconstruction.reshape(batch, neurons, frames),
-        )
-        return output if return_dict else output.to_tuple()
+        self.training_step.add_(1)
+        step = int(self.training_step)
+        if step > config.codebook_warmup_steps and step % config.revival_interval == 0:
+            self.quantizer.revive_dead_codes(config.dead_code_threshold)
+        if config.codebook_warmup_steps > 0 and step == config.codebook_warmup_steps:
+            # end of warm-up: move the random codebook onto the encoder's distribution before it starts learning
+            self.quantizer.initialize_from_queue(config.codebook_kmeans_iterations)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Save as safetensors with config.json; `auto_map` is rewritten to plain strings so the folder loads with
@@ -930,4 +1041,5 @@ __all__ = [
     "CalmTokenizerEncoderOutput",
     "CalmTokenizerOutput",
     "CalmTokenizerPreTrainedModel",
+    "CalmTokenizerQuantizerOutput",
 ]

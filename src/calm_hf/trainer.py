@@ -1,16 +1,96 @@
-"""`CalmTrainer`: the stock `Trainer`, plus logging of every loss component a CalM model returns.
+"""`CalmTrainer`: the stock `Trainer`, plus logging of every loss component a CalM model returns, and the training
+step's extras that are not part of any model's `forward`.
 
 CalM's models return each loss term in its own output field (DAC style). The stock Trainer logs only `loss`; this
 subclass averages the scalar components over the steps between two logging events and adds them to the log line
 (`train/commitment_loss`, `train/codebook_perplexity`, ...), so training logs show what moves.
+
+The training step of each model (its forward stays a plain forward):
+- dual-axis transformer: the paper's input corruptions (scheduled sampling, neighbourhood replacement) are applied
+  to the batch in `compute_loss` (`augment_training_batch`), before the forward;
+- tokenizer: the codebook state (EMA, usage, revival queue, step counter, dead-code revival, k-means seeding) is
+  updated after every backward by `CalmTokenizerTrainingCallback`, which `CalmTrainer` registers by itself.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+
+from .modeling_calm import CalmForCausalNeuralModeling
+from .modeling_calm_tokenizer import CalmTokenizer
+
+
+def augment_training_batch(
+    model: CalmForCausalNeuralModeling, inputs: dict[str, Any]
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """The DAT's training-time input corruptions for one batch: scheduled sampling and neighbourhood replacement
+    (`CalmForCausalNeuralModeling.augment_input_ids`) replace `input_ids`; `labels` stay the true codes.
+
+    Applied only in training mode, to batches with `labels` and `input_ids`; other batches are returned unchanged.
+
+    Args:
+        model ([`CalmForCausalNeuralModeling`]): the (unwrapped) model being trained.
+        inputs (`dict`): the batch as the collator gives it (`input_ids`, `labels`, `neuron_ids`, ...).
+
+    Returns:
+        `(inputs, scheduled_sampling_applied)`: a new dict, and a bool tensor `()` (None when nothing was applied).
+    """
+    if not model.training or inputs.get("labels") is None or inputs.get("input_ids") is None:
+        return inputs, None
+    input_ids, applied = model.augment_input_ids(
+        inputs["input_ids"], inputs.get("neuron_ids"), inputs.get("session_ids"), inputs.get("neuron_mask")
+    )
+    return {**inputs, "input_ids": input_ids}, applied
+
+
+# the batch fields `validate_inputs` checks
+VALIDATED_INPUTS = ("input_ids", "neuron_ids", "session_ids", "neuron_mask", "labels")
+
+
+class CalmTokenizerTrainingCallback(TrainerCallback):
+    """Applies `CalmTokenizer.update_codebook_state` after the backward pass of every training micro-batch, before
+    the optimizer step: usage and codebook EMA, revival queue, step counter, dead-code revival, k-means seeding.
+
+    A forward hook on the tokenizer keeps each training-mode output's encoder statistics until the update, so this
+    works with the stock `Trainer` too (`callbacks=[CalmTokenizerTrainingCallback()]`); `CalmTrainer` adds it by itself
+    when the model is a `CalmTokenizer`.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[Any] = []
+        self._hook = None
+        self._tokenizer: CalmTokenizer | None = None
+
+    def _record(self, module: CalmTokenizer, args: tuple, output: Any) -> None:
+        if module.training and getattr(output, "encoder_vectors", None) is not None:
+            self._pending.append(output)
+
+    def _apply(self) -> None:
+        while self._pending:
+            self._tokenizer.update_codebook_state(self._pending.pop(0))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tokenizer = getattr(model, "module", model)  # DDP wraps; the hook goes on the tokenizer itself
+        if not isinstance(tokenizer, CalmTokenizer):
+            raise TypeError(f"CalmTokenizerTrainingCallback trains a CalmTokenizer, got {type(tokenizer).__name__}.")
+        self._tokenizer = tokenizer
+        self._hook = tokenizer.register_forward_hook(self._record)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._apply()  # a micro-batch of gradient accumulation
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._apply()  # the last micro-batch of the step: after its backward, before the optimizer moves the codebook
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._pending.clear()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
 
 class CalmTrainer(Trainer):
@@ -24,6 +104,9 @@ class CalmTrainer(Trainer):
             (final, intermediate, and so `push_to_hub=True`) writes a complete checkpoint: `tokenizer/`, the trace
             processor, the remote-code files and `custom_pipelines` (`calm_hf.checkpoint.complete_checkpoint`).
         trace_processor: the `CalmTraceProcessor` saved with it (default: one matching the model config).
+        validate_batches: check every training batch of a dual-axis transformer with `validate_inputs` (codes and
+            labels inside the vocabulary, ids inside the tables, something to score) before the forward, which checks
+            shapes only. One host sync per step; turn it off when the collator already validates.
         All other arguments are `Trainer`'s.
     """
 
@@ -34,21 +117,37 @@ class CalmTrainer(Trainer):
         extra_evaluation=None,
         neural_tokenizer=None,
         trace_processor=None,
+        validate_batches: bool = True,
         **kwargs,
     ):
+        self.validate_batches = validate_batches
         self.neural_tokenizer = neural_tokenizer
         self.trace_processor = trace_processor
         super().__init__(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        has_callback = any(isinstance(cb, CalmTokenizerTrainingCallback) for cb in self.callback_handler.callbacks)
+        if isinstance(model, CalmTokenizer) and not has_callback:
+            self.add_callback(CalmTokenizerTrainingCallback())
         self.log_fields = log_fields
         self.extra_evaluation = extra_evaluation
         self._component_sums: dict[str, float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        unwrapped = self.accelerator.unwrap_model(model)
+        applied = None
+        if isinstance(unwrapped, CalmForCausalNeuralModeling):
+            if self.validate_batches and model.training:
+                unwrapped.validate_inputs(**{name: inputs.get(name) for name in VALIDATED_INPUTS})
+            inputs, applied = augment_training_batch(unwrapped, inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if applied is not None:
+            outputs["scheduled_sampling_applied"] = applied
         if model.training:
             for name, value in outputs.items():
-                if name == "loss" or (self.log_fields is not None and name not in self.log_fields):
+                if name in ("loss", "encoder_vectors", "encoder_codes") or (
+                    self.log_fields is not None and name not in self.log_fields
+                ):
                     continue
                 if isinstance(value, torch.Tensor) and value.numel() == 1:
                     self._component_sums[name] += float(value.detach().float())
