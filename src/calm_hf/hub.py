@@ -2,6 +2,8 @@
 
     calm push --model_dir calm-base --repo_id me/calm-base --dataset_dir calm-base-dataset --dataset_repo_id me/calm-base-dataset
 
+(the command is `calm_hf.commands.push`; this module is the library it calls)
+
 ```python
 >>> from calm_hf.hub import push_to_hub
 >>> push_to_hub("calm-base", "me/calm-base", dataset_dir="calm-base-dataset")
@@ -15,16 +17,13 @@ token, an unreachable endpoint, a missing folder) raises `CalmHubError` with the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CalmHubError", "DEFAULT_IGNORE_PATTERNS", "main", "push_to_hub", "stage_for_upload"]
+__all__ = ["CalmHubError", "DEFAULT_IGNORE_PATTERNS", "push_to_hub", "stage_for_upload"]
 
 # Training leftovers that must not be uploaded with a checkpoint.
 DEFAULT_IGNORE_PATTERNS = [
@@ -275,57 +274,3 @@ def push_to_hub(
         except Exception as error:  # noqa: BLE001
             raise _explain(error, f"push the dataset to {dataset_repo_id}") from error
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`calm push`: upload a checkpoint folder (and its tokenized dataset) to the Hub. Returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="calm push",
-        description="Upload a CalM checkpoint folder (and optionally its tokenized dataset) to the Hugging Face Hub. "
-        "Needs a write token (HF_TOKEN or `hf auth login`); HF_ENDPOINT selects another Hub.",
-    )
-    # Flags in the --snake_case style of every other calm command; the positional form and --kebab-case spellings
-    # of the first version keep working.
-    parser.add_argument("model_dir_arg", nargs="?", metavar="model_dir", help="checkpoint folder, e.g. calm-base/")
-    parser.add_argument("repo_id_arg", nargs="?", metavar="repo_id",
-                        help="model repository, namespace/name (a bare name goes under your user)")
-    parser.add_argument("--model_dir", default=None, help="checkpoint folder (same as the first positional)")
-    parser.add_argument("--repo_id", default=None, help="model repository (same as the second positional)")
-    parser.add_argument("--dataset_dir", "--dataset-dir", default=None, help="tokenized dataset folder (save_to_disk)")
-    parser.add_argument("--dataset_repo_id", "--dataset-repo-id", default=None,
-                        help="dataset repository (default: <repo_id>-dataset)")
-    parser.add_argument("--token", default=None, help="write token (default: HF_TOKEN or the saved login)")
-    parser.add_argument("--private", action="store_true", help="create the repositories as private")
-    parser.add_argument("--commit_message", "--commit-message", default=None, help="message of the model commit")
-    parser.add_argument("--stage_only", "--stage-only", action="store_true",
-                        help="only copy what would be uploaded into --staging_dir, for inspection")
-    parser.add_argument("--staging_dir", "--staging-dir", default="hub_uploads/staging",
-                        help="staging root (default: %(default)s)")
-    args = parser.parse_args(argv)
-    args.model_dir = args.model_dir or args.model_dir_arg
-    args.repo_id = args.repo_id or args.repo_id_arg
-    if args.model_dir is None or (args.repo_id is None and not args.stage_only):
-        parser.error("give the checkpoint folder and the repository: --model_dir calm-base --repo_id you/calm-base")
-    try:
-        if args.stage_only:
-            staged = stage_for_upload(args.model_dir, args.staging_dir)
-            print(json.dumps({"staged": str(staged)}))
-            return 0
-        result = push_to_hub(
-            args.model_dir,
-            args.repo_id,
-            dataset_dir=args.dataset_dir,
-            dataset_repo_id=args.dataset_repo_id,
-            token=args.token,
-            private=args.private,
-            commit_message=args.commit_message,
-        )
-    except CalmHubError as error:
-        print(f"calm push: error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -566,14 +566,3 @@ def run_analysis(args: AnalyzeArguments) -> dict:
     write_markdown(report, out)
     logger.info("wrote %s (%.1f s)", out / "report.md", report["seconds"])
     return report
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from ..cli import parse_script_args
-
-    (args,) = parse_script_args((AnalyzeArguments,), argv)
-    return run_analysis(args)
-
-
-if __name__ == "__main__":
-    main()
