@@ -202,7 +202,7 @@ def test_calm_analyze_end_to_end(tiny_checkpoint, tmp_path):
 
 
 def test_calm_analyze_rejects_labels_of_unknown_sessions(tiny_checkpoint, tmp_path):
-    from calm_hf.analysis.report import main
+    from calm_hf.commands.analyze import run as main
 
     bad = tmp_path / "labels.json"
     bad.write_text(json.dumps({"neuron": {"x": {"no-such-session": [1, 2]}}}))

@@ -30,8 +30,8 @@ class TimeBudgetCallback(TrainerCallback):
     """
 
     def __init__(self, max_seconds: float, record: dict | None = None):
-        if not max_seconds > 0:
-            raise ValueError(f"max_seconds must be positive, got {max_seconds!r}.")
+        if not max_seconds >= 0:  # 0 stops after the first step (a smoke run)
+            raise ValueError(f"max_seconds must be >= 0 seconds, got {max_seconds!r}.")
         self.max_seconds = float(max_seconds)
         self.record = {} if record is None else record
         self.record.setdefault("stopped_by_budget", False)

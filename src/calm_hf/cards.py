@@ -65,7 +65,7 @@ _MODEL_LIMITATIONS = [
     "normalised (the `neural-forecasting` pipeline does both), and trials must be cropped to a multiple of "
     "{window_size} frames.",
     "Neuron and session embeddings exist only for the sessions seen in training; a new session or animal needs "
-    "`training/adapt_session.py` (frozen backbone, new embeddings) before its forecasts are meaningful.",
+    "`calm adapt` (frozen backbone, new embeddings) before its forecasts are meaningful.",
     "The default forecast is the continuous head's conditional mean over the next value_head_steps windows (one "
     "forward pass; longer horizons re-tokenize the forecast and continue). It is the right point estimate for "
     "Pearson r and MSE but is smooth by construction: use sampled token rollouts (`num_samples`) for the spread of "

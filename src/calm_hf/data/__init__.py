@@ -41,13 +41,12 @@ from .preprocessing import (
     PreparedSession,
     ZScoreStats,
     causal_ema,
-    check_traces,
     cut_trials,
     prepare_session,
     resample,
     split_trials,
 )
-from .session import SessionTrials
+from .session import SessionTrials, check_traces
 from .simulation import SimulationConfig, simulate_benchmark, simulate_session, spikes_to_calcium
 from .suite2p import load_suite2p_recording
 

@@ -1,8 +1,8 @@
 """Loading recordings: the `Recording` container, `.npz` files (the real recordings shipped in `<data dir>`), and
 `load_recording`, which dispatches to the NWB (`nwb.py`), suite2p (`suite2p.py`) and CaImAn (`caiman.py`) readers.
 
-The data folder defaults to `<repo root>/../shared/data` and is overridden by the environment variable
-`CALM_DATA_DIR`. Files are read with `np.load(..., allow_pickle=False)`; nothing is downloaded.
+The data folder is the environment variable `CALM_DATA_DIR` when set, else `../shared/data` relative to the current
+working directory (the layout of a checkout run from its root); every loader also takes `data_dir=` explicitly. Files are read with `np.load(..., allow_pickle=False)`; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .preprocessing import check_traces, cut_trials
+from .preprocessing import cut_trials
+from .session import check_traces
 from .session import SessionTrials
 
 
@@ -27,15 +28,12 @@ _STANDARD_KEYS = ("traces", "fs", "behavior", "behavior_names", "trial_starts")
 
 
 def default_data_dir() -> Path:
-    """Folder holding the real recordings: `$CALM_DATA_DIR` if set, else `<repo root>/../shared/data`.
-
-    The repository root is found from this file (`src/calm_hf/data/io.py` -> four levels up).
-    """
+    """Folder holding the real recordings: `$CALM_DATA_DIR` if set, else `../shared/data` relative to the current
+    working directory. The package never looks at where it is installed (a wheel has no repository around it)."""
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[3]
-    return (repo_root.parent / "shared" / "data").resolve()
+    return (Path.cwd().parent / "shared" / "data").resolve()
 
 
 def _missing_file_error(path: Path, what: str = "file") -> FileNotFoundError:
