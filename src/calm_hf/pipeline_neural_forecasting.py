@@ -359,8 +359,8 @@ class NeuralForecastingPipeline(Pipeline):
                 top_p=top_p,
                 return_tensors=True,
             )
-            forecasts.append(result.forecast)
-            samples.append(result.samples)
+            forecasts.append(torch.as_tensor(result.forecast))
+            samples.append(None if result.samples is None else torch.as_tensor(result.samples))
         stacked = None if samples[0] is None else torch.cat(samples)
         return {"forecast": torch.cat(forecasts), "samples": stacked,
                 **{k: v for k, v in inputs.items() if k != "values"}}
