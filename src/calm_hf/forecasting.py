@@ -396,6 +396,31 @@ def evaluate_forecasting(
 
 
 @torch.no_grad()
+def _probe_rows(dataset, max_trials: int):
+    """Evenly spaced trials (splits are often grouped by session), keeping only sessions with at least two of them."""
+    chosen = np.unique(np.linspace(0, len(dataset) - 1, min(max_trials, len(dataset))).round().astype(int))
+    chosen_sessions = np.asarray(dataset.select(chosen.tolist())["session_id"])
+    counts = {s: int((chosen_sessions == s).sum()) for s in np.unique(chosen_sessions)}
+    chosen = [int(i) for i, s in zip(chosen, chosen_sessions) if counts[s] > 1]
+    if not chosen:
+        raise ValueError(
+            f"no session has two trials among the {min(max_trials, len(dataset))} probed: the probe swaps the population "
+            "with another trial of the same session; raise max_trials or give more trials."
+        )
+    return dataset.select(chosen).with_format("numpy", columns=["input_values", "input_ids", "neuron_ids", "session_id"])
+
+
+def _swap_partners(sessions: np.ndarray, seed: int) -> np.ndarray:
+    """For each trial, another trial of the same session (drawn with `seed`) whose population replaces its own."""
+    rng = np.random.default_rng(seed)
+    trials = len(sessions)
+    partner = np.empty(trials, dtype=np.int64)
+    for i in range(trials):
+        same = np.flatnonzero((sessions == sessions[i]) & (np.arange(trials) != i))
+        partner[i] = rng.choice(same)
+    return partner
+
+
 def trial_swap_probe(
     model,
     dataset,
@@ -426,31 +451,15 @@ def trial_swap_probe(
         raise ImportError("trial_swap_probe needs the calm_hf package (pip install calm_hf).") from error
 
     model = model.eval()
-    # evenly spaced trials (splits are often grouped by session), keeping only sessions with at least two of them
-    chosen = np.unique(np.linspace(0, len(dataset) - 1, min(max_trials, len(dataset))).round().astype(int))
-    chosen_sessions = np.asarray(dataset.select(chosen.tolist())["session_id"])
-    counts = {s: int((chosen_sessions == s).sum()) for s in np.unique(chosen_sessions)}
-    chosen = [int(i) for i, s in zip(chosen, chosen_sessions) if counts[s] > 1]
-    if not chosen:
-        raise ValueError(
-            f"no session has two trials among the {min(max_trials, len(dataset))} probed: the probe swaps the population "
-            "with another trial of the same session; raise max_trials or give more trials."
-        )
-    rows = dataset.select(chosen).with_format(
-        "numpy", columns=["input_values", "input_ids", "neuron_ids", "session_id"]
-    )
     device = next(model.parameters()).device  # the probe runs where the model is; only scores come back to the host
+    rows = _probe_rows(dataset, max_trials)
     values = np.stack(list(rows["input_values"])).astype(np.float32)
     ids = torch.as_tensor(np.stack(list(rows["input_ids"])).astype(np.int64), device=device)
     neuron_ids = torch.as_tensor(np.stack(list(rows["neuron_ids"])).astype(np.int64), device=device)
     sessions = np.asarray(rows["session_id"], dtype=np.int64)
     trials, neurons, steps = ids.shape
     block_neurons = max(1, -(-neurons // 4)) if block_neurons is None else int(block_neurons)
-    rng = np.random.default_rng(seed)
-    partner = np.empty(trials, dtype=np.int64)
-    for i in range(trials):
-        same = np.flatnonzero((sessions == sessions[i]) & (np.arange(trials) != i))
-        partner[i] = rng.choice(same)
+    partner = _swap_partners(sessions, seed)
     session_ids = torch.as_tensor(sessions, device=device)
     context_steps = context_frames // model.config.window_size
     has_head = getattr(model, "value_head", None) is not None

@@ -206,27 +206,13 @@ def push_to_hub(
         `CalmHubError`: offline mode, no or invalid token, unreachable endpoint, missing folders; the message names the fix.
     """
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CalmHubError(f"Model folder {model_dir} does not exist; pass the checkpoint folder written by "
-                           "`calm main` (e.g. calm-base/).")
-    if not (model_dir / "config.json").is_file():
-        raise CalmHubError(f"{model_dir} has no config.json; it is not a saved checkpoint. Save the model with "
-                           "`save_pretrained` first.")
-    if dataset_dir is not None and not Path(dataset_dir).is_dir():
-        raise CalmHubError(f"Dataset folder {dataset_dir} does not exist; pass a folder written by `save_to_disk`.")
-    if _offline_mode():
-        raise CalmHubError(
-            "Cannot push: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1). Unset it (`unset HF_HUB_OFFLINE`) "
-            "and make sure the Hub (or the mirror in HF_ENDPOINT) is reachable."
-        )
-
+    _check_push_inputs(model_dir, dataset_dir)
     from huggingface_hub import HfApi, get_token
 
     token = token or get_token()
     if not token:
         raise CalmHubError(f"Cannot push: no Hugging Face token found. To fix, {_LOGIN_FIX}.")
     api = HfApi(token=token)
-
     try:
         user = api.whoami()["name"]
     except Exception as error:  # noqa: BLE001 - every failure is explained to the user
@@ -252,25 +238,47 @@ def push_to_hub(
         raise
     except Exception as error:  # noqa: BLE001
         raise _explain(error, f"push the model to {repo_id}") from error
-
     if dataset_dir is not None:
-        import datasets
+        result.update(_push_dataset(api, Path(dataset_dir), dataset_repo_id, token, private))
+    return result
 
-        dataset = datasets.load_from_disk(str(dataset_dir))
-        result["dataset_repo_id"] = dataset_repo_id
-        try:
-            dataset_url = api.create_repo(dataset_repo_id, repo_type="dataset", private=private, exist_ok=True)
-            info = dataset.push_to_hub(dataset_repo_id, private=private, token=token,
-                                       commit_message="Upload tokenized CalM dataset")
-            # Session metadata (names, neuron ranges, z-score statistics) travels as the same sidecar as on disk, so
-            # load_trial_corpus("namespace/name") and the training scripts get it back.
-            sidecar = Path(dataset_dir) / "calm_sessions.json"
-            if sidecar.is_file():
-                api.upload_file(path_or_fileobj=str(sidecar), path_in_repo=sidecar.name, repo_id=dataset_repo_id,
-                                repo_type="dataset", commit_message="Upload calm_hf session metadata")
-            card_path = Path(dataset_dir) / "README.md"
-            card_commit = _merge_dataset_card(api, dataset_repo_id, card_path, token) if card_path.is_file() else None
-            result.update(dataset_url=str(dataset_url), dataset_commit=card_commit or getattr(info, "oid", None))
-        except Exception as error:  # noqa: BLE001
-            raise _explain(error, f"push the dataset to {dataset_repo_id}") from error
+
+def _check_push_inputs(model_dir: Path, dataset_dir: str | os.PathLike | None) -> None:
+    """Refuse, with the fix, what cannot be pushed before any network call."""
+    if not model_dir.is_dir():
+        raise CalmHubError(f"Model folder {model_dir} does not exist; pass the checkpoint folder written by "
+                           "`calm main` (e.g. calm-base/).")
+    if not (model_dir / "config.json").is_file():
+        raise CalmHubError(f"{model_dir} has no config.json; it is not a saved checkpoint. Save the model with "
+                           "`save_pretrained` first.")
+    if dataset_dir is not None and not Path(dataset_dir).is_dir():
+        raise CalmHubError(f"Dataset folder {dataset_dir} does not exist; pass a folder written by `save_to_disk`.")
+    if _offline_mode():
+        raise CalmHubError(
+            "Cannot push: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1). Unset it (`unset HF_HUB_OFFLINE`) "
+            "and make sure the Hub (or the mirror in HF_ENDPOINT) is reachable."
+        )
+
+
+def _push_dataset(api, dataset_dir: Path, dataset_repo_id: str, token: str, private: bool) -> dict[str, Any]:
+    """Push a `save_to_disk` folder as parquet shards, its session metadata sidecar and its card."""
+    import datasets
+
+    dataset = datasets.load_from_disk(str(dataset_dir))
+    result: dict[str, Any] = {"dataset_repo_id": dataset_repo_id}
+    try:
+        dataset_url = api.create_repo(dataset_repo_id, repo_type="dataset", private=private, exist_ok=True)
+        info = dataset.push_to_hub(dataset_repo_id, private=private, token=token,
+                                   commit_message="Upload tokenized CalM dataset")
+        # Session metadata (names, neuron ranges, z-score statistics) travels as the same sidecar as on disk, so
+        # load_trial_corpus("namespace/name") and the commands get it back.
+        sidecar = dataset_dir / "calm_sessions.json"
+        if sidecar.is_file():
+            api.upload_file(path_or_fileobj=str(sidecar), path_in_repo=sidecar.name, repo_id=dataset_repo_id,
+                            repo_type="dataset", commit_message="Upload calm_hf session metadata")
+        card_path = dataset_dir / "README.md"
+        card_commit = _merge_dataset_card(api, dataset_repo_id, card_path, token) if card_path.is_file() else None
+        result.update(dataset_url=str(dataset_url), dataset_commit=card_commit or getattr(info, "oid", None))
+    except Exception as error:  # noqa: BLE001
+        raise _explain(error, f"push the dataset to {dataset_repo_id}") from error
     return result

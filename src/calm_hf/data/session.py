@@ -13,6 +13,43 @@ import numpy as np
 _AXIS_NAMES = {1: ("frame",), 2: ("neuron", "frame"), 3: ("trial", "neuron", "frame")}
 
 
+def _check_rank(array: np.ndarray, name: str, ndim: int | tuple[int, ...]) -> None:
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if array.ndim not in allowed:
+        layouts = " or ".join(
+            "(" + ", ".join(a + "s" for a in _AXIS_NAMES.get(d, ("axis",) * d)) + ")" for d in allowed
+        )
+        hint = ""
+        if array.ndim == 1 and 2 in allowed:
+            hint = " A single trace needs x[None] (one neuron)."
+        elif array.ndim == 2 and 3 in allowed:
+            hint = " A single trial needs x[None] (one trial)."
+        raise ValueError(
+            f"{name} must have rank {' or '.join(map(str, allowed))} {layouts}, got shape {array.shape}.{hint}"
+        )
+
+
+def _check_finite(array: np.ndarray, name: str, dtype: Any, source_finite: bool | None) -> None:
+    """Name the first non-finite value by trial / neuron / frame; values that only overflowed the cast to `dtype`
+    get their own message."""
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+    axis_names = _AXIS_NAMES.get(array.ndim, tuple(f"axis{i}" for i in range(array.ndim)))
+    where = ", ".join(f"{axis} {index}" for axis, index in zip(axis_names, bad))
+    count = int((~finite).sum())
+    if source_finite:
+        raise ValueError(
+            f"{name} contains {count} value(s) beyond the range of {np.dtype(dtype).name} (they become inf "
+            f"when cast); the first is at {where}. Rescale the traces (e.g. to other units) before use."
+        )
+    raise ValueError(
+        f"{name} contains {count} non-finite value(s) (NaN/Inf); the first is at {where} "
+        f"(value {array[bad]}). Interpolate or drop the affected neurons/trials before use."
+    )
+
+
 def check_traces(
     x: Any,
     name: str = "traces",
@@ -61,19 +98,7 @@ def check_traces(
     elif not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
     if ndim is not None:
-        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        if array.ndim not in allowed:
-            layouts = " or ".join(
-                "(" + ", ".join(a + "s" for a in _AXIS_NAMES.get(d, ("axis",) * d)) + ")" for d in allowed
-            )
-            hint = ""
-            if array.ndim == 1 and 2 in allowed:
-                hint = " A single trace needs x[None] (one neuron)."
-            elif array.ndim == 2 and 3 in allowed:
-                hint = " A single trial needs x[None] (one trial)."
-            raise ValueError(
-                f"{name} must have rank {' or '.join(map(str, allowed))} {layouts}, got shape {array.shape}.{hint}"
-            )
+        _check_rank(array, name, ndim)
     if array.ndim == 0:
         raise ValueError(f"{name} must be an array with a time axis, got a scalar.")
     if array.size == 0:
@@ -82,23 +107,8 @@ def check_traces(
         raise ValueError(
             f"{name} has {array.shape[-1]} frames but at least {min_frames} are needed; use longer recordings/trials."
         )
-    finite = np.isfinite(array)
-    if not finite.all():
-        bad = tuple(int(i) for i in np.argwhere(~finite)[0])
-        axis_names = _AXIS_NAMES.get(array.ndim, tuple(f"axis{i}" for i in range(array.ndim)))
-        where = ", ".join(f"{axis} {index}" for axis, index in zip(axis_names, bad))
-        count = int((~finite).sum())
-        if source_finite:
-            raise ValueError(
-                f"{name} contains {count} value(s) beyond the range of {np.dtype(dtype).name} (they become inf "
-                f"when cast); the first is at {where}. Rescale the traces (e.g. to other units) before use."
-            )
-        raise ValueError(
-            f"{name} contains {count} non-finite value(s) (NaN/Inf); the first is at {where} "
-            f"(value {array[bad]}). Interpolate or drop the affected neurons/trials before use."
-        )
+    _check_finite(array, name, dtype, source_finite)
     return array
-
 
 
 @dataclass
