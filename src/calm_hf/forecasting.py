@@ -327,6 +327,26 @@ class CalmForecaster:
         return {"forecast": forecast, "samples": samples, "features": features}
 
 
+def _forecast_batch(forecaster: CalmForecaster, batch: dict, context_frames: int, **forecast_kwargs):
+    """(forecast, truth) `(batch, neurons, frames - context_frames)` of a batch of dataset rows (numpy format)."""
+    window = forecaster.window_size
+    values = np.stack(list(batch["input_values"])).astype(np.float32)  # (B, N, F)
+    frames = values.shape[-1]
+    if frames <= context_frames:
+        raise ValueError(f"trials have {frames} frames, not more than the context of {context_frames}: nothing to "
+                         "forecast.")
+    ids = torch.as_tensor(np.stack(list(batch["input_ids"])).astype(np.int64))[..., : context_frames // window]
+    result = forecaster.forecast(
+        values[..., :context_frames],
+        horizon=frames - context_frames,
+        context_ids=ids,
+        neuron_ids=torch.as_tensor(np.stack(list(batch["neuron_ids"])).astype(np.int64)),
+        session_ids=torch.as_tensor(np.asarray(batch["session_id"], dtype=np.int64)),
+        **forecast_kwargs,
+    )
+    return result.forecast, values[..., context_frames:]
+
+
 def evaluate_forecasting(
     forecaster: CalmForecaster,
     dataset,
@@ -362,25 +382,10 @@ def evaluate_forecasting(
 
     for start in tqdm(range(0, len(rows), batch_size), desc="Forecasting trials", unit="batch", disable=not progress):
         batch = rows[start : start + batch_size]
-        values = np.stack(list(batch["input_values"])).astype(np.float32)  # (B, N, F)
-        frames = values.shape[-1]
-        if frames <= context_frames:
-            raise ValueError(
-                f"trials have {frames} frames, not more than the context of {context_frames}: nothing to forecast."
-            )
-        ids = torch.as_tensor(np.stack(list(batch["input_ids"])).astype(np.int64))[..., : context_frames // window]
-        result = forecaster.forecast(
-            values[..., :context_frames],
-            horizon=frames - context_frames,
-            context_ids=ids,
-            neuron_ids=torch.as_tensor(np.stack(list(batch["neuron_ids"])).astype(np.int64)),
-            session_ids=torch.as_tensor(np.asarray(batch["session_id"], dtype=np.int64)),
-            mode=mode,
-            num_samples=num_samples,
-            temperature=temperature,
-        )
-        predictions.append(result.forecast)
-        truths.append(values[..., context_frames:])
+        forecast, truth = _forecast_batch(forecaster, batch, context_frames, mode=mode, num_samples=num_samples,
+                                          temperature=temperature)
+        predictions.append(forecast)
+        truths.append(truth)
         sessions.append(np.asarray(batch["session_id"]))
     prediction = np.concatenate(predictions)
     truth = np.concatenate(truths)
@@ -395,7 +400,6 @@ def evaluate_forecasting(
     return metrics
 
 
-@torch.no_grad()
 def _probe_rows(dataset, max_trials: int):
     """Evenly spaced trials (splits are often grouped by session), keeping only sessions with at least two of them."""
     chosen = np.unique(np.linspace(0, len(dataset) - 1, min(max_trials, len(dataset))).round().astype(int))
@@ -421,6 +425,33 @@ def _swap_partners(sessions: np.ndarray, seed: int) -> np.ndarray:
     return partner
 
 
+@torch.no_grad()
+def _probe_pass(model, ids: torch.Tensor, neuron_ids: torch.Tensor, session_ids: torch.Tensor,
+                partner: np.ndarray | None, block_neurons: int, context_steps: int, horizon: int):
+    """Teacher-forced CE (summed, nats) and, when `horizon > 0`, the direct forecasts `(trials, neurons, horizon)`,
+    scoring `block_neurons` neurons at a time; with `partner`, every other neuron's tokens come from the partner
+    trial."""
+    import torch.nn.functional as F
+
+    trials, neurons, _ = ids.shape
+    ce_total, preds = 0.0, np.zeros((trials, neurons, max(horizon, 0)), dtype=np.float32)
+    for start in range(0, neurons, block_neurons):
+        keep = slice(start, min(start + block_neurons, neurons))
+        grid = ids
+        if partner is not None:
+            grid = ids[torch.as_tensor(partner, device=ids.device)].clone()
+            grid[:, keep] = ids[:, keep]
+        out = model(input_ids=grid, neuron_ids=neuron_ids, session_ids=session_ids, use_cache=False, return_dict=True)
+        logits = out.logits[:, keep, :-1].float()
+        ce_total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, keep, 1:].reshape(-1),
+                                          reduction="sum"))
+        if horizon > 0:
+            pred = out.value_predictions[:, keep, context_steps - 1, :horizon].float().cpu().numpy()
+            preds[:, keep, : pred.shape[-1]] = pred
+    return ce_total, preds
+
+
+@torch.no_grad()
 def trial_swap_probe(
     model,
     dataset,
@@ -443,8 +474,6 @@ def trial_swap_probe(
         continuous head, `pearson_r` / `pearson_r_swapped` and `mse` / `mse_swapped` of the direct forecast of
         the frames after `context_frames`, plus `trials`.
     """
-    import torch.nn.functional as F
-
     try:  # not at the top (and inside try, which transformers' remote-code import check skips): this file ships
         from calm_hf.metrics.functional import forecast_pearson_r, mse  # inside checkpoints, without calm_hf
     except ImportError as error:  # pragma: no cover
@@ -462,32 +491,13 @@ def trial_swap_probe(
     partner = _swap_partners(sessions, seed)
     session_ids = torch.as_tensor(sessions, device=device)
     context_steps = context_frames // model.config.window_size
-    has_head = getattr(model, "value_head", None) is not None
     horizon = values.shape[-1] - context_frames
 
-    @torch.no_grad()
-    def run(grid: torch.Tensor, keep: slice):
-        out = model(input_ids=grid, neuron_ids=neuron_ids, session_ids=session_ids, use_cache=False, return_dict=True)
-        logits = out.logits[:, keep, :-1].float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, keep, 1:].reshape(-1), reduction="sum")
-        pred = None
-        if has_head:
-            pred = out.value_predictions[:, keep, context_steps - 1, :horizon].float().cpu().numpy()
-        return float(ce), pred
-
+    has_head = getattr(model, "value_head", None) is not None
     results = {}
     for label, swapped in (("", False), ("_swapped", True)):
-        ce_total, preds = 0.0, np.zeros((trials, neurons, max(horizon, 0)), dtype=np.float32)
-        for start in range(0, neurons, block_neurons):
-            keep = slice(start, min(start + block_neurons, neurons))
-            grid = ids
-            if swapped:
-                grid = ids[torch.as_tensor(partner, device=device)].clone()
-                grid[:, keep] = ids[:, keep]
-            ce, pred = run(grid, keep)
-            ce_total += ce
-            if pred is not None:
-                preds[:, keep, : pred.shape[-1]] = pred
+        ce_total, preds = _probe_pass(model, ids, neuron_ids, session_ids, partner if swapped else None, block_neurons,
+                                      context_steps, horizon if has_head else 0)
         results[f"next_token_ce{label}"] = ce_total / ids[:, :, 1:].numel()
         if has_head:
             truth = values[..., context_frames:]

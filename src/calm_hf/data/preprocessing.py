@@ -326,6 +326,24 @@ class PreparedSession:
         return self.traces[self.splits[name]]
 
 
+def _resample_smooth_crop(session: SessionTrials, processor, ema_alpha: float | None):
+    """(traces, behaviour or None) of a session at the processor's rate, EMA-smoothed (traces only) and cropped to a
+    multiple of the token window (the oldest frames go)."""
+    window_size, target_fs = processor.window_size, processor.sampling_rate
+    traces = processor.resample(session.traces, session.fs)
+    behavior = None if session.behavior is None else processor.resample(session.behavior, session.fs)
+    if ema_alpha is not None:
+        traces = causal_ema(traces, alpha=ema_alpha, axis=-1)
+    num_frames = traces.shape[-1] - traces.shape[-1] % window_size
+    if num_frames < window_size:
+        raise ValueError(
+            f"Session {session.name!r}: {session.traces.shape[-1]} frames at {session.fs} Hz become {traces.shape[-1]} "
+            f"frames at {target_fs} Hz, fewer than one token window of {window_size} frames; use longer trials."
+        )
+    start = traces.shape[-1] - num_frames
+    return traces[..., start:], None if behavior is None else behavior[..., start:]
+
+
 def prepare_session(
     session: SessionTrials,
     target_fs: float = 5.0,
@@ -363,20 +381,7 @@ def prepare_session(
     # The same processor (end-aligned resampling, causal EMA, crop of the oldest frames, relative std floor) that
     # the checkpoint saves and the pipeline applies to a user's context.
     processor = CalmTraceProcessor(sampling_rate=target_fs, window_size=window_size, ema_alpha=ema_alpha)
-    traces = processor.resample(session.traces, session.fs)
-    behavior = None if session.behavior is None else processor.resample(session.behavior, session.fs)
-    if ema_alpha is not None:
-        traces = causal_ema(traces, alpha=ema_alpha, axis=-1)
-    num_frames = traces.shape[-1] - traces.shape[-1] % window_size
-    if num_frames < window_size:
-        raise ValueError(
-            f"Session {session.name!r}: {session.traces.shape[-1]} frames at {session.fs} Hz become {traces.shape[-1]} "
-            f"frames at {target_fs} Hz, fewer than one token window of {window_size} frames; use longer trials."
-        )
-    start = traces.shape[-1] - num_frames
-    traces = traces[..., start:]
-    if behavior is not None:
-        behavior = behavior[..., start:]
+    traces, behavior = _resample_smooth_crop(session, processor, ema_alpha)
     splits = split_trials(traces.shape[0], seed=split_seed, fractions=fractions)
     stats = ZScoreStats(*processor.fit_stats(traces[splits["train"]]))
     traces = stats.transform(traces).astype(np.float32)
