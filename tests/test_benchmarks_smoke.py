@@ -104,7 +104,7 @@ def test_every_model_trains_with_finite_metrics(smoke):
     assert heldout["held_out_session"] == "sim-s2"
     assert list(heldout["models"]["calm_adapted_greedy"]["per_session_pearson_r"]) == ["2"]
     adapt = heldout["models"]["calm_adapted_greedy"]["training"]["adapt"]
-    # the training script's own score of the adapted model (its default forecast) equals the benchmark's
+    # the adapt command's own score of the adapted model (its default forecast) equals the benchmark's
     assert adapt["script_forecast_mode"] == "direct"
     assert adapt["script_test_forecast_pearson_r"] == pytest.approx(
         heldout["models"]["calm_adapted_direct"]["pearson_r"], abs=1e-6)

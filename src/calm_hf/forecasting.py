@@ -3,7 +3,7 @@
 `CalmForecaster` works on z-scored traces at the model's frame rate (`forecast`), or on raw traces through the
 checkpoint's `CalmTraceProcessor` (`forecast_traces`); the `"neural-forecasting"` pipeline
 (`pipeline_neural_forecasting.py`) wraps the latter. `evaluate_forecasting` scores a held-out split with the paper's
-protocol and serves `training/pretrain.py`, the main job and the benchmarks.
+protocol and serves `calm pretrain`, the main job and the benchmarks.
 
 This file ships with checkpoints (the pipeline imports it), so it imports only numpy, torch and its siblings.
 """
