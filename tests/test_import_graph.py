@@ -124,3 +124,9 @@ def test_no_cycles_among_top_level_modules(graph):
         collapsed.setdefault(top_level(name), set()).update(top_level(t) for t in targets if top_level(t) != top_level(name))
     cycle = find_cycle(collapsed)
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_no_cycles_among_any_modules(graph):
+    """Also inside the subpackages (the readers build on `data/io.py`; `data/readers.py` dispatches above them)."""
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"

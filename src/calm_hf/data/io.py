@@ -1,5 +1,6 @@
-"""Loading recordings: the `Recording` container, `.npz` files (the real recordings shipped in `<data dir>`), and
-`load_recording`, which dispatches to the NWB (`nwb.py`), suite2p (`suite2p.py`) and CaImAn (`caiman.py`) readers.
+"""Loading recordings: the `Recording` container and `.npz` files (the real recordings shipped in `<data dir>`). The
+NWB (`nwb.py`), suite2p (`suite2p.py`) and CaImAn (`caiman.py`) readers build on it; `readers.load_recording`
+dispatches to all of them.
 
 The data folder is the environment variable `CALM_DATA_DIR` when set, else `../shared/data` relative to the current
 working directory (the layout of a checkout run from its root); every loader also takes `data_dir=` explicitly. Files are read with `np.load(..., allow_pickle=False)`; nothing is downloaded.
@@ -280,33 +281,6 @@ def load_npz_recording(path: str | os.PathLike, layout: str = "auto") -> Recordi
         behavior_names=None if names is None or behavior is None else list(names.reshape(-1)),
         trial_starts=data.get("trial_starts"),
         extras=extras,
-    )
-
-
-def load_recording(path: str | os.PathLike, **kwargs) -> Recording:
-    """Read any supported recording by its form: a `.nwb` file (`load_nwb_recording`), a suite2p output folder
-    (`load_suite2p_recording`), a CaImAn `.hdf5`/`.h5` file (`load_caiman_recording`) or a `.npz` file
-    (`load_npz_recording`). Keyword arguments go to that reader."""
-    path = Path(path)
-    if not path.exists():
-        raise _missing_file_error(path, "file" if path.suffix else "folder")
-    if path.is_dir():
-        from .suite2p import load_suite2p_recording
-
-        return load_suite2p_recording(path, **kwargs)
-    suffix = path.suffix.lower()
-    if suffix == ".nwb":
-        from .nwb import load_nwb_recording
-
-        return load_nwb_recording(path, **kwargs)
-    if suffix in (".hdf5", ".h5"):
-        from .caiman import load_caiman_recording
-
-        return load_caiman_recording(path, **kwargs)
-    if suffix == ".npz":
-        return load_npz_recording(path, **kwargs)
-    raise ValueError(
-        f"{path}: unknown recording format {suffix!r}; calm_hf reads .nwb, .npz, CaImAn .hdf5/.h5 and suite2p folders."
     )
 
 
