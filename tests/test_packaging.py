@@ -163,3 +163,29 @@ def test_wheel_installed_outside_the_checkout_runs_the_tiny_pipeline(tmp_path):
                   "--session", "sim-s0", "--output", "forecast.npz")
     assert "wrote forecast.npz" in summary
     assert np.load(work / "forecast.npz")["forecast"].shape == (12, 8)
+
+
+@pytest.mark.parametrize("command", ["main", "prepare", "train-tokenizer", "tokenize", "pretrain", "adapt",
+                                     "finetune-behavior", "forecast", "push", "analyze"])
+def test_every_command_has_help_and_a_config_flag(command, capsys):
+    """`calm <command> --help` exits 0 through the package module (no file paths) and lists `--config`."""
+    from calm_hf.cli import main
+
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"calm {command}" in out and "--config" in out
+
+
+def test_unknown_command_and_bad_flags_exit_codes(capsys):
+    from calm_hf.cli import main
+
+    assert main(["no-such-stage"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert main(["tokenize", "--no_such_flag", "1"]) == 2
+
+
+def test_training_launchers_call_the_package():
+    for script in sorted((REPO / "training").glob("*.sh")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        assert "-m calm_hf.commands." in script.read_text(), script
+    assert not list((REPO / "training").glob("*.py")), "training/ holds recipes and launchers, not code"

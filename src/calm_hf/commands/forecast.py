@@ -29,7 +29,7 @@ class ForecastArguments:
     horizon: int = field(metadata={"help": "Frames to forecast at --sampling_rate."})
     sampling_rate: float | None = field(default=None, metadata={"help": "Hz of the input; default: the file's or the "
                                                                          "model's."})
-    num_samples: int = field(default=1, metadata={"help": "Sampled futures (a 5-95% band when > 1)."})
+    num_samples: int = field(default=1, metadata={"help": "Sampled futures (a 5-95 percentile band when > 1)."})
     session: str | None = field(default=None, metadata={"help": "Session name the model knows (`calm adapt`)."})
     output: str = field(default="forecast.npz", metadata={"help": "Where the forecast .npz is written."})
     holdout: bool = field(
