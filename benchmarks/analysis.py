@@ -20,8 +20,8 @@ Every analysis is run on the trained model AND on an untrained model of the same
 control beside it (`calm analyze` does this). Results: `benchmarks/results/analysis_<dataset>/` (report.md,
 report.json, figures) and `benchmarks/results/analysis.md`, a summary across datasets.
 
-Training runs the scripts in `training/` as subprocesses, one thread each (they pin themselves with
-`calm_hf.hardware`); the sizes are chosen to fit a few minutes per dataset on one CPU core.
+Training runs the package's commands (`python -m calm_hf.commands.<stage>`) as subprocesses, one thread each (they
+pin themselves with `calm_hf.hardware`); the sizes are chosen to fit a few minutes per dataset on one CPU core.
 """
 
 from __future__ import annotations
@@ -116,9 +116,9 @@ def _prepare(name: str, size: dict, out: Path) -> None:
     (out / "labels.json").write_text(json.dumps(labels))
 
 
-def _run(script: str, args: list[str], log: Path) -> None:
+def _run(command_name: str, args: list[str], log: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    command = [sys.executable, str(REPO / "training" / f"{script}.py"), *args]
+    command = [sys.executable, "-m", f"calm_hf.commands.{command_name}", *args]
     with log.open("a") as handle:
         handle.write(f"$ {' '.join(command)}\n")
         handle.flush()
@@ -126,7 +126,7 @@ def _run(script: str, args: list[str], log: Path) -> None:
 
 
 def _train(name: str, size: dict, out: Path) -> None:
-    """Tokenizer -> tokenize -> pretrain with the repository's training scripts (as `calm main` chains them)."""
+    """Tokenizer -> tokenize -> pretrain with the package's commands (as `calm main` chains them)."""
     spec = DATASETS[name]
     log = out / "train.log"
     common = ["--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0", "--seed", "0", "--data_seed", "0",
@@ -138,7 +138,7 @@ def _train(name: str, size: dict, out: Path) -> None:
                              "--validation_segments", "256", "--output_dir", str(out / "tokenizer"),
                              "--num_train_epochs", str(size["tokenizer_epochs"]), "--per_device_train_batch_size", "64",
                              "--learning_rate", "3e-3", *common], log)
-    _run("tokenize_trials", ["--tokenizer_path", str(out / "tokenizer"), "--trials_dataset", str(out / "trials"),
+    _run("tokenize", ["--tokenizer_path", str(out / "tokenizer"), "--trials_dataset", str(out / "trials"),
                              "--output_dir", str(out / "tokenized")], log)
     _run("pretrain", ["--tokenized_dataset", str(out / "tokenized"), "--tokenizer_path", str(out / "tokenizer"),
                       "--preset", size["model_preset"], "--max_neurons", str(size["max_neurons"]),
@@ -149,7 +149,7 @@ def _train(name: str, size: dict, out: Path) -> None:
 
 
 def _analyze(name: str, out: Path, results: Path, forecast_trials: int | None, forecast_mode: str) -> dict:
-    from calm_hf.analysis.report import main as analyze_main
+    from calm_hf.commands.analyze import run as analyze_main
 
     spec = DATASETS[name]
     argv = ["--model", str(out / "model"), "--dataset", str(out / "tokenized"), "--labels", str(out / "labels.json"),

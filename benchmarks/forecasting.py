@@ -29,7 +29,7 @@ Datasets
   `seed..seed+2`). CalM: tokenizer + dual-axis transformer pretrained on all sessions' training trials. Baselines: one
   fit per session (they have neuron-specific weights), scores pooled with the session ids.
 - `heldout`: CalM pretrained on sim sessions 0-1 only (same tokenizer and tokens as `sim`), then only the new session's
-  and neurons' embeddings are learned on session 2's training trials (`training/adapt_session.py`); scored on
+  and neurons' embeddings are learned on session 2's training trials (`calm adapt`); scored on
   session 2's test trials. Baselines are trained on session 2's training trials directly (when `sim` runs in the same
   invocation these are the very fits of `sim`'s session 2, reused).
 - `zebrafish`: Triplett et al. 2018 tectum recording (114 neurons, 2.2 Hz) resampled to 5 Hz as one continuous
@@ -411,46 +411,23 @@ def run_baselines(models: list[str], data: dict, sessions: list[int], size: dict
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# CalM through the training scripts
+# CalM through the package's commands
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def training_script(name: str):
-    from calm_hf.cli import load_training_script
+def command(name: str):
+    """A stage of the package, `calm_hf.commands.<name>` (prepare, train_tokenizer, tokenize, pretrain, adapt; `stages`
+    is the main job's stage machinery). Training stages take `callbacks=[TimeBudgetCallback(...)]` for the budget."""
+    import importlib
 
-    return load_training_script(name)
+    return importlib.import_module(f"calm_hf.commands.{name}")
 
 
-@contextlib.contextmanager
-def time_limited(script_module, max_seconds: float, record: dict):
-    """Make `script_module`'s CalmTrainer stop training after `max_seconds` (a TrainerCallback; the script itself is
-    unchanged). `record["stopped_by_budget"]` / `record["steps"]` tell what happened."""
-    from transformers import TrainerCallback
+def time_budget(max_seconds: float, record: dict):
+    """The callback that stops a command's training after `max_seconds`; `record` gets `steps`/`stopped_by_budget`."""
+    from calm_hf.callbacks import TimeBudgetCallback
 
-    class TimeBudgetCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            record["steps"] = state.global_step
-            if time.perf_counter() - self.start > max_seconds:
-                record["stopped_by_budget"] = True
-                control.should_training_stop = True
-            return control
-
-    original = script_module.CalmTrainer
-
-    class TimeLimitedTrainer(original):
-        def __init__(self, *args, **kwargs):
-            callbacks = list(kwargs.pop("callbacks", None) or []) + [TimeBudgetCallback()]
-            super().__init__(*args, callbacks=callbacks, **kwargs)
-
-    record.setdefault("stopped_by_budget", False)
-    script_module.CalmTrainer = TimeLimitedTrainer
-    try:
-        yield record
-    finally:
-        script_module.CalmTrainer = original
+    return TimeBudgetCallback(max_seconds, record)
 
 
 def seconds_per_step(model, batch: dict, steps: int = 2) -> float:
@@ -486,8 +463,7 @@ def fingerprint(path: Path) -> float | None:
 
 def trainer_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed: int, max_steps: int,
                   resume: str | None) -> list[str]:
-    run_all = training_script("run_all")
-    flags = run_all.training_flags(output_dir, epochs, batch, lr, seed, False, resume)
+    flags = command("main").training_flags(output_dir, epochs, batch, lr, seed, False, resume, use_cpu=True)
     return flags + ["--max_steps", str(max_steps), "--logging_steps", str(max(1, min(25, max_steps // 4)))]
 
 
@@ -500,7 +476,7 @@ def train_tokenizer_stage(work: Path, trials_dir: Path, size: dict, budget_s: fl
 
     from calm_hf.configuration_calm_tokenizer import CALM_TOKENIZER_PRESETS
 
-    run_all = training_script("run_all")
+    run_all = command("stages")
     cfg = size["tokenizer"]
     corpus = datasets.load_from_disk(str(trials_dir))
     row = corpus["train"].with_format("numpy")[0]["input_values"]
@@ -520,12 +496,13 @@ def train_tokenizer_stage(work: Path, trials_dir: Path, size: dict, budget_s: fl
         step_s = seconds_per_step(model, {"input_values": torch.randn(min(cfg["batch"], segments), 1, segment_frames)})
         max_steps = plan_steps(planned, step_s, budget_s)
         info.update(seconds_per_step=step_s, planned_steps=planned, max_steps=max_steps)
-        script = training_script("train_tokenizer")
-        with time_limited(script, budget_s, info), PeakMemory() as memory:
-            script.main(["--trials_dataset", str(trials_dir), "--preset", cfg["preset"],
-                         "--max_segments", str(cfg["max_segments"]), "--segment_frames", str(segment_frames)]
-                        + trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps,
-                                        stage.last_checkpoint()))
+        with PeakMemory() as memory:
+            command("train_tokenizer").run(
+                ["--trials_dataset", str(trials_dir), "--preset", cfg["preset"], "--max_segments", str(cfg["max_segments"]),
+                 "--segment_frames", str(segment_frames)]
+                + trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps,
+                                stage.last_checkpoint()),
+                callbacks=[time_budget(budget_s, info)])
         info["peak_memory_mb"] = memory.peak_delta_mb
         return {"info": info}
 
@@ -537,11 +514,11 @@ def train_tokenizer_stage(work: Path, trials_dir: Path, size: dict, budget_s: fl
 
 
 def tokenize_stage(work: Path, trials_dir: Path, tokenizer_dir: Path) -> Path:
-    run_all = training_script("run_all")
+    run_all = command("stages")
     stage = run_all.Stage(work / "tokenized", {"trials": str(trials_dir), "tokenizer": str(tokenizer_dir),
                                                "tokenizer_version": fingerprint(tokenizer_dir),
                                                "trials_version": fingerprint(trials_dir)})
-    run_all.run_stage(stage, "tokenize", lambda: training_script("tokenize_trials").main(
+    run_all.run_stage(stage, "tokenize", lambda: command("tokenize").run(
         ["--tokenizer_path", str(tokenizer_dir), "--trials_dataset", str(trials_dir), "--output_dir", str(stage.path)]
     ) and None, {})
     return stage.path
@@ -549,14 +526,14 @@ def tokenize_stage(work: Path, trials_dir: Path, tokenizer_dir: Path) -> Path:
 
 def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, size: dict, budget_s: float, seed: int,
                    overrides: dict | None = None, context: int = CONTEXT_FRAMES) -> dict:
-    """Pretrain the DAT with training/pretrain.py within `budget_s` (reused when finished). Returns stage info."""
+    """Pretrain the DAT with `calm pretrain` within `budget_s` (reused when finished). Returns stage info."""
     import datasets
 
     from calm_hf import CalmTokenizer
     from calm_hf.configuration_calm import CALM_PRESETS
     from calm_hf.data import CalmDataCollator, load_session_metadata
 
-    run_all = training_script("run_all")
+    run_all = command("stages")
     cfg = size["calm"]
     overrides = dict(overrides or {})
     stage = run_all.Stage(stage_dir, {"tokenized": str(tokenized_dir), "tokenized_version": fingerprint(tokenized_dir),
@@ -564,7 +541,7 @@ def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, si
                                       "preset_config": CALM_PRESETS.get(cfg["preset"]),
                                       "overrides": overrides, "budget_s": budget_s, "seed": seed})
     info: dict[str, Any] = {"budget_seconds": budget_s, "config_overrides": overrides, **cfg}
-    script = training_script("pretrain")
+    script = command("pretrain")
 
     def run():
         corpus = datasets.load_from_disk(str(tokenized_dir))
@@ -574,7 +551,7 @@ def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, si
         model_args = script.ModelArguments(tokenizer_path=str(tokenizer_dir), preset=cfg["preset"],
                                            config_overrides=json.dumps(overrides) if overrides else None)
         model = script.build_model(model_args, tokenizer, sessions, token_steps)
-        # the probe batch is what training/pretrain.py will feed: with the traces when the model has the value head
+        # the probe batch is what `calm pretrain` will feed: with the traces when the model has the value head
         with_values = model.config.value_head_steps > 0
         columns = ["input_ids", "neuron_ids", "session_id"] + (["input_values"] if with_values else [])
         rows = corpus["train"].select_columns(columns).with_format("numpy")
@@ -591,9 +568,9 @@ def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, si
                 "--context_frames", str(context)]
         if overrides:
             argv += ["--config_overrides", json.dumps(overrides)]
-        with time_limited(script, budget_s, info), PeakMemory() as memory:
-            script.main(argv + trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps,
-                                             stage.last_checkpoint()))
+        with PeakMemory() as memory:
+            script.run(argv + trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps,
+                                            stage.last_checkpoint()), callbacks=[time_budget(budget_s, info)])
         info["peak_memory_mb"] = memory.peak_delta_mb
         return {"info": info}
 
@@ -884,7 +861,7 @@ def sim_corpus(args, size: dict, work: Path, budget_s: float) -> dict:
     """Trials, tokenizer and tokens of the simulated benchmark: from `--calm_dir` or built in `work/sim`."""
     import datasets
 
-    run_all = training_script("run_all")
+    run_all = command("stages")
     if args.calm_dir:
         calm = Path(args.calm_dir).resolve()
         missing = [p for p in ("trials", "tokenizer", "tokenized", "pretrain") if not (calm / p).is_dir()]
@@ -896,7 +873,7 @@ def sim_corpus(args, size: dict, work: Path, budget_s: float) -> dict:
     else:
         sim = size["sim"]
         trials = run_all.Stage(work / "trials", {**sim, "seed": args.seed})
-        run_all.run_stage(trials, "simulate", lambda: training_script("prepare_data").main(
+        run_all.run_stage(trials, "simulate", lambda: command("prepare").run(
             ["--output_dir", str(trials.path), "--seed", str(args.seed)] + [f"--{k}={v}" for k, v in sim.items()]
         ) and None, {})
         tokenizer_info = train_tokenizer_stage(work, trials.path, size, budget_s * sim["num_sessions"], args.seed)
@@ -1046,7 +1023,7 @@ def run_heldout(args, size, work, budget_s, models, corpus, sim_fits: dict | Non
             tokenized.filter(lambda s: s == held.session_id, input_columns="session_id").save_to_disk(str(own_dir))
             save_session_metadata(own_dir, [held])
 
-        run_all = training_script("run_all")
+        run_all = command("stages")
         split_stage = run_all.Stage(heldout_work / "splits", {"tokenized": str(corpus["tokenized"]),
                                                               "tokenized_version": fingerprint(corpus["tokenized"]),
                                                               "held_out": held.session_id})
@@ -1059,7 +1036,7 @@ def run_heldout(args, size, work, budget_s, models, corpus, sim_fits: dict | Non
         session_id = adapted.config.session_names.index(held.name)
         neuron_ids = np.arange(*adapted.config.session_neuron_ranges[session_id])
         own = datasets.load_from_disk(str(own_dir))
-        test = training_script("adapt_session").remap_to_session(own["test"], session_id, neuron_ids)
+        test = command("adapt").remap_to_session(own["test"], session_id, neuron_ids)
         train_info = {"tokenizer": corpus["tokenizer_info"], "pretrain": pre_info, "adapt": adapt_info,
                       "train_seconds": _sum_seconds(corpus["tokenizer_info"], pre_info, adapt_info),
                       "adapt_seconds": adapt_info.get("seconds"),
@@ -1079,13 +1056,13 @@ def adapt_stage(heldout_work: Path, own_dir: Path, session_name: str, size: dict
                 pre_info: dict) -> dict:
     import datasets
 
-    run_all = training_script("run_all")
+    run_all = command("stages")
     cfg = size["adapt"]
     stage = run_all.Stage(heldout_work / "adapted", {"data": str(own_dir), "data_version": fingerprint(own_dir),
                                                      "model_version": fingerprint(heldout_work / "pretrain"),
                                                      **cfg, "budget_s": budget_s, "seed": seed})
     info: dict[str, Any] = {"budget_seconds": budget_s, **cfg}
-    script = training_script("adapt_session")
+    script = command("adapt")
 
     def run():
         rows = len(datasets.load_from_disk(str(own_dir))["train"])
@@ -1093,12 +1070,13 @@ def adapt_stage(heldout_work: Path, own_dir: Path, session_name: str, size: dict
         # the frozen backbone still runs forward and backward: the pretraining step time is the estimate
         max_steps = plan_steps(planned, float(pre_info.get("seconds_per_step") or 1.0), budget_s)
         info.update(planned_steps=planned, max_steps=max_steps)
-        with time_limited(script, budget_s, info), PeakMemory() as memory:
-            metrics = script.main(
+        with PeakMemory() as memory:
+            metrics = script.run(
                 ["--model_path", str(heldout_work / "pretrain"), "--tokenized_dataset", str(own_dir),
                  "--session_name", session_name, "--max_neurons", str(cfg["max_neurons"]),
                  "--context_frames", str(CONTEXT_FRAMES)]
-                + trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps, None))
+                + trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps, None),
+                callbacks=[time_budget(budget_s, info)])
         info["peak_memory_mb"] = memory.peak_delta_mb
         # the script scores with the package's default forecast (`calm_hf.forecasting.default_forecast_mode`):
         # direct for a model with the continuous head, else greedy
@@ -1138,7 +1116,7 @@ def run_zebrafish(args, size, work, budget_s, models) -> tuple[dict, dict | None
         log(message)
         return {"status": message, "models": {}}, None
     cfg = size["zebrafish"]
-    run_all = training_script("run_all")
+    run_all = command("stages")
     zf_work = work / "zebrafish"
     trials = run_all.Stage(zf_work / "trials", {**cfg, "seed": args.seed, "source": str(data_dir)})
 
@@ -1235,7 +1213,7 @@ def run_park(args, size, work, budget_s, models) -> tuple[dict, dict | None]:
         raise ValueError(f"park: sessions must share one rate (got {[s.fs for s in sessions]}) and trial_frames="
                          f"{cfg['trial_frames']} must be a multiple of the token window (4) longer than the context "
                          f"{context}.")
-    run_all = training_script("run_all")
+    run_all = command("stages")
     park_work = work / "park"
     trials = run_all.Stage(park_work / "trials", {**cfg, "seed": args.seed, "source": str(data_dir),
                                                   "sessions": [s.name for s in sessions]})

@@ -13,7 +13,7 @@ WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)-${CALM_EXTRAS:-t
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[calm_hf] installing dependencies (torch CPU wheel, transformers, datasets, ...)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-    # torch pinned first so no CUDA build is ever pulled in by a dependency.
+    # torch pinned here (pyproject.toml only asks for torch>=2.13): the CPU wheel first, so no CUDA build is pulled in.
     "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT[${CALM_EXTRAS:-test}]"
     echo "$WANT" > "$STAMP"

@@ -1,8 +1,12 @@
 """Shared test set-up: offline hub, few threads (2-core CI), the real-data location, the fake hub server."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the package finds real data through CALM_DATA_DIR (else ../shared/data of the working directory): pin it to the
+# checkout's sibling folder so tests do not depend on where pytest is started
+os.environ.setdefault("CALM_DATA_DIR", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

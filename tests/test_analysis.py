@@ -202,7 +202,7 @@ def test_calm_analyze_end_to_end(tiny_checkpoint, tmp_path):
 
 
 def test_calm_analyze_rejects_labels_of_unknown_sessions(tiny_checkpoint, tmp_path):
-    from calm_hf.analysis.report import main
+    from calm_hf.commands.analyze import run as main
 
     bad = tmp_path / "labels.json"
     bad.write_text(json.dumps({"neuron": {"x": {"no-such-session": [1, 2]}}}))
@@ -215,7 +215,7 @@ def test_calm_analyze_rejects_labels_of_unknown_sessions(tiny_checkpoint, tmp_pa
 
 @pytest.mark.slow
 def test_analysis_benchmark_tiny_run(tmp_path):
-    """benchmarks/analysis.py end to end at the tiny size on the simulation: trains with the training scripts, writes
+    """benchmarks/analysis.py end to end at the tiny size on the simulation: trains with the package commands, writes
     the per-dataset report and the summary with the simulator's ground-truth check (~1-2 min on one core)."""
     import importlib.util
     from pathlib import Path

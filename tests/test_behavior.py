@@ -290,7 +290,7 @@ def test_finetune_script_trains_and_adapts_a_held_out_session(tmp_path):
     import datasets  # noqa: F401
 
     from calm_hf.data import build_trial_dataset, prepare_session, save_session_metadata, simulate_benchmark, tokenize_dataset
-    main = load_script("training/finetune_behavior.py").main
+    from calm_hf.commands.finetune_behavior import run as main
 
     sessions = simulate_benchmark(num_sessions=2, seed=0, num_neurons=6, num_trials=20, num_steps=20)
     dataset = tokenize_dataset(build_trial_dataset([prepare_session(s) for s in sessions]), BinTokenizer())

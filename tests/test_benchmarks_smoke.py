@@ -104,7 +104,7 @@ def test_every_model_trains_with_finite_metrics(smoke):
     assert heldout["held_out_session"] == "sim-s2"
     assert list(heldout["models"]["calm_adapted_greedy"]["per_session_pearson_r"]) == ["2"]
     adapt = heldout["models"]["calm_adapted_greedy"]["training"]["adapt"]
-    # the training script's own score of the adapted model (its default forecast) equals the benchmark's
+    # the adapt command's own score of the adapted model (its default forecast) equals the benchmark's
     assert adapt["script_forecast_mode"] == "direct"
     assert adapt["script_test_forecast_pearson_r"] == pytest.approx(
         heldout["models"]["calm_adapted_direct"]["pearson_r"], abs=1e-6)
@@ -199,16 +199,13 @@ def test_band_calibration_matches_brute_force():
 
 
 def test_time_budget_stops_trainer(tmp_path):
-    """`time_limited` wraps a script's CalmTrainer so training ends at the budget, whatever max_steps says."""
+    """`TimeBudgetCallback` (what the benchmark passes to the package's commands) ends training at the budget,
+    whatever max_steps says."""
     from datasets import Dataset
     from transformers import TrainingArguments
 
+    from calm_hf.callbacks import TimeBudgetCallback
     from calm_hf.trainer import CalmTrainer
-
-    class Script:  # stands in for a training-script module
-        pass
-
-    Script.CalmTrainer = CalmTrainer
 
     class Regression(torch.nn.Module):
         def __init__(self):
@@ -223,12 +220,20 @@ def test_time_budget_stops_trainer(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=500, per_device_train_batch_size=4,
                              report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
     record = {}
-    with bench.time_limited(Script, 0.0, record):
-        trainer = Script.CalmTrainer(model=Regression(), args=args, train_dataset=data.with_format("torch"))
-        trainer.train()
-    assert Script.CalmTrainer is CalmTrainer  # restored
+    trainer = CalmTrainer(model=Regression(), args=args, train_dataset=data.with_format("torch"),
+                          callbacks=[TimeBudgetCallback(0.0, record)])
+    trainer.train()
     assert record["stopped_by_budget"] is True
     assert trainer.state.global_step == 1 == record["steps"]
+    # a budget that is not reached leaves training alone
+    record = {}
+    args.max_steps = 3
+    trainer = CalmTrainer(model=Regression(), args=args, train_dataset=data.with_format("torch"),
+                          callbacks=[TimeBudgetCallback(600.0, record)])
+    trainer.train()
+    assert record == {"stopped_by_budget": False, "steps": 3}
+    with pytest.raises(ValueError, match="max_seconds"):
+        TimeBudgetCallback(-1.0)
     assert bench.plan_steps(1000, step_seconds=0.5, budget_s=10.0) == 18
     assert bench.plan_steps(5, step_seconds=0.5, budget_s=10.0) == 5
 

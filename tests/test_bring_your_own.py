@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from calm_hf.cli import load_training_script, main as calm
+from calm_hf.cli import main as calm
 from recording_files import smooth_traces, write_nwb, write_suite2p
 
 pytest.importorskip("pynwb")

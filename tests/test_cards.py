@@ -54,7 +54,7 @@ def test_model_card_metadata_and_numbers(tmp_path):
                     "## Limitations", "## How to fine-tune", "## Citation"):
         assert section in text, section
     for needle in ('pipeline("neural-forecasting"', "trust_remote_code=True", 'AutoModel.from_pretrained("someone/calm-base")',
-                   "training/pretrain.py", "training/adapt_session.py", "training/finetune_behavior.py",
+                   "calm pretrain", "calm adapt", "calm finetune-behavior",
                    "simulated data only", "5 Hz", "z-scored", CALM_CITATION, "arXiv 2604.04958"):
         assert needle in text, needle
     assert "{{" not in str(card) and "{%" not in str(card)  # every template variable was filled

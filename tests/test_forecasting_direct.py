@@ -95,3 +95,35 @@ def test_trial_swap_probe_changes_only_with_population_coupling():
     assert same["mse"] == pytest.approx(same["mse_swapped"])
     with pytest.raises(ValueError, match="no session has two trials"):
         trial_swap_probe(coupled, rows.select([0, 1]), context_frames=24, max_trials=2)
+
+
+def test_forecasting_stays_in_torch_on_the_model_device_until_the_result(monkeypatch):
+    """Inputs (torch or numpy) go to the model's device once and nothing is copied to host numpy before the model is
+    done: with `.numpy()` / `__array__` of every tensor disabled, every mode still runs with `return_tensors=True` and
+    returns tensors on the model's device, equal to the default host-numpy result."""
+    model, tokenizer = make_pair()
+    forecaster = CalmForecaster(model, tokenizer)
+    context = torch.randn(2, 5, 24)
+    identity = {"neuron_ids": torch.arange(5).repeat(2, 1), "session_ids": torch.zeros(2, dtype=torch.long)}
+    expected = {}
+    for mode in ("direct", "greedy", "mean"):
+        torch.manual_seed(0)
+        expected[mode] = forecaster.forecast(context.numpy(), horizon=10, mode=mode, num_samples=3, **identity)
+        assert isinstance(expected[mode].forecast, np.ndarray)
+
+    def host_copy(self, *args, **kwargs):
+        raise AssertionError("a tensor was copied to host numpy before the forecast was returned")
+
+    results = {}
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.Tensor, "numpy", host_copy)
+        patched.setattr(torch.Tensor, "__array__", host_copy)
+        for mode in ("direct", "greedy", "mean"):
+            torch.manual_seed(0)
+            results[mode] = forecaster.forecast(context, horizon=10, mode=mode, num_samples=3, return_tensors=True,
+                                                **identity)
+    for mode, result in results.items():
+        for value in (result.forecast, result.codes) + (() if result.samples is None else (result.samples,)):
+            assert isinstance(value, torch.Tensor) and value.device == forecaster.device, mode
+        np.testing.assert_allclose(result.forecast.numpy(), expected[mode].forecast, rtol=1e-5, atol=1e-5)
+    assert results["mean"].samples.shape == (2, 3, 5, 10)

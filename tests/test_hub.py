@@ -9,7 +9,8 @@ import socket
 
 import pytest
 
-from calm_hf.hub import CalmHubError, main, push_to_hub, stage_for_upload
+from calm_hf.commands.push import main
+from calm_hf.hub import CalmHubError, push_to_hub, stage_for_upload
 from hub_server import hub_server, run_in_hub_env  # noqa: F401  (fixture)
 
 PUSH_AND_READ_BACK = r'''
@@ -79,7 +80,8 @@ print(json.dumps({
 
 ERRORS = r'''
 import json
-from calm_hf.hub import CalmHubError, main, push_to_hub
+from calm_hf.commands.push import main
+from calm_hf.hub import CalmHubError, push_to_hub
 import sys
 messages = {}
 for name, kwargs in [("no_token", {}), ("bad_token", {"token": "hf_wrong"})]:

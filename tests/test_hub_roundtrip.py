@@ -1,6 +1,6 @@
 """Lossless hub round trips (fake hub on 127.0.0.1): the Trainer's push_to_hub=True pushes a complete checkpoint that
 the pipeline loads from the hub id in a Python without calm_hf; a pushed tokenized dataset keeps its session metadata
-and the training scripts read it by hub id; behaviour checkpoints load with trust_remote_code."""
+and the commands read it by hub id; behaviour checkpoints load with trust_remote_code."""
 
 import json
 import subprocess

@@ -12,7 +12,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from calm_hf.cli import load_training_script
+from calm_hf.commands import main as main_command
 
 BLOCK_CALM_HF = 'import sys; sys.modules["calm_hf"] = None  # a Python without calm_hf\n'
 
@@ -20,7 +20,7 @@ BLOCK_CALM_HF = 'import sys; sys.modules["calm_hf"] = None  # a Python without c
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     out = tmp_path_factory.mktemp("main-job")
-    summary = load_training_script("run_all").main(["--size", "tiny", "--output_dir", str(out), "--bf16", "false"])
+    summary = main_command.run(["--size", "tiny", "--output_dir", str(out), "--bf16", "false"])
     return out, summary
 
 
@@ -68,7 +68,7 @@ def test_rerun_reuses_finished_stages(release):
     for path in stale[:2]:
         (path / "train").mkdir(parents=True)
     stale[2].write_text('{"key": ')
-    summary = load_training_script("run_all").main(["--size", "tiny", "--output_dir", str(out), "--bf16", "false"])
+    summary = main_command.run(["--size", "tiny", "--output_dir", str(out), "--bf16", "false"])
     for stage in ("simulate", "train_tokenizer", "tokenize", "pretrain"):
         assert summary["timings"][stage]["reused"], stage
     assert not any(path.exists() for path in stale)
@@ -93,7 +93,7 @@ def test_changed_seed_in_the_same_folder_retrains_instead_of_reusing_checkpoints
     copy = tmp_path / "run"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.partial"))
     before = load_file(str(copy / "calm-base" / "model.safetensors"))
-    summary = load_training_script("run_all").main(
+    summary = main_command.run(
         ["--size", "tiny", "--output_dir", str(copy), "--bf16", "false", "--seed", "1"]
     )
     for stage in ("simulate", "train_tokenizer", "tokenize", "pretrain"):

@@ -232,3 +232,26 @@ def test_forecaster_forecast_traces_matches_the_pipeline(forecaster):
         neuron_ids=torch.arange(12)[None], session_ids=torch.zeros(1, dtype=torch.long),
     )
     np.testing.assert_allclose(direct["forecast"][0], out["forecast"], rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_keeps_tensors_until_postprocess(forecaster, monkeypatch):
+    """The pipeline hands the forecaster torch tensors (moved to the model's device by `Pipeline.forward`) and asks for
+    tensors back; numpy appears only in postprocess. Torch traces are accepted as input too."""
+    calls = []
+    original = forecaster.forecaster.forecast
+
+    def recording(values, **kwargs):
+        calls.append((type(values), values.device, kwargs.get("return_tensors")))
+        result = original(values, **kwargs)
+        assert isinstance(result.forecast, torch.Tensor)
+        return result
+
+    monkeypatch.setattr(forecaster.forecaster, "forecast", recording)
+    traces = torch.randn(12, 40)
+    out = forecaster(traces, horizon=8, session="s0", num_samples=2)
+    assert calls == [(torch.Tensor, forecaster.model.device, True)]
+    assert isinstance(out["forecast"], np.ndarray) and out["forecast"].shape == (12, 8)
+    assert out["samples"].shape == (2, 12, 8) and np.isfinite(out["forecast"]).all()
+    np.testing.assert_allclose(forecaster(traces.numpy(), horizon=8, session="s0")["forecast"],
+                               forecaster(traces, horizon=8, session="s0")["forecast"], rtol=1e-6)
+

@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from calm_hf.cli import load_training_script
+from calm_hf.commands import prepare as prepare_command
 from calm_hf.data import (
     Recording,
     load_caiman_recording,
@@ -23,7 +23,7 @@ pytest.importorskip("h5py")
 
 
 def prepare(argv):
-    return load_training_script("prepare_data").main(argv)
+    return prepare_command.run(argv)
 
 
 # ---------------------------------------------------------------- npz

@@ -28,7 +28,7 @@ from calm_hf import (
     CalmTokenizerConfig,
 )
 from calm_hf.atomic import atomic_folder, atomic_write_text, partial_path, remove_stale_partials
-from calm_hf.cli import load_training_script
+from calm_hf.commands import stages
 from calm_hf.cli import main as calm_main
 from calm_hf.data import SessionTrials, causal_ema, check_traces, resample
 from calm_hf.forecasting import check_tokenizer_matches_model
@@ -407,8 +407,8 @@ def test_calm_push_failure_exits_non_zero_in_a_subprocess(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run_all():
-    return load_training_script("run_all")
+def run_all_stages():
+    return stages
 
 
 def fake_checkpoint(folder: Path, state: bool = True, weights: str = "ok", optimizer: bool = True) -> Path:
@@ -425,8 +425,8 @@ def fake_checkpoint(folder: Path, state: bool = True, weights: str = "ok", optim
     return folder
 
 
-def test_resume_only_from_complete_checkpoints(tmp_path, run_all, caplog):
-    stage = run_all.Stage(tmp_path / "pretrain", {"argv": ["--seed", "0"]})
+def test_resume_only_from_complete_checkpoints(tmp_path, run_all_stages, caplog):
+    stage = run_all_stages.Stage(tmp_path / "pretrain", {"argv": ["--seed", "0"]})
     good = fake_checkpoint(stage.path / "checkpoint-2")
     fake_checkpoint(stage.path / "checkpoint-4", optimizer=False)
     fake_checkpoint(stage.path / "checkpoint-6", weights="truncated")
@@ -438,38 +438,38 @@ def test_resume_only_from_complete_checkpoints(tmp_path, run_all, caplog):
     assert sorted(p.name for p in stage.path.iterdir()) == ["checkpoint-2"]
 
 
-def test_changed_parameters_never_resume_the_old_runs_checkpoints(tmp_path, run_all):
-    old = run_all.Stage(tmp_path / "pretrain", {"argv": ["--seed", "0"]})
+def test_changed_parameters_never_resume_the_old_runs_checkpoints(tmp_path, run_all_stages):
+    old = run_all_stages.Stage(tmp_path / "pretrain", {"argv": ["--seed", "0"]})
     old.start()
     fake_checkpoint(old.path / "checkpoint-7")
     old.finish(1.0)
-    new = run_all.Stage(tmp_path / "pretrain", {"argv": ["--seed", "1"]})
+    new = run_all_stages.Stage(tmp_path / "pretrain", {"argv": ["--seed", "1"]})
     assert old.done() and not new.done()
     new.start()  # before: the seed-1 run resumed seed-0's finished checkpoint-7 and trained 0 steps
     assert new.last_checkpoint() is None and not old.done()
     # an interrupted run of the *same* parameters keeps its checkpoints
     fake_checkpoint(new.path / "checkpoint-3")
-    again = run_all.Stage(tmp_path / "pretrain", {"argv": ["--seed", "1"]})
+    again = run_all_stages.Stage(tmp_path / "pretrain", {"argv": ["--seed", "1"]})
     again.start()
     assert again.last_checkpoint() == str(new.path / "checkpoint-3")
 
 
 @pytest.mark.parametrize("content", ['{"key": "abc", "sec', "", "\x00\x01", "[1, 2]"])
-def test_truncated_stage_marker_means_not_done(tmp_path, run_all, content):
-    stage = run_all.Stage(tmp_path / "trials", {"argv": []})
+def test_truncated_stage_marker_means_not_done(tmp_path, run_all_stages, content):
+    stage = run_all_stages.Stage(tmp_path / "trials", {"argv": []})
     stage.path.mkdir()
     stage.marker.write_text(content)
     assert not stage.done()  # before: JSONDecodeError on every run
     assert stage.seconds() == 0.0
 
 
-def test_stage_markers_are_written_atomically(tmp_path, run_all):
-    stage = run_all.Stage(tmp_path / "tokenizer", {"argv": []})
+def test_stage_markers_are_written_atomically(tmp_path, run_all_stages):
+    stage = run_all_stages.Stage(tmp_path / "tokenizer", {"argv": []})
     stage.start()
     stage.finish(2.5, metrics={"loss": 1.0})
     assert stage.done() and stage.seconds() == 2.5
     assert not list(stage.path.glob("*.partial"))
-    atomic = run_all.Stage(tmp_path / "trials", {"argv": []}, atomic=True)
+    atomic = run_all_stages.Stage(tmp_path / "trials", {"argv": []}, atomic=True)
     atomic.start()
     atomic.output.mkdir()
     (atomic.output / "data.txt").write_text("new")

@@ -1,5 +1,5 @@
-"""Training scripts: an interrupted pretraining resumed from its checkpoint ends with the same weights as an
-uninterrupted run (CPU determinism), and the same script runs as two-process DDP under torchrun."""
+"""Training commands: an interrupted pretraining resumed from its checkpoint ends with the same weights as an
+uninterrupted run (CPU determinism), and the same module runs as two-process DDP under torchrun."""
 
 import os
 import shutil
@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from calm_hf.cli import load_training_script
+from calm_hf.commands import prepare as prepare_command, pretrain as pretrain_command
+from calm_hf.commands import tokenize as tokenize_command, train_tokenizer as train_tokenizer_command
 from calm_hf.trainer import CalmTrainer
 
 
@@ -19,16 +20,16 @@ from calm_hf.trainer import CalmTrainer
 def tokenized(tmp_path_factory):
     """A tiny simulated corpus, tokenized by a tiny tokenizer (the first stages of the main job)."""
     root = tmp_path_factory.mktemp("corpus")
-    load_training_script("prepare_data").main(
+    prepare_command.run(
         ["--output_dir", str(root / "trials"), "--num_sessions", "2", "--num_neurons", "12", "--num_trials", "20",
          "--num_steps", "60"]
     )
-    load_training_script("train_tokenizer").main(
+    train_tokenizer_command.run(
         ["--trials_dataset", str(root / "trials"), "--output_dir", str(root / "tokenizer"), "--preset", "tiny",
          "--max_steps", "4", "--per_device_train_batch_size", "32", "--report_to", "none", "--use_cpu",
          "--save_strategy", "no", "--disable_tqdm", "true"]
     )
-    load_training_script("tokenize_trials").main(
+    tokenize_command.run(
         ["--tokenizer_path", str(root / "tokenizer"), "--trials_dataset", str(root / "trials"),
          "--output_dir", str(root / "tokenized")]
     )
@@ -59,16 +60,16 @@ class InterruptAfterThreeSteps(CalmTrainer):
 
 
 def test_resumed_pretraining_matches_uninterrupted(tokenized, tmp_path, monkeypatch):
-    pretrain = load_training_script("pretrain")
-    load_training_script("pretrain").main(pretrain_args(tokenized, tmp_path / "straight"))
+    pretrain = pretrain_command
+    pretrain.run(pretrain_args(tokenized, tmp_path / "straight"))
 
     monkeypatch.setattr(pretrain, "CalmTrainer", InterruptAfterThreeSteps)
     with pytest.raises(Interrupted):
-        pretrain.main(pretrain_args(tokenized, tmp_path / "resumed"))
+        pretrain.run(pretrain_args(tokenized, tmp_path / "resumed"))
     assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     monkeypatch.setattr(pretrain, "CalmTrainer", CalmTrainer)
-    pretrain.main(pretrain_args(tokenized, tmp_path / "resumed",
+    pretrain.run(pretrain_args(tokenized, tmp_path / "resumed",
                                 ["--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-3")]))
 
     straight = load_file(tmp_path / "straight" / "model.safetensors")
@@ -87,10 +88,10 @@ def test_pretrain_runs_as_two_process_ddp(tokenized, tmp_path):
     out = tmp_path / "ddp"
     args = pretrain_args(tokenized, out, ["--ddp_backend", "gloo"])
     args[args.index("--max_steps") + 1] = "2"
-    script = Path(__file__).resolve().parents[1] / "training" / "pretrain.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", str(script), *args], capture_output=True, text=True,
-                            timeout=300, env=env)
+    # the package module, as training/pretrain_ddp.sh launches it (no file path into the checkout)
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "calm_hf.commands.pretrain", *args],
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").is_file()
     assert "world size 2" in result.stderr  # two gloo processes, not one

@@ -65,7 +65,7 @@ _MODEL_LIMITATIONS = [
     "normalised (the `neural-forecasting` pipeline does both), and trials must be cropped to a multiple of "
     "{window_size} frames.",
     "Neuron and session embeddings exist only for the sessions seen in training; a new session or animal needs "
-    "`training/adapt_session.py` (frozen backbone, new embeddings) before its forecasts are meaningful.",
+    "`calm adapt` (frozen backbone, new embeddings) before its forecasts are meaningful.",
     "The default forecast is the continuous head's conditional mean over the next value_head_steps windows (one "
     "forward pass; longer horizons re-tokenize the forecast and continue). It is the right point estimate for "
     "Pearson r and MSE but is smooth by construction: use sampled token rollouts (`num_samples`) for the spread of "
@@ -429,3 +429,22 @@ def render_dataset_card(
     )
     kwargs.update(template_kwargs)
     return DatasetCard.from_template(card_data, template_path=template_path("dataset_card.md"), **kwargs)
+
+
+def measured_limitations(metrics: dict) -> list[str]:
+    """Plain statements of where this run's model falls short of the baselines measured with it."""
+    best_calm = max(v for k, v in metrics.items() if k.startswith("forecast_pearson_r"))
+    lines = []
+    if best_calm < metrics["ridge_ar_pearson_r"]:
+        lines.append(
+            f"In this run the model forecasts WORSE than a population ridge autoregression fitted per session "
+            f"(best CalM Pearson r {best_calm:.3f} vs ridge AR {metrics['ridge_ar_pearson_r']:.3f} on the same test "
+            "trials): for forecasting alone, the linear model is the better tool at this training budget."
+        )
+    greedy = metrics.get("forecast_pearson_r_greedy")
+    if greedy is not None and greedy < best_calm - 0.05:
+        lines.append(
+            f"Greedy (argmax) rollouts drift to typical codes (r {greedy:.3f}); average several sampled rollouts "
+            "(`num_samples` in the pipeline) instead."
+        )
+    return lines

@@ -3,7 +3,7 @@
 `CalmForecaster` works on z-scored traces at the model's frame rate (`forecast`), or on raw traces through the
 checkpoint's `CalmTraceProcessor` (`forecast_traces`); the `"neural-forecasting"` pipeline
 (`pipeline_neural_forecasting.py`) wraps the latter. `evaluate_forecasting` scores a held-out split with the paper's
-protocol and serves `training/pretrain.py`, the main job and the benchmarks.
+protocol and serves `calm pretrain`, the main job and the benchmarks.
 
 This file ships with checkpoints (the pipeline imports it), so it imports only numpy, torch and its siblings.
 """
@@ -30,7 +30,8 @@ def default_forecast_mode(model) -> str:
 
 @dataclass
 class ForecastResult:
-    """Forecast of `horizon` frames for every neuron, z-scored units.
+    """Forecast of `horizon` frames for every neuron, z-scored units: host numpy arrays, or torch tensors on the model's
+    device when `CalmForecaster.forecast(..., return_tensors=True)` asked for them.
 
     Attributes:
         forecast: (batch, neurons, horizon) point forecast (the mean of the samples when several were drawn).
@@ -38,9 +39,30 @@ class ForecastResult:
         codes: (batch, num_samples, neurons, context_steps + new_steps) the token grids that were decoded.
     """
 
-    forecast: np.ndarray
-    samples: np.ndarray | None
-    codes: np.ndarray
+    forecast: np.ndarray | torch.Tensor
+    samples: np.ndarray | torch.Tensor | None
+    codes: np.ndarray | torch.Tensor
+
+
+def to_numpy(result: ForecastResult) -> ForecastResult:
+    """The same result as host numpy arrays (float32 forecasts, integer codes)."""
+
+    def host(tensor):
+        return tensor.detach().float().cpu().numpy() if tensor.is_floating_point() else tensor.detach().cpu().numpy()
+
+    return ForecastResult(forecast=host(result.forecast), samples=None if result.samples is None else host(result.samples),
+                          codes=host(result.codes))
+
+
+def check_finite_context(values: torch.Tensor) -> None:
+    """Entry-point check of a context tensor (one host sync per forecast call, not per model step)."""
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite)[0].tolist()
+        raise ValueError(
+            f"context_values contain NaN/Inf (first at batch {bad[0]}, neuron {bad[1]}, frame {bad[2]}): "
+            "interpolate or drop that neuron before forecasting."
+        )
 
 
 def check_tokenizer_matches_model(model, tokenizer) -> None:
@@ -75,6 +97,19 @@ class CalmForecaster:
         self.tokenizer = tokenizer.eval()
         self.autocast_dtype = autocast_dtype
         self.window_size = model.config.window_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are; inputs are moved there and stay there until the result is returned."""
+        return next(self.model.parameters()).device
+
+    def _to_device(self, tensor: torch.Tensor | np.ndarray | None, dtype: torch.dtype | None = None):
+        """A tensor on the model's device (None stays None); numpy input is converted once, torch input only moved."""
+        if tensor is None:
+            return None
+        if not isinstance(tensor, torch.Tensor):
+            tensor = torch.as_tensor(np.asarray(tensor))
+        return tensor.to(device=self.device, dtype=dtype)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -200,6 +235,7 @@ class CalmForecaster:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        return_tensors: bool = False,
     ) -> ForecastResult:
         """Forecast `horizon` frames after a context.
 
@@ -211,62 +247,56 @@ class CalmForecaster:
                 `num_samples > 1` adding sampled token rollouts recentred on it as `samples`), or a token rollout
                 mode of `rollout` (default for older checkpoints: "greedy").
             num_samples, temperature, top_k, top_p: see `rollout`.
+            return_tensors: return torch tensors on the model's device instead of host numpy arrays (the pipeline
+                does, and converts in its postprocess).
+
+        Inputs (numpy or torch, on any device) are moved to the model's device once; everything up to the result
+        stays there in torch.
         """
         if horizon < 1:
             raise ValueError(f"horizon={horizon} must be at least one frame.")
         mode = default_forecast_mode(self.model) if mode is None else mode
         if mode not in FORECAST_MODES:
             raise ValueError(f"mode={mode!r} is not one of {FORECAST_MODES}.")
-        values = None
-        if context_values is not None:
-            values = torch.as_tensor(np.asarray(context_values, dtype=np.float32))
+        values = self._to_device(context_values, torch.float32)
         if context_ids is None:
+            if values is None:
+                raise ValueError("pass context_values (batch, neurons, frames) or pre-computed context_ids.")
             if values.ndim != 3:
                 raise ValueError(
                     f"context_values must be (batch, neurons, frames), got shape {tuple(values.shape)}; "
                     "for one recording use x[None]."
                 )
-            if not torch.isfinite(values).all():
-                bad = torch.nonzero(~torch.isfinite(values))[0].tolist()
-                raise ValueError(
-                    f"context_values contain NaN/Inf (first at batch {bad[0]}, neuron {bad[1]}, frame {bad[2]}): "
-                    "interpolate or drop that neuron before forecasting."
-                )
+            check_finite_context(values)
             context_ids = self.tokenize(values)
-        identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
+        context_ids = self._to_device(context_ids)
+        identity = {"neuron_ids": self._to_device(neuron_ids), "session_ids": self._to_device(session_ids),
+                    "neuron_mask": self._to_device(neuron_mask)}
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         if mode == "direct":
-            # the model may sit on a GPU; results are numpy on the host
-            point = self.direct(context_ids, horizon, values, **identity).cpu().numpy()
+            point = self.direct(context_ids, horizon, values, **identity)
             samples = None
             if num_samples > 1:  # spread of sampled token rollouts, recentred on the conditional mean
-                sampled = self._predict(context_ids, horizon, mode="sample", num_samples=num_samples,
-                                        temperature=temperature, top_k=top_k, top_p=top_p, **identity)
+                sampled = self._predict(context_ids, horizon, mode="sample", num_samples=num_samples, **sampling,
+                                        **identity)
                 samples = point[:, None] + (sampled.samples - sampled.forecast[:, None])
-            return ForecastResult(forecast=point, samples=samples, codes=context_ids[:, None].cpu().numpy())
-        return self._predict(
-            context_ids,
-            horizon,
-            neuron_ids=neuron_ids,
-            session_ids=session_ids,
-            neuron_mask=neuron_mask,
-            mode=mode,
-            num_samples=num_samples,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-        )
+            result = ForecastResult(forecast=point, samples=samples, codes=context_ids[:, None])
+        else:
+            result = self._predict(context_ids, horizon, mode=mode, num_samples=num_samples, **sampling, **identity)
+        # the one device -> host transfer, after the model is done (the model may sit on a GPU)
+        return result if return_tensors else to_numpy(result)
 
     def _predict(self, context_ids: torch.Tensor, horizon: int, **rollout_kwargs) -> ForecastResult:
-        """The model call: context codes (batch, neurons, steps) -> `horizon` z-scored frames after the context.
-        Token rollouts only; the continuous head's forecast is `direct`."""
+        """The model call: context codes (batch, neurons, steps) -> `horizon` z-scored frames after the context, as
+        tensors on the model's device. Token rollouts only; the continuous head's forecast is `direct`."""
         new_steps = -(-horizon // self.window_size)
         codes = self.rollout(context_ids, new_steps, **rollout_kwargs)
         # The decoder sees context and rollout together so the seam is decoded with its left context.
         decoded = self.decode(codes)  # (batch, samples, neurons, frames)
         context_frames = context_ids.shape[-1] * self.window_size
-        future = decoded[..., context_frames : context_frames + horizon].numpy()
+        future = decoded[..., context_frames : context_frames + horizon]
         samples = future if future.shape[1] > 1 else None
-        return ForecastResult(forecast=future.mean(axis=1), samples=samples, codes=codes.numpy())
+        return ForecastResult(forecast=future.mean(dim=1), samples=samples, codes=codes)
 
     def forecast_traces(
         self,
@@ -295,6 +325,26 @@ class CalmForecaster:
         forecast = processor.postprocess_forecast(result.forecast, features, horizon)
         samples = None if result.samples is None else processor.postprocess_forecast(result.samples, features, horizon)
         return {"forecast": forecast, "samples": samples, "features": features}
+
+
+def _forecast_batch(forecaster: CalmForecaster, batch: dict, context_frames: int, **forecast_kwargs):
+    """(forecast, truth) `(batch, neurons, frames - context_frames)` of a batch of dataset rows (numpy format)."""
+    window = forecaster.window_size
+    values = np.stack(list(batch["input_values"])).astype(np.float32)  # (B, N, F)
+    frames = values.shape[-1]
+    if frames <= context_frames:
+        raise ValueError(f"trials have {frames} frames, not more than the context of {context_frames}: nothing to "
+                         "forecast.")
+    ids = torch.as_tensor(np.stack(list(batch["input_ids"])).astype(np.int64))[..., : context_frames // window]
+    result = forecaster.forecast(
+        values[..., :context_frames],
+        horizon=frames - context_frames,
+        context_ids=ids,
+        neuron_ids=torch.as_tensor(np.stack(list(batch["neuron_ids"])).astype(np.int64)),
+        session_ids=torch.as_tensor(np.asarray(batch["session_id"], dtype=np.int64)),
+        **forecast_kwargs,
+    )
+    return result.forecast, values[..., context_frames:]
 
 
 def evaluate_forecasting(
@@ -332,25 +382,10 @@ def evaluate_forecasting(
 
     for start in tqdm(range(0, len(rows), batch_size), desc="Forecasting trials", unit="batch", disable=not progress):
         batch = rows[start : start + batch_size]
-        values = np.stack(list(batch["input_values"])).astype(np.float32)  # (B, N, F)
-        frames = values.shape[-1]
-        if frames <= context_frames:
-            raise ValueError(
-                f"trials have {frames} frames, not more than the context of {context_frames}: nothing to forecast."
-            )
-        ids = torch.as_tensor(np.stack(list(batch["input_ids"])).astype(np.int64))[..., : context_frames // window]
-        result = forecaster.forecast(
-            values[..., :context_frames],
-            horizon=frames - context_frames,
-            context_ids=ids,
-            neuron_ids=torch.as_tensor(np.stack(list(batch["neuron_ids"])).astype(np.int64)),
-            session_ids=torch.as_tensor(np.asarray(batch["session_id"], dtype=np.int64)),
-            mode=mode,
-            num_samples=num_samples,
-            temperature=temperature,
-        )
-        predictions.append(result.forecast)
-        truths.append(values[..., context_frames:])
+        forecast, truth = _forecast_batch(forecaster, batch, context_frames, mode=mode, num_samples=num_samples,
+                                          temperature=temperature)
+        predictions.append(forecast)
+        truths.append(truth)
         sessions.append(np.asarray(batch["session_id"]))
     prediction = np.concatenate(predictions)
     truth = np.concatenate(truths)
@@ -363,6 +398,57 @@ def evaluate_forecasting(
         metrics["truth"] = truth
         metrics["session_ids"] = session_ids
     return metrics
+
+
+def _probe_rows(dataset, max_trials: int):
+    """Evenly spaced trials (splits are often grouped by session), keeping only sessions with at least two of them."""
+    chosen = np.unique(np.linspace(0, len(dataset) - 1, min(max_trials, len(dataset))).round().astype(int))
+    chosen_sessions = np.asarray(dataset.select(chosen.tolist())["session_id"])
+    counts = {s: int((chosen_sessions == s).sum()) for s in np.unique(chosen_sessions)}
+    chosen = [int(i) for i, s in zip(chosen, chosen_sessions) if counts[s] > 1]
+    if not chosen:
+        raise ValueError(
+            f"no session has two trials among the {min(max_trials, len(dataset))} probed: the probe swaps the population "
+            "with another trial of the same session; raise max_trials or give more trials."
+        )
+    return dataset.select(chosen).with_format("numpy", columns=["input_values", "input_ids", "neuron_ids", "session_id"])
+
+
+def _swap_partners(sessions: np.ndarray, seed: int) -> np.ndarray:
+    """For each trial, another trial of the same session (drawn with `seed`) whose population replaces its own."""
+    rng = np.random.default_rng(seed)
+    trials = len(sessions)
+    partner = np.empty(trials, dtype=np.int64)
+    for i in range(trials):
+        same = np.flatnonzero((sessions == sessions[i]) & (np.arange(trials) != i))
+        partner[i] = rng.choice(same)
+    return partner
+
+
+@torch.no_grad()
+def _probe_pass(model, ids: torch.Tensor, neuron_ids: torch.Tensor, session_ids: torch.Tensor,
+                partner: np.ndarray | None, block_neurons: int, context_steps: int, horizon: int):
+    """Teacher-forced CE (summed, nats) and, when `horizon > 0`, the direct forecasts `(trials, neurons, horizon)`,
+    scoring `block_neurons` neurons at a time; with `partner`, every other neuron's tokens come from the partner
+    trial."""
+    import torch.nn.functional as F
+
+    trials, neurons, _ = ids.shape
+    ce_total, preds = 0.0, np.zeros((trials, neurons, max(horizon, 0)), dtype=np.float32)
+    for start in range(0, neurons, block_neurons):
+        keep = slice(start, min(start + block_neurons, neurons))
+        grid = ids
+        if partner is not None:
+            grid = ids[torch.as_tensor(partner, device=ids.device)].clone()
+            grid[:, keep] = ids[:, keep]
+        out = model(input_ids=grid, neuron_ids=neuron_ids, session_ids=session_ids, use_cache=False, return_dict=True)
+        logits = out.logits[:, keep, :-1].float()
+        ce_total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, keep, 1:].reshape(-1),
+                                          reduction="sum"))
+        if horizon > 0:
+            pred = out.value_predictions[:, keep, context_steps - 1, :horizon].float().cpu().numpy()
+            preds[:, keep, : pred.shape[-1]] = pred
+    return ce_total, preds
 
 
 @torch.no_grad()
@@ -388,65 +474,30 @@ def trial_swap_probe(
         continuous head, `pearson_r` / `pearson_r_swapped` and `mse` / `mse_swapped` of the direct forecast of
         the frames after `context_frames`, plus `trials`.
     """
-    import torch.nn.functional as F
-
     try:  # not at the top (and inside try, which transformers' remote-code import check skips): this file ships
         from calm_hf.metrics.functional import forecast_pearson_r, mse  # inside checkpoints, without calm_hf
     except ImportError as error:  # pragma: no cover
         raise ImportError("trial_swap_probe needs the calm_hf package (pip install calm_hf).") from error
 
     model = model.eval()
-    # evenly spaced trials (splits are often grouped by session), keeping only sessions with at least two of them
-    chosen = np.unique(np.linspace(0, len(dataset) - 1, min(max_trials, len(dataset))).round().astype(int))
-    chosen_sessions = np.asarray(dataset.select(chosen.tolist())["session_id"])
-    counts = {s: int((chosen_sessions == s).sum()) for s in np.unique(chosen_sessions)}
-    chosen = [int(i) for i, s in zip(chosen, chosen_sessions) if counts[s] > 1]
-    if not chosen:
-        raise ValueError(
-            f"no session has two trials among the {min(max_trials, len(dataset))} probed: the probe swaps the population "
-            "with another trial of the same session; raise max_trials or give more trials."
-        )
-    rows = dataset.select(chosen).with_format(
-        "numpy", columns=["input_values", "input_ids", "neuron_ids", "session_id"]
-    )
+    device = next(model.parameters()).device  # the probe runs where the model is; only scores come back to the host
+    rows = _probe_rows(dataset, max_trials)
     values = np.stack(list(rows["input_values"])).astype(np.float32)
-    ids = torch.as_tensor(np.stack(list(rows["input_ids"])).astype(np.int64))
-    neuron_ids = torch.as_tensor(np.stack(list(rows["neuron_ids"])).astype(np.int64))
+    ids = torch.as_tensor(np.stack(list(rows["input_ids"])).astype(np.int64), device=device)
+    neuron_ids = torch.as_tensor(np.stack(list(rows["neuron_ids"])).astype(np.int64), device=device)
     sessions = np.asarray(rows["session_id"], dtype=np.int64)
     trials, neurons, steps = ids.shape
     block_neurons = max(1, -(-neurons // 4)) if block_neurons is None else int(block_neurons)
-    rng = np.random.default_rng(seed)
-    partner = np.empty(trials, dtype=np.int64)
-    for i in range(trials):
-        same = np.flatnonzero((sessions == sessions[i]) & (np.arange(trials) != i))
-        partner[i] = rng.choice(same)
-    session_ids = torch.as_tensor(sessions)
+    partner = _swap_partners(sessions, seed)
+    session_ids = torch.as_tensor(sessions, device=device)
     context_steps = context_frames // model.config.window_size
-    has_head = getattr(model, "value_head", None) is not None
     horizon = values.shape[-1] - context_frames
 
-    def run(grid: torch.Tensor, keep: slice):
-        out = model(input_ids=grid, neuron_ids=neuron_ids, session_ids=session_ids, use_cache=False, return_dict=True)
-        logits = out.logits[:, keep, :-1].float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, keep, 1:].reshape(-1), reduction="sum")
-        pred = None
-        if has_head:
-            pred = out.value_predictions[:, keep, context_steps - 1, :horizon].float().numpy()
-        return float(ce), pred
-
+    has_head = getattr(model, "value_head", None) is not None
     results = {}
     for label, swapped in (("", False), ("_swapped", True)):
-        ce_total, preds = 0.0, np.zeros((trials, neurons, max(horizon, 0)), dtype=np.float32)
-        for start in range(0, neurons, block_neurons):
-            keep = slice(start, min(start + block_neurons, neurons))
-            grid = ids
-            if swapped:
-                grid = ids[partner].clone()
-                grid[:, keep] = ids[:, keep]
-            ce, pred = run(grid, keep)
-            ce_total += ce
-            if pred is not None:
-                preds[:, keep, : pred.shape[-1]] = pred
+        ce_total, preds = _probe_pass(model, ids, neuron_ids, session_ids, partner if swapped else None, block_neurons,
+                                      context_steps, horizon if has_head else 0)
         results[f"next_token_ce{label}"] = ce_total / ids[:, :, 1:].numel()
         if has_head:
             truth = values[..., context_frames:]

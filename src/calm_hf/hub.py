@@ -2,6 +2,8 @@
 
     calm push --model_dir calm-base --repo_id me/calm-base --dataset_dir calm-base-dataset --dataset_repo_id me/calm-base-dataset
 
+(the command is `calm_hf.commands.push`; this module is the library it calls)
+
 ```python
 >>> from calm_hf.hub import push_to_hub
 >>> push_to_hub("calm-base", "me/calm-base", dataset_dir="calm-base-dataset")
@@ -15,16 +17,13 @@ token, an unreachable endpoint, a missing folder) raises `CalmHubError` with the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CalmHubError", "DEFAULT_IGNORE_PATTERNS", "main", "push_to_hub", "stage_for_upload"]
+__all__ = ["CalmHubError", "DEFAULT_IGNORE_PATTERNS", "push_to_hub", "stage_for_upload"]
 
 # Training leftovers that must not be uploaded with a checkpoint.
 DEFAULT_IGNORE_PATTERNS = [
@@ -207,27 +206,13 @@ def push_to_hub(
         `CalmHubError`: offline mode, no or invalid token, unreachable endpoint, missing folders; the message names the fix.
     """
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CalmHubError(f"Model folder {model_dir} does not exist; pass the checkpoint folder written by "
-                           "`calm main` (e.g. calm-base/).")
-    if not (model_dir / "config.json").is_file():
-        raise CalmHubError(f"{model_dir} has no config.json; it is not a saved checkpoint. Save the model with "
-                           "`save_pretrained` first.")
-    if dataset_dir is not None and not Path(dataset_dir).is_dir():
-        raise CalmHubError(f"Dataset folder {dataset_dir} does not exist; pass a folder written by `save_to_disk`.")
-    if _offline_mode():
-        raise CalmHubError(
-            "Cannot push: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1). Unset it (`unset HF_HUB_OFFLINE`) "
-            "and make sure the Hub (or the mirror in HF_ENDPOINT) is reachable."
-        )
-
+    _check_push_inputs(model_dir, dataset_dir)
     from huggingface_hub import HfApi, get_token
 
     token = token or get_token()
     if not token:
         raise CalmHubError(f"Cannot push: no Hugging Face token found. To fix, {_LOGIN_FIX}.")
     api = HfApi(token=token)
-
     try:
         user = api.whoami()["name"]
     except Exception as error:  # noqa: BLE001 - every failure is explained to the user
@@ -253,79 +238,47 @@ def push_to_hub(
         raise
     except Exception as error:  # noqa: BLE001
         raise _explain(error, f"push the model to {repo_id}") from error
-
     if dataset_dir is not None:
-        import datasets
-
-        dataset = datasets.load_from_disk(str(dataset_dir))
-        result["dataset_repo_id"] = dataset_repo_id
-        try:
-            dataset_url = api.create_repo(dataset_repo_id, repo_type="dataset", private=private, exist_ok=True)
-            info = dataset.push_to_hub(dataset_repo_id, private=private, token=token,
-                                       commit_message="Upload tokenized CalM dataset")
-            # Session metadata (names, neuron ranges, z-score statistics) travels as the same sidecar as on disk, so
-            # load_trial_corpus("namespace/name") and the training scripts get it back.
-            sidecar = Path(dataset_dir) / "calm_sessions.json"
-            if sidecar.is_file():
-                api.upload_file(path_or_fileobj=str(sidecar), path_in_repo=sidecar.name, repo_id=dataset_repo_id,
-                                repo_type="dataset", commit_message="Upload calm_hf session metadata")
-            card_path = Path(dataset_dir) / "README.md"
-            card_commit = _merge_dataset_card(api, dataset_repo_id, card_path, token) if card_path.is_file() else None
-            result.update(dataset_url=str(dataset_url), dataset_commit=card_commit or getattr(info, "oid", None))
-        except Exception as error:  # noqa: BLE001
-            raise _explain(error, f"push the dataset to {dataset_repo_id}") from error
+        result.update(_push_dataset(api, Path(dataset_dir), dataset_repo_id, token, private))
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`calm push`: upload a checkpoint folder (and its tokenized dataset) to the Hub. Returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="calm push",
-        description="Upload a CalM checkpoint folder (and optionally its tokenized dataset) to the Hugging Face Hub. "
-        "Needs a write token (HF_TOKEN or `hf auth login`); HF_ENDPOINT selects another Hub.",
-    )
-    # Flags in the --snake_case style of every other calm command; the positional form and --kebab-case spellings
-    # of the first version keep working.
-    parser.add_argument("model_dir_arg", nargs="?", metavar="model_dir", help="checkpoint folder, e.g. calm-base/")
-    parser.add_argument("repo_id_arg", nargs="?", metavar="repo_id",
-                        help="model repository, namespace/name (a bare name goes under your user)")
-    parser.add_argument("--model_dir", default=None, help="checkpoint folder (same as the first positional)")
-    parser.add_argument("--repo_id", default=None, help="model repository (same as the second positional)")
-    parser.add_argument("--dataset_dir", "--dataset-dir", default=None, help="tokenized dataset folder (save_to_disk)")
-    parser.add_argument("--dataset_repo_id", "--dataset-repo-id", default=None,
-                        help="dataset repository (default: <repo_id>-dataset)")
-    parser.add_argument("--token", default=None, help="write token (default: HF_TOKEN or the saved login)")
-    parser.add_argument("--private", action="store_true", help="create the repositories as private")
-    parser.add_argument("--commit_message", "--commit-message", default=None, help="message of the model commit")
-    parser.add_argument("--stage_only", "--stage-only", action="store_true",
-                        help="only copy what would be uploaded into --staging_dir, for inspection")
-    parser.add_argument("--staging_dir", "--staging-dir", default="hub_uploads/staging",
-                        help="staging root (default: %(default)s)")
-    args = parser.parse_args(argv)
-    args.model_dir = args.model_dir or args.model_dir_arg
-    args.repo_id = args.repo_id or args.repo_id_arg
-    if args.model_dir is None or (args.repo_id is None and not args.stage_only):
-        parser.error("give the checkpoint folder and the repository: --model_dir calm-base --repo_id you/calm-base")
-    try:
-        if args.stage_only:
-            staged = stage_for_upload(args.model_dir, args.staging_dir)
-            print(json.dumps({"staged": str(staged)}))
-            return 0
-        result = push_to_hub(
-            args.model_dir,
-            args.repo_id,
-            dataset_dir=args.dataset_dir,
-            dataset_repo_id=args.dataset_repo_id,
-            token=args.token,
-            private=args.private,
-            commit_message=args.commit_message,
+def _check_push_inputs(model_dir: Path, dataset_dir: str | os.PathLike | None) -> None:
+    """Refuse, with the fix, what cannot be pushed before any network call."""
+    if not model_dir.is_dir():
+        raise CalmHubError(f"Model folder {model_dir} does not exist; pass the checkpoint folder written by "
+                           "`calm main` (e.g. calm-base/).")
+    if not (model_dir / "config.json").is_file():
+        raise CalmHubError(f"{model_dir} has no config.json; it is not a saved checkpoint. Save the model with "
+                           "`save_pretrained` first.")
+    if dataset_dir is not None and not Path(dataset_dir).is_dir():
+        raise CalmHubError(f"Dataset folder {dataset_dir} does not exist; pass a folder written by `save_to_disk`.")
+    if _offline_mode():
+        raise CalmHubError(
+            "Cannot push: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1). Unset it (`unset HF_HUB_OFFLINE`) "
+            "and make sure the Hub (or the mirror in HF_ENDPOINT) is reachable."
         )
-    except CalmHubError as error:
-        print(f"calm push: error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _push_dataset(api, dataset_dir: Path, dataset_repo_id: str, token: str, private: bool) -> dict[str, Any]:
+    """Push a `save_to_disk` folder as parquet shards, its session metadata sidecar and its card."""
+    import datasets
+
+    dataset = datasets.load_from_disk(str(dataset_dir))
+    result: dict[str, Any] = {"dataset_repo_id": dataset_repo_id}
+    try:
+        dataset_url = api.create_repo(dataset_repo_id, repo_type="dataset", private=private, exist_ok=True)
+        info = dataset.push_to_hub(dataset_repo_id, private=private, token=token,
+                                   commit_message="Upload tokenized CalM dataset")
+        # Session metadata (names, neuron ranges, z-score statistics) travels as the same sidecar as on disk, so
+        # load_trial_corpus("namespace/name") and the commands get it back.
+        sidecar = dataset_dir / "calm_sessions.json"
+        if sidecar.is_file():
+            api.upload_file(path_or_fileobj=str(sidecar), path_in_repo=sidecar.name, repo_id=dataset_repo_id,
+                            repo_type="dataset", commit_message="Upload calm_hf session metadata")
+        card_path = dataset_dir / "README.md"
+        card_commit = _merge_dataset_card(api, dataset_repo_id, card_path, token) if card_path.is_file() else None
+        result.update(dataset_url=str(dataset_url), dataset_commit=card_commit or getattr(info, "oid", None))
+    except Exception as error:  # noqa: BLE001
+        raise _explain(error, f"push the dataset to {dataset_repo_id}") from error
+    return result

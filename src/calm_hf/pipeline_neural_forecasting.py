@@ -67,6 +67,13 @@ def _load_processor(model) -> CalmTraceProcessor:
     return CalmTraceProcessor.from_model_config(model.config)
 
 
+def _host(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """float32 numpy on the host from a model output (a tensor on any device) or an array."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=np.float32)
+
+
 def _check_count(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
@@ -208,7 +215,7 @@ class NeuralForecastingPipeline(Pipeline):
             if session not in names:
                 raise ValueError(
                     f"unknown session {session!r}; this model knows {names}. Add it with `calm adapt --session_name "
-                    f"{session} ...` (training/adapt_session.py), which learns its embeddings with the backbone frozen."
+                    f"{session} ...`, which learns its embeddings with the backbone frozen."
                 )
             session_id = names.index(session)
         else:
@@ -246,6 +253,8 @@ class NeuralForecastingPipeline(Pipeline):
         return session_id, neuron_ids.astype(np.int64)
 
     def _check_traces(self, traces) -> tuple[np.ndarray, bool]:
+        if isinstance(traces, torch.Tensor):  # resampling and z-scoring run on the host, once per call
+            traces = traces.detach().cpu().numpy()
         values = np.asarray(traces)
         if values.dtype == object or not np.issubdtype(values.dtype, np.number):
             raise ValueError(f"traces must be a numeric array (neurons, frames), got dtype {values.dtype}.")
@@ -337,6 +346,7 @@ class NeuralForecastingPipeline(Pipeline):
         forecasts, samples = [], []
         for start in range(0, values.shape[0], step):
             chunk = slice(start, start + step)
+            # torch on the model's device until postprocess (Pipeline.forward moved `values` there)
             result = self.forecaster.forecast(
                 values[chunk],
                 horizon=inputs["horizon_model"],
@@ -347,19 +357,21 @@ class NeuralForecastingPipeline(Pipeline):
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
+                return_tensors=True,
             )
-            forecasts.append(result.forecast)
-            samples.append(result.samples)
-        stacked = None if samples[0] is None else np.concatenate(samples)
-        return {"forecast": np.concatenate(forecasts), "samples": stacked,
+            forecasts.append(torch.as_tensor(result.forecast))
+            samples.append(None if result.samples is None else torch.as_tensor(result.samples))
+        stacked = None if samples[0] is None else torch.cat(samples)
+        return {"forecast": torch.cat(forecasts), "samples": stacked,
                 **{k: v for k, v in inputs.items() if k != "values"}}
 
     def postprocess(self, outputs, quantiles=DEFAULT_QUANTILES):
         processor, features, horizon = self.trace_processor, outputs["features"], outputs["horizon"]
-        forecast = processor.postprocess_forecast(outputs["forecast"], features, horizon)
+        # the only device -> host conversion: Pipeline.forward brought the tensors to the CPU, numpy from here on
+        forecast = processor.postprocess_forecast(_host(outputs["forecast"]), features, horizon)
         samples = None
         if outputs["samples"] is not None:
-            samples = processor.postprocess_forecast(outputs["samples"], features, horizon)
+            samples = processor.postprocess_forecast(_host(outputs["samples"]), features, horizon)
         records = []
         for b in range(forecast.shape[0]):
             record = {"forecast": forecast[b], "mean": None, "samples": None, "quantiles": None,

@@ -186,6 +186,34 @@ class CalmTraceProcessor(FeatureExtractionMixin):
 
     # ------------------------------------------------------------------ forward
 
+    def _check_inputs(self, traces: Any, sampling_rate: float | None, mean: Any, std: Any) -> tuple[np.ndarray, float]:
+        """(traces `(batch, neurons, frames)` float64, their rate in Hz), with a clear error for bad input."""
+        values = np.asarray(traces, dtype=np.float64)
+        if values.ndim == 2:
+            values = values[None]
+        if values.ndim != 3:
+            raise ValueError(f"traces must be (neurons, frames) or (batch, neurons, frames), got shape {values.shape}.")
+        fs = self.sampling_rate if sampling_rate is None else float(sampling_rate)
+        if not math.isfinite(fs) or fs <= 0:
+            raise ValueError(f"sampling_rate={sampling_rate} must be a positive frame rate in Hz.")
+        if (mean is None) != (std is None):
+            raise ValueError("pass mean and std together (both in the traces' units), or neither (context statistics).")
+        return values, fs
+
+    def _usable_frames(self, model_frames: int, input_frames: int, fs: float, max_frames: int | None) -> int:
+        """Most recent model frames kept: a multiple of the window, at most `max_frames`, at least one window."""
+        usable = model_frames - model_frames % self.window_size
+        if max_frames is not None:
+            usable = min(usable, int(max_frames) - int(max_frames) % self.window_size)
+        if usable < self.window_size:
+            need = int(math.ceil(self.window_size * fs / self.sampling_rate))
+            raise ValueError(
+                f"the context is {input_frames} frames ({input_frames / fs:g} s at {fs:g} Hz), shorter than one "
+                f"token window ({self.window_size} frames at the model's {self.sampling_rate:g} Hz): give at least "
+                f"{need} frames."
+            )
+        return usable
+
     def __call__(
         self,
         traces: Any,
@@ -210,29 +238,11 @@ class CalmTraceProcessor(FeatureExtractionMixin):
             `sampling_rate`, `num_input_frames`, `last_values` (the last model frame before z-scoring,
             `(batch, neurons)`), `dropped_model_frames`.
         """
-        values = np.asarray(traces, dtype=np.float64)
-        if values.ndim == 2:
-            values = values[None]
-        if values.ndim != 3:
-            raise ValueError(f"traces must be (neurons, frames) or (batch, neurons, frames), got shape {values.shape}.")
-        fs = self.sampling_rate if sampling_rate is None else float(sampling_rate)
-        if not math.isfinite(fs) or fs <= 0:
-            raise ValueError(f"sampling_rate={sampling_rate} must be a positive frame rate in Hz.")
-        if (mean is None) != (std is None):
-            raise ValueError("pass mean and std together (both in the traces' units), or neither (context statistics).")
+        values, fs = self._check_inputs(traces, sampling_rate, mean, std)
         resampled = self.resample(values, fs)
         if self.ema_alpha is not None:
             resampled = causal_ema(resampled, self.ema_alpha)
-        usable = resampled.shape[-1] - resampled.shape[-1] % self.window_size
-        if max_frames is not None:
-            usable = min(usable, int(max_frames) - int(max_frames) % self.window_size)
-        if usable < self.window_size:
-            need = int(math.ceil(self.window_size * fs / self.sampling_rate))
-            raise ValueError(
-                f"the context is {values.shape[-1]} frames ({values.shape[-1] / fs:g} s at {fs:g} Hz), shorter than one "
-                f"token window ({self.window_size} frames at the model's {self.sampling_rate:g} Hz): give at least "
-                f"{need} frames."
-            )
+        usable = self._usable_frames(resampled.shape[-1], values.shape[-1], fs, max_frames)
         if mean is None:  # each recording's own statistics over all its frames (also those cropped below)
             mean_ = resampled.mean(axis=-1)
             std_ = self.floor_std(resampled.std(axis=-1), mean_)

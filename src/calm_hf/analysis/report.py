@@ -346,19 +346,12 @@ def _calm_forecast(model, tokenizer, values, session_id, neuron_ids, args) -> np
     return np.concatenate(predictions)
 
 
-def analyze_forecasts(args, dataset, infos, id_map, model, untrained, tokenizer, out: Path) -> dict[str, Any]:
-    from ..metrics.functional import forecast_pearson_r
-
-    if args.split not in dataset:
-        raise ValueError(f"--split {args.split!r} is not in the dataset (splits: {sorted(dataset)}).")
-    window = model.config.window_size
-    if args.context_frames % window:
-        raise ValueError(f"--context_frames {args.context_frames} must be a multiple of the token window {window}.")
+def _forecast_sessions(args, dataset, infos, id_map, model, untrained, tokenizer, forecasters: list[str]):
+    """Per session: (truths `(trials, neurons, horizon)` list, {forecaster: predictions list}) on `args.split`."""
     splits = {}
     for name in ("train", "validation", args.split):
         table = dataset[name].with_format("numpy", columns=["input_values", "session_id"])
         splits[name] = (np.asarray(table["session_id"]), table["input_values"])
-    forecasters = ["CalM", "CalM untrained", *[b for b in args.baselines.split(",") if b]]
     predictions = {name: [] for name in forecasters}
     truths = []
     for info, (model_session, model_neurons) in zip(infos, id_map):
@@ -378,38 +371,54 @@ def analyze_forecasts(args, dataset, infos, id_map, model, untrained, tokenizer,
         for name in forecasters[2:]:
             baseline = _baseline(name, args.context_frames).fit(train, validation)
             predictions[name].append(baseline.predict(test[..., : args.context_frames], truths[-1].shape[-1]))
-    # Sessions can differ in neuron count, so every score is computed per session and then averaged over sessions
-    # (the hierarchical mean of the paper: neurons -> trials -> sessions).
+    return truths, predictions
+
+
+def _score_forecaster(args, infos, truths, predictions, trajectories: dict, variance: dict, name: str) -> dict:
+    """Per-neuron r and PC-trajectory r of one forecaster, each beside its trial-shuffle control, per session and
+    averaged over sessions (sessions can differ in neuron count: the paper's neurons -> trials -> sessions mean)."""
+    from ..metrics.functional import forecast_pearson_r
+
     def per_neuron(p, t, s):
         return forecast_pearson_r(p, t)["pearson_r"]
 
     def pc(p, t, s):
         return pc_trajectory_correlation(p, t, num_components=args.num_components)["pc_r"]
 
-    results, trajectories, variance = {}, {}, {}
-    for name in forecasters:
-        scores = []
-        for index, (truth, prediction) in enumerate(zip(truths, predictions[name])):
-            prediction = prediction.astype(np.float64)
-            pcs = pc_trajectory_correlation(prediction, truth, None, args.num_components, return_trajectories=True)
-            if index == 0:
-                trajectories[name] = pcs["trajectories"]["0"]
-            variance[infos[index].name] = pcs["explained_variance_ratio"]["0"]
-            scores.append({
-                "pearson_r": per_neuron(prediction, truth, None),
-                "pearson_r_shuffled": shuffle_control(per_neuron, prediction, truth, None, args.num_shuffles,
-                                                      args.seed)["mean"],
-                "pc_r": pcs["pc_r"],
-                "pc_r_per_pc": pcs["per_pc"],
-                "pc_r_shuffled": shuffle_control(pc, prediction, truth, None, args.num_shuffles, args.seed)["mean"],
-            })
-        results[name] = {
-            key: float(np.nanmean([item[key] for item in scores])) for key in scores[0] if key != "pc_r_per_pc"
-        }
-        width = max(len(item["pc_r_per_pc"]) for item in scores)
-        per_pc = np.array([item["pc_r_per_pc"] + [np.nan] * (width - len(item["pc_r_per_pc"])) for item in scores])
-        results[name]["pc_r_per_pc"] = np.nanmean(per_pc, axis=0).tolist()
-        results[name]["per_session"] = {info.name: item for info, item in zip(infos, scores)}
+    scores = []
+    for index, (truth, prediction) in enumerate(zip(truths, predictions)):
+        prediction = prediction.astype(np.float64)
+        pcs = pc_trajectory_correlation(prediction, truth, None, args.num_components, return_trajectories=True)
+        if index == 0:
+            trajectories[name] = pcs["trajectories"]["0"]
+        variance[infos[index].name] = pcs["explained_variance_ratio"]["0"]
+        scores.append({
+            "pearson_r": per_neuron(prediction, truth, None),
+            "pearson_r_shuffled": shuffle_control(per_neuron, prediction, truth, None, args.num_shuffles,
+                                                  args.seed)["mean"],
+            "pc_r": pcs["pc_r"],
+            "pc_r_per_pc": pcs["per_pc"],
+            "pc_r_shuffled": shuffle_control(pc, prediction, truth, None, args.num_shuffles, args.seed)["mean"],
+        })
+    result = {key: float(np.nanmean([item[key] for item in scores])) for key in scores[0] if key != "pc_r_per_pc"}
+    width = max(len(item["pc_r_per_pc"]) for item in scores)
+    per_pc = np.array([item["pc_r_per_pc"] + [np.nan] * (width - len(item["pc_r_per_pc"])) for item in scores])
+    result["pc_r_per_pc"] = np.nanmean(per_pc, axis=0).tolist()
+    result["per_session"] = {info.name: item for info, item in zip(infos, scores)}
+    return result
+
+
+def analyze_forecasts(args, dataset, infos, id_map, model, untrained, tokenizer, out: Path) -> dict[str, Any]:
+    if args.split not in dataset:
+        raise ValueError(f"--split {args.split!r} is not in the dataset (splits: {sorted(dataset)}).")
+    window = model.config.window_size
+    if args.context_frames % window:
+        raise ValueError(f"--context_frames {args.context_frames} must be a multiple of the token window {window}.")
+    forecasters = ["CalM", "CalM untrained", *[b for b in args.baselines.split(",") if b]]
+    truths, predictions = _forecast_sessions(args, dataset, infos, id_map, model, untrained, tokenizer, forecasters)
+    trajectories, variance = {}, {}
+    results = {name: _score_forecaster(args, infos, truths, predictions[name], trajectories, variance, name)
+               for name in forecasters}
     figures.plot_pc_correlations(results, out / "pc_trajectory_correlation.png",
                                  "forecasts: per-neuron r and PC-trajectory r vs trial-shuffle controls")
     truth_pcs = trajectories["CalM"]["truth"]
@@ -566,14 +575,3 @@ def run_analysis(args: AnalyzeArguments) -> dict:
     write_markdown(report, out)
     logger.info("wrote %s (%.1f s)", out / "report.md", report["seconds"])
     return report
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from ..cli import parse_script_args
-
-    (args,) = parse_script_args((AnalyzeArguments,), argv)
-    return run_analysis(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -165,6 +165,27 @@ def autocast_context(bf16: bool, device: torch.device | str = "cpu"):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
+def _train_epoch(model: nn.Module, loss_fn, optimizer, order: torch.Tensor, batch_size: int,
+                 batches_per_epoch: int | None, grad_clip: float, deadline: float) -> tuple[float, bool]:
+    """One pass over `order` in minibatches: (mean training loss, whether the wall-clock `deadline` was hit)."""
+    model.train()
+    losses = []
+    starts = list(range(0, len(order), batch_size))
+    if batches_per_epoch is not None:
+        starts = starts[:batches_per_epoch]
+    for start_index in starts:
+        loss = loss_fn(model, order[start_index : start_index + batch_size])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if time.perf_counter() > deadline:
+            return float(sum(losses) / max(len(losses), 1)), True
+    return float(sum(losses) / max(len(losses), 1)), False
+
+
 def train_sequence_model(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
@@ -206,25 +227,9 @@ def train_sequence_model(
     stale, stopped, epoch = 0, "max_epochs", 0
     eval_set = set(eval_epochs) if eval_epochs is not None else None
     for epoch in range(1, max_epochs + 1):
-        model.train()
         order = torch.randperm(train_indices, generator=generator)
-        losses = []
-        out_of_time = False
-        starts = list(range(0, train_indices, batch_size))
-        if batches_per_epoch is not None:
-            starts = starts[:batches_per_epoch]
-        for start_index in starts:
-            loss = loss_fn(model, order[start_index : start_index + batch_size])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            if time.perf_counter() - start > max_seconds:
-                out_of_time = True
-                break
-        train_loss = float(sum(losses) / max(len(losses), 1))
+        train_loss, out_of_time = _train_epoch(model, loss_fn, optimizer, order, batch_size, batches_per_epoch,
+                                               grad_clip, deadline=start + max_seconds)
         is_last = epoch == max_epochs or out_of_time
         if eval_set is None or epoch in eval_set or is_last:
             model.eval()

@@ -32,7 +32,6 @@ from .io import (
     load_cascade_groundtruth,
     load_npz_recording,
     load_park_sessions,
-    load_recording,
     load_triplett_zebrafish,
     recording_from_arrays,
 )
@@ -41,13 +40,13 @@ from .preprocessing import (
     PreparedSession,
     ZScoreStats,
     causal_ema,
-    check_traces,
     cut_trials,
     prepare_session,
     resample,
     split_trials,
 )
-from .session import SessionTrials
+from .readers import load_recording
+from .session import SessionTrials, check_traces
 from .simulation import SimulationConfig, simulate_benchmark, simulate_session, spikes_to_calcium
 from .suite2p import load_suite2p_recording
 

@@ -98,59 +98,50 @@ class CalmDataCollator:
         """Draw new neuron subsets in a new epoch (Trainer: `CollatorEpochCallback`)."""
         self.sampler.epoch = int(epoch)
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("CalmDataCollator got an empty list of rows.")
-        rng = self.sampler.next_rng(features)
-        grids, ids, sessions, behaviors, values = [], [], [], [], []
-        for row in features:
-            if "input_ids" not in row:
-                raise ValueError(
-                    f"Rows need 'input_ids' (neurons, token_steps); got keys {sorted(row)}. Tokenize the dataset "
-                    "first with calm_hf.data.tokenize_dataset."
-                )
-            grid = _as_array(row["input_ids"], "input_ids", 2).astype(np.int64)
-            neuron_ids = row.get("neuron_ids")
-            neuron_ids = (
-                np.arange(grid.shape[0]) if neuron_ids is None else _as_array(neuron_ids, "neuron_ids", 1).astype(np.int64)
+    def _row(self, row: dict[str, Any], rng) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One row's (codes `(neurons, steps)`, neuron ids `(neurons,)`, traces `(neurons, frames)` or None), checked
+        and cut to the neuron subset."""
+        if "input_ids" not in row:
+            raise ValueError(
+                f"Rows need 'input_ids' (neurons, token_steps); got keys {sorted(row)}. Tokenize the dataset "
+                "first with calm_hf.data.tokenize_dataset."
             )
-            if neuron_ids.shape[0] != grid.shape[0]:
+        grid = _as_array(row["input_ids"], "input_ids", 2).astype(np.int64)
+        neuron_ids = row.get("neuron_ids")
+        neuron_ids = (
+            np.arange(grid.shape[0]) if neuron_ids is None else _as_array(neuron_ids, "neuron_ids", 1).astype(np.int64)
+        )
+        if neuron_ids.shape[0] != grid.shape[0]:
+            raise ValueError(
+                f"Row has {grid.shape[0]} neurons in input_ids but {neuron_ids.shape[0]} neuron_ids; they must match."
+            )
+        trace = None
+        if self.with_values:
+            if row.get("input_values") is None:
                 raise ValueError(
-                    f"Row has {grid.shape[0]} neurons in input_ids but {neuron_ids.shape[0]} neuron_ids; they must match."
+                    "with_values=True needs rows with 'input_values' (neurons, frames): keep that column of the "
+                    "tokenized dataset (it holds the z-scored traces the codes were made from)."
                 )
-            trace = None
-            if self.with_values:
-                if row.get("input_values") is None:
-                    raise ValueError(
-                        "with_values=True needs rows with 'input_values' (neurons, frames): keep that column of the "
-                        "tokenized dataset (it holds the z-scored traces the codes were made from)."
-                    )
-                trace = _as_array(row["input_values"], "input_values", 2).astype(np.float32)
-                if trace.shape[0] != grid.shape[0] or trace.shape[1] < grid.shape[1]:
-                    raise ValueError(
-                        f"input_values {trace.shape} do not match input_ids {grid.shape}: expected (neurons, "
-                        "token_steps * window_size) frames of the same trial."
-                    )
-            if self.max_neurons is not None and grid.shape[0] > self.max_neurons:
-                keep = self.sampler.subset(rng, grid.shape[0], self.max_neurons)
-                grid, neuron_ids = grid[keep], neuron_ids[keep]
-                trace = None if trace is None else trace[keep]
-            if trace is not None:
-                values.append(trace)
-            grids.append(grid)
-            ids.append(neuron_ids)
-            session = row.get("session_id", 0)
-            sessions.append(int(np.asarray(session.item() if isinstance(session, torch.Tensor) else session)))
-            if row.get("behavior") is not None:
-                behaviors.append(_as_array(row["behavior"], "behavior", 2).astype(np.float32))
+            trace = _as_array(row["input_values"], "input_values", 2).astype(np.float32)
+            if trace.shape[0] != grid.shape[0] or trace.shape[1] < grid.shape[1]:
+                raise ValueError(
+                    f"input_values {trace.shape} do not match input_ids {grid.shape}: expected (neurons, "
+                    "token_steps * window_size) frames of the same trial."
+                )
+        if self.max_neurons is not None and grid.shape[0] > self.max_neurons:
+            keep = self.sampler.subset(rng, grid.shape[0], self.max_neurons)
+            grid, neuron_ids = grid[keep], neuron_ids[keep]
+            trace = None if trace is None else trace[keep]
+        return grid, neuron_ids, trace
+
+    def _pad(self, grids: list[np.ndarray], ids: list[np.ndarray], sessions: list[int]) -> dict[str, torch.Tensor]:
+        """Codes, labels, neuron ids and the neuron mask padded to the batch's largest population."""
         steps = {grid.shape[1] for grid in grids}
         if len(steps) != 1:
             raise ValueError(
                 f"Rows have different numbers of token steps {sorted(steps)}; crop trials to a common length "
                 "before batching."
             )
-        if behaviors and len(behaviors) != len(features):
-            raise ValueError("Some rows carry 'behavior' and others do not; batch rows of one kind only.")
         batch_size, num_steps = len(grids), steps.pop()
         max_neurons = max(grid.shape[0] for grid in grids)
         input_ids = torch.zeros(batch_size, max_neurons, num_steps, dtype=torch.long)
@@ -163,18 +154,32 @@ class CalmDataCollator:
             labels[i, :n] = input_ids[i, :n]
             neuron_ids[i, :n] = torch.from_numpy(row_ids)
             neuron_mask[i, :n] = True
-        batch = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "neuron_ids": neuron_ids,
-            "neuron_mask": neuron_mask,
-            "session_ids": torch.tensor(sessions, dtype=torch.long),
-        }
+        return {"input_ids": input_ids, "labels": labels, "neuron_ids": neuron_ids, "neuron_mask": neuron_mask,
+                "session_ids": torch.tensor(sessions, dtype=torch.long)}
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("CalmDataCollator got an empty list of rows.")
+        rng = self.sampler.next_rng(features)
+        grids, ids, sessions, behaviors, values = [], [], [], [], []
+        for row in features:
+            grid, neuron_ids, trace = self._row(row, rng)
+            if trace is not None:
+                values.append(trace)
+            grids.append(grid)
+            ids.append(neuron_ids)
+            session = row.get("session_id", 0)
+            sessions.append(int(np.asarray(session.item() if isinstance(session, torch.Tensor) else session)))
+            if row.get("behavior") is not None:
+                behaviors.append(_as_array(row["behavior"], "behavior", 2).astype(np.float32))
+        if behaviors and len(behaviors) != len(features):
+            raise ValueError("Some rows carry 'behavior' and others do not; batch rows of one kind only.")
+        batch = self._pad(grids, ids, sessions)
         if values:
             frames = {trace.shape[1] for trace in values}
             if len(frames) != 1:
                 raise ValueError(f"Rows have input_values of different lengths {sorted(frames)}; crop trials first.")
-            value_labels = torch.zeros(batch_size, max_neurons, frames.pop())
+            value_labels = torch.zeros(*batch["neuron_mask"].shape, frames.pop())
             for i, trace in enumerate(values):
                 value_labels[i, : trace.shape[0]] = torch.from_numpy(trace)
             batch["value_labels"] = value_labels

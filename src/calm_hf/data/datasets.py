@@ -314,6 +314,17 @@ def _encode_groups(tokenizer, input_values: list[np.ndarray], dtype) -> list[np.
     return codes
 
 
+def _check_tokenize_inputs(dataset: Dataset, tokenizer, batch_size: int) -> None:
+    if "input_values" not in dataset.column_names:
+        raise ValueError(f"tokenize_dataset needs an 'input_values' column, got {dataset.column_names}.")
+    if not hasattr(tokenizer, "encode"):
+        raise ValueError(f"tokenizer must have an encode(input_values) method, got {type(tokenizer).__name__}.")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if len(dataset) == 0:
+        raise ValueError("tokenize_dataset got an empty dataset.")
+
+
 def tokenize_dataset(
     dataset: Dataset | DatasetDict,
     tokenizer: Any,
@@ -341,18 +352,7 @@ def tokenize_dataset(
         return DatasetDict(
             {name: tokenize_dataset(split, tokenizer, batch_size=batch_size, dtype=dtype) for name, split in dataset.items()}
         )
-    if "input_values" not in dataset.column_names:
-        raise ValueError(f"tokenize_dataset needs an 'input_values' column, got {dataset.column_names}.")
-    if not hasattr(tokenizer, "encode"):
-        raise ValueError(f"tokenizer must have an encode(input_values) method, got {type(tokenizer).__name__}.")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if len(dataset) == 0:
-        raise ValueError("tokenize_dataset got an empty dataset.")
-    input_feature = dataset.features["input_values"]
-    num_frames = input_feature.shape[1] if isinstance(input_feature, Array2D) else None
-    if num_frames is None:
-        num_frames = np.asarray(dataset.with_format("numpy")[0]["input_values"]).shape[-1]
+    _check_tokenize_inputs(dataset, tokenizer, batch_size)
     # probe one trial for the number of token steps (the tokenizer validates frames vs. its window)
     was_training = bool(getattr(tokenizer, "training", False))
     if hasattr(tokenizer, "eval"):

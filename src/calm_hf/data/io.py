@@ -1,8 +1,9 @@
-"""Loading recordings: the `Recording` container, `.npz` files (the real recordings shipped in `<data dir>`), and
-`load_recording`, which dispatches to the NWB (`nwb.py`), suite2p (`suite2p.py`) and CaImAn (`caiman.py`) readers.
+"""Loading recordings: the `Recording` container and `.npz` files (the real recordings shipped in `<data dir>`). The
+NWB (`nwb.py`), suite2p (`suite2p.py`) and CaImAn (`caiman.py`) readers build on it; `readers.load_recording`
+dispatches to all of them.
 
-The data folder defaults to `<repo root>/../shared/data` and is overridden by the environment variable
-`CALM_DATA_DIR`. Files are read with `np.load(..., allow_pickle=False)`; nothing is downloaded.
+The data folder is the environment variable `CALM_DATA_DIR` when set, else `../shared/data` relative to the current
+working directory (the layout of a checkout run from its root); every loader also takes `data_dir=` explicitly. Files are read with `np.load(..., allow_pickle=False)`; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .preprocessing import check_traces, cut_trials
+from .preprocessing import cut_trials
+from .session import check_traces
 from .session import SessionTrials
 
 
@@ -27,15 +29,12 @@ _STANDARD_KEYS = ("traces", "fs", "behavior", "behavior_names", "trial_starts")
 
 
 def default_data_dir() -> Path:
-    """Folder holding the real recordings: `$CALM_DATA_DIR` if set, else `<repo root>/../shared/data`.
-
-    The repository root is found from this file (`src/calm_hf/data/io.py` -> four levels up).
-    """
+    """Folder holding the real recordings: `$CALM_DATA_DIR` if set, else `../shared/data` relative to the current
+    working directory. The package never looks at where it is installed (a wheel has no repository around it)."""
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[3]
-    return (repo_root.parent / "shared" / "data").resolve()
+    return (Path.cwd().parent / "shared" / "data").resolve()
 
 
 def _missing_file_error(path: Path, what: str = "file") -> FileNotFoundError:
@@ -282,33 +281,6 @@ def load_npz_recording(path: str | os.PathLike, layout: str = "auto") -> Recordi
         behavior_names=None if names is None or behavior is None else list(names.reshape(-1)),
         trial_starts=data.get("trial_starts"),
         extras=extras,
-    )
-
-
-def load_recording(path: str | os.PathLike, **kwargs) -> Recording:
-    """Read any supported recording by its form: a `.nwb` file (`load_nwb_recording`), a suite2p output folder
-    (`load_suite2p_recording`), a CaImAn `.hdf5`/`.h5` file (`load_caiman_recording`) or a `.npz` file
-    (`load_npz_recording`). Keyword arguments go to that reader."""
-    path = Path(path)
-    if not path.exists():
-        raise _missing_file_error(path, "file" if path.suffix else "folder")
-    if path.is_dir():
-        from .suite2p import load_suite2p_recording
-
-        return load_suite2p_recording(path, **kwargs)
-    suffix = path.suffix.lower()
-    if suffix == ".nwb":
-        from .nwb import load_nwb_recording
-
-        return load_nwb_recording(path, **kwargs)
-    if suffix in (".hdf5", ".h5"):
-        from .caiman import load_caiman_recording
-
-        return load_caiman_recording(path, **kwargs)
-    if suffix == ".npz":
-        return load_npz_recording(path, **kwargs)
-    raise ValueError(
-        f"{path}: unknown recording format {suffix!r}; calm_hf reads .nwb, .npz, CaImAn .hdf5/.h5 and suite2p folders."
     )
 
 

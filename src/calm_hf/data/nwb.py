@@ -102,6 +102,31 @@ def _find_time_series(nwbfile, name: str):
     return None
 
 
+def _read_behavior(nwbfile, names, times: np.ndarray, path: Path) -> np.ndarray:
+    """`(channels, frames)`: each named TimeSeries (multi-column ones averaged) interpolated onto the frame times."""
+    channels = []
+    for name in names:
+        found = _find_time_series(nwbfile, name)
+        if found is None:
+            raise ValueError(f"{path}: no TimeSeries named {name!r} (acquisition has {sorted(nwbfile.acquisition)}).")
+        values = np.asarray(found.data[:], dtype=np.float64)
+        values = values if values.ndim == 1 else values.reshape(values.shape[0], -1).mean(axis=1)
+        behavior_times, _ = _timestamps(found, values.shape[0])
+        channels.append(np.interp(times, behavior_times, values))
+    return np.stack(channels)
+
+
+def _roi_ids(item) -> np.ndarray | None:
+    """The series' ROI ids, or None when the file has none readable (they are informative only)."""
+    rois = getattr(item, "rois", None)
+    if rois is None:
+        return None
+    try:
+        return np.asarray(rois.data[:], dtype=np.int64)
+    except Exception:  # noqa: BLE001 - ids are informative only
+        return None
+
+
 def load_nwb_recording(
     path: str | os.PathLike,
     series: str | None = None,
@@ -151,25 +176,8 @@ def load_nwb_recording(
                 raise ValueError(f"{path}: a trial starts at {starts.max():g} s, after the last imaging frame.")
         behavior = names = None
         if behavior_series:
-            channels = []
-            for name in behavior_series:
-                found = _find_time_series(nwbfile, name)
-                if found is None:
-                    raise ValueError(
-                        f"{path}: no TimeSeries named {name!r} (acquisition has {sorted(nwbfile.acquisition)})."
-                    )
-                values = np.asarray(found.data[:], dtype=np.float64)
-                values = values if values.ndim == 1 else values.reshape(values.shape[0], -1).mean(axis=1)
-                behavior_times, _ = _timestamps(found, values.shape[0])
-                channels.append(np.interp(times, behavior_times, values))
-            behavior, names = np.stack(channels), list(behavior_series)
-        roi_ids = None
-        rois = getattr(item, "rois", None)
-        if rois is not None:
-            try:
-                roi_ids = np.asarray(rois.data[:], dtype=np.int64)
-            except Exception:  # noqa: BLE001 - ids are informative only
-                roi_ids = None
+            behavior, names = _read_behavior(nwbfile, behavior_series, times, path), list(behavior_series)
+        roi_ids = _roi_ids(item)
     finally:
         io.close()
     extras = {"nwb_series": key}

@@ -16,101 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import signal
 
+from .session import check_traces
+
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .session import SessionTrials
-
-
-_AXIS_NAMES = {1: ("frame",), 2: ("neuron", "frame"), 3: ("trial", "neuron", "frame")}
-
-
-def check_traces(
-    x: Any,
-    name: str = "traces",
-    ndim: int | tuple[int, ...] | None = None,
-    min_frames: int = 1,
-    dtype: Any = None,
-) -> np.ndarray:
-    """Validate a trace array and return it as a floating numpy array.
-
-    Args:
-        x (`array-like`):
-            Traces, e.g. `(trials, neurons, frames)`, `(neurons, frames)` or `(frames,)`.
-        name (`str`, *optional*, defaults to `"traces"`):
-            Name used in error messages.
-        ndim (`int` or `tuple[int]`, *optional*):
-            Accepted rank(s). `None` accepts any rank >= 1.
-        min_frames (`int`, *optional*, defaults to 1):
-            Minimum length of the last (time) axis.
-        dtype (`np.dtype`, *optional*):
-            Cast to this float dtype before the finiteness check, so float64 values beyond e.g. float32's range
-            (which the cast turns into +-inf) are reported instead of passing silently.
-
-    Returns:
-        `np.ndarray`: the traces (float dtype kept, integer input converted to float32, or `dtype` when given).
-
-    Raises:
-        `ValueError`: wrong rank, empty array, complex values, too few frames, or a non-finite value (the message
-        names the first offending trial / neuron / frame).
-    """
-    array = np.asarray(x)
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ValueError(
-            f"{name} must be a numeric array, got dtype {array.dtype}. Pass a float array of shape "
-            "(trials, neurons, frames) or (neurons, frames); ragged lists of traces must be padded or cut first."
-        )
-    if np.iscomplexobj(array):
-        # a cast to float would silently drop the imaginary part
-        raise ValueError(
-            f"{name} must be real, got complex dtype {array.dtype}; pass np.abs(x) or x.real explicitly."
-        )
-    source_finite = None
-    if dtype is not None:
-        source_finite = bool(np.isfinite(array).all()) if np.issubdtype(array.dtype, np.floating) else True
-        with np.errstate(over="ignore"):
-            array = array.astype(dtype, copy=False)
-    elif not np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    if ndim is not None:
-        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        if array.ndim not in allowed:
-            layouts = " or ".join(
-                "(" + ", ".join(a + "s" for a in _AXIS_NAMES.get(d, ("axis",) * d)) + ")" for d in allowed
-            )
-            hint = ""
-            if array.ndim == 1 and 2 in allowed:
-                hint = " A single trace needs x[None] (one neuron)."
-            elif array.ndim == 2 and 3 in allowed:
-                hint = " A single trial needs x[None] (one trial)."
-            raise ValueError(
-                f"{name} must have rank {' or '.join(map(str, allowed))} {layouts}, got shape {array.shape}.{hint}"
-            )
-    if array.ndim == 0:
-        raise ValueError(f"{name} must be an array with a time axis, got a scalar.")
-    if array.size == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape}); every axis needs at least one element.")
-    if array.shape[-1] < min_frames:
-        raise ValueError(
-            f"{name} has {array.shape[-1]} frames but at least {min_frames} are needed; use longer recordings/trials."
-        )
-    finite = np.isfinite(array)
-    if not finite.all():
-        bad = tuple(int(i) for i in np.argwhere(~finite)[0])
-        axis_names = _AXIS_NAMES.get(array.ndim, tuple(f"axis{i}" for i in range(array.ndim)))
-        where = ", ".join(f"{axis} {index}" for axis, index in zip(axis_names, bad))
-        count = int((~finite).sum())
-        if source_finite:
-            raise ValueError(
-                f"{name} contains {count} value(s) beyond the range of {np.dtype(dtype).name} (they become inf "
-                f"when cast); the first is at {where}. Rescale the traces (e.g. to other units) before use."
-            )
-        raise ValueError(
-            f"{name} contains {count} non-finite value(s) (NaN/Inf); the first is at {where} "
-            f"(value {array[bad]}). Interpolate or drop the affected neurons/trials before use."
-        )
-    return array
 
 
 def _check_finite_signal(array: np.ndarray, what: str) -> None:
@@ -414,6 +326,24 @@ class PreparedSession:
         return self.traces[self.splits[name]]
 
 
+def _resample_smooth_crop(session: SessionTrials, processor, ema_alpha: float | None):
+    """(traces, behaviour or None) of a session at the processor's rate, EMA-smoothed (traces only) and cropped to a
+    multiple of the token window (the oldest frames go)."""
+    window_size, target_fs = processor.window_size, processor.sampling_rate
+    traces = processor.resample(session.traces, session.fs)
+    behavior = None if session.behavior is None else processor.resample(session.behavior, session.fs)
+    if ema_alpha is not None:
+        traces = causal_ema(traces, alpha=ema_alpha, axis=-1)
+    num_frames = traces.shape[-1] - traces.shape[-1] % window_size
+    if num_frames < window_size:
+        raise ValueError(
+            f"Session {session.name!r}: {session.traces.shape[-1]} frames at {session.fs} Hz become {traces.shape[-1]} "
+            f"frames at {target_fs} Hz, fewer than one token window of {window_size} frames; use longer trials."
+        )
+    start = traces.shape[-1] - num_frames
+    return traces[..., start:], None if behavior is None else behavior[..., start:]
+
+
 def prepare_session(
     session: SessionTrials,
     target_fs: float = 5.0,
@@ -451,20 +381,7 @@ def prepare_session(
     # The same processor (end-aligned resampling, causal EMA, crop of the oldest frames, relative std floor) that
     # the checkpoint saves and the pipeline applies to a user's context.
     processor = CalmTraceProcessor(sampling_rate=target_fs, window_size=window_size, ema_alpha=ema_alpha)
-    traces = processor.resample(session.traces, session.fs)
-    behavior = None if session.behavior is None else processor.resample(session.behavior, session.fs)
-    if ema_alpha is not None:
-        traces = causal_ema(traces, alpha=ema_alpha, axis=-1)
-    num_frames = traces.shape[-1] - traces.shape[-1] % window_size
-    if num_frames < window_size:
-        raise ValueError(
-            f"Session {session.name!r}: {session.traces.shape[-1]} frames at {session.fs} Hz become {traces.shape[-1]} "
-            f"frames at {target_fs} Hz, fewer than one token window of {window_size} frames; use longer trials."
-        )
-    start = traces.shape[-1] - num_frames
-    traces = traces[..., start:]
-    if behavior is not None:
-        behavior = behavior[..., start:]
+    traces, behavior = _resample_smooth_crop(session, processor, ema_alpha)
     splits = split_trials(traces.shape[0], seed=split_seed, fractions=fractions)
     stats = ZScoreStats(*processor.fit_stats(traces[splits["train"]]))
     traces = stats.transform(traces).astype(np.float32)

@@ -182,38 +182,13 @@ def _task_design(config: SimulationConfig) -> dict[str, np.ndarray]:
     return {"condition": condition, "groups": groups, "drive": drive}
 
 
-def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -> SessionTrials:
-    """Simulate one session of the benchmark.
-
-    Args:
-        config (`SimulationConfig`, *optional*): parameters (defaults: the paper's protocol, seed 0).
-        **overrides: fields replaced in `config`.
-
-    Returns:
-        `SessionTrials` with `traces` calcium `(trials, neurons, frames)` float32 at `1/dt` Hz, `behavior`
-        `(trials, channels, frames)` (or `None` when `num_behavior_channels=0`) and `extras`:
-        `"latents"` tanh(r) `(trials, neurons, frames)` float32, `"spikes"` counts `(trials, neurons, frames)`
-        uint8, `"recurrent_weights"` W `(neurons, neurons)`, `"behavior_weights"` B `(channels, neurons)`
-        (behaviour = B @ latents + noise), `"config"` the parameters as a dict. With `task_fraction > 0` also
-        `"task_condition"` int64 `(trials,)` in {0, 1} and `"task_groups"` int64 `(neurons,)`: the condition that
-        drives each neuron, -1 for neurons without task input.
-    """
-    config = SimulationConfig() if config is None else config
-    if overrides:
-        config = replace(config, **overrides)
+def _integrate_rate_rnn(config: SimulationConfig, weights_t: np.ndarray, task: dict | None,
+                        rng_init: np.random.Generator, rng_noise: np.random.Generator) -> np.ndarray:
+    """tanh(r) of `tau dr/dt = -r + W tanh(r) + input + noise` for every trial, burn-in included:
+    `(trials, neurons, burn_in + num_steps)` float32. `weights_t` is W transposed (row-major update)."""
     num_neurons, num_trials = int(config.num_neurons), int(config.num_trials)
-    burn_in, num_steps = int(config.burn_in_steps), int(config.num_steps)
-    total_frames = burn_in + num_steps
-    rng_weights, rng_init, rng_noise, rng_spikes, rng_calcium, rng_behavior = (
-        np.random.default_rng(child) for child in np.random.SeedSequence(int(config.seed)).spawn(6)
-    )
-
-    # (neurons, neurons): W ~ N(0, g^2/N); transposed once so the update is a row-major matmul
-    recurrent_weights = (rng_weights.standard_normal((num_neurons, num_neurons)) * config.gain / math.sqrt(num_neurons))
-    recurrent_weights = recurrent_weights.astype(np.float32)
-    weights_t = np.ascontiguousarray(recurrent_weights.T)
-    task = _task_design(config) if config.task_fraction > 0 else None
-
+    burn_in = int(config.burn_in_steps)
+    total_frames = burn_in + int(config.num_steps)
     h = config.dt / config.substeps
     decay = np.float32(h / config.tau)
     noise_scale = np.float32(config.rnn_noise_std * math.sqrt(config.dt / config.tau))
@@ -236,7 +211,54 @@ def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -
             drive *= decay
             state += drive
         latents[frame] = np.tanh(state)
-    latents = np.ascontiguousarray(latents.transpose(1, 2, 0))  # (trials, neurons, total_frames)
+    return np.ascontiguousarray(latents.transpose(1, 2, 0))
+
+
+def _behavior_readout(config: SimulationConfig, latents: np.ndarray, rng_behavior: np.random.Generator):
+    """(behaviour `(trials, channels, frames)` or None, channel names or None, B `(channels, neurons)`):
+    behaviour = B @ latents + noise."""
+    num_neurons, num_channels = int(config.num_neurons), int(config.num_behavior_channels)
+    behavior_weights = np.zeros((num_channels, num_neurons), dtype=np.float32)
+    if num_channels == 0:
+        return None, None, behavior_weights
+    behavior_weights = (rng_behavior.standard_normal((num_channels, num_neurons)) / math.sqrt(num_neurons))
+    behavior_weights = behavior_weights.astype(np.float32)
+    behavior = np.einsum("cn,knt->kct", behavior_weights, latents)  # (trials, channels, frames)
+    behavior = behavior + config.behavior_noise_std * rng_behavior.standard_normal(behavior.shape)
+    return behavior, [f"velocity_{i}" for i in range(num_channels)], behavior_weights
+
+
+def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -> SessionTrials:
+    """Simulate one session of the benchmark.
+
+    Args:
+        config (`SimulationConfig`, *optional*): parameters (defaults: the paper's protocol, seed 0).
+        **overrides: fields replaced in `config`.
+
+    Returns:
+        `SessionTrials` with `traces` calcium `(trials, neurons, frames)` float32 at `1/dt` Hz, `behavior`
+        `(trials, channels, frames)` (or `None` when `num_behavior_channels=0`) and `extras`:
+        `"latents"` tanh(r) `(trials, neurons, frames)` float32, `"spikes"` counts `(trials, neurons, frames)`
+        uint8, `"recurrent_weights"` W `(neurons, neurons)`, `"behavior_weights"` B `(channels, neurons)`
+        (behaviour = B @ latents + noise), `"config"` the parameters as a dict. With `task_fraction > 0` also
+        `"task_condition"` int64 `(trials,)` in {0, 1} and `"task_groups"` int64 `(neurons,)`: the condition that
+        drives each neuron, -1 for neurons without task input.
+    """
+    config = SimulationConfig() if config is None else config
+    if overrides:
+        config = replace(config, **overrides)
+    num_neurons, burn_in = int(config.num_neurons), int(config.burn_in_steps)
+    rng_weights, rng_init, rng_noise, rng_spikes, rng_calcium, rng_behavior = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(int(config.seed)).spawn(6)
+    )
+
+    # (neurons, neurons): W ~ N(0, g^2/N); transposed once so the update is a row-major matmul
+    recurrent_weights = (rng_weights.standard_normal((num_neurons, num_neurons)) * config.gain / math.sqrt(num_neurons))
+    recurrent_weights = recurrent_weights.astype(np.float32)
+    weights_t = np.ascontiguousarray(recurrent_weights.T)
+    task = _task_design(config) if config.task_fraction > 0 else None
+
+    latents = _integrate_rate_rnn(config, weights_t, task, rng_init, rng_noise)  # (trials, neurons, total_frames)
 
     rates_hz = (latents + 1.0) * (0.5 * config.max_rate_hz)
     spikes = rng_spikes.poisson(rates_hz * config.dt)
@@ -249,15 +271,7 @@ def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -
     latents = np.ascontiguousarray(latents[..., burn_in:])
     spikes = np.ascontiguousarray(spikes[..., burn_in:])
 
-    behavior = behavior_names = None
-    num_channels = int(config.num_behavior_channels)
-    behavior_weights = np.zeros((num_channels, num_neurons), dtype=np.float32)
-    if num_channels > 0:
-        behavior_weights = (rng_behavior.standard_normal((num_channels, num_neurons)) / math.sqrt(num_neurons))
-        behavior_weights = behavior_weights.astype(np.float32)
-        behavior = np.einsum("cn,knt->kct", behavior_weights, latents)  # (trials, channels, frames)
-        behavior = behavior + config.behavior_noise_std * rng_behavior.standard_normal(behavior.shape)
-        behavior_names = [f"velocity_{i}" for i in range(num_channels)]
+    behavior, behavior_names, behavior_weights = _behavior_readout(config, latents, rng_behavior)
 
     extras = {}
     if task is not None:

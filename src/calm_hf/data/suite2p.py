@@ -59,6 +59,27 @@ def _plane_folders(folder: Path) -> list[Path]:
     )
 
 
+def _read_plane(plane: Path, coefficient: float, cells_only: bool, cell_probability: float | None):
+    """(neuropil-corrected F `(rois, frames)` float64, which ROIs to keep `(rois,)` bool, frame rate) of one plane."""
+    fluorescence = _load_plain(plane / "F.npy")
+    neuropil = _load_plain(plane / "Fneu.npy")
+    iscell = _load_plain(plane / "iscell.npy")
+    ops = _load_ops(plane / "ops.npy")
+    if fluorescence.ndim != 2 or neuropil.shape != fluorescence.shape:
+        raise ValueError(f"{plane}: F.npy {fluorescence.shape} and Fneu.npy {neuropil.shape} must both be (rois, frames).")
+    iscell = iscell.reshape(len(iscell), -1)
+    if iscell.shape[0] != fluorescence.shape[0]:
+        raise ValueError(f"{plane}: iscell.npy has {iscell.shape[0]} rows for {fluorescence.shape[0]} ROIs in F.npy.")
+    if not cells_only:
+        keep = np.ones(len(iscell), dtype=bool)
+    elif cell_probability is not None:
+        keep = iscell[:, min(1, iscell.shape[1] - 1)] >= float(cell_probability)
+    else:
+        keep = iscell[:, 0] > 0.5
+    corrected = fluorescence.astype(np.float64) - coefficient * neuropil.astype(np.float64)
+    return corrected, keep, float(ops["fs"])
+
+
 def load_suite2p_recording(
     path: str | os.PathLike,
     neuropil_coefficient: float = NEUROPIL_COEFFICIENT,
@@ -91,28 +112,11 @@ def load_suite2p_recording(
         raise ValueError(f"neuropil_coefficient must be a finite non-negative number, got {neuropil_coefficient}.")
     traces, planes, rois, rates = [], [], [], []
     for plane_index, plane in enumerate(_plane_folders(folder)):
-        fluorescence = _load_plain(plane / "F.npy")
-        neuropil = _load_plain(plane / "Fneu.npy")
-        iscell = _load_plain(plane / "iscell.npy")
-        ops = _load_ops(plane / "ops.npy")
-        if fluorescence.ndim != 2 or neuropil.shape != fluorescence.shape:
-            raise ValueError(
-                f"{plane}: F.npy {fluorescence.shape} and Fneu.npy {neuropil.shape} must both be (rois, frames)."
-            )
-        iscell = iscell.reshape(len(iscell), -1)
-        if iscell.shape[0] != fluorescence.shape[0]:
-            raise ValueError(f"{plane}: iscell.npy has {iscell.shape[0]} rows for {fluorescence.shape[0]} ROIs in F.npy.")
-        if not cells_only:
-            keep = np.ones(len(iscell), dtype=bool)
-        elif cell_probability is not None:
-            keep = iscell[:, min(1, iscell.shape[1] - 1)] >= float(cell_probability)
-        else:
-            keep = iscell[:, 0] > 0.5
-        corrected = fluorescence.astype(np.float64) - coefficient * neuropil.astype(np.float64)
+        corrected, keep, fs = _read_plane(plane, coefficient, cells_only, cell_probability)
         traces.append(corrected[keep])
         planes.append(np.full(int(keep.sum()), plane_index, dtype=np.int64))
         rois.append(np.flatnonzero(keep))
-        rates.append(float(ops["fs"]))
+        rates.append(fs)
     if len(set(rates)) > 1:
         raise ValueError(f"{folder}: the planes have different frame rates {rates}; read them one plane at a time.")
     frames = [t.shape[1] for t in traces]

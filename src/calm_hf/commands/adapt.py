@@ -1,7 +1,6 @@
-#!/usr/bin/env python
-"""Held-out sessions and animals: learn only a new session's session and neuron embeddings, backbone frozen.
+"""`calm adapt`, held-out sessions and animals: learn only a new session's session and neuron embeddings.
 
-    python training/adapt_session.py --model_path calm-base --tokenized_dataset runs/new-session-tokenized \
+    calm adapt --model_path calm-base --tokenized_dataset runs/new-session-tokenized \
         --session_name mouse7 --output_dir runs/calm-mouse7 --num_train_epochs 20 --learning_rate 1e-2
 
 The tokenized dataset must hold one session (neuron ids 0..N-1 of its own); the model grows its session and neuron
@@ -13,19 +12,19 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
 import torch
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
-from calm_hf.hardware import configure_torch_threads
-from calm_hf import CalmForCausalNeuralModeling, CalmTokenizer
-from calm_hf.data import CalmDataCollator, CollatorEpochCallback, load_trial_corpus
-from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
-from calm_hf.trainer import CalmTrainer
+from ..data import CalmDataCollator, CollatorEpochCallback, load_trial_corpus
+from ..forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
+from ..modeling_calm import CalmForCausalNeuralModeling
+from ..modeling_calm_tokenizer import CalmTokenizer
+from ..trainer import CalmTrainer
+from . import parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.adapt_session")
 
@@ -59,16 +58,9 @@ def remap_to_session(split: datasets.Dataset, session_id: int, neuron_ids: np.nd
     return split.map(remap)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((AdaptArguments, TrainingArguments))
-    args, training_args = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    configure_torch_threads()
-    training_args.remove_unused_columns = False
-    # Weight decay would shrink frozen rows of the shared tables; only the new rows may move.
-    training_args.weight_decay = 0.0
-    set_seed(training_args.seed)
-
+def load_and_extend(args: AdaptArguments) -> tuple:
+    """(model, tokenizer, corpus, session_id, neuron_ids): the pretrained model grown by the new session (backbone
+    frozen) and the new session's trials pointed at its new table rows."""
     model = CalmForCausalNeuralModeling.from_pretrained(args.model_path)
     tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path or os.path.join(args.model_path, "tokenizer"))
     check_tokenizer_matches_model(model, tokenizer)
@@ -80,12 +72,21 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = datasets.DatasetDict({name: remap_to_session(split, session_id, neuron_ids) for name, split in corpus.items()})
     logger.info(
         "adapting session %r (id %d, neurons %d..%d); trainable parameters: %d",
-        args.session_name,
-        session_id,
-        neuron_ids[0],
-        neuron_ids[-1],
+        args.session_name, session_id, neuron_ids[0], neuron_ids[-1],
         sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
+    return model, tokenizer, corpus, session_id, neuron_ids
+
+
+def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Parse `argv` (see `AdaptArguments`), adapt and save the model, return the test forecast metrics.
+    `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
+    args, training_args = parse_command_args((AdaptArguments, TrainingArguments), argv, prog="calm adapt")
+    training_args.remove_unused_columns = False
+    # Weight decay would shrink frozen rows of the shared tables; only the new rows may move.
+    training_args.weight_decay = 0.0
+    set_seed(training_args.seed)
+    model, tokenizer, corpus, _, _ = load_and_extend(args)
     columns = ["input_ids", "neuron_ids", "session_id"]
     with_values = model.config.value_head_steps > 0
     if with_values:  # the new session's embeddings also learn from the continuous forecast head's MSE
@@ -97,11 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=corpus["train"].select_columns(columns),
         eval_dataset=corpus["validation"].select_columns(columns),
         data_collator=collator,
-        callbacks=[CollatorEpochCallback(collator)],
+        callbacks=[CollatorEpochCallback(collator), *(callbacks or [])],
         neural_tokenizer=tokenizer,
     )
     trainer.train()
-    model.unfreeze_all() if hasattr(model, "unfreeze_all") else None
     forecaster = CalmForecaster(model, tokenizer, autocast_dtype=torch.bfloat16 if training_args.bf16 else None)
     metrics = evaluate_forecasting(forecaster, corpus["test"], context_frames=args.context_frames)
     metrics = {f"test_forecast_{k}": v for k, v in metrics.items()}
@@ -113,5 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry `calm-adapt` (and `calm adapt`): returns the exit code."""
+    return run_command("adapt", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,14 +1,13 @@
-#!/usr/bin/env python
-"""Stage 2: pretrain the dual-axis transformer on tokenized trials with the stock Trainer.
+"""`calm pretrain`, stage 2: pretrain the dual-axis transformer on tokenized trials with the stock Trainer.
 
-    python training/pretrain.py --tokenized_dataset runs/sim-tokenized --tokenizer_path runs/tokenizer \
+    calm pretrain --tokenized_dataset runs/sim-tokenized --tokenizer_path runs/tokenizer \
         --output_dir runs/calm --preset cpu --bf16 --num_train_epochs 4
 
-Two-process DDP on CPU (gloo), same script:
+Two-process DDP on CPU (gloo), same module (training/launch_pretrain_ddp.sh):
 
-    torchrun --nproc_per_node 2 training/pretrain.py --tokenized_dataset ... --output_dir ... --use_cpu
+    torchrun --nproc_per_node 2 -m calm_hf.commands.pretrain --tokenized_dataset ... --output_dir ... --use_cpu
 
-Or `python training/pretrain.py config.json` with the same fields as JSON.
+Or `calm pretrain --config config.json` with the same fields as JSON.
 """
 
 from __future__ import annotations
@@ -21,11 +20,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, TrainingArguments, set_seed
 
-from calm_hf.cli import parse_script_args
-from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer, CalmTraceProcessor
-from calm_hf.data import CalmDataCollator, CollatorEpochCallback, load_trial_corpus
-from calm_hf.forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
-from calm_hf.trainer import CalmTrainer
+from ..configuration_calm import CalmConfig
+from ..data import CalmDataCollator, CollatorEpochCallback, load_trial_corpus
+from ..forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
+from ..modeling_calm import CalmForCausalNeuralModeling
+from ..modeling_calm_tokenizer import CalmTokenizer
+from ..processing_calm import CalmTraceProcessor
+from ..trainer import CalmTrainer
+from . import parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.pretrain")
 
@@ -44,7 +46,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    tokenized_dataset: str = field(metadata={"help": "DatasetDict folder written by training/tokenize_trials.py."})
+    tokenized_dataset: str = field(metadata={"help": "DatasetDict folder written by `calm tokenize`."})
     max_neurons: int | None = field(
         default=64, metadata={"help": "Neurons per training example (random subset, so large sessions fit)."}
     )
@@ -97,49 +99,61 @@ def forecast_evaluation(tokenizer, validation, data_args: DataArguments, bf16: b
     return evaluate
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_script_args((ModelArguments, DataArguments, TrainingArguments), argv)
-    training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids before renaming
-    set_seed(training_args.seed)
-
-    tokenizer = CalmTokenizer.from_pretrained(model_args.tokenizer_path)
-    corpus, sessions = load_trial_corpus(data_args.tokenized_dataset)  # a folder or a Hub dataset id
+def load_tokenized(path: str) -> tuple:
+    """(corpus, sessions, token_steps) of a tokenized DatasetDict; a clear error when it was never tokenized."""
+    corpus, sessions = load_trial_corpus(path)  # a folder or a Hub dataset id
     if "input_ids" not in corpus["train"].column_names:
         raise ValueError(
-            f"{data_args.tokenized_dataset} has no `input_ids` column: tokenize it first with "
-            "training/tokenize_trials.py (stage 1's tokenization step)."
+            f"{path} has no `input_ids` column: tokenize it first with `calm tokenize` (stage 1's tokenization step)."
         )
-    token_steps = len(corpus["train"][0]["input_ids"][0])
-    model = build_model(model_args, tokenizer, sessions, token_steps)
-    model.generation_config = GenerationConfig(
-        max_new_tokens=max(1, token_steps - data_args.context_frames // tokenizer.config.window_size),
-        do_sample=False,
-    )
-    logger.info("model: %s parameters; world size %d", f"{model.num_parameters():,}", training_args.world_size)
+    return corpus, sessions, len(corpus["train"][0]["input_ids"][0])
 
+
+def build_trainer(model, tokenizer, corpus, sessions, data_args: DataArguments, training_args: TrainingArguments,
+                  callbacks: list | None = None) -> CalmTrainer:
+    """The CalmTrainer of pretraining: token columns (plus traces for the value head), neuron-subsampling collator,
+    the trace processor saved with each checkpoint and, when asked, forecast Pearson r at each evaluation."""
     columns = ["input_ids", "neuron_ids", "session_id"]
     with_values = model.config.value_head_steps > 0
     if with_values:  # the continuous forecast head trains on the z-scored traces the codes were made from
         columns.append("input_values")
-    train = corpus["train"].select_columns(columns)
     validation = corpus["validation"]
     extra = None
     if data_args.forecast_eval_trials > 0:
         extra = forecast_evaluation(tokenizer, validation, data_args, training_args.bf16)
     collator = CalmDataCollator(max_neurons=data_args.max_neurons, seed=training_args.seed, with_values=with_values)
-    trainer = CalmTrainer(
+    return CalmTrainer(
         model=model,
         args=training_args,
-        train_dataset=train,
+        train_dataset=corpus["train"].select_columns(columns),
         eval_dataset=validation.select_columns(columns),
         data_collator=collator,
-        callbacks=[CollatorEpochCallback(collator)],
+        callbacks=[CollatorEpochCallback(collator), *(callbacks or [])],
         neural_tokenizer=tokenizer,
         # saved with the checkpoint: the rate, window and smoothing the training data were prepared with
         trace_processor=CalmTraceProcessor(sampling_rate=model.config.frame_rate_hz, window_size=model.config.window_size,
                                            ema_alpha=sessions[0].ema_alpha if sessions else None),
         extra_evaluation=extra,
     )
+
+
+def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Parse `argv` (see the argument dataclasses), pretrain and save the model (with its `tokenizer/`), return the
+    metrics. `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
+    model_args, data_args, training_args = parse_command_args(
+        (ModelArguments, DataArguments, TrainingArguments), argv, prog="calm pretrain")
+    training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids before renaming
+    set_seed(training_args.seed)
+
+    tokenizer = CalmTokenizer.from_pretrained(model_args.tokenizer_path)
+    corpus, sessions, token_steps = load_tokenized(data_args.tokenized_dataset)
+    model = build_model(model_args, tokenizer, sessions, token_steps)
+    model.generation_config = GenerationConfig(
+        max_new_tokens=max(1, token_steps - data_args.context_frames // tokenizer.config.window_size),
+        do_sample=False,
+    )
+    logger.info("model: %s parameters; world size %d", f"{model.num_parameters():,}", training_args.world_size)
+    trainer = build_trainer(model, tokenizer, corpus, sessions, data_args, training_args, callbacks)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     if trainer.is_world_process_zero():
@@ -152,5 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry `calm-pretrain` (and `calm pretrain`): returns the exit code."""
+    return run_command("pretrain", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
-"""Stage 1: train the neural quantizer (CalmTokenizer) with the stock Trainer.
+"""`calm train-tokenizer`, stage 1: train the neural quantizer (CalmTokenizer) with the stock Trainer.
 
-    python training/train_tokenizer.py --trials_dataset runs/sim-trials --output_dir runs/tokenizer \
+    calm train-tokenizer --trials_dataset runs/sim-trials --output_dir runs/tokenizer \
         --preset cpu --bf16 --num_train_epochs 1 --per_device_train_batch_size 256 --learning_rate 2e-3
 
 Every neuron's trace of the training split is cut into segments of `segment_frames` frames; optional real traces
 (`--extra_npz` files, resampled to the model rate) are mixed in. Each loss component, the codebook perplexity and the
-dead-code count are logged. Tokenize the trials afterwards with training/tokenize_trials.py.
+dead-code count are logged. Tokenize the trials afterwards with `calm tokenize`.
 """
 
 from __future__ import annotations
@@ -19,10 +18,11 @@ import datasets
 import numpy as np
 from transformers import TrainingArguments, default_data_collator, set_seed
 
-from calm_hf.cli import parse_script_args
-from calm_hf import CalmTokenizer, CalmTokenizerConfig
-from calm_hf.data import load_trial_corpus
-from calm_hf.trainer import CalmTrainer
+from ..configuration_calm_tokenizer import CalmTokenizerConfig
+from ..data import load_trial_corpus
+from ..modeling_calm_tokenizer import CalmTokenizer
+from ..trainer import CalmTrainer
+from . import parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.train_tokenizer")
 
@@ -37,7 +37,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    trials_dataset: str = field(metadata={"help": "Trial DatasetDict folder (training/prepare_data.py) or Hub dataset id."})
+    trials_dataset: str = field(metadata={"help": "Trial DatasetDict folder (`calm prepare`) or Hub dataset id."})
     segment_frames: int = field(default=48, metadata={"help": "Frames per training segment (multiple of the window)."})
     max_segments: int | None = field(
         default=None, metadata={"help": "Cap on training segments (random subset); None = all."}
@@ -92,8 +92,13 @@ def build_segments(data_args: DataArguments, window_size: int, seed: int):
     return segment_dataset(train), segment_dataset(validation)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_script_args((ModelArguments, DataArguments, TrainingArguments), argv)
+def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Parse `argv` (see the argument dataclasses), train and save the tokenizer, return the metrics.
+
+    `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's.
+    """
+    model_args, data_args, training_args = parse_command_args(
+        (ModelArguments, DataArguments, TrainingArguments), argv, prog="calm train-tokenizer")
     set_seed(training_args.seed)
 
     overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=validation,
         data_collator=default_data_collator,
+        callbacks=list(callbacks or []),
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)
@@ -118,5 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry `calm-train-tokenizer` (and `calm train-tokenizer`): returns the exit code."""
+    return run_command("train-tokenizer", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

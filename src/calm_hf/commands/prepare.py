@@ -1,8 +1,7 @@
-#!/usr/bin/env python
-"""Data step: simulated benchmark or real recordings -> a trial DatasetDict (train/validation/test).
+"""`calm prepare`: simulated benchmark or real recordings -> a trial DatasetDict (train/validation/test).
 
-    python training/prepare_data.py --output_dir runs/sim-trials                      # the paper's simulation
-    python training/prepare_data.py --output_dir runs/zf --npz ../shared/data/triplett2018_zf_tectum_spont/zf_20151104-f1.npz \
+    calm prepare --output_dir runs/sim-trials                      # the paper's simulation
+    calm prepare --output_dir runs/zf --npz ../shared/data/triplett2018_zf_tectum_spont/zf_20151104-f1.npz \
         --trial_seconds 20
     calm prepare --output_dir runs/mouse --nwb session.nwb --nwb_behavior speed --trial_seconds 10
     calm prepare --output_dir runs/fov --suite2p path/to/suite2p --trial_seconds 30
@@ -21,12 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-from calm_hf.data import (
+from ..data import (
     Recording,
     SessionTrials,
     build_trial_dataset,
@@ -38,6 +34,7 @@ from calm_hf.data import (
     save_session_metadata,
     simulate_benchmark,
 )
+from . import parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.prepare_data")
 
@@ -122,9 +119,9 @@ def load_sessions(args: PrepareArguments) -> list[SessionTrials]:
     return [recording_to_session(r, args.trial_seconds, args.trial_stride_seconds) for r in recordings]
 
 
-def main(argv: list[str] | None = None):
-    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def run(argv: list[str] | None = None):
+    """Parse `argv` (see `PrepareArguments`), write the trial DatasetDict and return it."""
+    (args,) = parse_command_args((PrepareArguments,), argv, prog="calm prepare")
     sessions = load_sessions(args)
     prepared = [
         prepare_session(
@@ -144,5 +141,10 @@ def main(argv: list[str] | None = None):
     return corpus
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry `calm-prepare` (and `calm prepare`): returns the exit code."""
+    return run_command("prepare", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

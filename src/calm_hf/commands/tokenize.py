@@ -1,7 +1,6 @@
-#!/usr/bin/env python
-"""Stage 1, tokenization step: add `input_ids` (int16 codes) to every trial of a DatasetDict for stage 2.
+"""`calm tokenize`, stage 1's tokenization step: add `input_ids` (int16 codes) to every trial of a DatasetDict.
 
-    python training/tokenize_trials.py --tokenizer_path runs/tokenizer --trials_dataset runs/sim-trials \
+    calm tokenize --tokenizer_path runs/tokenizer --trials_dataset runs/sim-trials \
         --output_dir runs/sim-tokenized --bf16
 
 Writes to `<output_dir>.partial` and renames it into place, so an interrupted run never leaves a half-written
@@ -13,17 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 
 import datasets
 import torch
-from transformers import HfArgumentParser
 
-from calm_hf.hardware import configure_torch_threads
-from calm_hf import CalmTokenizer
-from calm_hf.atomic import partial_path
-from calm_hf.data import load_trial_corpus, save_trial_dataset, tokenize_dataset
+from ..atomic import partial_path
+from ..data import load_trial_corpus, save_trial_dataset, tokenize_dataset
+from ..modeling_calm_tokenizer import CalmTokenizer
+from . import parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.tokenize_trials")
 
@@ -31,16 +28,15 @@ logger = logging.getLogger("calm_hf.tokenize_trials")
 @dataclass
 class TokenizeArguments:
     tokenizer_path: str = field(metadata={"help": "Folder of the trained CalmTokenizer."})
-    trials_dataset: str = field(metadata={"help": "Trial DatasetDict folder (training/prepare_data.py) or Hub id."})
+    trials_dataset: str = field(metadata={"help": "Trial DatasetDict folder (`calm prepare`) or Hub id."})
     output_dir: str = field(metadata={"help": "Where the tokenized DatasetDict is written."})
     batch_size: int = field(default=16, metadata={"help": "Trials per encode call."})
     bf16: bool = field(default=False, metadata={"help": "Encode under bf16 autocast (codes can differ in rare ties)."})
 
 
-def main(argv: list[str] | None = None):
-    (args,) = HfArgumentParser(TokenizeArguments).parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    configure_torch_threads()
+def run(argv: list[str] | None = None) -> datasets.DatasetDict:
+    """Parse `argv` (see `TokenizeArguments`), write the tokenized DatasetDict and return it."""
+    (args,) = parse_command_args((TokenizeArguments,), argv, prog="calm tokenize")
     # a .partial left by a run killed while saving is stale: remove it before starting (never read it)
     output = os.path.abspath(args.output_dir.rstrip("/"))
     for stale in (partial_path(output), partial_path(output + ".old")):
@@ -59,5 +55,10 @@ def main(argv: list[str] | None = None):
     return tokenized
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry `calm-tokenize` (and `calm tokenize`): returns the exit code."""
+    return run_command("tokenize", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,21 +1,20 @@
-#!/usr/bin/env python
-"""Downstream: decode behaviour from the frozen dual-axis transformer (CalmForBehaviorRegression) with the Trainer.
+"""`calm finetune-behavior`: decode behaviour from the frozen dual-axis transformer (CalmForBehaviorRegression).
 
-    python training/finetune_behavior.py --model_name_or_path runs/calm --tokenized_dataset runs/park-tokenized \
+    calm finetune-behavior --model_name_or_path runs/calm --tokenized_dataset runs/park-tokenized \
         --behavior_head glu --output_dir runs/calm-behavior --num_train_epochs 30 --learning_rate 3e-3 --bf16
 
 Held-out session: start from a behaviour checkpoint trained on other sessions and train only the new session's rows
 of the head's neuron-weight bank (backbone, projections, bias and smoothing stay bit-identical; weight decay is forced
 to 0 because it would shrink the frozen rows):
 
-    python training/finetune_behavior.py --model_name_or_path runs/calm-behavior --tokenized_dataset runs/park-tokenized \
+    calm finetune-behavior --model_name_or_path runs/calm-behavior --tokenized_dataset runs/park-tokenized \
         --adapt_session mrcuts28 --output_dir runs/calm-behavior-mrcuts28 --learning_rate 1e-2
 
-The tokenized DatasetDict (training/prepare_data.py + training/tokenize_trials.py) must carry a `behavior` column
+The tokenized DatasetDict (`calm prepare` + `calm tokenize`) must carry a `behavior` column
 (z-scored with training statistics by the data layer). Dataset sessions are matched to the model's sessions by name
 (`config.session_names`); an adapted session unknown to the model is added with `model.add_session` (its backbone
 embeddings then start at the mean of the known ones). Reports per-channel R^2 and MSE on validation and test.
-Or `python training/finetune_behavior.py config.json` with the same fields as JSON.
+Or `calm finetune-behavior --config config.json` with the same fields as JSON.
 """
 
 from __future__ import annotations
@@ -28,11 +27,11 @@ import datasets
 import numpy as np
 from transformers import EvalPrediction, TrainingArguments, set_seed
 
-from calm_hf.cli import parse_script_args
-from calm_hf.data import CalmDataCollator, SessionInfo, load_trial_corpus
-from calm_hf.metrics.functional import mse, r2_score
-from calm_hf.modeling_calm import CalmForBehaviorRegression
-from calm_hf.trainer import CalmTrainer
+from ..data import CalmDataCollator, SessionInfo, load_trial_corpus
+from ..metrics.functional import mse, r2_score
+from ..modeling_calm import CalmForBehaviorRegression
+from ..trainer import CalmTrainer
+from . import parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.finetune_behavior")
 
@@ -161,19 +160,15 @@ def load_model(model_args: ModelArguments, num_channels: int) -> CalmForBehavior
     return model
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_script_args((ModelArguments, DataArguments, TrainingArguments), argv)
-    training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids/behavior
-    training_args.label_names = ["labels"]
-    set_seed(training_args.seed)
-
+def load_behavior_corpus(data_args: DataArguments) -> tuple:
+    """(corpus, sessions) restricted to the sessions asked for; a clear error when a split lacks behaviour."""
     corpus, sessions = load_trial_corpus(data_args.tokenized_dataset)  # a folder or a Hub dataset id
     for name, split in corpus.items():
         missing = {"input_ids", "behavior", "neuron_ids", "session_id"} - set(split.column_names)
         if missing:
             raise ValueError(
                 f"{data_args.tokenized_dataset} split {name!r} lacks columns {sorted(missing)}: build it from sessions "
-                "with behaviour (training/prepare_data.py) and tokenize it (training/tokenize_trials.py)."
+                "with behaviour (`calm prepare`) and tokenize it (`calm tokenize`)."
             )
     wanted = [data_args.adapt_session] if data_args.adapt_session else data_args.sessions
     if wanted:
@@ -183,9 +178,20 @@ def main(argv: list[str] | None = None) -> dict:
         sessions = [s for s in sessions if s.name in wanted]
         keep = {s.session_id for s in sessions}
         corpus = datasets.DatasetDict({k: v.filter(lambda row: row["session_id"] in keep) for k, v in corpus.items()})
-    num_channels = len(corpus["train"][0]["behavior"])
-    channel_names = sessions[0].behavior_names
+    return corpus, sessions
 
+
+def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Parse `argv` (see the argument dataclasses), train and save the behaviour head, return validation and test
+    metrics. `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
+    model_args, data_args, training_args = parse_command_args(
+        (ModelArguments, DataArguments, TrainingArguments), argv, prog="calm finetune-behavior")
+    training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids/behavior
+    training_args.label_names = ["labels"]
+    set_seed(training_args.seed)
+
+    corpus, sessions = load_behavior_corpus(data_args)
+    num_channels = len(corpus["train"][0]["behavior"])
     model = load_model(model_args, num_channels)
     mapping = session_mapping(model, sessions, data_args.adapt_session)
     corpus = datasets.DatasetDict({name: remap_split(split, sessions, mapping) for name, split in corpus.items()})
@@ -200,7 +206,6 @@ def main(argv: list[str] | None = None) -> dict:
         "head %s, %d channels, trainable parameters: %d",
         model.config.behavior_head, num_channels, sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
-
     columns = ["input_ids", "neuron_ids", "session_id", "behavior"]
     trainer = CalmTrainer(
         model=model,
@@ -208,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=corpus["train"].select_columns(columns),
         eval_dataset=corpus["validation"].select_columns(columns),
         data_collator=CalmBehaviorCollator(max_neurons=data_args.max_neurons, seed=training_args.seed),
-        compute_metrics=behavior_metrics(channel_names),
+        compute_metrics=behavior_metrics(sessions[0].behavior_names),
+        callbacks=list(callbacks or []),
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)
@@ -221,5 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry `calm-finetune-behavior` (and `calm finetune-behavior`): returns the exit code."""
+    return run_command("finetune-behavior", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,296 @@
+"""`calm main`: from nothing to a pretrained `calm-base/` checkpoint with a model card, on the simulated corpus.
+
+    calm main                       # or: calm-main, python -m calm_hf.commands.main
+    calm main --fresh               # start over instead of reusing finished stages
+    calm main --size tiny --output_dir /tmp/x   # seconds-long smoke version (tests use it)
+    calm main --config training/configs/main_cpu.json   # the recipe spelled out as a file
+
+Stages: simulate -> train tokenizer -> tokenize to `datasets` -> pretrain the dual-axis transformer -> evaluate
+forecasting on held-out trials -> write `calm-base/` (DAT weights, `tokenizer/`, generation config, remote-code
+files, model card with this run's numbers, forecast figure) and `calm-base-dataset/` (tokenized trials + card).
+Each stage is the package's own command module (`calm_hf.commands.prepare`, `.train_tokenizer`, `.tokenize`,
+`.pretrain`), called with the command line a user would type.
+
+Re-running reuses every finished stage (a stage is finished when its folder holds a `.calm_stage.json` written with
+the same parameters: its command's whole command line and the keys of the stages it reads) and resumes an
+interrupted training stage from its last *complete* Trainer checkpoint of the same parameters (a stage folder written
+with other parameters is removed with its checkpoints first). Data stages and the release folders are written to
+`.partial` and renamed into place; markers are written atomically; SIGTERM stops the job cleanly and stale
+`.partial` folders are removed on the next run (`calm_hf.commands.stages`).
+
+Model and tokenizer architecture come only from the named presets (`CalmConfig.from_preset`,
+`CalmTokenizerConfig.from_preset`); `RECIPES` holds what a run does with them (data size, epochs, batch, learning
+rate, neurons per example).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_write_text, partial_path, remove_stale_partials
+from . import parse_command_args, run_command
+from . import prepare, pretrain, tokenize, train_tokenizer
+from .stages import Stage, run_stage, stage_argv, terminate_cleanly
+
+logger = logging.getLogger("calm_hf.main")
+
+# Training recipes of the main job. "cpu" is the default run (<= 15 minutes on 2 cores); "tiny" is the smoke run of
+# the tests; "paper" pairs the paper's architecture presets with a longer schedule (not run on this machine).
+# `tokenizer_preset` / `model_preset` name architecture presets; every architecture number lives in those presets.
+RECIPES = {
+    # The tokenizer trains on whole trials (tokenizer_segment_frames = num_steps): it is used on whole trials, and
+    # one trained on 48-frame segments reconstructed the ends of 100-frame trials 6-9x worse than their middle.
+    # Pretraining sees a random 64 of a trial's neurons: at equal wall-clock that trains 3.6x more steps than whole
+    # populations and forecast better (validation r 0.399 vs 0.346 in benchmarks/results/dat_ablations.md), while the
+    # trial-swap probe shows the neuron mixer still learns population coupling.
+    "cpu": dict(
+        num_sessions=3, num_neurons=200, num_trials=400, num_steps=100,
+        tokenizer_preset="cpu", tokenizer_epochs=1.0, tokenizer_batch=128, tokenizer_lr=2e-3, tokenizer_segments=100_000,
+        tokenizer_segment_frames=100,
+        model_preset="cpu", pretrain_epochs=6.0, pretrain_batch=4, pretrain_lr=3e-3, max_neurons=64,
+        eval_trials=None, forecast_samples=16,
+    ),
+    "tiny": dict(
+        num_sessions=2, num_neurons=12, num_trials=20, num_steps=60,
+        tokenizer_preset="tiny", tokenizer_epochs=1.0, tokenizer_batch=64, tokenizer_lr=3e-3, tokenizer_segments=2_000,
+        tokenizer_segment_frames=60,
+        model_preset="tiny", pretrain_epochs=1.0, pretrain_batch=4, pretrain_lr=1e-3, max_neurons=8,
+        eval_trials=4, forecast_samples=3,
+    ),
+    # the paper's NQ and DAT sizes on the same simulated corpus; the schedule is a starting point, not a measured one
+    "paper": dict(
+        num_sessions=3, num_neurons=200, num_trials=400, num_steps=100,
+        tokenizer_preset="paper", tokenizer_epochs=5.0, tokenizer_batch=256, tokenizer_lr=1e-3,
+        tokenizer_segments=100_000, tokenizer_segment_frames=100,
+        model_preset="paper", pretrain_epochs=30.0, pretrain_batch=8, pretrain_lr=5e-4, max_neurons=64,
+        eval_trials=None, forecast_samples=16,
+    ),
+}
+SIZES = RECIPES  # the name of the first version
+
+
+@dataclass
+class MainArguments:
+    output_dir: str = field(default=".", metadata={"help": "Where calm-base/ and calm-base-dataset/ are written."})
+    size: str = field(default="cpu", metadata={"help": "Recipe: cpu (the real run), tiny (a seconds-long smoke run) "
+                                                       "or paper (the paper's model sizes)."})
+    fresh: bool = field(default=False, metadata={"help": "Delete earlier stages and start over."})
+    seed: int = field(default=0, metadata={"help": "Seed of the simulation, the splits and training."})
+    bf16: str = field(
+        default="auto",
+        metadata={"help": "bf16 autocast: auto (measured: on only where bf16 matmuls beat fp32, e.g. AMX CPUs), true, false."},
+    )
+    use_cpu: bool = field(
+        default=False, metadata={"help": "Train on the CPU even when an accelerator is present (default: accelerate's "
+                                          "choice, i.e. the GPU when there is one)."}
+    )
+    model_name: str = field(default="calm-base", metadata={"help": "Name of the checkpoint folder."})
+    context_frames: int = field(default=40, metadata={"help": "Forecast context (frames) of the evaluation."})
+    # recipe overrides: None keeps the --size recipe's value
+    num_sessions: int | None = field(default=None, metadata={"help": "Override the recipe's simulated sessions."})
+    num_neurons: int | None = field(default=None, metadata={"help": "Override the recipe's simulated neurons per session."})
+    num_trials: int | None = field(default=None, metadata={"help": "Override the recipe's simulated trials per session."})
+    num_steps: int | None = field(default=None, metadata={"help": "Override the recipe's frames per simulated trial."})
+    tokenizer_preset: str | None = field(default=None, metadata={"help": "Override the tokenizer architecture preset."})
+    tokenizer_epochs: float | None = field(default=None, metadata={"help": "Override the tokenizer's epochs."})
+    tokenizer_batch: int | None = field(default=None, metadata={"help": "Override the tokenizer's batch size."})
+    tokenizer_lr: float | None = field(default=None, metadata={"help": "Override the tokenizer's learning rate."})
+    tokenizer_segments: int | None = field(default=None, metadata={"help": "Override the cap on tokenizer segments."})
+    tokenizer_segment_frames: int | None = field(default=None, metadata={"help": "Override the tokenizer's segment frames."})
+    model_preset: str | None = field(default=None, metadata={"help": "Override the dual-axis transformer preset."})
+    pretrain_epochs: float | None = field(default=None, metadata={"help": "Override the recipe's pretraining epochs."})
+    pretrain_batch: int | None = field(default=None, metadata={"help": "Override the pretraining batch size."})
+    pretrain_lr: float | None = field(default=None, metadata={"help": "Override the pretraining learning rate."})
+    max_neurons: int | None = field(default=None, metadata={"help": "Override the neurons per pretraining example."})
+    eval_trials: int | None = field(default=None, metadata={"help": "Override the test trials evaluated (default all)."})
+    forecast_samples: int | None = field(default=None, metadata={"help": "Override the samples of the card's figure."})
+
+
+def resolve_recipe(args: MainArguments) -> dict:
+    """The `--size` recipe with every field given on the command line (or in `--config`) replacing its value."""
+    if args.size not in RECIPES:
+        raise ValueError(f"--size {args.size!r} is not one of {sorted(RECIPES)}.")
+    recipe = dict(RECIPES[args.size])
+    for item in fields(MainArguments):
+        value = getattr(args, item.name)
+        if item.name in recipe and value is not None:
+            recipe[item.name] = value
+    return recipe
+
+
+def training_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed: int, bf16: bool, resume: str | None,
+                   use_cpu: bool = False) -> list[str]:
+    """The TrainingArguments flags both training stages share (cosine schedule, checkpoints every 200 steps)."""
+    flags = [
+        "--output_dir", str(output_dir), "--num_train_epochs", str(epochs),
+        "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", str(batch),
+        "--learning_rate", str(lr), "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
+        "--weight_decay", "0.01", "--seed", str(seed), "--data_seed", str(seed),
+        "--logging_steps", "25", "--save_strategy", "steps", "--save_steps", "200", "--save_total_limit", "1",
+        "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "False",
+    ]
+    if use_cpu:
+        flags.append("--use_cpu")
+    if bf16:
+        flags.append("--bf16")
+    if resume:
+        flags += ["--resume_from_checkpoint", resume]
+    return flags
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse `argv` (see `MainArguments`), run every stage not finished yet, write the release folders and return the
+    summary (metrics, timings, folders)."""
+    (args,) = parse_command_args((MainArguments,), argv, prog="calm main")
+    recipe = resolve_recipe(args)
+    from ..hardware import resolve_bf16
+
+    args.bf16 = resolve_bf16(args.bf16)
+    logger.info("bf16 autocast: %s", "on" if args.bf16 else "off (bf16 matmuls are not faster than fp32 here)")
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir).resolve()
+    work = out / f".{args.model_name}-work"
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    # staging folders/files of a killed run are never read: remove them (the job's own names only)
+    remove_stale_partials(work, max_depth=3)
+    for stale in (partial_path(out / args.model_name), partial_path(out / f"{args.model_name}-dataset"),
+                  partial_path(out / f"{args.model_name}.old"), partial_path(out / f"{args.model_name}-dataset.old")):
+        if stale.exists():
+            logger.info("removing %s left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    with terminate_cleanly():
+        return run_job(args, recipe, out, work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry `calm-main` (and `calm main`): returns the exit code."""
+    return run_command("main", lambda: run(argv))
+
+
+def simulate_stage(args: MainArguments, recipe: dict, work: Path, timings: dict) -> tuple[Stage, dict]:
+    """1. simulate: `calm prepare` with the recipe's corpus size, into an atomic stage folder."""
+    sim_params = {k: recipe[k] for k in ("num_sessions", "num_neurons", "num_trials", "num_steps")} | {"seed": args.seed}
+    sim_argv = ["--seed", str(args.seed)] + [f"--{k}={v}" for k, v in sim_params.items() if k != "seed"]
+    trials = Stage(work / "trials", {"argv": sim_argv}, atomic=True)
+    run_stage(trials, "simulate", lambda: prepare.run(["--output_dir", str(trials.output)] + sim_argv) and None, timings)
+    return trials, sim_params
+
+
+def tokenizer_stage(args: MainArguments, recipe: dict, work: Path, trials: Stage, timings: dict) -> Stage:
+    """2. train the tokenizer: `calm train-tokenizer`, resumed from its last complete checkpoint."""
+    path = work / "tokenizer"
+    argv = ["--trials_dataset", str(trials.path), "--preset", recipe["tokenizer_preset"],
+            "--max_segments", str(recipe["tokenizer_segments"]),
+            "--segment_frames", str(recipe["tokenizer_segment_frames"])] + training_flags(
+        path, recipe["tokenizer_epochs"], recipe["tokenizer_batch"], recipe["tokenizer_lr"], args.seed, args.bf16, None,
+        use_cpu=args.use_cpu)
+    stage = Stage(path, {"after": [trials.key], "argv": stage_argv(argv)})
+
+    def train():
+        resume = stage.last_checkpoint()
+        return {"metrics": train_tokenizer.run(argv + (["--resume_from_checkpoint", resume] if resume else []))}
+
+    run_stage(stage, "train_tokenizer", train, timings)
+    return stage
+
+
+def tokenize_stage(args: MainArguments, work: Path, trials: Stage, tokenizer: Stage, timings: dict) -> Stage:
+    """3. tokenize: `calm tokenize` of every split, into an atomic stage folder."""
+    argv = ["--tokenizer_path", str(tokenizer.path), "--trials_dataset", str(trials.path)] + (
+        ["--bf16"] if args.bf16 else [])
+    stage = Stage(work / "tokenized", {"after": [trials.key, tokenizer.key], "argv": stage_argv(argv)}, atomic=True)
+    run_stage(stage, "tokenize", lambda: tokenize.run(argv + ["--output_dir", str(stage.output)]) and None, timings)
+    return stage
+
+
+def pretrain_stage(args: MainArguments, recipe: dict, work: Path, tokenizer: Stage, tokenized: Stage,
+                   timings: dict) -> Stage:
+    """4. pretrain: `calm pretrain` of the dual-axis transformer, resumed from its last complete checkpoint."""
+    path = work / "pretrain"
+    argv = ["--tokenized_dataset", str(tokenized.path), "--tokenizer_path", str(tokenizer.path),
+            "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
+            "--forecast_eval_trials", "0"] + training_flags(
+        path, recipe["pretrain_epochs"], recipe["pretrain_batch"], recipe["pretrain_lr"], args.seed, args.bf16, None,
+        use_cpu=args.use_cpu)
+    stage = Stage(path, {"after": [tokenizer.key, tokenized.key], "argv": stage_argv(argv)})
+
+    def train():
+        resume = stage.last_checkpoint()
+        return {"metrics": pretrain.run(argv + (["--resume_from_checkpoint", resume] if resume else []))}
+
+    run_stage(stage, "pretrain", train, timings)
+    return stage
+
+
+def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
+    """Every stage in order (each key covers all it depends on, so a change anywhere - seed, sizes, dtype, schedule -
+    re-runs it and everything downstream), then evaluation and the release folders."""
+    from ..publish import write_release
+
+    timings: dict[str, dict] = {}
+    total_start = time.perf_counter()
+    trials, sim_params = simulate_stage(args, recipe, work, timings)
+    tokenizer = tokenizer_stage(args, recipe, work, trials, timings)
+    tokenized = tokenize_stage(args, work, trials, tokenizer, timings)
+    pretrained = pretrain_stage(args, recipe, work, tokenizer, tokenized, timings)
+    # 5. evaluate + 6. write the checkpoint
+    start = time.perf_counter()
+    summary = write_release(
+        pretrain_dir=pretrained.path,
+        tokenized_dir=tokenized.path,
+        model_dir=out / args.model_name,
+        dataset_dir=out / f"{args.model_name}-dataset",
+        context_frames=args.context_frames,
+        eval_trials=recipe["eval_trials"],
+        forecast_samples=recipe["forecast_samples"],
+        bf16=args.bf16,
+        device="cpu" if args.use_cpu else None,
+        run_info={
+            "size": args.size,
+            "seed": args.seed,
+            "simulation": sim_params,
+            "tokenizer_training": tokenizer.params,
+            "pretraining": pretrained.params,
+            "stage_seconds": {k: round(v["seconds"], 1) for k, v in timings.items()},
+        },
+    )
+    timings["evaluate_and_write"] = {"seconds": time.perf_counter() - start, "reused": False}
+    summary["timings"] = timings
+    summary["total_seconds"] = time.perf_counter() - total_start
+    atomic_write_text(out / args.model_name / "run_summary.json", json.dumps(summary, indent=2, default=str))
+    print_summary(summary, out / args.model_name)
+    return summary
+
+
+def print_summary(summary: dict, model_dir: Path) -> None:
+    lines = ["", "=" * 72, f"CalM main job finished: {model_dir}", "-" * 72]
+    for name, timing in summary["timings"].items():
+        note = " (reused)" if timing.get("reused") else ""
+        lines.append(f"  {name:<22} {timing['seconds']:8.1f} s{note}")
+    stage_sum = sum(timing["seconds"] for timing in summary["timings"].values())
+    lines.append(f"  {'all stages':<22} {stage_sum:8.1f} s   (this invocation: {summary['total_seconds']:.1f} s)")
+    lines.append("-" * 72)
+    for name, value in summary["metrics"].items():
+        if isinstance(value, float):
+            lines.append(f"  {name:<40} {value:.4f}")
+    lines += [
+        "-" * 72,
+        "Try it:",
+        f'  from transformers import AutoModel; AutoModel.from_pretrained("{model_dir.name}")',
+        f'  from transformers import pipeline; import calm_hf; pipeline("neural-forecasting", model="{model_dir.name}")',
+        "=" * 72,
+    ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
