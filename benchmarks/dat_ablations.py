@@ -59,6 +59,10 @@ ROWS: dict[str, tuple[str, dict, dict]] = {
                           "intermediate_size": 256}, {}),
     "head_mixer_long": ("head_mixer trained 4x longer (learning curve)",
                         {"value_head_steps": 15, "neuron_mixer_rank": 64}, {"minutes_factor": 4.0}),
+    "head_mixer_subset64_coupling": ("+ neuron embeddings initialised at each session's measured coupling "
+                                     "(calm_hf.identity_init; calm pretrain's default)",
+                                     {"value_head_steps": 15, "neuron_mixer_rank": 64},
+                                     {"neurons": 64, "identity_init": True}),
     # learning curves of the shipped recipe at two sizes (run with a long --minutes, e.g. 40-60)
     "curve_cpu": ("learning curve: the cpu preset (hidden 96, 3 layers), 64 neurons per example",
                   {"value_head_steps": 15, "neuron_mixer_rank": 64}, {"neurons": 64}),
@@ -154,6 +158,12 @@ class Row:
         torch.manual_seed(args.seed)
         self.model = CalmForCausalNeuralModeling(self.config)
         self.model.set_codebook_neighbors(tokens.centroids)
+        if training.get("identity_init"):  # calm pretrain's default since this row: the coupling init
+            from calm_hf.identity_init import init_identity_embeddings
+
+            train, train_s = data["train"], data["train_session"]
+            init_identity_embeddings(self.model, [(train[train_s == s], s * self.num_neurons + np.arange(self.num_neurons))
+                                                  for s in np.unique(train_s)])
 
     def identity(self, sessions: np.ndarray, neuron_index: torch.Tensor | None = None):
         session_ids = torch.as_tensor(sessions, dtype=torch.long)
@@ -245,6 +255,8 @@ class Row:
         return result
 
     def train(self) -> dict:
+        from calm_hf.trainer import augment_training_batch
+
         args, model = self.args, self.model
         train, train_s = torch.as_tensor(self.data["train"]), self.data["train_session"]
         modes = ["direct"] if self.config.value_head_steps > 0 else ["expected", "greedy"]
@@ -264,7 +276,9 @@ class Row:
             for group in optimizer.param_groups:  # warm-up then cosine to zero at the end of the budget
                 group["lr"] = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
             values = traces if self.config.value_head_steps > 0 else None
-            out = model(input_ids=ids, labels=ids, value_labels=values, neuron_ids=neuron_ids, session_ids=session_ids)
+            batch = {"input_ids": ids, "labels": ids, "value_labels": values, "neuron_ids": neuron_ids,
+                     "session_ids": session_ids}
+            out = model(**augment_training_batch(model, batch)[0])  # scheduled sampling etc. as CalmTrainer does
             optimizer.zero_grad()
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

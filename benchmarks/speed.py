@@ -177,14 +177,17 @@ def worker_train(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     use_bf16 = spec["dtype"] == "bf16"
     applied_log: list[bool] = []
+    from calm_hf.trainer import augment_training_batch
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            outputs = model(**inputs)
+            # the trainer's corruptions (scheduled sampling, neighbour replacement) as CalmTrainer applies them
+            batch, applied = augment_training_batch(model, inputs)
+            outputs = model(**batch)
         outputs.loss.backward()
         optimizer.step()
-        applied_log.append(bool(outputs.scheduled_sampling_applied))
+        applied_log.append(bool(applied) if applied is not None else False)
 
     rss_before = current_rss_mib()
     torch.manual_seed(2)
@@ -201,7 +204,7 @@ def worker_train(spec: dict) -> dict:
         counter = FlopCounterMode(display=False)
         with counter:
             optimizer.zero_grad(set_to_none=True)
-            model(**inputs).loss.backward()
+            model(**augment_training_batch(model, inputs)[0]).loss.backward()
         flops[branch] = float(counter.get_total_flops())
     config.scheduled_sampling_prob = saved_prob
     optimizer.zero_grad(set_to_none=True)

@@ -218,7 +218,7 @@ def pretrain_stage(args: MainArguments, recipe: dict, work: Path, tokenizer: Sta
     path = work / "pretrain"
     argv = ["--tokenized_dataset", str(tokenized.path), "--tokenizer_path", str(tokenizer.path),
             "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
-            "--forecast_eval_trials", "0"] + training_flags(
+            "--forecast_eval_trials", "0", "--identity_init", "coupling"] + training_flags(
         path, recipe["pretrain_epochs"], recipe["pretrain_batch"], recipe["pretrain_lr"], args.seed, args.bf16, None,
         use_cpu=args.use_cpu)
     stage = Stage(path, {"after": [tokenizer.key, tokenized.key], "argv": stage_argv(argv)})
