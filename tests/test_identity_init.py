@@ -68,3 +68,22 @@ def test_init_needs_a_mixer_and_matching_ids():
     model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", neuron_mixer_rank=4))
     with pytest.raises(ValueError, match="neuron_ids"):
         init_identity_embeddings(model, [(traces, np.arange(11))])
+
+
+def test_adapting_rows_are_written_and_the_mixer_is_left_alone():
+    traces, _ = coupled_trials()
+    config = CalmConfig.from_preset("tiny", value_head_steps=2, neuron_mixer_rank=8, num_neurons=12, num_sessions=1)
+    model = CalmForCausalNeuralModeling(config)
+    session_id, neuron_ids = model.add_session("new", 12)
+    model.freeze_backbone_except_embeddings(session_ids=[session_id], neuron_ids=list(neuron_ids))
+    mixer_before = model.model.layers[0].mixer.query.weight.detach().clone()
+    frozen_before = model.model.neuron_embeddings.weight.detach()[:12].clone()
+    init_identity_embeddings(model, [(traces, np.asarray(neuron_ids))], align_mixer=False)
+    assert torch.equal(model.model.layers[0].mixer.query.weight, mixer_before)
+    table = model.model.neuron_embeddings
+    assert table.is_adapting
+    assert torch.equal(table.weight.detach()[:12], frozen_before), "the pretrained rows must stay bit-identical"
+    written = table(torch.as_tensor(neuron_ids))
+    assert not torch.allclose(written[:, :8], torch.zeros_like(written[:, :8]))
+    state = model.state_dict()["model.neuron_embeddings.weight"]
+    assert torch.equal(state[12:24], written.detach()), "saved checkpoints carry the written rows"

@@ -64,7 +64,7 @@ def coupling_factors(traces: np.ndarray, window_size: int, rank: int, ridge: flo
 
 @torch.no_grad()
 def init_identity_embeddings(model: Any, sessions: list[tuple[np.ndarray, np.ndarray]], rank: int | None = None,
-                             ridge: float = 1e-2) -> dict:
+                             ridge: float = 1e-2, align_mixer: bool = True) -> dict:
     """Writes coupling factors into `model`'s neuron embeddings and aligns every neuron mixer's query/key with them.
 
     Args:
@@ -73,6 +73,9 @@ def init_identity_embeddings(model: Any, sessions: list[tuple[np.ndarray, np.nda
             the global neuron ids `(neurons,)` of those neurons in the embedding table.
         rank: factors per session (default `min(neuron_mixer_rank, hidden_size // 2)`).
         ridge: relative ridge strength of the coupling fit.
+        align_mixer: also set every mixer's query/key to read dims `[0, rank)` / `[rank, 2 rank)` (a fresh model).
+            False for a pretrained model gaining a session (`calm adapt`): its trained mixer keeps its weights and
+            the new rows are written in the layout it was initialised with.
 
     Returns:
         A report: rank, per-session share of the coupling's energy the factors keep.
@@ -86,7 +89,7 @@ def init_identity_embeddings(model: Any, sessions: list[tuple[np.ndarray, np.nda
     table = backbone.neuron_embeddings
     weight = table.trainable_rows if table.is_adapting else table.weight
     row_of = ({int(r): i for i, r in enumerate(table.trainable_row_ids.tolist())} if table.is_adapting else None)
-    scale_ref = float(weight.float().std())
+    scale_ref = float(table.weight.float().std())  # all rows: a trained table's scale for a new session's rows
     report = {"rank": rank, "sessions": []}
     for traces, neuron_ids in sessions:
         neuron_ids = np.asarray(neuron_ids, dtype=np.int64)
@@ -103,7 +106,7 @@ def init_identity_embeddings(model: Any, sessions: list[tuple[np.ndarray, np.nda
         weight[rows_t, rank : rank + r] = torch.as_tensor(drivers * scale, dtype=weight.dtype, device=weight.device)
         report["sessions"].append({"neurons": int(len(neuron_ids)), "energy_kept": float(
             (singular[:r] ** 2).sum() / max((singular**2).sum(), 1e-12))})
-    if not report["sessions"]:
+    if not report["sessions"] or not align_mixer:
         return report
     # every mixer reads dims [0, rank) as its query and [rank, 2 rank) as its key; keep 10% of the random init so
     # the other directions still get gradients
@@ -119,7 +122,7 @@ def init_identity_embeddings(model: Any, sessions: list[tuple[np.ndarray, np.nda
 
 
 def init_identity_from_dataset(model: Any, dataset: Any, rank: int | None = None, ridge: float = 1e-2,
-                               max_trials_per_session: int = 2000) -> dict:
+                               max_trials_per_session: int = 2000, align_mixer: bool = True) -> dict:
     """`init_identity_embeddings` from a trial dataset (`input_values`, `neuron_ids`, `session_id` columns, e.g.
     the `train` split of `calm_hf.data.load_trial_corpus`)."""
     missing = {"input_values", "neuron_ids", "session_id"} - set(dataset.column_names)
@@ -136,4 +139,4 @@ def init_identity_from_dataset(model: Any, dataset: Any, rank: int | None = None
         subset = rows.select(index)
         traces = np.stack([np.asarray(x, dtype=np.float32) for x in subset["input_values"]])
         sessions.append((traces, np.asarray(subset[0]["neuron_ids"], dtype=np.int64)))
-    return init_identity_embeddings(model, sessions, rank=rank, ridge=ridge)
+    return init_identity_embeddings(model, sessions, rank=rank, ridge=ridge, align_mixer=align_mixer)

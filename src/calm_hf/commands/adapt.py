@@ -20,6 +20,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from ..data import CalmDataCollator, CollatorEpochCallback, load_trial_corpus
+from ..identity_init import init_identity_from_dataset
 from ..forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
 from ..modeling_calm import CalmForCausalNeuralModeling
 from ..modeling_calm_tokenizer import CalmTokenizer
@@ -37,6 +38,12 @@ class AdaptArguments:
     tokenizer_path: str | None = field(default=None, metadata={"help": "Default: <model_path>/tokenizer."})
     max_neurons: int | None = field(default=64, metadata={"help": "Neurons per training example."})
     context_frames: int = field(default=40, metadata={"help": "Forecast context for the final evaluation."})
+    identity_init: str = field(
+        default="coupling",
+        metadata={"help": "New neuron rows: 'coupling' writes the session's measured one-step coupling in the layout "
+                          "the pretrained neuron mixer reads (calm_hf.identity_init; models pretrained with "
+                          "--identity_init coupling), 'random' keeps the plain init."},
+    )
 
 
 def remap_to_session(split: datasets.Dataset, session_id: int, neuron_ids: np.ndarray) -> datasets.Dataset:
@@ -70,6 +77,10 @@ def load_and_extend(args: AdaptArguments) -> tuple:
     neuron_ids = np.asarray(neuron_ids)
     model.freeze_backbone_except_embeddings(session_ids=[session_id], neuron_ids=neuron_ids.tolist())
     corpus = datasets.DatasetDict({name: remap_to_session(split, session_id, neuron_ids) for name, split in corpus.items()})
+    if args.identity_init not in ("coupling", "random"):
+        raise ValueError(f"--identity_init must be 'coupling' or 'random', got {args.identity_init!r}.")
+    if args.identity_init == "coupling" and model.config.neuron_mixer_rank > 0:
+        init_identity_from_dataset(model, corpus["train"], align_mixer=False)  # the trained mixer stays as it is
     logger.info(
         "adapting session %r (id %d, neurons %d..%d); trainable parameters: %d",
         args.session_name, session_id, neuron_ids[0], neuron_ids[-1],
