@@ -313,8 +313,11 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [
         "# DAT ablations and learning curves (validation split, simulated benchmark)",
         "",
-        f"Same data, same k-means tokens, {results['settings']['minutes']} min of 1-thread fp32 training per row "
-        "(the `_long` row: 4x) "
+        (f"Same data, same k-means tokens, {results['settings']['minutes']} min of 1-thread fp32 training per row "
+         "(the `_long` row: 4x) " if "merged_from" not in results else
+         f"Same data, same k-means tokens; rows merged from {len(results['merged_from'])} runs, training minutes of "
+         "each row in the last column (1 thread, fp32) ")
+        +
         f"(batch {results['settings']['batch']} trials). Forecast: 40 frames of context -> 60 frames. "
         "`python benchmarks/dat_ablations.py` (see its docstring).",
         "",
@@ -346,17 +349,19 @@ def write_figure(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, row in results["rows"].items():
-        mode, _ = headline(row)
-        points = [(p["seconds"], p[mode]["pearson_r"]) for p in row["curve"] if mode in p]
-        points.append((row["train_seconds"], row["final"][mode]["pearson_r"]))
-        ax.plot(*zip(*points), marker="o", ms=3, label=name)
-    for (name, line), style in zip(results["reference_lines"].items(), ("--", ":", "-.")):
-        ax.axhline(line["pearson_r"], color="black", ls=style, lw=1, label=name)
-    ax.set_xlabel("training seconds (1 thread, fp32)")
-    ax.set_ylabel("validation forecast Pearson r")
-    ax.legend(fontsize=7, frameon=False)
+    # against wall time and against optimizer steps (steps are immune to a shared, busy core)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, label in zip(axes, ("seconds", "step"), ("training seconds (1 thread, fp32)", "optimizer steps")):
+        for name, row in results["rows"].items():
+            mode, _ = headline(row)
+            points = [(p[key], p[mode]["pearson_r"]) for p in row["curve"] if mode in p]
+            points.append((row["train_seconds"] if key == "seconds" else row["steps"], row["final"][mode]["pearson_r"]))
+            ax.plot(*zip(*points), marker="o", ms=3, label=name)
+        for (name, line), style in zip(results["reference_lines"].items(), ("--", ":", "-.")):
+            ax.axhline(line["pearson_r"], color="black", ls=style, lw=1, label=name)
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("validation forecast Pearson r")
+    axes[0].legend(fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
