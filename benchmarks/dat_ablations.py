@@ -5,6 +5,10 @@
     python benchmarks/dat_ablations.py --rows head_mixer_long --minutes 4 --out benchmarks/results/long  # 16 min curve
     python benchmarks/dat_ablations.py --rows ce_only,head,head_mixer --minutes 5
     python benchmarks/dat_ablations.py --quick --out /tmp/abl   # seconds-long smoke version
+    # learning curves at two sizes (run on two cores at once, then merged into one table and figure):
+    python benchmarks/dat_ablations.py --rows curve_cpu --minutes 55 --eval_every_seconds 300 --tcn_minutes 6 --out /tmp/c1
+    python benchmarks/dat_ablations.py --rows curve_small --minutes 40 --eval_every_seconds 300 --out /tmp/c2
+    python benchmarks/dat_ablations.py --merge /tmp/c1,/tmp/c2 --out benchmarks/results/learning_curves
 
 Every row trains a CalmForCausalNeuralModeling from scratch for the same wall-clock budget on the same data and
 tokens, and is scored on the VALIDATION trials only (the test split belongs to `forecasting.py`):
