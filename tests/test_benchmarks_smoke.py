@@ -257,3 +257,15 @@ def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         bench.parse_args(["--calm_modes", "direct,beam"])
     assert bench.parse_args([]).calm_modes == ["direct", "greedy", "mean"]
+
+
+def test_threads_benchmark_writes_its_table(tmp_path):
+    """benchmarks/threads.py --quick: one fresh process per thread count, medians, a markdown table."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "threads.py"
+    spec = importlib.util.spec_from_file_location("threads_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--threads", "1", "--out", str(tmp_path / "threads")])
+    row = result["by_threads"][1]
+    assert row["train_step"]["median_seconds"] > 0 and row["tokens_per_second"] > 0
+    assert "| 1 |" in (tmp_path / "threads.md").read_text()
