@@ -1404,8 +1404,14 @@ def write_markdown(results: dict, path: Path) -> None:
                 pre = entry.get("training", {}).get("pretrain", {})
                 if pre.get("reused_from"):
                     params = pre.get("params") or {}
-                    chosen = (f"reused run {pre['reused_from']} (preset {params.get('model_preset', '?')}, "
-                              f"{params.get('pretrain_epochs', '?')} epochs)")
+                    argv = params.get("argv") or []  # stage markers record the command line of the stage
+
+                    def flag(name: str, default: str = "?") -> str:
+                        return argv[argv.index(name) + 1] if name in argv[:-1] else default
+
+                    chosen = (f"reused run {pre['reused_from']} (preset "
+                              f"{params.get('model_preset', flag('--preset'))}, "
+                              f"{params.get('pretrain_epochs', flag('--num_train_epochs'))} epochs)")
                 else:
                     chosen = (f"fixed preset {pre.get('preset', '?')}, {pre.get('max_steps', '?')} steps"
                               f"{' (stopped by budget)' if pre.get('stopped_by_budget') else ''}")

@@ -569,3 +569,20 @@ def test_main_job_killed_with_sigterm_resumes_cleanly(tmp_path):
     assert "[simulate] reusing" in result.stderr
     assert not list(work.glob("*.partial")) and not list(tmp_path.glob("*.partial"))
     assert (tmp_path / "calm-base" / "run_summary.json").is_file()
+
+
+def test_default_threads_use_the_free_cores(monkeypatch):
+    """Idle machine: every core (2 threads = 1.88x on an idle 2-core box); busy machine: the free ones, at least 1."""
+    from calm_hf import hardware
+
+    for name in ("CALM_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert hardware.default_num_threads() == 2
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (1.0, 0.0, 0.0))
+    assert hardware.default_num_threads() == 1
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (5.0, 0.0, 0.0))
+    assert hardware.default_num_threads() == 1
+    monkeypatch.setenv("CALM_NUM_THREADS", "3")
+    assert hardware.default_num_threads() == 3

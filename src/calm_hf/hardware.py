@@ -54,19 +54,23 @@ def resolve_bf16(choice: str | bool | None, device: str = "cpu") -> bool:
 
 
 def default_num_threads() -> int:
-    """Torch threads for the training entry points: $CALM_NUM_THREADS or $OMP_NUM_THREADS when set; otherwise all
-    cores but one on small machines (2-4 cores), all cores on larger ones.
+    """Torch threads for the training entry points: $CALM_NUM_THREADS or $OMP_NUM_THREADS when set; otherwise every
+    core that is free now (cores minus the 1-minute load average, at least 1).
 
-    Why not every core on a small machine: with one more runnable thread than free cores, PyTorch's OpenMP workers
-    spin-wait and a CalM training step was measured 10-40x SLOWER (2 threads on a shared 2-core box: 1.4 s vs 33 ms
-    with 1 thread), while on an idle 2-core machine the second thread gains well under 2x for these small matmuls.
+    Why: on an idle 2-core machine the second thread speeds a cpu-preset training step up 1.88x and a direct forecast
+    1.89x (`benchmarks/results/threads.md`), but with one more runnable thread than free cores PyTorch's OpenMP
+    workers spin-wait and a step was measured 10-40x SLOWER (2 threads on a shared 2-core box: 1.4 s vs 33 ms).
     """
     for name in ("CALM_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name)
         if value and value.isdigit() and int(value) > 0:
             return int(value)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1) if cores <= 4 else cores
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows): assume a machine shared with one other job
+        busy = 1.0 if cores <= 4 else 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def configure_torch_threads() -> int:
