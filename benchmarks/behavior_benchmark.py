@@ -152,9 +152,11 @@ def train_tokenizer(sessions: list[Session], budget: dict, seed: int) -> tuple[C
         begin = rng.integers(0, traces.shape[1] - frames + 1)
         batch = torch.as_tensor(traces[rows, None, begin : begin + frames])
         with autocast():
-            loss = model(input_values=batch).loss
+            outputs = model(input_values=batch)
+        loss = outputs.loss
         optimizer.zero_grad()
         loss.backward()
+        model.update_codebook_state(outputs)  # EMA codebook, revival, k-means seeding (what CalmTrainer's callback does)
         optimizer.step()
         losses.append(float(loss.detach()))
         step += 1

@@ -509,3 +509,24 @@ def test_config_round_trip(tmp_path):
     for name in CALM_TOKENIZER_PRESETS["tiny"]:
         assert getattr(loaded, name) == getattr(config, name), name
     assert loaded.ar_horizon == 2 and loaded.causal_decoder is True and loaded.intermediate_size == 64
+
+
+def test_hand_written_loop_without_state_update_is_warned_about():
+    """A loop that never calls update_codebook_state would silently train a collapsing codebook: it is warned about
+    once, and a loop that does call it is not."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    from calm_hf import modeling_calm_tokenizer
+
+    logger = hf_logging.get_logger(modeling_calm_tokenizer.__name__)
+    model = CalmTokenizer(CalmTokenizerConfig.from_preset("tiny")).train()
+    batch = torch.randn(2, 1, 16)
+    with CaptureLogger(logger) as quiet:
+        for _ in range(12):
+            model.update_codebook_state(model(input_values=batch))
+    assert "update_codebook_state" not in quiet.out
+    with CaptureLogger(logger) as loud:
+        for _ in range(12):
+            model(input_values=batch)
+    assert loud.out.count("without update_codebook_state") == 1

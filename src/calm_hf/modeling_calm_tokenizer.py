@@ -21,13 +21,15 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_calm_tokenizer import (
     CalmTokenizerConfig,
     plain_auto_map,
     rewrite_calm_tokenizer_auto_map,
 )
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -876,7 +878,22 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
             encoder_vectors=quantizer_output.encoder_vectors if self.training else None,
             encoder_codes=quantizer_output.encoder_codes if self.training else None,
         )
+        if self.training and torch.is_grad_enabled():
+            self._warn_if_state_is_not_updated()
         return output if return_dict else output.to_tuple()
+
+    def _warn_if_state_is_not_updated(self) -> None:
+        """A hand-written loop that never calls `update_codebook_state` trains a tokenizer whose codebook is never
+        seeded, updated or revived: it collapses onto a few codes without any error. Say so once (a Python counter,
+        no host sync); `Trainer` runs with `CalmTokenizerTrainingCallback` never see it."""
+        self._forwards_without_update = getattr(self, "_forwards_without_update", 0) + 1
+        if self._forwards_without_update == 10:
+            logger.warning(
+                "CalmTokenizer: 10 training forwards without update_codebook_state(outputs): the codebook is not "
+                "being seeded, EMA-updated or revived, so it will collapse. Call model.update_codebook_state(outputs) "
+                "after each backward, or train with calm_hf.trainer.CalmTrainer (it adds "
+                "CalmTokenizerTrainingCallback)."
+            )
 
     @staticmethod
     def _valid_neurons(
@@ -985,6 +1002,7 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
                 "output carries no encoder_vectors / encoder_codes."
             )
         config = self.config
+        self._forwards_without_update = 0
         self.quantizer.update_state(
             outputs.encoder_vectors, outputs.encoder_codes, update_codebook=not self.codebook_frozen()
         )
