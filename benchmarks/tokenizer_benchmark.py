@@ -74,8 +74,9 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return r[np.isfinite(r)]
 
 
-def load_corpora(data_dir: Path | None, quick: bool):
-    """Returns (training traces (n, frames) z-scored at 5 Hz, {held-out name: traces (n, frames)})."""
+def load_corpora(data_dir: Path | None, quick: bool, with_simulated_count: bool = False):
+    """Returns (training traces (n, frames) z-scored at 5 Hz, {held-out name: traces (n, frames)}), plus, with
+    `with_simulated_count`, how many of the leading training segments are simulated."""
     num_trials = 120 if quick else 400
     train_parts, held_out = [], {}
     for seed in (0, 1, 2):
@@ -101,7 +102,10 @@ def load_corpora(data_dir: Path | None, quick: bool):
         held_out["triplett zebrafish"] = zscore(resample(zebrafish.traces, zebrafish.fs, MODEL_RATE))
     # Every held-out trace is scored as 96-frame (19.2 s) segments, the length of a simulated trial.
     held_out = {name: segments(traces, EVAL_FRAMES) for name, traces in held_out.items()}
-    return np.concatenate([segments(p, 48) for p in train_parts]), held_out
+    train = [segments(p, 48) for p in train_parts]
+    if with_simulated_count:  # the first three parts are the simulated sessions
+        return np.concatenate(train), held_out, sum(len(part) for part in train[:3])
+    return np.concatenate(train), held_out
 
 
 @torch.no_grad()
@@ -247,9 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
 def score_pretrained(args) -> dict:
     """Held-out reconstruction of an already trained tokenizer vs k-means fitted on the same simulated windows."""
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    train, held_out = load_corpora(data_dir if data_dir.is_dir() else None, args.quick)
-    num_trials = 120 if args.quick else 400
-    simulated = train[: 3 * int(0.7 * num_trials) * 200 * (100 // 48)]  # load_corpora puts the 3 simulated parts first
+    train, held_out, num_simulated = load_corpora(data_dir if data_dir.is_dir() else None, args.quick,
+                                                  with_simulated_count=True)
+    simulated = train[:num_simulated]
     model = CalmTokenizer.from_pretrained(args.pretrained).eval()
     kmeans = kmeans_tokenizer(simulated, model.config.window_size, model.config.codebook_size, args.seed)
     rows = []

@@ -2,13 +2,14 @@
 
 Why: the dual-axis transformer learns *which* neurons drive which through the neuron embeddings, one SGD step at a
 time (each row gets a gradient only when its neuron is sampled), while a ridge regression solves the same coupling
-in closed form. Learning curves (`benchmarks/results/learning_curves.md`) showed the gap to population ridge AR is
+in closed form. Learning curves (`benchmarks/results/learning_curves/dat_ablations.md`) showed the gap to population ridge AR is
 optimisation steps, not capacity. This module fits, per session and in seconds, a one-step linear coupling of the
 training trials' window means (ridge, diagonal removed: a neuron's own history is the time axis' job), factors it
 `A ~= P S Q^T` and writes the factors into the neuron embeddings so that every layer's `CalmNeuronMixer` starts with
 `q_i . k_j ~ A_ji` (neuron j drives neuron i). Everything stays trainable; only the starting point changes.
 
-The same call initialises the new rows of an unseen session before `calm adapt`.
+With `align_mixer=False` it writes the new rows of an unseen session (`calm adapt --identity_init coupling`;
+opt-in, it measured no gain on the held-out simulated session).
 
     >>> from calm_hf.identity_init import init_identity_from_dataset
     >>> report = init_identity_from_dataset(model, corpus["train"])   # before Trainer.train()
