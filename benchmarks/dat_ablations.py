@@ -67,6 +67,10 @@ ROWS: dict[str, tuple[str, dict, dict]] = {
                                      "(calm_hf.identity_init; calm pretrain's default)",
                                      {"value_head_steps": 15, "neuron_mixer_rank": 64},
                                      {"neurons": 64, "identity_init": True}),
+    "head_mixer_subset64_coupling_skip": ("+ linear highway from each neuron's own last 4 windows of raw trace into "
+                                          "the head (config.value_skip_windows=4)",
+                                          {"value_head_steps": 15, "neuron_mixer_rank": 64, "value_skip_windows": 4},
+                                          {"neurons": 64, "identity_init": True}),
     # learning curves of the shipped recipe at two sizes (run with a long --minutes, e.g. 40-60)
     "curve_cpu": ("learning curve: the cpu preset (hidden 96, 3 layers), 64 neurons per example",
                   {"value_head_steps": 15, "neuron_mixer_rank": 64}, {"neurons": 64}),
@@ -185,6 +189,8 @@ class Row:
             neuron_ids, session_ids = self.identity(sessions[start : start + batch])
             identity = {"neuron_ids": neuron_ids, "session_ids": session_ids}
             if mode == "direct":
+                if self.config.value_skip_windows > 0:  # the head's highway reads the raw context too
+                    identity["context_values"] = torch.as_tensor(part[:, :, :CONTEXT], dtype=torch.float32)
                 out.append(model.forecast_values(ids, **identity)[..., :horizon])
                 continue
             steps = -(-horizon // WINDOW)
@@ -244,7 +250,8 @@ class Row:
                 if swapped:
                     grid = ids[partner].clone()
                     grid[:, keep] = ids[:, keep]
-                out = model(input_ids=grid, neuron_ids=neuron_ids, session_ids=session_ids, use_cache=False)
+                out = model(input_ids=grid, neuron_ids=neuron_ids, session_ids=session_ids, use_cache=False,
+                            value_inputs=torch.as_tensor(val[..., : ids.shape[-1] * WINDOW], dtype=torch.float32))
                 logits = out.logits[:, keep, :-1]
                 ce += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, keep, 1:].reshape(-1),
                                             reduction="sum"))

@@ -102,10 +102,16 @@ SIZES: dict[str, dict[str, Any]] = {
         "zebrafish": {"trial_frames": 100, "max_neurons": None, "max_trials": None},
         "park": {"trial_frames": 48, "context_frames": 24, "max_neurons": None, "max_trials": None,
                  "max_sessions": None},
-        "tokenizer": {"preset": "cpu", "epochs": 1.0, "batch": 256, "lr": 2e-3, "max_segments": 120_000},
+        # min_steps: a small recording is trained for several epochs (one epoch of zebrafish is 31 tokenizer steps and
+        # 17 DAT steps; the earlier runs stopped there, inside the tokenizer's codebook warm-up); the budget still caps
+        "tokenizer": {"preset": "cpu", "epochs": 1.0, "batch": 256, "lr": 2e-3, "max_segments": 120_000,
+                      "min_steps": 600},
         # 64 random neurons per trial, as the main job: at equal wall-clock this beat whole populations (validation r
-        # 0.399 vs 0.346, benchmarks/results/dat_ablations.md); the step count is capped by the time budget
-        "calm": {"preset": "cpu", "epochs": 10.0, "batch": 4, "lr": 3e-3, "max_neurons": 64},
+        # 0.399 vs 0.346, benchmarks/results/dat_ablations.md); the step count is capped by the time budget. Every
+        # eval_steps the direct forecast is scored on eval_trials validation trials and the best checkpoint is kept
+        # (many epochs over a small recording can overfit; the test split is never looked at)
+        "calm": {"preset": "cpu", "epochs": 10.0, "batch": 4, "lr": 3e-3, "max_neurons": 64, "min_steps": 1500,
+                 "eval_steps": 150, "eval_trials": 30},
         "adapt": {"epochs": 10.0, "batch": 4, "lr": 1e-2, "max_neurons": 64},
         "tcn": {"hidden_size": 256, "kernel_size": 5, "dilations": (1, 2, 4, 8, 16)},
         "patchtst_hf": {},
@@ -121,7 +127,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "zebrafish": {"trial_frames": 60, "max_neurons": 10, "max_trials": 20},
         "park": {"trial_frames": 48, "context_frames": 24, "max_neurons": 10, "max_trials": 20, "max_sessions": 2},
         "tokenizer": {"preset": "tiny", "epochs": 1.0, "batch": 64, "lr": 3e-3, "max_segments": 1_000},
-        "calm": {"preset": "tiny", "epochs": 1.0, "batch": 4, "lr": 1e-3, "max_neurons": 8},
+        "calm": {"preset": "tiny", "epochs": 1.0, "batch": 4, "lr": 1e-3, "max_neurons": 8, "eval_steps": 2,
+                 "eval_trials": 2},
         "adapt": {"epochs": 1.0, "batch": 4, "lr": 1e-2, "max_neurons": 8},
         "tcn": {"hidden_size": 16, "kernel_size": 3, "dilations": (1, 2), "max_epochs": 2, "learning_rates": (1e-3,)},
         "patchtst_hf": {"d_model": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "ffn_dim": 32,
@@ -491,7 +498,7 @@ def train_tokenizer_stage(work: Path, trials_dir: Path, size: dict, budget_s: fl
 
     def run():
         segments = min(len(corpus["train"]) * row.shape[0], cfg["max_segments"])  # one segment per neuron and trial
-        planned = math.ceil(cfg["epochs"] * segments / cfg["batch"])
+        planned = max(math.ceil(cfg["epochs"] * segments / cfg["batch"]), int(cfg.get("min_steps", 0)))
         model = CalmTokenizer(CalmTokenizerConfig.from_preset(cfg["preset"]))
         step_s = seconds_per_step(model, {"input_values": torch.randn(min(cfg["batch"], segments), 1, segment_frames)})
         max_steps = plan_steps(planned, step_s, budget_s)
@@ -535,7 +542,7 @@ def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, si
 
     run_all = command("stages")
     cfg = size["calm"]
-    overrides = dict(overrides or {})
+    overrides = {**cfg.get("config_overrides", {}), **(overrides or {})}
     stage = run_all.Stage(stage_dir, {"tokenized": str(tokenized_dir), "tokenized_version": fingerprint(tokenized_dir),
                                       "tokenizer": str(tokenizer_dir), **cfg,
                                       "preset_config": CALM_PRESETS.get(cfg["preset"]),
@@ -558,19 +565,28 @@ def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, si
         batch = CalmDataCollator(max_neurons=cfg["max_neurons"], seed=seed, with_values=with_values)(
             [rows[i] for i in range(min(cfg["batch"], len(rows)))])
         step_s = seconds_per_step(model, batch)
-        planned = math.ceil(cfg["epochs"] * math.ceil(len(corpus["train"]) / cfg["batch"]))
+        planned = max(math.ceil(cfg["epochs"] * math.ceil(len(corpus["train"]) / cfg["batch"])),
+                      int(cfg.get("min_steps", 0)))
         max_steps = plan_steps(planned, step_s, budget_s)
         info.update(seconds_per_step=step_s, planned_steps=planned, max_steps=max_steps,
                     parameters=int(model.num_parameters()))
         del model
+        eval_steps, eval_trials = int(cfg.get("eval_steps", 0)), int(cfg.get("eval_trials", 0))
         argv = ["--tokenized_dataset", str(tokenized_dir), "--tokenizer_path", str(tokenizer_dir),
-                "--preset", cfg["preset"], "--max_neurons", str(cfg["max_neurons"]), "--forecast_eval_trials", "0",
-                "--context_frames", str(context)]
+                "--preset", cfg["preset"], "--max_neurons", str(cfg["max_neurons"]),
+                "--forecast_eval_trials", str(eval_trials if eval_steps else 0), "--context_frames", str(context)]
         if overrides:
             argv += ["--config_overrides", json.dumps(overrides)]
+        flags = trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps,
+                              stage.last_checkpoint())
+        if eval_steps:  # keep the checkpoint with the best validation forecast r (later flags win in argparse)
+            if eval_trials <= 0:
+                raise ValueError("SIZES: eval_steps needs eval_trials > 0 (the forecast r it selects on).")
+            flags += ["--eval_strategy", "steps", "--eval_steps", str(eval_steps), "--save_steps", str(eval_steps),
+                      "--load_best_model_at_end", "True", "--metric_for_best_model", "forecast_pearson_r",
+                      "--greater_is_better", "True"]
         with PeakMemory() as memory:
-            script.run(argv + trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps,
-                                            stage.last_checkpoint()), callbacks=[time_budget(budget_s, info)])
+            script.run(argv + flags, callbacks=[time_budget(budget_s, info), validation_recorder(info)])
         info["peak_memory_mb"] = memory.peak_delta_mb
         return {"info": info}
 
@@ -579,6 +595,27 @@ def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, si
     info = json.loads(stage.marker.read_text()).get("info", info)
     info["seconds"], info["reused"] = timings["pretrain"]["seconds"], timings["pretrain"]["reused"]
     return info
+
+
+def validation_recorder(record: dict):
+    """A callback that writes each evaluation's validation forecast r / MSE into `record["validation_curve"]` and,
+    at the end, the step `load_best_model_at_end` kept (`best_step`, `best_validation_forecast_r`)."""
+    from transformers import TrainerCallback
+
+    class ValidationRecorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # CalmTrainer logs the forecast metrics
+            metrics = logs
+            if metrics and "eval_forecast_pearson_r" in metrics:
+                record.setdefault("validation_curve", []).append(
+                    {"step": int(state.global_step), "val_r": float(metrics["eval_forecast_pearson_r"]),
+                     "val_mse": float(metrics.get("eval_forecast_mse", float("nan")))})
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.best_model_checkpoint:
+                record["best_step"] = int(Path(state.best_model_checkpoint).name.split("-")[-1])
+                record["best_validation_forecast_r"] = state.best_metric
+
+    return ValidationRecorder()
 
 
 def reused_calm_info(calm_dir: Path, stage: str) -> dict:
@@ -1516,6 +1553,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ablation_modes", default="direct,greedy", help="CalM forecasts reported for the ablations")
     parser.add_argument("--save_predictions", action="store_true",
                         help="also write forecasting_predictions_<dataset>.npz (truth, session ids, every forecast)")
+    parser.add_argument("--calm_config_overrides", default=None,
+                        help="JSON of CalmConfig fields for every CalM pretrained here, e.g. '{\"value_skip_windows\": 4}' "
+                             "(its stages get their own keys, so earlier runs are not reused)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -1545,6 +1585,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = SIZES[args.size]
+    if args.calm_config_overrides:
+        size = {**size, "calm": {**size["calm"], "config_overrides": json.loads(args.calm_config_overrides)}}
     if args.num_samples is None:
         args.num_samples = size["num_samples"]
     budget_minutes = args.time_budget_minutes if args.time_budget_minutes is not None else size["time_budget_minutes"]
@@ -1564,7 +1606,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model_rate_hz": {"sim, heldout, zebrafish": MODEL_RATE, "park": "native (16 Hz)"},
             "num_samples": args.num_samples,
             "calm_modes": args.calm_modes, "ablation_modes": args.ablation_modes, "calm_dir": args.calm_dir,
-            "sizes": SIZES[args.size], "precision": "fp32 (bf16 is far slower on this CPU; see calm_hf.hardware)",
+            "sizes": size, "precision": "fp32 (bf16 is far slower on this CPU; see calm_hf.hardware)",
             "torch_threads": torch.get_num_threads(),
             "memory_method": "peak resident set size during the fit minus the RSS just before it, sampled every 5 ms "
                              "from /proc/self/statm (ru_maxrss deltas also in the JSON as maxrss_delta_mb); CalM: "

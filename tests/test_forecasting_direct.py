@@ -127,3 +127,49 @@ def test_forecasting_stays_in_torch_on_the_model_device_until_the_result(monkeyp
             assert isinstance(value, torch.Tensor) and value.device == forecaster.device, mode
         np.testing.assert_allclose(result.forecast.numpy(), expected[mode].forecast, rtol=1e-5, atol=1e-5)
     assert results["mean"].samples.shape == (2, 3, 5, 10)
+
+
+def test_value_skip_highway_reads_each_neurons_own_last_windows():
+    model, tokenizer = make_pair(value_skip_windows=2)
+    window, head = 4, model.config.value_head_steps * 4
+    traces = torch.randn(2, 5, 24)
+    ids = tokenizer.encode(traces).codes
+    with torch.no_grad():
+        model.value_skip.weight.normal_()
+        full = model(input_ids=ids, value_inputs=traces).value_predictions  # (2, 5, 6 steps, head)
+        assert full.shape == (2, 5, 6, head)
+        # step t reads frames [(t - 1) L, (t + 1) L) of its own neuron: changing a later frame or another neuron's
+        # trace leaves it alone (the backbone reads codes only, which stay the same here)
+        later = traces.clone()
+        later[0, 1, 3 * window:] += 5.0
+        other = traces.clone()
+        other[0, 2] += 5.0
+        moved = model(input_ids=ids, value_inputs=later).value_predictions
+        torch.testing.assert_close(moved[:, :, :3], full[:, :, :3])
+        assert not torch.allclose(moved[0, 1, 3], full[0, 1, 3])
+        torch.testing.assert_close(model(input_ids=ids, value_inputs=other).value_predictions[0, 1], full[0, 1])
+        # training: value_labels are the traces, so the loss needs nothing else
+        out = model(input_ids=ids, labels=ids, value_labels=traces)
+        torch.testing.assert_close(out.value_predictions, full)
+        assert model(input_ids=ids).value_predictions is None  # no traces: no head forecast, never a silent one
+        with pytest.raises(ValueError, match="context_values"):
+            model.forecast_values(ids)
+        with pytest.raises(ValueError, match="value_inputs must be"):
+            model(input_ids=ids, value_inputs=traces[..., :22])
+        torch.testing.assert_close(model.forecast_values(ids, context_values=traces), full[:, :, -1])
+    # the forecaster passes the context traces itself; the probe runs
+    result = CalmForecaster(model, tokenizer).forecast(traces, horizon=head + 8)
+    assert result.forecast.shape == (2, 5, head + 8) and np.isfinite(result.forecast).all()
+    probe = trial_swap_probe(model, tokenized_rows(), context_frames=24, max_trials=6)
+    assert np.isfinite(probe["pearson_r"]) and np.isfinite(probe["mse_swapped"])
+    with pytest.raises(ValueError, match="value_head_steps"):
+        CalmConfig.from_preset("tiny", value_head_steps=0, value_skip_windows=2)
+
+
+def test_value_skip_survives_save_and_load(tmp_path):
+    model, _ = make_pair(value_skip_windows=3)
+    model.save_pretrained(tmp_path)
+    loaded = CalmForCausalNeuralModeling.from_pretrained(tmp_path)
+    assert loaded.config.value_skip_windows == 3
+    torch.testing.assert_close(loaded.value_skip.weight, model.value_skip.weight)
+    assert CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny")).value_skip is None  # off unless asked

@@ -95,3 +95,39 @@ def test_pretrain_runs_as_two_process_ddp(tokenized, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").is_file()
     assert "world size 2" in result.stderr  # two gloo processes, not one
+
+
+def test_train_tokenizer_fits_the_codebook_warmup_into_a_short_run(tokenized):
+    # the fixture ran 4 steps with the tiny preset's 10-step warm-up: without the fit the codebook was never seeded
+    from calm_hf import CalmTokenizer, CalmTokenizerConfig
+
+    tokenizer = CalmTokenizer.from_pretrained(tokenized / "tokenizer")
+    assert tokenizer.config.codebook_warmup_steps == 1  # a quarter of 4 steps
+    assert tokenizer.config.gumbel_anneal_steps == 3
+    assert int(tokenizer.training_step) == 4 and not tokenizer.codebook_frozen()
+    preset = CalmTokenizerConfig.from_preset("cpu")
+    assert train_tokenizer_command.fit_schedule_to_run(preset, 31) == {"codebook_warmup_steps": 7,
+                                                                       "gumbel_anneal_steps": 23}
+    assert train_tokenizer_command.fit_schedule_to_run(preset, 782) == {"codebook_warmup_steps": 195,
+                                                                        "gumbel_anneal_steps": 586}
+    assert train_tokenizer_command.fit_schedule_to_run(preset, 10_000) == {}
+
+
+def test_training_stopped_inside_the_warmup_seeds_the_codebook_and_warns(caplog, tmp_path):
+    import logging
+
+    from transformers import TrainingArguments, default_data_collator
+
+    from calm_hf import CalmTokenizer, CalmTokenizerConfig
+
+    torch.manual_seed(0)
+    model = CalmTokenizer(CalmTokenizerConfig.from_preset("tiny", codebook_warmup_steps=50))
+    random_codebook = model.get_codebook()
+    segments = train_tokenizer_command.segment_dataset(torch.randn(64, 16).numpy())
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=16, report_to="none",
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    with caplog.at_level(logging.WARNING, logger="calm_hf.trainer"):
+        CalmTrainer(model=model, args=args, train_dataset=segments, data_collator=default_data_collator).train()
+    assert int(model.training_step) == 3 and model.codebook_frozen()
+    assert not torch.allclose(model.get_codebook(), random_codebook)  # k-means on the queued encoder outputs
+    assert "inside the 50-step codebook warm-up" in caplog.text

@@ -122,6 +122,13 @@ class CalmConfig(PreTrainedConfig):
             cross-entropy alone rewards resolving noise inside a window, not slow population dynamics (a trial-swap
             probe showed the paper-recipe model ignoring the other neurons); this head is the forecaster's point
             estimate (the conditional mean). 0 = no head (checkpoints from before the head load unchanged).
+        value_skip_windows (`int`, *optional*, defaults to 0):
+            Windows W of each neuron's own raw (z-scored) trace that a linear highway adds to the continuous head:
+            `value = head(hidden_t) + Linear(trace of windows t-W+1..t)`, shared by all neurons (an autoregressive
+            component, as in LSTNet). The backbone reads codes only, so without it the head cannot see the exact last
+            frames a per-neuron AR forecasts from (zebrafish, first forecast frame: MSE 0.27 vs 0.04 for repeating the
+            last frame). Needs the traces behind the codes wherever the head is used (`value_inputs`; training passes
+            `value_labels`, which are those traces). 0 = off (checkpoints from before it load unchanged).
         value_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the forecast head's MSE in the training loss.
         next_token_loss_weight (`float`, *optional*, defaults to 1.0):
@@ -175,6 +182,7 @@ class CalmConfig(PreTrainedConfig):
     behavior_smoothing_kernel: int = 5
     freeze_backbone: bool = True
     value_head_steps: int = 0
+    value_skip_windows: int = 0
     value_loss_weight: float | int = 1.0
     next_token_loss_weight: float | int = 1.0
     neuron_mixer_rank: int = 0
@@ -199,10 +207,15 @@ class CalmConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"CalmConfig.{name} must be a positive integer, got {value!r}.")
-        for name in ("value_head_steps", "neuron_mixer_rank"):
+        for name in ("value_head_steps", "value_skip_windows", "neuron_mixer_rank"):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"CalmConfig.{name} must be a non-negative integer (0 = off), got {value!r}.")
+        if self.value_skip_windows > 0 and self.value_head_steps == 0:
+            raise ValueError(
+                f"value_skip_windows={self.value_skip_windows} adds to the continuous forecast head, which is off "
+                "(value_head_steps=0): set value_head_steps > 0 or value_skip_windows=0."
+            )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "

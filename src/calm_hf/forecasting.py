@@ -206,13 +206,21 @@ class CalmForecaster:
         re-tokenize and predict again. `context_values` (batch, neurons, steps * L) are the frames behind
         `context_ids`; they are decoded from the codes when not given and a second chunk is needed.
         """
-        chunk = self.model.config.value_head_steps * self.window_size
         identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
         max_steps = self.model.config.max_token_steps
+        # a head with the raw-trace highway (config.value_skip_windows) reads the traces behind the codes too
+        needs_values = getattr(self.model.config, "value_skip_windows", 0) > 0
+        if context_values is None and needs_values:
+            context_values = self.decode(context_ids)
+        if context_values is not None:  # the frames behind the codes, aligned at the end
+            context_values = context_values[..., -context_ids.shape[-1] * self.window_size :]
         pieces, produced, ids = [], 0, context_ids
         while True:
+            kept = ids[..., -max_steps:]
+            values = context_values[..., -kept.shape[-1] * self.window_size :] if needs_values else None
             with self._autocast():
-                prediction = self.model.forecast_values(ids[..., -max_steps:], **identity).float()
+                prediction = self.model.forecast_values(kept, **identity, **(
+                    {"context_values": values} if needs_values else {})).float()
             pieces.append(prediction[..., : horizon - produced])
             produced += pieces[-1].shape[-1]
             if produced >= horizon:
@@ -427,10 +435,12 @@ def _swap_partners(sessions: np.ndarray, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def _probe_pass(model, ids: torch.Tensor, neuron_ids: torch.Tensor, session_ids: torch.Tensor,
-                partner: np.ndarray | None, block_neurons: int, context_steps: int, horizon: int):
+                partner: np.ndarray | None, block_neurons: int, context_steps: int, horizon: int,
+                values: torch.Tensor | None = None):
     """Teacher-forced CE (summed, nats) and, when `horizon > 0`, the direct forecasts `(trials, neurons, horizon)`,
     scoring `block_neurons` neurons at a time; with `partner`, every other neuron's tokens come from the partner
-    trial."""
+    trial. `values` (the trials' own traces) feed the head's raw-trace highway, which reads each neuron's own trace
+    only, so the scored block's forecasts see their own traces either way."""
     import torch.nn.functional as F
 
     trials, neurons, _ = ids.shape
@@ -441,7 +451,8 @@ def _probe_pass(model, ids: torch.Tensor, neuron_ids: torch.Tensor, session_ids:
         if partner is not None:
             grid = ids[torch.as_tensor(partner, device=ids.device)].clone()
             grid[:, keep] = ids[:, keep]
-        out = model(input_ids=grid, neuron_ids=neuron_ids, session_ids=session_ids, use_cache=False, return_dict=True)
+        out = model(input_ids=grid, neuron_ids=neuron_ids, session_ids=session_ids, use_cache=False, return_dict=True,
+                    **({"value_inputs": values} if values is not None else {}))
         logits = out.logits[:, keep, :-1].float()
         ce_total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, keep, 1:].reshape(-1),
                                           reduction="sum"))
@@ -494,10 +505,13 @@ def trial_swap_probe(
     horizon = values.shape[-1] - context_frames
 
     has_head = getattr(model, "value_head", None) is not None
+    highway_values = None
+    if getattr(model.config, "value_skip_windows", 0) > 0:
+        highway_values = torch.as_tensor(values[..., : steps * model.config.window_size], device=device)
     results = {}
     for label, swapped in (("", False), ("_swapped", True)):
         ce_total, preds = _probe_pass(model, ids, neuron_ids, session_ids, partner if swapped else None, block_neurons,
-                                      context_steps, horizon if has_head else 0)
+                                      context_steps, horizon if has_head else 0, highway_values)
         results[f"next_token_ce{label}"] = ce_total / ids[:, :, 1:].numel()
         if has_head:
             truth = values[..., context_frames:]

@@ -1110,6 +1110,12 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             if config.value_head_steps > 0
             else None
         )
+        # linear highway from each neuron's own last value_skip_windows windows of raw trace into the head's output
+        self.value_skip = (
+            nn.Linear(config.value_skip_windows * config.window_size, config.value_head_steps * config.window_size)
+            if config.value_skip_windows > 0
+            else None
+        )
         # (vocab, k) nearest codebook neighbours by cosine similarity; -1 = not set (see set_codebook_neighbors)
         self.register_buffer(
             "codebook_neighbors", torch.full((config.vocab_size, config.neighbor_k), -1, dtype=torch.long)
@@ -1227,6 +1233,7 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         num_neurons: int | None = None,
         logits_to_keep: int = 0,
+        value_inputs: torch.FloatTensor | None = None,
     ) -> CalmCausalNeuralModelingOutput | tuple:
         r"""
         Args:
@@ -1252,6 +1259,10 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             num_neurons (`int`, *optional*): number of neurons when the grid comes flattened.
             logits_to_keep (`int`, *optional*, defaults to 0): compute logits only for the last this many steps
                 (0 = all).
+            value_inputs (`torch.FloatTensor` of shape `(batch, neurons, token_steps * window_size)`, *optional*):
+                The z-scored traces behind `input_ids`, read by the highway of a model with `value_skip_windows > 0`
+                (default: `value_labels`, the same traces in training). Without either, such a model returns no
+                `value_predictions`: its head is defined with the highway only.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (labels is not None or value_labels is not None) and logits_to_keep:
@@ -1276,6 +1287,12 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, :, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
         value_predictions = self.value_head(hidden_states) if self.value_head is not None else None
+        if self.value_skip is not None:
+            traces = value_inputs if value_inputs is not None else value_labels
+            if traces is None:
+                value_predictions = None
+            else:
+                value_predictions = value_predictions + self.value_skip_term(traces, hidden_states.shape)
 
         next_token_loss = self.next_token_loss(logits, labels, neuron_mask) if labels is not None else None
         value_loss = None
@@ -1294,6 +1311,25 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
             value_predictions=value_predictions,
         )
         return output if return_dict else output.to_tuple()
+
+    def value_skip_term(self, traces: torch.Tensor, hidden_shape: torch.Size) -> torch.Tensor:
+        """The highway's share of the head's forecast at each kept step: a linear map of the neuron's own trace over
+        the last `value_skip_windows` windows up to that step (zeros before the trial starts)."""
+        batch_size, num_neurons, kept_steps = hidden_shape[0], hidden_shape[1], hidden_shape[2]
+        window, lookback = self.config.window_size, self.config.value_skip_windows
+        if traces.ndim != 3 or traces.shape[:2] != (batch_size, num_neurons) or traces.shape[-1] % window:
+            raise ValueError(
+                f"value_inputs must be the z-scored traces behind input_ids, (batch, neurons, token_steps * "
+                f"window_size) with batch={batch_size}, neurons={num_neurons}, window_size={window}; got "
+                f"{tuple(traces.shape)}."
+            )
+        num_steps = traces.shape[-1] // window
+        if num_steps < kept_steps:
+            raise ValueError(f"value_inputs cover {num_steps} token steps, fewer than the {kept_steps} scored.")
+        padded = F.pad(traces.to(self.value_skip.weight.dtype), ((lookback - 1) * window, 0))
+        # (batch, neurons, steps, lookback * window): frames [(t - lookback + 1) L, (t + 1) L) for every step t
+        history = padded.unfold(-1, lookback * window, window)[:, :, num_steps - kept_steps :]
+        return self.value_skip(history)
 
     def weighted_loss(self, next_token_loss: torch.Tensor | None, value_loss: torch.Tensor | None) -> torch.Tensor | None:
         """`next_token_loss_weight * next_token_loss + value_loss_weight * value_loss` over the terms given."""
@@ -1378,6 +1414,7 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         neuron_ids: torch.LongTensor | None = None,
         session_ids: torch.LongTensor | None = None,
         neuron_mask: torch.BoolTensor | None = None,
+        context_values: torch.FloatTensor | None = None,
     ) -> torch.FloatTensor:
         r"""
         Point forecast of the continuous head: the conditional mean of the next `value_head_steps * window_size`
@@ -1386,6 +1423,8 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`): context codes.
             neuron_ids, session_ids, neuron_mask: as in `forward`.
+            context_values (`torch.FloatTensor` of shape `(batch, neurons, token_steps * window_size)`, *optional*):
+                The z-scored context traces behind `input_ids`; required by a model with `value_skip_windows > 0`.
 
         Returns:
             `torch.FloatTensor` of shape `(batch, neurons, value_head_steps * window_size)`.
@@ -1396,9 +1435,15 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, GenerationMixin):
                 "rollout instead (generate / CalmForecaster with mode='greedy', 'mean' or 'soft')."
             )
         validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
+        if self.value_skip is not None and context_values is None:
+            raise ValueError(
+                f"This model's forecast head also reads each neuron's last {self.config.value_skip_windows} windows of "
+                "raw trace (config.value_skip_windows): pass context_values, the z-scored traces behind input_ids "
+                "(CalmForecaster does)."
+            )
         outputs = self(
             input_ids=input_ids, neuron_ids=neuron_ids, session_ids=session_ids, neuron_mask=neuron_mask,
-            use_cache=False, logits_to_keep=1, return_dict=True,
+            use_cache=False, logits_to_keep=1, return_dict=True, value_inputs=context_values,
         )
         return outputs.value_predictions[:, :, -1].float()
 

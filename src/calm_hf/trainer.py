@@ -14,6 +14,7 @@ The training step of each model (its forward stays a plain forward):
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any
 
@@ -22,6 +23,8 @@ from transformers import Trainer, TrainerCallback
 
 from .modeling_calm import CalmForCausalNeuralModeling
 from .modeling_calm_tokenizer import CalmTokenizer
+
+logger = logging.getLogger("calm_hf.trainer")
 
 
 def augment_training_batch(
@@ -88,6 +91,17 @@ class CalmTokenizerTrainingCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._pending.clear()
+        tokenizer = self._tokenizer
+        if tokenizer is not None and tokenizer.codebook_frozen() and int(tokenizer.training_step) > 0:
+            # training stopped inside the warm-up (a time budget, or max_steps below codebook_warmup_steps): the
+            # codebook was never seeded, so every trace would map onto the few random codes nearest to it
+            seeded = tokenizer.quantizer.initialize_from_queue(tokenizer.config.codebook_kmeans_iterations)
+            logger.warning(
+                "training ended at step %d, inside the %d-step codebook warm-up: %s; the decoder never trained on "
+                "quantized inputs. Train longer or lower codebook_warmup_steps (`calm train-tokenizer` caps it at a "
+                "quarter of the planned steps).", int(tokenizer.training_step), tokenizer.config.codebook_warmup_steps,
+                "the codebook was seeded by k-means on the encoder outputs now" if seeded else
+                "no encoder outputs were queued, the codebook stays random")
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

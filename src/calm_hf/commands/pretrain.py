@@ -61,7 +61,10 @@ class DataArguments:
     forecast_eval_trials: int = field(
         default=48, metadata={"help": "Validation trials rolled out at each evaluation (0 = skip the forecast metric)."}
     )
-    forecast_eval_mode: str = field(default="greedy", metadata={"help": "greedy, sample, mean or soft rollouts."})
+    forecast_eval_mode: str | None = field(
+        default=None, metadata={"help": "direct, greedy, sample, mean or soft; default: the package's default forecast "
+                                        "(direct for a model with the continuous head, else greedy)."}
+    )
 
 
 def build_model(model_args: ModelArguments, tokenizer: CalmTokenizer, sessions: list, max_token_steps: int):

@@ -44,6 +44,11 @@ def run(argv: list[str] | None = None) -> datasets.DatasetDict:
             logger.info("removing %s left by an interrupted run", stale)
             shutil.rmtree(stale, ignore_errors=True)
     tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path).eval()
+    if tokenizer.codebook_frozen():
+        logger.warning(
+            "%s stopped training at step %d, inside its %d-step codebook warm-up: its codebook was not fitted to the "
+            "encoder, so the codes will be few and poor. Retrain it longer (`calm train-tokenizer` fits the warm-up to "
+            "the run).", args.tokenizer_path, int(tokenizer.training_step), tokenizer.config.codebook_warmup_steps)
     corpus, sessions = load_trial_corpus(args.trials_dataset)
     dtype = torch.bfloat16 if args.bf16 else None
     tokenized = datasets.DatasetDict(

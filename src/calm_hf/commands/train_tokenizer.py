@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 
 import datasets
@@ -92,6 +93,39 @@ def build_segments(data_args: DataArguments, window_size: int, seed: int):
     return segment_dataset(train), segment_dataset(validation)
 
 
+# share of the run the codebook warm-up and the Gumbel annealing may take at most (see `fit_schedule_to_run`)
+MAX_WARMUP_SHARE = 0.25
+MAX_ANNEAL_SHARE = 0.75
+
+
+def planned_optimizer_steps(training_args: TrainingArguments, num_segments: int) -> int:
+    """Optimizer steps the Trainer will run: `max_steps` when set, else epochs x batches per epoch."""
+    if training_args.max_steps > 0:
+        return int(training_args.max_steps)
+    per_step = (training_args.per_device_train_batch_size * max(1, training_args.world_size)
+                * training_args.gradient_accumulation_steps)
+    return max(1, math.ceil(training_args.num_train_epochs * math.ceil(num_segments / per_step)))
+
+
+def fit_schedule_to_run(config: CalmTokenizerConfig, total_steps: int) -> dict[str, int]:
+    """The codebook warm-up and the Gumbel annealing shortened to fit a run of `total_steps` optimizer steps.
+
+    The codebook is only seeded (k-means on the encoder's outputs) when the warm-up ends; a run shorter than the warm-up
+    saves a tokenizer whose random codebook was never fitted, and every trace collapses onto a few codes (the
+    forecasting benchmark's zebrafish and Park tokenizers trained 31 and 50 steps against the cpu preset's 200-step
+    warm-up). The warm-up is capped at `MAX_WARMUP_SHARE` of the run. The temperature should also reach its end value
+    before the run ends (argmax codes are used at inference), so the annealing is capped at `MAX_ANNEAL_SHARE`: the
+    main job's cpu recipe (782 steps) used to stop at 39% of its 2000-step anneal. Returns the fields that changed
+    (empty when the run is long enough).
+    """
+    changes: dict[str, int] = {}
+    if config.codebook_warmup_steps > 0 and config.codebook_warmup_steps > MAX_WARMUP_SHARE * total_steps:
+        changes["codebook_warmup_steps"] = max(1, int(MAX_WARMUP_SHARE * total_steps))
+    if config.gumbel_anneal_steps > MAX_ANNEAL_SHARE * total_steps:
+        changes["gumbel_anneal_steps"] = max(1, int(MAX_ANNEAL_SHARE * total_steps))
+    return changes
+
+
 def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Parse `argv` (see the argument dataclasses), train and save the tokenizer, return the metrics.
 
@@ -105,6 +139,14 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     config = CalmTokenizerConfig.from_preset(model_args.preset, **overrides)
     train, validation = build_segments(data_args, config.window_size, training_args.seed)
     logger.info("training segments: %d x %d frames", len(train), data_args.segment_frames)
+    total_steps = planned_optimizer_steps(training_args, len(train))
+    changes = fit_schedule_to_run(config, total_steps)
+    if changes:
+        logger.warning(
+            "the run has %d optimizer steps: %s shortened from %s to fit it (the codebook is seeded when the warm-up "
+            "ends, so a warm-up longer than the run would save an unfitted codebook)", total_steps, changes,
+            {name: getattr(config, name) for name in changes})
+        config = CalmTokenizerConfig.from_preset(model_args.preset, **{**overrides, **changes})
     model = CalmTokenizer(config)
     trainer = CalmTrainer(
         model=model,
