@@ -173,3 +173,29 @@ def test_value_skip_survives_save_and_load(tmp_path):
     assert loaded.config.value_skip_windows == 3
     torch.testing.assert_close(loaded.value_skip.weight, model.value_skip.weight)
     assert CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny")).value_skip is None  # off unless asked
+
+
+def test_evaluate_forecasting_scores_sessions_of_different_sizes():
+    # sessions with 5 and 3 neurons in one split used to crash np.stack (calm pretrain's default forecast evaluation)
+    rng = np.random.default_rng(1)
+    model, tokenizer = make_pair()
+    rows = {"input_values": [], "input_ids": [], "neuron_ids": [], "session_id": []}
+    for trial in range(6):
+        session, neurons = trial % 2, (5, 3)[trial % 2]
+        values = rng.standard_normal((neurons, 48)).astype(np.float32)
+        with torch.no_grad():
+            ids = tokenizer.encode(torch.from_numpy(values)[None]).codes[0].numpy()
+        rows["input_values"].append(values)
+        rows["input_ids"].append(ids)
+        rows["neuron_ids"].append(list(range(session * 8, session * 8 + neurons)))
+        rows["session_id"].append(session)
+    dataset = Dataset.from_dict(rows)
+    forecaster = CalmForecaster(model, tokenizer)
+    metrics = evaluate_forecasting(forecaster, dataset, context_frames=24, return_predictions=True, progress=False)
+    assert np.isfinite(metrics["pearson_r"]) and np.isfinite(metrics["mse"])
+    assert metrics["predictions"].shape == (6, 5, 24)
+    assert metrics["neuron_mask"][1].tolist() == [True, True, True, False, False]
+    # each session scored alone gives the same per-session r as the mixed split
+    alone = evaluate_forecasting(forecaster, dataset.filter(lambda s: s == 1, input_columns="session_id"),
+                                 context_frames=24, progress=False)
+    assert alone["per_session_pearson_r"]["1"] == pytest.approx(metrics["per_session_pearson_r"]["1"], abs=1e-6)

@@ -385,26 +385,36 @@ def evaluate_forecasting(
     rows = dataset if max_trials is None else dataset.select(range(min(max_trials, len(dataset))))
     columns = ["input_values", "input_ids", "neuron_ids", "session_id"]
     rows = rows.with_format("numpy", columns=columns)
-    predictions, truths, sessions = [], [], []
+    # sessions of different sizes cannot share a batch: batch trials of equal neuron count, score padded arrays
+    counts = np.asarray([len(ids) for ids in rows["neuron_ids"]])
+    order = np.argsort(counts, kind="stable")
+    groups = [order[counts[order] == size] for size in np.unique(counts)]
+    batches = [group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)]
+    width, frames = int(counts.max()), None
+    prediction = truth = None
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(rows), batch_size), desc="Forecasting trials", unit="batch", disable=not progress):
-        batch = rows[start : start + batch_size]
-        forecast, truth = _forecast_batch(forecaster, batch, context_frames, mode=mode, num_samples=num_samples,
-                                          temperature=temperature)
-        predictions.append(forecast)
-        truths.append(truth)
-        sessions.append(np.asarray(batch["session_id"]))
-    prediction = np.concatenate(predictions)
-    truth = np.concatenate(truths)
-    session_ids = np.concatenate(sessions)
-    scores = forecast_pearson_r(prediction, truth, session_ids=session_ids)
-    metrics = {"pearson_r": float(scores["pearson_r"]), "mse": float(mse(prediction, truth))}
+    for chosen in tqdm(batches, desc="Forecasting trials", unit="batch", disable=not progress):
+        forecast, target = _forecast_batch(forecaster, rows[chosen.tolist()], context_frames, mode=mode,
+                                           num_samples=num_samples, temperature=temperature)
+        if prediction is None:
+            frames = forecast.shape[-1]
+            prediction = np.zeros((len(rows), width, frames), dtype=np.float32)
+            truth = np.zeros_like(prediction)
+        prediction[chosen, : forecast.shape[1]] = forecast
+        truth[chosen, : target.shape[1]] = target
+    session_ids = np.asarray(rows["session_id"])
+    neuron_mask = np.arange(width)[None, :] < counts[:, None]
+    mask = None if neuron_mask.all() else neuron_mask
+    scores = forecast_pearson_r(prediction, truth, session_ids=session_ids, neuron_mask=mask)
+    metrics = {"pearson_r": float(scores["pearson_r"]), "mse": float(mse(prediction, truth, mask=mask))}
     metrics["per_session_pearson_r"] = {str(k): float(v) for k, v in scores["per_session"].items()}
     if return_predictions:
         metrics["predictions"] = prediction
         metrics["truth"] = truth
         metrics["session_ids"] = session_ids
+        if mask is not None:  # trials of smaller sessions are zero-padded to the largest
+            metrics["neuron_mask"] = mask
     return metrics
 
 

@@ -49,12 +49,14 @@ RECIPES = {
     # one trained on 48-frame segments reconstructed the ends of 100-frame trials 6-9x worse than their middle.
     # Pretraining sees a random 64 of a trial's neurons: at equal wall-clock that trains 3.6x more steps than whole
     # populations and forecast better (validation r 0.399 vs 0.346 in benchmarks/results/dat_ablations.md), while the
-    # trial-swap probe shows the neuron mixer still learns population coupling.
+    # trial-swap probe shows the neuron mixer still learns population coupling. 10 epochs (2,100 steps): forecast r
+    # still rises with steps at this size (6 epochs: test r 0.443, 18: 0.466; learning curve in
+    # benchmarks/results/learning_curves), and 10 keeps the whole job near 18 minutes on two idle cores.
     "cpu": dict(
         num_sessions=3, num_neurons=200, num_trials=400, num_steps=100,
         tokenizer_preset="cpu", tokenizer_epochs=1.0, tokenizer_batch=128, tokenizer_lr=2e-3, tokenizer_segments=100_000,
         tokenizer_segment_frames=100,
-        model_preset="cpu", pretrain_epochs=6.0, pretrain_batch=4, pretrain_lr=3e-3, max_neurons=64,
+        model_preset="cpu", pretrain_epochs=10.0, pretrain_batch=4, pretrain_lr=3e-3, max_neurons=64,
         eval_trials=None, forecast_samples=16,
     ),
     "tiny": dict(
