@@ -187,3 +187,19 @@ def test_push_to_local_hub_and_load_back(release, hub_server):
     ).replace("LOCAL", repr(str(out / "calm-base-dataset")))
     result = run_in_hub_env(load, hub_server)
     assert "LOADED" in result.stdout
+
+
+def test_bf16_without_an_accelerator_trains_on_the_cpu(monkeypatch, tmp_path):
+    # an AMX Xeon measures bf16 as faster; TrainingArguments refuses bf16 without a GPU unless use_cpu is set
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from calm_hf.commands import main as main_command
+
+    monkeypatch.setattr(main_command, "accelerator_available", lambda: False)
+    flags = main_command.training_flags(tmp_path, 1.0, 4, 1e-3, 0, True, None)
+    assert "--use_cpu" in flags and "--bf16" in flags
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(flags)
+    assert args.use_cpu and args.bf16
+    assert "--use_cpu" not in main_command.training_flags(tmp_path, 1.0, 4, 1e-3, 0, False, None)
+    monkeypatch.setattr(main_command, "accelerator_available", lambda: True)
+    assert "--use_cpu" not in main_command.training_flags(tmp_path, 1.0, 4, 1e-3, 0, True, None)

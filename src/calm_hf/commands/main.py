@@ -127,6 +127,14 @@ def resolve_recipe(args: MainArguments) -> dict:
     return recipe
 
 
+def accelerator_available() -> bool:
+    """A CUDA, XPU or MPS device that the Trainer would pick over the CPU."""
+    if torch.cuda.is_available():
+        return True
+    xpu, mps = getattr(torch, "xpu", None), getattr(torch.backends, "mps", None)
+    return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))
+
+
 def training_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed: int, bf16: bool, resume: str | None,
                    use_cpu: bool = False) -> list[str]:
     """The TrainingArguments flags both training stages share (cosine schedule, checkpoints every 200 steps)."""
@@ -138,7 +146,9 @@ def training_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed:
         "--logging_steps", "25", "--save_strategy", "steps", "--save_steps", "200", "--save_total_limit", "1",
         "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "False",
     ]
-    if use_cpu:
+    # bf16 without a GPU is CPU autocast, which TrainingArguments only accepts together with use_cpu (an AMX Xeon
+    # measures bf16 as faster, and the main job then failed with "Your setup doesn't support bf16/gpu")
+    if use_cpu or (bf16 and not accelerator_available()):
         flags.append("--use_cpu")
     if bf16:
         flags.append("--bf16")
