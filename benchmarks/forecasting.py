@@ -604,11 +604,10 @@ def validation_recorder(record: dict):
 
     class ValidationRecorder(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):  # CalmTrainer logs the forecast metrics
-            metrics = logs
-            if metrics and "eval_forecast_pearson_r" in metrics:
+            if logs and "eval_forecast_pearson_r" in logs:
                 record.setdefault("validation_curve", []).append(
-                    {"step": int(state.global_step), "val_r": float(metrics["eval_forecast_pearson_r"]),
-                     "val_mse": float(metrics.get("eval_forecast_mse", float("nan")))})
+                    {"step": int(state.global_step), "val_r": float(logs["eval_forecast_pearson_r"]),
+                     "val_mse": float(logs.get("eval_forecast_mse", float("nan")))})
 
         def on_train_end(self, args, state, control, **kwargs):
             if state.best_model_checkpoint:
@@ -1606,7 +1605,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model_rate_hz": {"sim, heldout, zebrafish": MODEL_RATE, "park": "native (16 Hz)"},
             "num_samples": args.num_samples,
             "calm_modes": args.calm_modes, "ablation_modes": args.ablation_modes, "calm_dir": args.calm_dir,
-            "sizes": size, "precision": "fp32 (bf16 is far slower on this CPU; see calm_hf.hardware)",
+            "sizes": size, "precision": "fp32 (no bf16 autocast here; whether bf16 pays is CPU-specific, see calm_hf.hardware)",
             "torch_threads": torch.get_num_threads(),
             "memory_method": "peak resident set size during the fit minus the RSS just before it, sampled every 5 ms "
                              "from /proc/self/statm (ru_maxrss deltas also in the JSON as maxrss_delta_mb); CalM: "

@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--data_dir", default=None, help="real recordings (default ../shared/data or $CALM_DATA_DIR)")
-    parser.add_argument("--output", default=str(RESULTS / "tokenizer"))
+    parser.add_argument("--output", default=None, help="results path without suffix (default: results/tokenizer, or "
+                                                        "results/tokenizer_shipped with --pretrained)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", default="auto", help="auto (measured), true or false")
     parser.add_argument("--config_overrides", default=None, help='JSON of CalmTokenizerConfig fields, e.g. \'{"ar_weight": 0.1}\'')
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "the k-means bar is then fitted on the simulated training windows only (what the main job's "
                              "tokenizer sees)")
     args = parser.parse_args(argv)
+    if args.output is None:  # a scored shipped tokenizer must not overwrite the training benchmark's table
+        args.output = str(RESULTS / ("tokenizer_shipped" if args.pretrained else "tokenizer"))
     if args.pretrained:
         return score_pretrained(args)
     from transformers import TrainingArguments, default_data_collator, set_seed

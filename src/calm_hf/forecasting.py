@@ -390,7 +390,7 @@ def evaluate_forecasting(
     order = np.argsort(counts, kind="stable")
     groups = [order[counts[order] == size] for size in np.unique(counts)]
     batches = [group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)]
-    width, frames = int(counts.max()), None
+    width = int(counts.max())
     prediction = truth = None
     from tqdm.auto import tqdm
 
@@ -398,8 +398,7 @@ def evaluate_forecasting(
         forecast, target = _forecast_batch(forecaster, rows[chosen.tolist()], context_frames, mode=mode,
                                            num_samples=num_samples, temperature=temperature)
         if prediction is None:
-            frames = forecast.shape[-1]
-            prediction = np.zeros((len(rows), width, frames), dtype=np.float32)
+            prediction = np.zeros((len(rows), width, forecast.shape[-1]), dtype=np.float32)
             truth = np.zeros_like(prediction)
         prediction[chosen, : forecast.shape[1]] = forecast
         truth[chosen, : target.shape[1]] = target
