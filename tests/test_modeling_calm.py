@@ -533,6 +533,34 @@ def test_adaptation_trains_only_the_new_rows(tmp_path):
         model.freeze_backbone_except_embeddings()
 
 
+def test_adaptation_with_a_backbone_learning_rate_keeps_other_sessions_rows():
+    from calm_hf.commands.adapt import adaptation_optimizer
+
+    model = make_model()
+    session_id, neuron_ids = model.add_session("held_out", 4)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    model.freeze_backbone_except_embeddings(session_ids=[session_id], neuron_ids=neuron_ids)
+    assert adaptation_optimizer(model, 1e-2, 0.0) is None  # rows only: the trainer builds its own optimizer
+    with pytest.raises(ValueError, match="backbone_learning_rate must be >= 0"):
+        adaptation_optimizer(model, 1e-2, -1.0)
+    optimizer = adaptation_optimizer(model, 1e-2, 1e-3)
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-2, 1e-3]
+    assert sum(p.numel() for p in optimizer.param_groups[0]["params"]) == (1 + 4) * 32
+    model.train()
+    input_ids = codes(batch=2, neurons=4)
+    batch = {"neuron_ids": neuron_ids.expand(2, -1), "session_ids": torch.tensor([session_id] * 2)}
+    for _ in range(2):
+        model(input_ids=input_ids, labels=input_ids, **batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    # the shared tables' other rows never move; the new ones do
+    for key, old in (("model.neuron_embeddings.weight", 64), ("model.session_embeddings.weight", session_id)):
+        assert torch.equal(before[key][:old], after[key][:old]), key
+        assert not torch.equal(before[key][old:], after[key][old:]), key
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # input validation
 # ----------------------------------------------------------------------------------------------------------------------
