@@ -3,6 +3,7 @@
 
     python benchmarks/tokenizer_benchmark.py                 # CPU preset, <= 20 min training budget
     python benchmarks/tokenizer_benchmark.py --quick         # minutes-long sanity run
+    python benchmarks/tokenizer_benchmark.py --objective_ablation   # the paper's loss terms on/off (~15 min)
 
 Protocol
 - Train the CPU-sized CalmTokenizer on simulated sessions (seeds 0-2, training trials) plus the Cascade ground-truth
@@ -74,9 +75,10 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return r[np.isfinite(r)]
 
 
-def load_corpora(data_dir: Path | None, quick: bool, with_simulated_count: bool = False):
-    """Returns (training traces (n, frames) z-scored at 5 Hz, {held-out name: traces (n, frames)}), plus, with
-    `with_simulated_count`, how many of the leading training segments are simulated."""
+def load_corpora(data_dir: Path | None, quick: bool, with_simulated_count: bool = False,
+                 segment_frames: int = EVAL_FRAMES):
+    """Returns (training segments (n, segment_frames) z-scored at 5 Hz, {held-out name: traces (n, frames)}), plus,
+    with `with_simulated_count`, how many of the leading training segments are simulated."""
     num_trials = 120 if quick else 400
     train_parts, held_out = [], {}
     for seed in (0, 1, 2):
@@ -102,7 +104,9 @@ def load_corpora(data_dir: Path | None, quick: bool, with_simulated_count: bool 
         held_out["triplett zebrafish"] = zscore(resample(zebrafish.traces, zebrafish.fs, MODEL_RATE))
     # Every held-out trace is scored as 96-frame (19.2 s) segments, the length of a simulated trial.
     held_out = {name: segments(traces, EVAL_FRAMES) for name, traces in held_out.items()}
-    train = [segments(p, 48) for p in train_parts]
+    # trained at the length it is scored at: a tokenizer trained on 48 frames and scored on 96 got worse the longer
+    # it trained (plain objective, 782 -> 2,346 steps: simulated r 0.986 -> 0.951) as it fitted the shorter length
+    train = [segments(p, segment_frames) for p in train_parts]
     if with_simulated_count:  # the first three parts are the simulated sessions
         return np.concatenate(train), held_out, sum(len(part) for part in train[:3])
     return np.concatenate(train), held_out
@@ -172,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--max_segments", type=int, default=200_000)
     parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--segment_frames", type=int, default=EVAL_FRAMES,
+                        help=f"training segment length (default {EVAL_FRAMES}, the scored length)")
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--data_dir", default=None, help="real recordings (default ../shared/data or $CALM_DATA_DIR)")
     parser.add_argument("--output", default=None, help="results path without suffix (default: results/tokenizer, or "
@@ -194,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     set_seed(args.seed)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    train, held_out = load_corpora(data_dir if data_dir.is_dir() else None, args.quick)
+    train, held_out = load_corpora(data_dir if data_dir.is_dir() else None, args.quick,
+                                   segment_frames=args.segment_frames)
     rng = np.random.default_rng(args.seed)
     max_segments = 20_000 if args.quick else args.max_segments
     if len(train) > max_segments:
@@ -268,7 +275,7 @@ def score_pretrained(args) -> dict:
                      "kmeans_mse": float(np.mean((xk - yk) ** 2))})
     lines = ["# Trained tokenizer vs k-means on held-out data", "",
              f"`python benchmarks/tokenizer_benchmark.py --pretrained {args.pretrained}`: the trained CalmTokenizer as "
-             f"is, and a k-means codebook of the same size fitted on {len(simulated):,} simulated 48-frame training "
+             f"is, and a k-means codebook of the same size fitted on {len(simulated):,} simulated {simulated.shape[-1]}-frame training "
              "segments (the data the main job's tokenizer is trained on). Held-out traces scored as 96-frame "
              "segments at 5 Hz: mean per-segment Pearson r and MSE (z units) of decode(encode(x)).", "",
              "| held-out dataset | traces | CalM NQ r | k-means r | CalM NQ MSE | k-means MSE |", "|---|---:|---:|---:|---:|---:|"]
@@ -303,5 +310,63 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+# The tokenizer objective ablation (issue 9): the paper's loss terms one by one, same data, steps and seed.
+PLAIN = {"ar_weight": 0.0, "entropy_weight": 0.0, "orthogonality_weight": 0.0, "reconstruction_pearson_weight": 0.0}
+PAPER_TERMS = {"ar_weight": 0.5, "entropy_weight": 0.5, "orthogonality_weight": 0.1, "reconstruction_pearson_weight": 1.0}
+OBJECTIVE_VARIANTS = (
+    ("paper terms (AR 0.5, entropy 0.5, orthogonality 0.1, Pearson 1)", "paper_terms", 2.0, PAPER_TERMS),
+    ("paper terms without the AR loss", "no_ar", 2.0, {**PAPER_TERMS, "ar_weight": 0.0}),
+    ("plain VQ-VAE (MSE + commitment, EMA codebook)", "plain", 2.0, PLAIN),
+    ("plain VQ-VAE, 3x the steps", "plain_x3", 6.0, PLAIN),
+)
+
+
+def objective_ablation(argv: list[str]) -> dict:
+    """Train one tokenizer per `OBJECTIVE_VARIANTS` row (a finished row's JSON is reused with --reuse) and write
+    tokenizer_objective.{json,md}: held-out reconstruction r per dataset against the same k-means bar."""
+    parser = argparse.ArgumentParser(prog="tokenizer_benchmark.py --objective_ablation")
+    parser.add_argument("--output", default=str(RESULTS / "tokenizer_objective"))
+    parser.add_argument("--reuse", action="store_true", help="keep variants whose JSON already exists")
+    args, rest = parser.parse_known_args(argv)
+    out = Path(args.output)
+    runs = []
+    for label, name, epochs, overrides in OBJECTIVE_VARIANTS:
+        path = out / name
+        if not (args.reuse and path.with_suffix(".json").is_file()):
+            # 100,000 segments and fp32 unless given (later flags win): the main job's tokenizer size
+            main(["--max_segments", "100000", "--bf16", "false"] + rest
+                 + ["--epochs", str(epochs), "--config_overrides", json.dumps(overrides), "--output", str(path)])
+        runs.append((label, json.loads(path.with_suffix(".json").read_text())))
+    datasets_ = [row["dataset"] for row in runs[0][1]["reconstruction"]]
+    kmeans = {row["dataset"]: row["kmeans_pearson_r"] for row in runs[0][1]["reconstruction"]}
+    lines = ["# Tokenizer objective ablation", "",
+             "`python benchmarks/tokenizer_benchmark.py --objective_ablation`: the cpu tokenizer trained on the same "
+             f"{runs[0][1]['training']['segments']:,} segments, seed and learning rate with the paper's extra loss terms "
+             "removed one group at a time; held-out reconstruction r (decode(encode(x)) vs x, 96-frame segments at "
+             "5 Hz) against a k-means codebook of the same size fitted on the same windows.", "",
+             "| held-out dataset | k-means | " + " | ".join(label for label, _ in runs) + " |",
+             "|---|---:|" + "---:|" * len(runs)]
+    for dataset in datasets_:
+        cells = [next(r["calm_pearson_r"] for r in result["reconstruction"] if r["dataset"] == dataset)
+                 for _, result in runs]
+        lines.append(f"| {dataset} | {kmeans[dataset]:.3f} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    lines.append("| steps / minutes (1 thread) | | " + " | ".join(
+        f"{r['training']['steps']} / {r['training']['seconds'] / 60:.1f}" for _, r in runs) + " |")
+    lines.append("| dead codes (held-out sim) | | " + " | ".join(
+        str(r["codebook_health"]["dead_codes"]) for _, r in runs) + " |")
+    summary = {"variants": [{"label": label, "overrides": overrides, "epochs": epochs, "result": str(out / name)}
+                            for label, name, epochs, overrides in OBJECTIVE_VARIANTS],
+               "kmeans_pearson_r": kmeans,
+               "calm_pearson_r": {label: {r["dataset"]: r["calm_pearson_r"] for r in result["reconstruction"]}
+                                  for label, result in runs}}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return summary
+
+
 if __name__ == "__main__":
-    main()
+    if "--objective_ablation" in sys.argv[1:]:
+        objective_ablation([a for a in sys.argv[1:] if a != "--objective_ablation"])
+    else:
+        main()

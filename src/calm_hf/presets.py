@@ -12,7 +12,9 @@ Only the fields that differ from the configs' defaults (the paper's sizes) are l
   6 layers, 8 heads, FFN 2048).
 
 Since issue 9 the cpu and paper DATs carry the continuous forecast head and the linear neuron mixer (the two changes
-that made the model use the population; see `CalmConfig`).
+that made the model use the population; see `CalmConfig`), and the cpu tokenizer trains a plain VQ-VAE objective
+(the paper's AR, entropy, orthogonality and Pearson terms cost held-out reconstruction at this size; the paper preset
+keeps them).
 
 This module is stdlib-only: `save_pretrained` copies it next to the configuration files (they import it), so remote
 code keeps working without calm_hf.
@@ -63,6 +65,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "gumbel_anneal_steps": 2000,
             "revival_interval": 100,
             "revival_queue_size": 4096,
+            # a plain VQ-VAE objective (MSE, commitment, EMA codebook): the paper's extra terms (AR, entropy,
+            # orthogonality, Pearson) cost held-out reconstruction on every dataset of
+            # benchmarks/results/tokenizer_objective.md (e.g. Park r 0.749-0.859 -> 0.788-0.887 at 782 steps)
+            "ar_weight": 0.0,
+            "entropy_weight": 0.0,
+            "orthogonality_weight": 0.0,
+            "reconstruction_pearson_weight": 0.0,
         },
         "model": {
             "vocab_size": 128,
