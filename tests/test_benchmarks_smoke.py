@@ -249,6 +249,23 @@ def test_missing_real_data_is_skipped_with_a_message(tmp_path):
     assert (tmp_path / "forecasting.png").is_file()
 
 
+def test_heldout_pretraining_matches_a_reused_main_job_run(tmp_path):
+    # a main job's pretraining stage records only its `calm pretrain` command line and its seconds
+    stage = tmp_path / "pretrain"
+    stage.mkdir()
+    argv = ["--preset", "cpu", "--max_neurons", "64", "--num_train_epochs", "18.0", "--per_device_train_batch_size",
+            "4", "--learning_rate", "0.003"]
+    (stage / ".calm_stage.json").write_text(json.dumps({"seconds": 1370.8, "params": {"argv": argv}}))
+    corpus = {"pretrain": stage}
+    size = bench.calm_size(bench.SIZES["cpu"], corpus)
+    assert {k: size["calm"][k] for k in ("preset", "epochs", "batch", "lr", "max_neurons")} == {
+        "preset": "cpu", "epochs": 18.0, "batch": 4, "lr": 0.003, "max_neurons": 64}
+    assert size["calm"]["eval_steps"] == bench.SIZES["cpu"]["calm"]["eval_steps"]  # the rest is the size's
+    assert bench.heldout_pretrain_budget(300.0, 2, corpus) == 1370.8  # the sim model's pretraining time
+    assert bench.heldout_pretrain_budget(900.0, 2, corpus) == 1800.0  # never less than a budget per session
+    assert bench.heldout_pretrain_budget(300.0, 2, {"pretrain": None}) == 600.0
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         bench.parse_args(["--models", "calm,prophet"])
