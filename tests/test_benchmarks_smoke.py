@@ -6,30 +6,16 @@ r and MSE match a direct numpy computation on the arrays the benchmark scored (a
 sizes), band calibration and the trial-swap probe are reported, and the time budgets really stop training.
 """
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_benchmark():
-    name = "calm_benchmarks_forecasting"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "forecasting.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-bench = _load_benchmark()
+bench = load_benchmark("forecasting.py")
 
 
 @pytest.fixture(scope="module")
@@ -278,11 +264,7 @@ def test_bad_arguments_are_refused():
 
 def test_threads_benchmark_writes_its_table(tmp_path):
     """benchmarks/threads.py --quick: one fresh process per thread count, medians, a markdown table."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "threads.py"
-    spec = importlib.util.spec_from_file_location("threads_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(["--quick", "--threads", "1", "--out", str(tmp_path / "threads")])
+    result = load_benchmark("threads.py").main(["--quick", "--threads", "1", "--out", str(tmp_path / "threads")])
     row = result["by_threads"][1]
     assert row["train_step"]["median_seconds"] > 0 and row["tokens_per_second"] > 0
     assert "| 1 |" in (tmp_path / "threads.md").read_text()

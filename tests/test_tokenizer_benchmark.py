@@ -1,21 +1,8 @@
 """benchmarks/tokenizer_benchmark.py: the objective ablation's table is composed from its variants' results."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    name = "calm_benchmarks_tokenizer"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "tokenizer_benchmark.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from benchmark_scripts import load_benchmark
 
 
 def _variant_result(r_sim: float, r_zebrafish: float, steps: int, dead: int) -> dict:
@@ -30,7 +17,7 @@ def _variant_result(r_sim: float, r_zebrafish: float, steps: int, dead: int) -> 
 
 
 def test_objective_ablation_table_reuses_finished_variants(tmp_path):
-    bench = _load()
+    bench = load_benchmark("tokenizer_benchmark.py")
     out = tmp_path / "tokenizer_objective"
     out.mkdir()
     values = {"paper_terms": (0.974, 0.823, 782, 6), "no_ar": (0.987, 0.896, 782, 0), "plain": (0.988, 0.892, 782, 0),
