@@ -30,8 +30,9 @@ Datasets
   fit per session (they have neuron-specific weights), scores pooled with the session ids.
 - `heldout`: CalM pretrained on sim sessions 0-1 only (same tokenizer and tokens as `sim`; with `--calm_dir`, for at
   least as long as that run pretrained), then only the new session's and neurons' embeddings are learned on session
-  2's training trials (`calm adapt`, 30 epochs in up to 3 budgets); scored on session 2's test trials. Baselines are trained on session 2's training trials directly (when `sim` runs in the same
-  invocation these are the very fits of `sim`'s session 2, reused).
+  2's training trials (`calm adapt`, 30 epochs in up to 3 budgets); scored on session 2's test trials. Baselines
+  are trained on session 2's training trials directly (when `sim` runs in the same invocation these are the very fits
+  of `sim`'s session 2, reused).
 - `zebrafish`: Triplett et al. 2018 tectum recording (114 neurons, 2.2 Hz) resampled to 5 Hz as one continuous
   recording, cut into non-overlapping 100-frame (20 s) trials, split 70/15/15, z-scored with training statistics.
   CalM: its own tokenizer and DAT trained on this recording's training trials.

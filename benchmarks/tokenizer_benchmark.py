@@ -3,7 +3,7 @@
 
     python benchmarks/tokenizer_benchmark.py                 # CPU preset, <= 20 min training budget
     python benchmarks/tokenizer_benchmark.py --quick         # minutes-long sanity run
-    python benchmarks/tokenizer_benchmark.py --objective_ablation   # the paper's loss terms on/off (~15 min)
+    python benchmarks/tokenizer_benchmark.py --objective_ablation   # the paper's loss terms on/off (~25 min)
 
 Protocol
 - Train the CPU-sized CalmTokenizer on simulated sessions (seeds 0-2, training trials) plus the Cascade ground-truth
@@ -275,9 +275,10 @@ def score_pretrained(args) -> dict:
                      "kmeans_mse": float(np.mean((xk - yk) ** 2))})
     lines = ["# Trained tokenizer vs k-means on held-out data", "",
              f"`python benchmarks/tokenizer_benchmark.py --pretrained {args.pretrained}`: the trained CalmTokenizer as "
-             f"is, and a k-means codebook of the same size fitted on {len(simulated):,} simulated {simulated.shape[-1]}-frame training "
-             "segments (the data the main job's tokenizer is trained on). Held-out traces scored as 96-frame "
-             "segments at 5 Hz: mean per-segment Pearson r and MSE (z units) of decode(encode(x)).", "",
+             f"is, and a k-means codebook of the same size fitted on {len(simulated):,} simulated "
+             f"{simulated.shape[-1]}-frame training segments (the data the main job's tokenizer is trained on). "
+             "Held-out traces scored as 96-frame segments at 5 Hz: mean per-segment Pearson r and MSE (z units) of "
+             "decode(encode(x)).", "",
              "| held-out dataset | traces | CalM NQ r | k-means r | CalM NQ MSE | k-means MSE |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['dataset']} | {r['traces']} | {r['calm_pearson_r']:.3f} | {r['kmeans_pearson_r']:.3f} | "
               f"{r['calm_mse']:.3f} | {r['kmeans_mse']:.3f} |" for r in rows]
@@ -342,8 +343,9 @@ def objective_ablation(argv: list[str]) -> dict:
     lines = ["# Tokenizer objective ablation", "",
              "`python benchmarks/tokenizer_benchmark.py --objective_ablation`: the cpu tokenizer trained on the same "
              f"{runs[0][1]['training']['segments']:,} segments, seed and learning rate with the paper's extra loss terms "
-             "removed one group at a time; held-out reconstruction r (decode(encode(x)) vs x, 96-frame segments at "
-             "5 Hz) against a k-means codebook of the same size fitted on the same windows.", "",
+             "removed one group at a time; held-out reconstruction r (decode(encode(x)) vs x, "
+             f"{EVAL_FRAMES}-frame segments at 5 Hz) against a k-means codebook of the same size fitted on the same "
+             "windows.", "",
              "| held-out dataset | k-means | " + " | ".join(label for label, _ in runs) + " |",
              "|---|---:|" + "---:|" * len(runs)]
     for dataset in datasets_:

@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "revival_queue_size": 4096,
             # a plain VQ-VAE objective (MSE, commitment, EMA codebook): the paper's extra terms (AR, entropy,
             # orthogonality, Pearson) cost held-out reconstruction on every dataset of
-            # benchmarks/results/tokenizer_objective.md (e.g. Park r 0.749-0.859 -> 0.788-0.887 at 782 steps)
+            # benchmarks/results/tokenizer_objective.md (e.g. Park r 0.710-0.830 -> 0.782-0.886 at 782 steps)
             "ar_weight": 0.0,
             "entropy_weight": 0.0,
             "orthogonality_weight": 0.0,

@@ -52,7 +52,8 @@ RECIPES = {
     # trial-swap probe shows the neuron mixer still learns population coupling. 10 epochs (2,100 steps): forecast r
     # still rises with steps at this size (6 epochs: test r 0.443, 18: 0.466; learning curve in
     # benchmarks/results/learning_curves), and 10 keeps the whole job near 20 minutes on two idle cores (21.4 min
-    # measured on a 2-core Xeon: test r 0.453 vs ridge 0.464).
+    # measured on a 2-core Xeon: test r 0.453 vs ridge 0.464; with the plain tokenizer objective 24.8 min on one
+    # thread, r 0.454).
     "cpu": dict(
         num_sessions=3, num_neurons=200, num_trials=400, num_steps=100,
         tokenizer_preset="cpu", tokenizer_epochs=1.0, tokenizer_batch=128, tokenizer_lr=2e-3, tokenizer_segments=100_000,
