@@ -23,9 +23,10 @@ Everything is measured in ONE run, on this machine, with `torch.set_num_threads(
 - Tokenizer throughput: encode+decode frames/s of the "cpu" `CalmTokenizer`, fp32 vs bf16, measured the way
   `benchmarks/tokenizer_benchmark.py` does (its stored result is quoted when present).
 
-bf16 on a CPU without AMX / avx512_bf16 (this AMD EPYC) runs matmuls tens of times slower than fp32 through a
-fallback, so bf16 configurations use a smaller batch and at most 2 timed repeats; the tables say so. Models are
-randomly initialised (speed does not depend on the weights).
+bf16 on a CPU without AMX / avx512_bf16 (e.g. AMD EPYC) runs matmuls tens of times slower than fp32 through a
+fallback; there (bf16 matmul peak below half of fp32's) the bf16 configurations use a smaller batch and at most 2
+timed repeats, and the tables say so. Where bf16 matmuls are not slow (AMX), bf16 runs the same shapes as fp32, so
+step times compare directly. Models are randomly initialised (speed does not depend on the weights).
 
 Writes benchmarks/results/speed.json and speed.md.
 """
@@ -360,6 +361,13 @@ def main(argv: list[str] | None = None) -> dict:
         tuple(settings["matmul_model_shape"]),
     )
 
+    # a slow bf16 fallback (no AMX / avx512_bf16) gets smaller bf16 shapes; otherwise bf16 runs fp32's shapes
+    slow_bf16 = peak["bf16_over_fp32"] < 0.5
+    if not slow_bf16:
+        settings["train_bf16"] = dict(settings["train_fp32"])
+        settings["tokenizer"]["bf16"] = dict(settings["tokenizer"]["fp32"])
+    settings["slow_bf16"] = slow_bf16
+
     print("training throughput", flush=True)
     training = []
     for variant in MODEL_VARIANTS:
@@ -416,7 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
             "torch": torch.__version__,
             "load_average_at_start": load_at_start,
             "load_average_at_end": os.getloadavg(),
-            "bf16_note": "no AMX / avx512_bf16 here: bf16 matmuls run through a slow fallback",
+            "bf16_note": ("no AMX / avx512_bf16 here: bf16 matmuls run through a slow fallback" if slow_bf16 else
+                          "bf16 matmuls are not slow here (AMX or avx512_bf16): bf16 runs fp32's shapes"),
         },
         "settings": settings,
         "matmul_peak": peak,
@@ -454,11 +463,17 @@ def markdown(result: dict) -> str:
     for dtype in ("fp32", "bf16"):
         lines.append(f"| {dtype} | " + " | ".join(f"{peak[dtype][s]['gflops']:.1f}" for s in sizes)
                      + f" | {peak[dtype]['peak_gflops']:.1f} | {peak[dtype]['model_shaped']['gflops']:.1f} |")
+    slow_bf16 = result["settings"].get("slow_bf16", True)
+    if slow_bf16:
+        bf16_line = (f"bf16 / fp32 = {peak['bf16_over_fp32']:.3f}: this CPU has no AMX or avx512_bf16, so bf16 is a "
+                     "slow fallback whose speed depends on the shape (the model-shaped m x k x n matmul, k = hidden "
+                     "size, is the fairer bf16 ceiling for the model).")
+    else:
+        bf16_line = (f"bf16 / fp32 = {peak['bf16_over_fp32']:.3f}: bf16 matmuls are fast here (AMX or avx512_bf16). "
+                     "Whether a training step gets faster is a separate question, answered by the next table.")
     lines += [
         "",
-        f"bf16 / fp32 = {peak['bf16_over_fp32']:.3f}: this CPU has no AMX or avx512_bf16, so bf16 is a slow fallback "
-        "whose speed depends on the shape (the model-shaped m x k x n matmul, k = hidden size, is the fairer bf16 "
-        "ceiling for the model).",
+        bf16_line,
         "",
         "## Training throughput (one AdamW step, scheduled sampling p=0.6 + neighbourhood replacement p=0.1 on)",
         "",
@@ -478,10 +493,21 @@ def markdown(result: dict) -> str:
             f"{100 * row['fraction_of_peak']:.1f}% | {100 * row['fraction_of_model_shaped_matmul']:.1f}% | {applied} | "
             f"{row['peak_rss_mib']:.0f} (+{row['peak_rss_mib'] - row['rss_before_mib']:.0f}) |"
         )
+    if slow_bf16:
+        shapes_line = ("bf16 rows use a smaller batch and at most 2 timed repeats (each step is slow on this CPU); "
+                       "compare tokens/s, not step times.")
+    else:
+        ratios = []
+        for variant in dict.fromkeys(row["variant"] for row in result["training"]):
+            rows = {row["dtype"]: row for row in result["training"] if row["variant"] == variant}
+            if {"fp32", "bf16"} <= set(rows):
+                ratios.append(f"{variant} {rows['fp32']['median_step_seconds'] / rows['bf16']['median_step_seconds']:.2f}x")
+        shapes_line = ("bf16 rows run the fp32 rows' shapes. Step-time speedup of bf16 autocast over fp32 (above 1 = "
+                       f"bf16 faster): {', '.join(ratios)}. `calm main --bf16 auto` times its own training steps "
+                       "both ways before choosing, because fast bf16 matmuls need not make a small model's step faster.")
     lines += [
         "",
-        "bf16 rows use a smaller batch and at most 2 timed repeats (each step is slow on this CPU); compare tokens/s, "
-        "not step times. A step with scheduled sampling (SS) also runs one no-grad forward; each repeat is charged "
+        shapes_line + " A step with scheduled sampling (SS) also runs one no-grad forward; each repeat is charged "
         "the FLOPs of its branch.",
         "",
         f"## Rollout latency (generate, greedy, batch 1, {CONTEXT_STEPS} context + {NEW_STEPS} new token steps, "

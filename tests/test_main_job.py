@@ -203,3 +203,51 @@ def test_bf16_without_an_accelerator_trains_on_the_cpu(monkeypatch, tmp_path):
     assert "--use_cpu" not in main_command.training_flags(tmp_path, 1.0, 4, 1e-3, 0, False, None)
     monkeypatch.setattr(main_command, "accelerator_available", lambda: True)
     assert "--use_cpu" not in main_command.training_flags(tmp_path, 1.0, 4, 1e-3, 0, True, None)
+
+
+def test_bf16_auto_times_the_jobs_own_step_not_a_matmul(monkeypatch):
+    # an AMX Xeon ran bf16 matmuls 5-6x faster, yet the cpu preset's training step 1.6x slower under bf16 autocast:
+    # `auto` with a workload must follow the measured step, and never fall back to the matmul test
+    from calm_hf import hardware
+
+    monkeypatch.setattr(hardware, "bf16_is_faster", lambda device="cpu": pytest.fail("matmul test used"))
+    slower = {"fp32_seconds": 0.25, "bf16_seconds": 0.41, "speedup": 0.25 / 0.41}
+    faster = {"fp32_seconds": 0.30, "bf16_seconds": 0.10, "speedup": 3.0}
+    assert hardware.resolve_bf16("auto", "cpu", lambda: slower) is False
+    assert hardware.resolve_bf16("auto", "cpu", lambda: faster) is True
+    assert hardware.resolve_bf16("true", "cpu", lambda: slower) is True
+    assert hardware.resolve_bf16("false", "cpu", lambda: faster) is False
+
+
+def test_step_timing_measures_the_recipes_real_models():
+    from calm_hf.commands import main as main_command
+
+    for measure in (main_command.tokenizer_step_speedup, main_command.pretrain_step_speedup):
+        result = measure(main_command.RECIPES["tiny"])
+        assert result["fp32_seconds"] > 0 and result["bf16_seconds"] > 0
+        assert result["speedup"] == pytest.approx(result["fp32_seconds"] / result["bf16_seconds"])
+
+
+def test_dtype_decision_is_kept_for_a_resumed_job(monkeypatch, tmp_path):
+    # a re-measurement on resume could flip a close call and retrain finished stages (their keys hold --bf16)
+    from calm_hf.commands import main as main_command
+
+    calls = []
+
+    def measured(speedup):
+        def measure(recipe):
+            calls.append(speedup)
+            return {"fp32_seconds": speedup, "bf16_seconds": 1.0, "speedup": speedup}
+        return measure
+
+    monkeypatch.setattr(main_command, "accelerator_available", lambda: False)
+    monkeypatch.setattr(main_command, "tokenizer_step_speedup", measured(0.5))
+    monkeypatch.setattr(main_command, "pretrain_step_speedup", measured(2.0))
+    args = main_command.MainArguments(output_dir=str(tmp_path))
+    recipe = main_command.resolve_recipe(args)
+    first = main_command.choose_dtypes(args, recipe, tmp_path)
+    assert (first["tokenizer_bf16"], first["pretrain_bf16"]) == (False, True) and len(calls) == 2
+    monkeypatch.setattr(main_command, "pretrain_step_speedup", measured(0.5))
+    assert main_command.choose_dtypes(args, recipe, tmp_path) == first and len(calls) == 2
+    args.bf16 = "false"  # another choice is decided afresh
+    assert main_command.choose_dtypes(args, recipe, tmp_path)["pretrain_bf16"] is False

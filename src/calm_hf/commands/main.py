@@ -89,7 +89,8 @@ class MainArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the simulation, the splits and training."})
     bf16: str = field(
         default="auto",
-        metadata={"help": "bf16 autocast: auto (measured: on only where bf16 matmuls beat fp32, e.g. AMX CPUs), true, false."},
+        metadata={"help": "bf16 autocast: auto (measured: each stage's own training step is timed in fp32 and bf16, "
+                          "and bf16 is used only where it is >= 1.2x faster), true, false."},
     )
     use_cpu: bool = field(
         default=False, metadata={"help": "Train on the CPU even when an accelerator is present (default: accelerate's "
@@ -164,16 +165,13 @@ def run(argv: list[str] | None = None) -> dict:
     summary (metrics, timings, folders)."""
     (args,) = parse_command_args((MainArguments,), argv, prog="calm main")
     recipe = resolve_recipe(args)
-    from ..hardware import resolve_bf16
-
-    args.bf16 = resolve_bf16(args.bf16)
-    logger.info("bf16 autocast: %s", "on" if args.bf16 else "off (bf16 matmuls are not faster than fp32 here)")
-    torch.manual_seed(args.seed)
     out = Path(args.output_dir).resolve()
     work = out / f".{args.model_name}-work"
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    args.dtypes = choose_dtypes(args, recipe, work)
+    torch.manual_seed(args.seed)
     # staging folders/files of a killed run are never read: remove them (the job's own names only)
     remove_stale_partials(work, max_depth=3)
     for stale in (partial_path(out / args.model_name), partial_path(out / f"{args.model_name}-dataset"),
@@ -183,6 +181,69 @@ def run(argv: list[str] | None = None) -> dict:
             shutil.rmtree(stale, ignore_errors=True)
     with terminate_cleanly():
         return run_job(args, recipe, out, work)
+
+
+def tokenizer_step_speedup(recipe: dict) -> dict:
+    """fp32 vs bf16-autocast time of one training step of the recipe's tokenizer on a batch of its segment size."""
+    from ..configuration_calm_tokenizer import CalmTokenizerConfig
+    from ..hardware import bf16_training_speedup
+    from ..modeling_calm_tokenizer import CalmTokenizer
+
+    config = CalmTokenizerConfig.from_preset(recipe["tokenizer_preset"])
+    frames = recipe["tokenizer_segment_frames"] // config.window_size * config.window_size
+    generator = torch.Generator().manual_seed(0)
+    batch = {"input_values": torch.randn(recipe["tokenizer_batch"], 1, frames, generator=generator)}
+    return bf16_training_speedup(lambda: CalmTokenizer(config), batch)
+
+
+def pretrain_step_speedup(recipe: dict) -> dict:
+    """fp32 vs bf16-autocast time of one pretraining step of the recipe's dual-axis transformer on a batch of its
+    shape (pretrain_batch x max_neurons x the trial's token steps, with the head's trace targets)."""
+    from ..configuration_calm import CalmConfig
+    from ..configuration_calm_tokenizer import CalmTokenizerConfig
+    from ..hardware import bf16_training_speedup
+    from ..modeling_calm import CalmForCausalNeuralModeling
+
+    tokenizer = CalmTokenizerConfig.from_preset(recipe["tokenizer_preset"])
+    steps = recipe["num_steps"] // tokenizer.window_size
+    sessions, neurons = recipe["num_sessions"], recipe["num_neurons"]
+    config = CalmConfig.from_preset(recipe["model_preset"], vocab_size=tokenizer.codebook_size,
+                                    window_size=tokenizer.window_size, num_neurons=sessions * neurons,
+                                    num_sessions=sessions, max_token_steps=max(steps, 64))
+    width, rows = min(recipe["max_neurons"] or neurons, neurons), recipe["pretrain_batch"]
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (rows, width, steps), generator=generator)
+    batch = {"input_ids": input_ids, "labels": input_ids, "neuron_ids": torch.arange(width).expand(rows, width),
+             "session_ids": torch.zeros(rows, dtype=torch.long)}
+    if config.value_head_steps > 0:
+        batch["value_labels"] = torch.randn(rows, width, steps * tokenizer.window_size, generator=generator)
+    return bf16_training_speedup(lambda: CalmForCausalNeuralModeling(config), batch)
+
+
+def choose_dtypes(args: MainArguments, recipe: dict, work: Path) -> dict:
+    """bf16 autocast on or off for the tokenizer stages and for pretraining + evaluation. `--bf16 auto` times each
+    stage's own training step both ways on the CPU (`calm_hf.hardware.bf16_training_speedup`): a fast bf16 matmul
+    does not make this small model's step faster (AMX Xeon: 0.41 s bf16 vs 0.25 s fp32). The decision is written
+    to the work folder and reused when the job resumes, so a noisy re-measurement cannot retrain finished stages."""
+    from ..hardware import resolve_bf16
+
+    record = work / "dtypes.json"
+    on_cpu = args.use_cpu or not accelerator_available()
+    choice = args.bf16 if isinstance(args.bf16, str) else str(args.bf16).lower()
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("choice") == choice:
+            logger.info("bf16 autocast as decided when this job started (%s): tokenizer %s, pretraining %s", record,
+                        saved["tokenizer_bf16"], saved["pretrain_bf16"])
+            return saved
+    device = "cpu" if on_cpu else "cuda"
+    decided = {
+        "choice": choice,
+        "tokenizer_bf16": resolve_bf16(choice, device, lambda: tokenizer_step_speedup(recipe), name="the tokenizer"),
+        "pretrain_bf16": resolve_bf16(choice, device, lambda: pretrain_step_speedup(recipe), name="pretraining"),
+    }
+    atomic_write_text(record, json.dumps(decided, indent=2))
+    return decided
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +266,8 @@ def tokenizer_stage(args: MainArguments, recipe: dict, work: Path, trials: Stage
     argv = ["--trials_dataset", str(trials.path), "--preset", recipe["tokenizer_preset"],
             "--max_segments", str(recipe["tokenizer_segments"]),
             "--segment_frames", str(recipe["tokenizer_segment_frames"])] + training_flags(
-        path, recipe["tokenizer_epochs"], recipe["tokenizer_batch"], recipe["tokenizer_lr"], args.seed, args.bf16, None,
+        path, recipe["tokenizer_epochs"], recipe["tokenizer_batch"], recipe["tokenizer_lr"], args.seed,
+        args.dtypes["tokenizer_bf16"], None,
         use_cpu=args.use_cpu)
     stage = Stage(path, {"after": [trials.key], "argv": stage_argv(argv)})
 
@@ -220,7 +282,7 @@ def tokenizer_stage(args: MainArguments, recipe: dict, work: Path, trials: Stage
 def tokenize_stage(args: MainArguments, work: Path, trials: Stage, tokenizer: Stage, timings: dict) -> Stage:
     """3. tokenize: `calm tokenize` of every split, into an atomic stage folder."""
     argv = ["--tokenizer_path", str(tokenizer.path), "--trials_dataset", str(trials.path)] + (
-        ["--bf16"] if args.bf16 else [])
+        ["--bf16"] if args.dtypes["tokenizer_bf16"] else [])
     stage = Stage(work / "tokenized", {"after": [trials.key, tokenizer.key], "argv": stage_argv(argv)}, atomic=True)
     run_stage(stage, "tokenize", lambda: tokenize.run(argv + ["--output_dir", str(stage.output)]) and None, timings)
     return stage
@@ -233,7 +295,8 @@ def pretrain_stage(args: MainArguments, recipe: dict, work: Path, tokenizer: Sta
     argv = ["--tokenized_dataset", str(tokenized.path), "--tokenizer_path", str(tokenizer.path),
             "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
             "--forecast_eval_trials", "0", "--identity_init", "coupling"] + training_flags(
-        path, recipe["pretrain_epochs"], recipe["pretrain_batch"], recipe["pretrain_lr"], args.seed, args.bf16, None,
+        path, recipe["pretrain_epochs"], recipe["pretrain_batch"], recipe["pretrain_lr"], args.seed,
+        args.dtypes["pretrain_bf16"], None,
         use_cpu=args.use_cpu)
     stage = Stage(path, {"after": [tokenizer.key, tokenized.key], "argv": stage_argv(argv)})
 
@@ -266,7 +329,7 @@ def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
         context_frames=args.context_frames,
         eval_trials=recipe["eval_trials"],
         forecast_samples=recipe["forecast_samples"],
-        bf16=args.bf16,
+        bf16=args.dtypes["pretrain_bf16"],
         device="cpu" if args.use_cpu else None,
         run_info={
             "size": args.size,
