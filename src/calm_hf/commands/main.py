@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field, fields
@@ -44,28 +45,35 @@ logger = logging.getLogger("calm_hf.main")
 # Training recipes of the main job. "cpu" is the default run (<= 15 minutes on 2 cores); "tiny" is the smoke run of
 # the tests; "paper" pairs the paper's architecture presets with a longer schedule (not run on this machine).
 # `tokenizer_preset` / `model_preset` name architecture presets; every architecture number lives in those presets.
+PRETRAIN_MINUTES = 13.0
+PRETRAIN_EPOCHS_CAP = 18.0
+STEP_TIME_MARGIN = 1.1  # the trainer's real step (collation, logging, checkpoints) vs the timed bare step: 0.50 vs 0.48 s
+
 RECIPES = {
     # The tokenizer trains on whole trials (tokenizer_segment_frames = num_steps): it is used on whole trials, and
     # one trained on 48-frame segments reconstructed the ends of 100-frame trials 6-9x worse than their middle.
     # Pretraining sees a random 64 of a trial's neurons: at equal wall-clock that trains 3.6x more steps than whole
     # populations and forecast better (validation r 0.399 vs 0.346 in benchmarks/results/dat_ablations.md), while the
-    # trial-swap probe shows the neuron mixer still learns population coupling. 10 epochs (2,100 steps): forecast r
-    # still rises with steps at this size (6 epochs: test r 0.443, 18: 0.466; learning curve in
-    # benchmarks/results/learning_curves), and 10 keeps the whole job near 20 minutes on two idle cores (21.4 min
-    # measured on a 2-core Xeon: test r 0.453 vs ridge 0.464; with the plain tokenizer objective 24.8 min on one
-    # thread, r 0.454).
+    # trial-swap probe shows the neuron mixer still learns population coupling. Pretraining gets a time budget, not
+    # a fixed epoch count: forecast r still rises with steps at this size (6 epochs: test r 0.443, 10: 0.453, 18:
+    # 0.466 vs ridge 0.464; learning curve in benchmarks/results/learning_curves), and a step costs 0.25 s on a 2-core
+    # AMX Xeon but ~0.6 s on a 2-core AVX2 EPYC, so a fixed count either wastes the budget or overruns it. The job
+    # times one step before pretraining and plans as many epochs as fit PRETRAIN_MINUTES (at most
+    # PRETRAIN_EPOCHS_CAP, the longest schedule measured), which with the other stages (~5 min) keeps it near 18-20
+    # minutes on two idle cores.
     "cpu": dict(
         num_sessions=3, num_neurons=200, num_trials=400, num_steps=100,
         tokenizer_preset="cpu", tokenizer_epochs=1.0, tokenizer_batch=128, tokenizer_lr=2e-3, tokenizer_segments=100_000,
         tokenizer_segment_frames=100,
-        model_preset="cpu", pretrain_epochs=10.0, pretrain_batch=4, pretrain_lr=3e-3, max_neurons=64,
-        eval_trials=None, forecast_samples=16,
+        model_preset="cpu", pretrain_epochs=PRETRAIN_EPOCHS_CAP, pretrain_minutes=PRETRAIN_MINUTES, pretrain_batch=4,
+        pretrain_lr=3e-3, max_neurons=64, eval_trials=None, forecast_samples=16,
     ),
     "tiny": dict(
         num_sessions=2, num_neurons=12, num_trials=20, num_steps=60,
         tokenizer_preset="tiny", tokenizer_epochs=1.0, tokenizer_batch=64, tokenizer_lr=3e-3, tokenizer_segments=2_000,
         tokenizer_segment_frames=60,
-        model_preset="tiny", pretrain_epochs=1.0, pretrain_batch=4, pretrain_lr=1e-3, max_neurons=8,
+        model_preset="tiny", pretrain_epochs=1.0, pretrain_minutes=None, pretrain_batch=4, pretrain_lr=1e-3,
+        max_neurons=8,
         eval_trials=4, forecast_samples=3,
     ),
     # the paper's NQ and DAT sizes on the same simulated corpus; the schedule is a starting point, not a measured one
@@ -73,7 +81,8 @@ RECIPES = {
         num_sessions=3, num_neurons=200, num_trials=400, num_steps=100,
         tokenizer_preset="paper", tokenizer_epochs=5.0, tokenizer_batch=256, tokenizer_lr=1e-3,
         tokenizer_segments=100_000, tokenizer_segment_frames=100,
-        model_preset="paper", pretrain_epochs=30.0, pretrain_batch=8, pretrain_lr=5e-4, max_neurons=64,
+        model_preset="paper", pretrain_epochs=30.0, pretrain_minutes=None, pretrain_batch=8, pretrain_lr=5e-4,
+        max_neurons=64,
         eval_trials=None, forecast_samples=16,
     ),
 }
@@ -110,7 +119,13 @@ class MainArguments:
     tokenizer_segments: int | None = field(default=None, metadata={"help": "Override the cap on tokenizer segments."})
     tokenizer_segment_frames: int | None = field(default=None, metadata={"help": "Override the tokenizer's segment frames."})
     model_preset: str | None = field(default=None, metadata={"help": "Override the dual-axis transformer preset."})
-    pretrain_epochs: float | None = field(default=None, metadata={"help": "Override the recipe's pretraining epochs."})
+    pretrain_epochs: float | None = field(
+        default=None, metadata={"help": "Override the recipe's pretraining epochs (with a --pretrain_minutes budget: "
+                                        "the most epochs the budget may plan)."})
+    pretrain_minutes: float | None = field(
+        default=None, metadata={"help": "Override the recipe's pretraining budget: the epochs are planned from the "
+                                        "measured step time so pretraining fits these minutes (capped by "
+                                        "--pretrain_epochs). 0 = no budget: exactly --pretrain_epochs."})
     pretrain_batch: int | None = field(default=None, metadata={"help": "Override the pretraining batch size."})
     pretrain_lr: float | None = field(default=None, metadata={"help": "Override the pretraining learning rate."})
     max_neurons: int | None = field(default=None, metadata={"help": "Override the neurons per pretraining example."})
@@ -220,6 +235,41 @@ def pretrain_step_speedup(recipe: dict) -> dict:
     return bf16_training_speedup(lambda: CalmForCausalNeuralModeling(config), batch)
 
 
+def planned_pretrain_epochs(args: MainArguments, recipe: dict, work: Path, tokenized: Stage) -> tuple[float, dict]:
+    """(epochs, plan): the recipe's epochs, or with a `pretrain_minutes` budget the most epochs (one decimal, at
+    least 1, at most the recipe's `pretrain_epochs`) whose steps, at the timed step of this machine and dtype (times
+    STEP_TIME_MARGIN), fit the budget. Decided once per work folder, like the dtype, so a resumed job keeps its
+    schedule (the pretraining stage's key holds the epochs)."""
+    minutes = recipe.get("pretrain_minutes")
+    if not minutes:
+        return recipe["pretrain_epochs"], {"budget_minutes": None, "epochs": recipe["pretrain_epochs"]}
+    record = work / "dtypes.json"
+    saved = json.loads(record.read_text()) if record.exists() else {}
+    key = {"minutes": minutes, "max_epochs": recipe["pretrain_epochs"], "batch": recipe["pretrain_batch"],
+           "bf16": args.dtypes["pretrain_bf16"], "tokenized": tokenized.key}
+    if saved.get("pretrain_plan", {}).get("key") == key:
+        plan = saved["pretrain_plan"]
+        logger.info("pretraining schedule as planned when this job started: %.1f epochs", plan["epochs"])
+        return plan["epochs"], plan
+    import datasets
+
+    rows = len(datasets.load_from_disk(str(tokenized.path))["train"])
+    steps_per_epoch = math.ceil(rows / recipe["pretrain_batch"])
+    timing = saved.get("pretrain_step") or pretrain_step_speedup(recipe)
+    step_seconds = timing["bf16_seconds" if args.dtypes["pretrain_bf16"] else "fp32_seconds"] * STEP_TIME_MARGIN
+    fit = minutes * 60.0 / (step_seconds * steps_per_epoch)
+    epochs = float(min(recipe["pretrain_epochs"], max(1.0, math.floor(fit * 10) / 10)))
+    plan = {"key": key, "budget_minutes": minutes, "max_epochs": recipe["pretrain_epochs"],
+            "timed_step_seconds": round(step_seconds / STEP_TIME_MARGIN, 4), "margin": STEP_TIME_MARGIN,
+            "steps_per_epoch": steps_per_epoch, "epochs_that_fit": round(fit, 2), "epochs": epochs,
+            "steps": math.ceil(epochs * steps_per_epoch)}
+    logger.info("pretraining budget %.1f min: a step takes %.3f s here, so %.1f epochs (%d steps; %.1f would fit, "
+                "at most %.1f)", minutes, step_seconds / STEP_TIME_MARGIN, epochs, plan["steps"], fit,
+                recipe["pretrain_epochs"])
+    atomic_write_text(record, json.dumps({**saved, "pretrain_plan": plan}, indent=2))
+    return epochs, plan
+
+
 def choose_dtypes(args: MainArguments, recipe: dict, work: Path) -> dict:
     """bf16 autocast on or off for the tokenizer stages and for pretraining + evaluation. `--bf16 auto` times each
     stage's own training step both ways on the CPU (`calm_hf.hardware.bf16_training_speedup`): a fast bf16 matmul
@@ -237,10 +287,21 @@ def choose_dtypes(args: MainArguments, recipe: dict, work: Path) -> dict:
                         saved["tokenizer_bf16"], saved["pretrain_bf16"])
             return saved
     device = "cpu" if on_cpu else "cuda"
+    timings: dict = {}
+
+    def timed(name: str, measure):
+        def run():
+            timings[name] = measure(recipe)
+            return timings[name]
+        return run
+
     decided = {
         "choice": choice,
-        "tokenizer_bf16": resolve_bf16(choice, device, lambda: tokenizer_step_speedup(recipe), name="the tokenizer"),
-        "pretrain_bf16": resolve_bf16(choice, device, lambda: pretrain_step_speedup(recipe), name="pretraining"),
+        "tokenizer_bf16": resolve_bf16(choice, device, timed("tokenizer_step", tokenizer_step_speedup),
+                                       name="the tokenizer"),
+        "pretrain_bf16": resolve_bf16(choice, device, timed("pretrain_step", pretrain_step_speedup),
+                                      name="pretraining"),
+        **timings,  # kept: the pretraining budget plans its epochs from the same timed step
     }
     atomic_write_text(record, json.dumps(decided, indent=2))
     return decided
@@ -292,10 +353,11 @@ def pretrain_stage(args: MainArguments, recipe: dict, work: Path, tokenizer: Sta
                    timings: dict) -> Stage:
     """4. pretrain: `calm pretrain` of the dual-axis transformer, resumed from its last complete checkpoint."""
     path = work / "pretrain"
+    epochs, args.pretrain_plan = planned_pretrain_epochs(args, recipe, work, tokenized)
     argv = ["--tokenized_dataset", str(tokenized.path), "--tokenizer_path", str(tokenizer.path),
             "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
             "--forecast_eval_trials", "0", "--identity_init", "coupling"] + training_flags(
-        path, recipe["pretrain_epochs"], recipe["pretrain_batch"], recipe["pretrain_lr"], args.seed,
+        path, epochs, recipe["pretrain_batch"], recipe["pretrain_lr"], args.seed,
         args.dtypes["pretrain_bf16"], None,
         use_cpu=args.use_cpu)
     stage = Stage(path, {"after": [tokenizer.key, tokenized.key], "argv": stage_argv(argv)})
@@ -337,6 +399,7 @@ def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
             "simulation": sim_params,
             "tokenizer_training": tokenizer.params,
             "pretraining": pretrained.params,
+            "pretraining_budget": {k: v for k, v in args.pretrain_plan.items() if k != "key"},
             "stage_seconds": {k: round(v["seconds"], 1) for k, v in timings.items()},
         },
     )
