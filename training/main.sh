@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job with a recipe file: simulate -> tokenizer -> tokenize -> pretrain -> evaluate -> ./calm-base.
 #   bash training/main.sh tiny /tmp/calm-smoke      # seconds
-#   bash training/main.sh cpu                       # the default run (<= 15 min on 2 CPU cores)
+#   bash training/main.sh cpu                       # the default run (13-min pretraining budget, ~17 min on 2 cores)
 #   bash training/main.sh paper . --use_cpu         # the paper's sizes (extra flags are passed on)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
