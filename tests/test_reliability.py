@@ -578,11 +578,36 @@ def test_default_threads_use_the_free_cores(monkeypatch):
     for name in ("CALM_NUM_THREADS", "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(hardware, "busy_cores_now", lambda: None)  # no /proc/stat: the load average decides
     monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
     assert hardware.default_num_threads() == 2
     monkeypatch.setattr(hardware.os, "getloadavg", lambda: (1.0, 0.0, 0.0))
     assert hardware.default_num_threads() == 1
     monkeypatch.setattr(hardware.os, "getloadavg", lambda: (5.0, 0.0, 0.0))
     assert hardware.default_num_threads() == 1
+    monkeypatch.setattr(hardware, "busy_cores_now", lambda: 0.1)  # measured now: a job that just ended is not counted
+    assert hardware.default_num_threads() == 2
+    monkeypatch.setattr(hardware, "busy_cores_now", lambda: 0.9)
+    assert hardware.default_num_threads() == 1
     monkeypatch.setenv("CALM_NUM_THREADS", "3")
     assert hardware.default_num_threads() == 3
+
+
+def test_busy_cores_are_read_from_proc_stat(monkeypatch, tmp_path):
+    from calm_hf import hardware
+
+    samples = iter([
+        "cpu  10 0 10 80 0 0 0 0\ncpu0 0 0 0 100 0 0 0 0\ncpu1 0 0 0 100 0 0 0 0\nintr 1\n",
+        # cpu0 busy for all 100 ticks (user + system), cpu1 idle, cpu2 is not ours
+        "cpu  10 0 10 80 0 0 0 0\ncpu0 60 0 40 100 0 0 0 0\ncpu1 0 0 0 200 0 0 0 0\ncpu2 99 0 0 0 0 0 0 0\n",
+    ])
+
+    def fake_times(path="/proc/stat"):
+        stat = tmp_path / "stat"
+        stat.write_text(next(samples))
+        return real_times(str(stat))
+
+    real_times = hardware._cpu_times
+    monkeypatch.setattr(hardware, "_cpu_times", fake_times)
+    monkeypatch.setattr(hardware.os.path, "exists", lambda path: True)
+    assert hardware.busy_cores_now({0, 1}, interval=0.0) == pytest.approx(1.0)

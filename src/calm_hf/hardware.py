@@ -101,9 +101,48 @@ def resolve_bf16(choice: str | bool | None, device: str = "cpu",
     raise ValueError(f"bf16 must be auto, true or false, got {choice!r}.")
 
 
+def _cpu_times(path: str = "/proc/stat") -> dict[int, tuple[int, int]]:
+    """{cpu index: (busy jiffies, total jiffies)} from the per-CPU lines of /proc/stat (Linux)."""
+    times = {}
+    with open(path) as handle:
+        for line in handle:
+            name, *values = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            ticks = [int(v) for v in values]
+            idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+            times[int(name[3:])] = (sum(ticks[:8]) - idle, sum(ticks[:8]))
+    return times
+
+
+def busy_cores_now(cpus: set[int] | None = None, interval: float = 0.2) -> float | None:
+    """Cores of `cpus` (default: this process's affinity) kept busy by other processes over the next `interval`
+    seconds, measured from /proc/stat; None where that file does not exist. Unlike the 1-minute load average it does
+    not count a job that ended a minute ago (the main job started right after a benchmark got 1 thread of 2)."""
+    if not os.path.exists("/proc/stat"):
+        return None
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        before = _cpu_times()
+        time.sleep(interval)
+        after = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for cpu, (busy_after, total_after) in after.items():
+        if (cpus is not None and cpu not in cpus) or cpu not in before:
+            continue
+        elapsed = total_after - before[cpu][1]
+        if elapsed > 0:
+            busy += (busy_after - before[cpu][0]) / elapsed
+    return busy
+
+
 def default_num_threads() -> int:
     """Torch threads for the training entry points: $CALM_NUM_THREADS or $OMP_NUM_THREADS when set; otherwise every
-    core that is free now (cores minus the 1-minute load average, at least 1).
+    core that is free now (cores minus the cores other processes keep busy over 0.2 s, from /proc/stat; where that
+    is not available, minus the 1-minute load average; at least 1).
 
     Why: on an idle 2-core machine the second thread speeds a cpu-preset training step up 1.88x and a direct forecast
     1.89x (`benchmarks/results/threads.md`), but with one more runnable thread than free cores PyTorch's OpenMP
@@ -114,10 +153,12 @@ def default_num_threads() -> int:
         if value and value.isdigit() and int(value) > 0:
             return int(value)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average (Windows): assume a machine shared with one other job
-        busy = 1.0 if cores <= 4 else 0.0
+    busy = busy_cores_now()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average (Windows): assume a machine shared with one other job
+            busy = 1.0 if cores <= 4 else 0.0
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
