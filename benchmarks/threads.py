@@ -43,11 +43,14 @@ def measure(preset: str, repeats: int) -> dict:
         optimizer.step()
 
     context = torch.randint(0, config.vocab_size, (1, 200 if preset != "tiny" else 16, 10))
+    # a head with the raw-trace highway (the cpu preset's) also reads the traces behind the codes
+    traces = ({"context_values": torch.randn(*context.shape[:2], 10 * config.window_size)}
+              if config.value_skip_windows else {})
 
     def forecast():
         with torch.no_grad():
             model.eval()
-            model.forecast_values(context) if config.value_head_steps else model(input_ids=context)
+            model.forecast_values(context, **traces) if config.value_head_steps else model(input_ids=context)
             model.train()
 
     out = {}

@@ -58,7 +58,8 @@ def test_direct_is_the_default_for_models_with_the_head_and_covers_long_horizons
     chunk = model.config.value_head_steps * 4
     result = forecaster.forecast(context, horizon=chunk)
     codes = forecaster.tokenize(context)
-    np.testing.assert_allclose(result.forecast, model.forecast_values(codes).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(result.forecast, model.forecast_values(codes, context_values=context).numpy(),
+                               rtol=1e-6, atol=1e-6)
     # beyond one chunk: the first chunk is unchanged, the rest continues from the re-tokenized forecast
     longer = forecaster.forecast(context, horizon=2 * chunk + 3)
     assert longer.forecast.shape == (2, 5, 2 * chunk + 3) and np.isfinite(longer.forecast).all()
@@ -172,7 +173,9 @@ def test_value_skip_survives_save_and_load(tmp_path):
     loaded = CalmForCausalNeuralModeling.from_pretrained(tmp_path)
     assert loaded.config.value_skip_windows == 3
     torch.testing.assert_close(loaded.value_skip.weight, model.value_skip.weight)
-    assert CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny")).value_skip is None  # off unless asked
+    assert CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", value_skip_windows=0)).value_skip is None
+    assert CalmConfig().value_skip_windows == 0  # off unless a preset or the user asks (old checkpoints load as they were)
+    assert CalmConfig.from_preset("cpu").value_skip_windows == 4
 
 
 def test_evaluate_forecasting_scores_sessions_of_different_sizes():

@@ -19,7 +19,9 @@ VOCAB = 16
 
 
 def tiny_config(**overrides) -> CalmConfig:
-    return CalmConfig.from_preset("tiny", hidden_dropout=0.0, **overrides)
+    # the backbone and head on codes alone: the preset's raw-trace highway (which needs the traces at every call)
+    # is tested in test_forecasting_direct.py and end to end through the main job and the pipeline
+    return CalmConfig.from_preset("tiny", **{"hidden_dropout": 0.0, "value_skip_windows": 0, **overrides})
 
 
 def make_model(seed: int = 0, **overrides) -> CalmForCausalNeuralModeling:

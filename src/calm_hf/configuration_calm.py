@@ -307,8 +307,12 @@ class CalmConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "CalmConfig":
         """Builds a config from the model part of preset `name` ("tiny", "cpu", "paper"; the table is in
-        `calm_hf.presets`), with fields overridden by `overrides`."""
-        return cls(**{**preset_fields(name, "model"), **overrides})
+        `calm_hf.presets`), with fields overridden by `overrides`. Turning the preset's forecast head off
+        (`value_head_steps=0`) also turns off its raw-trace highway, which only adds to that head."""
+        fields = {**preset_fields(name, "model"), **overrides}
+        if overrides.get("value_head_steps") == 0 and "value_skip_windows" not in overrides:
+            fields["value_skip_windows"] = 0
+        return cls(**fields)
 
     def session_id(self, name: str) -> int:
         """Returns the session id recorded for `name` in `session_names`."""
