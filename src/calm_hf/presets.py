@@ -88,7 +88,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # the head also reads each neuron's own last 4 windows of raw trace (a linear highway, as LSTNet's AR
             # component): the backbone reads codes only, and on zebrafish's test trials the first forecast frame
             # was off by MSE 0.217 without it (0.043 with it; per-neuron AR 0.002). Zebrafish, 2-3 seeds each: test
-            # MSE 0.590 / 0.594 vs 0.601-0.622, validation r about equal (best 0.192 / 0.221 vs 0.204-0.213); sim
+            # MSE 0.590 / 0.581 vs 0.601-0.622, validation r about equal (best 0.192 / 0.221 vs 0.204-0.213); sim
             # 0.444 vs 0.442 in a paired 6-minute run (benchmarks/results/value_skip/)
             "value_skip_windows": 4,
             # measured at this budget: dropout, scheduled sampling and neighbour replacement cost next-token CE and
