@@ -144,8 +144,8 @@ def default_num_threads() -> int:
     core that is free now (cores minus the cores other processes keep busy over 0.2 s, from /proc/stat; where that
     is not available, minus the 1-minute load average; at least 1).
 
-    Why: on an idle 2-core machine the second thread speeds a cpu-preset training step up 1.88x and a direct forecast
-    1.89x (`benchmarks/results/threads.md`), but with one more runnable thread than free cores PyTorch's OpenMP
+    Why: on an idle 2-core machine the second thread speeds a cpu-preset training step up 1.83x and a direct forecast
+    1.86x (`benchmarks/results/threads.md`), but with one more runnable thread than free cores PyTorch's OpenMP
     workers spin-wait and a step was measured 10-40x SLOWER (2 threads on a shared 2-core box: 1.4 s vs 33 ms).
     """
     for name in ("CALM_NUM_THREADS", "OMP_NUM_THREADS"):
