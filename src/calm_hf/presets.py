@@ -14,7 +14,8 @@ Only the fields that differ from the configs' defaults (the paper's sizes) are l
 Since issue 9 the cpu and paper DATs carry the continuous forecast head and the linear neuron mixer (the two changes
 that made the model use the population; see `CalmConfig`), and the cpu tokenizer trains a plain VQ-VAE objective
 (the paper's AR, entropy, orthogonality and Pearson terms cost held-out reconstruction at this size; the paper preset
-keeps them).
+keeps them). The cpu and tiny DATs' head also reads each neuron's own last windows of raw trace (`value_skip_windows`,
+a linear highway): the codes lose the exact level of the last context window, which cost the first forecast frames.
 
 This module is stdlib-only: `save_pretrained` copies it next to the configuration files (they import it), so remote
 code keeps working without calm_hf.
