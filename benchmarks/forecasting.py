@@ -442,21 +442,11 @@ def time_budget(max_seconds: float, record: dict):
 
 
 def seconds_per_step(model, batch: dict, steps: int = 2) -> float:
-    """Measured wall time of one AdamW training step (after one warm-up step); used to plan step counts."""
-    import torch
+    """Measured wall time of one AdamW training step in fp32 (median of `steps` after one warm-up step); used to plan
+    step counts."""
+    from calm_hf.hardware import training_step_seconds
 
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    times = []
-    for step in range(steps + 1):
-        start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step:
-            times.append(time.perf_counter() - start)
-    return float(np.mean(times))
+    return training_step_seconds(model, batch, bf16=False, repeats=steps, warmup=1)
 
 
 def plan_steps(planned_steps: int, step_seconds: float, budget_s: float) -> int:

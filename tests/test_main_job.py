@@ -251,6 +251,9 @@ def test_dtype_decision_is_kept_for_a_resumed_job(monkeypatch, tmp_path):
     assert main_command.choose_dtypes(args, recipe, tmp_path) == first and len(calls) == 2
     args.bf16 = "false"  # another choice is decided afresh
     assert main_command.choose_dtypes(args, recipe, tmp_path)["pretrain_bf16"] is False
+    args.bf16 = "auto"  # and so is another recipe (another model or batch has another step time)
+    assert main_command.choose_dtypes(args, {**recipe, "pretrain_batch": 8}, tmp_path)["pretrain_bf16"] is False
+    assert len(calls) == 4
 
 
 def test_pretraining_budget_plans_epochs_from_the_timed_step(monkeypatch, tmp_path):

@@ -48,6 +48,7 @@ logger = logging.getLogger("calm_hf.main")
 PRETRAIN_MINUTES = 13.0
 PRETRAIN_EPOCHS_CAP = 18.0
 STEP_TIME_MARGIN = 1.1  # the trainer's real step (collation, logging, checkpoints) vs the timed bare step: 0.50 vs 0.48 s
+PLAN_FILE = "job_plan.json"  # the dtype decision, the timed steps and the pretraining schedule of a work folder
 
 RECIPES = {
     # The tokenizer trains on whole trials (tokenizer_segment_frames = num_steps): it is used on whole trials, and
@@ -243,7 +244,7 @@ def planned_pretrain_epochs(args: MainArguments, recipe: dict, work: Path, token
     minutes = recipe.get("pretrain_minutes")
     if not minutes:
         return recipe["pretrain_epochs"], {"budget_minutes": None, "epochs": recipe["pretrain_epochs"]}
-    record = work / "dtypes.json"
+    record = work / PLAN_FILE
     saved = json.loads(record.read_text()) if record.exists() else {}
     key = {"minutes": minutes, "max_epochs": recipe["pretrain_epochs"], "batch": recipe["pretrain_batch"],
            "bf16": args.dtypes["pretrain_bf16"], "tokenized": tokenized.key}
@@ -274,15 +275,17 @@ def choose_dtypes(args: MainArguments, recipe: dict, work: Path) -> dict:
     """bf16 autocast on or off for the tokenizer stages and for pretraining + evaluation. `--bf16 auto` times each
     stage's own training step both ways on the CPU (`calm_hf.hardware.bf16_training_speedup`): a fast bf16 matmul
     does not make this small model's step faster (AMX Xeon: 0.41 s bf16 vs 0.25 s fp32). The decision is written
-    to the work folder and reused when the job resumes, so a noisy re-measurement cannot retrain finished stages."""
+    to the work folder (PLAN_FILE) and reused when the job resumes with the same recipe, so a noisy re-measurement
+    cannot retrain finished stages."""
     from ..hardware import resolve_bf16
 
-    record = work / "dtypes.json"
+    record = work / PLAN_FILE
     on_cpu = args.use_cpu or not accelerator_available()
     choice = args.bf16 if isinstance(args.bf16, str) else str(args.bf16).lower()
     if record.exists():
         saved = json.loads(record.read_text())
-        if saved.get("choice") == choice:
+        # reused only for the same recipe: another model or batch has another step time
+        if saved.get("choice") == choice and saved.get("recipe") == recipe:
             logger.info("bf16 autocast as decided when this job started (%s): tokenizer %s, pretraining %s", record,
                         saved["tokenizer_bf16"], saved["pretrain_bf16"])
             return saved
@@ -297,6 +300,7 @@ def choose_dtypes(args: MainArguments, recipe: dict, work: Path) -> dict:
 
     decided = {
         "choice": choice,
+        "recipe": recipe,
         "tokenizer_bf16": resolve_bf16(choice, device, timed("tokenizer_step", tokenizer_step_speedup),
                                        name="the tokenizer"),
         "pretrain_bf16": resolve_bf16(choice, device, timed("pretrain_step", pretrain_step_speedup),
