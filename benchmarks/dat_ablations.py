@@ -71,6 +71,12 @@ ROWS: dict[str, tuple[str, dict, dict]] = {
                                           "the head (config.value_skip_windows=4)",
                                           {"value_head_steps": 15, "neuron_mixer_rank": 64, "value_skip_windows": 4},
                                           {"neurons": 64, "identity_init": True}),
+    "head_mixer_subset64_coupling_skip_ridge": ("+ the highway started at the training trials' ridge forecast from a "
+                                                "neuron's own last 16 frames, head output at zero "
+                                                "(calm_hf.identity_init.init_value_skip_from_dataset)",
+                                                {"value_head_steps": 15, "neuron_mixer_rank": 64,
+                                                 "value_skip_windows": 4},
+                                                {"neurons": 64, "identity_init": True, "value_skip_init": True}),
     # learning curves of the shipped recipe at two sizes (run with a long --minutes, e.g. 40-60)
     "curve_cpu": ("learning curve: the cpu preset (hidden 96, 3 layers), 64 neurons per example",
                   {"value_head_steps": 15, "neuron_mixer_rank": 64}, {"neurons": 64}),
@@ -172,6 +178,10 @@ class Row:
             train, train_s = data["train"], data["train_session"]
             init_identity_embeddings(self.model, [(train[train_s == s], s * self.num_neurons + np.arange(self.num_neurons))
                                                   for s in np.unique(train_s)])
+        if training.get("value_skip_init"):  # calm pretrain's --value_skip_init ridge
+            from calm_hf.identity_init import init_value_skip
+
+            init_value_skip(self.model, list(data["train"]))
 
     def identity(self, sessions: np.ndarray, neuron_index: torch.Tensor | None = None):
         session_ids = torch.as_tensor(sessions, dtype=torch.long)

@@ -85,6 +85,8 @@ RESULTS = REPO / "benchmarks" / "results"
 CONTEXT_FRAMES = 40
 MODEL_RATE = 5.0
 ALL_DATASETS = ("sim", "zebrafish", "heldout", "park")
+# `calm pretrain`'s data-derived starts, spelled out so a change of the command's defaults re-runs the stage
+PRETRAIN_INIT = {"identity_init": "coupling", "value_skip_init": "ridge"}
 CALM_MODES = ("direct", "greedy", "mean", "soft", "sample")
 RIDGE_LAGS = (1, 2, 4, 8)  # the baselines' own default grids, cut to the dataset's context
 PER_NEURON_LAGS = (1, 2, 4, 8, 16)
@@ -526,8 +528,9 @@ def tokenize_stage(work: Path, trials_dir: Path, tokenizer_dir: Path) -> Path:
 
 
 def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, size: dict, budget_s: float, seed: int,
-                   overrides: dict | None = None, context: int = CONTEXT_FRAMES) -> dict:
-    """Pretrain the DAT with `calm pretrain` within `budget_s` (reused when finished). Returns stage info."""
+                   overrides: dict | None = None, context: int = CONTEXT_FRAMES, steps: int | None = None) -> dict:
+    """Pretrain the DAT with `calm pretrain` within `budget_s` (reused when finished). Returns stage info. `steps`:
+    train exactly that many steps, the budget raised to fit them at the measured step time."""
     import datasets
 
     from calm_hf import CalmTokenizer
@@ -540,7 +543,8 @@ def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, si
     stage = run_all.Stage(stage_dir, {"tokenized": str(tokenized_dir), "tokenized_version": fingerprint(tokenized_dir),
                                       "tokenizer": str(tokenizer_dir), **cfg,
                                       "preset_config": CALM_PRESETS.get(cfg["preset"]),
-                                      "overrides": overrides, "budget_s": budget_s, "seed": seed})
+                                      "overrides": overrides, "budget_s": budget_s, "seed": seed,
+                                      "init": PRETRAIN_INIT, **({"steps": steps} if steps else {})})
     info: dict[str, Any] = {"budget_seconds": budget_s, "config_overrides": overrides, **cfg}
     script = command("pretrain")
 
@@ -561,7 +565,11 @@ def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, si
         step_s = seconds_per_step(model, batch)
         planned = max(math.ceil(cfg["epochs"] * math.ceil(len(corpus["train"]) / cfg["batch"])),
                       int(cfg.get("min_steps", 0)))
-        max_steps = plan_steps(planned, step_s, budget_s)
+        budget = budget_s
+        if steps:  # a fixed step count: the cap only guards against a step far slower than measured
+            planned, budget = int(steps), max(budget_s, 1.5 * steps * step_s)
+            info["budget_seconds"] = budget
+        max_steps = plan_steps(planned, step_s, budget)
         info.update(seconds_per_step=step_s, planned_steps=planned, max_steps=max_steps,
                     parameters=int(model.num_parameters()))
         del model
@@ -569,6 +577,8 @@ def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, si
         argv = ["--tokenized_dataset", str(tokenized_dir), "--tokenizer_path", str(tokenizer_dir),
                 "--preset", cfg["preset"], "--max_neurons", str(cfg["max_neurons"]),
                 "--forecast_eval_trials", str(eval_trials if eval_steps else 0), "--context_frames", str(context)]
+        for name, value in PRETRAIN_INIT.items():
+            argv += [f"--{name}", value]
         if overrides:
             argv += ["--config_overrides", json.dumps(overrides)]
         flags = trainer_flags(stage.path, cfg["epochs"], cfg["batch"], cfg["lr"], seed, max_steps,
@@ -580,7 +590,7 @@ def pretrain_stage(stage_dir: Path, tokenized_dir: Path, tokenizer_dir: Path, si
                       "--load_best_model_at_end", "True", "--metric_for_best_model", "forecast_pearson_r",
                       "--greater_is_better", "True"]
         with PeakMemory() as memory:
-            script.run(argv + flags, callbacks=[time_budget(budget_s, info), validation_recorder(info)])
+            script.run(argv + flags, callbacks=[time_budget(budget, info), validation_recorder(info)])
         info["peak_memory_mb"] = memory.peak_delta_mb
         return {"info": info}
 
@@ -1018,13 +1028,27 @@ def heldout_pretrain_budget(budget_s: float, num_sessions: int, corpus: dict) ->
     """Seconds for the held-out protocol's pretraining: one budget per pretraining session, or, when the sim CalM is
     a reused run that trained longer, that run's pretraining time (the held-out model then gets the same schedule
     as the sim model it is compared with; its 10-minute pretraining scored 0.335 where the same session seen in the
-    23-minute pretraining scored 0.362)."""
+    23-minute pretraining scored 0.362). `heldout_pretrain_steps` makes it the same number of steps too."""
     seconds = budget_s * num_sessions
     if corpus.get("pretrain") is not None:
         reused = reused_calm_info(corpus["pretrain"].parent, "pretrain").get("seconds")
         if reused:
             seconds = max(seconds, float(reused))
     return seconds
+
+
+def heldout_pretrain_steps(corpus: dict) -> int | None:
+    """Optimizer steps of a reused sim CalM's pretraining (from its trainer metrics), or None. The held-out model
+    trains that many steps, whatever this run's thread count: the main job pretrains on two threads, the benchmark
+    usually on one, and the same seconds would give it fewer steps."""
+    if corpus.get("pretrain") is None:
+        return None
+    marker = corpus["pretrain"] / ".calm_stage.json"
+    if not marker.is_file():
+        return None
+    metrics = json.loads(marker.read_text()).get("metrics") or {}
+    runtime, rate = metrics.get("train_runtime"), metrics.get("train_steps_per_second")
+    return int(round(float(runtime) * float(rate))) if runtime and rate else None
 
 
 def _sum_seconds(*infos: dict) -> float | None:
@@ -1082,7 +1106,8 @@ def run_heldout(args, size, work, budget_s, models, corpus, sim_fits: dict | Non
         run_all.run_stage(split_stage, "heldout_split", split_sessions, {})
         log(f"heldout: pretraining on {[i.name for i in pretrain_infos]}")
         pre_info = pretrain_stage(heldout_work / "pretrain", pre_dir, corpus["tokenizer"], calm_size(size, corpus),
-                                  heldout_pretrain_budget(budget_s, len(pretrain_infos), corpus), args.seed)
+                                  heldout_pretrain_budget(budget_s, len(pretrain_infos), corpus), args.seed,
+                                  steps=heldout_pretrain_steps(corpus))
         adapt_info = adapt_stage(heldout_work, own_dir, held.name, size, budget_s * size["adapt"].get("budgets", 1),
                                  args.seed, pre_info)
         adapted = CalmForCausalNeuralModeling.from_pretrained(heldout_work / "adapted")

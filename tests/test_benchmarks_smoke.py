@@ -250,6 +250,12 @@ def test_heldout_pretraining_matches_a_reused_main_job_run(tmp_path):
     assert bench.heldout_pretrain_budget(300.0, 2, corpus) == 1370.8  # the sim model's pretraining time
     assert bench.heldout_pretrain_budget(900.0, 2, corpus) == 1800.0  # never less than a budget per session
     assert bench.heldout_pretrain_budget(300.0, 2, {"pretrain": None}) == 600.0
+    # and as many steps, whatever the thread count: read from the run's trainer metrics
+    assert bench.heldout_pretrain_steps(corpus) is None  # this marker has none
+    (stage / ".calm_stage.json").write_text(json.dumps({"seconds": 760.0, "params": {"argv": argv}, "metrics": {
+        "train_runtime": 758.3, "train_steps_per_second": 3.628}}))
+    assert bench.heldout_pretrain_steps(corpus) == 2751
+    assert bench.heldout_pretrain_steps({"pretrain": None}) is None
 
 
 def test_bad_arguments_are_refused():

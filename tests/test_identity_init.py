@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from calm_hf import CalmConfig, CalmForCausalNeuralModeling
-from calm_hf.identity_init import coupling_factors, init_identity_embeddings, window_means
+from calm_hf.identity_init import (
+    coupling_factors,
+    fit_value_skip,
+    init_identity_embeddings,
+    init_value_skip_from_dataset,
+    window_means,
+)
 
 
 def coupled_trials(num_trials=60, neurons=12, frames=80, seed=0):
@@ -87,3 +93,52 @@ def test_adapting_rows_are_written_and_the_mixer_is_left_alone():
     assert not torch.allclose(written[:, :8], torch.zeros_like(written[:, :8]))
     state = model.state_dict()["model.neuron_embeddings.weight"]
     assert torch.equal(state[12:24], written.detach()), "saved checkpoints carry the written rows"
+
+
+def ar_trials(num_trials=40, neurons=6, frames=48, seed=0):
+    """Every neuron follows the same AR(1), x_t = 0.8 x_{t-1} + noise, with trials of two lengths."""
+    rng = np.random.default_rng(seed)
+    trials = []
+    for index in range(num_trials):
+        length = frames if index % 2 else frames - 8
+        x = np.zeros((neurons, length))
+        x[:, 0] = rng.normal(size=neurons)
+        for t in range(1, length):
+            x[:, t] = 0.8 * x[:, t - 1] + 0.6 * rng.normal(size=neurons)
+        trials.append(x.astype(np.float32))
+    return trials
+
+
+def test_fit_value_skip_recovers_a_shared_linear_forecast():
+    weight, bias = fit_value_skip(ar_trials(), window_size=4, lookback_windows=2, horizon_windows=3)
+    assert weight.shape == (12, 8) and bias.shape == (12,)
+    # the forecast k + 1 frames ahead of an AR(1) reads the last frame only, with weight 0.8 ** (k + 1)
+    np.testing.assert_allclose(weight[:, -1], 0.8 ** np.arange(1, 13), atol=0.06)
+    assert np.abs(weight[:, :-1]).max() < 0.08 and np.abs(bias).max() < 0.05
+    with pytest.raises(ValueError, match="NaN"):
+        fit_value_skip([np.full((2, 16), np.nan)], 4, 2, 3)
+    with pytest.raises(ValueError, match="nothing to fit"):
+        fit_value_skip([np.zeros((2, 3))], 4, 2, 3)
+
+
+def test_value_skip_init_makes_the_head_start_at_the_linear_forecast():
+    import datasets
+
+    trials = ar_trials(frames=32)
+    trials = [t for t in trials if t.shape[-1] == 32]
+    table = datasets.Dataset.from_dict({"input_values": [t.tolist() for t in trials]})
+    config = CalmConfig.from_preset("tiny", value_head_steps=3, value_skip_windows=2, num_neurons=6)
+    model = CalmForCausalNeuralModeling(config).eval()
+    init_value_skip_from_dataset(model, table)
+    weight, bias = fit_value_skip(trials, 4, 2, 3)
+    np.testing.assert_allclose(model.value_skip.weight.detach().numpy(), weight, atol=1e-6)
+    traces = torch.as_tensor(np.stack(trials[:2]))
+    ids = torch.randint(0, config.vocab_size, (2, 6, 8))
+    out = model(input_ids=ids, neuron_ids=torch.arange(6).expand(2, -1), session_ids=torch.zeros(2, dtype=torch.long),
+                value_inputs=traces)
+    # the head's own output starts at zero: the forecast from step 3 is the linear map of frames 8..15
+    expected = traces[:, :, 8:16] @ torch.as_tensor(weight).float().T + torch.as_tensor(bias).float()
+    torch.testing.assert_close(out.value_predictions[:, :, 3].float(), expected.float(), atol=1e-5, rtol=1e-5)
+    no_highway = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", value_head_steps=3, value_skip_windows=0))
+    with pytest.raises(ValueError, match="no raw-trace highway"):
+        init_value_skip_from_dataset(no_highway, table)

@@ -131,3 +131,9 @@ def test_training_stopped_inside_the_warmup_seeds_the_codebook_and_warns(caplog,
     assert int(model.training_step) == 3 and model.codebook_frozen()
     assert not torch.allclose(model.get_codebook(), random_codebook)  # k-means on the queued encoder outputs
     assert "inside the 50-step codebook warm-up" in caplog.text
+
+
+def test_pretrain_refuses_an_unknown_highway_init(tokenized, tmp_path):
+    with pytest.raises(ValueError, match="--value_skip_init must be 'ridge' or 'random'"):
+        pretrain_command.run(pretrain_args(tokenized, tmp_path / "bad", ["--value_skip_init", "zeros"]))
+    assert not (tmp_path / "bad" / "model.safetensors").exists()

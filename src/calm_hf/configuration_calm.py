@@ -128,7 +128,10 @@ class CalmConfig(PreTrainedConfig):
             component, as in LSTNet). The backbone reads codes only, so without it the head cannot see the exact last
             frames a per-neuron AR forecasts from (zebrafish, first forecast frame: MSE 0.27 vs 0.04 for repeating the
             last frame). Needs the traces behind the codes wherever the head is used (`value_inputs`; training passes
-            `value_labels`, which are those traces). 0 = off (checkpoints from before it load unchanged).
+            `value_labels`, which are those traces). `calm pretrain` starts it at the training trials' closed-form
+            ridge forecast, with the head's own output at zero (`calm_hf.identity_init.init_value_skip`), so the
+            backbone learns what the population adds to a linear forecast. 0 = off (checkpoints from before it load
+            unchanged).
         value_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the forecast head's MSE in the training loss.
         next_token_loss_weight (`float`, *optional*, defaults to 1.0):

@@ -16,6 +16,7 @@ that made the model use the population; see `CalmConfig`), and the cpu tokenizer
 (the paper's AR, entropy, orthogonality and Pearson terms cost held-out reconstruction at this size; the paper preset
 keeps them). The cpu and tiny DATs' head also reads each neuron's own last windows of raw trace (`value_skip_windows`,
 a linear highway): the codes lose the exact level of the last context window, which cost the first forecast frames.
+`calm pretrain` starts that highway at the training trials' ridge forecast (`--value_skip_init ridge`).
 
 This module is stdlib-only: `save_pretrained` copies it next to the configuration files (they import it), so remote
 code keeps working without calm_hf.
@@ -90,7 +91,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # component): the backbone reads codes only, and on zebrafish's test trials the first forecast frame
             # was off by MSE 0.217 without it (0.043 with it; per-neuron AR 0.002). Zebrafish, 2-3 seeds each: test
             # MSE 0.590 / 0.581 vs 0.601-0.622, validation r about equal (best 0.192 / 0.221 vs 0.204-0.213); sim
-            # 0.444 vs 0.442 in a paired 6-minute run (benchmarks/results/value_skip/)
+            # 0.444 vs 0.442 in a paired 6-minute run (benchmarks/results/value_skip/). `calm pretrain` starts it at
+            # the training trials' ridge forecast (calm_hf.identity_init.init_value_skip): zebrafish best validation
+            # r 0.236 / 0.205 / 0.225 (seeds 0-2) vs 0.192 / 0.221 from the random init, sim 0.444 either way
+            # (benchmarks/results/value_skip_ridge/)
             "value_skip_windows": 4,
             # measured at this budget: dropout, scheduled sampling and neighbour replacement cost next-token CE and
             # ~25% of the step time without raising forecast r (the paper preset keeps the paper's values)

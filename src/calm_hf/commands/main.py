@@ -360,7 +360,7 @@ def pretrain_stage(args: MainArguments, recipe: dict, work: Path, tokenizer: Sta
     epochs, args.pretrain_plan = planned_pretrain_epochs(args, recipe, work, tokenized)
     argv = ["--tokenized_dataset", str(tokenized.path), "--tokenizer_path", str(tokenizer.path),
             "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
-            "--forecast_eval_trials", "0", "--identity_init", "coupling"] + training_flags(
+            "--forecast_eval_trials", "0", "--identity_init", "coupling", "--value_skip_init", "ridge"] + training_flags(
         path, epochs, recipe["pretrain_batch"], recipe["pretrain_lr"], args.seed,
         args.dtypes["pretrain_bf16"], None,
         use_cpu=args.use_cpu)

@@ -27,7 +27,7 @@ from ..modeling_calm import CalmForCausalNeuralModeling
 from ..modeling_calm_tokenizer import CalmTokenizer
 from ..processing_calm import CalmTraceProcessor
 from ..trainer import CalmTrainer
-from ..identity_init import init_identity_from_dataset
+from ..identity_init import init_identity_from_dataset, init_value_skip_from_dataset
 from . import parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.pretrain")
@@ -48,6 +48,13 @@ class ModelArguments:
         metadata={"help": "Neuron embeddings of a fresh model: 'coupling' starts the neuron mixer at each session's "
                           "measured one-step coupling (calm_hf.identity_init; 2.7x fewer steps to the same "
                           "validation r), 'random' is the plain init."},
+    )
+    value_skip_init: str = field(
+        default="ridge",
+        metadata={"help": "Raw-trace highway of a fresh model with value_skip_windows > 0: 'ridge' starts it at the "
+                          "training trials' best linear forecast from each neuron's own recent trace (and the head's "
+                          "output at zero; calm_hf.identity_init.init_value_skip_from_dataset), 'random' is the "
+                          "plain init."},
     )
 
 
@@ -164,6 +171,11 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         report = init_identity_from_dataset(model, corpus["train"])
         logger.info("identity init from the training trials' coupling: rank %d, energy kept %s", report["rank"],
                     [round(s["energy_kept"], 2) for s in report["sessions"]])
+    if model_args.value_skip_init not in ("ridge", "random"):
+        raise ValueError(f"--value_skip_init must be 'ridge' or 'random', got {model_args.value_skip_init!r}.")
+    if model_args.value_skip_init == "ridge" and not model_args.init_from and model.value_skip is not None:
+        report = init_value_skip_from_dataset(model, corpus["train"])
+        logger.info("raw-trace highway started at the ridge forecast of %d training trials", report["trials"])
     model.generation_config = GenerationConfig(
         max_new_tokens=max(1, token_steps - data_args.context_frames // tokenizer.config.window_size),
         do_sample=False,
