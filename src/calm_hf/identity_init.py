@@ -168,9 +168,9 @@ def fit_value_skip(trials: Any, window_size: int, lookback_windows: int, horizon
     lookback, horizon = lookback_windows * window_size, horizon_windows * window_size
     # per-step sums: every frame offset k of the horizon is scored at the steps whose target frame exists, so its
     # normal equations add the steps' Gram matrices up to that step
-    grams: dict[int, np.ndarray] = defaultdict(lambda: np.zeros((lookback + 1, lookback + 1)))
-    cross: dict[int, np.ndarray] = defaultdict(lambda: np.zeros((lookback + 1, horizon)))
-    frames_seen: set[int] = set()
+    # keyed by (trial frames, step)
+    grams: dict[tuple[int, int], np.ndarray] = defaultdict(lambda: np.zeros((lookback + 1, lookback + 1)))
+    cross: dict[tuple[int, int], np.ndarray] = defaultdict(lambda: np.zeros((lookback + 1, horizon)))
     for trial in trials:
         trial = np.asarray(trial, dtype=np.float64)
         if trial.ndim != 2:
@@ -179,7 +179,6 @@ def fit_value_skip(trials: Any, window_size: int, lookback_windows: int, horizon
             raise ValueError("a training trial holds NaN/Inf values; clean the traces before fitting the highway.")
         steps = trial.shape[-1] // window_size
         frames = steps * window_size
-        frames_seen.add(frames)
         padded = np.concatenate([np.zeros((trial.shape[0], lookback - window_size)), trial[:, :frames],
                                  np.zeros((trial.shape[0], horizon))], axis=-1)
         for t in range(steps - 1):  # the last step has no target frame left
@@ -212,16 +211,22 @@ def init_value_skip(model: Any, trials: Any, ridge: float = 1e-3) -> dict:
     forecast from each neuron's own recent trace and the backbone learns what the population adds to it."""
     if getattr(model, "value_skip", None) is None:
         raise ValueError("the model has no raw-trace highway (config.value_skip_windows = 0): nothing to initialise.")
-    trials = list(trials)
     config = model.config
-    weight, bias = fit_value_skip(trials, config.window_size, config.value_skip_windows, config.value_head_steps,
-                                  ridge)
+    counted = {"trials": 0}
+
+    def counting(items):  # trials stream through the fit (a large recording never sits in memory at once)
+        for item in items:
+            counted["trials"] += 1
+            yield item
+
+    weight, bias = fit_value_skip(counting(trials), config.window_size, config.value_skip_windows,
+                                  config.value_head_steps, ridge)
     skip = model.value_skip
     skip.weight.copy_(torch.as_tensor(weight, dtype=skip.weight.dtype))
     skip.bias.copy_(torch.as_tensor(bias, dtype=skip.bias.dtype))
     model.value_head.weight.zero_()
     model.value_head.bias.zero_()
-    return {"trials": len(trials), "ridge": ridge}
+    return {"trials": counted["trials"], "ridge": ridge}
 
 
 def init_value_skip_from_dataset(model: Any, dataset: Any, ridge: float = 1e-3, max_trials: int = 2000) -> dict:
@@ -230,5 +235,5 @@ def init_value_skip_from_dataset(model: Any, dataset: Any, ridge: float = 1e-3, 
         raise ValueError("the model has no raw-trace highway (config.value_skip_windows = 0): nothing to initialise.")
     if "input_values" not in dataset.column_names:
         raise ValueError("the dataset lacks `input_values`; pass a trial dataset (calm_hf.data.build_trial_dataset).")
-    rows = dataset.select(range(min(len(dataset), max_trials))).with_format("numpy", columns=["input_values"])
-    return init_value_skip(model, (np.asarray(x, dtype=np.float32) for x in rows["input_values"]), ridge)
+    rows = dataset.select(range(min(len(dataset), max_trials))).select_columns(["input_values"]).with_format("numpy")
+    return init_value_skip(model, (np.asarray(row["input_values"], dtype=np.float32) for row in rows), ridge)
