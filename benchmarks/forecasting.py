@@ -28,8 +28,8 @@ Datasets
 - `sim`: the paper's simulated benchmark (3 sessions x 400 trials x 200 neurons x 100 frames at 5 Hz, seeds
   `seed..seed+2`). CalM: tokenizer + dual-axis transformer pretrained on all sessions' training trials. Baselines: one
   fit per session (they have neuron-specific weights), scores pooled with the session ids.
-- `heldout`: CalM pretrained on sim sessions 0-1 only (same tokenizer and tokens as `sim`; with `--calm_dir`, for at
-  least as long as that run pretrained), then only the new session's and neurons' embeddings are learned on session
+- `heldout`: CalM pretrained on sim sessions 0-1 only (same tokenizer and tokens as `sim`; with `--calm_dir`, for as
+  many steps as that run pretrained), then only the new session's and neurons' embeddings are learned on session
   2's training trials (`calm adapt`, 30 epochs in up to 3 budgets); scored on session 2's test trials. Baselines
   are trained on session 2's training trials directly (when `sim` runs in the same invocation these are the very fits
   of `sim`'s session 2, reused).
