@@ -181,7 +181,7 @@ class Row:
         if training.get("value_skip_init"):  # calm pretrain's --value_skip_init ridge
             from calm_hf.identity_init import init_value_skip
 
-            init_value_skip(self.model, list(data["train"]))
+            init_value_skip(self.model, data["train"])  # (trials, neurons, frames): one trial at a time
 
     def identity(self, sessions: np.ndarray, neuron_index: torch.Tensor | None = None):
         session_ids = torch.as_tensor(sessions, dtype=torch.long)

@@ -627,6 +627,10 @@ def reused_calm_info(calm_dir: Path, stage: str) -> dict:
     if marker.is_file():
         data = json.loads(marker.read_text())
         info.update(seconds=data.get("seconds"), params=data.get("params"))
+        metrics = data.get("metrics") or {}  # the trainer's: optimizer steps = runtime x steps per second
+        runtime, rate = metrics.get("train_runtime"), metrics.get("train_steps_per_second")
+        if runtime and rate:
+            info["steps"] = int(round(float(runtime) * float(rate)))
     return info
 
 
@@ -1043,12 +1047,7 @@ def heldout_pretrain_steps(corpus: dict) -> int | None:
     usually on one, and the same seconds would give it fewer steps."""
     if corpus.get("pretrain") is None:
         return None
-    marker = corpus["pretrain"] / ".calm_stage.json"
-    if not marker.is_file():
-        return None
-    metrics = json.loads(marker.read_text()).get("metrics") or {}
-    runtime, rate = metrics.get("train_runtime"), metrics.get("train_steps_per_second")
-    return int(round(float(runtime) * float(rate))) if runtime and rate else None
+    return reused_calm_info(corpus["pretrain"].parent, "pretrain").get("steps")
 
 
 def _sum_seconds(*infos: dict) -> float | None:

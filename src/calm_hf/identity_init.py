@@ -166,9 +166,8 @@ def fit_value_skip(trials: Any, window_size: int, lookback_windows: int, horizon
         window_size,)`, the `nn.Linear` layout of `CalmForCausalNeuralModeling.value_skip`.
     """
     lookback, horizon = lookback_windows * window_size, horizon_windows * window_size
-    # per-step sums: every frame offset k of the horizon is scored at the steps whose target frame exists, so its
-    # normal equations add the steps' Gram matrices up to that step
-    # keyed by (trial frames, step)
+    # sums per (trial frames, step): every frame offset k of the horizon is scored at the steps whose target frame
+    # exists, so its normal equations add the Gram matrices of those steps
     grams: dict[tuple[int, int], np.ndarray] = defaultdict(lambda: np.zeros((lookback + 1, lookback + 1)))
     cross: dict[tuple[int, int], np.ndarray] = defaultdict(lambda: np.zeros((lookback + 1, horizon)))
     for trial in trials:
@@ -231,8 +230,6 @@ def init_value_skip(model: Any, trials: Any, ridge: float = 1e-3) -> dict:
 
 def init_value_skip_from_dataset(model: Any, dataset: Any, ridge: float = 1e-3, max_trials: int = 2000) -> dict:
     """`init_value_skip` from a trial dataset with `input_values` (the `train` split; its first `max_trials`)."""
-    if getattr(model, "value_skip", None) is None:
-        raise ValueError("the model has no raw-trace highway (config.value_skip_windows = 0): nothing to initialise.")
     if "input_values" not in dataset.column_names:
         raise ValueError("the dataset lacks `input_values`; pass a trial dataset (calm_hf.data.build_trial_dataset).")
     rows = dataset.select(range(min(len(dataset), max_trials))).select_columns(["input_values"]).with_format("numpy")
