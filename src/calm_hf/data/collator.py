@@ -76,19 +76,29 @@ class CalmDataCollator:
         with_values (`bool`, *optional*, defaults to `False`): also batch the rows' z-scored `input_values`
             `(neurons, frames)` as `value_labels` (same neuron subset, zero at padded neurons), the targets of the
             continuous forecast head (`CalmConfig.value_head_steps > 0`).
+        crop_to_shortest (`bool`, *optional*, defaults to `False`): rows of different lengths keep their first
+            `min` token steps instead of being refused (a corpus stream moving from one shard to the next).
+        window_size (`int`, *optional*, defaults to 4): frames per token step, to crop `input_values` alike.
+
+    Rows may also carry `neuron_identity` `(neurons, features)` (the data identity of a `CalmConfig` with
+    `neuron_identity="data"`): it is cut to the same neuron subset and zero-padded.
 
     Returns (on call) a dict of tensors:
         `input_ids` long `(batch, max_neurons_in_batch, token_steps)` (padding 0), `labels` the same with
         `label_pad` at padded neurons (the model shifts them), `neuron_ids` long `(batch, neurons)` (padding 0),
         `neuron_mask` bool `(batch, neurons)` (True = real), `session_ids` long `(batch,)`, and
-        `behavior_labels` float `(batch, channels, frames)` when rows carry `behavior`, and `value_labels` float
-        `(batch, neurons, frames)` with `with_values=True`.
+        `behavior_labels` float `(batch, channels, frames)` when rows carry `behavior`, `value_labels` float
+        `(batch, neurons, frames)` with `with_values=True`, and `neuron_identity` float `(batch, neurons, features)`
+        when rows carry it.
     """
 
-    def __init__(self, max_neurons: int | None = None, seed: int = 0, label_pad: int = -100, with_values: bool = False):
+    def __init__(self, max_neurons: int | None = None, seed: int = 0, label_pad: int = -100, with_values: bool = False,
+                 crop_to_shortest: bool = False, window_size: int = 4):
         self.sampler = _NeuronSampler(max_neurons, seed)
         self.label_pad = int(label_pad)
         self.with_values = bool(with_values)
+        self.crop_to_shortest = bool(crop_to_shortest)
+        self.window_size = int(window_size)
 
     @property
     def max_neurons(self) -> int | None:
@@ -98,9 +108,9 @@ class CalmDataCollator:
         """Draw new neuron subsets in a new epoch (Trainer: `CollatorEpochCallback`)."""
         self.sampler.epoch = int(epoch)
 
-    def _row(self, row: dict[str, Any], rng) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """One row's (codes `(neurons, steps)`, neuron ids `(neurons,)`, traces `(neurons, frames)` or None), checked
-        and cut to the neuron subset."""
+    def _row(self, row: dict[str, Any], rng) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """One row's (codes `(neurons, steps)`, neuron ids `(neurons,)`, traces `(neurons, frames)` or None, data
+        identity `(neurons, features)` or None), checked and cut to the neuron subset."""
         if "input_ids" not in row:
             raise ValueError(
                 f"Rows need 'input_ids' (neurons, token_steps); got keys {sorted(row)}. Tokenize the dataset "
@@ -128,11 +138,29 @@ class CalmDataCollator:
                     f"input_values {trace.shape} do not match input_ids {grid.shape}: expected (neurons, "
                     "token_steps * window_size) frames of the same trial."
                 )
+        identity = None
+        if row.get("neuron_identity") is not None:
+            identity = _as_array(row["neuron_identity"], "neuron_identity", 2).astype(np.float32)
+            if identity.shape[0] != grid.shape[0]:
+                raise ValueError(f"Row has {grid.shape[0]} neurons in input_ids but neuron_identity for "
+                                 f"{identity.shape[0]}; compute the identity for the row's neurons.")
         if self.max_neurons is not None and grid.shape[0] > self.max_neurons:
             keep = self.sampler.subset(rng, grid.shape[0], self.max_neurons)
             grid, neuron_ids = grid[keep], neuron_ids[keep]
             trace = None if trace is None else trace[keep]
-        return grid, neuron_ids, trace
+            identity = None if identity is None else identity[keep]
+        return grid, neuron_ids, trace, identity
+
+    def _common_length(self, grids: list[np.ndarray], values: list[np.ndarray]) -> tuple[list, list]:
+        """With `crop_to_shortest`, rows of different lengths (a stream crossing from one shard to the next) keep
+        their first `min` token steps (and frames); otherwise they are returned as they are."""
+        steps = {grid.shape[1] for grid in grids}
+        if not self.crop_to_shortest or len(steps) == 1:
+            return grids, values
+        shortest = min(steps)
+        grids = [grid[:, :shortest] for grid in grids]
+        values = [trace[:, : self.window_size * shortest] for trace in values]
+        return grids, values
 
     def _pad(self, grids: list[np.ndarray], ids: list[np.ndarray], sessions: list[int]) -> dict[str, torch.Tensor]:
         """Codes, labels, neuron ids and the neuron mask padded to the batch's largest population."""
@@ -161,11 +189,13 @@ class CalmDataCollator:
         if not features:
             raise ValueError("CalmDataCollator got an empty list of rows.")
         rng = self.sampler.next_rng(features)
-        grids, ids, sessions, behaviors, values = [], [], [], [], []
+        grids, ids, sessions, behaviors, values, identities = [], [], [], [], [], []
         for row in features:
-            grid, neuron_ids, trace = self._row(row, rng)
+            grid, neuron_ids, trace, identity = self._row(row, rng)
             if trace is not None:
                 values.append(trace)
+            if identity is not None:
+                identities.append(identity)
             grids.append(grid)
             ids.append(neuron_ids)
             session = row.get("session_id", 0)
@@ -174,7 +204,18 @@ class CalmDataCollator:
                 behaviors.append(_as_array(row["behavior"], "behavior", 2).astype(np.float32))
         if behaviors and len(behaviors) != len(features):
             raise ValueError("Some rows carry 'behavior' and others do not; batch rows of one kind only.")
+        if identities and len(identities) != len(features):
+            raise ValueError("Some rows carry 'neuron_identity' and others do not; batch rows of one kind only.")
+        grids, values = self._common_length(grids, values)
         batch = self._pad(grids, ids, sessions)
+        if identities:
+            width = {identity.shape[1] for identity in identities}
+            if len(width) != 1:
+                raise ValueError(f"Rows have neuron_identity of different widths {sorted(width)}.")
+            padded = torch.zeros(*batch["neuron_mask"].shape, width.pop())
+            for i, identity in enumerate(identities):
+                padded[i, : identity.shape[0]] = torch.from_numpy(identity)
+            batch["neuron_identity"] = padded
         if values:
             frames = {trace.shape[1] for trace in values}
             if len(frames) != 1:

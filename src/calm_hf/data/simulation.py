@@ -23,6 +23,20 @@ Choices the paper leaves open (documented here, all fields of `SimulationConfig`
   (1.0 dF/F-like unit). A frame's value is the kernel averaged over one frame (spike time uniform within its
   frame), computed exactly with two first-order IIR filters (no truncation). Before noise it is >= 0.
 
+Regimes beyond the paper's protocol (all off by default, so the default session is exactly the protocol above;
+`calm_hf.data.corpus` draws them per session to build a pretraining corpus):
+
+- low-rank structure in the connectivity, `W += connectivity_rank_gain * U U^T / N` (rank `connectivity_rank`),
+  which gives slow, shared population modes on top of the chaotic bulk;
+- shared external input: `shared_input_dims` Ornstein-Uhlenbeck signals (time constant `shared_input_tau_s`, std
+  `shared_input_std`) reaching every neuron through random loadings;
+- per-neuron firing-rate heterogeneity (log-normal, `rate_heterogeneity`);
+- a slow per-neuron baseline drift of the fluorescence (OU, `baseline_drift_std`, `baseline_drift_tau_s`), as
+  bleaching and neuropil changes give real recordings;
+- continuous recordings (`continuous=True`): trials are consecutive windows of a few long runs instead of
+  independent restarts, so the state and the calcium carry over from one trial to the next;
+- any native frame period `dt`: the number of Euler substeps follows from `tau` when `substeps` is 0.
+
 The whole session is vectorised over trials: 3 sessions x 400 trials x 200 neurons x 100 frames take a few
 seconds on one core.
 """
@@ -66,6 +80,18 @@ class SimulationConfig:
         task_amplitude (`float`, defaults to 1.5): drive added to `tau dr/dt` of the stimulated group.
         task_onset_step (`int`, defaults to 20): first frame of the stimulus window within the trial.
         task_duration_steps (`int`, defaults to 30): frames the stimulus lasts.
+        connectivity_rank (`int`, defaults to 0): rank R of a structured part of the connectivity, 0 = none.
+        connectivity_rank_gain (`float`, defaults to 0.0): its strength: `W += gain * U U^T / N`, `U ~ N(0, 1)` of
+            shape `(N, R)`; a gain near or above 1 gives slow shared modes.
+        shared_input_dims (`int`, defaults to 0): number of shared external inputs (OU processes), 0 = none.
+        shared_input_std (`float`, defaults to 0.0): stationary std of each shared input (units of r per tau).
+        shared_input_tau_s (`float`, defaults to 2.0): time constant of the shared inputs in seconds.
+        rate_heterogeneity (`float`, defaults to 0.0): std of the log of each neuron's maximum rate (0 = all equal).
+        baseline_drift_std (`float`, defaults to 0.0): stationary std of a slow per-neuron baseline drift added to the
+            calcium (units of one spike's peak).
+        baseline_drift_tau_s (`float`, defaults to 60.0): time constant of that drift in seconds.
+        continuous (`bool`, defaults to `False`): trials are consecutive windows of a few continuous runs (no restart
+            between trials) instead of independent trials with their own burn-in.
         seed (`int`, defaults to 0): session seed (recurrent matrix, readout, initial states, noise, spikes).
         name (`str`, *optional*): session name; defaults to `"sim-s{seed}"`.
 
@@ -99,21 +125,34 @@ class SimulationConfig:
     task_amplitude: float = 1.5
     task_onset_step: int = 20
     task_duration_steps: int = 30
+    connectivity_rank: int = 0
+    connectivity_rank_gain: float = 0.0
+    shared_input_dims: int = 0
+    shared_input_std: float = 0.0
+    shared_input_tau_s: float = 2.0
+    rate_heterogeneity: float = 0.0
+    baseline_drift_std: float = 0.0
+    baseline_drift_tau_s: float = 60.0
+    continuous: bool = False
     seed: int = 0
     name: str | None = None
 
     def __post_init__(self):
-        for key in ("num_neurons", "num_trials", "num_steps", "substeps"):
+        for key in ("num_neurons", "num_trials", "num_steps"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"SimulationConfig.{key} must be >= 1, got {getattr(self, key)}.")
-        for key in ("burn_in_steps", "num_behavior_channels"):
+        if int(self.substeps) < 0:
+            raise ValueError(f"SimulationConfig.substeps must be >= 1, or 0 to derive it from tau, got {self.substeps}.")
+        for key in ("burn_in_steps", "num_behavior_channels", "connectivity_rank", "shared_input_dims"):
             if int(getattr(self, key)) < 0:
                 raise ValueError(f"SimulationConfig.{key} must be >= 0, got {getattr(self, key)}.")
-        for key in ("dt", "tau", "max_rate_hz", "calcium_rise_s", "calcium_decay_s", "calcium_amplitude"):
+        for key in ("dt", "tau", "max_rate_hz", "calcium_rise_s", "calcium_decay_s", "calcium_amplitude",
+                    "shared_input_tau_s", "baseline_drift_tau_s"):
             value = float(getattr(self, key))
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"SimulationConfig.{key} must be a positive number, got {value}.")
-        for key in ("gain", "rnn_noise_std", "calcium_noise_std", "behavior_noise_std"):
+        for key in ("gain", "rnn_noise_std", "calcium_noise_std", "behavior_noise_std", "connectivity_rank_gain",
+                    "shared_input_std", "rate_heterogeneity", "baseline_drift_std"):
             value = float(getattr(self, key))
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"SimulationConfig.{key} must be >= 0, got {value}.")
@@ -141,6 +180,11 @@ class SimulationConfig:
     @property
     def fs(self) -> float:
         return 1.0 / self.dt
+
+    @property
+    def num_substeps(self) -> int:
+        """Euler substeps per frame: `substeps`, or (when 0) enough to keep each step at most a tenth of `tau`."""
+        return int(self.substeps) if self.substeps else max(1, math.ceil(10.0 * self.dt / self.tau))
 
 
 def _calcium_filters(config: SimulationConfig) -> list[tuple[float, float]]:
@@ -182,29 +226,95 @@ def _task_design(config: SimulationConfig) -> dict[str, np.ndarray]:
     return {"condition": condition, "groups": groups, "drive": drive}
 
 
-def _integrate_rate_rnn(config: SimulationConfig, weights_t: np.ndarray, task: dict | None,
+CONTINUOUS_RUNS = 8  # a continuous session is simulated as at most this many long runs (vectorised), cut into trials
+TRIALS_PER_RUN = 4  # and each run holds at least this many consecutive trials
+
+
+def _sequence_layout(config: SimulationConfig) -> tuple[int, int]:
+    """(sequences, frames per sequence after burn-in): one sequence per trial, or with `continuous` a few long runs
+    that hold consecutive trials."""
+    num_trials, num_steps = int(config.num_trials), int(config.num_steps)
+    if not config.continuous:
+        return num_trials, num_steps
+    runs = max(1, min(CONTINUOUS_RUNS, num_trials // TRIALS_PER_RUN))
+    return runs, math.ceil(num_trials / runs) * num_steps
+
+
+def _sequences_to_trials(array: np.ndarray, config: SimulationConfig) -> np.ndarray:
+    """`(sequences, channels, frames)` -> `(trials, channels, num_steps)`: a continuous run is cut into consecutive
+    trials (trial `run * per_run + j` is window j of run `run`); independent trials pass through."""
+    if not config.continuous:
+        return array
+    runs, channels, frames = array.shape
+    num_steps = int(config.num_steps)
+    per_run = frames // num_steps
+    trials = array.reshape(runs, channels, per_run, num_steps).transpose(0, 2, 1, 3).reshape(-1, channels, num_steps)
+    return np.ascontiguousarray(trials[: int(config.num_trials)])
+
+
+def _ornstein_uhlenbeck(rng: np.random.Generator, shape: tuple[int, ...], frames: int, dt: float, tau: float,
+                        std: float) -> np.ndarray:
+    """`(*shape, frames)` float32 stationary OU paths with time constant `tau` and std `std`, sampled every `dt`."""
+    pole = math.exp(-dt / tau)
+    innovations = rng.standard_normal((*shape, frames)).astype(np.float32) * np.float32(std * math.sqrt(1 - pole**2))
+    innovations[..., 0] = rng.standard_normal(shape).astype(np.float32) * np.float32(std)  # start in steady state
+    return signal.lfilter([1.0], [1.0, -pole], innovations, axis=-1).astype(np.float32)
+
+
+def _external_input(config: SimulationConfig, task: dict | None, rng: np.random.Generator | None,
+                    sequences: int, total_frames: int):
+    """`input(frame)`: the external drive `(sequences, neurons)` of one frame (task stimulus and shared inputs), or
+    None when there is none at that frame."""
+    burn_in, num_steps = int(config.burn_in_steps), int(config.num_steps)
+    shared = None
+    if rng is not None and config.shared_input_dims > 0 and config.shared_input_std > 0:
+        dims = int(config.shared_input_dims)
+        loadings = rng.standard_normal((int(config.num_neurons), dims)).astype(np.float32) / np.float32(math.sqrt(dims))
+        paths = _ornstein_uhlenbeck(rng, (sequences, dims), total_frames, config.dt, config.shared_input_tau_s,
+                                    config.shared_input_std)
+        shared = np.einsum("sdf,nd->fsn", paths, loadings)  # (frames, sequences, neurons)
+    per_run = None
+    if task is not None and config.continuous:
+        per_run = _sequence_layout(config)[1] // num_steps
+        trial_of = np.arange(sequences)[:, None] * per_run + np.arange(per_run)[None]  # (runs, trials per run)
+        trial_of = np.minimum(trial_of, int(config.num_trials) - 1)
+
+    def external(frame: int) -> np.ndarray | None:
+        drive = None
+        if task is not None:
+            offset = frame - burn_in
+            within = offset % num_steps if config.continuous else offset
+            if offset >= 0 and 0 <= within - config.task_onset_step < config.task_duration_steps:
+                # (sequences, neurons): the condition of the trial this frame belongs to drives its group
+                drive = task["drive"] if per_run is None else task["drive"][trial_of[:, offset // num_steps]]
+        if shared is not None:
+            drive = shared[frame] if drive is None else drive + shared[frame]
+        return drive
+
+    return external
+
+
+def _integrate_rate_rnn(config: SimulationConfig, weights_t: np.ndarray, external, sequences: int, total_frames: int,
                         rng_init: np.random.Generator, rng_noise: np.random.Generator) -> np.ndarray:
-    """tanh(r) of `tau dr/dt = -r + W tanh(r) + input + noise` for every trial, burn-in included:
-    `(trials, neurons, burn_in + num_steps)` float32. `weights_t` is W transposed (row-major update)."""
-    num_neurons, num_trials = int(config.num_neurons), int(config.num_trials)
-    burn_in = int(config.burn_in_steps)
-    total_frames = burn_in + int(config.num_steps)
-    h = config.dt / config.substeps
+    """tanh(r) of `tau dr/dt = -r + W tanh(r) + input + noise` for every sequence (a trial, or a continuous run),
+    burn-in included: `(sequences, neurons, total_frames)` float32. `weights_t` is W transposed (row-major update);
+    `external(frame)` gives the input of a frame."""
+    num_neurons = int(config.num_neurons)
+    substeps = config.num_substeps
+    h = config.dt / substeps
     decay = np.float32(h / config.tau)
     noise_scale = np.float32(config.rnn_noise_std * math.sqrt(config.dt / config.tau))
-    state = rng_init.standard_normal((num_trials, num_neurons), dtype=np.float32)  # (trials, neurons)
-    latents = np.empty((total_frames, num_trials, num_neurons), dtype=np.float32)
-    noise = np.empty((num_trials, num_neurons), dtype=np.float32)
+    state = rng_init.standard_normal((sequences, num_neurons), dtype=np.float32)  # (sequences, neurons)
+    latents = np.empty((total_frames, sequences, num_neurons), dtype=np.float32)
+    noise = np.empty((sequences, num_neurons), dtype=np.float32)
     for frame in range(total_frames):
-        stimulus = None
-        if task is not None and 0 <= frame - burn_in - config.task_onset_step < config.task_duration_steps:
-            stimulus = task["drive"]  # (trials, neurons): the trial's condition drives its group
+        stimulus = external(frame)
         if noise_scale > 0:  # one Wiener increment per frame (split-step), drift integrated in substeps
             rng_noise.standard_normal(out=noise, dtype=np.float32)
             noise *= noise_scale
             state += noise
-        for _ in range(config.substeps):
-            drive = np.tanh(state) @ weights_t  # (trials, neurons)
+        for _ in range(substeps):
+            drive = np.tanh(state) @ weights_t  # (sequences, neurons)
             drive -= state
             if stimulus is not None:
                 drive += stimulus
@@ -251,25 +361,42 @@ def simulate_session(config: SimulationConfig | None = None, **overrides: Any) -
     rng_weights, rng_init, rng_noise, rng_spikes, rng_calcium, rng_behavior = (
         np.random.default_rng(child) for child in np.random.SeedSequence(int(config.seed)).spawn(6)
     )
+    # the regimes beyond the paper's protocol draw from their own stream (spawn key 7), so the default session is
+    # unchanged by their existence
+    rng_regime = np.random.default_rng(np.random.SeedSequence(int(config.seed), spawn_key=(7,)))
 
     # (neurons, neurons): W ~ N(0, g^2/N); transposed once so the update is a row-major matmul
     recurrent_weights = (rng_weights.standard_normal((num_neurons, num_neurons)) * config.gain / math.sqrt(num_neurons))
+    if config.connectivity_rank > 0 and config.connectivity_rank_gain > 0:
+        modes = rng_regime.standard_normal((num_neurons, int(config.connectivity_rank)))
+        recurrent_weights = recurrent_weights + config.connectivity_rank_gain * (modes @ modes.T) / num_neurons
     recurrent_weights = recurrent_weights.astype(np.float32)
     weights_t = np.ascontiguousarray(recurrent_weights.T)
     task = _task_design(config) if config.task_fraction > 0 else None
 
-    latents = _integrate_rate_rnn(config, weights_t, task, rng_init, rng_noise)  # (trials, neurons, total_frames)
+    sequences, frames = _sequence_layout(config)
+    total_frames = burn_in + frames
+    external = _external_input(config, task, rng_regime, sequences, total_frames)
+    latents = _integrate_rate_rnn(config, weights_t, external, sequences, total_frames, rng_init, rng_noise)
 
-    rates_hz = (latents + 1.0) * (0.5 * config.max_rate_hz)
+    max_rate = config.max_rate_hz
+    if config.rate_heterogeneity > 0:  # log-normal per neuron, mean max_rate_hz
+        sigma = config.rate_heterogeneity
+        max_rate = max_rate * np.exp(sigma * rng_regime.standard_normal(num_neurons) - sigma**2 / 2)[None, :, None]
+    rates_hz = (latents + 1.0) * (0.5 * max_rate)
     spikes = rng_spikes.poisson(rates_hz * config.dt)
-    if spikes.max(initial=0) > 255:  # pragma: no cover - impossible at plausible rates
-        raise ValueError("More than 255 spikes in one frame; lower max_rate_hz or dt.")
+    if spikes.max(initial=0) > 255:
+        raise ValueError("More than 255 spikes in one frame; lower max_rate_hz, rate_heterogeneity or dt.")
     spikes = spikes.astype(np.uint8)
     calcium = spikes_to_calcium(spikes, config)[..., burn_in:]  # filtered over burn-in: continuous and stationary
     if config.calcium_noise_std > 0:
         calcium = calcium + config.calcium_noise_std * rng_calcium.standard_normal(calcium.shape)
-    latents = np.ascontiguousarray(latents[..., burn_in:])
-    spikes = np.ascontiguousarray(spikes[..., burn_in:])
+    if config.baseline_drift_std > 0:
+        calcium = calcium + _ornstein_uhlenbeck(rng_regime, (sequences, num_neurons), frames, config.dt,
+                                                config.baseline_drift_tau_s, config.baseline_drift_std)
+    calcium = _sequences_to_trials(calcium, config)
+    latents = _sequences_to_trials(np.ascontiguousarray(latents[..., burn_in:]), config)
+    spikes = _sequences_to_trials(np.ascontiguousarray(spikes[..., burn_in:]), config)
 
     behavior, behavior_names, behavior_weights = _behavior_readout(config, latents, rng_behavior)
 
