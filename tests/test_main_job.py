@@ -288,3 +288,41 @@ def test_pretraining_budget_plans_epochs_from_the_timed_step(monkeypatch, tmp_pa
     assert main_command.planned_pretrain_epochs(args, recipe, slow, stage)[0] == 1.0  # 0.11 fit: at least one
     args.pretrain_minutes = 0  # no budget: exactly the epochs asked for
     assert main_command.planned_pretrain_epochs(args, main_command.resolve_recipe(args), slow, stage)[0] == 18.0
+
+
+def test_a_crash_between_the_two_release_switches_is_completed_by_the_next_run(release, tmp_path, monkeypatch):
+    """The release switches as one: killed after `calm-base/` was replaced and before `calm-base-dataset/` was, the
+    folders disagree only until the next run, which completes the switch before anything else (before: the new model
+    stayed without run_summary.json beside the old dataset)."""
+    import shutil
+
+    from calm_hf import atomic
+    from calm_hf.publish import release_id_of
+
+    out, _ = release
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.partial"))
+    old = release_id_of(copy / "calm-base")
+    assert old is not None and release_id_of(copy / "calm-base-dataset") == old
+    real_replace = atomic.replace_folder
+
+    class Killed(BaseException):
+        pass
+
+    def killed_after_the_model(source, destination):
+        real_replace(source, destination)
+        raise Killed()
+
+    monkeypatch.setattr(atomic, "replace_folder", killed_after_the_model)
+    with pytest.raises(Killed):
+        main_command.run(["--size", "tiny", "--output_dir", str(copy), "--bf16", "false"])
+    monkeypatch.setattr(atomic, "replace_folder", real_replace)
+    new = release_id_of(copy / "calm-base")
+    assert new != old and release_id_of(copy / "calm-base-dataset") == old  # mid-switch
+    assert json.loads((copy / "calm-base" / "run_summary.json").read_text())["release_id"] == new
+    seen = {}
+    monkeypatch.setattr(main_command, "run_job", lambda args, recipe, out, work: seen.update(
+        model=release_id_of(out / "calm-base"), dataset=release_id_of(out / "calm-base-dataset")))
+    main_command.run(["--size", "tiny", "--output_dir", str(copy), "--bf16", "false"])
+    assert seen == {"model": new, "dataset": new}
+    assert not list(copy.glob("*.partial")) and not (copy / ".calm-base-work" / main_command.RELEASE_JOURNAL).exists()

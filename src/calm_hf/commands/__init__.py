@@ -15,6 +15,8 @@ Each module has `run(argv, ...)`, which returns what the stage produced (metrics
 callers such as the main job and the benchmarks, and `main(argv)`, which returns the exit code for the console.
 All of them read their flags with `parse_command_args`: `HfArgumentParser` dataclasses, `--snake_case` flags and
 `--config file.json` (or a lone `file.json`) holding the same fields, with flags on the command line overriding it.
+Every command that writes takes `OutputArguments` (`--overwrite`) and checks its output with
+`calm_hf.atomic.claim_output_folder` before doing any work.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 COMMANDS = {
@@ -38,6 +41,26 @@ COMMANDS = {
     "push": "push",
     "analyze": "analyze",
 }
+
+
+@dataclass
+class OutputArguments:
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Write even where the output folder (or file) is not empty and was not written by this "
+                          "command: replace it (training commands and analyze write into it instead, deleting "
+                          "nothing). Inputs, a folder holding them, the working directory and the home folder are "
+                          "never replaced."},
+    )
+
+
+def claim_training_output(command: str, training_args, output: OutputArguments, inputs: Iterable) -> None:
+    """`claim_output_folder` for a Trainer command: its `output_dir` receives checkpoints as training goes (so a run
+    resumes from its own folder); only the main process checks and marks it, so DDP ranks do not race."""
+    from ..atomic import claim_output_folder
+
+    if training_args.process_index == 0:
+        claim_output_folder(training_args.output_dir, command, inputs, output.overwrite, in_place=True)
 
 
 def _read_config(path: str) -> dict[str, Any]:

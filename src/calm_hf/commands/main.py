@@ -14,9 +14,14 @@ Each stage is the package's own command module (`calm_hf.commands.prepare`, `.tr
 Re-running reuses every finished stage (a stage is finished when its folder holds a `.calm_stage.json` written with
 the same parameters: its command's whole command line and the keys of the stages it reads) and resumes an
 interrupted training stage from its last *complete* Trainer checkpoint of the same parameters (a stage folder written
-with other parameters is removed with its checkpoints first). Data stages and the release folders are written to
-`.partial` and renamed into place; markers are written atomically; SIGTERM stops the job cleanly and stale
-`.partial` folders are removed on the next run (`calm_hf.commands.stages`).
+with other parameters is removed with its checkpoints first). Data stages are written to `.partial` and renamed into
+place; markers are written atomically; SIGTERM stops the job cleanly and stale `.partial` folders are removed on the
+next run (`calm_hf.commands.stages`).
+
+The release (`calm-base/` with its card and `run_summary.json`, and `calm-base-dataset/`) is staged whole and then
+switched as one through a journal in the work folder (`calm_hf.atomic.switch_folders`); a run killed during the
+switch is completed by the next run before anything else. Both folders carry the same release id. An existing
+`calm-base/` or `calm-base-dataset/` that the main job did not write is refused unless `--overwrite`.
 
 Model and tokenizer architecture come only from the named presets (`CalmConfig.from_preset`,
 `CalmTokenizerConfig.from_preset`); `RECIPES` holds what a run does with them (data size, epochs, batch, learning
@@ -35,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_text, partial_path, remove_stale_partials
-from . import parse_command_args, run_command
+from ..atomic import atomic_write_text, claim_output_folder, finish_switch, partial_path, remove_stale_partials
+from . import OutputArguments, parse_command_args, run_command
 from . import prepare, pretrain, tokenize, train_tokenizer
 from .stages import Stage, run_stage, stage_argv, terminate_cleanly
 
@@ -49,6 +54,7 @@ PRETRAIN_MINUTES = 13.0
 PRETRAIN_EPOCHS_CAP = 18.0
 STEP_TIME_MARGIN = 1.1  # the trainer's real step (collation, logging, checkpoints) vs the timed bare step: 0.50 vs 0.48 s
 PLAN_FILE = "job_plan.json"  # the dtype decision, the timed steps and the pretraining schedule of a work folder
+RELEASE_JOURNAL = "release_switch.json"  # the switch of the release folders in progress (see `run_job`)
 
 RECIPES = {
     # The tokenizer trains on whole trials (tokenizer_segment_frames = num_steps): it is used on whole trials, and
@@ -179,10 +185,17 @@ def training_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed:
 def run(argv: list[str] | None = None) -> dict:
     """Parse `argv` (see `MainArguments`), run every stage not finished yet, write the release folders and return the
     summary (metrics, timings, folders)."""
-    (args,) = parse_command_args((MainArguments,), argv, prog="calm main")
+    args, output = parse_command_args((MainArguments, OutputArguments), argv, prog="calm main")
     recipe = resolve_recipe(args)
     out = Path(args.output_dir).resolve()
     work = out / f".{args.model_name}-work"
+    # first complete a release switch a crash interrupted (its staged folders are `.partial`s the cleanup below removes)
+    finished = finish_switch(work / RELEASE_JOURNAL)
+    if finished is not None:
+        logger.info("completed the switch to release %s that the previous run was interrupted in",
+                    finished.get("release_id"))
+    for folder in release_folders(args, out):  # refused now rather than after the training stages
+        claim_output_folder(folder, "main", [work], overwrite=output.overwrite)
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -190,13 +203,18 @@ def run(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     # staging folders/files of a killed run are never read: remove them (the job's own names only)
     remove_stale_partials(work, max_depth=3)
-    for stale in (partial_path(out / args.model_name), partial_path(out / f"{args.model_name}-dataset"),
-                  partial_path(out / f"{args.model_name}.old"), partial_path(out / f"{args.model_name}-dataset.old")):
+    for stale in (*map(partial_path, release_folders(args, out)),
+                  *(partial_path(folder.with_name(folder.name + ".old")) for folder in release_folders(args, out))):
         if stale.exists():
             logger.info("removing %s left by an interrupted run", stale)
             shutil.rmtree(stale, ignore_errors=True)
     with terminate_cleanly():
         return run_job(args, recipe, out, work)
+
+
+def release_folders(args: MainArguments, out: Path) -> tuple[Path, Path]:
+    """(model folder, dataset folder) of the release: `calm-base/` and `calm-base-dataset/` under `--output_dir`."""
+    return out / args.model_name, out / f"{args.model_name}-dataset"
 
 
 def tokenizer_step_speedup(recipe: dict) -> dict:
@@ -376,8 +394,10 @@ def pretrain_stage(args: MainArguments, recipe: dict, work: Path, tokenizer: Sta
 
 def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
     """Every stage in order (each key covers all it depends on, so a change anywhere - seed, sizes, dtype, schedule -
-    re-runs it and everything downstream), then evaluation and the release folders."""
-    from ..publish import write_release
+    re-runs it and everything downstream), then evaluation and the release: both folders and `run_summary.json` are
+    staged, then switched as one (`calm_hf.atomic.switch_folders`, journal `RELEASE_JOURNAL` in the work folder)."""
+    from ..atomic import switch_folders
+    from ..publish import stage_release
 
     timings: dict[str, dict] = {}
     total_start = time.perf_counter()
@@ -387,11 +407,12 @@ def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
     pretrained = pretrain_stage(args, recipe, work, tokenizer, tokenized, timings)
     # 5. evaluate + 6. write the checkpoint
     start = time.perf_counter()
-    summary = write_release(
+    model_dir, dataset_dir = release_folders(args, out)
+    summary = stage_release(
         pretrain_dir=pretrained.path,
         tokenized_dir=tokenized.path,
-        model_dir=out / args.model_name,
-        dataset_dir=out / f"{args.model_name}-dataset",
+        model_dir=model_dir,
+        dataset_dir=dataset_dir,
         context_frames=args.context_frames,
         eval_trials=recipe["eval_trials"],
         forecast_samples=recipe["forecast_samples"],
@@ -407,11 +428,13 @@ def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
             "stage_seconds": {k: round(v["seconds"], 1) for k, v in timings.items()},
         },
     )
+    staged = summary.pop("staged")
     timings["evaluate_and_write"] = {"seconds": time.perf_counter() - start, "reused": False}
     summary["timings"] = timings
     summary["total_seconds"] = time.perf_counter() - total_start
-    atomic_write_text(out / args.model_name / "run_summary.json", json.dumps(summary, indent=2, default=str))
-    print_summary(summary, out / args.model_name)
+    atomic_write_text(partial_path(model_dir) / "run_summary.json", json.dumps(summary, indent=2, default=str))
+    switch_folders(work / RELEASE_JOURNAL, staged, release_id=summary["release_id"])
+    print_summary(summary, model_dir)
     return summary
 
 

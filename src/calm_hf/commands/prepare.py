@@ -18,10 +18,9 @@ training trials' statistics (kept in `calm_sessions.json` beside the dataset so 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 
+from ..atomic import claim_output_folder
 from ..data import (
     Recording,
     SessionTrials,
@@ -31,10 +30,10 @@ from ..data import (
     load_nwb_recording,
     load_suite2p_recording,
     prepare_session,
-    save_session_metadata,
+    save_trial_dataset,
     simulate_benchmark,
 )
-from . import parse_command_args, run_command
+from . import OutputArguments, parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.prepare_data")
 
@@ -121,7 +120,9 @@ def load_sessions(args: PrepareArguments) -> list[SessionTrials]:
 
 def run(argv: list[str] | None = None):
     """Parse `argv` (see `PrepareArguments`), write the trial DatasetDict and return it."""
-    (args,) = parse_command_args((PrepareArguments,), argv, prog="calm prepare")
+    args, output = parse_command_args((PrepareArguments, OutputArguments), argv, prog="calm prepare")
+    target = claim_output_folder(args.output_dir, "prepare", [*args.npz, *args.nwb, *args.suite2p, *args.caiman],
+                                 overwrite=output.overwrite)
     sessions = load_sessions(args)
     prepared = [
         prepare_session(
@@ -130,13 +131,8 @@ def run(argv: list[str] | None = None):
         for session in sessions
     ]
     corpus = build_trial_dataset(prepared)
-    # Write next to the target and rename: a failure never leaves a half-written dataset under output_dir.
-    partial = args.output_dir.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    corpus.save_to_disk(partial)
-    save_session_metadata(partial, prepared)
-    shutil.rmtree(args.output_dir, ignore_errors=True)
-    os.replace(partial, args.output_dir)
+    # written next to the target and renamed: a failure never leaves a half-written dataset under output_dir
+    save_trial_dataset(corpus, target, prepared, command="prepare")
     logger.info("wrote %s: %s", args.output_dir, {name: len(split) for name, split in corpus.items()})
     return corpus
 
