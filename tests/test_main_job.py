@@ -60,6 +60,13 @@ def test_model_card_carries_the_runs_numbers(release):
         assert "WORSE than a population ridge autoregression" in card.text
 
 
+def test_model_card_states_the_bf16_decision(release):
+    out, summary = release
+    card = (out / "calm-base" / "README.md").read_text()
+    assert "| bf16_autocast.tokenizer | off (--bf16 false) |" in card
+    assert "| bf16_autocast.pretraining | off (--bf16 false) |" in card
+
+
 def test_rerun_reuses_finished_stages(release):
     out, _ = release
     # staging folders as a killed (SIGKILL) run leaves them: never read, removed by the next run
@@ -240,6 +247,7 @@ def test_dtype_decision_is_kept_for_a_resumed_job(monkeypatch, tmp_path):
             return {"fp32_seconds": speedup, "bf16_seconds": 1.0, "speedup": speedup}
         return measure
 
+    monkeypatch.setenv("CALM_CACHE_DIR", str(tmp_path / "cache"))  # no per-machine record from another test
     monkeypatch.setattr(main_command, "accelerator_available", lambda: False)
     monkeypatch.setattr(main_command, "tokenizer_step_speedup", measured(0.5))
     monkeypatch.setattr(main_command, "pretrain_step_speedup", measured(2.0))

@@ -105,8 +105,11 @@ class MainArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the simulation, the splits and training."})
     bf16: str = field(
         default="auto",
-        metadata={"help": "bf16 autocast: auto (measured: each stage's own training step is timed in fp32 and bf16, "
-                          "and bf16 is used only where it is >= 1.2x faster), true, false."},
+        metadata={"help": "bf16 autocast: auto (measured: each stage's own training step is timed in fp32 and bf16 "
+                          "in interleaved rounds, and bf16 is used only where it is clearly faster; the decision is "
+                          "printed, written into the model card and recorded per machine in "
+                          "$CALM_CACHE_DIR/bf16_decisions.json (default ~/.cache/calm_hf), so the same recipe on the "
+                          "same machine decides the same; delete that file to measure again), true, false."},
     )
     use_cpu: bool = field(
         default=False, metadata={"help": "Train on the CPU even when an accelerator is present (default: accelerate's "
@@ -291,11 +294,12 @@ def planned_pretrain_epochs(args: MainArguments, recipe: dict, work: Path, token
 
 def choose_dtypes(args: MainArguments, recipe: dict, work: Path) -> dict:
     """bf16 autocast on or off for the tokenizer stages and for pretraining + evaluation. `--bf16 auto` times each
-    stage's own training step both ways on the CPU (`calm_hf.hardware.bf16_training_speedup`): a fast bf16 matmul
-    does not make this small model's step faster (AMX Xeon: 0.41 s bf16 vs 0.25 s fp32). The decision is written
-    to the work folder (PLAN_FILE) and reused when the job resumes with the same recipe, so a noisy re-measurement
-    cannot retrain finished stages."""
-    from ..hardware import resolve_bf16
+    stage's own training step both ways on the CPU (`calm_hf.hardware.bf16_decision`): a fast bf16 matmul does not
+    make this small model's step faster (AMX Xeon: 0.41 s bf16 vs 0.25 s fp32). The decision is written to the work
+    folder (PLAN_FILE) and reused when the job resumes with the same recipe, so a noisy re-measurement cannot retrain
+    finished stages; it is also recorded per machine, so a fresh job with the same recipe decides the same. The
+    reasons are printed and go into the model card."""
+    from ..hardware import bf16_decision
 
     record = work / PLAN_FILE
     on_cpu = args.use_cpu or not accelerator_available()
@@ -304,29 +308,27 @@ def choose_dtypes(args: MainArguments, recipe: dict, work: Path) -> dict:
         saved = json.loads(record.read_text())
         # reused only for the same recipe: another model or batch has another step time
         if saved.get("choice") == choice and saved.get("recipe") == recipe:
-            logger.info("bf16 autocast as decided when this job started (%s): tokenizer %s, pretraining %s", record,
-                        saved["tokenizer_bf16"], saved["pretrain_bf16"])
+            logger.info("bf16 autocast as decided when this job started (%s)", record)
+            print_dtypes(saved)
             return saved
     device = "cpu" if on_cpu else "cuda"
-    timings: dict = {}
-
-    def timed(name: str, measure):
-        def run():
-            timings[name] = measure(recipe)
-            return timings[name]
-        return run
-
-    decided = {
-        "choice": choice,
-        "recipe": recipe,
-        "tokenizer_bf16": resolve_bf16(choice, device, timed("tokenizer_step", tokenizer_step_speedup),
-                                       name="the tokenizer"),
-        "pretrain_bf16": resolve_bf16(choice, device, timed("pretrain_step", pretrain_step_speedup),
-                                      name="pretraining"),
-        **timings,  # kept: the pretraining budget plans its epochs from the same timed step
-    }
+    decided: dict = {"choice": choice, "recipe": recipe, "reasons": {}}
+    for stage, label, measure in (("tokenizer", "tokenizer", tokenizer_step_speedup),
+                                  ("pretrain", "pretraining", pretrain_step_speedup)):
+        decision = bf16_decision(choice, device, lambda measure=measure: measure(recipe), name=label,
+                                 record_key={"recipe": recipe})
+        decided[f"{stage}_bf16"] = decision["bf16"]
+        decided["reasons"][label] = decision["reason"]
+        if decision["measured"] is not None:  # kept: the pretraining budget plans its epochs from the same timed step
+            decided[f"{stage}_step"] = decision["measured"]
     atomic_write_text(record, json.dumps(decided, indent=2))
+    print_dtypes(decided)
     return decided
+
+
+def print_dtypes(decided: dict) -> None:
+    for label, reason in (decided.get("reasons") or {}).items():
+        print(f"bf16 autocast for {label}: {reason}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,6 +427,7 @@ def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
             "tokenizer_training": tokenizer.params,
             "pretraining": pretrained.params,
             "pretraining_budget": {k: v for k, v in args.pretrain_plan.items() if k != "key"},
+            "bf16_autocast": args.dtypes.get("reasons", {}),
             "stage_seconds": {k: round(v["seconds"], 1) for k, v in timings.items()},
         },
     )

@@ -13,11 +13,15 @@ length and may not exceed the gap between starts), else into consecutive `--tria
 
 Every session is resampled to the model rate, optionally EMA-smoothed, split 70/15/15 by trial and z-scored with its
 training trials' statistics (kept in `calm_sessions.json` beside the dataset so forecasts map back to input units).
+Trials cut closer together than their length (`--trial_stride_seconds` below `--trial_seconds`) overlap in time: they
+are split in contiguous time blocks separated by one trial length instead of at random, so no frame is in two splits;
+`calm_sessions.json` records which split each session got (`split_method`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from ..atomic import claim_output_folder
@@ -85,12 +89,26 @@ def load_recordings(args: PrepareArguments) -> list[Recording]:
     return recordings
 
 
+def _seconds_to_frames(seconds: float | None, flag: str, fs: float, name: str) -> int | None:
+    """Frames in `seconds` at `fs` Hz, with a clear error for a value that is not a positive duration."""
+    if seconds is None:
+        return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{flag} must be a positive number of seconds, got {seconds}.")
+    frames = int(round(seconds * fs))
+    if frames < 1:
+        raise ValueError(f"{flag} {seconds} is shorter than one frame of {name} at {fs:g} Hz; pass at least "
+                         f"{1 / fs:g} s.")
+    return frames
+
+
 def recording_to_session(recording: Recording, trial_seconds: float | None, stride_seconds: float | None = None):
     """The one Recording -> SessionTrials path: cut at trial starts when the recording has them, else in windows."""
-    length = None if trial_seconds is None else int(round(trial_seconds * recording.fs))
-    stride = None if stride_seconds is None else max(1, int(round(stride_seconds * recording.fs)))
-    if length is not None and length < 1:
-        raise ValueError(f"--trial_seconds {trial_seconds} is shorter than one frame at {recording.fs} Hz.")
+    length = _seconds_to_frames(trial_seconds, "--trial_seconds", recording.fs, recording.name)
+    stride = _seconds_to_frames(stride_seconds, "--trial_stride_seconds", recording.fs, recording.name)
+    if stride is not None and recording.trial_starts is not None:
+        raise ValueError(f"{recording.name} has its own trial starts, so --trial_stride_seconds does not apply; leave "
+                         "it out (it is for cutting continuous recordings).")
     if recording.trial_starts is None and length is None:
         raise ValueError(
             f"{recording.name} is a continuous recording ({recording.num_frames} frames = "

@@ -81,7 +81,8 @@ class Recording:
 
         With `trial_starts`, trials are cut at those starts (`trial_length` defaults to the shortest gap between
         starts); otherwise the recording is continuous and `cut_trials(traces, trial_length, stride)` is used
-        (`trial_length` required). `extras` are carried over (plus `trial_starts` when cut at them).
+        (`trial_length` required). `extras` are carried over, plus `trial_starts`, the first frame of each trial
+        (`prepare_session` splits trials that overlap in time by blocks, not at random).
         """
         behavior = None
         if self.trial_starts is not None:
@@ -117,6 +118,7 @@ class Recording:
             else:  # cut_trials returns a bare array without behaviour
                 traces = cut_trials(self.traces, trial_length, stride=stride)
             extras = dict(self.extras)
+            extras["trial_starts"] = np.arange(len(traces), dtype=np.int64) * int(stride or trial_length)
         return SessionTrials(
             name=self.name,
             traces=traces,
