@@ -350,8 +350,11 @@ def test_main_job_under_repeated_sigkill_always_leaves_a_whole_release(tmp_path)
     argv = ["--size", "tiny", "--output_dir", str(tmp_path), "--bf16", "false"]
     journal = tmp_path / ".calm-base-work" / main_command.RELEASE_JOURNAL
     log = tmp_path / "run.log"
-    ever, kills, kills_with_release, busy = None, 0, 0, 4.0  # busy: seconds the last whole run took
+    # busy: about how long a whole run takes here; it grows while every run is killed (a loaded machine), so runs
+    # eventually finish and the later kills hit the release switch
+    ever, kills, kills_with_release, busy = None, 0, 0, 4.0
     while kills < 20 or kills_with_release < 10:
+        assert kills < 80, "the job never finished between kills"
         process = context.Process(target=_main_job_child, args=(argv, str(log)))
         started = time.time()
         process.start()
@@ -361,9 +364,10 @@ def test_main_job_under_repeated_sigkill_always_leaves_a_whole_release(tmp_path)
             process.join()
             kills += 1
             kills_with_release += ever is not None
+            busy *= 1.2
         else:
             assert process.exitcode == 0, log.read_text()[-3000:]
-            busy = time.time() - started
+            busy = 1.1 * (time.time() - started)
         if journal.exists():  # killed during the switch: the folders it still has to move are all there
             record = json.loads(journal.read_text())
             assert all(Path(staged).is_dir() or Path(final).is_dir() for staged, final in record["moves"])
