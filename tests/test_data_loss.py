@@ -232,7 +232,8 @@ def staged_release(tmp_path, release_id):
 
 
 def release_ids(tmp_path):
-    return [(read_output_marker(tmp_path / name) or {}).get("release_id") for name in ("calm-base", "calm-base-dataset")]
+    return [(read_output_marker(tmp_path / name) or {}).get("release_id")
+            for name in ("calm-base", "calm-base-dataset")]
 
 
 def test_a_switch_interrupted_at_any_step_is_completed_by_finish_switch(tmp_path, monkeypatch):

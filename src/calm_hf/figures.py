@@ -42,7 +42,8 @@ def plot_forecast(path, context, forecast, sampling_rate: float, truth=None, low
     axes[-1, 0].set_xlabel("time from the end of the context (s)")
     figure.tight_layout()
     # a PNG says which command wrote it, so that command may replace it later (`claim_output_file`)
-    figure.savefig(path, dpi=120, metadata={"Software": software} if software and str(path).lower().endswith(".png") else None)
+    png = str(path).lower().endswith(".png")
+    figure.savefig(path, dpi=120, metadata={"Software": software} if software and png else None)
     plt.close(figure)
 
 

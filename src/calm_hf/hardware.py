@@ -159,7 +159,8 @@ def bf16_decision(choice: str | bool | None, device: str = "cpu", workload: Call
         and `recorded` (when the reused record was made, or None).
     """
     if isinstance(choice, bool):
-        return {"bf16": choice, "reason": f"{'on' if choice else 'off'} (asked for)", "measured": None, "recorded": None}
+        return {"bf16": choice, "reason": f"{'on' if choice else 'off'} (asked for)", "measured": None,
+                "recorded": None}
     value = (choice or "auto").strip().lower()
     if value in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         use = value in ("1", "true", "yes", "on")

@@ -126,7 +126,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
     args, training_args, output = parse_command_args((AdaptArguments, TrainingArguments, OutputArguments), argv,
                                                      prog="calm adapt")
-    claim_training_output("adapt", training_args, output, [args.model_path, args.tokenized_dataset, args.tokenizer_path])
+    claim_training_output("adapt", training_args, output,
+                          [args.model_path, args.tokenized_dataset, args.tokenizer_path])
     training_args.remove_unused_columns = False
     # Weight decay would shrink frozen rows of the shared tables; only the new rows may move.
     training_args.weight_decay = 0.0
