@@ -131,10 +131,35 @@ def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, pr
             if action.dest in values:
                 action.required = False
         parser.set_defaults(**values)
-    parsed = parser.parse_args_into_dataclasses(argv)[: len(dataclass_types)]  # without the --config namespace
+    *parsed, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if remaining:  # argparse's convention for bad flags: usage and exit code 2
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    parsed = parsed[: len(dataclass_types)]  # without the --config namespace
+    check_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     configure_torch_threads()
     return tuple(parsed)
+
+
+# environment variables the package reads, each a positive number; a typo would otherwise fail deep inside a forward
+# (a float() of the attention budget) or be ignored (the thread count)
+NUMERIC_ENVIRONMENT = {"CALM_EAGER_ATTENTION_MAX_GIB": ("number of GiB", float),
+                       "CALM_NUM_THREADS": ("whole number", int)}
+
+
+def check_environment() -> None:
+    """Refuse a set but unusable numeric `CALM_*` environment variable, naming it."""
+    for name, (kind, convert) in NUMERIC_ENVIRONMENT.items():
+        value = os.environ.get(name)
+        if value is None or value == "":
+            continue
+        try:
+            valid = convert(value) > 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(f"{name} must be a positive {kind}, got {value!r}; set it to one, or unset it for the "
+                             "default.")
 
 
 def run_command(name: str, run: Callable[[], Any]) -> int:

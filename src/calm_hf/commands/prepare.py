@@ -57,7 +57,7 @@ class PrepareArguments:
     )
     neuropil_coefficient: float = field(default=0.7, metadata={"help": "suite2p: F - coefficient * Fneu."})
     layout: str = field(
-        default="auto", metadata={"help": "npz: traces layout, auto, neurons_frames or frames_neurons."}
+        default="auto", metadata={"help": "npz and CaImAn: traces layout, auto, neurons_frames or frames_neurons."}
     )
     num_sessions: int = field(default=3, metadata={"help": "Simulated sessions (one recurrent matrix each)."})
     seed: int = field(default=0, metadata={"help": "Simulation seed (session i uses seed + i) and split seed."})
@@ -85,7 +85,7 @@ def load_recordings(args: PrepareArguments) -> list[Recording]:
     recordings += [load_nwb_recording(path, series=args.nwb_series, behavior_series=args.nwb_behavior or None)
                    for path in args.nwb]
     recordings += [load_suite2p_recording(path, neuropil_coefficient=args.neuropil_coefficient) for path in args.suite2p]
-    recordings += [load_caiman_recording(path) for path in args.caiman]
+    recordings += [load_caiman_recording(path, layout=args.layout) for path in args.caiman]
     return recordings
 
 
@@ -118,9 +118,17 @@ def recording_to_session(recording: Recording, trial_seconds: float | None, stri
     return recording.to_session(trial_length=length, stride=stride)
 
 
+def check_simulation_args(args: PrepareArguments) -> None:
+    """The simulation's sizes are whole positive counts (a split needs 3 trials, a token one window of frames)."""
+    for name, least in (("num_sessions", 1), ("num_neurons", 1), ("num_trials", 3), ("num_steps", args.window_size)):
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}.")
+
+
 def load_sessions(args: PrepareArguments) -> list[SessionTrials]:
     recordings = load_recordings(args)
     if not recordings:
+        check_simulation_args(args)
         from tqdm.auto import tqdm
 
         # one session per call (session i = seed + i, as simulate_benchmark names them) so a bar shows progress

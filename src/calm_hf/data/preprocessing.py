@@ -71,6 +71,9 @@ def resample(traces: Any, fs_in: float, fs_out: float, axis: int = -1, max_denom
     if array.ndim == 0 or array.size == 0:
         raise ValueError(f"resample needs a non-empty array with a time axis, got shape {array.shape}.")
     _check_finite_signal(array, "resample")
+    if array.shape[axis] < 2 and fs_in != fs_out:
+        raise ValueError(f"resample needs at least 2 frames along the time axis to change the rate, got shape "
+                         f"{array.shape}; a single frame has no rate to change.")
     dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32
     if fs_in == fs_out:
         return array.astype(dtype, copy=True)
@@ -121,13 +124,15 @@ class ZScoreStats:
     `transform` maps `(..., neurons, frames)` traces to `(x - mean) / std`; `inverse_transform` maps back to the
     original units (it accepts numpy arrays and torch tensors, so model outputs map back directly).
 
-    Std floor: a neuron whose fitted std is below `min_std` (default 1e-6, i.e. constant during training) gets
-    std 1.0: it is only centred, so a silent neuron becomes zeros instead of dividing by ~0.
+    Std floor: a neuron that is constant during training (its std at the rounding level of its mean) gets std 1.0:
+    it is only centred, so a silent neuron becomes zeros instead of dividing by ~0. Other stds are raised to at least
+    `min_std` times the median std of the varying neurons, a floor relative to the data's own scale, so traces in
+    units of 1e-8 are z-scored like traces in units of 1.
 
     Args:
         mean (`np.ndarray` of shape `(neurons,)`): per-neuron mean.
         std (`np.ndarray` of shape `(neurons,)`): per-neuron standard deviation (already floored).
-        min_std (`float`, *optional*, defaults to 1e-6): floor used by `fit`.
+        min_std (`float`, *optional*, defaults to 1e-6): relative floor used by `fit`.
     """
 
     mean: np.ndarray
@@ -155,7 +160,9 @@ class ZScoreStats:
             array = array[None]
         mean = array.mean(axis=(0, 2))
         std = array.std(axis=(0, 2))
-        std = np.where(std < min_std, 1.0, std)
+        varying = std > 1e-12 * np.maximum(np.abs(mean), np.finfo(np.float64).tiny)
+        scale = float(np.median(std[varying])) if varying.any() else 1.0
+        std = np.where(varying, np.maximum(std, min_std * scale), 1.0)
         return cls(mean=mean, std=std, min_std=min_std)
 
     def _broadcast(self, x: Any):
@@ -197,6 +204,17 @@ class ZScoreStats:
         return cls(mean=data["mean"], std=data["std"], min_std=data.get("min_std", 1e-6))
 
 
+def _whole_frames(value: Any, name: str) -> int:
+    """`value` as an int when it is a whole number of frames (2.0 is, 2.7 is not: truncating it cuts other trials)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number of frames, got {value!r}.") from None
+    if isinstance(value, (bool, np.bool_)) or not math.isfinite(number) or number != round(number):
+        raise ValueError(f"{name} must be a whole number of frames, got {value}.")
+    return int(round(number))
+
+
 def cut_trials(
     traces: Any,
     trial_length: int,
@@ -219,8 +237,8 @@ def cut_trials(
         `behavior_trials` `(trials, channels, trial_length)` when `behavior` is given.
     """
     array = check_traces(traces, name="traces", ndim=2)
-    trial_length = int(trial_length)
-    stride = trial_length if stride is None else int(stride)
+    trial_length = _whole_frames(trial_length, "trial_length")
+    stride = trial_length if stride is None else _whole_frames(stride, "stride")
     if trial_length < 1 or stride < 1:
         raise ValueError(f"trial_length and stride must be positive, got trial_length={trial_length}, stride={stride}.")
     num_frames = array.shape[-1]
@@ -431,9 +449,9 @@ def prepare_session(
     the behaviour) from `session.fs` to `target_fs`, end of each trial aligned; optional causal EMA with `ema_alpha`
     (traces only); crop frames to a multiple of `window_size` (drops the oldest frames); split trials with
     `split_trials(num_trials, split_seed, fractions)`, or, when the trials overlap in time (their
-    `extras["trial_starts"]` closer than a trial), in time blocks with `split_trials_by_time`; z-score traces and behaviour with statistics of the training
-    trials only (validation/test never leak into the normalisation; the std floor is relative to the session's
-    median std, so recordings in any units are normalised alike).
+    `extras["trial_starts"]` closer than a trial), in time blocks with `split_trials_by_time`; z-score traces and
+    behaviour with statistics of the training trials only (validation/test never leak into the normalisation; the std
+    floor is relative to the session's median std, so recordings in any units are normalised alike).
 
     Args:
         session (`SessionTrials`): raw trials `(trials, neurons, frames)` in the recording's units.
