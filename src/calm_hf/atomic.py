@@ -221,7 +221,7 @@ def claim_output_folder(path: str | os.PathLike, command: str, inputs: Iterable 
         `FileExistsError`: the folder is not empty, was not written by this command, and `overwrite` is False.
     """
     target = _resolved(path)
-    flag = f"calm {command}: output folder {path}"
+    flag = f"output folder {path}"
     reason = _forbidden_output(target, inputs)
     if reason is not None:
         raise ValueError(f"{flag} {reason}; writing there could destroy it (--overwrite does not change this). "
@@ -259,7 +259,7 @@ def claim_output_file(path: str | os.PathLike, command: str, inputs: Iterable = 
     """`claim_output_folder` for a single output file: never an input or a folder; an existing file only when
     `is_own(path)` says this command wrote it, or with `overwrite`. Returns the path resolved."""
     target = _resolved(path)
-    flag = f"calm {command}: output file {path}"
+    flag = f"output file {path}"
     for item in inputs:
         if item is not None and str(item) and _resolved(item) == target:
             raise ValueError(f"{flag} is the input {item}; writing it would destroy the input (--overwrite does not "
