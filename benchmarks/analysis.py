@@ -118,7 +118,8 @@ def _prepare(name: str, size: dict, out: Path) -> None:
 
 def _run(command_name: str, args: list[str], log: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", f"calm_hf.commands.{command_name}", *args]
+    # the benchmark owns its work folders, and those of earlier runs carry no output marker
+    command = [sys.executable, "-m", f"calm_hf.commands.{command_name}", *args, "--overwrite"]
     with log.open("a") as handle:
         handle.write(f"$ {' '.join(command)}\n")
         handle.flush()
@@ -153,7 +154,8 @@ def _analyze(name: str, out: Path, results: Path, forecast_trials: int | None, f
 
     spec = DATASETS[name]
     argv = ["--model", str(out / "model"), "--dataset", str(out / "tokenized"), "--labels", str(out / "labels.json"),
-            "--output_dir", str(results), "--context_frames", str(spec["context_frames"]), "--forecast_mode", forecast_mode]
+            "--output_dir", str(results), "--context_frames", str(spec["context_frames"]), "--forecast_mode", forecast_mode,
+            "--overwrite"]  # its own results folder, committed before output markers existed
     if spec["response_window"] is not None:
         argv += ["--response_window", f"{spec['response_window'][0]}:{spec['response_window'][1]}"]
     if forecast_trials is not None:

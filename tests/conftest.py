@@ -1,6 +1,9 @@
 """Shared test set-up: offline hub, few threads (2-core CI), the real-data location, the fake hub server."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +13,10 @@ os.environ.setdefault("CALM_DATA_DIR", str(Path(__file__).resolve().parents[1].p
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# per-machine records (the bf16 decision) go to a scratch folder, so tests neither read nor leave a user's records
+if "CALM_CACHE_DIR" not in os.environ:
+    os.environ["CALM_CACHE_DIR"] = tempfile.mkdtemp(prefix="calm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CALM_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 from hub_server import hub_server, run_in_hub_env  # noqa: E402,F401

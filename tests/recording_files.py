@@ -25,9 +25,13 @@ def write_nwb(
     speed_rate: float | None = None,
     with_ophys: bool = True,
     use_timestamps: bool = False,
+    timestamps: np.ndarray | None = None,
+    starting_time: float = 0.0,
+    speed: dict | None = None,
 ) -> Path:
     """An NWB file with a Fluorescence RoiResponseSeries `(frames, rois)`, an optional trials table and an optional
-    running-speed TimeSeries at its own rate, written by pynwb."""
+    running-speed TimeSeries at its own rate, written by pynwb. `timestamps` gives the frame times explicitly;
+    `speed` gives the running-speed TimeSeries' own `data` and `timestamps` (or `rate`, `starting_time`)."""
     from pynwb import NWBHDF5IO, NWBFile, TimeSeries
     from pynwb.ophys import Fluorescence, ImageSegmentation, OpticalChannel, RoiResponseSeries
 
@@ -49,8 +53,11 @@ def write_nwb(
             segmentation.add_roi(image_mask=mask)
         region = segmentation.create_roi_table_region(region=list(range(neurons)), description="all")
         timing = (
-            dict(timestamps=np.arange(frames) / rate) if use_timestamps else dict(rate=float(rate), starting_time=0.0)
+            dict(timestamps=np.arange(frames) / rate) if use_timestamps
+            else dict(rate=float(rate), starting_time=float(starting_time))
         )
+        if timestamps is not None:
+            timing = dict(timestamps=np.asarray(timestamps, dtype=np.float64))
         series = RoiResponseSeries(name="RoiResponseSeries", data=traces.T.copy(), rois=region, unit="a.u.", **timing)
         nwbfile.processing["ophys"].add(Fluorescence(name="Fluorescence", roi_response_series=series))
     if trial_starts_s is not None:
@@ -59,8 +66,9 @@ def write_nwb(
             nwbfile.add_trial(start_time=float(start), stop_time=float(stop))
     if speed_rate is not None:
         count = int(frames / rate * speed_rate)
-        speed = np.sin(np.arange(count) / speed_rate)
-        nwbfile.add_acquisition(TimeSeries(name="running_speed", data=speed, unit="cm/s", rate=float(speed_rate)))
+        speed = dict(data=np.sin(np.arange(count) / speed_rate), rate=float(speed_rate))
+    if speed is not None:
+        nwbfile.add_acquisition(TimeSeries(name="running_speed", unit="cm/s", **speed))
     with NWBHDF5IO(str(path), "w") as io:
         io.write(nwbfile)
     return path
@@ -78,7 +86,10 @@ def write_suite2p(folder: Path, planes: list[tuple[np.ndarray, np.ndarray, np.nd
     return folder / "suite2p"
 
 
-def write_caiman(path: Path, traces: np.ndarray, fr: float, accepted: np.ndarray | None = None) -> Path:
+def write_caiman(path: Path, traces: np.ndarray, fr, accepted: np.ndarray | None = None,
+                 spatial_shape: tuple[int, int] | None = None) -> Path:
+    """CaImAn results as `cnm.save` lays them out; `spatial_shape` adds the sparse `estimates/A` group's shape
+    `(pixels, components)`."""
     import h5py
 
     with h5py.File(path, "w") as handle:
@@ -86,4 +97,6 @@ def write_caiman(path: Path, traces: np.ndarray, fr: float, accepted: np.ndarray
         handle.create_dataset("params/data/fr", data=fr)
         if accepted is not None:
             handle.create_dataset("estimates/idx_components", data=accepted)
+        if spatial_shape is not None:
+            handle.create_dataset("estimates/A/shape", data=np.asarray(spatial_shape, dtype=np.int64))
     return path

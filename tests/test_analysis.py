@@ -210,7 +210,8 @@ def test_calm_analyze_rejects_labels_of_unknown_sessions(tiny_checkpoint, tmp_pa
         main(["--model", str(tiny_checkpoint / "model"), "--dataset", str(tiny_checkpoint / "data"),
               "--labels", str(bad), "--output_dir", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="config.json"):
-        main(["--model", str(tmp_path), "--dataset", str(tiny_checkpoint / "data"), "--output_dir", str(tmp_path)])
+        main(["--model", str(tmp_path), "--dataset", str(tiny_checkpoint / "data"),
+              "--output_dir", str(tmp_path / "report")])
 
 
 @pytest.mark.slow

@@ -60,6 +60,13 @@ def test_model_card_carries_the_runs_numbers(release):
         assert "WORSE than a population ridge autoregression" in card.text
 
 
+def test_model_card_states_the_bf16_decision(release):
+    out, summary = release
+    card = (out / "calm-base" / "README.md").read_text()
+    assert "| bf16_autocast.tokenizer | off (--bf16 false) |" in card
+    assert "| bf16_autocast.pretraining | off (--bf16 false) |" in card
+
+
 def test_rerun_reuses_finished_stages(release):
     out, _ = release
     # staging folders as a killed (SIGKILL) run leaves them: never read, removed by the next run
@@ -240,6 +247,7 @@ def test_dtype_decision_is_kept_for_a_resumed_job(monkeypatch, tmp_path):
             return {"fp32_seconds": speedup, "bf16_seconds": 1.0, "speedup": speedup}
         return measure
 
+    monkeypatch.setenv("CALM_CACHE_DIR", str(tmp_path / "cache"))  # no per-machine record from another test
     monkeypatch.setattr(main_command, "accelerator_available", lambda: False)
     monkeypatch.setattr(main_command, "tokenizer_step_speedup", measured(0.5))
     monkeypatch.setattr(main_command, "pretrain_step_speedup", measured(2.0))
@@ -288,3 +296,41 @@ def test_pretraining_budget_plans_epochs_from_the_timed_step(monkeypatch, tmp_pa
     assert main_command.planned_pretrain_epochs(args, recipe, slow, stage)[0] == 1.0  # 0.11 fit: at least one
     args.pretrain_minutes = 0  # no budget: exactly the epochs asked for
     assert main_command.planned_pretrain_epochs(args, main_command.resolve_recipe(args), slow, stage)[0] == 18.0
+
+
+def test_a_crash_between_the_two_release_switches_is_completed_by_the_next_run(release, tmp_path, monkeypatch):
+    """The release switches as one: killed after `calm-base/` was replaced and before `calm-base-dataset/` was, the
+    folders disagree only until the next run, which completes the switch before anything else (before: the new model
+    stayed without run_summary.json beside the old dataset)."""
+    import shutil
+
+    from calm_hf import atomic
+    from calm_hf.publish import release_id_of
+
+    out, _ = release
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.partial"))
+    old = release_id_of(copy / "calm-base")
+    assert old is not None and release_id_of(copy / "calm-base-dataset") == old
+    real_replace = atomic.replace_folder
+
+    class Killed(BaseException):
+        pass
+
+    def killed_after_the_model(source, destination):
+        real_replace(source, destination)
+        raise Killed()
+
+    monkeypatch.setattr(atomic, "replace_folder", killed_after_the_model)
+    with pytest.raises(Killed):
+        main_command.run(["--size", "tiny", "--output_dir", str(copy), "--bf16", "false"])
+    monkeypatch.setattr(atomic, "replace_folder", real_replace)
+    new = release_id_of(copy / "calm-base")
+    assert new != old and release_id_of(copy / "calm-base-dataset") == old  # mid-switch
+    assert json.loads((copy / "calm-base" / "run_summary.json").read_text())["release_id"] == new
+    seen = {}
+    monkeypatch.setattr(main_command, "run_job", lambda args, recipe, out, work: seen.update(
+        model=release_id_of(out / "calm-base"), dataset=release_id_of(out / "calm-base-dataset")))
+    main_command.run(["--size", "tiny", "--output_dir", str(copy), "--bf16", "false"])
+    assert seen == {"model": new, "dataset": new}
+    assert not list(copy.glob("*.partial")) and not (copy / ".calm-base-work" / main_command.RELEASE_JOURNAL).exists()

@@ -13,10 +13,11 @@ FIGURE_NAME = "forecast_example.png"
 
 
 def plot_forecast(path, context, forecast, sampling_rate: float, truth=None, lower=None, upper=None,
-                  neurons: int = 4, context_frames: int | None = None) -> None:
+                  neurons: int = 4, context_frames: int | None = None, software: str | None = None) -> None:
     """Draw context, truth (when given), forecast and the sampled band (when given) for the first `neurons` neurons.
 
     Arrays are `(neurons, frames)` at `sampling_rate`; the forecast starts one frame after the context's last frame.
+    `software` is written into a PNG's metadata.
     """
     import matplotlib
 
@@ -40,7 +41,9 @@ def plot_forecast(path, context, forecast, sampling_rate: float, truth=None, low
     axes[0, 0].legend(loc="upper left", fontsize=7, ncol=4)
     axes[-1, 0].set_xlabel("time from the end of the context (s)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    # a PNG says which command wrote it, so that command may replace it later (`claim_output_file`)
+    png = str(path).lower().endswith(".png")
+    figure.savefig(path, dpi=120, metadata={"Software": software} if software and png else None)
     plt.close(figure)
 
 

@@ -7,16 +7,25 @@ training step of the `cpu` preset (0.6 M parameters, batch 4 x 64 neurons x 25 s
 autocast against 0.25 s in fp32 (the casts and the unfused elementwise work outweigh the matmuls). So `--bf16 auto`
 times the job's own training step both ways (`bf16_training_speedup`) where it knows the model, and falls back to
 the matmul test (`bf16_is_faster`) where it does not.
+
+A timing is noisy, and a decision that flips between two identical runs changes their results. So the step is timed
+in interleaved rounds, bf16 is chosen only with a clear margin (`decide_bf16`), and `bf16_decision` records each
+decision with its measurements per machine (`bf16_decisions.json` in `$CALM_CACHE_DIR`, default `~/.cache/calm_hf`),
+so the same workload on the same machine gets the same answer until that record is deleted.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -66,39 +75,152 @@ def training_step_seconds(model: torch.nn.Module, batch: dict, bf16: bool, repea
     return statistics.median(times)
 
 
-def bf16_training_speedup(build_model: Callable[[], torch.nn.Module], batch: dict, repeats: int = 3) -> dict:
+# bf16 must make the step this much faster (median over the rounds), and no round may be slower than fp32: fp32 is
+# always correct, so bf16 has to be clearly worth it
+BF16_MIN_SPEEDUP = 1.2
+BF16_TIMING_ROUNDS = 3
+
+
+def bf16_training_speedup(build_model: Callable[[], torch.nn.Module], batch: dict, repeats: int = 2,
+                          rounds: int = BF16_TIMING_ROUNDS) -> dict:
     """Time the same training step in fp32 and under bf16 autocast, each on a fresh `build_model()` (same seed).
-    Returns {"fp32_seconds", "bf16_seconds", "speedup"} with speedup = fp32 time / bf16 time."""
-    result = {}
-    for name, bf16 in (("fp32", False), ("bf16", True)):
+
+    The two are timed in `rounds` interleaved rounds of `repeats` steps each (after one warm-up step), so a burst of
+    load from elsewhere slows both alike. Returns `fp32_seconds` and `bf16_seconds` (medians over every timed step),
+    `speedup` (their ratio, fp32 / bf16) and `round_speedups` (each round's ratio)."""
+    models, optimizers = {}, {}
+    for name in ("fp32", "bf16"):
         torch.manual_seed(0)
-        result[f"{name}_seconds"] = training_step_seconds(build_model(), batch, bf16, repeats=repeats)
+        models[name] = build_model()
+        models[name].train()
+        optimizers[name] = torch.optim.AdamW([p for p in models[name].parameters() if p.requires_grad], lr=1e-6)
+
+    def step(name: str) -> float:
+        start = time.perf_counter()
+        optimizers[name].zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+            loss = models[name](**batch).loss
+        loss.backward()
+        optimizers[name].step()
+        return time.perf_counter() - start
+
+    step("fp32"), step("bf16")  # warm-up: allocations, kernel selection
+    times: dict[str, list[list[float]]] = {"fp32": [], "bf16": []}
+    for _ in range(max(1, rounds)):
+        for name in ("fp32", "bf16"):
+            times[name].append([step(name) for _ in range(max(1, repeats))])
+    result = {f"{name}_seconds": statistics.median(t for round_ in rounds_ for t in round_)
+              for name, rounds_ in times.items()}
     result["speedup"] = result["fp32_seconds"] / result["bf16_seconds"]
+    result["round_speedups"] = [statistics.median(f) / statistics.median(b) for f, b in zip(times["fp32"],
+                                                                                           times["bf16"])]
     return result
+
+
+def decide_bf16(measured: dict) -> bool:
+    """bf16 on only with a clear margin: the measured `speedup` is at least `BF16_MIN_SPEEDUP` and no round of
+    `round_speedups` (when given) was slower than fp32."""
+    rounds = measured.get("round_speedups") or [measured["speedup"]]
+    return measured["speedup"] >= BF16_MIN_SPEEDUP and min(rounds) >= 1.0
+
+
+def decision_record_path() -> Path:
+    """Where per-machine bf16 decisions are kept: `$CALM_CACHE_DIR/bf16_decisions.json` (default `~/.cache/calm_hf`)."""
+    return Path(os.environ.get("CALM_CACHE_DIR") or "~/.cache/calm_hf").expanduser() / "bf16_decisions.json"
+
+
+def machine_description(device: str = "cpu") -> dict:
+    """What makes a timing of this machine comparable: processor, cores, torch threads and version, accelerator."""
+    processor = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            processor = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")),
+                             processor)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    accelerator = torch.cuda.get_device_name() if device != "cpu" and torch.cuda.is_available() else None
+    return {"processor": processor, "cores": cores, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": device, "accelerator": accelerator}
+
+
+def bf16_decision(choice: str | bool | None, device: str = "cpu", workload: Callable[[], dict] | None = None,
+                  name: str = "training", record_key: dict | None = None) -> dict:
+    """Decide bf16 autocast for one workload and say why.
+
+    `choice` is `--bf16` (auto, true or false). `auto` on the CPU with a `workload` (a callable returning
+    `bf16_training_speedup`'s dict for the job's own model and batch) follows `decide_bf16`; without one it asks
+    `bf16_is_faster` (matmuls only); on an accelerator it means bf16 where it is supported. With `record_key` (what
+    identifies the workload, e.g. the recipe), a measured decision is recorded per machine (`decision_record_path`)
+    and later calls with the same key and machine reuse it instead of timing again.
+
+    Returns:
+        `dict` with `bf16` (bool), `reason` (one line for logs and the model card), `measured` (the timing or None)
+        and `recorded` (when the reused record was made, or None).
+    """
+    if isinstance(choice, bool):
+        return {"bf16": choice, "reason": f"{'on' if choice else 'off'} (asked for)", "measured": None,
+                "recorded": None}
+    value = (choice or "auto").strip().lower()
+    if value in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        use = value in ("1", "true", "yes", "on")
+        return {"bf16": use, "reason": f"{'on' if use else 'off'} (--bf16 {value})", "measured": None, "recorded": None}
+    if value != "auto":
+        raise ValueError(f"bf16 must be auto, true or false, got {choice!r}.")
+    if device != "cpu" or workload is None:
+        use = bf16_is_faster(device)
+        why = "supported by the accelerator" if device != "cpu" else "bf16 matmuls faster here"
+        return {"bf16": use, "reason": f"{'on' if use else 'off'} (auto: {why})", "measured": None, "recorded": None}
+    key = None
+    if record_key is not None:
+        blob = json.dumps({"workload": name, **record_key, "machine": machine_description(device)}, sort_keys=True,
+                          default=str)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:20]
+        recorded = _read_decisions().get(key)
+        if recorded is not None:
+            reason = f"{recorded['reason']}; reused from this machine's record {decision_record_path()}"
+            logger.info("bf16 autocast for %s: %s", name, reason)
+            return {"bf16": bool(recorded["bf16"]), "reason": reason, "measured": recorded.get("measured"),
+                    "recorded": recorded.get("when")}
+    measured = workload()
+    use = decide_bf16(measured)
+    rounds = measured.get("round_speedups") or [measured["speedup"]]
+    reason = (f"{'on' if use else 'off'} (auto: a training step took {measured['fp32_seconds']:.3f} s in fp32 and "
+              f"{measured['bf16_seconds']:.3f} s in bf16, speedup {measured['speedup']:.2f} over {len(rounds)} "
+              f"round(s), {min(rounds):.2f}-{max(rounds):.2f}; bf16 needs >= {BF16_MIN_SPEEDUP} and no slower round; "
+              f"measured {time.strftime('%Y-%m-%d %H:%M')})")
+    logger.info("bf16 autocast for %s: %s", name, reason)
+    decision = {"bf16": use, "reason": reason, "measured": measured, "recorded": None}
+    if key is not None:
+        _record_decision(key, {**decision, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "workload": name})
+    return decision
+
+
+def _read_decisions() -> dict:
+    try:
+        records = json.loads(decision_record_path().read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def _record_decision(key: str, decision: dict) -> None:
+    from .atomic import atomic_write_text
+
+    records = _read_decisions()
+    records[key] = decision
+    try:
+        atomic_write_text(decision_record_path(), json.dumps(records, indent=2, default=str))
+    except OSError as error:  # a read-only home: the decision still holds for this job (kept in its work folder)
+        logger.warning("could not record the bf16 decision in %s (%s)", decision_record_path(), error)
 
 
 def resolve_bf16(choice: str | bool | None, device: str = "cpu",
                  workload: Callable[[], dict] | None = None, name: str = "training") -> bool:
-    """Map a `--bf16 auto|true|false` choice to a bool. `auto` on the CPU with a `workload` (a callable returning
-    `bf16_training_speedup`'s dict for the job's own model and batch) turns bf16 on only when that step is at least
-    1.2x faster; without one it asks `bf16_is_faster` (matmuls only). On an accelerator `auto` means bf16 where it
-    is supported."""
-    if isinstance(choice, bool):
-        return choice
-    value = (choice or "auto").strip().lower()
-    if value == "auto":
-        if device != "cpu" or workload is None:
-            return bf16_is_faster(device)
-        measured = workload()
-        use = measured["speedup"] >= 1.2
-        logger.info("bf16 autocast for %s: %s (measured step: fp32 %.3f s, bf16 %.3f s)", name,
-                    "on" if use else "off", measured["fp32_seconds"], measured["bf16_seconds"])
-        return use
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"bf16 must be auto, true or false, got {choice!r}.")
+    """Map a `--bf16 auto|true|false` choice to a bool (`bf16_decision` without a record): `auto` on the CPU with a
+    `workload` follows `decide_bf16` on the job's own timed step; without one it asks `bf16_is_faster` (matmuls
+    only). On an accelerator `auto` means bf16 where it is supported."""
+    return bf16_decision(choice, device, workload, name)["bf16"]
 
 
 def _cpu_times(path: str = "/proc/stat") -> dict[int, tuple[int, int]]:

@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .atomic import claim_output_folder
+
 __all__ = ["CalmHubError", "DEFAULT_IGNORE_PATTERNS", "push_to_hub", "stage_for_upload"]
 
 # Training leftovers that must not be uploaded with a checkpoint.
@@ -33,6 +35,8 @@ DEFAULT_IGNORE_PATTERNS = [
     "**/__pycache__/**",
     "*.pyc",
     ".calm_stage.json",
+    ".calm_output.json",
+    "**/.calm_output.json",
     "**/.calm_stage.json",
     "optimizer.pt",
     "scheduler.pt",
@@ -111,7 +115,8 @@ def stage_for_upload(
         model_dir (`str` or `os.PathLike`): The checkpoint folder (e.g. `calm-base/`).
         staging_dir (`str` or `os.PathLike`, *optional*, defaults to `"hub_uploads/staging"`): Staging root
             (gitignored); the copy lands in `<staging_dir>/<name of model_dir>`.
-        overwrite (`bool`, *optional*, defaults to `True`): Replace an existing staged copy.
+        overwrite (`bool`, *optional*, defaults to `True`): Replace an existing staged copy. The checkpoint itself,
+            or a folder holding it, is never replaced (`calm_hf.atomic.claim_output_folder`).
 
     Returns:
         `Path` of the staged copy.
@@ -123,9 +128,11 @@ def stage_for_upload(
         raise CalmHubError(f"{source} is not a folder; pass the checkpoint folder written by `calm main` "
                            "(e.g. calm-base/).")
     target = Path(staging_dir) / source.resolve().name
+    try:
+        claim_output_folder(target, "push", [source], overwrite=overwrite)
+    except (ValueError, FileExistsError) as error:
+        raise CalmHubError(str(error)) from None
     if target.exists():
-        if not overwrite:
-            raise CalmHubError(f"{target} already exists; remove it or pass overwrite=True.")
         shutil.rmtree(target)
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source).as_posix()

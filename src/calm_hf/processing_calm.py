@@ -59,6 +59,19 @@ def resample_on_grid(x: np.ndarray, fs_in: float, fs_out: float, positions: np.n
     return _interpolate(x, positions)
 
 
+def _whole_number(value: Any, name: str, least: int) -> int:
+    """`value` as an int when it is a whole number >= `least` (2.0 is whole, 2.7 is not: truncating it changes
+    the meaning)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, (bool, np.bool_)) or not math.isfinite(number) or number != round(number) or number < least:
+        kind = "positive whole number of frames" if least == 1 else f"whole number of frames >= {least}"
+        raise ValueError(f"{name} must be a {kind}, got {value}.")
+    return int(round(number))
+
+
 def causal_ema(x: np.ndarray, alpha: float, initial: np.ndarray | None = None) -> np.ndarray:
     """`y[t] = alpha * x[t] + (1 - alpha) * y[t-1]` along the last axis, `y[-1] = initial` (default `x[0]`)."""
     y = np.empty_like(x, dtype=np.float64)
@@ -116,7 +129,7 @@ class CalmTraceProcessor(FeatureExtractionMixin):
     ):
         super().__init__(**kwargs)
         self.sampling_rate = float(sampling_rate)
-        self.window_size = int(window_size)
+        self.window_size = _whole_number(window_size, "window_size", 1)
         self.ema_alpha = None if ema_alpha is None else float(ema_alpha)
         self.min_std_ratio = float(min_std_ratio)
         if not math.isfinite(self.sampling_rate) or self.sampling_rate <= 0:
@@ -188,11 +201,31 @@ class CalmTraceProcessor(FeatureExtractionMixin):
 
     def _check_inputs(self, traces: Any, sampling_rate: float | None, mean: Any, std: Any) -> tuple[np.ndarray, float]:
         """(traces `(batch, neurons, frames)` float64, their rate in Hz), with a clear error for bad input."""
-        values = np.asarray(traces, dtype=np.float64)
+        raw = np.asarray(traces)
+        if raw.dtype == object or not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
+            raise ValueError(f"traces must be a numeric array (neurons, frames) or (batch, neurons, frames), got dtype "
+                             f"{raw.dtype}; ragged lists of traces must be padded or cut first.")
+        if np.iscomplexobj(raw):
+            raise ValueError(f"traces must be real, got complex dtype {raw.dtype}; pass np.abs(x) or x.real.")
+        values = raw.astype(np.float64)
         if values.ndim == 2:
             values = values[None]
         if values.ndim != 3:
             raise ValueError(f"traces must be (neurons, frames) or (batch, neurons, frames), got shape {values.shape}.")
+        for axis, what in ((0, "no recordings"), (1, "no neurons"), (2, "no frames")):
+            if values.shape[axis] == 0:
+                raise ValueError(f"traces have {what} (shape {raw.shape}); give at least one neuron and one frame.")
+        finite = np.isfinite(values)
+        if not finite.all():
+            batch, neuron, frame = (int(i) for i in np.argwhere(~finite)[0])
+            raise ValueError(f"traces contain {int((~finite).sum())} NaN/Inf value(s), the first at batch {batch}, "
+                             f"neuron {neuron}, frame {frame}; interpolate them or drop those neurons first.")
+        peak = float(np.abs(values).max())
+        if peak > MAX_ABS_INPUT:
+            raise ValueError(f"traces reach {peak:.2g}, beyond what float32 statistics and forecasts can hold; keep "
+                             f"|values| below {MAX_ABS_INPUT:.3g} (e.g. rescale to other units).")
+        if isinstance(sampling_rate, (bool, np.bool_)) or np.ndim(sampling_rate) != 0:
+            raise ValueError(f"sampling_rate must be one frame rate in Hz (a number), got {sampling_rate!r}.")
         fs = self.sampling_rate if sampling_rate is None else float(sampling_rate)
         if not math.isfinite(fs) or fs <= 0:
             raise ValueError(f"sampling_rate={sampling_rate} must be a positive frame rate in Hz.")
@@ -204,7 +237,8 @@ class CalmTraceProcessor(FeatureExtractionMixin):
         """Most recent model frames kept: a multiple of the window, at most `max_frames`, at least one window."""
         usable = model_frames - model_frames % self.window_size
         if max_frames is not None:
-            usable = min(usable, int(max_frames) - int(max_frames) % self.window_size)
+            max_frames = _whole_number(max_frames, "max_frames", self.window_size)
+            usable = min(usable, max_frames - max_frames % self.window_size)
         if usable < self.window_size:
             need = int(math.ceil(self.window_size * fs / self.sampling_rate))
             raise ValueError(
@@ -299,7 +333,8 @@ class CalmTraceProcessor(FeatureExtractionMixin):
 
     def model_horizon(self, horizon: int, sampling_rate: float) -> int:
         """Model frames needed to cover `horizon` input frames after the context."""
-        return max(1, int(math.ceil(int(horizon) * self.sampling_rate / float(sampling_rate) - 1e-9)))
+        horizon = _whole_number(horizon, "horizon", 1)
+        return max(1, int(math.ceil(horizon * self.sampling_rate / float(sampling_rate) - 1e-9)))
 
     def postprocess_forecast(self, forecast: Any, features: dict, horizon: int) -> np.ndarray:
         """Model-rate z-scored forecasts `(batch, [samples,] neurons, frames)` of the frames after the context ->
@@ -308,6 +343,7 @@ class CalmTraceProcessor(FeatureExtractionMixin):
         Model frame `k` (1-based) is `k / self.sampling_rate` s after the last input frame; input frame `i` is
         `i / sampling_rate` s after it; the last context value anchors the interpolation at 0 s. EMA smoothing is not
         undone on forecasts (they forecast the smoothed signal)."""
+        horizon = _whole_number(horizon, "horizon", 1)
         z = np.asarray(forecast, dtype=np.float64)
         mean, std = features["mean"], features["std"]
         if z.ndim == 4:
@@ -321,6 +357,12 @@ class CalmTraceProcessor(FeatureExtractionMixin):
                                      values.shape[:-1])[..., None]
             grid = np.concatenate([anchor, values], axis=-1)  # model frames 0 (last context frame), 1, 2, ...
             positions = np.arange(1, horizon + 1) * (self.sampling_rate / fs)
+            if positions[-1] > values.shape[-1] + 1e-9:  # interpolation would extrapolate past the forecast
+                raise ValueError(
+                    f"the forecast covers {values.shape[-1]} model frames ({values.shape[-1] / self.sampling_rate:g} "
+                    f"s) but horizon={horizon} frames at {fs:g} Hz needs {horizon / fs:g} s; forecast "
+                    f"{self.model_horizon(horizon, fs)} model frames (`model_horizon`)."
+                )
             out = resample_on_grid(grid, self.sampling_rate, fs, positions)
         if out.shape[-1] < horizon:
             raise ValueError(f"the forecast covers {out.shape[-1]} frames, fewer than horizon={horizon}.")

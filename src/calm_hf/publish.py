@@ -1,4 +1,9 @@
-"""Turn a finished pretraining run into a release folder: evaluate, plot, save with remote code, write the cards.
+"""Turn a finished pretraining run into a release: evaluate, plot, save with remote code, write the cards.
+
+A release is two folders that belong together, the model (with its card, evaluation results and the job's
+`run_summary.json`) and the tokenized dataset it was evaluated on. Both are staged completely (`stage_release`) and
+then switched as one (`calm_hf.atomic.switch_folders`), so a crash never leaves a new model beside an old dataset;
+both carry the same release id in their `.calm_output.json`.
 
 Only orchestration lives here: the numbers come from `calm_hf.evaluation`, the figure from `calm_hf.figures`, the
 cards from `calm_hf.cards`. Used by the main job (`calm main`) and usable on its own:
@@ -12,12 +17,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import datasets
 import torch
 
-from .atomic import fsync_tree, replace_folder
+from .atomic import OUTPUT_MARKER, fsync_tree, mark_output, partial_path, read_output_marker, switch_folders
 from .cards import measured_limitations, render_dataset_card, render_model_card, render_tokenizer_card
 from .checkpoint import complete_checkpoint
 from .data import load_session_metadata
@@ -61,25 +68,68 @@ def _write_cards(staging: Path, metrics: dict, config_summary: dict, run_info: d
     )
 
 
-def _write_dataset_folder(corpus: datasets.DatasetDict, tokenized_dir: Path, dataset_dir: Path, run_info: dict) -> None:
-    staging = dataset_dir.with_name(dataset_dir.name + ".partial")
+RELEASE_COMMAND = "main"  # the command named in a release folder's `.calm_output.json`
+
+
+def new_release_id() -> str:
+    """A release id: the UTC time it was made and a random suffix, e.g. `20260101T120000Z-1a2b3c4d`."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def release_id_of(folder: str | Path) -> str | None:
+    """The release id a release folder carries (None when it carries none)."""
+    return (read_output_marker(folder) or {}).get("release_id")
+
+
+def _stage_dataset_folder(corpus: datasets.DatasetDict, tokenized_dir: Path, staging: Path, run_info: dict,
+                          release_id: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(tokenized_dir, staging, ignore=shutil.ignore_patterns(".calm_stage*"))
+    shutil.copytree(tokenized_dir, staging, ignore=shutil.ignore_patterns(".calm_stage*", OUTPUT_MARKER))
     render_dataset_card(corpus, generation_parameters=run_info.get("simulation", {})).save(staging / "README.md")
+    mark_output(staging, RELEASE_COMMAND, release_id=release_id)
     fsync_tree(staging)
-    replace_folder(staging, dataset_dir)
+
+
+def release_journal(model_dir: str | Path) -> Path:
+    """Where `write_release` journals the switch of a release by default: `.<model folder name>-release.json` beside
+    it."""
+    model_dir = Path(model_dir)
+    return model_dir.with_name(f".{model_dir.name}-release.json")
 
 
 def write_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_frames: int = 40,
                   eval_trials: int | None = None, forecast_samples: int = 16, bf16: bool = True,
-                  run_info: dict | None = None, device: str | torch.device | None = None) -> dict:
-    """Evaluate the pretrained model on the test split and write the model and dataset folders with their cards.
+                  run_info: dict | None = None, device: str | torch.device | None = None,
+                  journal: str | Path | None = None) -> dict:
+    """Evaluate the pretrained model on the test split and write the model and dataset folders with their cards, both
+    switched into place as one (`stage_release`, then `calm_hf.atomic.switch_folders` with `journal`, by default
+    `release_journal(model_dir)`; `calm_hf.atomic.finish_switch(journal)` completes a switch a crash interrupted).
+
+    Returns a summary with the metrics written into the card and the release id.
+    """
+    summary = stage_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_frames=context_frames,
+                            eval_trials=eval_trials, forecast_samples=forecast_samples, bf16=bf16, run_info=run_info,
+                            device=device)
+    staged = summary.pop("staged")
+    switch_folders(journal or release_journal(model_dir), staged, release_id=summary["release_id"])
+    return summary
+
+
+def stage_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_frames: int = 40,
+                  eval_trials: int | None = None, forecast_samples: int = 16, bf16: bool = True,
+                  run_info: dict | None = None, device: str | torch.device | None = None,
+                  release_id: str | None = None) -> dict:
+    """Evaluate the pretrained model on the test split and write the model and dataset folders with their cards into
+    `<model_dir>.partial` and `<dataset_dir>.partial`, both marked with the same release id. Nothing is switched.
 
     Args:
         device: where the evaluation runs (default: CUDA when available, else the CPU); results come back to the host.
+        release_id: the id both folders carry (default: a new one).
 
-    Returns a summary with the metrics written into the card.
+    Returns a summary with the metrics written into the card, the release id and `staged`, the `(staged, final)`
+    folder pairs to give `calm_hf.atomic.switch_folders`.
     """
+    release_id = release_id or new_release_id()
     pretrain_dir, tokenized_dir = Path(pretrain_dir), Path(tokenized_dir)
     model_dir, dataset_dir = Path(model_dir), Path(dataset_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -90,7 +140,7 @@ def write_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_f
     test = corpus["test"]
     metrics = evaluate_release(forecaster, corpus, context_frames=context_frames, eval_trials=eval_trials)
 
-    staging = model_dir.with_name(model_dir.name + ".partial")
+    staging = partial_path(model_dir)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     model.save_pretrained(staging)
@@ -110,7 +160,9 @@ def write_release(pretrain_dir, tokenized_dir, model_dir, dataset_dir, context_f
     )
     _write_cards(staging, metrics, _config_summary(model, tokenizer), run_info)
     (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+    mark_output(staging, RELEASE_COMMAND, release_id=release_id)
     fsync_tree(staging)
-    replace_folder(staging, model_dir)  # the old release stays whole until the new one is complete
-    _write_dataset_folder(corpus, tokenized_dir, dataset_dir, run_info)
-    return {"metrics": metrics, "model_dir": str(model_dir), "dataset_dir": str(dataset_dir)}
+    dataset_staging = partial_path(dataset_dir)
+    _stage_dataset_folder(corpus, tokenized_dir, dataset_staging, run_info, release_id)
+    return {"metrics": metrics, "model_dir": str(model_dir), "dataset_dir": str(dataset_dir), "release_id": release_id,
+            "staged": [(staging, model_dir), (dataset_staging, dataset_dir)]}

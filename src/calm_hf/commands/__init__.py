@@ -15,6 +15,8 @@ Each module has `run(argv, ...)`, which returns what the stage produced (metrics
 callers such as the main job and the benchmarks, and `main(argv)`, which returns the exit code for the console.
 All of them read their flags with `parse_command_args`: `HfArgumentParser` dataclasses, `--snake_case` flags and
 `--config file.json` (or a lone `file.json`) holding the same fields, with flags on the command line overriding it.
+Every command that writes takes `OutputArguments` (`--overwrite`) and checks its output with
+`calm_hf.atomic.claim_output_folder` before doing any work.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 COMMANDS = {
@@ -38,6 +41,26 @@ COMMANDS = {
     "push": "push",
     "analyze": "analyze",
 }
+
+
+@dataclass
+class OutputArguments:
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Write even where the output folder (or file) is not empty and was not written by this "
+                          "command: replace it (training commands and analyze write into it instead, deleting "
+                          "nothing). Inputs, a folder holding them, the working directory and the home folder are "
+                          "never replaced."},
+    )
+
+
+def claim_training_output(command: str, training_args, output: OutputArguments, inputs: Iterable) -> None:
+    """`claim_output_folder` for a Trainer command: its `output_dir` receives checkpoints as training goes (so a run
+    resumes from its own folder); only the main process checks and marks it, so DDP ranks do not race."""
+    from ..atomic import claim_output_folder
+
+    if training_args.process_index == 0:
+        claim_output_folder(training_args.output_dir, command, inputs, output.overwrite, in_place=True)
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -108,10 +131,35 @@ def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, pr
             if action.dest in values:
                 action.required = False
         parser.set_defaults(**values)
-    parsed = parser.parse_args_into_dataclasses(argv)[: len(dataclass_types)]  # without the --config namespace
+    *parsed, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if remaining:  # argparse's convention for bad flags: usage and exit code 2
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    parsed = parsed[: len(dataclass_types)]  # without the --config namespace
+    check_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     configure_torch_threads()
     return tuple(parsed)
+
+
+# environment variables the package reads, each a positive number; a typo would otherwise fail deep inside a forward
+# (a float() of the attention budget) or be ignored (the thread count)
+NUMERIC_ENVIRONMENT = {"CALM_EAGER_ATTENTION_MAX_GIB": ("number of GiB", float),
+                       "CALM_NUM_THREADS": ("whole number", int)}
+
+
+def check_environment() -> None:
+    """Refuse a set but unusable numeric `CALM_*` environment variable, naming it."""
+    for name, (kind, convert) in NUMERIC_ENVIRONMENT.items():
+        value = os.environ.get(name)
+        if value is None or value == "":
+            continue
+        try:
+            valid = convert(value) > 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(f"{name} must be a positive {kind}, got {value!r}; set it to one, or unset it for the "
+                             "default.")
 
 
 def run_command(name: str, run: Callable[[], Any]) -> int:

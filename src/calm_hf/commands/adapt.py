@@ -29,7 +29,7 @@ from ..forecasting import CalmForecaster, check_tokenizer_matches_model, evaluat
 from ..modeling_calm import CalmForCausalNeuralModeling
 from ..modeling_calm_tokenizer import CalmTokenizer
 from ..trainer import CalmTrainer
-from . import parse_command_args, run_command
+from . import OutputArguments, claim_training_output, parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.adapt_session")
 
@@ -124,7 +124,10 @@ def adaptation_optimizer(model: CalmForCausalNeuralModeling, learning_rate: floa
 def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Parse `argv` (see `AdaptArguments`), adapt and save the model, return the test forecast metrics.
     `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
-    args, training_args = parse_command_args((AdaptArguments, TrainingArguments), argv, prog="calm adapt")
+    args, training_args, output = parse_command_args((AdaptArguments, TrainingArguments, OutputArguments), argv,
+                                                     prog="calm adapt")
+    claim_training_output("adapt", training_args, output,
+                          [args.model_path, args.tokenized_dataset, args.tokenizer_path])
     training_args.remove_unused_columns = False
     # Weight decay would shrink frozen rows of the shared tables; only the new rows may move.
     training_args.weight_decay = 0.0

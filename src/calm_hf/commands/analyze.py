@@ -8,12 +8,15 @@ The analyses themselves are `calm_hf.analysis.report.run_analysis`; see that mod
 from __future__ import annotations
 
 from ..analysis.report import AnalyzeArguments, run_analysis
-from . import parse_command_args, run_command
+from ..atomic import claim_output_folder
+from . import OutputArguments, parse_command_args, run_command
 
 
 def run(argv: list[str] | None = None) -> dict:
     """Parse `argv` (see `AnalyzeArguments`), write report.md, report.json and the figures, return the report."""
-    (args,) = parse_command_args((AnalyzeArguments,), argv, prog="calm analyze")
+    args, output = parse_command_args((AnalyzeArguments, OutputArguments), argv, prog="calm analyze")
+    claim_output_folder(args.output_dir, "analyze", [args.model, args.dataset, args.labels], output.overwrite,
+                        in_place=True)
     return run_analysis(args)
 
 

@@ -31,7 +31,7 @@ from ..data import CalmDataCollator, SessionInfo, load_trial_corpus
 from ..metrics.functional import mse, r2_score
 from ..modeling_calm import CalmForBehaviorRegression
 from ..trainer import CalmTrainer
-from . import parse_command_args, run_command
+from . import OutputArguments, claim_training_output, parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.finetune_behavior")
 
@@ -184,8 +184,10 @@ def load_behavior_corpus(data_args: DataArguments) -> tuple:
 def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Parse `argv` (see the argument dataclasses), train and save the behaviour head, return validation and test
     metrics. `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
-    model_args, data_args, training_args = parse_command_args(
-        (ModelArguments, DataArguments, TrainingArguments), argv, prog="calm finetune-behavior")
+    model_args, data_args, training_args, output = parse_command_args(
+        (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm finetune-behavior")
+    claim_training_output("finetune-behavior", training_args, output,
+                          [model_args.model_name_or_path, data_args.tokenized_dataset])
     training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids/behavior
     training_args.label_names = ["labels"]
     set_seed(training_args.seed)

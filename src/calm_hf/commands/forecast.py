@@ -15,10 +15,15 @@ import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from . import parse_command_args, run_command
+from ..atomic import claim_output_file, partial_path
+from . import OutputArguments, parse_command_args, run_command
+
+# what marks the files `calm forecast` writes (an entry of the .npz, the PNG's Software field), so it may replace them
+WRITTEN_BY = "calm forecast"
 
 
 @dataclass
@@ -75,6 +80,31 @@ def load_traces(path: str, sampling_rate: float | None) -> tuple[np.ndarray, flo
         ) from error
 
 
+def written_by_forecast(path: Path) -> bool:
+    """Whether `path` is an earlier output of `calm forecast`: an .npz holding its `written_by` entry, or a PNG figure
+    whose metadata names it."""
+    try:
+        if zipfile.is_zipfile(path):
+            with np.load(path, allow_pickle=False) as data:
+                return "written_by" in data.files and str(data["written_by"]) == WRITTEN_BY
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.info.get("Software") == WRITTEN_BY
+    except Exception:  # noqa: BLE001 - unreadable or of another format: not ours
+        return False
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    """`np.savez` under the exact name given (no `.npz` appended), via `<path>.partial` + fsync + rename."""
+    staging = partial_path(path)
+    with open(staging, "wb") as handle:
+        np.savez(handle, written_by=np.str_(WRITTEN_BY), **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+
+
 def _forecast_with_warnings(args: ForecastArguments, traces: np.ndarray, fs: float | None) -> dict:
     from transformers import pipeline  # the task is registered by calm_hf/__init__, already imported here
 
@@ -90,7 +120,11 @@ def _forecast_with_warnings(args: ForecastArguments, traces: np.ndarray, fs: flo
 
 def run(argv: list[str] | None = None) -> dict:
     """Parse `argv` (see `ForecastArguments`), forecast, write `--output` (and `--plot`), return the pipeline output."""
-    (args,) = parse_command_args((ForecastArguments,), argv, prog="calm forecast")
+    args, output = parse_command_args((ForecastArguments, OutputArguments), argv, prog="calm forecast")
+    inputs = [args.traces, args.model]
+    target = claim_output_file(args.output, "forecast", inputs, output.overwrite, is_own=written_by_forecast)
+    if args.plot:
+        claim_output_file(args.plot, "forecast", inputs + [target], output.overwrite, is_own=written_by_forecast)
     traces, fs = load_traces(args.traces, args.sampling_rate)
     model_path = os.path.expanduser(args.model)
     if (os.path.isabs(model_path) or model_path.startswith(".")) and not os.path.isdir(model_path):
@@ -113,14 +147,14 @@ def run(argv: list[str] | None = None) -> dict:
         r = float(forecast_pearson_r(out["forecast"][None], truth[None])["pearson_r"])
         arrays["pearson_r"] = np.float64(r)
         summary += f"; forecast Pearson r vs the held-out {args.horizon} frames = {r:.3f}"
-    np.savez(args.output, **arrays)
+    _save_npz(target, arrays)
     if args.plot:
         from ..figures import plot_forecast
 
         quantiles = out["quantiles"] or {}
         plot_forecast(args.plot, np.asarray(traces, dtype=np.float64), out["forecast"], float(out["sampling_rate"]),
                       truth=truth, lower=quantiles.get(0.05), upper=quantiles.get(0.95), neurons=args.plot_neurons,
-                      context_frames=3 * args.horizon)
+                      context_frames=3 * args.horizon, software=WRITTEN_BY)
         summary += f"; figure {args.plot}"
     print(summary)
     return out

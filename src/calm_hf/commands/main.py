@@ -14,9 +14,14 @@ Each stage is the package's own command module (`calm_hf.commands.prepare`, `.tr
 Re-running reuses every finished stage (a stage is finished when its folder holds a `.calm_stage.json` written with
 the same parameters: its command's whole command line and the keys of the stages it reads) and resumes an
 interrupted training stage from its last *complete* Trainer checkpoint of the same parameters (a stage folder written
-with other parameters is removed with its checkpoints first). Data stages and the release folders are written to
-`.partial` and renamed into place; markers are written atomically; SIGTERM stops the job cleanly and stale
-`.partial` folders are removed on the next run (`calm_hf.commands.stages`).
+with other parameters is removed with its checkpoints first). Data stages are written to `.partial` and renamed into
+place; markers are written atomically; SIGTERM stops the job cleanly and stale `.partial` folders are removed on the
+next run (`calm_hf.commands.stages`).
+
+The release (`calm-base/` with its card and `run_summary.json`, and `calm-base-dataset/`) is staged whole and then
+switched as one through a journal in the work folder (`calm_hf.atomic.switch_folders`); a run killed during the
+switch is completed by the next run before anything else. Both folders carry the same release id. An existing
+`calm-base/` or `calm-base-dataset/` that the main job did not write is refused unless `--overwrite`.
 
 Model and tokenizer architecture come only from the named presets (`CalmConfig.from_preset`,
 `CalmTokenizerConfig.from_preset`); `RECIPES` holds what a run does with them (data size, epochs, batch, learning
@@ -35,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_text, partial_path, remove_stale_partials
-from . import parse_command_args, run_command
+from ..atomic import atomic_write_text, claim_output_folder, finish_switch, partial_path, remove_stale_partials
+from . import OutputArguments, parse_command_args, run_command
 from . import prepare, pretrain, tokenize, train_tokenizer
 from .stages import Stage, run_stage, stage_argv, terminate_cleanly
 
@@ -49,6 +54,7 @@ PRETRAIN_MINUTES = 13.0
 PRETRAIN_EPOCHS_CAP = 18.0
 STEP_TIME_MARGIN = 1.1  # the trainer's real step (collation, logging, checkpoints) vs the timed bare step: 0.50 vs 0.48 s
 PLAN_FILE = "job_plan.json"  # the dtype decision, the timed steps and the pretraining schedule of a work folder
+RELEASE_JOURNAL = "release_switch.json"  # the switch of the release folders in progress (see `run_job`)
 
 RECIPES = {
     # The tokenizer trains on whole trials (tokenizer_segment_frames = num_steps): it is used on whole trials, and
@@ -99,8 +105,11 @@ class MainArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the simulation, the splits and training."})
     bf16: str = field(
         default="auto",
-        metadata={"help": "bf16 autocast: auto (measured: each stage's own training step is timed in fp32 and bf16, "
-                          "and bf16 is used only where it is >= 1.2x faster), true, false."},
+        metadata={"help": "bf16 autocast: auto (measured: each stage's own training step is timed in fp32 and bf16 "
+                          "in interleaved rounds, and bf16 is used only where it is clearly faster; the decision is "
+                          "printed, written into the model card and recorded per machine in "
+                          "$CALM_CACHE_DIR/bf16_decisions.json (default ~/.cache/calm_hf), so the same recipe on the "
+                          "same machine decides the same; delete that file to measure again), true, false."},
     )
     use_cpu: bool = field(
         default=False, metadata={"help": "Train on the CPU even when an accelerator is present (default: accelerate's "
@@ -179,10 +188,17 @@ def training_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed:
 def run(argv: list[str] | None = None) -> dict:
     """Parse `argv` (see `MainArguments`), run every stage not finished yet, write the release folders and return the
     summary (metrics, timings, folders)."""
-    (args,) = parse_command_args((MainArguments,), argv, prog="calm main")
+    args, output = parse_command_args((MainArguments, OutputArguments), argv, prog="calm main")
     recipe = resolve_recipe(args)
     out = Path(args.output_dir).resolve()
     work = out / f".{args.model_name}-work"
+    # first complete a release switch a crash interrupted (its staged folders are `.partial`s the cleanup below removes)
+    finished = finish_switch(work / RELEASE_JOURNAL)
+    if finished is not None:
+        logger.info("completed the switch to release %s that the previous run was interrupted in",
+                    finished.get("release_id"))
+    for folder in release_folders(args, out):  # refused now rather than after the training stages
+        claim_output_folder(folder, "main", [work], overwrite=output.overwrite)
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -190,13 +206,18 @@ def run(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     # staging folders/files of a killed run are never read: remove them (the job's own names only)
     remove_stale_partials(work, max_depth=3)
-    for stale in (partial_path(out / args.model_name), partial_path(out / f"{args.model_name}-dataset"),
-                  partial_path(out / f"{args.model_name}.old"), partial_path(out / f"{args.model_name}-dataset.old")):
+    for stale in (*map(partial_path, release_folders(args, out)),
+                  *(partial_path(folder.with_name(folder.name + ".old")) for folder in release_folders(args, out))):
         if stale.exists():
             logger.info("removing %s left by an interrupted run", stale)
             shutil.rmtree(stale, ignore_errors=True)
     with terminate_cleanly():
         return run_job(args, recipe, out, work)
+
+
+def release_folders(args: MainArguments, out: Path) -> tuple[Path, Path]:
+    """(model folder, dataset folder) of the release: `calm-base/` and `calm-base-dataset/` under `--output_dir`."""
+    return out / args.model_name, out / f"{args.model_name}-dataset"
 
 
 def tokenizer_step_speedup(recipe: dict) -> dict:
@@ -273,11 +294,12 @@ def planned_pretrain_epochs(args: MainArguments, recipe: dict, work: Path, token
 
 def choose_dtypes(args: MainArguments, recipe: dict, work: Path) -> dict:
     """bf16 autocast on or off for the tokenizer stages and for pretraining + evaluation. `--bf16 auto` times each
-    stage's own training step both ways on the CPU (`calm_hf.hardware.bf16_training_speedup`): a fast bf16 matmul
-    does not make this small model's step faster (AMX Xeon: 0.41 s bf16 vs 0.25 s fp32). The decision is written
-    to the work folder (PLAN_FILE) and reused when the job resumes with the same recipe, so a noisy re-measurement
-    cannot retrain finished stages."""
-    from ..hardware import resolve_bf16
+    stage's own training step both ways on the CPU (`calm_hf.hardware.bf16_decision`): a fast bf16 matmul does not
+    make this small model's step faster (AMX Xeon: 0.41 s bf16 vs 0.25 s fp32). The decision is written to the work
+    folder (PLAN_FILE) and reused when the job resumes with the same recipe, so a noisy re-measurement cannot retrain
+    finished stages; it is also recorded per machine, so a fresh job with the same recipe decides the same. The
+    reasons are printed and go into the model card."""
+    from ..hardware import bf16_decision
 
     record = work / PLAN_FILE
     on_cpu = args.use_cpu or not accelerator_available()
@@ -286,29 +308,27 @@ def choose_dtypes(args: MainArguments, recipe: dict, work: Path) -> dict:
         saved = json.loads(record.read_text())
         # reused only for the same recipe: another model or batch has another step time
         if saved.get("choice") == choice and saved.get("recipe") == recipe:
-            logger.info("bf16 autocast as decided when this job started (%s): tokenizer %s, pretraining %s", record,
-                        saved["tokenizer_bf16"], saved["pretrain_bf16"])
+            logger.info("bf16 autocast as decided when this job started (%s)", record)
+            print_dtypes(saved)
             return saved
     device = "cpu" if on_cpu else "cuda"
-    timings: dict = {}
-
-    def timed(name: str, measure):
-        def run():
-            timings[name] = measure(recipe)
-            return timings[name]
-        return run
-
-    decided = {
-        "choice": choice,
-        "recipe": recipe,
-        "tokenizer_bf16": resolve_bf16(choice, device, timed("tokenizer_step", tokenizer_step_speedup),
-                                       name="the tokenizer"),
-        "pretrain_bf16": resolve_bf16(choice, device, timed("pretrain_step", pretrain_step_speedup),
-                                      name="pretraining"),
-        **timings,  # kept: the pretraining budget plans its epochs from the same timed step
-    }
+    decided: dict = {"choice": choice, "recipe": recipe, "reasons": {}}
+    for stage, label, measure in (("tokenizer", "tokenizer", tokenizer_step_speedup),
+                                  ("pretrain", "pretraining", pretrain_step_speedup)):
+        decision = bf16_decision(choice, device, lambda measure=measure: measure(recipe), name=label,
+                                 record_key={"recipe": recipe})
+        decided[f"{stage}_bf16"] = decision["bf16"]
+        decided["reasons"][label] = decision["reason"]
+        if decision["measured"] is not None:  # kept: the pretraining budget plans its epochs from the same timed step
+            decided[f"{stage}_step"] = decision["measured"]
     atomic_write_text(record, json.dumps(decided, indent=2))
+    print_dtypes(decided)
     return decided
+
+
+def print_dtypes(decided: dict) -> None:
+    for label, reason in (decided.get("reasons") or {}).items():
+        print(f"bf16 autocast for {label}: {reason}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,8 +396,10 @@ def pretrain_stage(args: MainArguments, recipe: dict, work: Path, tokenizer: Sta
 
 def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
     """Every stage in order (each key covers all it depends on, so a change anywhere - seed, sizes, dtype, schedule -
-    re-runs it and everything downstream), then evaluation and the release folders."""
-    from ..publish import write_release
+    re-runs it and everything downstream), then evaluation and the release: both folders and `run_summary.json` are
+    staged, then switched as one (`calm_hf.atomic.switch_folders`, journal `RELEASE_JOURNAL` in the work folder)."""
+    from ..atomic import switch_folders
+    from ..publish import stage_release
 
     timings: dict[str, dict] = {}
     total_start = time.perf_counter()
@@ -387,11 +409,12 @@ def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
     pretrained = pretrain_stage(args, recipe, work, tokenizer, tokenized, timings)
     # 5. evaluate + 6. write the checkpoint
     start = time.perf_counter()
-    summary = write_release(
+    model_dir, dataset_dir = release_folders(args, out)
+    summary = stage_release(
         pretrain_dir=pretrained.path,
         tokenized_dir=tokenized.path,
-        model_dir=out / args.model_name,
-        dataset_dir=out / f"{args.model_name}-dataset",
+        model_dir=model_dir,
+        dataset_dir=dataset_dir,
         context_frames=args.context_frames,
         eval_trials=recipe["eval_trials"],
         forecast_samples=recipe["forecast_samples"],
@@ -404,14 +427,17 @@ def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
             "tokenizer_training": tokenizer.params,
             "pretraining": pretrained.params,
             "pretraining_budget": {k: v for k, v in args.pretrain_plan.items() if k != "key"},
+            "bf16_autocast": args.dtypes.get("reasons", {}),
             "stage_seconds": {k: round(v["seconds"], 1) for k, v in timings.items()},
         },
     )
+    staged = summary.pop("staged")
     timings["evaluate_and_write"] = {"seconds": time.perf_counter() - start, "reused": False}
     summary["timings"] = timings
     summary["total_seconds"] = time.perf_counter() - total_start
-    atomic_write_text(out / args.model_name / "run_summary.json", json.dumps(summary, indent=2, default=str))
-    print_summary(summary, out / args.model_name)
+    atomic_write_text(partial_path(model_dir) / "run_summary.json", json.dumps(summary, indent=2, default=str))
+    switch_folders(work / RELEASE_JOURNAL, staged, release_id=summary["release_id"])
+    print_summary(summary, model_dir)
     return summary
 
 

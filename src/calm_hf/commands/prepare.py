@@ -13,15 +13,18 @@ length and may not exceed the gap between starts), else into consecutive `--tria
 
 Every session is resampled to the model rate, optionally EMA-smoothed, split 70/15/15 by trial and z-scored with its
 training trials' statistics (kept in `calm_sessions.json` beside the dataset so forecasts map back to input units).
+Trials cut closer together than their length (`--trial_stride_seconds` below `--trial_seconds`) overlap in time: they
+are split in contiguous time blocks separated by one trial length instead of at random, so no frame is in two splits;
+`calm_sessions.json` records which split each session got (`split_method`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
+import math
 from dataclasses import dataclass, field
 
+from ..atomic import claim_output_folder
 from ..data import (
     Recording,
     SessionTrials,
@@ -31,10 +34,10 @@ from ..data import (
     load_nwb_recording,
     load_suite2p_recording,
     prepare_session,
-    save_session_metadata,
+    save_trial_dataset,
     simulate_benchmark,
 )
-from . import parse_command_args, run_command
+from . import OutputArguments, parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.prepare_data")
 
@@ -54,7 +57,7 @@ class PrepareArguments:
     )
     neuropil_coefficient: float = field(default=0.7, metadata={"help": "suite2p: F - coefficient * Fneu."})
     layout: str = field(
-        default="auto", metadata={"help": "npz: traces layout, auto, neurons_frames or frames_neurons."}
+        default="auto", metadata={"help": "npz and CaImAn: traces layout, auto, neurons_frames or frames_neurons."}
     )
     num_sessions: int = field(default=3, metadata={"help": "Simulated sessions (one recurrent matrix each)."})
     seed: int = field(default=0, metadata={"help": "Simulation seed (session i uses seed + i) and split seed."})
@@ -82,16 +85,30 @@ def load_recordings(args: PrepareArguments) -> list[Recording]:
     recordings += [load_nwb_recording(path, series=args.nwb_series, behavior_series=args.nwb_behavior or None)
                    for path in args.nwb]
     recordings += [load_suite2p_recording(path, neuropil_coefficient=args.neuropil_coefficient) for path in args.suite2p]
-    recordings += [load_caiman_recording(path) for path in args.caiman]
+    recordings += [load_caiman_recording(path, layout=args.layout) for path in args.caiman]
     return recordings
+
+
+def _seconds_to_frames(seconds: float | None, flag: str, fs: float, name: str) -> int | None:
+    """Frames in `seconds` at `fs` Hz, with a clear error for a value that is not a positive duration."""
+    if seconds is None:
+        return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{flag} must be a positive number of seconds, got {seconds}.")
+    frames = int(round(seconds * fs))
+    if frames < 1:
+        raise ValueError(f"{flag} {seconds} is shorter than one frame of {name} at {fs:g} Hz; pass at least "
+                         f"{1 / fs:g} s.")
+    return frames
 
 
 def recording_to_session(recording: Recording, trial_seconds: float | None, stride_seconds: float | None = None):
     """The one Recording -> SessionTrials path: cut at trial starts when the recording has them, else in windows."""
-    length = None if trial_seconds is None else int(round(trial_seconds * recording.fs))
-    stride = None if stride_seconds is None else max(1, int(round(stride_seconds * recording.fs)))
-    if length is not None and length < 1:
-        raise ValueError(f"--trial_seconds {trial_seconds} is shorter than one frame at {recording.fs} Hz.")
+    length = _seconds_to_frames(trial_seconds, "--trial_seconds", recording.fs, recording.name)
+    stride = _seconds_to_frames(stride_seconds, "--trial_stride_seconds", recording.fs, recording.name)
+    if stride is not None and recording.trial_starts is not None:
+        raise ValueError(f"{recording.name} has its own trial starts, so --trial_stride_seconds does not apply; leave "
+                         "it out (it is for cutting continuous recordings).")
     if recording.trial_starts is None and length is None:
         raise ValueError(
             f"{recording.name} is a continuous recording ({recording.num_frames} frames = "
@@ -101,9 +118,17 @@ def recording_to_session(recording: Recording, trial_seconds: float | None, stri
     return recording.to_session(trial_length=length, stride=stride)
 
 
+def check_simulation_args(args: PrepareArguments) -> None:
+    """The simulation's sizes are whole positive counts (a split needs 3 trials, a token one window of frames)."""
+    for name, least in (("num_sessions", 1), ("num_neurons", 1), ("num_trials", 3), ("num_steps", args.window_size)):
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}.")
+
+
 def load_sessions(args: PrepareArguments) -> list[SessionTrials]:
     recordings = load_recordings(args)
     if not recordings:
+        check_simulation_args(args)
         from tqdm.auto import tqdm
 
         # one session per call (session i = seed + i, as simulate_benchmark names them) so a bar shows progress
@@ -121,7 +146,9 @@ def load_sessions(args: PrepareArguments) -> list[SessionTrials]:
 
 def run(argv: list[str] | None = None):
     """Parse `argv` (see `PrepareArguments`), write the trial DatasetDict and return it."""
-    (args,) = parse_command_args((PrepareArguments,), argv, prog="calm prepare")
+    args, output = parse_command_args((PrepareArguments, OutputArguments), argv, prog="calm prepare")
+    target = claim_output_folder(args.output_dir, "prepare", [*args.npz, *args.nwb, *args.suite2p, *args.caiman],
+                                 overwrite=output.overwrite)
     sessions = load_sessions(args)
     prepared = [
         prepare_session(
@@ -130,13 +157,8 @@ def run(argv: list[str] | None = None):
         for session in sessions
     ]
     corpus = build_trial_dataset(prepared)
-    # Write next to the target and rename: a failure never leaves a half-written dataset under output_dir.
-    partial = args.output_dir.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    corpus.save_to_disk(partial)
-    save_session_metadata(partial, prepared)
-    shutil.rmtree(args.output_dir, ignore_errors=True)
-    os.replace(partial, args.output_dir)
+    # written next to the target and renamed: a failure never leaves a half-written dataset under output_dir
+    save_trial_dataset(corpus, target, prepared, command="prepare")
     logger.info("wrote %s: %s", args.output_dir, {name: len(split) for name, split in corpus.items()})
     return corpus
 

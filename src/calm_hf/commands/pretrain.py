@@ -28,7 +28,7 @@ from ..modeling_calm_tokenizer import CalmTokenizer
 from ..processing_calm import CalmTraceProcessor
 from ..trainer import CalmTrainer
 from ..identity_init import init_identity_from_dataset, init_value_skip_from_dataset
-from . import parse_command_args, run_command
+from . import OutputArguments, claim_training_output, parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.pretrain")
 
@@ -157,8 +157,10 @@ def build_trainer(model, tokenizer, corpus, sessions, data_args: DataArguments, 
 def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Parse `argv` (see the argument dataclasses), pretrain and save the model (with its `tokenizer/`), return the
     metrics. `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
-    model_args, data_args, training_args = parse_command_args(
-        (ModelArguments, DataArguments, TrainingArguments), argv, prog="calm pretrain")
+    model_args, data_args, training_args, output = parse_command_args(
+        (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm pretrain")
+    claim_training_output("pretrain", training_args, output,
+                          [data_args.tokenized_dataset, model_args.tokenizer_path, model_args.init_from])
     training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids before renaming
     set_seed(training_args.seed)
 

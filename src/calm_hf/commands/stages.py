@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_text, fsync_tree, partial_path, replace_folder
+from ..atomic import STAGE_OWNER, atomic_write_text, fsync_tree, mark_output, partial_path, replace_folder
 
 logger = logging.getLogger("calm_hf.main")
 
@@ -76,7 +76,8 @@ class Stage:
 
     - `done()`: the folder holds a `.calm_stage.json` with this key (an unreadable marker counts as not done).
     - `start()`: before running, a folder left by a run with *other* parameters (its `.calm_stage_key` differs) is
-      removed with its Trainer checkpoints, so a changed run never resumes another run's checkpoints.
+      removed with its Trainer checkpoints, so a changed run never resumes another run's checkpoints. The folder is
+      marked as reserved for the stage (`calm_hf.atomic.STAGE_OWNER`), so the command it runs writes there.
     - `atomic=True` stages write into `<folder>.partial`, which is renamed into place only when complete.
     - Markers and key files are written atomically (`.partial` + fsync + rename).
     """
@@ -119,6 +120,7 @@ class Stage:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(key_file, self.key)
+        mark_output(self.path, STAGE_OWNER)
 
     def finish(self, seconds: float, **info) -> None:
         marker = json.dumps({"key": self.key, "seconds": seconds, "params": self.params, **info}, default=str)

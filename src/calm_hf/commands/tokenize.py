@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 
-from ..atomic import partial_path
+from ..atomic import claim_output_folder, partial_path
 from ..data import load_trial_corpus, save_trial_dataset, tokenize_dataset
 from ..modeling_calm_tokenizer import CalmTokenizer
-from . import parse_command_args, run_command
+from . import OutputArguments, parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.tokenize_trials")
 
@@ -36,7 +36,9 @@ class TokenizeArguments:
 
 def run(argv: list[str] | None = None) -> datasets.DatasetDict:
     """Parse `argv` (see `TokenizeArguments`), write the tokenized DatasetDict and return it."""
-    (args,) = parse_command_args((TokenizeArguments,), argv, prog="calm tokenize")
+    args, output_args = parse_command_args((TokenizeArguments, OutputArguments), argv, prog="calm tokenize")
+    target = claim_output_folder(args.output_dir, "tokenize", [args.tokenizer_path, args.trials_dataset],
+                                 overwrite=output_args.overwrite)
     # a .partial left by a run killed while saving is stale: remove it before starting (never read it)
     output = os.path.abspath(args.output_dir.rstrip("/"))
     for stale in (partial_path(output), partial_path(output + ".old")):
@@ -55,7 +57,7 @@ def run(argv: list[str] | None = None) -> datasets.DatasetDict:
         {name: tokenize_dataset(split, tokenizer, batch_size=args.batch_size, dtype=dtype) for name, split in corpus.items()}
     )
     # dataset + calm_sessions.json go to <output_dir>.partial, are fsynced and renamed into place together
-    save_trial_dataset(tokenized, args.output_dir.rstrip("/"), sessions)
+    save_trial_dataset(tokenized, target, sessions, command="tokenize")
     logger.info("wrote %s", args.output_dir)
     return tokenized
 

@@ -23,7 +23,7 @@ from ..configuration_calm_tokenizer import CalmTokenizerConfig
 from ..data import load_trial_corpus
 from ..modeling_calm_tokenizer import CalmTokenizer
 from ..trainer import CalmTrainer
-from . import parse_command_args, run_command
+from . import OutputArguments, claim_training_output, parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.train_tokenizer")
 
@@ -131,8 +131,9 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
 
     `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's.
     """
-    model_args, data_args, training_args = parse_command_args(
-        (ModelArguments, DataArguments, TrainingArguments), argv, prog="calm train-tokenizer")
+    model_args, data_args, training_args, output = parse_command_args(
+        (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm train-tokenizer")
+    claim_training_output("train-tokenizer", training_args, output, [data_args.trials_dataset, data_args.extra_traces])
     set_seed(training_args.seed)
 
     overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}

@@ -44,6 +44,7 @@ from .preprocessing import (
     prepare_session,
     resample,
     split_trials,
+    split_trials_by_time,
 )
 from .readers import load_recording
 from .session import SessionTrials, check_traces
@@ -87,5 +88,6 @@ __all__ = [
     "simulate_session",
     "spikes_to_calcium",
     "split_trials",
+    "split_trials_by_time",
     "tokenize_dataset",
 ]

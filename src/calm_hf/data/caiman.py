@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Recording, _missing_file_error, recording_from_arrays
+from .io import Recording, _missing_file_error, _orient_traces, parse_frame_rate, recording_from_arrays
 
 
 TRACE_KEYS = ("F_dff", "C")
@@ -26,8 +26,26 @@ def _import_h5py():
     return h5py
 
 
+def _accepted_index(accepted: np.ndarray, num_components: int, path: Path) -> np.ndarray:
+    """`estimates/idx_components` as sorted unique component indices, refusing what would silently pick others."""
+    accepted = np.asarray(accepted).reshape(-1)
+    if accepted.dtype.kind not in "iu":
+        whole = accepted.dtype.kind == "f" and np.isfinite(accepted).all() and (accepted == np.round(accepted)).all()
+        if not whole:
+            raise ValueError(f"{path}: estimates/idx_components must be whole component indices, got "
+                             f"{accepted[:8]}; rewrite it with integer indices.")
+    accepted = accepted.astype(np.int64)
+    if (accepted < 0).any() or (accepted >= num_components).any():
+        raise ValueError(f"{path}: estimates/idx_components points outside the {num_components} components.")
+    values, counts = np.unique(accepted, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{path}: estimates/idx_components lists component(s) {values[counts > 1].tolist()} more than "
+                         "once, which would duplicate those neurons; list each accepted component once.")
+    return values
+
+
 def load_caiman_recording(
-    path: str | os.PathLike, traces_key: str | None = None, accepted_only: bool = True
+    path: str | os.PathLike, traces_key: str | None = None, accepted_only: bool = True, layout: str = "auto"
 ) -> Recording:
     """Read CaImAn HDF5 results into a `Recording`.
 
@@ -35,6 +53,9 @@ def load_caiman_recording(
         path (`str` or `os.PathLike`): the `.hdf5`/`.h5` file written by `cnm.save`.
         traces_key (`str`, *optional*): `"F_dff"` or `"C"`; default `F_dff` when present and non-empty, else `C`.
         accepted_only (`bool`, *optional*, defaults to `True`): keep only `estimates/idx_components` when stored.
+        layout (`str`, *optional*, defaults to `"auto"`): `"neurons_frames"` (CaImAn's `(components, frames)`),
+            `"frames_neurons"` (stored transposed) or `"auto"`: the component count of `estimates/A` decides; without
+            it, traces with more rows than columns are refused (they look transposed).
 
     Returns:
         `Recording` with traces `(components, frames)`, `fs` from `params/data/fr`, `extras["component_index"]`.
@@ -69,16 +90,21 @@ def load_caiman_recording(
                 f"{path} has no {' or '.join('estimates/' + k for k in keys)} array; is it a CaImAn results file "
                 "written by cnm.save(...)?"
             )
-        fr = read("params/data/fr")
-        if fr is None:
+        item = handle.get("params/data/fr")
+        if not isinstance(item, h5py.Dataset) or item.shape is None:
             raise ValueError(f"{path} has no params/data/fr (the frame rate); is it a CaImAn results file?")
+        fr = parse_frame_rate(item[()], str(path), "params/data/fr")  # sometimes stored as text ("30")
         accepted = read("estimates/idx_components") if accepted_only else None
+        # sparse A is stored as a group with its shape (pixels, components): the number of components
+        shape = read("estimates/A/shape")
+        components = int(shape.reshape(-1)[-1]) if shape is not None and shape.size == 2 else None
     traces = np.atleast_2d(traces)
+    if traces.ndim == 2 and layout == "auto" and components is not None and traces.shape[0] != components:
+        layout = "frames_neurons" if traces.shape[1] == components else layout
+    if traces.ndim == 2 and traces.size:
+        traces = _orient_traces(traces, layout, f"{path} estimates/{key}")
     index = np.arange(traces.shape[0])
     if accepted is not None:
-        accepted = np.asarray(accepted, dtype=np.int64).reshape(-1)
-        if (accepted < 0).any() or (accepted >= traces.shape[0]).any():
-            raise ValueError(f"{path}: estimates/idx_components points outside the {traces.shape[0]} components.")
-        index = np.sort(accepted)
+        index = _accepted_index(accepted, traces.shape[0], path)
         traces = traces[index]
     return recording_from_arrays(path, traces, fr, extras={"component_index": index, "caiman_traces": key})

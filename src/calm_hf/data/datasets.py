@@ -53,6 +53,7 @@ class SessionInfo:
         stats (`ZScoreStats`): per-neuron training statistics (`stats.inverse_transform` -> raw units).
         behavior_stats (`ZScoreStats` or `None`), behavior_names (`list[str]` or `None`).
         splits (`dict[str, list[int]]`): trial indices per split.
+        split_method (`dict` or `None`): how the splits were made (`PreparedSession.split_method`).
     """
 
     session_id: int
@@ -68,6 +69,7 @@ class SessionInfo:
     behavior_stats: ZScoreStats | None = None
     behavior_names: list[str] | None = None
     splits: dict[str, list[int]] | None = None
+    split_method: dict[str, Any] | None = None
 
     @property
     def neuron_range(self) -> tuple[int, int]:
@@ -90,6 +92,7 @@ class SessionInfo:
             "behavior_stats": None if self.behavior_stats is None else self.behavior_stats.to_dict(),
             "behavior_names": self.behavior_names,
             "splits": self.splits,
+            "split_method": self.split_method,
         }
 
     @classmethod
@@ -108,6 +111,7 @@ class SessionInfo:
             behavior_stats=None if data.get("behavior_stats") is None else ZScoreStats.from_dict(data["behavior_stats"]),
             behavior_names=data.get("behavior_names"),
             splits=data.get("splits"),
+            split_method=data.get("split_method"),
         )
 
 
@@ -148,6 +152,7 @@ def session_metadata(prepared: list[PreparedSession], neuron_id_offsets: list[in
             behavior_stats=session.behavior_stats,
             behavior_names=session.behavior_names,
             splits={k: [int(i) for i in v] for k, v in session.splits.items()},
+            split_method=session.split_method,
         )
         for i, (session, offset) in enumerate(zip(prepared, offsets))
     ]
@@ -254,12 +259,14 @@ def save_trial_dataset(
     dataset: DatasetDict,
     output_dir: str | os.PathLike,
     sessions: list[SessionInfo] | list[PreparedSession] | Dataset | DatasetDict | None = None,
+    command: str | None = None,
 ) -> Path:
     """Save a trial (or tokenized) DatasetDict and its `calm_sessions.json` together, atomically.
 
     Both are written into `<output_dir>.partial`, flushed and renamed into place, so an interrupted run leaves the
     previous `output_dir` untouched (never new trials beside old session statistics). `sessions` defaults to the
-    metadata carried in the dataset's `info.description`. Returns `output_dir`.
+    metadata carried in the dataset's `info.description`; `command` marks the folder as that command's output
+    (`calm_hf.atomic.mark_output`). Returns `output_dir`.
     """
     output_dir = Path(output_dir)
 
@@ -267,7 +274,7 @@ def save_trial_dataset(
         dataset.save_to_disk(str(staging))
         save_session_metadata(staging, sessions if sessions is not None else dataset)
 
-    atomic_folder(output_dir, write)
+    atomic_folder(output_dir, write, command=command)
     return output_dir
 
 

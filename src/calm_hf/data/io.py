@@ -81,7 +81,8 @@ class Recording:
 
         With `trial_starts`, trials are cut at those starts (`trial_length` defaults to the shortest gap between
         starts); otherwise the recording is continuous and `cut_trials(traces, trial_length, stride)` is used
-        (`trial_length` required). `extras` are carried over (plus `trial_starts` when cut at them).
+        (`trial_length` required). `extras` are carried over, plus `trial_starts`, the first frame of each trial
+        (`prepare_session` splits trials that overlap in time by blocks, not at random).
         """
         behavior = None
         if self.trial_starts is not None:
@@ -117,6 +118,7 @@ class Recording:
             else:  # cut_trials returns a bare array without behaviour
                 traces = cut_trials(self.traces, trial_length, stride=stride)
             extras = dict(self.extras)
+            extras["trial_starts"] = np.arange(len(traces), dtype=np.int64) * int(stride or trial_length)
         return SessionTrials(
             name=self.name,
             traces=traces,
@@ -159,6 +161,32 @@ def _orient_traces(traces: np.ndarray, layout: str, source: str, num_frames_hint
     return traces
 
 
+def parse_frame_rate(value: Any, source: str, name: str = "fs") -> float:
+    """A frame rate stored in a file as a positive number of Hz: one number, or text holding one ("30"); anything else
+    (several values, "30Hz", True, None) is refused with a message naming `source` and `name`."""
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"{source}: {name} must be one number (the frame rate in Hz), got {array.size} values "
+                         f"{array.reshape(-1)[:4].tolist()}; store the rate of these traces alone.")
+    item = array.reshape(-1)[0]
+    if isinstance(item, np.floating):  # a float32 2.2 is the rate 2.2, not 2.2000000477
+        item = float(str(item))
+    elif isinstance(item, np.generic):
+        item = item.item()
+    if isinstance(item, bytes):
+        item = item.decode(errors="replace")
+    rate = None
+    if not isinstance(item, (bool, np.bool_)) and item is not None:
+        try:
+            rate = float(item)
+        except (TypeError, ValueError):
+            rate = None
+    if rate is None or not np.isfinite(rate) or rate <= 0:
+        raise ValueError(f"{source}: {name} must be a frame rate in Hz, a positive number, got {item!r}; store the "
+                         "number alone (e.g. 30.0).")
+    return rate
+
+
 def recording_from_arrays(
     source: str | os.PathLike,
     traces: Any,
@@ -185,9 +213,7 @@ def recording_from_arrays(
                 "in; rescale the traces (e.g. divide by their median) before use."
             )
     traces = np.asarray(check_traces(array, name=f"traces in {label}", ndim=2), dtype=np.float32)
-    fs_value = float(str(np.asarray(fs).reshape(-1)[0])) if np.asarray(fs).size else float("nan")
-    if not np.isfinite(fs_value) or fs_value <= 0:
-        raise ValueError(f"{source}: the frame rate must be a positive number of Hz, got {fs_value}.")
+    fs_value = parse_frame_rate(fs, source)
     if behavior is not None:
         behavior = np.asarray(check_traces(behavior, name=f"behavior in {label}", ndim=(1, 2)), np.float32)
         behavior = behavior[None] if behavior.ndim == 1 else behavior
@@ -204,12 +230,24 @@ def recording_from_arrays(
         behavior_names = None
     if trial_starts is not None:
         trial_starts = np.asarray(trial_starts).reshape(-1)
+        if trial_starts.size == 0:
+            raise ValueError(f"{source}: trial_starts is empty; leave it out to cut the recording into windows "
+                             "(--trial_seconds), or list the first frame of every trial.")
         if not np.issubdtype(trial_starts.dtype, np.integer):
             if not np.isfinite(trial_starts).all() or (trial_starts != np.round(trial_starts)).any():
                 raise ValueError(f"{source}: trial_starts must be whole frame indices, got {trial_starts[:8]}...")
         trial_starts = trial_starts.astype(np.int64)
         if (trial_starts < 0).any() or (trial_starts >= traces.shape[1]).any():
             raise ValueError(f"{source}: trial_starts must lie in [0, {traces.shape[1]}), got {trial_starts}.")
+        values, counts = np.unique(trial_starts, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"{source}: trial_starts must increase from trial to trial, but "
+                             f"{int(values[counts > 1][0])} appears twice; list each trial once.")
+        if (np.diff(trial_starts) < 0).any():
+            at = int(np.argmax(np.diff(trial_starts) < 0))
+            raise ValueError(f"{source}: trial_starts must increase from trial to trial, but trial {at} starts at "
+                             f"{trial_starts[at]} and trial {at + 1} at {trial_starts[at + 1]}; store the trials "
+                             "(and their per-trial labels) in time order.")
     return Recording(
         name=name or Path(source).stem,
         traces=traces,
@@ -219,6 +257,24 @@ def recording_from_arrays(
         trial_starts=trial_starts,
         extras=dict(extras or {}),
     )
+
+
+def _check_npz_magic(path: Path) -> None:
+    """Name what a file is when it is not an .npz archive (np.load would call it pickled data, or load an .npy)."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        what = "an HDF5 file (NWB or CaImAn results?)"
+        fix = "read it with `calm prepare --nwb` (load_nwb_recording) or `--caiman` (load_caiman_recording)"
+    elif head.startswith(b"\x93NUMPY"):
+        what, fix = "a single .npy array", "save the recording with np.savez(path, traces=..., fs=...)"
+    else:
+        printable = head and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head)
+        what = f"{'text' if printable else 'binary data'} starting with {head[:12]!r}"
+        fix = "save the recording with np.savez(path, traces=..., fs=...)"
+    raise ValueError(f"{path} is not an .npz archive: it is {what}; {fix}.")
 
 
 def load_npz_recording(path: str | os.PathLike, layout: str = "auto") -> Recording:
@@ -239,6 +295,7 @@ def load_npz_recording(path: str | os.PathLike, layout: str = "auto") -> Recordi
     path = Path(path)
     if not path.is_file():
         raise _missing_file_error(path)
+    _check_npz_magic(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             data = {key: archive[key] for key in archive.files}
@@ -263,6 +320,8 @@ def load_npz_recording(path: str | os.PathLike, layout: str = "auto") -> Recordi
     traces = np.asarray(data["traces"])
     if traces.ndim != 2:
         raise ValueError(f"{path}: traces must be 2-D (neurons, frames), got shape {traces.shape}.")
+    if traces.size == 0:
+        raise ValueError(f"{path}: traces is empty (shape {traces.shape}); a recording needs neurons and frames.")
     behavior = data.get("behavior")
     frames_hint = None
     if behavior is not None and np.asarray(behavior).ndim >= 1:

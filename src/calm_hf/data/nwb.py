@@ -76,17 +76,37 @@ def _pick_series(found: dict[str, Any], series: str | None, path: Path):
     raise ValueError(f"{path} holds several ROI series {sorted(found)}; choose one with series=....")
 
 
-def _timestamps(series, num_frames: int) -> tuple[np.ndarray, float]:
-    """Frame times in seconds and the frame rate: from `.rate` when set, else from `.timestamps`."""
+# a step between two timestamps longer than this many typical steps is a gap in the recording, not jitter
+MAX_STEP_RATIO = 1.5
+
+
+def _timestamps(series, num_frames: int, what: str) -> tuple[np.ndarray, float]:
+    """Sample times in seconds and the rate: from `.rate` when set, else from `.timestamps`, which must increase
+    without gaps (everything downstream treats the samples as evenly spaced)."""
     if series.rate is not None:
         rate = float(series.rate)
         start = float(series.starting_time or 0.0)
         return start + np.arange(num_frames) / rate, rate
     times = np.asarray(series.timestamps[:], dtype=np.float64)
     if times.size < 2:
-        raise ValueError("the series has neither a rate nor two timestamps, so its frame rate is unknown.")
+        raise ValueError(f"{what} has neither a rate nor two timestamps, so its sampling rate is unknown.")
+    steps = np.diff(times)
+    if not np.isfinite(times).all() or (steps <= 0).any():
+        first = int(np.argmax(~(steps > 0))) if np.isfinite(times).all() else int(np.argmax(~np.isfinite(times)))
+        raise ValueError(
+            f"{what}: its timestamps are not increasing (at sample {first}: {times[first]:g} s, then "
+            f"{times[min(first + 1, times.size - 1)]:g} s); samples must be stored in time order, once each."
+        )
+    typical = float(np.median(steps))
+    if steps.max() > MAX_STEP_RATIO * typical:
+        at = int(np.argmax(steps))
+        raise ValueError(
+            f"{what}: the timestamps jump from {times[at]:g} s to {times[at + 1]:g} s, a gap of {steps[at]:.3g} s "
+            f"where samples are {typical:.3g} s apart, so the recording is not continuous and would be read as if it "
+            "were. Read the parts before and after the gap as separate recordings (or fill the gap) first."
+        )
     # 10 significant digits: timestamps 0.1 s apart give 10.0 Hz, not 10.000000000000002
-    return times, float(f"{1.0 / np.median(np.diff(times)):.10g}")
+    return times, float(f"{1.0 / typical:.10g}")
 
 
 def _find_time_series(nwbfile, name: str):
@@ -111,7 +131,15 @@ def _read_behavior(nwbfile, names, times: np.ndarray, path: Path) -> np.ndarray:
             raise ValueError(f"{path}: no TimeSeries named {name!r} (acquisition has {sorted(nwbfile.acquisition)}).")
         values = np.asarray(found.data[:], dtype=np.float64)
         values = values if values.ndim == 1 else values.reshape(values.shape[0], -1).mean(axis=1)
-        behavior_times, _ = _timestamps(found, values.shape[0])
+        behavior_times, rate = _timestamps(found, values.shape[0], f"{path}: behaviour series {name}")
+        # interpolation holds the end values beyond the samples: behaviour must span the imaging (one sample of slack)
+        slack = max(1.0 / rate, float(np.median(np.diff(times)))) if len(times) > 1 else 1.0 / rate
+        if behavior_times[0] > times[0] + slack or behavior_times[-1] < times[-1] - slack:
+            raise ValueError(
+                f"{path}: behaviour series {name} covers {behavior_times[0]:g}-{behavior_times[-1]:g} s but the "
+                f"imaging runs {times[0]:g}-{times[-1]:g} s; outside its samples it would be made up by holding its "
+                "first or last value. Read behaviour that spans the whole imaging, or leave it out."
+            )
         channels.append(np.interp(times, behavior_times, values))
     return np.stack(channels)
 
@@ -166,11 +194,19 @@ def load_nwb_recording(
             data = data[:, None]
         if data.ndim != 2:
             raise ValueError(f"{path}: series {key} has shape {data.shape}; expected (frames, rois).")
-        times, fs = _timestamps(item, data.shape[0])
+        times, fs = _timestamps(item, data.shape[0], f"{path}: series {key}")
         traces = data.T  # NWB stores (frames, rois)
         trial_starts = None
         if nwbfile.trials is not None and len(nwbfile.trials) > 0:
             starts = np.asarray(nwbfile.trials["start_time"][:], dtype=np.float64)
+            if not np.isfinite(starts).all():
+                raise ValueError(f"{path}: the trials table has start times that are not finite ({starts[:8]}...).")
+            if starts.min() < times[0] - 0.5 / fs:
+                raise ValueError(
+                    f"{path}: a trial starts at {starts.min():g} s, before the first imaging frame ({times[0]:g} s), "
+                    "so it has no traces there. Drop the trials outside the imaging, or check that both use the same "
+                    "clock."
+                )
             trial_starts = np.searchsorted(times, starts - 0.5 / fs)
             if (trial_starts >= len(times)).any():
                 raise ValueError(f"{path}: a trial starts at {starts.max():g} s, after the last imaging frame.")

@@ -71,6 +71,9 @@ def resample(traces: Any, fs_in: float, fs_out: float, axis: int = -1, max_denom
     if array.ndim == 0 or array.size == 0:
         raise ValueError(f"resample needs a non-empty array with a time axis, got shape {array.shape}.")
     _check_finite_signal(array, "resample")
+    if array.shape[axis] < 2 and fs_in != fs_out:
+        raise ValueError(f"resample needs at least 2 frames along the time axis to change the rate, got shape "
+                         f"{array.shape}; a single frame has no rate to change.")
     dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32
     if fs_in == fs_out:
         return array.astype(dtype, copy=True)
@@ -121,13 +124,15 @@ class ZScoreStats:
     `transform` maps `(..., neurons, frames)` traces to `(x - mean) / std`; `inverse_transform` maps back to the
     original units (it accepts numpy arrays and torch tensors, so model outputs map back directly).
 
-    Std floor: a neuron whose fitted std is below `min_std` (default 1e-6, i.e. constant during training) gets
-    std 1.0: it is only centred, so a silent neuron becomes zeros instead of dividing by ~0.
+    Std floor: a neuron that is constant during training (its std at the rounding level of its mean) gets std 1.0:
+    it is only centred, so a silent neuron becomes zeros instead of dividing by ~0. Other stds are raised to at least
+    `min_std` times the median std of the varying neurons, a floor relative to the data's own scale, so traces in
+    units of 1e-8 are z-scored like traces in units of 1.
 
     Args:
         mean (`np.ndarray` of shape `(neurons,)`): per-neuron mean.
         std (`np.ndarray` of shape `(neurons,)`): per-neuron standard deviation (already floored).
-        min_std (`float`, *optional*, defaults to 1e-6): floor used by `fit`.
+        min_std (`float`, *optional*, defaults to 1e-6): relative floor used by `fit`.
     """
 
     mean: np.ndarray
@@ -155,7 +160,9 @@ class ZScoreStats:
             array = array[None]
         mean = array.mean(axis=(0, 2))
         std = array.std(axis=(0, 2))
-        std = np.where(std < min_std, 1.0, std)
+        varying = std > 1e-12 * np.maximum(np.abs(mean), np.finfo(np.float64).tiny)
+        scale = float(np.median(std[varying])) if varying.any() else 1.0
+        std = np.where(varying, np.maximum(std, min_std * scale), 1.0)
         return cls(mean=mean, std=std, min_std=min_std)
 
     def _broadcast(self, x: Any):
@@ -197,6 +204,17 @@ class ZScoreStats:
         return cls(mean=data["mean"], std=data["std"], min_std=data.get("min_std", 1e-6))
 
 
+def _whole_frames(value: Any, name: str) -> int:
+    """`value` as an int when it is a whole number of frames (2.0 is, 2.7 is not: truncating it cuts other trials)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number of frames, got {value!r}.") from None
+    if isinstance(value, (bool, np.bool_)) or not math.isfinite(number) or number != round(number):
+        raise ValueError(f"{name} must be a whole number of frames, got {value}.")
+    return int(round(number))
+
+
 def cut_trials(
     traces: Any,
     trial_length: int,
@@ -219,8 +237,8 @@ def cut_trials(
         `behavior_trials` `(trials, channels, trial_length)` when `behavior` is given.
     """
     array = check_traces(traces, name="traces", ndim=2)
-    trial_length = int(trial_length)
-    stride = trial_length if stride is None else int(stride)
+    trial_length = _whole_frames(trial_length, "trial_length")
+    stride = trial_length if stride is None else _whole_frames(stride, "stride")
     if trial_length < 1 or stride < 1:
         raise ValueError(f"trial_length and stride must be positive, got trial_length={trial_length}, stride={stride}.")
     num_frames = array.shape[-1]
@@ -242,17 +260,9 @@ def cut_trials(
     return trials, np.ascontiguousarray(np.moveaxis(behavior_array[:, index], 1, 0))
 
 
-def split_trials(
-    num_trials: int, seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-) -> dict[str, np.ndarray]:
-    """Deterministic random split of trial indices into train/validation/test.
-
-    Validation and test get `round(fraction * num_trials)` trials (at least one each), train the rest; the three
-    index arrays are sorted, disjoint and together cover `range(num_trials)`.
-
-    Returns:
-        `dict` with keys `"train"`, `"validation"`, `"test"` mapping to int64 index arrays.
-    """
+def _split_sizes(num_trials: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(train, validation, test) trial counts: validation and test get `round(fraction * num_trials)` (at least one
+    each), train the rest."""
     num_trials = int(num_trials)
     if num_trials < 3:
         raise ValueError(f"Need at least 3 trials to split into train/validation/test, got {num_trials}.")
@@ -261,17 +271,95 @@ def split_trials(
         raise ValueError(
             f"fractions must be three non-negative numbers summing to 1 (train, validation, test), got {fractions}."
         )
-    permutation = np.random.default_rng(seed).permutation(num_trials)
     num_validation = max(1, int(round(fractions[1] * num_trials)))
     num_test = max(1, int(round(fractions[2] * num_trials)))
     num_train = num_trials - num_validation - num_test
     if num_train < 1:
         raise ValueError(f"fractions {fractions} leave no training trial out of {num_trials}; increase the first one.")
+    return num_train, num_validation, num_test
+
+
+def split_trials(
+    num_trials: int, seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+) -> dict[str, np.ndarray]:
+    """Deterministic random split of trial indices into train/validation/test.
+
+    Validation and test get `round(fraction * num_trials)` trials (at least one each), train the rest; the three
+    index arrays are sorted, disjoint and together cover `range(num_trials)`. Only for trials that share no frames
+    (see `split_trials_by_time` for overlapping windows).
+
+    Returns:
+        `dict` with keys `"train"`, `"validation"`, `"test"` mapping to int64 index arrays.
+    """
+    num_train, num_validation, _ = _split_sizes(num_trials, fractions)
+    permutation = np.random.default_rng(seed).permutation(int(num_trials))
     return {
         "train": np.sort(permutation[:num_train]),
         "validation": np.sort(permutation[num_train : num_train + num_validation]),
         "test": np.sort(permutation[num_train + num_validation :]),
     }
+
+
+def trials_overlap(starts: Any, trial_length: int) -> bool:
+    """Whether windows of `trial_length` frames starting at `starts` share frames."""
+    starts = np.sort(np.asarray(starts, dtype=np.int64).reshape(-1))
+    return bool(len(starts) > 1 and np.diff(starts).min() < int(trial_length))
+
+
+def split_trials_by_time(
+    starts: Any, trial_length: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+) -> tuple[dict[str, np.ndarray], int]:
+    """Split windows that overlap in time into train, validation and test as contiguous blocks, in that order, with at
+    least one trial length of recording between the last trial of a block and the first of the next.
+
+    A random split of overlapping windows puts the same frames into training and test trials. Here no frame is in two
+    splits, and neither is the trial length around it; the trials inside the gaps are left out of every split.
+
+    Args:
+        starts (`array-like` of int): first frame of each trial (any order; trial `i` starts at `starts[i]`).
+        trial_length (`int`): frames per trial, in the units of `starts`.
+        fractions (`tuple[float, float, float]`, *optional*): train/validation/test shares before the gaps are cut.
+
+    Returns:
+        `(splits, unused)`: trial indices per split (sorted int64 arrays) and how many trials fell into the gaps.
+    """
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+    trial_length = int(trial_length)
+    order = np.argsort(starts, kind="stable")
+    # trials lost in each gap at the typical spacing, so the blocks keep the asked-for shares of the rest
+    spacing = max(1, int(np.median(np.diff(starts[order])))) if len(starts) > 1 else 1
+    gap = max(0, math.ceil(2 * trial_length / spacing) - 1)
+    num_train, num_validation, num_test = _split_sizes(max(3, len(starts) - 2 * gap), fractions)
+    blocks = [order[:num_train], order[num_train + gap:num_train + gap + num_validation],
+              order[num_train + 2 * gap + num_validation:]]
+    if not len(blocks[2]):
+        blocks[2] = order[-num_test:]
+    # drop the end of each block until its last trial ends one trial length before the next block's first trial
+    for index in (1, 0):
+        block, first_next = blocks[index], starts[blocks[index + 1]].min()
+        blocks[index] = block[starts[block] + 2 * trial_length <= first_next]
+        if len(blocks[index]) == 0:
+            raise ValueError(
+                f"the {len(starts)} overlapping trials (starts {int(np.diff(np.sort(starts)).min())} frames apart, "
+                f"{trial_length} frames long) are too few to split into train, validation and test blocks separated "
+                "by one trial length: use a longer recording, or a trial stride (--trial_stride_seconds) closer to "
+                "the trial length."
+            )
+    splits = {name: np.sort(block).astype(np.int64) for name, block in zip(("train", "validation", "test"), blocks)}
+    return splits, len(starts) - sum(len(block) for block in blocks)
+
+
+def _split_session(session: SessionTrials, seed: int, fractions: tuple[float, float, float]) -> tuple[dict, dict]:
+    """(splits, how they were made): at random by trial, or in time blocks when the trials overlap."""
+    starts = session.extras.get("trial_starts")
+    length = session.num_frames  # at the recording's rate, like the starts
+    if starts is not None and len(np.asarray(starts).reshape(-1)) == session.num_trials and trials_overlap(starts,
+                                                                                                          length):
+        splits, unused = split_trials_by_time(starts, length, fractions)
+        return splits, {"method": "time_blocks", "order": ["train", "validation", "test"], "gap_frames": length,
+                        "gap_seconds": length / session.fs, "unused_trials": unused,
+                        "reason": "the trials overlap in time, so a random split would share frames between splits"}
+    return split_trials(session.num_trials, seed=seed, fractions=fractions), {"method": "random_trials", "seed": seed}
 
 
 @dataclass
@@ -292,6 +380,8 @@ class PreparedSession:
         ema_alpha (`float` or `None`): EMA smoothing applied (None = none).
         window_size (`int`): frames are a multiple of it.
         extras (`dict`): per-trial metadata carried over from the session.
+        split_method (`dict`): how the trials were split (`{"method": "random_trials", "seed": ...}`, or
+            `"time_blocks"` with the gap when the trials overlap in time).
     """
 
     name: str
@@ -306,6 +396,7 @@ class PreparedSession:
     ema_alpha: float | None = None
     window_size: int = 4
     extras: dict[str, Any] = field(default_factory=dict)
+    split_method: dict[str, Any] | None = None
 
     @property
     def num_trials(self) -> int:
@@ -357,9 +448,10 @@ def prepare_session(
     Steps, with `CalmTraceProcessor` (the object checkpoints save and the pipeline uses): resample every trial (and
     the behaviour) from `session.fs` to `target_fs`, end of each trial aligned; optional causal EMA with `ema_alpha`
     (traces only); crop frames to a multiple of `window_size` (drops the oldest frames); split trials with
-    `split_trials(num_trials, split_seed, fractions)`; z-score traces and behaviour with statistics of the training
-    trials only (validation/test never leak into the normalisation; the std floor is relative to the session's
-    median std, so recordings in any units are normalised alike).
+    `split_trials(num_trials, split_seed, fractions)`, or, when the trials overlap in time (their
+    `extras["trial_starts"]` closer than a trial), in time blocks with `split_trials_by_time`; z-score traces and
+    behaviour with statistics of the training trials only (validation/test never leak into the normalisation; the std
+    floor is relative to the session's median std, so recordings in any units are normalised alike).
 
     Args:
         session (`SessionTrials`): raw trials `(trials, neurons, frames)` in the recording's units.
@@ -382,7 +474,7 @@ def prepare_session(
     # the checkpoint saves and the pipeline applies to a user's context.
     processor = CalmTraceProcessor(sampling_rate=target_fs, window_size=window_size, ema_alpha=ema_alpha)
     traces, behavior = _resample_smooth_crop(session, processor, ema_alpha)
-    splits = split_trials(traces.shape[0], seed=split_seed, fractions=fractions)
+    splits, split_method = _split_session(session, split_seed, fractions)
     stats = ZScoreStats(*processor.fit_stats(traces[splits["train"]]))
     traces = stats.transform(traces).astype(np.float32)
     behavior_stats = None
@@ -402,4 +494,5 @@ def prepare_session(
         ema_alpha=None if ema_alpha is None else float(ema_alpha),
         window_size=window_size,
         extras=dict(session.extras),
+        split_method=split_method,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Recording, _missing_file_error, recording_from_arrays
+from .io import Recording, _missing_file_error, parse_frame_rate, recording_from_arrays
 
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ def _read_plane(plane: Path, coefficient: float, cells_only: bool, cell_probabil
     ops = _load_ops(plane / "ops.npy")
     if fluorescence.ndim != 2 or neuropil.shape != fluorescence.shape:
         raise ValueError(f"{plane}: F.npy {fluorescence.shape} and Fneu.npy {neuropil.shape} must both be (rois, frames).")
+    if iscell.ndim not in (1, 2):
+        raise ValueError(f"{plane}: iscell.npy must be (rois,) or (rois, 2) (suite2p's decision and probability), "
+                         f"got shape {iscell.shape}.")
     iscell = iscell.reshape(len(iscell), -1)
     if iscell.shape[0] != fluorescence.shape[0]:
         raise ValueError(f"{plane}: iscell.npy has {iscell.shape[0]} rows for {fluorescence.shape[0]} ROIs in F.npy.")
@@ -77,7 +80,7 @@ def _read_plane(plane: Path, coefficient: float, cells_only: bool, cell_probabil
     else:
         keep = iscell[:, 0] > 0.5
     corrected = fluorescence.astype(np.float64) - coefficient * neuropil.astype(np.float64)
-    return corrected, keep, float(ops["fs"])
+    return corrected, keep, parse_frame_rate(ops["fs"], str(plane / "ops.npy"), "'fs'")
 
 
 def load_suite2p_recording(
