@@ -51,7 +51,7 @@ from calm_hf.configuration_calm_tokenizer import CalmTokenizerConfig
 from calm_hf.data import PreparedSession, default_data_dir, load_park_sessions, prepare_session, simulate_benchmark
 from calm_hf.metrics.functional import mse, r2_score
 from calm_hf.modeling_calm import CalmForCausalNeuralModeling
-from calm_hf.modeling_calm import CalmForBehaviorRegression
+from calm_hf.modeling_calm_behavior import CalmForBehaviorRegression
 from calm_hf.modeling_calm_tokenizer import CalmTokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -12,7 +12,7 @@ from calm_hf.configuration_calm import CalmConfig
 from calm_hf.data import simulate_session
 from calm_hf.metrics.functional import r2_score
 from calm_hf.modeling_calm import CalmForCausalNeuralModeling
-from calm_hf.modeling_calm import CalmForBehaviorRegression
+from calm_hf.modeling_calm_behavior import CalmForBehaviorRegression
 
 
 VOCAB, NEURONS, STEPS, CHANNELS, WINDOW = 16, 6, 5, 2, 4

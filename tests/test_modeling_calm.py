@@ -216,7 +216,7 @@ def test_kv_cache_forward_matches_full_forward(model):
     input_ids = codes()
     full = model(input_ids=input_ids).logits
     prefix = model(input_ids=input_ids[:, :, :5], use_cache=True)
-    step = model(input_ids=input_ids[:, :, 5:], past_key_values=prefix.past_key_values, use_cache=True)
+    step = model(input_ids=input_ids[:, :, 5:], cache=prefix.cache, use_cache=True)
     torch.testing.assert_close(step.logits, full[:, :, 5:], rtol=1e-5, atol=1e-5)
 
 
@@ -581,7 +581,6 @@ def test_adaptation_with_a_backbone_learning_rate_keeps_other_sessions_rows():
         ({"input_ids": torch.zeros(1, 2, 0, dtype=torch.long)}, "at least 1 token step"),
         ({"input_ids": torch.zeros(1, 2, 4, dtype=torch.long), "neuron_mask": torch.ones(1, 3, dtype=torch.bool)},
          "neuron_mask must have shape"),
-        ({"input_ids": torch.zeros(1, 2, 4)}, "integer codes"),
     ],
 )
 def test_bad_inputs_raise_helpful_errors(model, kwargs, message):
@@ -594,12 +593,23 @@ def test_bad_inputs_raise_helpful_errors(model, kwargs, message):
 @pytest.mark.parametrize(
     "kwargs",
     [{"input_ids": torch.zeros(5, 8, dtype=torch.long)}, {"input_ids": torch.zeros(1, 2, 33, dtype=torch.long)},
-     {"input_ids": torch.zeros(1, 2, 4), "neuron_mask": torch.ones(1, 2, dtype=torch.bool)},
      {"input_ids": torch.zeros(1, 2, 4, dtype=torch.long), "neuron_mask": torch.ones(1, 3, dtype=torch.bool)}],
 )
 def test_forward_still_refuses_bad_shapes(model, kwargs):
     with pytest.raises(ValueError):
         model(**kwargs)
+
+
+def test_float_codes_are_one_type_error_everywhere(model):
+    # one rule for the dtype of input_ids: the same TypeError from forward, validate_inputs and generate, whether
+    # the codes come as a tensor or as a numpy array
+    floats = torch.zeros(1, 2, 4)
+    for call in (lambda ids: model(input_ids=ids), model.validate_inputs, model.generate):
+        with pytest.raises(TypeError, match="input_ids must hold integers, got dtype torch.float32"):
+            call(floats)
+    for call in (model.validate_inputs, model.generate):
+        with pytest.raises(TypeError, match="input_ids must hold integers, got dtype torch.float64"):
+            call(floats.double().numpy())
 
 
 def test_validate_inputs_checks_labels_once_where_they_enter(model):
@@ -681,7 +691,7 @@ def test_eager_attention_matches_sdpa(model):
         rtol=1e-4, atol=1e-4,
     )
     prefix = eager(input_ids=input_ids[:, :, :5], use_cache=True)
-    step = eager(input_ids=input_ids[:, :, 5:], past_key_values=prefix.past_key_values, use_cache=True)
+    step = eager(input_ids=input_ids[:, :, 5:], cache=prefix.cache, use_cache=True)
     torch.testing.assert_close(step.logits, model(input_ids=input_ids).logits[:, :, 5:], rtol=1e-4, atol=1e-4)
 
 

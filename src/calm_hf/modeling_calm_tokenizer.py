@@ -11,7 +11,6 @@ autoregressive head predicting the next `ar_horizon` codes.
 
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
+from .checked_loading import load_checked_pretrained, write_weight_checksums
 from .configuration_calm_tokenizer import (
     CalmTokenizerConfig,
     plain_auto_map,
@@ -482,111 +482,6 @@ class CalmTokenizerQuantizer(nn.Module):
         self.codebook[dead] = self.revival_queue[picks].to(self.codebook.dtype)
         self.code_usage[dead] = 1.0 / self.codebook_size
         return int(dead.numel())
-
-
-WEIGHT_CHECKSUMS = "checksums.sha256"
-
-
-# Copied from calm_hf.modeling_calm._sha256_of_file
-def _sha256_of_file(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# Copied from calm_hf.modeling_calm.write_weight_checksums
-def write_weight_checksums(save_directory) -> None:
-    """Record the sha256 of every weights file in `<save_directory>/checksums.sha256` (the `sha256sum` format, so
-    `sha256sum -c checksums.sha256` checks a copy by hand); `load_checked_pretrained` verifies it on load."""
-    names = sorted(name for name in os.listdir(save_directory) if name.endswith(".safetensors"))
-    lines = [f"{_sha256_of_file(os.path.join(save_directory, name))}  {name}\n" for name in names]
-    staging = os.path.join(save_directory, WEIGHT_CHECKSUMS + ".partial")
-    with open(staging, "w") as handle:
-        handle.writelines(lines)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, os.path.join(save_directory, WEIGHT_CHECKSUMS))
-
-
-# Copied from calm_hf.modeling_calm.verify_weight_checksums
-def verify_weight_checksums(folder: str) -> None:
-    """Raise a ValueError naming the file when a weights file differs from the hash recorded at save time (bit
-    flips, a partial copy that still parses). Folders saved without checksums are not checked."""
-    record = os.path.join(folder, WEIGHT_CHECKSUMS)
-    if not os.path.isfile(record):
-        return
-    with open(record) as handle:
-        entries = [line.strip().split(None, 1) for line in handle if line.strip()]
-    for entry in entries:
-        if len(entry) != 2:
-            raise ValueError(f"{record} is garbled (line {' '.join(entry)!r}); re-save the checkpoint.")
-        expected, name = entry[0], entry[1].lstrip("*")
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue  # a missing file gets transformers' own error
-        actual = _sha256_of_file(path)
-        if actual != expected:
-            raise ValueError(
-                f"{path} does not match the sha256 recorded when it was saved ({record}): expected {expected}, "
-                f"got {actual}. The file is corrupt (bit flips or an incomplete copy): copy or download it again. (If you "
-                "replaced the weights on purpose without save_pretrained, delete checksums.sha256 or re-save.)"
-            )
-
-
-# Copied from calm_hf.modeling_calm.load_checked_pretrained
-def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args: tuple, kwargs: dict):
-    """`PreTrainedModel.from_pretrained` with the checks a user needs to trust what loaded: a missing local folder
-    (e.g. a checkpoint without its `tokenizer/` subfolder) is a FileNotFoundError naming it, not a "Repo id must be
-    in the form ..." hub error; a truncated or garbled safetensors file is an error naming the file; and layers that
-    `config.json` declares but the weights lack (or the reverse) are an error, not freshly initialised layers."""
-    kwargs = dict(kwargs)
-    want_info = kwargs.pop("output_loading_info", False)
-    folder = None
-    if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-        path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
-        parent = os.path.dirname(path)
-        looks_local = os.path.isabs(path) or path.startswith(".") or os.path.isdir(path) or (parent and os.path.isdir(parent))
-        if looks_local:
-            folder = os.path.join(path, kwargs.get("subfolder") or "")
-            if not os.path.isdir(folder):
-                hint = ""
-                if os.path.basename(os.path.normpath(folder)) == "tokenizer":
-                    hint = (
-                        " A CalM checkpoint keeps its CalmTokenizer in a `tokenizer/` subfolder (written by pretraining "
-                        "and by the main job); point to the tokenizer folder you trained, or re-save the checkpoint."
-                    )
-                raise FileNotFoundError(f"No checkpoint folder at {folder}.{hint}")
-    if folder is not None:
-        verify_weight_checksums(folder)
-    try:
-        model, info = load(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-    except Exception as error:
-        if "safetensor" not in type(error).__name__.lower() and "deserializ" not in str(error).lower():
-            raise
-        where = os.path.join(folder, "model.safetensors") if folder else f"the weights of {pretrained_model_name_or_path}"
-        raise ValueError(
-            f"{where} is truncated or corrupt and cannot be read ({type(error).__name__}: {error}); copy or download "
-            "the checkpoint again, or re-save it with save_pretrained."
-        ) from error
-    layer_keys = [
-        key
-        for key in [*info.get("missing_keys", []), *info.get("unexpected_keys", [])]
-        if re.search(r"(^|\.)layers\.\d+\.", key)
-    ]
-    if layer_keys:
-        missing = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("missing_keys", []) if k in layer_keys})
-        extra = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("unexpected_keys", []) if k in layer_keys})
-        raise ValueError(
-            f"config.json of {pretrained_model_name_or_path} does not match its weights: layers in the config but "
-            f"not in the weights: {missing or 'none'}; layers in the weights but not in the config: {extra or 'none'}. "
-            "Loading would leave randomly initialised (or dropped) layers; fix num_hidden_layers (or the encoder/decoder "
-            "layer counts) in config.json to match the weights."
-        )
-    return (model, info) if want_info else model
 
 
 class CalmTokenizerPreTrainedModel(PreTrainedModel):
