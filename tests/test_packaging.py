@@ -54,18 +54,31 @@ def test_console_entries_match_the_calm_subcommands():
     assert len(scripts) == len(COMMANDS) + 1
 
 
-def test_training_recipes_are_the_packages_recipes():
-    """training/configs/main_<preset>.json spells out `calm_hf.commands.main.RECIPES[preset]`, field by field."""
+def test_packaged_recipe_files_are_the_recipes_and_valid_config_files():
+    """`RECIPES[size]` is read from `calm_hf/recipes/main_<size>.json`, and that file given to `calm main --config`
+    runs the same recipe as `--size <size>`."""
     from calm_hf.commands import parse_command_args
-    from calm_hf.commands.main import RECIPES, MainArguments, resolve_recipe
+    from calm_hf.commands.main import RECIPE_FIELDS, RECIPES, MainArguments, recipe_path, resolve_recipe
 
-    for preset in ("tiny", "cpu", "paper"):
-        path = REPO / "training" / "configs" / f"main_{preset}.json"
+    assert sorted(RECIPES) == ["cpu", "paper", "tiny"]
+    for size, recipe in RECIPES.items():
+        path = recipe_path(size)
+        spelled = json.loads(path.read_text())
+        assert recipe == {name: spelled.get(name) for name in RECIPE_FIELDS}
         (args,) = parse_command_args((MainArguments,), ["--config", str(path)])
-        assert args.size == preset
-        assert resolve_recipe(args) == RECIPES[preset]
-        assert set(json.loads(path.read_text())) - {"size"} == set(RECIPES[preset]) - {
-            k for k, v in RECIPES[preset].items() if v is None}
+        assert args.size == size and resolve_recipe(args) == recipe
+        (args,) = parse_command_args((MainArguments,), ["--size", size])
+        assert resolve_recipe(args) == recipe
+    assert not list((REPO / "training" / "configs").glob("main_*.json")), "recipes live only in calm_hf/recipes/"
+
+
+def test_a_recipe_file_with_an_unknown_field_is_refused(tmp_path, monkeypatch):
+    from calm_hf.commands import main as main_command
+
+    (tmp_path / "main_cpu.json").write_text(json.dumps({"size": "cpu", "pretrain_lr": 1e-3, "pretrain_lrr": 1}))
+    monkeypatch.setattr(main_command, "recipe_path", lambda size: tmp_path / f"main_{size}.json")
+    with pytest.raises(ValueError, match="pretrain_lrr"):
+        main_command.load_recipe("cpu")
 
 
 def test_config_file_flags_and_errors(tmp_path):
