@@ -1,4 +1,4 @@
-"""Done-when of issue 10: `calm prepare` -> `calm tokenize` -> `calm adapt` -> `calm forecast` end to end on a small NWB
+"""`calm prepare` -> `calm tokenize` -> `calm adapt` -> `calm forecast` end to end on a small NWB
 file written by pynwb, a suite2p folder and the shared zebrafish recording (tiny models, seconds each)."""
 
 import json

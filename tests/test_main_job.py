@@ -83,8 +83,8 @@ def test_release_records_its_tokenizers_fingerprint(release):
 
 
 def test_changed_seed_in_the_same_folder_retrains_instead_of_reusing_checkpoints(release, tmp_path):
-    """Issue 12: `--seed 1` after a seed-0 run used to resume seed-0's finished Trainer checkpoints, train 0 steps and
-    publish seed-0's weights under a seed-1 summary."""
+    """`--seed 1` after a seed-0 run in the same folder retrains: it must not resume seed-0's finished Trainer
+    checkpoints, train 0 steps and publish seed-0's weights under a seed-1 summary."""
     import shutil
 
     from safetensors.torch import load_file

@@ -706,7 +706,7 @@ def test_max_length_counts_token_steps(model):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# continuous forecast head and linear neuron mixer (issue 9)
+# continuous forecast head and linear neuron mixer
 # ----------------------------------------------------------------------------------------------------------------------
 
 

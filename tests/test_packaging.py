@@ -90,7 +90,7 @@ def test_config_file_flags_and_errors(tmp_path):
     config.write_text(json.dumps({"tokenizer_path": "tok", "trials_dataset": "trials", "output_dir": "out"}))
     (args,) = parse_command_args((TokenizeArguments,), ["--config", str(config), "--batch_size", "3"])
     assert (args.tokenizer_path, args.output_dir, args.batch_size) == ("tok", "out", 3)
-    (args,) = parse_command_args((TokenizeArguments,), [str(config)])  # the lone-file form of the first version
+    (args,) = parse_command_args((TokenizeArguments,), [str(config)])  # the lone-file form
     assert args.trials_dataset == "trials"
     (args,) = parse_command_args((TokenizeArguments,), ["--config", str(config), "--output_dir", "elsewhere"])
     assert args.output_dir == "elsewhere"  # the command line overrides the file

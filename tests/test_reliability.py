@@ -1,7 +1,7 @@
-"""Issue 12: no silent wrong answers, no obscure crashes, no stale or half-written state.
+"""No silent wrong answers, no obscure crashes, no stale or half-written state.
 
-One test per class of defect, parametrised over the bad inputs that used to give a silent result or an obscure
-traceback; each asserts the clear error (type + words of the message) or the now-correct result. The stage machinery
+One test per class of defect, parametrised over the bad inputs that would give a silent result or an obscure
+traceback; each asserts the clear error (type + words of the message) or the correct result. The stage machinery
 of the main job and the atomic writes are tested here with fabricated folders (fast) and with SIGTERM in
 subprocesses; the end-to-end stale-stage case lives in test_main_job.py.
 """
@@ -511,7 +511,7 @@ KILLED_SAVE = textwrap.dedent(
         return DatasetDict({"train": Dataset.from_dict({"x": [value] * 4})})
     ds.save_trial_dataset(corpus(1), out, sessions=[])
     real = ds.save_session_metadata
-    def slow(path, sessions):  # the splits are written; metadata pending: where `calm prepare` used to be killed
+    def slow(path, sessions):  # the splits are written; metadata pending: the window where a kill hurts
         print("SPLITS WRITTEN", flush=True)
         time.sleep(60)
         return real(path, sessions)

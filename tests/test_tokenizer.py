@@ -493,7 +493,7 @@ def test_presets():
     )  # fmt: skip
     cpu = CalmTokenizerConfig.from_preset("cpu")
     assert (cpu.hidden_size, cpu.codebook_size, cpu.num_encoder_layers, cpu.num_attention_heads) == (64, 128, 2, 4)
-    # the cpu preset trains a plain VQ-VAE: the paper's extra terms cost held-out reconstruction (issue 9)
+    # the cpu preset trains a plain VQ-VAE: the paper's extra terms cost held-out reconstruction
     assert (cpu.ar_weight, cpu.entropy_weight, cpu.orthogonality_weight, cpu.reconstruction_pearson_weight) == (0, 0, 0, 0)
     assert (cpu.commitment_weight, cpu.embed_weight) == (0.5, 1.0)
     tiny = CalmTokenizerConfig.from_preset("tiny", codebook_size=8)

@@ -622,7 +622,8 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
             if config.value_head_steps > 0
             else None
         )
-        # linear highway from each neuron's own last value_skip_windows windows of raw trace into the head's output
+        # the raw-trace highway: a linear map from each neuron's own last value_skip_windows windows of raw trace into
+        # the head's output
         self.value_skip = (
             nn.Linear(config.value_skip_windows * config.window_size, config.value_head_steps * config.window_size)
             if config.value_skip_windows > 0
