@@ -1,4 +1,6 @@
-"""Weight checksums and checked loading, shared by the tokenizer and the dual-axis transformer.
+"""Weight checksums and checked loading, shared by the tokenizer and the dual-axis transformer: checksums written at
+save time and verified at load time, local folders and layer mismatches named clearly, and the tokenizer-model
+pairing checked by fingerprint.
 
 Both modeling files import this module relatively, so `save_pretrained` copies it next to the weights with the
 remote code (as it copies `presets.py` for the configurations) and a checkpoint still loads with
@@ -123,4 +125,34 @@ def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args:
     return (model, info) if want_info else model
 
 
-__all__ = ["WEIGHT_CHECKSUMS", "load_checked_pretrained", "verify_weight_checksums", "write_weight_checksums"]
+def check_tokenizer_fingerprint(model, tokenizer) -> None:
+    """Refuse a tokenizer (a `CalmTokenizer`) that is not the one `model` (a CalM dual-axis transformer) was
+    pretrained with.
+
+    The DAT's config records `tokenizer_fingerprint` (see `CalmTokenizer.fingerprint`) at pretraining; checkpoints
+    saved before it existed carry None and are not checked.
+
+    Raises:
+        `ValueError`: naming both fingerprints and where the right tokenizer lives.
+    """
+    expected = getattr(model.config, "tokenizer_fingerprint", None)
+    if expected is None:
+        return
+    actual = tokenizer.fingerprint()
+    if actual != expected:
+        source = getattr(tokenizer.config, "_name_or_path", "")
+        raise ValueError(
+            f"The tokenizer{f' loaded from {source}' if source else ''} has fingerprint {actual} but the model was pretrained with the tokenizer of "
+            f"fingerprint {expected} (config.tokenizer_fingerprint): its codes would mean different things to the "
+            "model. Load the tokenizer saved with this checkpoint (its `tokenizer/` subfolder), or retokenize and "
+            "pretrain with this one."
+        )
+
+
+__all__ = [
+    "WEIGHT_CHECKSUMS",
+    "check_tokenizer_fingerprint",
+    "load_checked_pretrained",
+    "verify_weight_checksums",
+    "write_weight_checksums",
+]

@@ -711,14 +711,8 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
             flat_batch, input_ids, inputs_embeds, labels = self._unflatten_grid(num_neurons, input_ids, inputs_embeds, labels)
 
         outputs = self.model(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            neuron_ids=neuron_ids,
-            session_ids=session_ids,
-            neuron_mask=neuron_mask,
-            cache=cache,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            input_ids=input_ids, inputs_embeds=inputs_embeds, neuron_ids=neuron_ids, session_ids=session_ids,
+            neuron_mask=neuron_mask, cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state

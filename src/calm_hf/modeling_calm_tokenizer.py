@@ -21,8 +21,9 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple
 
-from .checked_loading import load_checked_pretrained, write_weight_checksums
+from .checked_loading import check_tokenizer_fingerprint, load_checked_pretrained, write_weight_checksums
 from .configuration_calm_tokenizer import (
     CalmTokenizerConfig,
     plain_auto_map,
@@ -681,7 +682,8 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         digest.update(codebook.numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def encode(self, input_values: torch.Tensor, return_dict: bool | None = None) -> CalmTokenizerEncoderOutput | tuple:
+    @can_return_tuple
+    def encode(self, input_values: torch.Tensor) -> CalmTokenizerEncoderOutput:
         r"""
         Args:
             input_values (`torch.FloatTensor` of shape `(batch, neurons, frames)`):
@@ -693,7 +695,6 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
             [`CalmTokenizerEncoderOutput`] with `codes` `(batch, neurons, frames // window_size)` and
             `quantized_embeddings` `(batch, neurons, frames // window_size, hidden_size)`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         input_values = self._check_input_values(input_values)
         batch, neurons, frames = input_values.shape
         # neurons are independent: fold them into the batch -> (batch*neurons, steps, hidden)
@@ -703,11 +704,10 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         embeddings = F.embedding(codes, self.quantizer.codebook)
         codes = codes.reshape(batch, neurons, -1)
         embeddings = embeddings.reshape(batch, neurons, codes.shape[-1], -1)
-        if not return_dict:
-            return (codes, embeddings)
         return CalmTokenizerEncoderOutput(codes=codes, quantized_embeddings=embeddings)
 
-    def decode(self, codes: torch.LongTensor, return_dict: bool | None = None) -> CalmTokenizerDecoderOutput | tuple:
+    @can_return_tuple
+    def decode(self, codes: torch.LongTensor) -> CalmTokenizerDecoderOutput:
         r"""
         Args:
             codes (`torch.LongTensor` of shape `(batch, neurons, token_steps)`):
@@ -718,21 +718,14 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         Returns:
             [`CalmTokenizerDecoderOutput`] with `trace_values` `(batch, neurons, token_steps * window_size)`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         codes = self._check_codes(codes)
         batch, neurons, steps = codes.shape
         embeddings = F.embedding(codes.reshape(batch * neurons, steps), self.quantizer.codebook).to(self.dtype)
         trace_values = self.decoder(embeddings).reshape(batch, neurons, steps * self.config.window_size)
-        if not return_dict:
-            return (trace_values,)
         return CalmTokenizerDecoderOutput(trace_values=trace_values)
 
-    def forward(
-        self,
-        input_values: torch.Tensor,
-        neuron_mask: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-    ) -> CalmTokenizerOutput | tuple:
+    @can_return_tuple
+    def forward(self, input_values: torch.Tensor, neuron_mask: torch.Tensor | None = None) -> CalmTokenizerOutput:
         r"""
         Tokenize, reconstruct and compute every training loss. The call changes no state: in training mode it also
         returns the encoder statistics that [`update_codebook_state`] applies after the backward pass (EMA codebook,
@@ -747,7 +740,6 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
             return_dict (`bool`, *optional*):
                 Return a [`CalmTokenizerOutput`] instead of a tuple.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         input_values = self._check_input_values(input_values)
         batch, neurons, frames = input_values.shape
         traces = input_values.reshape(batch * neurons, frames)
@@ -775,7 +767,7 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         )
         if self.training and torch.is_grad_enabled():
             self._warn_if_state_is_not_updated()
-        return output if return_dict else output.to_tuple()
+        return output
 
     def _warn_if_state_is_not_updated(self) -> None:
         """A hand-written loop that never calls `update_codebook_state` trains a tokenizer whose codebook is never
@@ -922,29 +914,6 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
 
 
 CalmTokenizer.register_for_auto_class("AutoModel")
-
-
-def check_tokenizer_fingerprint(model, tokenizer: CalmTokenizer) -> None:
-    """Refuse a tokenizer that is not the one `model` (a CalM dual-axis transformer) was pretrained with.
-
-    The DAT's config records `tokenizer_fingerprint` (see `CalmTokenizer.fingerprint`) at pretraining; checkpoints
-    saved before it existed carry None and are not checked.
-
-    Raises:
-        `ValueError`: naming both fingerprints and where the right tokenizer lives.
-    """
-    expected = getattr(model.config, "tokenizer_fingerprint", None)
-    if expected is None:
-        return
-    actual = tokenizer.fingerprint()
-    if actual != expected:
-        source = getattr(tokenizer.config, "_name_or_path", "")
-        raise ValueError(
-            f"The tokenizer{f' loaded from {source}' if source else ''} has fingerprint {actual} but the model was pretrained with the tokenizer of "
-            f"fingerprint {expected} (config.tokenizer_fingerprint): its codes would mean different things to the "
-            "model. Load the tokenizer saved with this checkpoint (its `tokenizer/` subfolder), or retokenize and "
-            "pretrain with this one."
-        )
 
 
 __all__ = [
