@@ -168,6 +168,7 @@ def quantize(traces: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndar
     return codes, centres[codes]
 
 
+@pytest.mark.slow
 def test_head_decodes_a_known_linear_readout_on_simulated_trials():
     """Simulated calcium, a known linear readout of the tokens: the tuned head beats the mean on held-out trials."""
     session = simulate_session(num_neurons=12, num_trials=96, num_steps=40, seed=3, num_behavior_channels=0)
@@ -286,6 +287,7 @@ class BinTokenizer:
         return type("Encoded", (), {"codes": torch.bucketize(window_means.contiguous(), edges)})()
 
 
+@pytest.mark.slow
 def test_finetune_script_trains_and_adapts_a_held_out_session(tmp_path):
     import datasets  # noqa: F401
 

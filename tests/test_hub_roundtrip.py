@@ -89,6 +89,7 @@ def test_trainer_push_and_dataset_round_trip(corpus, hub_server):
     assert json.loads((root / "from-hub" / "config.json").read_text())["session_names"] == ["sim-s0", "sim-s1"]
 
 
+@pytest.mark.slow
 def test_behavior_checkpoint_loads_with_remote_code(tmp_path):
     torch.manual_seed(0)
     config = CalmConfig.from_preset("tiny", num_behavior_channels=2)

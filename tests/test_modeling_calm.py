@@ -1,5 +1,6 @@
 """Tests of the CalM dual-axis transformer: configuration, backbone, next-token head, generation, adaptation."""
 
+import functools
 import json
 import os
 import subprocess
@@ -220,6 +221,31 @@ def test_kv_cache_forward_matches_full_forward(model):
     torch.testing.assert_close(step.logits, full[:, :, 5:], rtol=1e-5, atol=1e-5)
 
 
+def test_the_cache_argument_keeps_its_pre_rename_name(model):
+    # transformers 5.24 renamed past_key_values to cache; code written against the old name gets the same result
+    input_ids = codes()
+    prefix = model(input_ids=input_ids[:, :, :5], use_cache=True)
+    step = model(input_ids=input_ids[:, :, 5:], cache=prefix.cache, use_cache=False).logits
+    prefix = model(input_ids=input_ids[:, :, :5], use_cache=True)
+    old_name = model(input_ids=input_ids[:, :, 5:], past_key_values=prefix.cache, use_cache=False).logits
+    assert torch.equal(old_name, step)
+
+
+def test_generate_feeds_only_the_new_step_once_the_cache_holds_the_context(model, monkeypatch):
+    # whichever name the installed transformers hands the cache over by, each decoding step sees one new step
+    seen = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # generate checks its arguments against the forward's signature
+    def recording_forward(self, *args, **kwargs):
+        seen.append(kwargs["input_ids"].shape[-1])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", recording_forward)
+    model.generate(input_ids=codes(steps=6), max_new_tokens=3)
+    assert seen == [6, 1, 1]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # generation
 # ----------------------------------------------------------------------------------------------------------------------
@@ -433,6 +459,7 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
     assert torch.equal(backbone.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 def test_remote_code_load_and_generate_in_fresh_process(tmp_path, model):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "presets.py").is_file()  # configuration_calm imports the preset table: it travels along

@@ -391,6 +391,7 @@ def test_calm_forecast_names_a_corrupt_trace_file(tmp_path, model, kind, capsys)
     assert str(path) in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_calm_push_failure_exits_non_zero_in_a_subprocess(tmp_path):
     result = subprocess.run([sys.executable, "-m", "calm_hf.cli", "push", str(tmp_path / "missing"), "a/b"],
                             capture_output=True, text=True, env=src_env(), timeout=120)
@@ -521,6 +522,7 @@ KILLED_SAVE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigterm_while_saving_a_dataset_leaves_the_old_one_whole(tmp_path):
     out = tmp_path / "trials"
     process = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(out)], stdout=subprocess.PIPE, text=True,

@@ -167,6 +167,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
         assert torch.equal(model.decode(codes).trace_values, loaded.decode(codes).trace_values)
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_calm_hf(tmp_path):
     model = make_model().eval()
     model.save_pretrained(tmp_path / "nq")
@@ -348,6 +349,7 @@ def test_neuron_mask_excludes_padding_from_losses():
     assert masked.codes.shape == (2, 4, 8)
 
 
+@pytest.mark.slow
 def test_training_reduces_reconstruction_loss():
     torch.manual_seed(0)
     model = CalmTokenizer(tiny_config(codebook_warmup_steps=20, revival_interval=25, gumbel_anneal_steps=100))

@@ -247,7 +247,7 @@ class CalmGenerationMixin(GenerationMixin):
         check_sampling_arguments(max_new_tokens, None, top_k, temperature, do_sample=True)
         input_ids = validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask, new_steps=max_new_tokens)
         identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
-        outputs = self(input_ids=input_ids, use_cache=True, logits_to_keep=1, **identity)
+        outputs = self(input_ids=input_ids, use_cache=True, logits_to_keep=1, return_dict=True, **identity)
         codes, probabilities = [], []
         for step in range(max_new_tokens):
             # (batch, neurons, vocab) distribution of the next step and the codes picked from it
@@ -261,7 +261,7 @@ class CalmGenerationMixin(GenerationMixin):
                 feed = {"inputs_embeds": (probs.to(embedding.dtype) @ embedding)[:, :, None, :]}
             else:
                 feed = {"input_ids": step_codes[:, :, None]}
-            outputs = self(cache=outputs.cache, use_cache=True, logits_to_keep=1, **feed, **identity)
+            outputs = self(cache=outputs.cache, use_cache=True, logits_to_keep=1, return_dict=True, **feed, **identity)
         return CalmRolloutOutput(
             codes=torch.cat([input_ids, torch.stack(codes, dim=-1)], dim=-1),
             probabilities=torch.stack(probabilities, dim=2),
