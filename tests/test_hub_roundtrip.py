@@ -96,7 +96,9 @@ def test_behavior_checkpoint_loads_with_remote_code(tmp_path):
     model = CalmForBehaviorRegression(config).eval()
     model.save_pretrained(tmp_path)
     complete_checkpoint(tmp_path)
-    assert "custom_pipelines" not in json.loads((tmp_path / "config.json").read_text())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "custom_pipelines" not in config and "AutoModelForCausalLM" not in config["auto_map"]
+    assert config["auto_map"]["AutoModelForTimeSeriesPrediction"] == "modeling_calm_behavior.CalmForBehaviorRegression"
     script = BLOCK_CALM_HF + textwrap.dedent(
         f"""
         import torch

@@ -441,8 +441,10 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
     model.set_codebook_neighbors(torch.randn(VOCAB, 8, generator=torch.Generator().manual_seed(3)))
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {"config.json", "model.safetensors", "generation_config.json", "configuration_calm.py",
-            "modeling_calm.py"} <= files
+    # the modeling file and every file it imports relatively travel with the weights as remote code
+    assert {"config.json", "model.safetensors", "generation_config.json", "configuration_calm.py", "presets.py",
+            "modeling_calm.py", "validation_calm.py", "generation_calm.py", "sessions_calm.py", "augmentation_calm.py",
+            "checked_loading.py"} <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_calm.CalmModel"
     assert auto_map["AutoModelForCausalLM"] == "modeling_calm.CalmForCausalNeuralModeling"
