@@ -2,7 +2,7 @@
 
 Property: a valid input returns *finite output of the documented shape*; an invalid one raises `ValueError` or
 `TypeError` with the documented message of a rule it breaks. The rules are written out below from the docstrings
-(`CalmTokenizer.encode`, `calm_hf.validation_calm`, `CalmGenerationMixin.generate`), independently of the code that
+(`calm_hf.validation_calm_tokenizer`, `calm_hf.validation_calm`, `CalmGenerationMixin.generate`), independently of the code that
 enforces them: a valid input refused, an invalid one accepted, the message of a rule the input keeps, any other
 exception, a NaN/Inf in the output or a wrong shape fails the test.
 

@@ -29,6 +29,7 @@ from .configuration_calm_tokenizer import (
     plain_auto_map,
     rewrite_calm_tokenizer_auto_map,
 )
+from .validation_calm_tokenizer import check_codes, check_encoder_states, check_input_values
 
 logger = logging.get_logger(__name__)
 
@@ -554,94 +555,6 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
         self.post_init()
 
-    # ------------------------------------------------------------------ input checks
-    def _check_input_values(self, input_values: torch.Tensor) -> torch.Tensor:
-        if not isinstance(input_values, torch.Tensor):
-            raise ValueError(
-                f"`input_values` must be a torch.Tensor of shape (batch, neurons, frames), got "
-                f"{type(input_values).__name__}; convert with torch.as_tensor(x, dtype=torch.float32)."
-            )
-        if input_values.ndim != 3:
-            raise ValueError(
-                f"`input_values` must be 3-D (batch, neurons, frames), got shape {tuple(input_values.shape)}. "
-                "A single trace needs x[None, None]; a (neurons, frames) recording needs x[None]."
-            )
-        if input_values.numel() == 0:
-            raise ValueError(
-                f"`input_values` is empty (shape {tuple(input_values.shape)}); pass at least one neuron with "
-                f"{self.config.window_size} or more frames."
-            )
-        frames = input_values.shape[-1]
-        window = self.config.window_size
-        if frames < window:
-            raise ValueError(
-                f"`input_values` has {frames} frames, fewer than one token window (window_size={window}); "
-                f"pass at least {window} frames."
-            )
-        if frames % window != 0:
-            usable = frames - frames % window
-            raise ValueError(
-                f"`input_values` has {frames} frames, not a multiple of window_size={window}; "
-                f"crop to {usable} frames, e.g. x[..., :{usable}]."
-            )
-        if torch.is_complex(input_values) or input_values.dtype == torch.bool:
-            # a complex->real cast silently drops the imaginary part; booleans are masks, not traces
-            raise ValueError(
-                f"`input_values` must be a real float tensor of traces, got dtype {input_values.dtype}; pass e.g. "
-                "x.real.float() or x.abs().float() explicitly if that is what you mean."
-            )
-        source_finite = torch.isfinite(input_values)
-        # check finiteness *after* the cast: float64 values beyond the model dtype's range become +-inf there
-        input_values = input_values.to(self.dtype)
-        finite = torch.isfinite(input_values)
-        if not bool(finite.all()):
-            batch_index, neuron_index, frame_index = (~finite).nonzero()[0].tolist()
-            bad_count = int((~finite).sum())
-            overflow = bool(source_finite.all())
-            cause = f"value(s) beyond the range of {self.dtype}" if overflow else "NaN/Inf value(s)"
-            raise ValueError(
-                f"`input_values` contains {bad_count} {cause}, first at batch index {batch_index}, neuron "
-                f"{neuron_index}, frame {frame_index}; "
-                + ("z-score the traces first (encode expects per-neuron z-scored values)." if overflow else
-                   "interpolate or drop that neuron (or use torch.nan_to_num) before tokenizing.")
-            )
-        return input_values
-
-    @staticmethod
-    def _check_encoder_states(latents: torch.Tensor, input_values: torch.Tensor) -> None:
-        """Huge but finite inputs (|x| ~ 1e30) overflow inside the encoder; nearest-code search on NaN/Inf states
-        returns code 0 everywhere, a silent wrong answer, so refuse them with the scale that caused it."""
-        if not bool(torch.isfinite(latents).all()):
-            peak = float(input_values.abs().max())
-            raise ValueError(
-                f"The encoder produced non-finite states for `input_values` with max |x| = {peak:.3g}: the traces "
-                "are far outside the z-scored range the tokenizer was trained on. Z-score each neuron first "
-                "(calm_hf.data.ZScoreStats) or use the neural-forecasting pipeline, which does it for you."
-            )
-
-    def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if not isinstance(codes, torch.Tensor):
-            raise ValueError(f"`codes` must be a torch.LongTensor (batch, neurons, token_steps), got {type(codes).__name__}.")
-        if torch.is_floating_point(codes) or codes.dtype == torch.bool or torch.is_complex(codes):
-            raise ValueError(
-                f"`codes` must be an integer tensor, got dtype {codes.dtype}; decode() takes tokens from encode(), "
-                "not trace values."
-            )
-        if codes.ndim != 3:
-            raise ValueError(
-                f"`codes` must be 3-D (batch, neurons, token_steps), got shape {tuple(codes.shape)}; "
-                "a single token sequence needs codes[None, None]."
-            )
-        if codes.numel() == 0:
-            raise ValueError(f"`codes` is empty (shape {tuple(codes.shape)}); pass at least one token.")
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= self.config.codebook_size:
-            raise ValueError(
-                f"`codes` must lie in [0, {self.config.codebook_size - 1}] (codebook_size={self.config.codebook_size}), "
-                f"got values from {low} to {high}; were they produced by a tokenizer with a different codebook?"
-            )
-        return codes.long()
-
     # ------------------------------------------------------------------ schedules
     def gumbel_temperature(self, step: int | None = None) -> float:
         """Gumbel-softmax temperature at `step` (default: the current training step), decaying geometrically."""
@@ -695,11 +608,11 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
             [`CalmTokenizerEncoderOutput`] with `codes` `(batch, neurons, frames // window_size)` and
             `quantized_embeddings` `(batch, neurons, frames // window_size, hidden_size)`.
         """
-        input_values = self._check_input_values(input_values)
+        input_values = check_input_values(input_values, self.config.window_size, self.dtype)
         batch, neurons, frames = input_values.shape
         # neurons are independent: fold them into the batch -> (batch*neurons, steps, hidden)
         latents = self.encoder(input_values.reshape(batch * neurons, frames))
-        self._check_encoder_states(latents, input_values)
+        check_encoder_states(latents, input_values)
         codes = self.quantizer.nearest_codes(latents)
         embeddings = F.embedding(codes, self.quantizer.codebook)
         codes = codes.reshape(batch, neurons, -1)
@@ -718,7 +631,7 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         Returns:
             [`CalmTokenizerDecoderOutput`] with `trace_values` `(batch, neurons, token_steps * window_size)`.
         """
-        codes = self._check_codes(codes)
+        codes = check_codes(codes, self.config.codebook_size)
         batch, neurons, steps = codes.shape
         embeddings = F.embedding(codes.reshape(batch * neurons, steps), self.quantizer.codebook).to(self.dtype)
         trace_values = self.decoder(embeddings).reshape(batch, neurons, steps * self.config.window_size)
@@ -740,7 +653,7 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
             return_dict (`bool`, *optional*):
                 Return a [`CalmTokenizerOutput`] instead of a tuple.
         """
-        input_values = self._check_input_values(input_values)
+        input_values = check_input_values(input_values, self.config.window_size, self.dtype)
         batch, neurons, frames = input_values.shape
         traces = input_values.reshape(batch * neurons, frames)
         valid = self._valid_neurons(neuron_mask, batch, neurons, traces.device)
