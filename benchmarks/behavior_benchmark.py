@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Behaviour-decoding benchmark (issue 4): CalM linear / GLU heads on a frozen backbone vs GLM, RRR and TCN decoders.
+"""Behaviour-decoding benchmark: CalM linear / GLU heads on a frozen backbone vs GLM, RRR and TCN decoders.
 
     python benchmarks/behavior_benchmark.py            # full run, about 15 min on 2 CPU cores
     python benchmarks/behavior_benchmark.py --quick    # a few minutes: same pipeline, smaller budgets
@@ -51,7 +51,7 @@ from calm_hf.configuration_calm_tokenizer import CalmTokenizerConfig
 from calm_hf.data import PreparedSession, default_data_dir, load_park_sessions, prepare_session, simulate_benchmark
 from calm_hf.metrics.functional import mse, r2_score
 from calm_hf.modeling_calm import CalmForCausalNeuralModeling
-from calm_hf.modeling_calm import CalmForBehaviorRegression
+from calm_hf.modeling_calm_behavior import CalmForBehaviorRegression
 from calm_hf.modeling_calm_tokenizer import CalmTokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -201,7 +201,7 @@ def pretrain_backbone(sessions: list[Session], tokenizer: CalmTokenizer, budget:
         batch_size = 32 if session.kind == "park" else budget["sim_batch"]
         index = rng.choice(session.split("train"), batch_size, replace=False)
         input_ids = session.codes[index]
-        # the continuous forecast head's targets (the preset's default objective since issue 9): the z-scored traces
+        # the continuous forecast head's targets (the preset's default objective): the z-scored traces
         frames = input_ids.shape[-1] * WINDOW
         values = torch.as_tensor(session.prepared.traces[index][..., :frames], dtype=torch.float32)
         with autocast():

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Forecasting benchmark (issues 3, 6 and 9): CalM against established forecasters, every model on the same splits.
+"""Forecasting benchmark: CalM against established forecasters, every model on the same splits.
 
     python benchmarks/forecasting.py                                    # everything, CPU sizes, 5 min per model fit
     python benchmarks/forecasting.py --models calm,ridge_ar,mean,per_neuron_ar,tcn --time_budget_minutes 1.5  # ~40 min
@@ -14,12 +14,12 @@ written to the JSON); CalM is pretrained with a fixed preset (no search) and rep
 `--calm_modes` (default direct, greedy, mean): `direct` = the continuous head's conditional-mean forecast (the
 package default), `greedy` / `soft` = token rollouts, `mean` = the mean of `--num_samples` sampled token rollouts.
 
-Forecast bands (issue 9): the `--num_samples` sampled rollouts are drawn once per model; `mean` averages them and
+Forecast bands: the `--num_samples` sampled rollouts are drawn once per model; `mean` averages them and
 `direct`'s band is the same samples recentred on the direct forecast (`CalmForecaster.forecast(mode="direct",
 num_samples=...)`). Both entries carry `calibration` (`band_calibration`): empirical coverage of the 5-95% band (the
 fraction of true values inside it) and the sample CRPS, mean|X - y| - 0.5 mean|X - X'|, averaged over test points.
 
-Trial-swap probe (issue 9): every trained CalM is probed on (up to `probe_trials`) test trials with
+Trial-swap probe: every trained CalM is probed on (up to `probe_trials`) test trials with
 `calm_hf.forecasting.trial_swap_probe`: next-token CE and direct-forecast r / MSE with the true population vs the other
 neurons' tokens taken from another trial of the same session (`swap_probe` in every entry of that model). Neuron
 blocks are a fixed share of the population (`probe_blocks`), so small populations are probed too.
@@ -319,9 +319,9 @@ def make_baseline(name: str, size: dict, budget_s: float, seed: int, context: in
                                   **size["patchtst_hf"])
     from calm_hf.baselines.neuralforecast_models import NeuralForecastITransformer, NeuralForecastPatchTST
 
-    if name == "nf_patchtst":  # issue 6: patch 8 / stride 4, dim 128, 3 layers, 8 heads (the wrapper's defaults)
+    if name == "nf_patchtst":  # patch 8 / stride 4, dim 128, 3 layers, 8 heads (the wrapper's defaults)
         return NeuralForecastPatchTST(context=context, max_seconds=budget_s, seed=seed, **size["nf"])
-    if name == "nf_itransformer":  # issue 6: dim 64, 2 layers, 4 heads
+    if name == "nf_itransformer":  # dim 64, 2 layers, 4 heads
         return NeuralForecastITransformer(context=context, max_seconds=budget_s, seed=seed, **size["nf"],
                                           model_kwargs={"hidden_size": 64, "n_heads": 4, "e_layers": 2, "d_ff": 256})
     raise ValueError(f"unknown baseline {name!r}; choose from {ALL_MODELS[1:]}.")
@@ -483,7 +483,7 @@ def train_tokenizer_stage(work: Path, trials_dir: Path, size: dict, budget_s: fl
     cfg = size["tokenizer"]
     corpus = datasets.load_from_disk(str(trials_dir))
     row = corpus["train"].with_format("numpy")[0]["input_values"]
-    # the tokenizer encodes and decodes whole trials, so it is trained on segments of exactly that length (issue 9:
+    # the tokenizer encodes and decodes whole trials, so it is trained on segments of exactly that length:
     # a tokenizer trained on 48 frames and run on 100 reconstructs the trial ends badly)
     segment_frames = int(row.shape[-1])
     stage = run_all.Stage(work / "tokenizer", {"trials": str(trials_dir), "trials_version": fingerprint(trials_dir),

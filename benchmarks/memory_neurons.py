@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak memory of the dual-axis transformer vs the number of neurons (issue 12: eager attention memory guard).
+"""Peak memory of the dual-axis transformer vs the number of neurons (the eager attention memory guard).
 
     python benchmarks/memory_neurons.py                      # 1k, 5k, 20k, 50k neurons with SDPA + eager rows
     python benchmarks/memory_neurons.py --neurons 1000 5000  # a subset

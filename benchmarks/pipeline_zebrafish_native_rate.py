@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The neural-forecasting pipeline on the zebrafish recording at its native 2.2 Hz (issue 10's measurement).
+"""The neural-forecasting pipeline on the zebrafish recording at its native 2.2 Hz.
 
 Checkpoint used for the recorded numbers (trained on core 1 of the 2-core box, ~16 minutes in all):
 

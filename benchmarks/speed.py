@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed and memory benchmark (issue 3 "Speed"): matmul peak, training throughput, rollout latency, peak memory.
+"""Speed and memory benchmark: matmul peak, training throughput, rollout latency, peak memory.
 
     python benchmarks/speed.py               # full run, < ~8 min on 2 cores
     python benchmarks/speed.py --quick       # sanity run (fewer repeats, smaller sizes), ~2 min

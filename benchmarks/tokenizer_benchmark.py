@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenizer benchmark (issue 2): reconstruction on unseen simulated and real traces, codebook health, cost.
+"""Tokenizer benchmark: reconstruction on unseen simulated and real traces, codebook health, cost.
 
     python benchmarks/tokenizer_benchmark.py                 # CPU preset, <= 20 min training budget
     python benchmarks/tokenizer_benchmark.py --quick         # minutes-long sanity run
@@ -311,7 +311,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-# The tokenizer objective ablation (issue 9): the paper's loss terms one by one, same data, steps and seed.
+# The tokenizer objective ablation: the paper's loss terms one by one, same data, steps and seed.
 PLAIN = {"ar_weight": 0.0, "entropy_weight": 0.0, "orthogonality_weight": 0.0, "reconstruction_pearson_weight": 0.0}
 PAPER_TERMS = {"ar_weight": 0.5, "entropy_weight": 0.5, "orthogonality_weight": 0.1, "reconstruction_pearson_weight": 1.0}
 OBJECTIVE_VARIANTS = (

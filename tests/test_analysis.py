@@ -75,6 +75,7 @@ def test_lda_separates_planted_clusters_and_not_shuffled_labels():
     assert embedding_lda(noise, labels, num_shuffles=2)["accuracy"] < 0.6
 
 
+@pytest.mark.slow
 def test_probe_accuracy_with_controls_and_untestable_classes():
     embeddings, labels = planted_clusters(num_classes=2, separation=2.0)
     result = probe_embeddings(embeddings, labels, num_shuffles=5)
@@ -176,6 +177,7 @@ def tiny_checkpoint(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_calm_analyze_end_to_end(tiny_checkpoint, tmp_path):
     from calm_hf.cli import main
 

@@ -12,7 +12,7 @@ from calm_hf.configuration_calm import CalmConfig
 from calm_hf.data import simulate_session
 from calm_hf.metrics.functional import r2_score
 from calm_hf.modeling_calm import CalmForCausalNeuralModeling
-from calm_hf.modeling_calm import CalmForBehaviorRegression
+from calm_hf.modeling_calm_behavior import CalmForBehaviorRegression
 
 
 VOCAB, NEURONS, STEPS, CHANNELS, WINDOW = 16, 6, 5, 2, 4
@@ -168,6 +168,7 @@ def quantize(traces: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndar
     return codes, centres[codes]
 
 
+@pytest.mark.slow
 def test_head_decodes_a_known_linear_readout_on_simulated_trials():
     """Simulated calcium, a known linear readout of the tokens: the tuned head beats the mean on held-out trials."""
     session = simulate_session(num_neurons=12, num_trials=96, num_steps=40, seed=3, num_behavior_channels=0)
@@ -286,6 +287,7 @@ class BinTokenizer:
         return type("Encoded", (), {"codes": torch.bucketize(window_means.contiguous(), edges)})()
 
 
+@pytest.mark.slow
 def test_finetune_script_trains_and_adapts_a_held_out_session(tmp_path):
     import datasets  # noqa: F401
 
@@ -318,3 +320,29 @@ def test_finetune_script_trains_and_adapts_a_held_out_session(tmp_path):
             assert torch.equal(value, before[name]), name
     bank, bank_before = after["behavior_head.neuron_weights"], before["behavior_head.neuron_weights"]
     assert torch.equal(bank[:6], bank_before[:6]) and float(bank[6:12].abs().sum()) > 0
+
+
+def test_behavior_checkpoint_of_the_one_file_layout_loads_through_its_auto_class(tmp_path):
+    """Behaviour checkpoints completed before the behaviour heads had their own file name
+    `modeling_calm.CalmForBehaviorRegression` in auto_map; with calm_hf installed they load as the package's class."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForTimeSeriesPrediction
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "main_checkpoint"
+    folder = tmp_path / "behavior"
+    shutil.copytree(fixture / "behavior", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"]["AutoModelForTimeSeriesPrediction"] = "modeling_calm.CalmForBehaviorRegression"
+    (folder / "config.json").write_text(json.dumps(config))
+    model = AutoModelForTimeSeriesPrediction.from_pretrained(folder).eval()
+    assert type(model) is CalmForBehaviorRegression
+    expected = load_file(fixture / "expected.safetensors")
+    inputs = {name: expected[name] for name in ("input_ids", "neuron_ids", "session_ids")}
+    with torch.no_grad():
+        predictions = model(**inputs, neuron_mask=expected["neuron_mask"].bool()).predictions
+    torch.testing.assert_close(predictions, expected["behavior_predictions"], rtol=1e-5, atol=1e-6)
+

@@ -33,6 +33,7 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+@pytest.mark.slow  # the tiny forecasting benchmark end to end (the `smoke` fixture)
 def test_every_model_trains_with_finite_metrics(smoke):
     out, results = smoke
     written = _strict_json(out / "forecasting.json")
@@ -96,6 +97,7 @@ def test_every_model_trains_with_finite_metrics(smoke):
         heldout["models"]["calm_adapted_direct"]["pearson_r"], abs=1e-6)
 
 
+@pytest.mark.slow  # the tiny forecasting benchmark end to end (the `smoke` fixture)
 def test_tables_and_figure_are_written(smoke):
     out, results = smoke
     markdown = (out / "forecasting.md").read_text()
@@ -111,6 +113,7 @@ def test_tables_and_figure_are_written(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
+@pytest.mark.slow  # the tiny forecasting benchmark end to end (the `smoke` fixture)
 @pytest.mark.parametrize("model", ["ridge_ar", "tcn", "calm_direct", "calm_greedy", "calm_sample_mean2"])
 def test_reported_metrics_match_direct_numpy(smoke, model):
     out, results = smoke
@@ -133,6 +136,7 @@ def test_reported_metrics_match_direct_numpy(smoke, model):
     assert entry["mse"] == pytest.approx(np.mean((pred.astype(np.float64) - truth) ** 2), rel=1e-6)
 
 
+@pytest.mark.slow  # the tiny forecasting benchmark end to end (the `smoke` fixture)
 def test_park_metrics_match_direct_numpy_on_padded_sessions(smoke):
     """Park's sessions have different neuron counts: arrays are zero-padded and only real neurons are scored."""
     out, results = smoke
@@ -268,6 +272,7 @@ def test_bad_arguments_are_refused():
     assert bench.parse_args([]).calm_modes == ["direct", "greedy", "mean"]
 
 
+@pytest.mark.slow
 def test_threads_benchmark_writes_its_table(tmp_path):
     """benchmarks/threads.py --quick: one fresh process per thread count, medians, a markdown table."""
     result = load_benchmark("threads.py").main(["--quick", "--threads", "1", "--out", str(tmp_path / "threads")])

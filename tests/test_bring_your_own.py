@@ -1,4 +1,4 @@
-"""Done-when of issue 10: `calm prepare` -> `calm tokenize` -> `calm adapt` -> `calm forecast` end to end on a small NWB
+"""`calm prepare` -> `calm tokenize` -> `calm adapt` -> `calm forecast` end to end on a small NWB
 file written by pynwb, a suite2p folder and the shared zebrafish recording (tiny models, seconds each)."""
 
 import json
@@ -52,6 +52,7 @@ def run_chain(root, name, source_flags, forecast_source, trial_seconds, horizon)
         return dict(out)
 
 
+@pytest.mark.slow
 def test_nwb_end_to_end(pretrained, tmp_path):
     path = write_nwb(tmp_path / "mouse.nwb", smooth_traces(6, 600, seed=11), 10.0, trial_starts_s=[0, 12, 24, 36, 48],
                      speed_rate=20.0)
@@ -59,6 +60,7 @@ def test_nwb_end_to_end(pretrained, tmp_path):
     assert out["forecast"].shape == (6, 15)
 
 
+@pytest.mark.slow
 def test_suite2p_end_to_end(pretrained, tmp_path):
     fluorescence, neuropil = smooth_traces(7, 500, seed=12), smooth_traces(7, 500, seed=13, offset=20.0)
     iscell = np.array([[1, 0.9]] * 5 + [[0, 0.1]] * 2)
@@ -67,6 +69,7 @@ def test_suite2p_end_to_end(pretrained, tmp_path):
     assert out["forecast"].shape == (5, 12)
 
 
+@pytest.mark.slow
 @pytest.mark.data
 def test_zebrafish_end_to_end(pretrained, shared_data_dir):
     path = shared_data_dir / "triplett2018_zf_tectum_spont" / "zf_20151104-f1.npz"

@@ -1,4 +1,4 @@
-"""Checkpoints saved by calm_hf before issue 11 (strict configs, slim forwards) still load and compute the same.
+"""Checkpoints saved by calm_hf before strict configs and slim forwards still load and compute the same.
 
 `tests/fixtures/main_checkpoint/` was written by `tests/fixtures/make_main_checkpoint.py` running the package of
 main 4b6b784, together with the outputs those models gave at save time.

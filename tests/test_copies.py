@@ -23,10 +23,6 @@ EXPECTED_COPIES = {
     ("modeling_calm_tokenizer", "apply_rotary_pos_emb"),
     ("modeling_calm_tokenizer", "eager_attention_forward"),
     ("modeling_calm_tokenizer", "CalmTokenizerRotaryEmbedding"),
-    ("modeling_calm_tokenizer", "_sha256_of_file"),
-    ("modeling_calm_tokenizer", "write_weight_checksums"),
-    ("modeling_calm_tokenizer", "verify_weight_checksums"),
-    ("modeling_calm_tokenizer", "load_checked_pretrained"),
     ("configuration_calm_tokenizer", "plain_validation_errors"),
 }
 

@@ -9,6 +9,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dat_ablations.py"
 
 
+@pytest.mark.slow
 def test_dat_ablations_quick(tmp_path):
     pytest.importorskip("sklearn")
     spec = importlib.util.spec_from_file_location("dat_ablations", SCRIPT)

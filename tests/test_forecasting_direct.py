@@ -1,4 +1,4 @@
-"""The continuous-head forecast path (issue 9): collator value targets, direct forecasts, the trial-swap probe."""
+"""The continuous-head forecast path: collator value targets, direct forecasts, the trial-swap probe."""
 
 import numpy as np
 import pytest
@@ -179,7 +179,7 @@ def test_value_skip_survives_save_and_load(tmp_path):
 
 
 def test_evaluate_forecasting_scores_sessions_of_different_sizes():
-    # sessions with 5 and 3 neurons in one split used to crash np.stack (calm pretrain's default forecast evaluation)
+    # sessions with 5 and 3 neurons in one split must not meet in one np.stack (calm pretrain's default forecast evaluation)
     rng = np.random.default_rng(1)
     model, tokenizer = make_pair()
     rows = {"input_values": [], "input_ids": [], "neuron_ids": [], "session_id": []}

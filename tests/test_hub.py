@@ -103,6 +103,7 @@ def checkpoint_dir(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_push_download_and_load_back(hub_server, tmp_path):
     done = run_in_hub_env(PUSH_AND_READ_BACK, hub_server, args=[str(tmp_path)], timeout=240)
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -129,6 +130,7 @@ def test_push_download_and_load_back(hub_server, tmp_path):
     assert server.files("calm-tester/tiny-calm-data", "dataset")["README.md"].decode().count("dataset_info") == 1
 
 
+@pytest.mark.slow
 def test_no_token_and_bad_token_messages(hub_server, checkpoint_dir, tmp_path):
     done = run_in_hub_env(ERRORS, hub_server, token=None, args=[str(checkpoint_dir)], hf_home=tmp_path / "home")
     messages = json.loads(done.stdout.strip().splitlines()[-1])
@@ -140,6 +142,7 @@ def test_no_token_and_bad_token_messages(hub_server, checkpoint_dir, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_connection_refused_message(checkpoint_dir):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

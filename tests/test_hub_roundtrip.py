@@ -89,13 +89,16 @@ def test_trainer_push_and_dataset_round_trip(corpus, hub_server):
     assert json.loads((root / "from-hub" / "config.json").read_text())["session_names"] == ["sim-s0", "sim-s1"]
 
 
+@pytest.mark.slow
 def test_behavior_checkpoint_loads_with_remote_code(tmp_path):
     torch.manual_seed(0)
     config = CalmConfig.from_preset("tiny", num_behavior_channels=2)
     model = CalmForBehaviorRegression(config).eval()
     model.save_pretrained(tmp_path)
     complete_checkpoint(tmp_path)
-    assert "custom_pipelines" not in json.loads((tmp_path / "config.json").read_text())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "custom_pipelines" not in config and "AutoModelForCausalLM" not in config["auto_map"]
+    assert config["auto_map"]["AutoModelForTimeSeriesPrediction"] == "modeling_calm_behavior.CalmForBehaviorRegression"
     script = BLOCK_CALM_HF + textwrap.dedent(
         f"""
         import torch

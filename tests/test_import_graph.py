@@ -12,10 +12,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "calm_hf"
 
 # the remote-code files saved next to checkpoints (presets.py travels with the configurations)
-MODEL_FILES = {"calm_hf.modeling_calm", "calm_hf.modeling_calm_tokenizer", "calm_hf.configuration_calm",
-               "calm_hf.configuration_calm_tokenizer", "calm_hf.presets"}
+MODEL_FILES = {"calm_hf.modeling_calm", "calm_hf.modeling_calm_behavior", "calm_hf.modeling_calm_tokenizer",
+               "calm_hf.configuration_calm", "calm_hf.configuration_calm_tokenizer", "calm_hf.presets",
+               "calm_hf.validation_calm", "calm_hf.generation_calm", "calm_hf.sessions_calm",
+               "calm_hf.augmentation_calm", "calm_hf.checked_loading", "calm_hf.validation_calm_tokenizer"}
 # what the data layer (and the metrics) may not reach: models, training, evaluation, orchestration, commands
-ABOVE_DATA = {"calm_hf.modeling_calm", "calm_hf.modeling_calm_tokenizer", "calm_hf.forecasting",
+ABOVE_DATA = {"calm_hf.modeling_calm", "calm_hf.modeling_calm_behavior", "calm_hf.modeling_calm_tokenizer",
+              "calm_hf.validation_calm", "calm_hf.generation_calm", "calm_hf.sessions_calm", "calm_hf.augmentation_calm",
+              "calm_hf.checked_loading", "calm_hf.validation_calm_tokenizer", "calm_hf.forecasting",
               "calm_hf.pipeline_neural_forecasting", "calm_hf.trainer", "calm_hf.evaluation", "calm_hf.publish",
               "calm_hf.checkpoint", "calm_hf.analysis", "calm_hf.baselines", "calm_hf.commands", "calm_hf.cli",
               "calm_hf.figures", "calm_hf.callbacks", "calm_hf.identity_init"}

@@ -24,6 +24,7 @@ def release(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_main_job_writes_every_file(release):
     out, summary = release
     model_dir = out / "calm-base"
@@ -44,6 +45,7 @@ def test_main_job_writes_every_file(release):
     assert set(summary["timings"]) >= {"simulate", "train_tokenizer", "tokenize", "pretrain", "evaluate_and_write"}
 
 
+@pytest.mark.slow
 def test_model_card_carries_the_runs_numbers(release):
     out, summary = release
     card = ModelCard.load(out / "calm-base" / "README.md")
@@ -60,6 +62,7 @@ def test_model_card_carries_the_runs_numbers(release):
         assert "WORSE than a population ridge autoregression" in card.text
 
 
+@pytest.mark.slow
 def test_model_card_states_the_bf16_decision(release):
     out, summary = release
     card = (out / "calm-base" / "README.md").read_text()
@@ -67,6 +70,7 @@ def test_model_card_states_the_bf16_decision(release):
     assert "| bf16_autocast.pretraining | off (--bf16 false) |" in card
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_stages(release):
     out, _ = release
     # staging folders as a killed (SIGKILL) run leaves them: never read, removed by the next run
@@ -81,6 +85,7 @@ def test_rerun_reuses_finished_stages(release):
     assert not any(path.exists() for path in stale)
 
 
+@pytest.mark.slow
 def test_release_records_its_tokenizers_fingerprint(release):
     from calm_hf import CalmTokenizer
 
@@ -89,9 +94,10 @@ def test_release_records_its_tokenizers_fingerprint(release):
     assert config["tokenizer_fingerprint"] == CalmTokenizer.from_pretrained(out / "calm-base" / "tokenizer").fingerprint()
 
 
+@pytest.mark.slow
 def test_changed_seed_in_the_same_folder_retrains_instead_of_reusing_checkpoints(release, tmp_path):
-    """Issue 12: `--seed 1` after a seed-0 run used to resume seed-0's finished Trainer checkpoints, train 0 steps and
-    publish seed-0's weights under a seed-1 summary."""
+    """`--seed 1` after a seed-0 run in the same folder retrains: it must not resume seed-0's finished Trainer
+    checkpoints, train 0 steps and publish seed-0's weights under a seed-1 summary."""
     import shutil
 
     from safetensors.torch import load_file
@@ -114,6 +120,7 @@ def test_changed_seed_in_the_same_folder_retrains_instead_of_reusing_checkpoints
     assert any(not torch.equal(tokenizer_before[name], tokenizer_after[name]) for name in tokenizer_before)
 
 
+@pytest.mark.slow
 def test_everyday_calls_from_the_folder(release, monkeypatch):
     out, _ = release
     monkeypatch.chdir(out)
@@ -142,6 +149,7 @@ def test_everyday_calls_from_the_folder(release, monkeypatch):
         forecaster(traces, horizon=5, session="no-such-session")
 
 
+@pytest.mark.slow
 def test_remote_code_load_and_generate_without_calm_hf(release):
     out, _ = release
     script = BLOCK_CALM_HF + textwrap.dedent(
@@ -161,6 +169,7 @@ def test_remote_code_load_and_generate_without_calm_hf(release):
     assert "OK (1, 12, 14) True" in result.stdout
 
 
+@pytest.mark.slow
 def test_push_to_local_hub_and_load_back(release, hub_server):
     from hub_server import run_in_hub_env
 

@@ -175,6 +175,7 @@ def test_unknown_metric_name():
         load_metric("pearson")
 
 
+@pytest.mark.slow
 def test_evaluate_modules_load_offline_in_fresh_process(tmp_path):
     """A fresh interpreter with both offline switches and an empty HF cache still loads the modules by path."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1", HF_HOME=str(tmp_path), OMP_NUM_THREADS="1")

@@ -1,5 +1,6 @@
 """Tests of the CalM dual-axis transformer: configuration, backbone, next-token head, generation, adaptation."""
 
+import functools
 import json
 import os
 import subprocess
@@ -216,8 +217,33 @@ def test_kv_cache_forward_matches_full_forward(model):
     input_ids = codes()
     full = model(input_ids=input_ids).logits
     prefix = model(input_ids=input_ids[:, :, :5], use_cache=True)
-    step = model(input_ids=input_ids[:, :, 5:], past_key_values=prefix.past_key_values, use_cache=True)
+    step = model(input_ids=input_ids[:, :, 5:], cache=prefix.cache, use_cache=True)
     torch.testing.assert_close(step.logits, full[:, :, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_the_cache_argument_keeps_its_pre_rename_name(model):
+    # transformers 5.24 renamed past_key_values to cache; code written against the old name gets the same result
+    input_ids = codes()
+    prefix = model(input_ids=input_ids[:, :, :5], use_cache=True)
+    step = model(input_ids=input_ids[:, :, 5:], cache=prefix.cache, use_cache=False).logits
+    prefix = model(input_ids=input_ids[:, :, :5], use_cache=True)
+    old_name = model(input_ids=input_ids[:, :, 5:], past_key_values=prefix.cache, use_cache=False).logits
+    assert torch.equal(old_name, step)
+
+
+def test_generate_feeds_only_the_new_step_once_the_cache_holds_the_context(model, monkeypatch):
+    # whichever name the installed transformers hands the cache over by, each decoding step sees one new step
+    seen = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # generate checks its arguments against the forward's signature
+    def recording_forward(self, *args, **kwargs):
+        seen.append(kwargs["input_ids"].shape[-1])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", recording_forward)
+    model.generate(input_ids=codes(steps=6), max_new_tokens=3)
+    assert seen == [6, 1, 1]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -415,8 +441,10 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
     model.set_codebook_neighbors(torch.randn(VOCAB, 8, generator=torch.Generator().manual_seed(3)))
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {"config.json", "model.safetensors", "generation_config.json", "configuration_calm.py",
-            "modeling_calm.py"} <= files
+    # the modeling file and every file it imports relatively travel with the weights as remote code
+    assert {"config.json", "model.safetensors", "generation_config.json", "configuration_calm.py", "presets.py",
+            "modeling_calm.py", "validation_calm.py", "generation_calm.py", "sessions_calm.py", "augmentation_calm.py",
+            "checked_loading.py"} <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_calm.CalmModel"
     assert auto_map["AutoModelForCausalLM"] == "modeling_calm.CalmForCausalNeuralModeling"
@@ -433,6 +461,7 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
     assert torch.equal(backbone.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 def test_remote_code_load_and_generate_in_fresh_process(tmp_path, model):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "presets.py").is_file()  # configuration_calm imports the preset table: it travels along
@@ -581,7 +610,6 @@ def test_adaptation_with_a_backbone_learning_rate_keeps_other_sessions_rows():
         ({"input_ids": torch.zeros(1, 2, 0, dtype=torch.long)}, "at least 1 token step"),
         ({"input_ids": torch.zeros(1, 2, 4, dtype=torch.long), "neuron_mask": torch.ones(1, 3, dtype=torch.bool)},
          "neuron_mask must have shape"),
-        ({"input_ids": torch.zeros(1, 2, 4)}, "integer codes"),
     ],
 )
 def test_bad_inputs_raise_helpful_errors(model, kwargs, message):
@@ -594,12 +622,23 @@ def test_bad_inputs_raise_helpful_errors(model, kwargs, message):
 @pytest.mark.parametrize(
     "kwargs",
     [{"input_ids": torch.zeros(5, 8, dtype=torch.long)}, {"input_ids": torch.zeros(1, 2, 33, dtype=torch.long)},
-     {"input_ids": torch.zeros(1, 2, 4), "neuron_mask": torch.ones(1, 2, dtype=torch.bool)},
      {"input_ids": torch.zeros(1, 2, 4, dtype=torch.long), "neuron_mask": torch.ones(1, 3, dtype=torch.bool)}],
 )
 def test_forward_still_refuses_bad_shapes(model, kwargs):
     with pytest.raises(ValueError):
         model(**kwargs)
+
+
+def test_float_codes_are_one_type_error_everywhere(model):
+    # one rule for the dtype of input_ids: the same TypeError from forward, validate_inputs and generate, whether
+    # the codes come as a tensor or as a numpy array
+    floats = torch.zeros(1, 2, 4)
+    for call in (lambda ids: model(input_ids=ids), model.validate_inputs, model.generate):
+        with pytest.raises(TypeError, match="input_ids must hold integers, got dtype torch.float32"):
+            call(floats)
+    for call in (model.validate_inputs, model.generate):
+        with pytest.raises(TypeError, match="input_ids must hold integers, got dtype torch.float64"):
+            call(floats.double().numpy())
 
 
 def test_validate_inputs_checks_labels_once_where_they_enter(model):
@@ -681,7 +720,7 @@ def test_eager_attention_matches_sdpa(model):
         rtol=1e-4, atol=1e-4,
     )
     prefix = eager(input_ids=input_ids[:, :, :5], use_cache=True)
-    step = eager(input_ids=input_ids[:, :, 5:], past_key_values=prefix.past_key_values, use_cache=True)
+    step = eager(input_ids=input_ids[:, :, 5:], cache=prefix.cache, use_cache=True)
     torch.testing.assert_close(step.logits, model(input_ids=input_ids).logits[:, :, 5:], rtol=1e-4, atol=1e-4)
 
 
@@ -696,7 +735,7 @@ def test_max_length_counts_token_steps(model):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# continuous forecast head and linear neuron mixer (issue 9)
+# continuous forecast head and linear neuron mixer
 # ----------------------------------------------------------------------------------------------------------------------
 
 

@@ -207,6 +207,7 @@ def test_borrowed_identity_warning(forecaster):
         forecaster(np.random.default_rng(5).standard_normal((8, 40)), horizon=5)
 
 
+@pytest.mark.slow
 def test_pipeline_loads_without_calm_hf(checkpoint):
     script = BLOCK_CALM_HF + textwrap.dedent(
         f"""

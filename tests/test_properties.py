@@ -1,7 +1,10 @@
 """Property-based tests (hypothesis) of the two public entry points that take arbitrary user arrays.
 
-Property: every input either returns *finite output of the documented shape* or raises `ValueError`/`TypeError`
-with a message; any other exception, a NaN/Inf in the output or a wrong shape fails the test.
+Property: a valid input returns *finite output of the documented shape*; an invalid one raises `ValueError` or
+`TypeError` with the documented message of a rule it breaks. The rules are written out below from the docstrings
+(`calm_hf.validation_calm_tokenizer`, `calm_hf.validation_calm`, `CalmGenerationMixin.generate`), independently of the code that
+enforces them: a valid input refused, an invalid one accepted, the message of a rule the input keeps, any other
+exception, a NaN/Inf in the output or a wrong shape fails the test.
 
 The default profile runs a few dozen examples per test (seconds). The long profile runs on demand:
 
@@ -10,6 +13,7 @@ The default profile runs a few dozen examples per test (seconds). The long profi
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -38,10 +42,23 @@ MODEL = CalmForCausalNeuralModeling(
 VOCAB = MODEL.config.vocab_size
 
 
-def assert_clear_error(error: BaseException) -> None:
-    assert isinstance(error, (ValueError, TypeError)), f"obscure {type(error).__name__}: {error}"
-    assert len(str(error)) > 20, f"an error without a useful message: {error!r}"
-    event(f"clear {type(error).__name__}")  # --hypothesis-show-statistics gives the split
+def outcome(call, broken: list[str], allowed: tuple[str, ...] = ()):
+    """Run `call`; `broken` lists the documented messages (regexes) of the rules the input breaks, `allowed` those of
+    rules the input may break (it is outside the range where they are guaranteed to hold). Returns the output of a
+    call that succeeded, None after an expected error."""
+    try:
+        out = call()
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        assert broken or allowed, f"a valid input was refused: {type(error).__name__}: {message}"
+        assert any(re.search(pattern, message) for pattern in [*broken, *allowed]), (
+            f"{type(error).__name__}: {message!r} is none of the documented messages {broken + list(allowed)}"
+        )
+        event(f"refused: {next(p for p in [*broken, *allowed] if re.search(p, message))}")
+        return None
+    assert not broken, f"an invalid input was accepted; it breaks: {broken}"
+    event("accepted")
+    return out
 
 
 # -- CalmTokenizer.encode ---------------------------------------------------------------------------------------------
@@ -82,18 +99,49 @@ def wild_traces(draw):
     return array if container == "numpy" else array.tolist()
 
 
+def broken_encode_rules(values) -> tuple[list[str], tuple[str, ...]]:
+    """(broken, allowed) messages of `CalmTokenizer.encode`'s documented rules for `values`: a torch tensor of real
+    numbers, shaped (batch, neurons, frames) with at least one frame window, frames a multiple of window_size, finite
+    in the model's float32; traces far outside the z-scored range may overflow inside the encoder."""
+    if not isinstance(values, torch.Tensor):
+        return ["must be a torch.Tensor of shape"], ()
+    broken = []
+    if values.ndim != 3:
+        broken.append("must be 3-D")
+    if values.numel() == 0:
+        broken.append("is empty")
+    if values.ndim >= 1 and values.shape[-1] < WINDOW:
+        broken.append("fewer than one token window")
+    if values.ndim >= 1 and values.shape[-1] % WINDOW:
+        broken.append("not a multiple of window_size")
+    if values.is_complex() or values.dtype == torch.bool:
+        return broken + ["must be a real float tensor"], ()
+    if not torch.isfinite(values).all():
+        broken.append("NaN/Inf value")
+    elif not torch.isfinite(values.float()).all():
+        broken.append("beyond the range of torch.float32")
+    huge = values.numel() and float(values.double().abs().nan_to_num(0.0, 0.0, 0.0).max()) > 1e6
+    return broken, ("non-finite states",) if huge else ()
+
+
 @given(values=st.one_of(plausible_traces(), wild_traces()))
-def test_encode_returns_finite_codes_or_a_clear_error(values):
-    try:
-        out = TOKENIZER.encode(values)
-    except Exception as error:  # noqa: BLE001 - the property is about which exceptions occur
-        assert_clear_error(error)
+def test_encode_accepts_valid_traces_and_refuses_invalid_ones_with_the_documented_message(values):
+    broken, allowed = broken_encode_rules(values)
+    out = outcome(lambda: TOKENIZER.encode(values), broken, allowed)
+    if out is None:
         return
-    event("returned finite codes")
     batch, neurons, frames = values.shape
     assert out.codes.shape == (batch, neurons, frames // WINDOW) and out.codes.dtype == torch.long
     assert int(out.codes.min()) >= 0 and int(out.codes.max()) < CODEBOOK
     assert torch.isfinite(out.quantized_embeddings).all()
+
+
+def test_the_encode_rules_see_valid_and_invalid_traces():
+    # guard against an oracle that cannot fail: it must call clean traces valid and each kind of bad trace invalid
+    assert broken_encode_rules(torch.randn(1, 2, WINDOW * 2)) == ([], ())
+    assert broken_encode_rules(torch.randn(1, 2, WINDOW + 1))[0] == ["not a multiple of window_size"]
+    assert broken_encode_rules(torch.full((1, 1, WINDOW), float("nan")))[0] == ["NaN/Inf value"]
+    assert broken_encode_rules(np.zeros((1, 1, WINDOW)))[0] == ["must be a torch.Tensor of shape"]
 
 
 # -- CalmForCausalNeuralModeling.generate -----------------------------------------------------------------------------
@@ -147,18 +195,61 @@ def wild_generate_calls(draw):
     return ids, kwargs
 
 
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def broken_generate_rules(ids, kwargs: dict) -> list[str]:
+    """Messages of the documented rules of `generate` that a call breaks: codes of an integer dtype in a non-empty
+    (batch, neurons, token_steps) grid (a tensor, numpy array or nested list), inside the vocabulary, context plus
+    new steps within max_token_steps; max_new_tokens and num_return_sequences positive integers, top_p in (0, 1],
+    top_k a non-negative integer, a positive finite temperature when sampling."""
+    broken = []
+    new_steps = kwargs["max_new_tokens"]
+    if not is_positive_int(new_steps):
+        broken.append("max_new_tokens must be a positive integer")
+        new_steps = 0
+    top_p, top_k, temperature = kwargs.get("top_p"), kwargs.get("top_k"), kwargs.get("temperature")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        broken.append(r"top_p must lie in \(0, 1\]")
+    if top_k is not None and top_k < 0:
+        broken.append("top_k must be a non-negative integer")
+    if kwargs["do_sample"] and temperature is not None and not 0.0 < temperature < math.inf:
+        broken.append("temperature must be a positive finite number")
+    if "num_return_sequences" in kwargs and not is_positive_int(kwargs["num_return_sequences"]):
+        broken.append("num_return_sequences must be a positive integer")
+    codes = torch.as_tensor(ids)  # the containers the docstring names, as torch reads them
+    if codes.dtype == torch.bool or codes.dtype.is_floating_point:
+        return broken + ["input_ids must hold integers"]
+    if codes.dim() != 3:
+        return broken + [r"must be a \(batch, neurons, token_steps\) grid"]
+    if 0 in codes.shape:
+        return broken + ["is empty"]
+    if codes.shape[-1] + new_steps > MODEL.config.max_token_steps:
+        broken.append(f"exceed max_token_steps={MODEL.config.max_token_steps}")
+    if int(codes.min()) < 0 or int(codes.max()) >= VOCAB:
+        broken.append(f"differs from model vocab_size {VOCAB}")
+    return broken
+
+
 @given(call=st.one_of(plausible_generate_calls(), wild_generate_calls()))
-def test_generate_returns_codes_of_the_documented_shape_or_a_clear_error(call):
+def test_generate_accepts_valid_calls_and_refuses_invalid_ones_with_the_documented_message(call):
     ids, kwargs = call
-    try:
-        out = MODEL.generate(input_ids=ids, **kwargs)
-    except Exception as error:  # noqa: BLE001
-        assert_clear_error(error)
+    out = outcome(lambda: MODEL.generate(input_ids=ids, **kwargs), broken_generate_rules(ids, kwargs))
+    if out is None:
         return
-    event("returned codes")
     batch, neurons, steps = np.asarray(ids).shape
     repeats = kwargs.get("num_return_sequences", 1)
     assert out.shape == (batch * repeats, neurons, steps + kwargs["max_new_tokens"])
     assert out.dtype == torch.long and int(out.min()) >= 0 and int(out.max()) < VOCAB
     assert torch.equal(out[::repeats, :, :steps], torch.as_tensor(np.asarray(ids)).long())
     assert math.isfinite(float(out.float().sum()))
+
+
+def test_the_generate_rules_see_valid_and_invalid_calls():
+    ids = np.zeros((1, 2, 3), dtype=np.int16)
+    assert broken_generate_rules(ids, {"max_new_tokens": 2, "do_sample": True, "top_p": 0.5, "top_k": 0}) == []
+    assert broken_generate_rules(ids.astype(np.float32), {"max_new_tokens": 2, "do_sample": False}) == [
+        "input_ids must hold integers"]
+    assert broken_generate_rules(ids + VOCAB, {"max_new_tokens": 20, "do_sample": False}) == [
+        "exceed max_token_steps=12", f"differs from model vocab_size {VOCAB}"]

@@ -167,6 +167,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
         assert torch.equal(model.decode(codes).trace_values, loaded.decode(codes).trace_values)
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_calm_hf(tmp_path):
     model = make_model().eval()
     model.save_pretrained(tmp_path / "nq")
@@ -348,6 +349,7 @@ def test_neuron_mask_excludes_padding_from_losses():
     assert masked.codes.shape == (2, 4, 8)
 
 
+@pytest.mark.slow
 def test_training_reduces_reconstruction_loss():
     torch.manual_seed(0)
     model = CalmTokenizer(tiny_config(codebook_warmup_steps=20, revival_interval=25, gumbel_anneal_steps=100))
@@ -493,7 +495,7 @@ def test_presets():
     )  # fmt: skip
     cpu = CalmTokenizerConfig.from_preset("cpu")
     assert (cpu.hidden_size, cpu.codebook_size, cpu.num_encoder_layers, cpu.num_attention_heads) == (64, 128, 2, 4)
-    # the cpu preset trains a plain VQ-VAE: the paper's extra terms cost held-out reconstruction (issue 9)
+    # the cpu preset trains a plain VQ-VAE: the paper's extra terms cost held-out reconstruction
     assert (cpu.ar_weight, cpu.entropy_weight, cpu.orthogonality_weight, cpu.reconstruction_pearson_weight) == (0, 0, 0, 0)
     assert (cpu.commitment_weight, cpu.embed_weight) == (0.5, 1.0)
     tiny = CalmTokenizerConfig.from_preset("tiny", codebook_size=8)

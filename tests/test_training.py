@@ -59,6 +59,7 @@ class InterruptAfterThreeSteps(CalmTrainer):
         return super().training_step(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_resumed_pretraining_matches_uninterrupted(tokenized, tmp_path, monkeypatch):
     pretrain = pretrain_command
     pretrain.run(pretrain_args(tokenized, tmp_path / "straight"))
@@ -82,6 +83,7 @@ def test_resumed_pretraining_matches_uninterrupted(tokenized, tmp_path, monkeypa
     assert any(not torch.equal(start[n], resumed[n]) for n in start)
 
 
+@pytest.mark.slow
 def test_pretrain_runs_as_two_process_ddp(tokenized, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun, "torchrun is installed with torch"

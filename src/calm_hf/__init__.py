@@ -22,12 +22,8 @@ from transformers import (
 
 from .configuration_calm import CalmConfig
 from .configuration_calm_tokenizer import CalmTokenizerConfig
-from .modeling_calm import (
-    CalmForBehaviorRegression,
-    CalmForCausalNeuralModeling,
-    CalmModel,
-    CalmPreTrainedModel,
-)
+from .modeling_calm import CalmForCausalNeuralModeling, CalmModel, CalmPreTrainedModel
+from .modeling_calm_behavior import CalmForBehaviorRegression
 from .modeling_calm_tokenizer import CalmTokenizer
 from .pipeline_neural_forecasting import NeuralForecastingPipeline
 from .processing_calm import CalmTraceProcessor

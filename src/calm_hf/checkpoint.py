@@ -57,21 +57,13 @@ def complete_checkpoint(folder: str | os.PathLike, tokenizer=None, processor=Non
         shutil.copyfile(package / name, folder / name)
     # transformers resolves the remote code of a `subfolder=` load at the repository root, so the tokenizer's code
     # files go there too: AutoModel.from_pretrained(repo, subfolder="tokenizer", trust_remote_code=True) works.
-    for name in ("configuration_calm_tokenizer.py", "modeling_calm_tokenizer.py"):
-        if (folder / "tokenizer" / name).is_file():
-            shutil.copyfile(folder / "tokenizer" / name, folder / name)
+    for path in sorted((folder / "tokenizer").glob("*.py")):
+        shutil.copyfile(path, folder / path.name)
     config = json.loads(config_path.read_text())
     before = json.dumps(config, sort_keys=True)
-    if "CalmForBehaviorRegression" in (config.get("architectures") or []):
-        # No Auto class names behaviour decoding; time-series prediction is the closest, and calm_hf registers it too.
-        # A behaviour head does not forecast traces, so no forecasting pipeline is advertised for it.
-        auto_map = config.setdefault("auto_map", {})
-        auto_map["AutoModelForTimeSeriesPrediction"] = "modeling_calm.CalmForBehaviorRegression"
-        auto_map.setdefault("AutoConfig", "configuration_calm.CalmConfig")
-        for name in ("configuration_calm.py", "modeling_calm.py"):  # the head class is not registered for copying
-            if not (folder / name).is_file():
-                shutil.copyfile(package / name, folder / name)
-    else:
+    # A behaviour head does not forecast traces, so no forecasting pipeline is advertised for it (its save_pretrained
+    # already wrote its AutoModelForTimeSeriesPrediction entry and copied its remote code).
+    if "CalmForBehaviorRegression" not in (config.get("architectures") or []):
         config["custom_pipelines"] = CUSTOM_PIPELINES
     if json.dumps(config, sort_keys=True) != before:
         tmp = config_path.with_suffix(".json.tmp")

@@ -123,11 +123,11 @@ class CalmConfig(PreTrainedConfig):
             probe showed the paper-recipe model ignoring the other neurons); this head is the forecaster's point
             estimate (the conditional mean). 0 = no head (checkpoints from before the head load unchanged).
         value_skip_windows (`int`, *optional*, defaults to 0):
-            Windows W of each neuron's own raw (z-scored) trace that a linear highway adds to the continuous head:
+            Windows W of each neuron's own raw (z-scored) trace that the raw-trace highway, a linear map, adds to the
+            continuous head:
             `value = head(hidden_t) + Linear(trace of windows t-W+1..t)`, shared by all neurons (an autoregressive
             component, as in LSTNet). The backbone reads codes only, so without it the head cannot see the exact last
-            frames a per-neuron AR forecasts from (zebrafish, first forecast frame: MSE 0.27 vs 0.04 for repeating the
-            last frame). Needs the traces behind the codes wherever the head is used (`value_inputs`; training passes
+            frames a per-neuron AR forecasts from (benchmarks/results/value_skip/). Needs the traces behind the codes wherever the head is used (`value_inputs`; training passes
             `value_labels`, which are those traces). `calm pretrain` starts it at the training trials' closed-form
             ridge forecast, with the head's own output at zero (`calm_hf.identity_init.init_value_skip`), so the
             backbone learns what the population adds to a linear forecast. 0 = off (checkpoints from before it load
@@ -151,7 +151,7 @@ class CalmConfig(PreTrainedConfig):
     ```"""
 
     model_type = "calm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 128
     hidden_size: int = 512

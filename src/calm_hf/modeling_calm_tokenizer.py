@@ -11,7 +11,6 @@ autoregressive head predicting the next `ar_horizon` codes.
 
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,12 +21,15 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple
 
+from .checked_loading import check_tokenizer_fingerprint, load_checked_pretrained, write_weight_checksums
 from .configuration_calm_tokenizer import (
     CalmTokenizerConfig,
     plain_auto_map,
     rewrite_calm_tokenizer_auto_map,
 )
+from .validation_calm_tokenizer import check_codes, check_encoder_states, check_input_values
 
 logger = logging.get_logger(__name__)
 
@@ -484,111 +486,6 @@ class CalmTokenizerQuantizer(nn.Module):
         return int(dead.numel())
 
 
-WEIGHT_CHECKSUMS = "checksums.sha256"
-
-
-# Copied from calm_hf.modeling_calm._sha256_of_file
-def _sha256_of_file(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# Copied from calm_hf.modeling_calm.write_weight_checksums
-def write_weight_checksums(save_directory) -> None:
-    """Record the sha256 of every weights file in `<save_directory>/checksums.sha256` (the `sha256sum` format, so
-    `sha256sum -c checksums.sha256` checks a copy by hand); `load_checked_pretrained` verifies it on load."""
-    names = sorted(name for name in os.listdir(save_directory) if name.endswith(".safetensors"))
-    lines = [f"{_sha256_of_file(os.path.join(save_directory, name))}  {name}\n" for name in names]
-    staging = os.path.join(save_directory, WEIGHT_CHECKSUMS + ".partial")
-    with open(staging, "w") as handle:
-        handle.writelines(lines)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, os.path.join(save_directory, WEIGHT_CHECKSUMS))
-
-
-# Copied from calm_hf.modeling_calm.verify_weight_checksums
-def verify_weight_checksums(folder: str) -> None:
-    """Raise a ValueError naming the file when a weights file differs from the hash recorded at save time (bit
-    flips, a partial copy that still parses). Folders saved without checksums are not checked."""
-    record = os.path.join(folder, WEIGHT_CHECKSUMS)
-    if not os.path.isfile(record):
-        return
-    with open(record) as handle:
-        entries = [line.strip().split(None, 1) for line in handle if line.strip()]
-    for entry in entries:
-        if len(entry) != 2:
-            raise ValueError(f"{record} is garbled (line {' '.join(entry)!r}); re-save the checkpoint.")
-        expected, name = entry[0], entry[1].lstrip("*")
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue  # a missing file gets transformers' own error
-        actual = _sha256_of_file(path)
-        if actual != expected:
-            raise ValueError(
-                f"{path} does not match the sha256 recorded when it was saved ({record}): expected {expected}, "
-                f"got {actual}. The file is corrupt (bit flips or an incomplete copy): copy or download it again. (If you "
-                "replaced the weights on purpose without save_pretrained, delete checksums.sha256 or re-save.)"
-            )
-
-
-# Copied from calm_hf.modeling_calm.load_checked_pretrained
-def load_checked_pretrained(load: Callable, pretrained_model_name_or_path, args: tuple, kwargs: dict):
-    """`PreTrainedModel.from_pretrained` with the checks a user needs to trust what loaded: a missing local folder
-    (e.g. a checkpoint without its `tokenizer/` subfolder) is a FileNotFoundError naming it, not a "Repo id must be
-    in the form ..." hub error; a truncated or garbled safetensors file is an error naming the file; and layers that
-    `config.json` declares but the weights lack (or the reverse) are an error, not freshly initialised layers."""
-    kwargs = dict(kwargs)
-    want_info = kwargs.pop("output_loading_info", False)
-    folder = None
-    if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-        path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
-        parent = os.path.dirname(path)
-        looks_local = os.path.isabs(path) or path.startswith(".") or os.path.isdir(path) or (parent and os.path.isdir(parent))
-        if looks_local:
-            folder = os.path.join(path, kwargs.get("subfolder") or "")
-            if not os.path.isdir(folder):
-                hint = ""
-                if os.path.basename(os.path.normpath(folder)) == "tokenizer":
-                    hint = (
-                        " A CalM checkpoint keeps its CalmTokenizer in a `tokenizer/` subfolder (written by pretraining "
-                        "and by the main job); point to the tokenizer folder you trained, or re-save the checkpoint."
-                    )
-                raise FileNotFoundError(f"No checkpoint folder at {folder}.{hint}")
-    if folder is not None:
-        verify_weight_checksums(folder)
-    try:
-        model, info = load(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-    except Exception as error:
-        if "safetensor" not in type(error).__name__.lower() and "deserializ" not in str(error).lower():
-            raise
-        where = os.path.join(folder, "model.safetensors") if folder else f"the weights of {pretrained_model_name_or_path}"
-        raise ValueError(
-            f"{where} is truncated or corrupt and cannot be read ({type(error).__name__}: {error}); copy or download "
-            "the checkpoint again, or re-save it with save_pretrained."
-        ) from error
-    layer_keys = [
-        key
-        for key in [*info.get("missing_keys", []), *info.get("unexpected_keys", [])]
-        if re.search(r"(^|\.)layers\.\d+\.", key)
-    ]
-    if layer_keys:
-        missing = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("missing_keys", []) if k in layer_keys})
-        extra = sorted({re.search(r"([\w.]*layers\.\d+)\.", k).group(1) for k in info.get("unexpected_keys", []) if k in layer_keys})
-        raise ValueError(
-            f"config.json of {pretrained_model_name_or_path} does not match its weights: layers in the config but "
-            f"not in the weights: {missing or 'none'}; layers in the weights but not in the config: {extra or 'none'}. "
-            "Loading would leave randomly initialised (or dropped) layers; fix num_hidden_layers (or the encoder/decoder "
-            "layer counts) in config.json to match the weights."
-        )
-    return (model, info) if want_info else model
-
-
 class CalmTokenizerPreTrainedModel(PreTrainedModel):
     config_class = CalmTokenizerConfig
     config: CalmTokenizerConfig
@@ -658,94 +555,6 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         self.register_buffer("training_step", torch.zeros((), dtype=torch.long))
         self.post_init()
 
-    # ------------------------------------------------------------------ input checks
-    def _check_input_values(self, input_values: torch.Tensor) -> torch.Tensor:
-        if not isinstance(input_values, torch.Tensor):
-            raise ValueError(
-                f"`input_values` must be a torch.Tensor of shape (batch, neurons, frames), got "
-                f"{type(input_values).__name__}; convert with torch.as_tensor(x, dtype=torch.float32)."
-            )
-        if input_values.ndim != 3:
-            raise ValueError(
-                f"`input_values` must be 3-D (batch, neurons, frames), got shape {tuple(input_values.shape)}. "
-                "A single trace needs x[None, None]; a (neurons, frames) recording needs x[None]."
-            )
-        if input_values.numel() == 0:
-            raise ValueError(
-                f"`input_values` is empty (shape {tuple(input_values.shape)}); pass at least one neuron with "
-                f"{self.config.window_size} or more frames."
-            )
-        frames = input_values.shape[-1]
-        window = self.config.window_size
-        if frames < window:
-            raise ValueError(
-                f"`input_values` has {frames} frames, fewer than one token window (window_size={window}); "
-                f"pass at least {window} frames."
-            )
-        if frames % window != 0:
-            usable = frames - frames % window
-            raise ValueError(
-                f"`input_values` has {frames} frames, not a multiple of window_size={window}; "
-                f"crop to {usable} frames, e.g. x[..., :{usable}]."
-            )
-        if torch.is_complex(input_values) or input_values.dtype == torch.bool:
-            # a complex->real cast silently drops the imaginary part; booleans are masks, not traces
-            raise ValueError(
-                f"`input_values` must be a real float tensor of traces, got dtype {input_values.dtype}; pass e.g. "
-                "x.real.float() or x.abs().float() explicitly if that is what you mean."
-            )
-        source_finite = torch.isfinite(input_values)
-        # check finiteness *after* the cast: float64 values beyond the model dtype's range become +-inf there
-        input_values = input_values.to(self.dtype)
-        finite = torch.isfinite(input_values)
-        if not bool(finite.all()):
-            batch_index, neuron_index, frame_index = (~finite).nonzero()[0].tolist()
-            bad_count = int((~finite).sum())
-            overflow = bool(source_finite.all())
-            cause = f"value(s) beyond the range of {self.dtype}" if overflow else "NaN/Inf value(s)"
-            raise ValueError(
-                f"`input_values` contains {bad_count} {cause}, first at batch index {batch_index}, neuron "
-                f"{neuron_index}, frame {frame_index}; "
-                + ("z-score the traces first (encode expects per-neuron z-scored values)." if overflow else
-                   "interpolate or drop that neuron (or use torch.nan_to_num) before tokenizing.")
-            )
-        return input_values
-
-    @staticmethod
-    def _check_encoder_states(latents: torch.Tensor, input_values: torch.Tensor) -> None:
-        """Huge but finite inputs (|x| ~ 1e30) overflow inside the encoder; nearest-code search on NaN/Inf states
-        returns code 0 everywhere, a silent wrong answer, so refuse them with the scale that caused it."""
-        if not bool(torch.isfinite(latents).all()):
-            peak = float(input_values.abs().max())
-            raise ValueError(
-                f"The encoder produced non-finite states for `input_values` with max |x| = {peak:.3g}: the traces "
-                "are far outside the z-scored range the tokenizer was trained on. Z-score each neuron first "
-                "(calm_hf.data.ZScoreStats) or use the neural-forecasting pipeline, which does it for you."
-            )
-
-    def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if not isinstance(codes, torch.Tensor):
-            raise ValueError(f"`codes` must be a torch.LongTensor (batch, neurons, token_steps), got {type(codes).__name__}.")
-        if torch.is_floating_point(codes) or codes.dtype == torch.bool or torch.is_complex(codes):
-            raise ValueError(
-                f"`codes` must be an integer tensor, got dtype {codes.dtype}; decode() takes tokens from encode(), "
-                "not trace values."
-            )
-        if codes.ndim != 3:
-            raise ValueError(
-                f"`codes` must be 3-D (batch, neurons, token_steps), got shape {tuple(codes.shape)}; "
-                "a single token sequence needs codes[None, None]."
-            )
-        if codes.numel() == 0:
-            raise ValueError(f"`codes` is empty (shape {tuple(codes.shape)}); pass at least one token.")
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= self.config.codebook_size:
-            raise ValueError(
-                f"`codes` must lie in [0, {self.config.codebook_size - 1}] (codebook_size={self.config.codebook_size}), "
-                f"got values from {low} to {high}; were they produced by a tokenizer with a different codebook?"
-            )
-        return codes.long()
-
     # ------------------------------------------------------------------ schedules
     def gumbel_temperature(self, step: int | None = None) -> float:
         """Gumbel-softmax temperature at `step` (default: the current training step), decaying geometrically."""
@@ -786,7 +595,8 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         digest.update(codebook.numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def encode(self, input_values: torch.Tensor, return_dict: bool | None = None) -> CalmTokenizerEncoderOutput | tuple:
+    @can_return_tuple
+    def encode(self, input_values: torch.Tensor) -> CalmTokenizerEncoderOutput:
         r"""
         Args:
             input_values (`torch.FloatTensor` of shape `(batch, neurons, frames)`):
@@ -798,21 +608,19 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
             [`CalmTokenizerEncoderOutput`] with `codes` `(batch, neurons, frames // window_size)` and
             `quantized_embeddings` `(batch, neurons, frames // window_size, hidden_size)`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        input_values = self._check_input_values(input_values)
+        input_values = check_input_values(input_values, self.config.window_size, self.dtype)
         batch, neurons, frames = input_values.shape
         # neurons are independent: fold them into the batch -> (batch*neurons, steps, hidden)
         latents = self.encoder(input_values.reshape(batch * neurons, frames))
-        self._check_encoder_states(latents, input_values)
+        check_encoder_states(latents, input_values)
         codes = self.quantizer.nearest_codes(latents)
         embeddings = F.embedding(codes, self.quantizer.codebook)
         codes = codes.reshape(batch, neurons, -1)
         embeddings = embeddings.reshape(batch, neurons, codes.shape[-1], -1)
-        if not return_dict:
-            return (codes, embeddings)
         return CalmTokenizerEncoderOutput(codes=codes, quantized_embeddings=embeddings)
 
-    def decode(self, codes: torch.LongTensor, return_dict: bool | None = None) -> CalmTokenizerDecoderOutput | tuple:
+    @can_return_tuple
+    def decode(self, codes: torch.LongTensor) -> CalmTokenizerDecoderOutput:
         r"""
         Args:
             codes (`torch.LongTensor` of shape `(batch, neurons, token_steps)`):
@@ -823,21 +631,14 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         Returns:
             [`CalmTokenizerDecoderOutput`] with `trace_values` `(batch, neurons, token_steps * window_size)`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        codes = self._check_codes(codes)
+        codes = check_codes(codes, self.config.codebook_size)
         batch, neurons, steps = codes.shape
         embeddings = F.embedding(codes.reshape(batch * neurons, steps), self.quantizer.codebook).to(self.dtype)
         trace_values = self.decoder(embeddings).reshape(batch, neurons, steps * self.config.window_size)
-        if not return_dict:
-            return (trace_values,)
         return CalmTokenizerDecoderOutput(trace_values=trace_values)
 
-    def forward(
-        self,
-        input_values: torch.Tensor,
-        neuron_mask: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-    ) -> CalmTokenizerOutput | tuple:
+    @can_return_tuple
+    def forward(self, input_values: torch.Tensor, neuron_mask: torch.Tensor | None = None) -> CalmTokenizerOutput:
         r"""
         Tokenize, reconstruct and compute every training loss. The call changes no state: in training mode it also
         returns the encoder statistics that [`update_codebook_state`] applies after the backward pass (EMA codebook,
@@ -852,8 +653,7 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
             return_dict (`bool`, *optional*):
                 Return a [`CalmTokenizerOutput`] instead of a tuple.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        input_values = self._check_input_values(input_values)
+        input_values = check_input_values(input_values, self.config.window_size, self.dtype)
         batch, neurons, frames = input_values.shape
         traces = input_values.reshape(batch * neurons, frames)
         valid = self._valid_neurons(neuron_mask, batch, neurons, traces.device)
@@ -880,7 +680,7 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         )
         if self.training and torch.is_grad_enabled():
             self._warn_if_state_is_not_updated()
-        return output if return_dict else output.to_tuple()
+        return output
 
     def _warn_if_state_is_not_updated(self) -> None:
         """A hand-written loop that never calls `update_codebook_state` trains a tokenizer whose codebook is never
@@ -1027,29 +827,6 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
 
 
 CalmTokenizer.register_for_auto_class("AutoModel")
-
-
-def check_tokenizer_fingerprint(model, tokenizer: CalmTokenizer) -> None:
-    """Refuse a tokenizer that is not the one `model` (a CalM dual-axis transformer) was pretrained with.
-
-    The DAT's config records `tokenizer_fingerprint` (see `CalmTokenizer.fingerprint`) at pretraining; checkpoints
-    saved before it existed carry None and are not checked.
-
-    Raises:
-        `ValueError`: naming both fingerprints and where the right tokenizer lives.
-    """
-    expected = getattr(model.config, "tokenizer_fingerprint", None)
-    if expected is None:
-        return
-    actual = tokenizer.fingerprint()
-    if actual != expected:
-        source = getattr(tokenizer.config, "_name_or_path", "")
-        raise ValueError(
-            f"The tokenizer{f' loaded from {source}' if source else ''} has fingerprint {actual} but the model was pretrained with the tokenizer of "
-            f"fingerprint {expected} (config.tokenizer_fingerprint): its codes would mean different things to the "
-            "model. Load the tokenizer saved with this checkpoint (its `tokenizer/` subfolder), or retokenize and "
-            "pretrain with this one."
-        )
 
 
 __all__ = [

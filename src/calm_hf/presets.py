@@ -5,18 +5,17 @@
 Only the fields that differ from the configs' defaults (the paper's sizes) are listed.
 
 - "tiny": seconds-long unit tests.
-- "cpu": real use on a 2-core AVX2 CPU in fp32 (no fast bf16 there). The tokenizer takes ~0.1 s per 128-trace step
-  and tokenizes the simulated benchmark (1200 trials x 200 neurons) in ~80 s; the DAT pretrains that benchmark
-  (3 x 840 trials x 200 neurons x 25 token steps, 2 epochs, ~9k training tokens/s) in about 10 minutes on one core.
+- "cpu": real use on a 2-core CPU in fp32: sized so the main job's tokenizer and pretraining fit its time budget there
+  (step times in benchmarks/results/speed.md).
 - "paper": the publication's sizes (NQ: dim 512, codebook 128, 4 + 4 layers, 4 heads, window 4; DAT: dim 512,
   6 layers, 8 heads, FFN 2048).
 
-Since issue 9 the cpu and paper DATs carry the continuous forecast head and the linear neuron mixer (the two changes
-that made the model use the population; see `CalmConfig`), and the cpu tokenizer trains a plain VQ-VAE objective
-(the paper's AR, entropy, orthogonality and Pearson terms cost held-out reconstruction at this size; the paper preset
-keeps them). The cpu and tiny DATs' head also reads each neuron's own last windows of raw trace (`value_skip_windows`,
-a linear highway): the codes lose the exact level of the last context window, which cost the first forecast frames.
-`calm pretrain` starts that highway at the training trials' ridge forecast (`--value_skip_init ridge`).
+The cpu and paper DATs carry the continuous forecast head and the linear neuron mixer (what makes the model use the
+population; see `CalmConfig`), and the cpu tokenizer trains a plain VQ-VAE objective (the paper's AR, entropy,
+orthogonality and Pearson terms cost held-out reconstruction at this size; the paper preset keeps them). The cpu and
+tiny DATs' head also reads each neuron's own last windows of raw trace: the raw-trace highway (`value_skip_*`), since
+the codes lose the exact level of the last context window, which costs the first forecast frames. `calm pretrain`
+starts that highway at the training trials' ridge forecast (`--value_skip_init ridge`).
 
 This module is stdlib-only: `save_pretrained` copies it next to the configuration files (they import it), so remote
 code keeps working without calm_hf.
@@ -70,7 +69,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "revival_queue_size": 4096,
             # a plain VQ-VAE objective (MSE, commitment, EMA codebook): the paper's extra terms (AR, entropy,
             # orthogonality, Pearson) cost held-out reconstruction on every dataset of
-            # benchmarks/results/tokenizer_objective.md (e.g. Park r 0.710-0.830 -> 0.782-0.886 at 782 steps)
+            # benchmarks/results/tokenizer_objective.md
             "ar_weight": 0.0,
             "entropy_weight": 0.0,
             "orthogonality_weight": 0.0,
@@ -87,17 +86,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "max_token_steps": 64,
             "value_head_steps": 15,
             "neuron_mixer_rank": 64,
-            # the head also reads each neuron's own last 4 windows of raw trace (a linear highway, as LSTNet's AR
-            # component): the backbone reads codes only, and on zebrafish's test trials the first forecast frame
-            # was off by MSE 0.217 without it (0.043 with it; per-neuron AR 0.002). Zebrafish, 2-3 seeds each: test
-            # MSE 0.590 / 0.581 vs 0.601-0.622, validation r about equal (best 0.192 / 0.221 vs 0.204-0.213); sim
-            # 0.444 vs 0.442 in a paired 6-minute run (benchmarks/results/value_skip/). `calm pretrain` starts it at
-            # the training trials' ridge forecast (calm_hf.identity_init.init_value_skip): zebrafish best validation
-            # r 0.236 / 0.205 / 0.225 (seeds 0-2) vs 0.192 / 0.221 from the random init, sim 0.444 either way
-            # (benchmarks/results/value_skip_ridge/)
+            # the raw-trace highway: the head also reads each neuron's own last 4 windows of raw trace (a linear
+            # map, as LSTNet's AR component), because the backbone reads codes only and without it the first
+            # forecast frames of zebrafish's test trials were far off (benchmarks/results/value_skip/). `calm
+            # pretrain` starts it at the training trials' ridge forecast (calm_hf.identity_init.init_value_skip;
+            # benchmarks/results/value_skip_ridge/)
             "value_skip_windows": 4,
-            # measured at this budget: dropout, scheduled sampling and neighbour replacement cost next-token CE and
-            # ~25% of the step time without raising forecast r (the paper preset keeps the paper's values)
+            # at this budget dropout, scheduled sampling and neighbour replacement cost next-token CE and step time
+            # without raising forecast r (benchmarks/results/dat_ablations.md; the paper preset keeps the paper's values)
             "hidden_dropout": 0.0,
             "scheduled_sampling_prob": 0.0,
             "neighbor_replacement_prob": 0.0,

@@ -17,7 +17,7 @@ import torch
 
 from ..metrics.functional import mse, r2_score
 from .forecasting import DEFAULT_ALPHA_GRID, _RidgeGram, check_trials
-from .tcn import CalmBaselineTCN, autocast_context, train_sequence_model
+from .tcn import CalmBaselineTCN, autocast_context, search_learning_rate
 
 __all__ = ["RidgeGLMDecoder", "ReducedRankDecoder", "TCNDecoder", "behavior_r2", "causal_lag_features"]
 
@@ -259,22 +259,20 @@ class TCNDecoder(_BaseDecoder):
         def evaluate(model):
             return -mse(self._forward(model, val_x), val_y)  # higher is better
 
-        results, best = [], None
-        for lr in self.learning_rates:
+        def new_model():
             torch.manual_seed(self.seed)
-            model = CalmBaselineTCN(self.num_neurons_, self.num_channels_, self.hidden_size, self.kernel_size,
-                                    self.dilations, self.dropout).to(self.device)
-            run = train_sequence_model(
-                model, loss_fn, len(train_x), evaluate, learning_rate=lr, max_epochs=self.max_epochs,
-                max_seconds=self.max_seconds / len(self.learning_rates), batch_size=self.batch_size,
-                patience=self.patience, weight_decay=self.weight_decay, seed=self.seed,
-            )
+            return CalmBaselineTCN(self.num_neurons_, self.num_channels_, self.hidden_size, self.kernel_size,
+                                   self.dilations, self.dropout).to(self.device)
+
+        def score_run(model, run):
             run["val_mse"] = -run["best_score"]
             run["val_r2"] = behavior_r2(self._forward(model, val_x), val_y)
-            results.append({"learning_rate": lr, **run})
-            if best is None or run["best_score"] > best[0]["best_score"]:
-                best = (run, lr, model)
-        run, self.learning_rate_, self.model_ = best
+
+        run, self.learning_rate_, self.model_, results = search_learning_rate(
+            new_model, loss_fn, len(train_x), evaluate, self.learning_rates, self.max_seconds, after_run=score_run,
+            max_epochs=self.max_epochs, batch_size=self.batch_size, patience=self.patience,
+            weight_decay=self.weight_decay, seed=self.seed,
+        )
         self.epochs_ = run["best_epoch"]
         self.search_log_ = {
             "grid": {"learning_rate": list(self.learning_rates), "epoch": f"early stopping, patience {self.patience}"},

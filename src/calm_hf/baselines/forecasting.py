@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..metrics.functional import forecast_pearson_r, mse
-from .tcn import CalmBaselineTCN, autocast_context, train_sequence_model
+from .tcn import CalmBaselineTCN, autocast_context, search_learning_rate
 
 __all__ = [
     "BaseForecaster",
@@ -521,18 +521,11 @@ class TCNForecaster(BaseForecaster):
             pred = self._rollout(model, val_context, val_future.shape[-1]).cpu().numpy()
             return forecast_score(pred, val_future)
 
-        results, best = [], None
-        for lr in self.learning_rates:
-            model = self._new_model(train.shape[1])
-            run = train_sequence_model(
-                model, loss_fn, len(train), evaluate, learning_rate=lr, max_epochs=self.max_epochs,
-                max_seconds=self.max_seconds / len(self.learning_rates), batch_size=self.batch_size,
-                weight_decay=self.weight_decay, seed=self.seed,
-            )
-            results.append({"learning_rate": lr, **run})
-            if best is None or run["best_score"] > best[0]["best_score"]:
-                best = (run, lr, model)
-        run, self.learning_rate_, self.model_ = best
+        run, self.learning_rate_, self.model_, results = search_learning_rate(
+            lambda: self._new_model(train.shape[1]), loss_fn, len(train), evaluate, self.learning_rates,
+            self.max_seconds, max_epochs=self.max_epochs, batch_size=self.batch_size, weight_decay=self.weight_decay,
+            seed=self.seed,
+        )
         self.epochs_ = run["best_epoch"]
         self.search_log_ = {
             "grid": {"learning_rate": list(self.learning_rates), "epoch": f"1..{self.max_epochs} (evaluated each epoch)"},

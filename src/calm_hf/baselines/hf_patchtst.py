@@ -17,7 +17,7 @@ from transformers import PatchTSTConfig, PatchTSTForPrediction
 
 from ..metrics.functional import mse
 from .forecasting import BaseForecaster, check_trials, forecast_score
-from .tcn import autocast_context, train_sequence_model
+from .tcn import autocast_context, search_learning_rate
 
 __all__ = ["PatchTSTForecaster"]
 
@@ -130,18 +130,11 @@ class PatchTSTForecaster(BaseForecaster):
         def evaluate(model):
             return forecast_score(self._forecast(model, val_context)[:, :, : val_future.shape[-1]], val_future)
 
-        results, best = [], None
-        for lr in self.learning_rates:
-            model = self._new_model(horizon)
-            run = train_sequence_model(
-                model, loss_fn, len(series), evaluate, learning_rate=lr, max_epochs=self.max_epochs,
-                max_seconds=self.max_seconds / len(self.learning_rates), batch_size=self.batch_size,
-                seed=self.seed, batches_per_epoch=self.batches_per_eval,
-            )
-            results.append({"learning_rate": lr, **run})
-            if best is None or run["best_score"] > best[0]["best_score"]:
-                best = (run, lr, model)
-        run, self.learning_rate_, self.model_ = best
+        run, self.learning_rate_, self.model_, results = search_learning_rate(
+            lambda: self._new_model(horizon), loss_fn, len(series), evaluate, self.learning_rates, self.max_seconds,
+            max_epochs=self.max_epochs, batch_size=self.batch_size, seed=self.seed,
+            batches_per_epoch=self.batches_per_eval,
+        )
         self.horizon_ = horizon
         self.search_log_ = {
             "grid": {"learning_rate": list(self.learning_rates),

@@ -16,13 +16,14 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CalmBaselineTCN", "TCNStreamState", "train_sequence_model", "autocast_context"]
+__all__ = ["CalmBaselineTCN", "TCNStreamState", "autocast_context", "search_learning_rate", "train_sequence_model"]
 
 
 class CalmBaselineTCNLayer(nn.Module):
@@ -189,7 +190,7 @@ def _train_epoch(model: nn.Module, loss_fn, optimizer, order: torch.Tensor, batc
 def train_sequence_model(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    train_indices: int,
+    num_train_items: int,
     evaluate: Callable[[nn.Module], float],
     learning_rate: float,
     max_epochs: int,
@@ -207,7 +208,7 @@ def train_sequence_model(
     Args:
         model: the network (modified in place; on return it holds the best validated weights).
         loss_fn: `loss_fn(model, batch_indices)` -> scalar training loss on those training items.
-        train_indices: number of training items (batches are random permutations of `range(train_indices)`).
+        num_train_items: number of training items (batches are random permutations of `range(num_train_items)`).
         evaluate: `evaluate(model)` -> validation score, HIGHER is better (the model is in eval mode during it).
         eval_epochs: epochs after which to evaluate (default: every epoch). The best-scoring epoch is kept.
         patience: stop after this many evaluations without improvement (None: never stop early).
@@ -227,7 +228,7 @@ def train_sequence_model(
     stale, stopped, epoch = 0, "max_epochs", 0
     eval_set = set(eval_epochs) if eval_epochs is not None else None
     for epoch in range(1, max_epochs + 1):
-        order = torch.randperm(train_indices, generator=generator)
+        order = torch.randperm(num_train_items, generator=generator)
         train_loss, out_of_time = _train_epoch(model, loss_fn, optimizer, order, batch_size, batches_per_epoch,
                                                grad_clip, deadline=start + max_seconds)
         is_last = epoch == max_epochs or out_of_time
@@ -256,3 +257,35 @@ def train_sequence_model(
         "history": history,
         "stopped": stopped,
     }
+
+
+def search_learning_rate(
+    new_model: Callable[[], nn.Module],
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    num_train_items: int,
+    evaluate: Callable[[nn.Module], float],
+    learning_rates: Sequence[float],
+    max_seconds: float,
+    after_run: Callable[[nn.Module, dict], None] | None = None,
+    **train_kwargs: Any,
+) -> tuple[dict, float, nn.Module, list[dict]]:
+    """One `train_sequence_model` run per learning rate, each on a fresh `new_model()` with an equal share of
+    `max_seconds`; the run with the best validation score wins. `after_run(model, run)` may add fields to a run's
+    record before it is logged. `train_kwargs` go to `train_sequence_model`.
+
+    Returns:
+        `(best run, its learning rate, its model, [{"learning_rate": lr, **run} for every run])`.
+    """
+    results, best = [], None
+    for learning_rate in learning_rates:
+        model = new_model()
+        run = train_sequence_model(
+            model, loss_fn, num_train_items, evaluate, learning_rate=learning_rate,
+            max_seconds=max_seconds / len(learning_rates), **train_kwargs,
+        )
+        if after_run is not None:
+            after_run(model, run)
+        results.append({"learning_rate": learning_rate, **run})
+        if best is None or run["best_score"] > best[0]["best_score"]:
+            best = (run, learning_rate, model)
+    return (*best, results)

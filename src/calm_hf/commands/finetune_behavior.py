@@ -29,7 +29,7 @@ from transformers import EvalPrediction, TrainingArguments, set_seed
 
 from ..data import CalmDataCollator, SessionInfo, load_trial_corpus
 from ..metrics.functional import mse, r2_score
-from ..modeling_calm import CalmForBehaviorRegression
+from ..modeling_calm_behavior import CalmForBehaviorRegression
 from ..trainer import CalmTrainer
 from . import OutputArguments, claim_training_output, parse_command_args, run_command
 

@@ -3,7 +3,7 @@
     calm main                       # or: calm-main, python -m calm_hf.commands.main
     calm main --fresh               # start over instead of reusing finished stages
     calm main --size tiny --output_dir /tmp/x   # seconds-long smoke version (tests use it)
-    calm main --config training/configs/main_cpu.json   # the recipe spelled out as a file
+    calm main --config my_recipe.json   # a recipe file (the packaged ones: calm_hf/recipes/main_<size>.json)
 
 Stages: simulate -> train tokenizer -> tokenize to `datasets` -> pretrain the dual-axis transformer -> evaluate
 forecasting on held-out trials -> write `calm-base/` (DAT weights, `tokenizer/`, generation config, remote-code
@@ -24,8 +24,8 @@ switch is completed by the next run before anything else. Both folders carry the
 `calm-base/` or `calm-base-dataset/` that the main job did not write is refused unless `--overwrite`.
 
 Model and tokenizer architecture come only from the named presets (`CalmConfig.from_preset`,
-`CalmTokenizerConfig.from_preset`); `RECIPES` holds what a run does with them (data size, epochs, batch, learning
-rate, neurons per example).
+`CalmTokenizerConfig.from_preset`); `RECIPES`, read from the packaged `calm_hf/recipes/main_<size>.json`, holds what
+a run does with them (data size, epochs, batch, learning rate, neurons per example).
 """
 
 from __future__ import annotations
@@ -47,53 +47,36 @@ from .stages import Stage, run_stage, stage_argv, terminate_cleanly
 
 logger = logging.getLogger("calm_hf.main")
 
-# Training recipes of the main job. "cpu" is the default run (<= 15 minutes on 2 cores); "tiny" is the smoke run of
-# the tests; "paper" pairs the paper's architecture presets with a longer schedule (not run on this machine).
-# `tokenizer_preset` / `model_preset` name architecture presets; every architecture number lives in those presets.
-PRETRAIN_MINUTES = 13.0
-PRETRAIN_EPOCHS_CAP = 18.0
+# Training recipes of the main job, one JSON file per size shipped inside the package (`calm_hf/recipes/`, the files
+# `calm main --config` also reads). "cpu" is the default run on 2 cores; "tiny" is the smoke run of the tests; "paper"
+# pairs the paper's architecture presets with a longer schedule. `tokenizer_preset` / `model_preset` name
+# architecture presets; every architecture number lives in those presets. Why the cpu recipe is what it is:
+# training/README.md.
 STEP_TIME_MARGIN = 1.1  # the trainer's real step (collation, logging, checkpoints) vs the timed bare step: 0.50 vs 0.48 s
 PLAN_FILE = "job_plan.json"  # the dtype decision, the timed steps and the pretraining schedule of a work folder
 RELEASE_JOURNAL = "release_switch.json"  # the switch of the release folders in progress (see `run_job`)
+RECIPE_FIELDS = (
+    "num_sessions", "num_neurons", "num_trials", "num_steps", "tokenizer_preset", "tokenizer_epochs", "tokenizer_batch",
+    "tokenizer_lr", "tokenizer_segments", "tokenizer_segment_frames", "model_preset", "pretrain_epochs",
+    "pretrain_minutes", "pretrain_batch", "pretrain_lr", "max_neurons", "eval_trials", "forecast_samples",
+)
 
-RECIPES = {
-    # The tokenizer trains on whole trials (tokenizer_segment_frames = num_steps): it is used on whole trials, and
-    # one trained on 48-frame segments reconstructed the ends of 100-frame trials 6-9x worse than their middle.
-    # Pretraining sees a random 64 of a trial's neurons: at equal wall-clock that trains 3.6x more steps than whole
-    # populations and forecast better (validation r 0.399 vs 0.346 in benchmarks/results/dat_ablations.md), while the
-    # trial-swap probe shows the neuron mixer still learns population coupling. Pretraining gets a time budget, not
-    # a fixed epoch count: forecast r still rises with steps at this size (6 epochs: test r 0.443, 10: 0.453, 18:
-    # 0.466 vs ridge 0.464; learning curve in benchmarks/results/learning_curves), and a step costs 0.25 s on a 2-core
-    # AMX Xeon but ~0.6 s on a 2-core AVX2 EPYC, so a fixed count either wastes the budget or overruns it. The job
-    # times one step before pretraining and plans as many epochs as fit PRETRAIN_MINUTES (at most
-    # PRETRAIN_EPOCHS_CAP, the longest schedule measured), which with the other stages (~5 min) keeps it near 18-20
-    # minutes on two idle cores.
-    "cpu": dict(
-        num_sessions=3, num_neurons=200, num_trials=400, num_steps=100,
-        tokenizer_preset="cpu", tokenizer_epochs=1.0, tokenizer_batch=128, tokenizer_lr=2e-3, tokenizer_segments=100_000,
-        tokenizer_segment_frames=100,
-        model_preset="cpu", pretrain_epochs=PRETRAIN_EPOCHS_CAP, pretrain_minutes=PRETRAIN_MINUTES, pretrain_batch=4,
-        pretrain_lr=3e-3, max_neurons=64, eval_trials=None, forecast_samples=16,
-    ),
-    "tiny": dict(
-        num_sessions=2, num_neurons=12, num_trials=20, num_steps=60,
-        tokenizer_preset="tiny", tokenizer_epochs=1.0, tokenizer_batch=64, tokenizer_lr=3e-3, tokenizer_segments=2_000,
-        tokenizer_segment_frames=60,
-        model_preset="tiny", pretrain_epochs=1.0, pretrain_minutes=None, pretrain_batch=4, pretrain_lr=1e-3,
-        max_neurons=8,
-        eval_trials=4, forecast_samples=3,
-    ),
-    # the paper's NQ and DAT sizes on the same simulated corpus; the schedule is a starting point, not a measured one
-    "paper": dict(
-        num_sessions=3, num_neurons=200, num_trials=400, num_steps=100,
-        tokenizer_preset="paper", tokenizer_epochs=5.0, tokenizer_batch=256, tokenizer_lr=1e-3,
-        tokenizer_segments=100_000, tokenizer_segment_frames=100,
-        model_preset="paper", pretrain_epochs=30.0, pretrain_minutes=None, pretrain_batch=8, pretrain_lr=5e-4,
-        max_neurons=64,
-        eval_trials=None, forecast_samples=16,
-    ),
-}
-SIZES = RECIPES  # the name of the first version
+
+def recipe_path(size: str) -> Path:
+    """The packaged recipe file of `size` (`calm_hf/recipes/main_<size>.json`)."""
+    return Path(__file__).resolve().parent.parent / "recipes" / f"main_{size}.json"
+
+
+def load_recipe(size: str) -> dict:
+    """The recipe of `size`: every field of `RECIPE_FIELDS`, None where the file leaves it out."""
+    spelled = json.loads(recipe_path(size).read_text())
+    unknown = sorted(set(spelled) - set(RECIPE_FIELDS) - {"size"})
+    if unknown or spelled.get("size") != size:
+        raise ValueError(f"{recipe_path(size)} names size {spelled.get('size')!r} or unknown fields {unknown}.")
+    return {name: spelled.get(name) for name in RECIPE_FIELDS}
+
+
+RECIPES = {size: load_recipe(size) for size in ("cpu", "tiny", "paper")}
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`calm push`: upload a checkpoint folder (and its tokenized dataset) to the Hugging Face Hub.
 
     calm push --model_dir calm-base --repo_id you/calm-base --dataset_dir calm-base-dataset
-    calm push calm-base you/calm-base             # the positional form of the first version still works
+    calm push calm-base you/calm-base             # the positional form works too
     calm push --model_dir calm-base --stage_only  # copy what would be uploaded into --staging_dir, upload nothing
 
 Needs a write token (HF_TOKEN or `hf auth login`); HF_ENDPOINT selects another Hub.
@@ -33,7 +33,7 @@ class PushArguments:
 
 
 def legacy_argv(argv: list[str]) -> list[str]:
-    """The first version's spellings in today's: up to two leading positionals (model folder, repository) become
+    """Older spellings in today's form: up to two leading positionals (model folder, repository) become
     --model_dir / --repo_id, and --kebab-case flags become --snake_case."""
     argv = ["--" + item[2:].replace("-", "_") if item.startswith("--") and "=" not in item else item for item in argv]
     positionals = []

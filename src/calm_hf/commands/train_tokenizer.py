@@ -115,7 +115,7 @@ def fit_schedule_to_run(config: CalmTokenizerConfig, total_steps: int) -> dict[s
     forecasting benchmark's zebrafish and Park tokenizers trained 31 and 50 steps against the cpu preset's 200-step
     warm-up). The warm-up is capped at `MAX_WARMUP_SHARE` of the run. The temperature should also reach its end value
     before the run ends (argmax codes are used at inference), so the annealing is capped at `MAX_ANNEAL_SHARE`: the
-    main job's cpu recipe (782 steps) used to stop at 39% of its 2000-step anneal. Returns the fields that changed
+    main job's cpu recipe would otherwise stop early in its anneal. Returns the fields that changed
     (empty when the run is long enough).
     """
     changes: dict[str, int] = {}

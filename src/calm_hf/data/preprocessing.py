@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import signal
 
-from .session import check_traces
+from .session import TrialGrid, check_traces
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -363,7 +363,7 @@ def _split_session(session: SessionTrials, seed: int, fractions: tuple[float, fl
 
 
 @dataclass
-class PreparedSession:
+class PreparedSession(TrialGrid):
     """A session ready for tokenization: z-scored trials at the model frame rate plus what maps outputs back.
 
     Attributes:
@@ -397,18 +397,6 @@ class PreparedSession:
     window_size: int = 4
     extras: dict[str, Any] = field(default_factory=dict)
     split_method: dict[str, Any] | None = None
-
-    @property
-    def num_trials(self) -> int:
-        return int(self.traces.shape[0])
-
-    @property
-    def num_neurons(self) -> int:
-        return int(self.traces.shape[1])
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.traces.shape[2])
 
     def split(self, name: str) -> np.ndarray:
         """Z-scored trials `(trials, neurons, frames)` of split `name` (`"train"`, `"validation"` or `"test"`)."""

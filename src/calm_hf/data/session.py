@@ -111,8 +111,26 @@ def check_traces(
     return array
 
 
+class TrialGrid:
+    """`num_trials`, `num_neurons` and `num_frames` of a class whose `traces` are `(trials, neurons, frames)`."""
+
+    traces: np.ndarray
+
+    @property
+    def num_trials(self) -> int:
+        return int(self.traces.shape[0])
+
+    @property
+    def num_neurons(self) -> int:
+        return int(self.traces.shape[1])
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.traces.shape[2])
+
+
 @dataclass
-class SessionTrials:
+class SessionTrials(TrialGrid):
     """Trials of one session (one animal/field of view), raw units.
 
     Validated on construction: `traces` must be a finite 3-D array (a NaN is reported with its trial, neuron and
@@ -162,18 +180,6 @@ class SessionTrials:
                     f"{self.behavior.shape[1]} behavior channels; give one name per channel."
                 )
         self.extras = dict(self.extras or {})
-
-    @property
-    def num_trials(self) -> int:
-        return int(self.traces.shape[0])
-
-    @property
-    def num_neurons(self) -> int:
-        return int(self.traces.shape[1])
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.traces.shape[2])
 
     @property
     def num_behavior_channels(self) -> int:

@@ -4,11 +4,11 @@ Rows may be scalars, `(frames,)` traces or `(neurons, frames)` / `(frames, chann
 nesting as the rows, or one boolean per row's leading axis) to `compute` to exclude padding.
 """
 
-import datasets
 import evaluate
 import numpy as np
 
-# Absolute import: evaluate copies this file into its modules cache, so relative imports would break.
+# Absolute imports: evaluate copies this file into its modules cache, so relative imports would break.
+from calm_hf.metrics.evaluate_info import metric_info
 from calm_hf.metrics.functional import mse
 
 _DESCRIPTION = """\
@@ -28,34 +28,10 @@ Examples:
     {'mse': 2.0}
 """
 
-_CITATION = """\
-@article{calm2026,
-  title   = {Self-Supervised Foundation Model for Calcium-imaging Population Dynamics},
-  journal = {arXiv preprint arXiv:2604.04958},
-  year    = {2026}
-}
-"""
-
-
-def _features(feature):
-    return datasets.Features({"predictions": feature, "references": feature})
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CalmMse(evaluate.Metric):
     def _info(self):
-        value = datasets.Value("float32")
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            # The first format that encodes the first row wins: scalars, 1-D rows, 2-D rows.
-            features=[
-                _features(value),
-                _features(datasets.Sequence(value)),
-                _features(datasets.Sequence(datasets.Sequence(value))),
-            ],
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, row_ranks=(0, 1, 2))
 
     def _compute(self, predictions, references, mask=None):
         pred = np.asarray(predictions, dtype=np.float64)

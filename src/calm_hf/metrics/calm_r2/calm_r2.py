@@ -4,11 +4,11 @@ Rows are samples: either one `(channels,)` vector per frame, or one `(frames, ch
 but the last is pooled as samples). R^2 is `1 - SS_res / SS_tot` per channel over all samples.
 """
 
-import datasets
 import evaluate
 import numpy as np
 
-# Absolute import: evaluate copies this file into its modules cache, so relative imports would break.
+# Absolute imports: evaluate copies this file into its modules cache, so relative imports would break.
+from calm_hf.metrics.evaluate_info import metric_info
 from calm_hf.metrics.functional import r2_score
 
 _DESCRIPTION = """\
@@ -29,32 +29,10 @@ Examples:
     {'r2': 1.0}
 """
 
-_CITATION = """\
-@article{calm2026,
-  title   = {Self-Supervised Foundation Model for Calcium-imaging Population Dynamics},
-  journal = {arXiv preprint arXiv:2604.04958},
-  year    = {2026}
-}
-"""
-
-
-def _features(feature):
-    return datasets.Features({"predictions": feature, "references": feature})
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CalmR2(evaluate.Metric):
     def _info(self):
-        value = datasets.Value("float32")
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                _features(datasets.Sequence(value)),
-                _features(datasets.Sequence(datasets.Sequence(value))),
-            ],
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, row_ranks=(1, 2))
 
     def _compute(self, predictions, references, multioutput="uniform_average"):
         pred = np.asarray(predictions, dtype=np.float64)

@@ -5,11 +5,11 @@ different neuron counts (they are zero-padded and masked). Pass `session_ids` (o
 `neuron_mask` (one `(neurons,)` boolean list per trial) to `compute`.
 """
 
-import datasets
 import evaluate
 import numpy as np
 
-# Absolute import: evaluate copies this file into its modules cache, so relative imports would break.
+# Absolute imports: evaluate copies this file into its modules cache, so relative imports would break.
+from calm_hf.metrics.evaluate_info import metric_info
 from calm_hf.metrics.functional import forecast_pearson_r, stack_trials
 
 _DESCRIPTION = """\
@@ -35,26 +35,10 @@ Examples:
     0.98...
 """
 
-_CITATION = """\
-@article{calm2026,
-  title   = {Self-Supervised Foundation Model for Calcium-imaging Population Dynamics},
-  journal = {arXiv preprint arXiv:2604.04958},
-  year    = {2026}
-}
-"""
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ForecastPearson(evaluate.Metric):
     def _info(self):
-        trial = datasets.Sequence(datasets.Sequence(datasets.Value("float32")))
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": trial, "references": trial}),
-            reference_urls=["https://arxiv.org/abs/2604.04958"],
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, row_ranks=(2,))
 
     def _compute(self, predictions, references, session_ids=None, neuron_mask=None):
         pred, pad_mask = stack_trials(predictions)

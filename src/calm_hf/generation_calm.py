@@ -1,0 +1,271 @@
+"""Generation on the neuron grid for [`CalmForCausalNeuralModeling`]: `generate` (transformers' `GenerationMixin` on
+the grid flattened to `(batch*neurons, steps)`) and `rollout` (greedy, sampled or soft feedback with a KV cache).
+
+Kept beside the modeling file as transformers keeps a model's generation code (`generation_whisper.py`); the model
+class inherits [`CalmGenerationMixin`].
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, GenerationMixin
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from .validation_calm import as_integer_tensor, identity_inputs, validate_inputs
+
+
+ROLLOUT_MODES = ("greedy", "sample", "soft")
+
+
+@dataclass
+class CalmRolloutOutput(ModelOutput):
+    """
+    Output of [`CalmForCausalNeuralModeling.rollout`].
+
+    Args:
+        codes (`torch.LongTensor` of shape `(batch, neurons, token_steps + max_new_tokens)`):
+            Context followed by the rolled-out codes (argmax codes in "greedy" and "soft" mode, drawn codes in
+            "sample" mode).
+        probabilities (`torch.FloatTensor` of shape `(batch, neurons, max_new_tokens, vocab_size)`):
+            Predicted code distribution at every rolled-out step (after temperature / top-k).
+    """
+
+    codes: torch.LongTensor | None = None
+    probabilities: torch.FloatTensor | None = None
+
+
+def is_positive_integer(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
+
+
+def check_sampling_arguments(
+    max_new_tokens: Any, top_p: Any, top_k: Any, temperature: Any, do_sample: bool | None
+) -> None:
+    """Range checks for the sampling arguments `GenerationMixin` accepts silently (top_p > 1 samples from the whole
+    vocabulary, a fractional max_new_tokens adds an extra step). None means "not set"."""
+    if max_new_tokens is not None and not is_positive_integer(max_new_tokens):
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must lie in (0, 1] (1 = no nucleus filtering), got {top_p!r}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k must be a non-negative integer (0 = no top-k filtering), got {top_k!r}.")
+    if do_sample and temperature is not None and not (
+        isinstance(temperature, numbers.Real) and 0.0 < temperature < float("inf")
+    ):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}; use greedy for argmax.")
+
+
+def next_codes(
+    logits: torch.Tensor, mode: str, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.LongTensor]:
+    """`(probabilities, codes)` of one rollout step from `(batch, neurons, vocab)` logits (see `rollout`)."""
+    logits = logits.float()
+    if mode != "greedy":
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            threshold = logits.topk(top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if mode == "sample":
+        codes = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        return probs, codes.view(probs.shape[:-1])
+    return probs, probs.argmax(dim=-1)
+
+
+class CalmGenerationMixin(GenerationMixin):
+    """`generate` and `rollout` for a model whose forward takes the `(batch, neurons, token_steps)` code grid, the
+    identity inputs and a time-axis `cache`, and returns `logits` and `cache`."""
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        next_sequence_length: int | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        # transformers < 5.24 hands the KV cache over as `past_key_values` (5.24 renamed it `cache`)
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        # input_ids (batch*neurons, steps so far); with a cache only the steps it has not seen are fed (one per step)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if past_length:
+            input_ids = input_ids[:, past_length:]
+        model_inputs = {"input_ids": input_ids.contiguous(), "cache": cache}
+        if inputs_embeds is not None and is_first_iteration and not past_length:
+            model_inputs = {"input_ids": None, "inputs_embeds": inputs_embeds, "cache": cache}
+        forward_args = set(inspect.signature(self.forward).parameters)
+        for key, value in kwargs.items():
+            if key in forward_args and key not in model_inputs and key != "labels":
+                model_inputs[key] = value
+        return model_inputs
+
+    def _generation_setting(self, name: str, generation_config: GenerationConfig | None, kwargs: dict):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        config = generation_config if generation_config is not None else self.generation_config
+        return getattr(config, name, None)
+
+    def _prepare_generation(
+        self,
+        input_ids: Any,
+        identity: dict[str, Any],
+        generation_config: GenerationConfig | None,
+        generate_kwargs: dict,
+    ) -> tuple[torch.LongTensor, dict[str, torch.Tensor | None]]:
+        """Validates a `generate` call once (the per-step forwards only check shapes; `generate_kwargs` is edited in
+        place) and expands the grid for `num_return_sequences` so the R samples of a trial keep their neurons together.
+
+        Returns:
+            `(input_ids (batch*R, neurons, steps), {"neuron_ids", "session_ids", "neuron_mask"} expanded alike)`.
+        """
+        if input_ids is None:
+            raise ValueError("generate needs input_ids of shape (batch, neurons, token_steps): the context codes.")
+        if generate_kwargs.get("inputs_embeds") is not None:
+            raise ValueError("generate takes input_ids; for embedding feedback use model.rollout(..., mode='soft').")
+        setting = lambda name: self._generation_setting(name, generation_config, generate_kwargs)  # noqa: E731
+        if generate_kwargs.get("max_length") is not None and generate_kwargs.get("max_new_tokens") is None:
+            # max_length counts token steps of the grid; the default max_new_tokens would otherwise win
+            generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length") - as_integer_tensor(
+                input_ids, "input_ids"
+            ).shape[-1]
+        check_sampling_arguments(
+            setting("max_new_tokens"), setting("top_p"), setting("top_k"), setting("temperature"), setting("do_sample")
+        )
+        max_new_tokens = setting("max_new_tokens")
+        input_ids = validate_inputs(self.config, input_ids, **identity, new_steps=max_new_tokens or 0)
+        if (setting("num_beams") or 1) > 1:
+            raise ValueError("Beam search is not supported on the neuron grid; use greedy or do_sample=True.")
+        num_return = generate_kwargs.pop("num_return_sequences", None)
+        if num_return is None:
+            num_return = setting("num_return_sequences") or 1
+        if not is_positive_integer(num_return):
+            raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}.")
+        identity = dict(zip(identity, identity_inputs(*input_ids.shape[:2], input_ids.device, **identity)))
+        if num_return > 1:  # (batch*R, neurons, T)
+            input_ids = input_ids.repeat_interleave(num_return, dim=0)
+            identity = {name: None if value is None else value.repeat_interleave(num_return, dim=0)
+                        for name, value in identity.items()}
+        return input_ids, identity
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor | ModelOutput:
+        r"""
+        Rolls the token grid forward in time with a KV cache (greedy, or sampling with temperature / top_k / top_p).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`): context codes.
+            neuron_ids (`torch.LongTensor` of shape `(batch, neurons)`, *optional*): global neuron ids.
+            session_ids (`torch.LongTensor` of shape `(batch,)`, *optional*): session ids.
+            neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*): False marks padded neurons.
+            generation_config (`GenerationConfig`, *optional*): defaults to `model.generation_config`
+                (`max_new_tokens=15`, greedy, no eos/pad).
+            generate_kwargs: any `GenerationConfig` field (`max_new_tokens`, `do_sample`, `temperature`, `top_k`,
+                `top_p`, `num_return_sequences`, `return_dict_in_generate`, `output_scores`, ...). Seed with
+                `torch.manual_seed`.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch * num_return_sequences, neurons, token_steps + new)`, rows grouped by
+            input (`[b * R + r]` is sample r of input b); with `return_dict_in_generate=True` a
+            `GenerateDecoderOnlyOutput` whose `sequences` has that shape and whose `scores`/`logits` are tuples of
+            `(batch * R, neurons, vocab_size)`.
+        """
+        if input_ids is None:
+            input_ids = generate_kwargs.pop("inputs", None)
+        identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
+        input_ids, identity = self._prepare_generation(input_ids, identity, generation_config, generate_kwargs)
+        grid_batch, num_neurons, num_steps = input_ids.shape
+
+        outputs = super().generate(
+            input_ids.reshape(grid_batch * num_neurons, num_steps),
+            generation_config=generation_config,
+            num_return_sequences=1,
+            num_neurons=num_neurons,
+            **identity,
+            **generate_kwargs,
+        )
+
+        def to_grid(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.reshape(grid_batch, num_neurons, *tensor.shape[1:])
+
+        if isinstance(outputs, torch.Tensor):
+            return to_grid(outputs)
+        outputs.sequences = to_grid(outputs.sequences)
+        for name in ("scores", "logits"):
+            if getattr(outputs, name, None) is not None:
+                setattr(outputs, name, tuple(to_grid(step) for step in getattr(outputs, name)))
+        return outputs
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+        mode: str = "greedy",
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> CalmRolloutOutput:
+        r"""
+        Autoregressive rollout with a KV cache, with a choice of what is fed back at each step.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`): context codes.
+            max_new_tokens (`int`): number of token steps to roll out.
+            neuron_ids, session_ids, neuron_mask: as in `forward`.
+            mode (`str`, *optional*, defaults to `"greedy"`):
+                `"greedy"` feeds back the argmax code, `"sample"` a code drawn from the (temperature / top-k)
+                distribution, `"soft"` the probability-weighted code embedding `probs @ embed_tokens.weight` (a
+                mean-field rollout that does not collapse to typical codes); its returned codes are the argmax.
+            temperature (`float`, *optional*, defaults to 1.0): softmax temperature ("sample" and "soft").
+            top_k (`int`, *optional*): keep only the k most likely codes ("sample" and "soft").
+            generator (`torch.Generator`, *optional*): random generator for "sample".
+
+        Returns:
+            [`CalmRolloutOutput`] with `codes` `(batch, neurons, token_steps + max_new_tokens)` and
+            `probabilities` `(batch, neurons, max_new_tokens, vocab_size)`.
+        """
+        if mode not in ROLLOUT_MODES:
+            raise ValueError(f"mode must be 'greedy', 'sample' or 'soft', got {mode!r}.")
+        check_sampling_arguments(max_new_tokens, None, top_k, temperature, do_sample=True)
+        input_ids = validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask, new_steps=max_new_tokens)
+        identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
+        outputs = self(input_ids=input_ids, use_cache=True, logits_to_keep=1, return_dict=True, **identity)
+        codes, probabilities = [], []
+        for step in range(max_new_tokens):
+            # (batch, neurons, vocab) distribution of the next step and the codes picked from it
+            probs, step_codes = next_codes(outputs.logits[:, :, -1], mode, temperature, top_k, generator)
+            codes.append(step_codes)
+            probabilities.append(probs)
+            if step == max_new_tokens - 1:
+                break
+            if mode == "soft":
+                embedding = self.get_input_embeddings().weight
+                feed = {"inputs_embeds": (probs.to(embedding.dtype) @ embedding)[:, :, None, :]}
+            else:
+                feed = {"input_ids": step_codes[:, :, None]}
+            outputs = self(cache=outputs.cache, use_cache=True, logits_to_keep=1, return_dict=True, **feed, **identity)
+        return CalmRolloutOutput(
+            codes=torch.cat([input_ids, torch.stack(codes, dim=-1)], dim=-1),
+            probabilities=torch.stack(probabilities, dim=2),
+        )
+
+
+__all__ = ["CalmGenerationMixin", "CalmRolloutOutput"]
