@@ -159,7 +159,7 @@ def tiny_checkpoint(tmp_path_factory):
     save_session_metadata(root / "data", prepared)
     config = CalmConfig.from_preset(
         "tiny", vocab_size=tokenizer.config.codebook_size, num_neurons=24, num_sessions=2,
-        session_names=[s.name for s in sessions], session_neuron_ranges=[[0, 12], [12, 24]],
+        session_names=[s.name for s in sessions], session_neuron_ranges=[[0, 12], [12, 24]], neuron_identity="table",
     )
     model = CalmForCausalNeuralModeling(config)
     with torch.no_grad():  # plant the answer: neurons driven by condition 1 get a shared offset in their embedding

@@ -19,7 +19,7 @@ VOCAB, NEURONS, STEPS, CHANNELS, WINDOW = 16, 6, 5, 2, 4
 
 
 def tiny_config(**overrides) -> CalmConfig:
-    return CalmConfig.from_preset("tiny", hidden_dropout=0.0, **overrides)
+    return CalmConfig.from_preset("tiny", hidden_dropout=0.0, **{"neuron_identity": "table", **overrides})
 
 
 def make_model(head: str = "glu", seed: int = 0, **overrides) -> CalmForBehaviorRegression:

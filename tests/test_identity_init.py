@@ -46,7 +46,7 @@ def test_coupling_factors_find_the_driver():
 
 def test_init_writes_factors_that_the_mixer_reads():
     traces, _ = coupled_trials()
-    config = CalmConfig.from_preset("tiny", value_head_steps=2, neuron_mixer_rank=8, num_neurons=24)
+    config = CalmConfig.from_preset("tiny", value_head_steps=2, neuron_mixer_rank=8, num_neurons=24, neuron_identity="table")
     model = CalmForCausalNeuralModeling(config).eval()
     before = model.model.neuron_embeddings.weight.detach().clone()
     report = init_identity_embeddings(model, [(traces, np.arange(12, 24))])
@@ -68,17 +68,18 @@ def test_init_writes_factors_that_the_mixer_reads():
 
 def test_init_needs_a_mixer_and_matching_ids():
     traces, _ = coupled_trials()
-    model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", neuron_mixer_rank=0))
+    model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", neuron_mixer_rank=0, neuron_identity="table"))
     with pytest.raises(ValueError, match="neuron_mixer_rank"):
         init_identity_embeddings(model, [(traces, np.arange(12))])
-    model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", neuron_mixer_rank=4))
+    model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", neuron_mixer_rank=4, neuron_identity="table"))
     with pytest.raises(ValueError, match="neuron_ids"):
         init_identity_embeddings(model, [(traces, np.arange(11))])
 
 
 def test_adapting_rows_are_written_and_the_mixer_is_left_alone():
     traces, _ = coupled_trials()
-    config = CalmConfig.from_preset("tiny", value_head_steps=2, neuron_mixer_rank=8, num_neurons=12, num_sessions=1)
+    config = CalmConfig.from_preset("tiny", value_head_steps=2, neuron_mixer_rank=8, num_neurons=12, num_sessions=1,
+                                    neuron_identity="table")
     model = CalmForCausalNeuralModeling(config)
     session_id, neuron_ids = model.add_session("new", 12)
     model.freeze_backbone_except_embeddings(session_ids=[session_id], neuron_ids=list(neuron_ids))

@@ -15,9 +15,11 @@ PACKAGE = SRC / "calm_hf"
 MODEL_FILES = {"calm_hf.modeling_calm", "calm_hf.modeling_calm_behavior", "calm_hf.modeling_calm_tokenizer",
                "calm_hf.configuration_calm", "calm_hf.configuration_calm_tokenizer", "calm_hf.presets",
                "calm_hf.validation_calm", "calm_hf.generation_calm", "calm_hf.sessions_calm",
-               "calm_hf.augmentation_calm", "calm_hf.checked_loading", "calm_hf.validation_calm_tokenizer"}
+               "calm_hf.augmentation_calm", "calm_hf.checked_loading", "calm_hf.validation_calm_tokenizer",
+               "calm_hf.heads_calm", "calm_hf.identity_calm"}
 # what the data layer (and the metrics) may not reach: models, training, evaluation, orchestration, commands
 ABOVE_DATA = {"calm_hf.modeling_calm", "calm_hf.modeling_calm_behavior", "calm_hf.modeling_calm_tokenizer",
+              "calm_hf.heads_calm", "calm_hf.identity_calm",
               "calm_hf.validation_calm", "calm_hf.generation_calm", "calm_hf.sessions_calm", "calm_hf.augmentation_calm",
               "calm_hf.checked_loading", "calm_hf.validation_calm_tokenizer", "calm_hf.forecasting",
               "calm_hf.pipeline_neural_forecasting", "calm_hf.trainer", "calm_hf.evaluation", "calm_hf.publish",

@@ -22,7 +22,9 @@ VOCAB = 16
 def tiny_config(**overrides) -> CalmConfig:
     # the backbone and head on codes alone: the preset's raw-trace highway (which needs the traces at every call)
     # is tested in test_forecasting_direct.py and end to end through the main job and the pipeline
-    return CalmConfig.from_preset("tiny", **{"hidden_dropout": 0.0, "value_skip_windows": 0, **overrides})
+    # learned identity tables (what most tests here are about); the data-identity path: tests/test_data_identity.py
+    return CalmConfig.from_preset("tiny", **{"hidden_dropout": 0.0, "value_skip_windows": 0, "neuron_identity": "table",
+                                             "quantile_levels": None, **overrides})
 
 
 def make_model(seed: int = 0, **overrides) -> CalmForCausalNeuralModeling:
@@ -682,7 +684,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         torch.manual_seed(0)
         # dropout on: the recompute must replay the same masks
-        model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", hidden_dropout=0.1)).train()
+        model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", hidden_dropout=0.1,
+                                                                   neuron_identity="table")).train()
         if checkpointing:
             # transformers 5.23 renames the switch; older 5.x only has gradient_checkpointing_enable
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

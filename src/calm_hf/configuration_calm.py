@@ -15,6 +15,8 @@ from .presets import PRESETS, preset_fields
 # the model part of the one preset table shared with the tokenizer ("tiny", "cpu", "paper"; see presets.py)
 # the readouts of CalmForBehaviorRegression (config.behavior_head)
 BEHAVIOR_HEADS = ("glu", "linear")
+# where neuron identities come from (config.neuron_identity)
+NEURON_IDENTITIES = ("table", "data")
 
 CALM_PRESETS: dict[str, dict[str, Any]] = {name: parts["model"] for name, parts in PRESETS.items()}
 
@@ -136,6 +138,24 @@ class CalmConfig(PreTrainedConfig):
             Weight of the forecast head's MSE in the training loss.
         next_token_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the next-token cross-entropy (kept: it trains the token distribution used for sampled futures).
+        neuron_identity (`str`, *optional*, defaults to `"table"`):
+            Where a neuron's identity comes from. `"table"`: learned rows of the neuron and session embedding tables,
+            indexed by `neuron_ids` / `session_ids` (a session must be known to the model, or added and adapted with
+            `add_session`). `"data"`: computed in closed form from reference activity of the same recording
+            (`calm_hf.identity_calm.compute_neuron_identity`: in-context coupling factors and single-neuron
+            statistics) and passed as `neuron_identity`; there are no tables, so any recording with any number of
+            neurons works without training, and no reference at all is the zero-shot case.
+        identity_rank (`int`, *optional*, defaults to 32):
+            Coupling factors per side in a data identity; the coupling mixer of every layer computes
+            `sum_j (receives_i . drives_j) v_j`, a rank-`identity_rank` population regression estimated in context.
+        identity_ridge (`float`, *optional*, defaults to 1.0):
+            Ridge strength (relative to the mean diagonal of the Gram matrix) of that coupling fit: strong, because
+            references can be a few trials of hundreds of neurons.
+        quantile_levels (`list[float]`, *optional*):
+            Levels of the quantiles the continuous head also predicts (pinball loss), e.g. 0.05 ... 0.95: calibrated
+            bands in the same forward pass as the point forecast, without sampling. None = no quantile head.
+        quantile_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the quantile head's pinball loss in the training loss.
         neuron_mixer_rank (`int`, *optional*, defaults to 0):
             Rank of a linear population-mixing branch in every layer: `out_i = W_o sum_j (q_i . k_j) v_j / N` with
             queries/keys from the neuron and session identity and values from the activity, i.e. a learned low-rank
@@ -189,6 +209,11 @@ class CalmConfig(PreTrainedConfig):
     value_loss_weight: float | int = 1.0
     next_token_loss_weight: float | int = 1.0
     neuron_mixer_rank: int = 0
+    neuron_identity: str = "table"
+    identity_rank: int = 32
+    identity_ridge: float | int = 1.0
+    quantile_levels: list[float] | None = None
+    quantile_loss_weight: float | int = 1.0
 
     def __post_init__(self, **kwargs):
         if self.behavior_head is None:  # written by early behaviour checkpoints: the default head
@@ -231,6 +256,25 @@ class CalmConfig(PreTrainedConfig):
             )
         if self.frame_rate_hz <= 0:
             raise ValueError(f"frame_rate_hz must be positive, got {self.frame_rate_hz}.")
+
+    def validate_identity(self) -> None:
+        """Where neuron identities come from, and the quantile levels of the head."""
+        if self.neuron_identity not in NEURON_IDENTITIES:
+            raise ValueError(f"neuron_identity must be one of {list(NEURON_IDENTITIES)}, got {self.neuron_identity!r}.")
+        if self.identity_rank < 1:
+            raise ValueError(f"CalmConfig.identity_rank must be a positive integer, got {self.identity_rank!r}.")
+        if not (math.isfinite(self.identity_ridge) and self.identity_ridge > 0):
+            raise ValueError(f"CalmConfig.identity_ridge must be a positive number, got {self.identity_ridge!r}.")
+        levels = self.quantile_levels
+        if levels is None:
+            return
+        if self.value_head_steps == 0:
+            raise ValueError(f"quantile_levels={levels} need the continuous forecast head: set value_head_steps > 0.")
+        if not levels or any(not 0.0 < float(q) < 1.0 for q in levels) or any(
+                b <= a for a, b in zip(levels, levels[1:])):
+            raise ValueError(f"quantile_levels must be increasing numbers strictly between 0 and 1, got {levels}.")
+        if not (math.isfinite(self.quantile_loss_weight) and self.quantile_loss_weight >= 0):
+            raise ValueError(f"quantile_loss_weight must be a finite number >= 0, got {self.quantile_loss_weight!r}.")
 
     def validate_training(self) -> None:
         """Loss weights, dropout and the paper's input augmentations."""
@@ -311,10 +355,13 @@ class CalmConfig(PreTrainedConfig):
     def from_preset(cls, name: str, **overrides: Any) -> "CalmConfig":
         """Builds a config from the model part of preset `name` ("tiny", "cpu", "paper"; the table is in
         `calm_hf.presets`), with fields overridden by `overrides`. Turning the preset's forecast head off
-        (`value_head_steps=0`) also turns off its raw-trace highway, which only adds to that head."""
+        (`value_head_steps=0`) also turns off its raw-trace highway and its quantiles, which only add to that head."""
         fields = {**preset_fields(name, "model"), **overrides}
-        if overrides.get("value_head_steps") == 0 and "value_skip_windows" not in overrides:
-            fields["value_skip_windows"] = 0
+        if overrides.get("value_head_steps") == 0:
+            if "value_skip_windows" not in overrides:
+                fields["value_skip_windows"] = 0
+            if "quantile_levels" not in overrides:
+                fields["quantile_levels"] = None
         return cls(**fields)
 
     def session_id(self, name: str) -> int:
@@ -334,4 +381,4 @@ class CalmConfig(PreTrainedConfig):
         return list(range(start, stop))
 
 
-__all__ = ["BEHAVIOR_HEADS", "CALM_PRESETS", "CalmConfig"]
+__all__ = ["BEHAVIOR_HEADS", "CALM_PRESETS", "NEURON_IDENTITIES", "CalmConfig"]

@@ -140,6 +140,7 @@ class CalmGenerationMixin(GenerationMixin):
         )
         max_new_tokens = setting("max_new_tokens")
         input_ids = validate_inputs(self.config, input_ids, **identity, new_steps=max_new_tokens or 0)
+        neuron_identity = identity.pop("neuron_identity", None)
         if (setting("num_beams") or 1) > 1:
             raise ValueError("Beam search is not supported on the neuron grid; use greedy or do_sample=True.")
         num_return = generate_kwargs.pop("num_return_sequences", None)
@@ -148,6 +149,9 @@ class CalmGenerationMixin(GenerationMixin):
         if not is_positive_integer(num_return):
             raise ValueError(f"num_return_sequences must be a positive integer, got {num_return!r}.")
         identity = dict(zip(identity, identity_inputs(*input_ids.shape[:2], input_ids.device, **identity)))
+        if neuron_identity is not None:
+            identity["neuron_identity"] = torch.as_tensor(neuron_identity, device=input_ids.device).expand(
+                input_ids.shape[0], -1, -1)
         if num_return > 1:  # (batch*R, neurons, T)
             input_ids = input_ids.repeat_interleave(num_return, dim=0)
             identity = {name: None if value is None else value.repeat_interleave(num_return, dim=0)
@@ -162,6 +166,7 @@ class CalmGenerationMixin(GenerationMixin):
         session_ids: torch.LongTensor | None = None,
         neuron_mask: torch.BoolTensor | None = None,
         generation_config: GenerationConfig | None = None,
+        neuron_identity: torch.FloatTensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor | ModelOutput:
         r"""
@@ -172,6 +177,8 @@ class CalmGenerationMixin(GenerationMixin):
             neuron_ids (`torch.LongTensor` of shape `(batch, neurons)`, *optional*): global neuron ids.
             session_ids (`torch.LongTensor` of shape `(batch,)`, *optional*): session ids.
             neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*): False marks padded neurons.
+            neuron_identity (`torch.FloatTensor` of shape `(batch, neurons, identity_size)`, *optional*): data
+                identity (a `neuron_identity="data"` model; None = zero-shot).
             generation_config (`GenerationConfig`, *optional*): defaults to `model.generation_config`
                 (`max_new_tokens=15`, greedy, no eos/pad).
             generate_kwargs: any `GenerationConfig` field (`max_new_tokens`, `do_sample`, `temperature`, `top_k`,
@@ -186,7 +193,8 @@ class CalmGenerationMixin(GenerationMixin):
         """
         if input_ids is None:
             input_ids = generate_kwargs.pop("inputs", None)
-        identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
+        identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask,
+                    "neuron_identity": neuron_identity}
         input_ids, identity = self._prepare_generation(input_ids, identity, generation_config, generate_kwargs)
         grid_batch, num_neurons, num_steps = input_ids.shape
 
@@ -222,6 +230,7 @@ class CalmGenerationMixin(GenerationMixin):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        neuron_identity: torch.FloatTensor | None = None,
     ) -> CalmRolloutOutput:
         r"""
         Autoregressive rollout with a KV cache, with a choice of what is fed back at each step.
@@ -237,6 +246,7 @@ class CalmGenerationMixin(GenerationMixin):
             temperature (`float`, *optional*, defaults to 1.0): softmax temperature ("sample" and "soft").
             top_k (`int`, *optional*): keep only the k most likely codes ("sample" and "soft").
             generator (`torch.Generator`, *optional*): random generator for "sample".
+            neuron_identity (`torch.FloatTensor`, *optional*): data identity, as in `forward`.
 
         Returns:
             [`CalmRolloutOutput`] with `codes` `(batch, neurons, token_steps + max_new_tokens)` and
@@ -245,8 +255,10 @@ class CalmGenerationMixin(GenerationMixin):
         if mode not in ROLLOUT_MODES:
             raise ValueError(f"mode must be 'greedy', 'sample' or 'soft', got {mode!r}.")
         check_sampling_arguments(max_new_tokens, None, top_k, temperature, do_sample=True)
-        input_ids = validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask, new_steps=max_new_tokens)
-        identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
+        input_ids = validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask, new_steps=max_new_tokens,
+                                    neuron_identity=neuron_identity)
+        identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask,
+                    "neuron_identity": neuron_identity}
         outputs = self(input_ids=input_ids, use_cache=True, logits_to_keep=1, return_dict=True, **identity)
         codes, probabilities = [], []
         for step in range(max_new_tokens):

@@ -2,7 +2,8 @@
 
 This file holds the backbone ([`CalmModel`]) and its next-token head ([`CalmForCausalNeuralModeling`]). Beside it,
 imported relatively so that `save_pretrained` copies them with the remote code: `validation_calm.py` (input checks),
-`generation_calm.py` (`generate` and `rollout`), `sessions_calm.py` (identity tables that grow for new sessions),
+`generation_calm.py` (`generate` and `rollout`), `heads_calm.py` (the forecast heads' outputs and losses),
+`identity_calm.py` (neuron identities computed from data), `sessions_calm.py` (identity tables that grow for new sessions),
 `checked_loading.py` (weight checksums and checked loading); the behaviour heads live in `modeling_calm_behavior.py`.
 """
 
@@ -30,11 +31,14 @@ from .augmentation_calm import CalmAugmentationMixin
 from .checked_loading import load_checked_pretrained, write_weight_checksums
 from .configuration_calm import CalmConfig
 from .generation_calm import CalmGenerationMixin, CalmRolloutOutput
+from .heads_calm import CalmForecastHeadsMixin
+from .identity_calm import identity_size
 from .sessions_calm import CalmIdEmbedding, CalmSessionsMixin
 from .validation_calm import (
     check_grid_size,
     check_input_ids_shape,
     check_inputs_embeds_shape,
+    check_neuron_identity_shape,
     identity_inputs,
     validate_inputs,
 )
@@ -97,6 +101,10 @@ class CalmCausalNeuralModelingOutput(ModelOutput):
         value_predictions (`torch.FloatTensor` of shape `(batch, neurons, token_steps, value_head_steps * window_size)`, *optional*):
             Forecast of the next `value_head_steps * window_size` frames (z-scored) made at every token step; `None`
             without a continuous head.
+        quantile_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Pinball loss of the quantile head, averaged over its levels (returned when `value_labels` is given).
+        value_quantiles (`torch.FloatTensor` of shape `(batch, neurons, token_steps, value_head_steps * window_size, levels)`, *optional*):
+            Quantiles at `config.quantile_levels` of the same frames; `None` without a quantile head.
     """
 
     loss: torch.FloatTensor | None = None
@@ -107,6 +115,8 @@ class CalmCausalNeuralModelingOutput(ModelOutput):
     next_token_loss: torch.FloatTensor | None = None
     value_loss: torch.FloatTensor | None = None
     value_predictions: torch.FloatTensor | None = None
+    quantile_loss: torch.FloatTensor | None = None
+    value_quantiles: torch.FloatTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -337,6 +347,28 @@ class CalmNeuronMixer(nn.Module):
         return self.o_proj(mixed)
 
 
+class CalmCouplingMixer(nn.Module):
+    """Population regression estimated in context: `out[i] = W_o sum_j (receives_i . drives_j) v_j`, with the
+    coupling factors of a data identity (`calm_hf.identity_calm`) and `v` a projection of the activity. Computed
+    factored (`z = D^T V`, then `R z`), so cost and memory are linear in neurons; padded neurons have zero factors and
+    contribute nothing. The output projection starts at zero: a fresh model starts without it."""
+
+    def __init__(self, config: CalmConfig) -> None:
+        super().__init__()
+        self.rank = config.identity_rank
+        self.norm = CalmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, neuron_identity: torch.Tensor) -> torch.Tensor:
+        # hidden_states (batch, neurons, steps, hidden); neuron_identity (batch, neurons, features)
+        receives = neuron_identity[..., : self.rank].to(hidden_states.dtype)
+        drives = neuron_identity[..., self.rank : 2 * self.rank].to(hidden_states.dtype)
+        values = self.value(self.norm(hidden_states))
+        summary = torch.einsum("bnr,bnth->btrh", drives, values)  # (batch, steps, rank, hidden)
+        return self.o_proj(torch.einsum("bnr,btrh->bnth", receives, summary))
+
+
 class CalmDualAxisLayer(GradientCheckpointingLayer):
     """Pre-norm layer: neuron-axis attention (plus the optional linear neuron mixer), then causal time-axis attention
     (RoPE), then FFN, each with a residual. Under `model.gradient_checkpointing_enable()` its activations are
@@ -351,6 +383,7 @@ class CalmDualAxisLayer(GradientCheckpointingLayer):
         self.ffn_norm = CalmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = CalmMLP(config)
         self.mixer = CalmNeuronMixer(config) if config.neuron_mixer_rank > 0 else None
+        self.coupling = CalmCouplingMixer(config) if config.neuron_identity == "data" else None
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
@@ -361,6 +394,7 @@ class CalmDualAxisLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         identity_states: torch.Tensor | None = None,
         neuron_weight: torch.Tensor | None = None,
+        neuron_identity: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch_size, num_neurons, num_steps, hidden_size = hidden_states.shape
 
@@ -371,6 +405,8 @@ class CalmDualAxisLayer(GradientCheckpointingLayer):
         hidden = hidden.view(batch_size, num_steps, num_neurons, hidden_size).transpose(1, 2)
         if self.mixer is not None:
             hidden = hidden + self.mixer(hidden_states, identity_states, neuron_weight)
+        if self.coupling is not None:
+            hidden = hidden + self.coupling(hidden_states, neuron_identity)
         hidden_states = residual + self.dropout(hidden)
 
         # (batch*neurons, steps, hidden): causal attention across time for each neuron
@@ -434,6 +470,10 @@ class CalmPreTrainedModel(PreTrainedModel, CalmSessionsMixin):
             init.copy_(module.inv_freq, module.compute_inv_freq())
         if getattr(module, "codebook_neighbors", None) is not None:
             init.constant_(module.codebook_neighbors, -1)  # -1 = never set: neighbour replacement is skipped
+        if isinstance(module, CalmCouplingMixer):
+            init.zeros_(module.o_proj.weight)  # a fresh model starts without the in-context coupling
+        if isinstance(module, CalmModel) and module.identity_null is not None:
+            init.normal_(module.identity_null, mean=0.0, std=std)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Both auto classes in auto_map, whichever of the two is saved, so AutoModel and AutoModelForCausalLM both
@@ -464,13 +504,19 @@ class CalmModel(CalmPreTrainedModel):
     `(batch, neurons, steps, hidden)`."""
 
     # loading the backbone alone from a head checkpoint drops the head quietly
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^codebook_neighbors$"]
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^codebook_neighbors$", r"^value_head\.", r"^value_skip\.",
+                                          r"^quantile_head\."]
 
     def __init__(self, config: CalmConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.neuron_embeddings = CalmIdEmbedding(config.num_neurons, config.hidden_size)
-        self.session_embeddings = CalmIdEmbedding(config.num_sessions, config.hidden_size)
+        self.neuron_embeddings = self.session_embeddings = self.identity_proj = self.identity_null = None
+        if config.neuron_identity == "table":
+            self.neuron_embeddings = CalmIdEmbedding(config.num_neurons, config.hidden_size)
+            self.session_embeddings = CalmIdEmbedding(config.num_sessions, config.hidden_size)
+        else:  # who each neuron is, from its data identity: any recording, any neuron count
+            self.identity_proj = nn.Linear(identity_size(config.identity_rank), config.hidden_size)
+            self.identity_null = nn.Parameter(torch.zeros(config.hidden_size))
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList([CalmDualAxisLayer(config, idx) for idx in range(config.num_hidden_layers)])
         self.norm = CalmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -495,6 +541,7 @@ class CalmModel(CalmPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        neuron_identity: torch.FloatTensor | None = None,
     ) -> CalmModelOutput:
         r"""
         Args:
@@ -515,6 +562,11 @@ class CalmModel(CalmPreTrainedModel):
                 Return the KV cache (default: `config.use_cache` outside training).
             output_hidden_states (`bool`, *optional*):
                 Return the embedding output and every layer's output (collected by transformers' output capture).
+            neuron_identity (`torch.FloatTensor` of shape `(batch, neurons, identity_size)`, *optional*):
+                Data identity of every neuron (`config.neuron_identity="data"`), from
+                `calm_hf.identity_calm.compute_neuron_identity` on reference activity of the same recording; None
+                (or zeros) is the zero-shot case, no reference. Padded neurons must have zero rows. A table model
+                takes `neuron_ids` / `session_ids` instead.
             return_dict (`bool`, *optional*):
                 Return a [`CalmModelOutput`] instead of a tuple.
         """
@@ -528,8 +580,9 @@ class CalmModel(CalmPreTrainedModel):
             cache = DynamicCache(config=self.config)
         past_length = self._past_length(cache, batch_size * num_neurons)
         check_grid_size(self.config, (batch_size, num_neurons, num_steps), past_steps=past_length)
+        neuron_identity = check_neuron_identity_shape(self.config, neuron_identity, batch_size, num_neurons, device)
 
-        hidden_states, identity_states = self._embed(input_ids, inputs_embeds, neuron_ids, session_ids)
+        hidden_states, identity_states = self._embed(input_ids, inputs_embeds, neuron_ids, session_ids, neuron_identity)
         position_ids = torch.arange(past_length, past_length + num_steps, device=device)
         layer_kwargs = {
             "neuron_attention_mask": self._neuron_attention_mask(neuron_mask, num_steps),
@@ -537,6 +590,7 @@ class CalmModel(CalmPreTrainedModel):
             "cache": cache,
             "identity_states": identity_states,
             "neuron_weight": self._neuron_weight(neuron_mask, batch_size, num_neurons, device),
+            "neuron_identity": neuron_identity,
         }
         for layer in self.layers:
             hidden_states = layer(hidden_states, **layer_kwargs)  # positional: gradient checkpointing needs it
@@ -560,12 +614,17 @@ class CalmModel(CalmPreTrainedModel):
         inputs_embeds: torch.Tensor | None,
         neuron_ids: torch.Tensor,
         session_ids: torch.Tensor,
+        neuron_identity: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(hidden_states (batch, neurons, steps, hidden), identity_states (batch, neurons, hidden))`: the token
-        embedding plus who each neuron is (neuron + session embedding), which the neuron mixer reads again."""
+        embedding plus who each neuron is (its table rows, or its projected data identity), which the neuron mixer
+        reads again."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        identity_states = self.neuron_embeddings(neuron_ids) + self.session_embeddings(session_ids)[:, None, :]
+        if self.identity_proj is not None:
+            identity_states = self.identity_null + self.identity_proj(neuron_identity.to(self.identity_proj.weight.dtype))
+        else:
+            identity_states = self.neuron_embeddings(neuron_ids) + self.session_embeddings(session_ids)[:, None, :]
         return self.embed_dropout(inputs_embeds + identity_states[:, :, None, :]), identity_states
 
     def _neuron_weight(
@@ -605,7 +664,8 @@ class CalmModel(CalmPreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, CalmAugmentationMixin):
+class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, CalmAugmentationMixin,
+                                  CalmForecastHeadsMixin):
     """DAT with a next-code head: predicts every neuron's code at step t+1 from steps <= t of all neurons."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -627,6 +687,13 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
         self.value_skip = (
             nn.Linear(config.value_skip_windows * config.window_size, config.value_head_steps * config.window_size)
             if config.value_skip_windows > 0
+            else None
+        )
+        # quantiles of the same frames, as offsets from the point forecast (pinball loss): bands without sampling
+        levels = config.quantile_levels
+        self.quantile_head = (
+            nn.Linear(config.hidden_size, config.value_head_steps * config.window_size * len(levels))
+            if levels
             else None
         )
         # (vocab, k) nearest codebook neighbours by cosine similarity; -1 = not set (see set_codebook_neighbors)
@@ -674,6 +741,7 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
         num_neurons: int | None = None,
         logits_to_keep: int = 0,
         value_inputs: torch.FloatTensor | None = None,
+        neuron_identity: torch.FloatTensor | None = None,
     ) -> CalmCausalNeuralModelingOutput:
         r"""
         Args:
@@ -702,6 +770,8 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
                 The z-scored traces behind `input_ids`, read by the highway of a model with `value_skip_windows > 0`
                 (default: `value_labels`, the same traces in training). Without either, such a model returns no
                 `value_predictions`: its head is defined with the highway only.
+            neuron_identity (`torch.FloatTensor` of shape `(batch, neurons, identity_size)`, *optional*): data
+                identity of every neuron (see [`CalmModel`]); a data-identity model only.
             return_dict (`bool`, *optional*): return a ModelOutput instead of a tuple.
         """
         if (labels is not None or value_labels is not None) and logits_to_keep:
@@ -713,7 +783,7 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
         outputs = self.model(
             input_ids=input_ids, inputs_embeds=inputs_embeds, neuron_ids=neuron_ids, session_ids=session_ids,
             neuron_mask=neuron_mask, cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
-            return_dict=True,
+            neuron_identity=neuron_identity, return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
@@ -722,55 +792,23 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
         value_predictions = self.predict_values(hidden_states, value_inputs if value_inputs is not None else value_labels)
         next_token_loss = self.next_token_loss(logits, labels, neuron_mask) if labels is not None else None
         value_loss = self.value_loss(value_predictions, value_labels, neuron_mask) if value_labels is not None else None
+        value_quantiles = self.predict_quantiles(hidden_states, value_predictions)
+        quantile_loss = None
+        if value_labels is not None and value_quantiles is not None:
+            quantile_loss = self.quantile_loss(value_quantiles, value_labels, neuron_mask)
         if flat_batch is not None:
             logits = logits.reshape(flat_batch, logits.shape[2], logits.shape[3])
         return CalmCausalNeuralModelingOutput(
-            loss=self.weighted_loss(next_token_loss, value_loss),
+            loss=self.weighted_loss(next_token_loss, value_loss, quantile_loss),
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             next_token_loss=next_token_loss,
             value_loss=value_loss,
             value_predictions=value_predictions,
+            quantile_loss=quantile_loss,
+            value_quantiles=value_quantiles,
         )
-
-    def predict_values(self, hidden_states: torch.Tensor, traces: torch.Tensor | None) -> torch.Tensor | None:
-        """The continuous head's forecast `(batch, neurons, kept_steps, value_head_steps * window_size)` from the
-        hidden states of the kept steps, plus the raw-trace highway's share (`value_skip_*`) read from `traces`; None
-        without a head, or for a model with a highway when no traces are given."""
-        if self.value_head is None:
-            return None
-        value_predictions = self.value_head(hidden_states)
-        if self.value_skip is not None:
-            if traces is None:
-                return None
-            value_predictions = value_predictions + self.value_skip_term(traces, hidden_states.shape)
-        return value_predictions
-
-    def value_skip_term(self, traces: torch.Tensor, hidden_shape: torch.Size) -> torch.Tensor:
-        """The highway's share of the head's forecast at each kept step: a linear map of the neuron's own trace over
-        the last `value_skip_windows` windows up to that step (zeros before the trial starts)."""
-        batch_size, num_neurons, kept_steps = hidden_shape[0], hidden_shape[1], hidden_shape[2]
-        window, lookback = self.config.window_size, self.config.value_skip_windows
-        if traces.ndim != 3 or traces.shape[:2] != (batch_size, num_neurons) or traces.shape[-1] % window:
-            raise ValueError(
-                f"value_inputs must be the z-scored traces behind input_ids, (batch, neurons, token_steps * "
-                f"window_size) with batch={batch_size}, neurons={num_neurons}, window_size={window}; got "
-                f"{tuple(traces.shape)}."
-            )
-        num_steps = traces.shape[-1] // window
-        if num_steps < kept_steps:
-            raise ValueError(f"value_inputs cover {num_steps} token steps, fewer than the {kept_steps} scored.")
-        padded = F.pad(traces.to(self.value_skip.weight.dtype), ((lookback - 1) * window, 0))
-        # (batch, neurons, steps, lookback * window): frames [(t - lookback + 1) L, (t + 1) L) for every step t
-        history = padded.unfold(-1, lookback * window, window)[:, :, num_steps - kept_steps :]
-        return self.value_skip(history)
-
-    def weighted_loss(self, next_token_loss: torch.Tensor | None, value_loss: torch.Tensor | None) -> torch.Tensor | None:
-        """`next_token_loss_weight * next_token_loss + value_loss_weight * value_loss` over the terms given."""
-        terms = [self.config.next_token_loss_weight * next_token_loss] if next_token_loss is not None else []
-        terms += [self.config.value_loss_weight * value_loss] if value_loss is not None else []
-        return sum(terms) if terms else None
 
     @staticmethod
     def _unflatten_grid(
@@ -795,53 +833,6 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
             labels = labels.reshape(-1, num_neurons, labels.shape[-1])
         return main.shape[0], input_ids, inputs_embeds, labels
 
-    def next_token_loss(
-        self, logits: torch.Tensor, labels: torch.Tensor, neuron_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Cross-entropy of logits at step t against labels at t+1 (float32; -100 and padded neurons ignored).
-
-        Label values are not checked here (that needs a host sync): `validate_inputs` does it where batches enter. A
-        batch with no scored target gives a zero loss instead of NaN."""
-        if labels.shape != logits.shape[:-1]:
-            raise ValueError(
-                f"labels must have the shape of input_ids {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}."
-            )
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError(f"labels must hold integer codes (or -100 to ignore), got dtype {labels.dtype}.")
-        if neuron_mask is not None:
-            labels = labels.masked_fill(~neuron_mask.to(labels.device).bool()[:, :, None], -100)
-        shift_logits = logits[:, :, :-1].float().reshape(-1, self.config.vocab_size)
-        shift_labels = labels[:, :, 1:].reshape(-1).to(shift_logits.device)
-        total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-        return total / (shift_labels != -100).sum().clamp_min(1)
-
-    def value_loss(
-        self, value_predictions: torch.Tensor | None, value_labels: torch.Tensor, neuron_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """MSE of the continuous head: the prediction made at step t against frames `[(t+1)L, (t+1+K)L)` of the
-        trace, over the frames that exist (the tail of each trial has fewer) and real neurons only."""
-        if value_predictions is None:
-            raise ValueError("value_labels were given but the model has no continuous head (config.value_head_steps=0).")
-        batch_size, num_neurons, num_steps, horizon = value_predictions.shape
-        window = self.config.window_size
-        if value_labels.shape != (batch_size, num_neurons, num_steps * window):
-            raise ValueError(
-                f"value_labels must be the z-scored traces (batch, neurons, token_steps * window_size) = "
-                f"{(batch_size, num_neurons, num_steps * window)}, got {tuple(value_labels.shape)}."
-            )
-        frames = num_steps * window
-        # (steps, horizon) frame index predicted by step t, offset k: (t + 1) * L + k
-        target_index = (torch.arange(num_steps, device=value_labels.device)[:, None] + 1) * window + torch.arange(
-            horizon, device=value_labels.device
-        )
-        valid = (target_index < frames).to(value_predictions.dtype)
-        targets = value_labels.float()[:, :, target_index.clamp_max(frames - 1)]  # (batch, neurons, steps, horizon)
-        weight = valid.expand(batch_size, num_neurons, num_steps, horizon)
-        if neuron_mask is not None:
-            weight = weight * neuron_mask.to(value_predictions.dtype)[:, :, None, None]
-        squared = (value_predictions.float() - targets).pow(2) * weight
-        return squared.sum() / weight.sum().clamp_min(1.0)
-
     @torch.no_grad()
     def forecast_values(
         self,
@@ -850,26 +841,35 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
         session_ids: torch.LongTensor | None = None,
         neuron_mask: torch.BoolTensor | None = None,
         context_values: torch.FloatTensor | None = None,
-    ) -> torch.FloatTensor:
+        neuron_identity: torch.FloatTensor | None = None,
+        return_quantiles: bool = False,
+    ) -> torch.FloatTensor | tuple[torch.FloatTensor, torch.FloatTensor]:
         r"""
         Point forecast of the continuous head: the conditional mean of the next `value_head_steps * window_size`
         frames after the context, in z-scored units, from one forward pass (no token rollout, so no drift).
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`): context codes.
-            neuron_ids, session_ids, neuron_mask: as in `forward`.
+            neuron_ids, session_ids, neuron_mask, neuron_identity: as in `forward`.
             context_values (`torch.FloatTensor` of shape `(batch, neurons, token_steps * window_size)`, *optional*):
                 The z-scored context traces behind `input_ids`; required by a model with `value_skip_windows > 0`.
+            return_quantiles (`bool`, *optional*, defaults to `False`): also return the quantile head's quantiles
+                (a model with `config.quantile_levels`).
 
         Returns:
-            `torch.FloatTensor` of shape `(batch, neurons, value_head_steps * window_size)`.
+            `torch.FloatTensor` of shape `(batch, neurons, value_head_steps * window_size)`; with `return_quantiles`,
+            the tuple `(forecast, quantiles)`, quantiles of shape `(batch, neurons, frames, len(quantile_levels))`.
         """
         if self.value_head is None:
             raise ValueError(
                 "This checkpoint has no continuous forecast head (config.value_head_steps=0); forecast by token "
                 "rollout instead (generate / CalmForecaster with mode='greedy', 'mean' or 'soft')."
             )
-        input_ids = validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask)
+        if return_quantiles and self.quantile_head is None:
+            raise ValueError("This checkpoint has no quantile head (config.quantile_levels is None): its bands come "
+                             "from sampled rollouts (CalmForecaster(..., num_samples=16)).")
+        input_ids = validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask,
+                                    neuron_identity=neuron_identity)
         if self.value_skip is not None and context_values is None:
             raise ValueError(
                 f"This model's forecast head also reads each neuron's last {self.config.value_skip_windows} windows of "
@@ -879,8 +879,10 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
         outputs = self(
             input_ids=input_ids, neuron_ids=neuron_ids, session_ids=session_ids, neuron_mask=neuron_mask,
             use_cache=False, logits_to_keep=1, return_dict=True, value_inputs=context_values,
+            neuron_identity=neuron_identity,
         )
-        return outputs.value_predictions[:, :, -1].float()
+        forecast = outputs.value_predictions[:, :, -1].float()
+        return (forecast, outputs.value_quantiles[:, :, -1].float()) if return_quantiles else forecast
 
 
 CalmConfig.register_for_auto_class()

@@ -10,7 +10,9 @@ Only the fields that differ from the configs' defaults (the paper's sizes) are l
 - "paper": the publication's sizes (NQ: dim 512, codebook 128, 4 + 4 layers, 4 heads, window 4; DAT: dim 512,
   6 layers, 8 heads, FFN 2048).
 
-The cpu and paper DATs carry the continuous forecast head and the linear neuron mixer (what makes the model use the
+Every DAT preset computes neuron identities from data (`neuron_identity="data"`: any recording, any number of neurons,
+zero-shot; `CalmConfig.from_preset(name, neuron_identity="table")` gives learned per-session tables instead) and
+predicts quantiles of its forecast. The cpu and paper DATs carry the continuous forecast head and the linear neuron mixer (what makes the model use the
 population; see `CalmConfig`), and the cpu tokenizer trains a plain VQ-VAE objective (the paper's AR, entropy,
 orthogonality and Pearson terms cost held-out reconstruction at this size; the paper preset keeps them). The cpu and
 tiny DATs' head also reads each neuron's own last windows of raw trace: the raw-trace highway (`value_skip_*`), since
@@ -23,6 +25,8 @@ code keeps working without calm_hf.
 
 from typing import Any
 
+# quantiles of the forecast head: an evenly spaced grid, so CRPS is twice their mean pinball loss and 5-95% is a band
+QUANTILE_LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
@@ -52,6 +56,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "value_head_steps": 4,
             "neuron_mixer_rank": 8,
             "value_skip_windows": 2,
+            "neuron_identity": "data",
+            "identity_rank": 4,
+            "quantile_levels": QUANTILE_LEVELS,
         },
     },
     "cpu": {
@@ -97,6 +104,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "hidden_dropout": 0.0,
             "scheduled_sampling_prob": 0.0,
             "neighbor_replacement_prob": 0.0,
+            # a foundation model: identities computed from each recording's own data (any recording, any neuron
+            # count, zero-shot), bands from a quantile head (calm_hf.identity_calm, benchmarks/foundation.py)
+            "neuron_identity": "data",
+            "identity_rank": 32,
+            "quantile_levels": QUANTILE_LEVELS,
         },
     },
     "paper": {
@@ -119,6 +131,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "max_token_steps": 64,
             "value_head_steps": 15,
             "neuron_mixer_rank": 64,
+            "neuron_identity": "data",
+            "identity_rank": 32,
+            "quantile_levels": QUANTILE_LEVELS,
         },
     },
 }

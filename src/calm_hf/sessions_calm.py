@@ -84,7 +84,17 @@ class CalmSessionsMixin:
     """Growing and adapting the identity tables of `self.base_model` (a `CalmModel`); the config records the
     sessions (`num_neurons`, `num_sessions`, `session_names`, `session_neuron_ranges`)."""
 
+    def _require_tables(self) -> None:
+        """Sessions and neuron ids exist only where identities are table rows (`config.neuron_identity="table"`)."""
+        if self.config.neuron_identity != "table":
+            raise ValueError(
+                "This model computes every neuron's identity from data (config.neuron_identity='data'): it has no "
+                "session or neuron tables to grow or adapt. Pass neuron_identity (calm_hf.identity_calm."
+                "compute_neuron_identity on reference trials) instead, or fine-tune the model (`calm adapt`)."
+            )
+
     def _resize_id_table(self, name: str, new_size: int) -> CalmIdEmbedding:
+        self._require_tables()
         backbone = self.base_model
         old: CalmIdEmbedding = getattr(backbone, name)
         if old.is_adapting:
@@ -169,6 +179,7 @@ class CalmSessionsMixin:
         Returns:
             The trainable parameters: `trainable_rows` of the session table and/or the neuron table.
         """
+        self._require_tables()
         session_ids, neuron_ids = as_id_tensor(session_ids), as_id_tensor(neuron_ids)
         if session_ids.numel() == 0 and neuron_ids.numel() == 0:
             raise ValueError("Pass the session_ids and/or neuron_ids to train, e.g. the ones add_session returned.")
@@ -183,6 +194,8 @@ class CalmSessionsMixin:
 
     def merge_adapted_embeddings(self) -> None:
         """Writes the adapted rows back into the (still frozen) tables and leaves adaptation mode."""
+        if self.config.neuron_identity != "table":
+            return
         backbone = self.base_model
         backbone.session_embeddings.merge_trainable_rows()
         backbone.neuron_embeddings.merge_trainable_rows()

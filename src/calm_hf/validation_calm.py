@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .configuration_calm import CalmConfig
+from .identity_calm import identity_size
 
 
 # -- shape and dtype rules (no host sync) ------------------------------------------------------------------------------
@@ -117,6 +118,35 @@ def identity_inputs(
     return neuron_ids, session_ids, neuron_mask
 
 
+def check_neuron_identity_shape(config: CalmConfig, neuron_identity: Any, batch_size: int, num_neurons: int,
+                                device: torch.device) -> torch.Tensor | None:
+    """A data-identity model takes `neuron_identity` `(batch, neurons, identity_size)` floats (None: zeros, the
+    zero-shot case) and returns it as a tensor on `device`; a table model takes none (it reads `neuron_ids`)."""
+    if config.neuron_identity == "table":
+        if neuron_identity is not None:
+            raise ValueError(
+                "neuron_identity was given to a model whose identities are learned table rows "
+                "(config.neuron_identity='table'): pass neuron_ids / session_ids instead, or use a data-identity model."
+            )
+        return None
+    size = identity_size(config.identity_rank)
+    if neuron_identity is None:
+        return torch.zeros(batch_size, num_neurons, size, device=device)
+    if not isinstance(neuron_identity, torch.Tensor):
+        neuron_identity = torch.as_tensor(neuron_identity)
+    if not neuron_identity.dtype.is_floating_point:
+        raise TypeError(f"neuron_identity must hold floats, got dtype {neuron_identity.dtype}.")
+    if neuron_identity.dim() == 2:  # one identity shared by every trial of the batch
+        neuron_identity = neuron_identity.expand(batch_size, -1, -1)
+    if tuple(neuron_identity.shape) != (batch_size, num_neurons, size):
+        raise ValueError(
+            f"neuron_identity must have shape (batch, neurons, identity_size) = {(batch_size, num_neurons, size)}, "
+            f"got {tuple(neuron_identity.shape)}: compute it for these neurons with "
+            "calm_hf.identity_calm.compute_neuron_identity(reference, num_neurons, config.identity_rank)."
+        )
+    return neuron_identity.to(device)
+
+
 # -- value rules (host syncs: once where inputs enter) -----------------------------------------------------------------
 
 
@@ -178,6 +208,7 @@ def validate_inputs(
     neuron_mask: Any = None,
     labels: Any = None,
     new_steps: int = 0,
+    neuron_identity: Any = None,
 ) -> torch.Tensor | None:
     r"""
     Checks a batch for a CalM model once, where it enters, with every rule of this module.
@@ -191,6 +222,8 @@ def validate_inputs(
         neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*): False marks padded neurons.
         labels (`torch.LongTensor` of shape `(batch, neurons, token_steps)`, *optional*): next-token targets.
         new_steps (`int`, *optional*, defaults to 0): token steps the caller will generate after the context.
+        neuron_identity (`torch.FloatTensor` of shape `(batch, neurons, identity_size)`, *optional*): the data
+            identity of a `neuron_identity="data"` model (shape and finiteness are checked).
 
     Returns:
         `input_ids` as a long tensor (None when not given).
@@ -207,7 +240,11 @@ def validate_inputs(
         neuron_ids, session_ids, neuron_mask = identity_inputs(
             batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
         )
-        check_identity_values(config, neuron_ids, session_ids)
+        if config.neuron_identity == "table":
+            check_identity_values(config, neuron_ids, session_ids)
+        identity = check_neuron_identity_shape(config, neuron_identity, batch_size, num_neurons, input_ids.device)
+        if identity is not None and not bool(torch.isfinite(identity).all()):
+            raise ValueError("neuron_identity holds NaN/Inf: compute it from finite reference traces.")
     if labels is not None:
         if input_ids is not None and tuple(torch.as_tensor(labels).shape) != tuple(input_ids.shape):
             raise ValueError(

@@ -3,6 +3,13 @@
     calm pretrain --tokenized_dataset runs/sim-tokenized --tokenizer_path runs/tokenizer \
         --output_dir runs/calm --preset cpu --bf16 --num_train_epochs 4
 
+`--tokenized_dataset` is a tokenized DatasetDict (`calm tokenize`) or a tokenized corpus of shards (`calm tokenize` of
+a `calm_hf.data.corpus` folder). A data-identity model (`neuron_identity="data"`, every preset's default) reads it as a
+stream (`calm_hf.data.streaming.CalmCorpusStream`): every example carries its neurons' identity computed from 0 to
+`--reference_trials` other training trials of the same session, so the model learns to use identities estimated
+from many trials, from a few and from none; training runs for `--max_steps`, or `--num_train_epochs` passes over the
+training trials. A table-identity model reads the DatasetDict with its session and neuron ids.
+
 Two-process DDP on CPU (gloo), same module (training/launch_pretrain_ddp.sh):
 
     torchrun --nproc_per_node 2 -m calm_hf.commands.pretrain --tokenized_dataset ... --output_dir ... --use_cpu
@@ -20,14 +27,22 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, TrainingArguments, set_seed
 
+import math
+from functools import partial
+from pathlib import Path
+
 from ..configuration_calm import CalmConfig
-from ..data import CalmDataCollator, CollatorEpochCallback, load_trial_corpus
+from ..data import CalmDataCollator, CollatorEpochCallback, load_session_metadata, load_trial_corpus
+from ..data.corpus import MANIFEST, load_manifest
+from ..data.streaming import CalmCorpusStream
+from ..identity_calm import compute_neuron_identity
 from ..forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
 from ..modeling_calm import CalmForCausalNeuralModeling
 from ..modeling_calm_tokenizer import CalmTokenizer
+from ..presets import preset_fields
 from ..processing_calm import CalmTraceProcessor
 from ..trainer import CalmTrainer
-from ..identity_init import init_identity_from_dataset, init_value_skip_from_dataset
+from ..identity_init import init_identity_from_dataset, init_value_skip, init_value_skip_from_dataset
 from . import OutputArguments, claim_training_output, parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.pretrain")
@@ -72,6 +87,39 @@ class DataArguments:
         default=None, metadata={"help": "direct, greedy, sample, mean or soft; default: the package's default forecast "
                                         "(direct for a model with the continuous head, else greedy)."}
     )
+    reference_trials: str = field(
+        default="0,1,2,4,8,16,32",
+        metadata={"help": "Data-identity models: the number of reference trials behind each example's identities is "
+                          "drawn from these (0 = none, the zero-shot case), so the model meets every amount of "
+                          "reference a user can have."},
+    )
+
+
+def reference_choices(text: str) -> tuple[int, ...]:
+    """`--reference_trials "0,4,16"` as a tuple of non-negative counts, with a clear error otherwise."""
+    try:
+        counts = tuple(int(item) for item in str(text).split(",") if item.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 0:
+        raise ValueError(f"--reference_trials must be comma-separated counts >= 0 (e.g. 0,4,16), got {text!r}.")
+    return counts
+
+
+def corpus_folders(path: str) -> list[Path]:
+    """The shard folders of a tokenized corpus (`corpus.json`), or the one DatasetDict folder given."""
+    if (Path(path) / MANIFEST).is_file():
+        return [Path(path) / shard["path"] for shard in load_manifest(path)["shards"]]
+    return [Path(path)]
+
+
+def identity_function(config: CalmConfig):
+    """The stream's `identity_fn` for `config`: the data identity of a reference (None = no reference)."""
+    return partial(_identity, rank=config.identity_rank, window_size=config.window_size, ridge=config.identity_ridge)
+
+
+def _identity(reference, num_neurons: int, rank: int, window_size: int, ridge: float):
+    return compute_neuron_identity(reference, num_neurons, rank, window_size, ridge)
 
 
 def build_model(model_args: ModelArguments, tokenizer: CalmTokenizer, sessions: list, max_token_steps: int):
@@ -81,16 +129,18 @@ def build_model(model_args: ModelArguments, tokenizer: CalmTokenizer, sessions: 
         check_tokenizer_matches_model(model, tokenizer)
         return model
     overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+    tables = {}
+    if {**preset_fields(model_args.preset, "model"), **overrides}.get("neuron_identity", "table") == "table":
+        # one block of table rows per session
+        tables = dict(num_neurons=max(s.neuron_offset + s.num_neurons for s in sessions), num_sessions=len(sessions),
+                      session_names=[s.name for s in sessions],
+                      session_neuron_ranges=[[s.neuron_offset, s.neuron_offset + s.num_neurons] for s in sessions])
     config = CalmConfig.from_preset(
         model_args.preset,
         vocab_size=tokenizer.config.codebook_size,
         window_size=tokenizer.config.window_size,
-        num_neurons=max(s.neuron_offset + s.num_neurons for s in sessions),
-        num_sessions=len(sessions),
-        session_names=[s.name for s in sessions],
-        session_neuron_ranges=[[s.neuron_offset, s.neuron_offset + s.num_neurons] for s in sessions],
         max_token_steps=max(max_token_steps, 64),
-        **overrides,
+        **{**tables, **overrides},
     )
     # recorded so a tokenizer from another run (same codebook size, different codes) is refused when paired later
     config.tokenizer_fingerprint = tokenizer.fingerprint()
@@ -154,6 +204,67 @@ def build_trainer(model, tokenizer, corpus, sessions, data_args: DataArguments, 
     )
 
 
+def load_stream_source(path: str) -> tuple[list[Path], list, int, int]:
+    """(shard folders, their sessions, the longest trial in token steps, training trials) of a tokenized corpus or
+    DatasetDict, read from the shards' metadata without loading any trials."""
+    import datasets
+
+    shards = corpus_folders(path)
+    sessions, token_steps, train_rows = [], 0, 0
+    for shard in shards:
+        if not (shard / "dataset_dict.json").is_file():
+            raise FileNotFoundError(f"{shard} is not a DatasetDict folder: pass a `calm tokenize` output (a tokenized "
+                                    "DatasetDict, or a tokenized corpus with corpus.json).")
+        train = datasets.load_from_disk(str(shard / "train"))
+        if "input_ids" not in train.column_names:
+            raise ValueError(f"{shard} has no `input_ids` column: tokenize it first with `calm tokenize`.")
+        sessions += load_session_metadata(shard)
+        token_steps = max(token_steps, len(train[0]["input_ids"][0]))
+        train_rows += len(train)
+    return shards, sessions, token_steps, train_rows
+
+
+def stream_steps(training_args: TrainingArguments, train_rows: int) -> int:
+    """`--max_steps`, or the steps of `--num_train_epochs` passes over the training trials (a stream has no length)."""
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                * max(1, training_args.world_size))
+    return max(1, math.ceil(training_args.num_train_epochs * train_rows / per_step))
+
+
+def highway_trials(shards: list[Path], per_shard: int = 200):
+    """Training trials (z-scored traces) for the highway's ridge start: the first `per_shard` of every shard, read one
+    at a time."""
+    import datasets
+
+    for shard in shards:
+        train = datasets.load_from_disk(str(shard / "train")).select_columns(["input_values"]).with_format("numpy")
+        for row in train.select(range(min(per_shard, len(train)))):
+            yield row["input_values"]
+
+
+def build_stream_trainer(model, tokenizer, shards: list[Path], sessions: list, data_args: DataArguments,
+                         training_args: TrainingArguments, callbacks: list | None = None) -> CalmTrainer:
+    """The CalmTrainer of a data-identity model: the training trials as a stream with their identities, the
+    validation trials (identities from every training trial of their session) for the evaluation loss."""
+    identity = identity_function(model.config)
+    columns = ("input_ids", "input_values", "session_id")
+    train = CalmCorpusStream(shards, "train", max_neurons=data_args.max_neurons, columns=columns,
+                             reference_trials=reference_choices(data_args.reference_trials), identity_fn=identity,
+                             seed=training_args.seed)
+    validation = CalmCorpusStream(shards, "validation", max_neurons=data_args.max_neurons, columns=columns,
+                                  reference_trials=(10**6,), identity_fn=identity, seed=training_args.seed, passes=1)
+    collator = CalmDataCollator(seed=training_args.seed, with_values=True, crop_to_shortest=True,
+                                window_size=model.config.window_size)
+    return CalmTrainer(
+        model=model, args=training_args, train_dataset=train, eval_dataset=validation, data_collator=collator,
+        callbacks=list(callbacks or []), neural_tokenizer=tokenizer,
+        trace_processor=CalmTraceProcessor(sampling_rate=model.config.frame_rate_hz, window_size=model.config.window_size,
+                                           ema_alpha=sessions[0].ema_alpha if sessions else None),
+    )
+
+
 def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Parse `argv` (see the argument dataclasses), pretrain and save the model (with its `tokenizer/`), return the
     metrics. `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
@@ -165,25 +276,39 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     set_seed(training_args.seed)
 
     tokenizer = CalmTokenizer.from_pretrained(model_args.tokenizer_path)
-    corpus, sessions, token_steps = load_tokenized(data_args.tokenized_dataset)
+    for name, value, allowed in (("--identity_init", model_args.identity_init, ("coupling", "random")),
+                                 ("--value_skip_init", model_args.value_skip_init, ("ridge", "random"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be {' or '.join(repr(a) for a in allowed)}, got {value!r}.")
+    shards, sessions, token_steps, train_rows = load_stream_source(data_args.tokenized_dataset)
     model = build_model(model_args, tokenizer, sessions, token_steps)
-    if model_args.identity_init not in ("coupling", "random"):
-        raise ValueError(f"--identity_init must be 'coupling' or 'random', got {model_args.identity_init!r}.")
-    if model_args.identity_init == "coupling" and not model_args.init_from and model.config.neuron_mixer_rank > 0:
+    streamed = model.config.neuron_identity == "data"
+    corpus = None
+    if streamed:
+        training_args.max_steps = stream_steps(training_args, train_rows)
+    else:
+        if len(shards) > 1:
+            raise ValueError(f"{data_args.tokenized_dataset} is a corpus of {len(shards)} shards: a table-identity "
+                             "model trains on one DatasetDict (one table row per neuron); use a data-identity preset.")
+        corpus, sessions, token_steps = load_tokenized(data_args.tokenized_dataset)
+    fresh = not model_args.init_from
+    if model_args.identity_init == "coupling" and fresh and not streamed and model.config.neuron_mixer_rank > 0:
         report = init_identity_from_dataset(model, corpus["train"])
         logger.info("identity init from the training trials' coupling: rank %d, energy kept %s", report["rank"],
                     [round(s["energy_kept"], 2) for s in report["sessions"]])
-    if model_args.value_skip_init not in ("ridge", "random"):
-        raise ValueError(f"--value_skip_init must be 'ridge' or 'random', got {model_args.value_skip_init!r}.")
-    if model_args.value_skip_init == "ridge" and not model_args.init_from and model.value_skip is not None:
-        report = init_value_skip_from_dataset(model, corpus["train"])
+    if model_args.value_skip_init == "ridge" and fresh and model.value_skip is not None:
+        report = (init_value_skip(model, highway_trials(shards)) if streamed
+                  else init_value_skip_from_dataset(model, corpus["train"]))
         logger.info("raw-trace highway started at the ridge forecast of %d training trials", report["trials"])
     model.generation_config = GenerationConfig(
         max_new_tokens=max(1, token_steps - data_args.context_frames // tokenizer.config.window_size),
         do_sample=False,
     )
     logger.info("model: %s parameters; world size %d", f"{model.num_parameters():,}", training_args.world_size)
-    trainer = build_trainer(model, tokenizer, corpus, sessions, data_args, training_args, callbacks)
+    if streamed:
+        trainer = build_stream_trainer(model, tokenizer, shards, sessions, data_args, training_args, callbacks)
+    else:
+        trainer = build_trainer(model, tokenizer, corpus, sessions, data_args, training_args, callbacks)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     if trainer.is_world_process_zero():

@@ -1,0 +1,135 @@
+"""The forecast heads of [`CalmForCausalNeuralModeling`] and their losses: the next-token cross-entropy, the
+continuous head (the conditional mean of the next frames) with its raw-trace highway (`value_skip_*`), and the quantile
+head (bands at `config.quantile_levels`, pinball loss).
+
+[`CalmForecastHeadsMixin`] gives the model these methods the way `generation_calm.py` gives it `generate`; the layers
+themselves (`lm_head`, `value_head`, `value_skip`, `quantile_head`) are created in the model's `__init__`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class CalmForecastHeadsMixin:
+    """Head outputs and losses of a model with `lm_head`, `value_head`, `value_skip` and `quantile_head`."""
+
+    def predict_quantiles(self, hidden_states: torch.Tensor, value_predictions: torch.Tensor | None
+                          ) -> torch.Tensor | None:
+        """Quantiles `(batch, neurons, kept_steps, frames, levels)` of the head's frames: the point forecast (not
+        trained by this head's loss) plus learned offsets; sorted along the levels outside training so they never
+        cross. None without a quantile head (or without a point forecast)."""
+        if self.quantile_head is None or value_predictions is None:
+            return None
+        offsets = self.quantile_head(hidden_states).unflatten(-1, (value_predictions.shape[-1], -1))
+        quantiles = value_predictions.detach()[..., None] + offsets
+        return quantiles if self.training else quantiles.sort(dim=-1).values
+
+    def predict_values(self, hidden_states: torch.Tensor, traces: torch.Tensor | None) -> torch.Tensor | None:
+        """The continuous head's forecast `(batch, neurons, kept_steps, value_head_steps * window_size)` from the
+        hidden states of the kept steps, plus the raw-trace highway's share (`value_skip_*`) read from `traces`; None
+        without a head, or for a model with a highway when no traces are given."""
+        if self.value_head is None:
+            return None
+        value_predictions = self.value_head(hidden_states)
+        if self.value_skip is not None:
+            if traces is None:
+                return None
+            value_predictions = value_predictions + self.value_skip_term(traces, hidden_states.shape)
+        return value_predictions
+
+    def value_skip_term(self, traces: torch.Tensor, hidden_shape: torch.Size) -> torch.Tensor:
+        """The highway's share of the head's forecast at each kept step: a linear map of the neuron's own trace over
+        the last `value_skip_windows` windows up to that step (zeros before the trial starts)."""
+        batch_size, num_neurons, kept_steps = hidden_shape[0], hidden_shape[1], hidden_shape[2]
+        window, lookback = self.config.window_size, self.config.value_skip_windows
+        if traces.ndim != 3 or traces.shape[:2] != (batch_size, num_neurons) or traces.shape[-1] % window:
+            raise ValueError(
+                f"value_inputs must be the z-scored traces behind input_ids, (batch, neurons, token_steps * "
+                f"window_size) with batch={batch_size}, neurons={num_neurons}, window_size={window}; got "
+                f"{tuple(traces.shape)}."
+            )
+        num_steps = traces.shape[-1] // window
+        if num_steps < kept_steps:
+            raise ValueError(f"value_inputs cover {num_steps} token steps, fewer than the {kept_steps} scored.")
+        padded = F.pad(traces.to(self.value_skip.weight.dtype), ((lookback - 1) * window, 0))
+        # (batch, neurons, steps, lookback * window): frames [(t - lookback + 1) L, (t + 1) L) for every step t
+        history = padded.unfold(-1, lookback * window, window)[:, :, num_steps - kept_steps :]
+        return self.value_skip(history)
+
+    def weighted_loss(self, next_token_loss: torch.Tensor | None, value_loss: torch.Tensor | None,
+                      quantile_loss: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The weighted sum (`*_loss_weight` of the config) of the loss terms given."""
+        config = self.config
+        terms = [weight * term for weight, term in ((config.next_token_loss_weight, next_token_loss),
+                                                    (config.value_loss_weight, value_loss),
+                                                    (config.quantile_loss_weight, quantile_loss)) if term is not None]
+        return sum(terms) if terms else None
+
+    def next_token_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, neuron_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Cross-entropy of logits at step t against labels at t+1 (float32; -100 and padded neurons ignored).
+
+        Label values are not checked here (that needs a host sync): `validate_inputs` does it where batches enter. A
+        batch with no scored target gives a zero loss instead of NaN."""
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}."
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must hold integer codes (or -100 to ignore), got dtype {labels.dtype}.")
+        if neuron_mask is not None:
+            labels = labels.masked_fill(~neuron_mask.to(labels.device).bool()[:, :, None], -100)
+        shift_logits = logits[:, :, :-1].float().reshape(-1, self.config.vocab_size)
+        shift_labels = labels[:, :, 1:].reshape(-1).to(shift_logits.device)
+        total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+        return total / (shift_labels != -100).sum().clamp_min(1)
+
+    def value_loss(
+        self, value_predictions: torch.Tensor | None, value_labels: torch.Tensor, neuron_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """MSE of the continuous head: the prediction made at step t against frames `[(t+1)L, (t+1+K)L)` of the
+        trace, over the frames that exist (the tail of each trial has fewer) and real neurons only."""
+        if value_predictions is None:
+            raise ValueError("value_labels were given but the model has no continuous head (config.value_head_steps=0).")
+        batch_size, num_neurons, num_steps, horizon = value_predictions.shape
+        window = self.config.window_size
+        if value_labels.shape != (batch_size, num_neurons, num_steps * window):
+            raise ValueError(
+                f"value_labels must be the z-scored traces (batch, neurons, token_steps * window_size) = "
+                f"{(batch_size, num_neurons, num_steps * window)}, got {tuple(value_labels.shape)}."
+            )
+        targets, weight = self._head_targets(value_labels, num_steps, horizon, neuron_mask)
+        squared = (value_predictions.float() - targets).pow(2) * weight
+        return squared.sum() / weight.sum().clamp_min(1.0)
+
+    def quantile_loss(self, value_quantiles: torch.Tensor, value_labels: torch.Tensor,
+                      neuron_mask: torch.Tensor | None) -> torch.Tensor:
+        """Pinball loss of the quantile head, averaged over levels, the frames that exist and real neurons."""
+        num_steps, horizon = value_quantiles.shape[2], value_quantiles.shape[3]
+        targets, weight = self._head_targets(value_labels, num_steps, horizon, neuron_mask)
+        levels = torch.tensor(self.config.quantile_levels, device=value_quantiles.device)
+        error = targets[..., None] - value_quantiles.float()  # (batch, neurons, steps, horizon, levels)
+        pinball = torch.maximum(levels * error, (levels - 1.0) * error).mean(-1)
+        return (pinball * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def _head_targets(self, value_labels: torch.Tensor, num_steps: int, horizon: int,
+                      neuron_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(targets, weight)` `(batch, neurons, steps, horizon)`: the frames `[(t+1)L, (t+1)L + horizon)` after every
+        step t, and 1 where such a frame exists for a real neuron (the tail of each trial has fewer), else 0."""
+        window = self.config.window_size
+        frames = num_steps * window
+        # (steps, horizon) frame index predicted by step t, offset k: (t + 1) * L + k
+        target_index = (torch.arange(num_steps, device=value_labels.device)[:, None] + 1) * window + torch.arange(
+            horizon, device=value_labels.device
+        )
+        targets = value_labels.float()[:, :, target_index.clamp_max(frames - 1)]
+        weight = (target_index < frames).float().expand(*targets.shape)
+        if neuron_mask is not None:
+            weight = weight * neuron_mask.float()[:, :, None, None]
+        return targets, weight
+
+
+__all__ = ["CalmForecastHeadsMixin"]

@@ -1,0 +1,131 @@
+"""Neuron identity computed from data: what a CalM with `neuron_identity="data"` knows about the neurons of a
+recording it has never seen, so that any recording with any number of neurons works without training.
+
+The identity of a neuron is computed in closed form from *reference* activity of the same recording (other trials,
+or the recording's history before the forecast context), z-scored like the model's inputs:
+
+- **coupling factors** (`2 * identity_rank` values): a ridge regression of every neuron's next window mean on all
+  other neurons' current window means, its diagonal removed, reduced to rank `identity_rank` by an SVD `A = D S R^T`;
+  neuron i gets its row of `R sqrt(S)` ("receives") and of `D sqrt(S)` ("drives"), so that `receives_i . drives_j`
+  is the weight of neuron j on neuron i. The model's coupling mixer computes `sum_j A_ji v_j` from them, a population
+  regression estimated in context, linear in the number of neurons. Each component's sign is fixed so that its
+  driving loadings sum to a positive number (the SVD leaves it free).
+- **single-neuron statistics**: the autocorrelation at `IDENTITY_LAGS` frames, the mean, log standard deviation and
+  skewness over the reference (z-scored units).
+- **reliability**: how much reference there was (`log(1 + samples) / log(1000)`, `neurons / samples` capped at 1, and
+  whether there was any).
+
+With no reference (zero-shot from the context alone) every feature is zero: the model was pretrained with references
+of 0 to dozens of trials, so it knows what an empty identity means.
+
+This file ships with checkpoints (the modeling file imports it), so it imports only torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+IDENTITY_LAGS = (1, 2, 4, 8, 16, 32)  # autocorrelation lags (frames) among the single-neuron statistics
+RELIABILITY_FEATURES = 3
+STATISTIC_FEATURES = len(IDENTITY_LAGS) + 3
+EXACT_COUPLING_NEURONS = 1024  # above this, the coupling is fitted through the top principal components
+COUPLING_COMPONENTS = 256  # principal components kept then
+
+
+def identity_size(rank: int) -> int:
+    """Features per neuron of a data identity with `rank` coupling factors."""
+    return 2 * int(rank) + STATISTIC_FEATURES + RELIABILITY_FEATURES
+
+
+def _window_means(values: torch.Tensor, window_size: int) -> torch.Tensor:
+    steps = values.shape[-1] // window_size
+    return values[..., : steps * window_size].reshape(*values.shape[:-1], steps, window_size).mean(-1)
+
+
+def coupling_factors(reference: torch.Tensor, window_size: int, rank: int, ridge: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`(receives, drives, samples)`: rank-`rank` factors `(neurons, rank)` of the one-step coupling of window means
+    (ridge relative to the mean diagonal of the Gram matrix, diagonal removed), and the number of samples it was
+    fitted on. Columns beyond the neurons' count are zero."""
+    means = _window_means(reference.double(), window_size)  # (trials, neurons, steps)
+    neurons = means.shape[1]
+    inputs = means[..., :-1].transpose(1, 2).reshape(-1, neurons)  # (samples, neurons)
+    targets = means[..., 1:].transpose(1, 2).reshape(-1, neurons)
+    samples = inputs.shape[0]
+    receives = torch.zeros(neurons, rank, dtype=torch.float64)
+    drives = torch.zeros(neurons, rank, dtype=torch.float64)
+    if samples == 0 or neurons < 2:
+        return receives.float(), drives.float(), samples
+    if neurons <= EXACT_COUPLING_NEURONS:
+        gram = inputs.T @ inputs
+        gram.diagonal().add_(ridge * max(float(gram.diagonal().mean()), 1e-8))
+        coupling = torch.linalg.solve(gram, inputs.T @ targets)  # (in, out)
+        coupling.fill_diagonal_(0.0)
+        left, singular, right_t = torch.linalg.svd(coupling)
+    else:  # ridge on the top principal components of the inputs: memory and time linear in the neurons
+        basis = torch.linalg.svd(inputs, full_matrices=False)[2][:COUPLING_COMPONENTS].T  # (neurons, components)
+        scores = inputs @ basis
+        gram = scores.T @ scores
+        gram.diagonal().add_(ridge * max(float(gram.diagonal().mean()), 1e-8))
+        core = torch.linalg.solve(gram, scores.T @ targets)  # (components, out)
+        core_left, singular, right_t = torch.linalg.svd(core, full_matrices=False)
+        left = basis @ core_left
+    kept = min(rank, singular.shape[0])
+    root = singular[:kept].sqrt()
+    drive, receive = left[:, :kept] * root, right_t[:kept].T * root
+    sign = torch.where(drive.sum(0) < 0, -1.0, 1.0).to(drive.dtype)
+    drives[:, :kept], receives[:, :kept] = drive * sign, receive * sign
+    return receives.float(), drives.float(), samples
+
+
+def neuron_statistics(reference: torch.Tensor) -> torch.Tensor:
+    """`(neurons, STATISTIC_FEATURES)`: autocorrelation at `IDENTITY_LAGS`, mean, log std and skewness (scaled by
+    1/3, clipped) of every neuron over the reference trials `(trials, neurons, frames)`."""
+    values = reference.double()
+    frames = values.shape[-1]
+    mean = values.mean(dim=(0, 2))
+    centred = values - mean[None, :, None]
+    variance = centred.pow(2).mean(dim=(0, 2)).clamp_min(1e-8)
+    features = [torch.zeros_like(mean) if lag >= frames else
+                (centred[..., lag:] * centred[..., :-lag]).mean(dim=(0, 2)) / variance for lag in IDENTITY_LAGS]
+    skew = (centred.pow(3).mean(dim=(0, 2)) / variance.pow(1.5)).clamp(-10, 10) / 3
+    features += [mean, 0.5 * variance.log(), skew]
+    return torch.stack(features, dim=1).float()
+
+
+@torch.no_grad()
+def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, rank: int, window_size: int = 4,
+                            ridge: float = 1.0) -> torch.Tensor:
+    """The data identity `(num_neurons, identity_size(rank))` of a recording's neurons.
+
+    Args:
+        reference (`torch.FloatTensor` of shape `(trials, neurons, frames)`, *optional*): reference activity of the
+            same neurons, z-scored like the model inputs (e.g. training trials, or the recording before the forecast
+            context cut into trials). `None` or zero trials: the empty identity (zero-shot).
+        num_neurons (`int`): neurons of the recording (must match the reference).
+        rank (`int`): coupling factors per side (`config.identity_rank`).
+        window_size (`int`): frames per token window (`config.window_size`).
+        ridge (`float`): relative ridge strength of the coupling fit (`config.identity_ridge`).
+    """
+    features = torch.zeros(int(num_neurons), identity_size(rank))
+    if reference is None or reference.shape[0] == 0:
+        return features
+    reference = torch.as_tensor(reference, dtype=torch.float32, device="cpu")
+    if reference.ndim != 3 or reference.shape[1] != num_neurons:
+        raise ValueError(f"the reference must be (trials, neurons={num_neurons}, frames), got {tuple(reference.shape)}.")
+    if reference.shape[-1] < 2 * window_size:
+        raise ValueError(f"reference trials need at least two token windows ({2 * window_size} frames), got "
+                         f"{reference.shape[-1]}.")
+    if not bool(torch.isfinite(reference).all()):
+        raise ValueError("the reference holds NaN/Inf values: clean the traces (interpolate or drop neurons) first.")
+    receives, drives, samples = coupling_factors(reference, window_size, rank, ridge)
+    reliability = torch.tensor([math.log1p(samples) / math.log(1000.0), min(1.0, num_neurons / max(samples, 1)), 1.0])
+    features[:, : 2 * rank] = torch.cat([receives, drives], dim=1)
+    features[:, 2 * rank : 2 * rank + STATISTIC_FEATURES] = neuron_statistics(reference)
+    features[:, 2 * rank + STATISTIC_FEATURES :] = reliability
+    return features
+
+
+__all__ = ["IDENTITY_LAGS", "compute_neuron_identity", "coupling_factors", "identity_size", "neuron_statistics"]
