@@ -273,38 +273,34 @@ def test_dtype_decision_is_kept_for_a_resumed_job(monkeypatch, tmp_path):
     assert len(calls) == 4
 
 
-def test_pretraining_budget_plans_epochs_from_the_timed_step(monkeypatch, tmp_path):
-    # a fixed epoch count overran the 20-minute job on slow CPUs and wasted the budget on fast ones
+def test_pretraining_budget_plans_steps_from_the_timed_step(monkeypatch, tmp_path):
+    # a fixed step count overruns the job's time on slow CPUs and wastes the budget on fast ones
     import types
-
-    import datasets
 
     from calm_hf.commands import main as main_command
 
-    tokenized = tmp_path / "tokenized"
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"x": list(range(100))})}).save_to_disk(str(tokenized))
-    stage = types.SimpleNamespace(path=tokenized, key="tokenized-v1")
+    stage = types.SimpleNamespace(path=tmp_path / "tokenized", key="tokenized-v1")
     step = {"fp32_seconds": 0.5, "bf16_seconds": 2.0, "speedup": 0.25}
     monkeypatch.setattr(main_command, "pretrain_step_speedup", lambda recipe: dict(step))
-    args = main_command.MainArguments(output_dir=str(tmp_path), pretrain_minutes=1.0, pretrain_epochs=18.0)
+    args = main_command.MainArguments(output_dir=str(tmp_path), pretrain_minutes=1.0, pretrain_steps=1000)
     args.dtypes = {"pretrain_bf16": False}
     recipe = main_command.resolve_recipe(args)
-    epochs, plan = main_command.planned_pretrain_epochs(args, recipe, tmp_path, stage)
-    # 25 steps an epoch at 0.5 s x 1.1 = 13.75 s: 4.36 epochs fit in 60 s, planned 4.3
-    assert plan["steps_per_epoch"] == 25 and epochs == 4.3 and plan["steps"] == 108
+    steps, plan = main_command.planned_pretrain_steps(args, recipe, tmp_path, stage)
+    # 0.5 s x 1.1 a step: 109 steps fit in 60 s
+    assert steps == 109 and plan["steps_that_fit"] == 109
     step["fp32_seconds"] = 0.05  # a resumed job keeps its schedule even if the machine now measures faster
-    assert main_command.planned_pretrain_epochs(args, recipe, tmp_path, stage)[0] == 4.3
+    assert main_command.planned_pretrain_steps(args, recipe, tmp_path, stage)[0] == 109
     fast = tmp_path / "other"
     fast.mkdir()
-    assert main_command.planned_pretrain_epochs(args, recipe, fast, stage)[0] == 18.0  # capped by --pretrain_epochs
-    args.dtypes = {"pretrain_bf16": True}  # the chosen dtype's step time counts: 2.0 s x 1.1 x 25 steps, 1.09 fit
-    assert main_command.planned_pretrain_epochs(args, recipe, fast, stage)[0] == 1.0
-    step["bf16_seconds"] = 20.0
+    assert main_command.planned_pretrain_steps(args, recipe, fast, stage)[0] == 1000  # capped by --pretrain_steps
+    args.dtypes = {"pretrain_bf16": True}  # the chosen dtype's step time counts: 2.0 s x 1.1, 27 fit
+    assert main_command.planned_pretrain_steps(args, recipe, fast, stage)[0] == 27
+    step["bf16_seconds"] = 200.0
     slow = tmp_path / "slow"
     slow.mkdir()
-    assert main_command.planned_pretrain_epochs(args, recipe, slow, stage)[0] == 1.0  # 0.11 fit: at least one
-    args.pretrain_minutes = 0  # no budget: exactly the epochs asked for
-    assert main_command.planned_pretrain_epochs(args, main_command.resolve_recipe(args), slow, stage)[0] == 18.0
+    assert main_command.planned_pretrain_steps(args, recipe, slow, stage)[0] == 1  # none fit: at least one
+    args.pretrain_minutes = 0  # no budget: exactly the steps asked for
+    assert main_command.planned_pretrain_steps(args, main_command.resolve_recipe(args), slow, stage)[0] == 1000
 
 
 def test_a_crash_between_the_two_release_switches_is_completed_by_the_next_run(release, tmp_path, monkeypatch):

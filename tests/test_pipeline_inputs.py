@@ -22,12 +22,14 @@ RATES = (30.0, 16.0, 7.5, 2.2)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny untrained checkpoint with two named sessions (12 and 8 neurons), saved complete."""
+    """A tiny untrained table-identity checkpoint with two named sessions (12 and 8 neurons), saved complete (the
+    data-identity pipeline: tests/test_pipeline_data_identity.py)."""
     folder = tmp_path_factory.mktemp("ckpt") / "calm-tiny"
     torch.manual_seed(0)
     tokenizer = CalmTokenizer(CalmTokenizerConfig.from_preset("tiny", codebook_size=16)).eval()
     model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", hidden_dropout=0.0, num_sessions=2,
-                                                               num_neurons=20)).eval()
+                                                               num_neurons=20, neuron_identity="table",
+                                                               quantile_levels=None)).eval()
     model.config.session_names = ["s0", "s1"]
     model.config.session_neuron_ranges = [[0, 12], [12, 20]]
     model.save_pretrained(folder)

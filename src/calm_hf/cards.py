@@ -229,11 +229,15 @@ def _render(
         eval_split=eval_split,
         limitations=[line.format(window_size=window_size, frame_rate_hz=f"{float(frame_rate_hz):g}") for line in limitations],
         training_data_description=(
-            "Simulated calcium imaging from the CalM benchmark protocol: a chaotic rate RNN "
-            "(`tau dr/dt = -r + W tanh(r) + noise`, W ~ N(0, g²/N), g = 1.6), Poisson spikes, and calcium traces from a "
-            "double-exponential kernel (rise 0.05 s, decay 2.0 s) plus Gaussian noise, sampled at 5 Hz (dt = 0.2 s) and "
-            "z-scored per neuron with training-trial statistics."
+            "A corpus of simulated sessions whose dynamics and observation model are drawn per session from documented "
+            "ranges (`calm_hf.data.corpus.SIMULATION_RANGES`: rate RNNs with random and low-rank connectivity, time "
+            "constants, shared and stimulus-locked inputs, firing rates, indicator kernels from fast to slow, imaging "
+            "noise, 16 to 1,024 neurons, native rates of 2-30 Hz resampled to 5 Hz, trial-structured and continuous "
+            "recordings, baseline drift), plus the training trials of the real recordings named in the training table; "
+            "every session z-scored per neuron with its training trials' statistics."
         ),
+        data_identity=config_summary.get("neuron_identity", "table") == "data",
+        heldout_rows=[],
         citation=CALM_CITATION,
     )
     kwargs["limitations"] += list(template_kwargs.pop("extra_limitations", None) or [])

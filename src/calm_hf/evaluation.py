@@ -100,3 +100,62 @@ def evaluate_release(forecaster: CalmForecaster, corpus: datasets.DatasetDict, c
     probe = trial_swap_probe(forecaster.model, test, context_frames=context_frames, max_trials=60)
     metrics.update({f"trial_swap_{key}": value for key, value in probe.items() if key != "trials"})
     return metrics
+
+
+def heldout_sets(sets: list[str], sessions: int = 2, seed: int = 0, max_neurons: int | None = None) -> dict[str, list]:
+    """The held-out sets a release is scored on (`calm_hf.heldout.heldout_set`); a real recording that is not on this
+    machine is left out with a warning (the job runs without `../shared/data`)."""
+    import logging
+
+    from .heldout import REAL_SETS, heldout_set
+
+    found = {}
+    for name in sets:
+        try:
+            found[name] = heldout_set(name, sessions=sessions, seed=seed, max_neurons=max_neurons)
+        except FileNotFoundError as error:
+            if name not in REAL_SETS:
+                raise
+            logging.getLogger(__name__).warning("held-out set %s left out: %s", name, error)
+    return found
+
+
+@torch.no_grad()
+def heldout_reconstruction(forecaster: CalmForecaster, session, test_trials: int | None = None) -> float:
+    """Tokenizer reconstruction r (decode(encode(x)) vs x) on a held-out session's test trials."""
+    test = session.split("test")[:test_trials]
+    values = torch.as_tensor(test, device=forecaster.device)
+    recon = forecaster.decode(forecaster.tokenize(values)).cpu().numpy()
+    return float(forecast_pearson_r(recon, test[..., -recon.shape[-1]:])["pearson_r"])
+
+
+def evaluate_foundation_release(forecaster: CalmForecaster, sets: list[str], sessions: int = 2,
+                                test_trials: int | None = None, max_neurons: int | None = None, seed: int = 0,
+                                ks: tuple[str, ...] = ("0", "16")) -> tuple[dict[str, float], dict, dict]:
+    """The numbers of a foundation checkpoint's card: on held-out sets the pretraining corpus never saw, CalM
+    zero-shot (k = 0) and with its neurons' identity from 16 training trials (k = 16), against the baselines fitted
+    on the same trials (`calm_hf.heldout.evaluate_heldout`), the tokenizer's reconstruction and the trial-swap probe
+    on the first simulated set. Returns `(flat metrics, nested results, the held-out sessions by set)`."""
+    from .heldout import best_baseline, evaluate_heldout, k_subsets, swap_probe_scores
+
+    found = heldout_sets(sets, sessions, seed, max_neurons)
+    results = evaluate_heldout(forecaster, found, ks=ks, test_trials=test_trials, seed=seed)
+    metrics: dict[str, float] = {}
+    for name, cells in results.items():
+        for k, models in cells.items():
+            for metric, value in models["calm"].items():
+                metrics[f"{name}_k{k}_calm_{metric}"] = value
+            best = best_baseline(models)
+            if best is not None:
+                metrics[f"{name}_k{k}_best_baseline_pearson_r"] = best[1]["pearson_r"]
+                metrics[f"{name}_k{k}_best_baseline_mse"] = best[1]["mse"]
+            lowest = best_baseline(models, "mse")
+            if lowest is not None:
+                metrics[f"{name}_k{k}_lowest_baseline_mse"] = lowest[1]["mse"]
+    simulated = next((name for name in found if name.startswith("sim")), None)
+    if simulated is not None:
+        session = found[simulated][0]
+        metrics["tokenizer_reconstruction_pearson_r"] = heldout_reconstruction(forecaster, session, test_trials)
+        probe = swap_probe_scores(forecaster, session, k_subsets(session, seed, ("16",)).get("16", []), test_trials)
+        metrics.update({f"trial_swap_{key}": value for key, value in probe.items()})
+    return metrics, results, found

@@ -96,3 +96,45 @@ def forecast_figure(forecaster, split: datasets.Dataset, path: Path, context_fra
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def heldout_figure(forecaster, session, reference_index, path: Path, title: str, num_neurons: int = 4) -> None:
+    """PNG for a foundation checkpoint's card: a test trial of a held-out recording, its context and truth, CalM's
+    forecast zero-shot and with the identity from `reference_index` training trials, and the 5-95% band of the
+    quantile head (z-scored units, time in seconds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .heldout import context_frames
+
+    context = context_frames(session)
+    trial = session.split("test")[:1]
+    horizon = trial.shape[-1] - context
+    informed = forecaster.forecast(trial[:, :, :context], horizon, reference=session.traces[reference_index])
+    zero_shot = forecaster.forecast(trial[:, :, :context], horizon, reference=None).forecast[0]
+    values = trial[0]
+    chosen = np.argsort(values.std(axis=-1))[::-1][:num_neurons]
+    time = np.arange(values.shape[-1]) / session.fs
+    future = time[context:]
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(8, 1.9 * len(chosen) + 0.4), sharex=True, squeeze=False)
+    for ax, neuron in zip(axes[:, 0], chosen):
+        ax.plot(time[: context + 1], values[neuron, : context + 1], color="black", lw=1.2, label="context")
+        ax.plot(future, values[neuron, context:], color="0.55", lw=1.2, label="truth")
+        if informed.quantiles is not None:
+            levels = list(informed.quantile_levels)
+            band = informed.quantiles[0, neuron]
+            ax.fill_between(future, band[:, levels.index(0.05)], band[:, levels.index(0.95)], color="tab:red",
+                            alpha=0.2, lw=0, label="5-95% band (quantile head)")
+        ax.plot(future, informed.forecast[0, neuron], color="tab:red", lw=1.2,
+                label=f"CalM, identity from {len(reference_index)} trials")
+        ax.plot(future, zero_shot[neuron], color="tab:blue", lw=1.0, ls="--", label="CalM zero-shot")
+        ax.axvline(time[context], color="0.3", lw=0.6, ls=":")
+        ax.set_ylabel(f"neuron {neuron}\n(z)")
+    axes[0, 0].legend(loc="upper left", fontsize=7, ncol=3, frameon=False)
+    axes[-1, 0].set_xlabel(f"time (s, {session.fs:g} Hz)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

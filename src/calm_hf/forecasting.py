@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .identity_calm import compute_neuron_identity
 from .modeling_calm_tokenizer import check_tokenizer_fingerprint
 
 ROLLOUT_MODES = ("greedy", "sample", "mean", "soft")
@@ -37,11 +38,16 @@ class ForecastResult:
         forecast: (batch, neurons, horizon) point forecast (the mean of the samples when several were drawn).
         samples: (batch, num_samples, neurons, horizon) sampled futures, or None for a single rollout.
         codes: (batch, num_samples, neurons, context_steps + new_steps) the token grids that were decoded.
+        quantiles: (batch, neurons, horizon, levels) quantiles from the model's quantile head at `quantile_levels`
+            (direct forecasts of a model with `config.quantile_levels`), else None.
+        quantile_levels: the levels of `quantiles`.
     """
 
     forecast: np.ndarray | torch.Tensor
     samples: np.ndarray | torch.Tensor | None
     codes: np.ndarray | torch.Tensor
+    quantiles: np.ndarray | torch.Tensor | None = None
+    quantile_levels: tuple[float, ...] | None = None
 
 
 def to_numpy(result: ForecastResult) -> ForecastResult:
@@ -51,7 +57,8 @@ def to_numpy(result: ForecastResult) -> ForecastResult:
         return tensor.detach().float().cpu().numpy() if tensor.is_floating_point() else tensor.detach().cpu().numpy()
 
     return ForecastResult(forecast=host(result.forecast), samples=None if result.samples is None else host(result.samples),
-                          codes=host(result.codes))
+                          codes=host(result.codes), quantiles=None if result.quantiles is None else host(result.quantiles),
+                          quantile_levels=result.quantile_levels)
 
 
 def check_finite_context(values: torch.Tensor) -> None:
@@ -99,6 +106,31 @@ class CalmForecaster:
         self.window_size = model.config.window_size
 
     @property
+    def uses_data_identity(self) -> bool:
+        """Whether the model computes neuron identities from data (`config.neuron_identity == "data"`)."""
+        return getattr(self.model.config, "neuron_identity", "table") == "data"
+
+    @torch.no_grad()
+    def neuron_identity(self, reference: torch.Tensor | np.ndarray | None, num_neurons: int | None = None
+                        ) -> torch.Tensor | None:
+        """The data identity `(neurons, identity_size)` of a recording's neurons from reference trials `(trials,
+        neurons, frames)` of the same recording, z-scored and at the model rate like the context (training trials, or
+        the recording before the context cut into trials). `None` (no reference) gives the zero-shot identity."""
+        if not self.uses_data_identity:
+            raise ValueError("This model reads neuron identities from its tables (config.neuron_identity='table'): "
+                             "pass neuron_ids / session_ids instead of a reference.")
+        config = self.model.config
+        if reference is not None:
+            reference = torch.as_tensor(np.asarray(reference, dtype=np.float32) if not isinstance(
+                reference, torch.Tensor) else reference.float().cpu())
+            num_neurons = reference.shape[1] if reference.ndim == 3 else num_neurons
+        if num_neurons is None:
+            raise ValueError("give the number of neurons when there is no reference.")
+        identity = compute_neuron_identity(reference, num_neurons, config.identity_rank, config.window_size,
+                                           config.identity_ridge)
+        return identity.to(self.device)
+
+    @property
     def device(self) -> torch.device:
         """Where the model's weights are; inputs are moved there and stay there until the result is returned."""
         return next(self.model.parameters()).device
@@ -144,6 +176,7 @@ class CalmForecaster:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        neuron_identity: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token rollout. Returns (batch, num_samples, neurons, context_steps + new_steps) codes.
 
@@ -155,6 +188,7 @@ class CalmForecaster:
         batch, neurons, _ = context_ids.shape
         if mode in ("greedy", "soft"):
             num_samples = 1
+        identity = {} if neuron_identity is None else {"neuron_identity": neuron_identity}
         with self._autocast():
             if mode == "soft":
                 sequences = self.model.rollout(
@@ -164,6 +198,7 @@ class CalmForecaster:
                     neuron_ids=neuron_ids,
                     session_ids=session_ids,
                     neuron_mask=neuron_mask,
+                    **identity,
                 ).codes
             else:
                 sequences = self.model.generate(
@@ -178,6 +213,7 @@ class CalmForecaster:
                     top_k=top_k if mode != "greedy" else None,
                     top_p=top_p if mode != "greedy" else None,
                     num_return_sequences=num_samples,
+                    **identity,
                 )
         return sequences.reshape(batch, num_samples, neurons, -1)
 
@@ -199,14 +235,20 @@ class CalmForecaster:
         neuron_ids: torch.Tensor | None = None,
         session_ids: torch.Tensor | None = None,
         neuron_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Conditional-mean forecast from the continuous head, (batch, neurons, horizon) z-scored.
+        neuron_identity: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Conditional-mean forecast from the continuous head, (batch, neurons, horizon) z-scored, and the quantile
+        head's quantiles (batch, neurons, horizon, levels) when the model has one (else None).
 
         One forward pass covers `value_head_steps * L` frames; longer horizons append that chunk to the context,
-        re-tokenize and predict again. `context_values` (batch, neurons, steps * L) are the frames behind
+        re-tokenize and predict again (the quantiles of later chunks are then conditional on the forecast path, so
+        they understate the spread there). `context_values` (batch, neurons, steps * L) are the frames behind
         `context_ids`; they are decoded from the codes when not given and a second chunk is needed.
         """
         identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
+        if neuron_identity is not None:
+            identity["neuron_identity"] = neuron_identity
+        with_quantiles = getattr(self.model, "quantile_head", None) is not None
         max_steps = self.model.config.max_token_steps
         # a head with the raw-trace highway (config.value_skip_windows) reads the traces behind the codes too
         needs_values = getattr(self.model.config, "value_skip_windows", 0) > 0
@@ -214,20 +256,24 @@ class CalmForecaster:
             context_values = self.decode(context_ids)
         if context_values is not None:  # the frames behind the codes, aligned at the end
             context_values = context_values[..., -context_ids.shape[-1] * self.window_size :]
-        pieces, produced, ids = [], 0, context_ids
+        pieces, bands, produced, ids = [], [], 0, context_ids
         while True:
             kept = ids[..., -max_steps:]
             values = context_values[..., -kept.shape[-1] * self.window_size :] if needs_values else None
             with self._autocast():
-                prediction = self.model.forecast_values(kept, **identity, **(
-                    {"context_values": values} if needs_values else {})).float()
-            pieces.append(prediction[..., : horizon - produced])
+                prediction = self.model.forecast_values(kept, **identity, return_quantiles=with_quantiles, **(
+                    {"context_values": values} if needs_values else {}))
+            prediction, quantiles = prediction if with_quantiles else (prediction, None)
+            pieces.append(prediction.float()[..., : horizon - produced])
+            if quantiles is not None:
+                bands.append(quantiles.float()[..., : horizon - produced, :])
             produced += pieces[-1].shape[-1]
             if produced >= horizon:
-                return torch.cat(pieces, dim=-1)
+                return torch.cat(pieces, dim=-1), torch.cat(bands, dim=-2) if bands else None
             if context_values is None:
                 context_values = self.decode(context_ids)
-            context_values = torch.cat([context_values[..., -ids.shape[-1] * self.window_size :], prediction], dim=-1)
+            context_values = torch.cat([context_values[..., -ids.shape[-1] * self.window_size :], prediction.float()],
+                                       dim=-1)
             ids = self.tokenize(context_values)
 
     def forecast(
@@ -244,6 +290,8 @@ class CalmForecaster:
         top_k: int | None = None,
         top_p: float | None = None,
         return_tensors: bool = False,
+        reference: torch.Tensor | np.ndarray | None = None,
+        neuron_identity: torch.Tensor | None = None,
     ) -> ForecastResult:
         """Forecast `horizon` frames after a context.
 
@@ -257,6 +305,10 @@ class CalmForecaster:
             num_samples, temperature, top_k, top_p: see `rollout`.
             return_tensors: return torch tensors on the model's device instead of host numpy arrays (the pipeline
                 does, and converts in its postprocess).
+            reference: data-identity models: reference trials (trials, neurons, frames) of the same neurons, z-scored
+                at the model rate (e.g. training trials, or the recording before the context); None = zero-shot.
+            neuron_identity: data-identity models: a precomputed identity `(neurons, identity_size)` or `(batch,
+                neurons, identity_size)` (`neuron_identity(reference)`), instead of `reference`.
 
         Inputs (numpy or torch, on any device) are moved to the model's device once; everything up to the result
         stays there in torch.
@@ -280,15 +332,25 @@ class CalmForecaster:
         context_ids = self._to_device(context_ids)
         identity = {"neuron_ids": self._to_device(neuron_ids), "session_ids": self._to_device(session_ids),
                     "neuron_mask": self._to_device(neuron_mask)}
+        if self.uses_data_identity:
+            if neuron_identity is None:
+                neuron_identity = self.neuron_identity(reference, num_neurons=context_ids.shape[1])
+            identity["neuron_identity"] = self._to_device(neuron_identity, torch.float32).expand(
+                context_ids.shape[0], -1, -1)
+        elif reference is not None or neuron_identity is not None:
+            raise ValueError("This model reads neuron identities from its tables (config.neuron_identity='table'): "
+                             "pass neuron_ids / session_ids, not a reference or neuron_identity.")
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         if mode == "direct":
-            point = self.direct(context_ids, horizon, values, **identity)
+            point, quantiles = self.direct(context_ids, horizon, values, **identity)
             samples = None
             if num_samples > 1:  # spread of sampled token rollouts, recentred on the conditional mean
                 sampled = self._predict(context_ids, horizon, mode="sample", num_samples=num_samples, **sampling,
                                         **identity)
                 samples = point[:, None] + (sampled.samples - sampled.forecast[:, None])
-            result = ForecastResult(forecast=point, samples=samples, codes=context_ids[:, None])
+            levels = tuple(self.model.config.quantile_levels) if quantiles is not None else None
+            result = ForecastResult(forecast=point, samples=samples, codes=context_ids[:, None], quantiles=quantiles,
+                                    quantile_levels=levels)
         else:
             result = self._predict(context_ids, horizon, mode=mode, num_samples=num_samples, **sampling, **identity)
         # the one device -> host transfer, after the model is done (the model may sit on a GPU)
@@ -335,7 +397,24 @@ class CalmForecaster:
         return {"forecast": forecast, "samples": samples, "features": features}
 
 
-def _forecast_batch(forecaster: CalmForecaster, batch: dict, context_frames: int, **forecast_kwargs):
+def session_identities(forecaster: CalmForecaster, reference_split, sessions) -> dict[int, torch.Tensor]:
+    """Data-identity models: each session's neuron identity from its trials in `reference_split` (e.g. the training
+    split; all of them), or the zero-shot identity where `reference_split` is None or holds no trial of it."""
+    identities = {}
+    rows = None
+    if reference_split is not None:
+        rows = reference_split.with_format("numpy", columns=["input_values", "session_id"])
+        session_of = np.asarray(rows["session_id"])
+    for session, num_neurons in sessions.items():
+        reference = None
+        if rows is not None and (session_of == session).any():
+            reference = np.stack(list(rows.select(np.flatnonzero(session_of == session).tolist())["input_values"]))
+        identities[int(session)] = forecaster.neuron_identity(reference, num_neurons=num_neurons)
+    return identities
+
+
+def _forecast_batch(forecaster: CalmForecaster, batch: dict, context_frames: int,
+                    identities: dict[int, torch.Tensor] | None = None, **forecast_kwargs):
     """(forecast, truth) `(batch, neurons, frames - context_frames)` of a batch of dataset rows (numpy format)."""
     window = forecaster.window_size
     values = np.stack(list(batch["input_values"])).astype(np.float32)  # (B, N, F)
@@ -344,14 +423,13 @@ def _forecast_batch(forecaster: CalmForecaster, batch: dict, context_frames: int
         raise ValueError(f"trials have {frames} frames, not more than the context of {context_frames}: nothing to "
                          "forecast.")
     ids = torch.as_tensor(np.stack(list(batch["input_ids"])).astype(np.int64))[..., : context_frames // window]
-    result = forecaster.forecast(
-        values[..., :context_frames],
-        horizon=frames - context_frames,
-        context_ids=ids,
-        neuron_ids=torch.as_tensor(np.stack(list(batch["neuron_ids"])).astype(np.int64)),
-        session_ids=torch.as_tensor(np.asarray(batch["session_id"], dtype=np.int64)),
-        **forecast_kwargs,
-    )
+    if identities is not None:  # a data-identity model: who each neuron is comes from its session's reference
+        forecast_kwargs["neuron_identity"] = torch.stack([identities[int(s)] for s in batch["session_id"]])
+    else:
+        forecast_kwargs["neuron_ids"] = torch.as_tensor(np.stack(list(batch["neuron_ids"])).astype(np.int64))
+        forecast_kwargs["session_ids"] = torch.as_tensor(np.asarray(batch["session_id"], dtype=np.int64))
+    result = forecaster.forecast(values[..., :context_frames], horizon=frames - context_frames, context_ids=ids,
+                                 **forecast_kwargs)
     return result.forecast, values[..., context_frames:]
 
 
@@ -366,13 +444,15 @@ def evaluate_forecasting(
     max_trials: int | None = None,
     return_predictions: bool = False,
     progress: bool = True,
+    reference_split=None,
 ) -> dict:
     """Score forecasts on a split with the paper's protocol.
 
     Each row needs `input_values` (neurons, frames) z-scored, `input_ids` (neurons, steps) codes of the same trial,
     `neuron_ids` and `session_id`. The context is the first `context_frames` frames; the horizon is the rest of the
     trial. Pearson r per neuron over the horizon, averaged over neurons -> trials -> sessions, and MSE in z-scored
-    units. `progress` shows a progress bar over the batches (rollouts are the slow part).
+    units. `progress` shows a progress bar over the batches (rollouts are the slow part). A data-identity model
+    computes each session's identity from its trials in `reference_split` (e.g. the training split; None: zero-shot).
     """
     try:  # imported here, not at the top: this file also ships inside checkpoints, without calm_hf's metrics
         from calm_hf.metrics.functional import forecast_pearson_r, mse
@@ -392,10 +472,14 @@ def evaluate_forecasting(
     batches = [group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)]
     width = int(counts.max())
     prediction = truth = None
+    identities = None
+    if forecaster.uses_data_identity:
+        sessions = dict(zip(np.asarray(rows["session_id"]).tolist(), counts.tolist()))
+        identities = session_identities(forecaster, reference_split, sessions)
     from tqdm.auto import tqdm
 
     for chosen in tqdm(batches, desc="Forecasting trials", unit="batch", disable=not progress):
-        forecast, target = _forecast_batch(forecaster, rows[chosen.tolist()], context_frames, mode=mode,
+        forecast, target = _forecast_batch(forecaster, rows[chosen.tolist()], context_frames, identities, mode=mode,
                                            num_samples=num_samples, temperature=temperature)
         if prediction is None:
             prediction = np.zeros((len(rows), width, forecast.shape[-1]), dtype=np.float32)
@@ -445,7 +529,7 @@ def _swap_partners(sessions: np.ndarray, seed: int) -> np.ndarray:
 @torch.no_grad()
 def _probe_pass(model, ids: torch.Tensor, neuron_ids: torch.Tensor, session_ids: torch.Tensor,
                 partner: np.ndarray | None, block_neurons: int, context_steps: int, horizon: int,
-                values: torch.Tensor | None = None):
+                values: torch.Tensor | None = None, neuron_identity: torch.Tensor | None = None):
     """Teacher-forced CE (summed, nats) and, when `horizon > 0`, the direct forecasts `(trials, neurons, horizon)`,
     scoring `block_neurons` neurons at a time; with `partner`, every other neuron's tokens come from the partner
     trial. `values` (the trials' own traces) feed the head's raw-trace highway, which reads each neuron's own trace
@@ -460,8 +544,11 @@ def _probe_pass(model, ids: torch.Tensor, neuron_ids: torch.Tensor, session_ids:
         if partner is not None:
             grid = ids[torch.as_tensor(partner, device=ids.device)].clone()
             grid[:, keep] = ids[:, keep]
+        extra = {"value_inputs": values} if values is not None else {}
+        if neuron_identity is not None:  # who each neuron is stays: only the other neurons' activity is swapped
+            extra["neuron_identity"] = neuron_identity
         out = model(input_ids=grid, neuron_ids=neuron_ids, session_ids=session_ids, use_cache=False, return_dict=True,
-                    **({"value_inputs": values} if values is not None else {}))
+                    **extra)
         logits = out.logits[:, keep, :-1].float()
         ce_total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, keep, 1:].reshape(-1),
                                           reduction="sum"))
@@ -479,6 +566,7 @@ def trial_swap_probe(
     max_trials: int = 60,
     block_neurons: int | None = None,
     seed: int = 0,
+    identities: dict[int, torch.Tensor] | None = None,
 ) -> dict:
     """Does the model use the other neurons' activity? Scores every neuron twice: with the true population, and
     with every OTHER neuron's tokens taken from a different trial of the same session (its own tokens kept).
@@ -487,7 +575,8 @@ def trial_swap_probe(
     population dynamics loses accuracy when the population comes from another trial. Neurons are scored in blocks
     of `block_neurons` (the block keeps its true tokens, everything else is swapped) to bound the cost.
 
-    Each row needs `input_values` (neurons, frames), `input_ids`, `neuron_ids`, `session_id`.
+    Each row needs `input_values` (neurons, frames), `input_ids`, `neuron_ids`, `session_id`. A data-identity model
+    takes each session's identity from `identities` (`session_identities`; zero-shot where missing).
 
     Returns:
         `dict` with `next_token_ce` / `next_token_ce_swapped` (teacher-forced, nats) and, for models with a
@@ -517,10 +606,15 @@ def trial_swap_probe(
     highway_values = None
     if getattr(model.config, "value_skip_windows", 0) > 0:
         highway_values = torch.as_tensor(values[..., : steps * model.config.window_size], device=device)
+    neuron_identity = None
+    if getattr(model.config, "neuron_identity", "table") == "data":
+        identities = identities or {}
+        zero = torch.zeros(neurons, model.model.identity_proj.in_features, device=device)
+        neuron_identity = torch.stack([identities.get(int(s), zero).to(device) for s in sessions])
     results = {}
     for label, swapped in (("", False), ("_swapped", True)):
         ce_total, preds = _probe_pass(model, ids, neuron_ids, session_ids, partner if swapped else None, block_neurons,
-                                      context_steps, horizon if has_head else 0, highway_values)
+                                      context_steps, horizon if has_head else 0, highway_values, neuron_identity)
         results[f"next_token_ce{label}"] = ce_total / ids[:, :, 1:].numel()
         if has_head:
             truth = values[..., context_frames:]

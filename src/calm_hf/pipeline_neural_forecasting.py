@@ -30,6 +30,34 @@ from .processing_calm import MAX_ABS_INPUT, CalmTraceProcessor
 
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+REFERENCE_STEPS = 25  # a data-identity model reads the recording before the context in chunks of this many token steps
+
+
+def history_chunks(history: np.ndarray, window: int, steps: int = REFERENCE_STEPS) -> np.ndarray | None:
+    """The z-scored model-rate frames before the context `(neurons, frames)` cut into consecutive chunks of `steps`
+    token windows, newest last: `(chunks, neurons, steps * window)`; one shorter chunk when the history is shorter
+    than one chunk but at least two windows; None below that."""
+    frames = history.shape[-1]
+    length = steps * window
+    if frames >= length:
+        count = frames // length
+        kept = history[..., frames - count * length:]
+        return np.ascontiguousarray(kept.reshape(history.shape[0], count, length).transpose(1, 0, 2))
+    usable = frames - frames % window
+    return history[None, :, frames - usable:] if usable >= 2 * window else None
+
+
+def quantiles_at(levels: tuple[float, ...], model_levels: tuple[float, ...], values: np.ndarray) -> dict:
+    """`{level: (neurons, horizon)}` at the requested `levels` from quantiles `(levels_model, neurons, horizon)` at
+    `model_levels`: linear interpolation between neighbouring model levels, the outermost ones beyond them."""
+    grid = np.asarray(model_levels, dtype=np.float64)
+    out = {}
+    for level in levels:
+        upper = int(np.clip(np.searchsorted(grid, level), 1, len(grid) - 1))
+        lower = upper - 1
+        weight = float(np.clip((level - grid[lower]) / (grid[upper] - grid[lower]), 0.0, 1.0))
+        out[float(level)] = ((1 - weight) * values[lower] + weight * values[upper]).astype(np.float32)
+    return out
 PROCESSOR_FILE = "preprocessor_config.json"
 # Inside the calm_hf package the Auto classes are registered; as remote code they come from the checkpoint.
 _REMOTE = not __name__.startswith("calm_hf.")
@@ -113,16 +141,22 @@ class NeuralForecastingPipeline(Pipeline):
         temperature, top_k, top_p: sampling controls when `num_samples > 1`.
         mode (`str`, *optional*): `direct` (default for models with a continuous head), or force `greedy`,
             `sample`, `mean` or `soft` token rollouts.
-        session (`str` or `int`, *optional*): the recording session whose learned identity to use. Without it a new
-            recording borrows a known session's identity (a warning says which, and how to adapt a session).
-        neuron_ids (`array`, *optional*): global neuron ids, (neurons,); default: the session's neurons in order.
+        session (`str` or `int`, *optional*): table-identity models only: the recording session whose learned
+            identity to use. Without it a new recording borrows a known session's identity (a warning says which).
+            A data-identity model (every preset's default) needs none: it reads each neuron's identity from the
+            recording before the context (in chunks of 25 token steps), or from `reference`.
+        neuron_ids (`array`, *optional*): table-identity models only: global neuron ids, (neurons,).
+        reference (`np.ndarray` of shape `(trials, neurons, frames)` or `(neurons, frames)`, *optional*): data-identity
+            models: other trials of the same neurons, in the units and rate of `traces` (e.g. training trials); they
+            replace the history before the context as the source of the neurons' identity.
         mean, std (`array` of shape `(neurons,)`, *optional*): z-score statistics in the input units (e.g. from
             training trials), both or neither; by default each neuron's context mean and standard deviation, with a
             std floor relative to the data's scale (constant neurons are only centred).
 
-    Returns a dict (a list of dicts for a batch): `forecast` (neurons, horizon) -- the greedy rollout, or the mean of
-    the samples --, `mean` (neurons, horizon) or None, `samples` (num_samples, neurons, horizon) or None, `quantiles`
-    {q: (neurons, horizon)} or None, `sampling_rate`, `context_frames` (input frames the model used).
+    Returns a dict (a list of dicts for a batch): `forecast` (neurons, horizon) -- the continuous head's conditional
+    mean, the greedy rollout, or the mean of the samples --, `mean` (neurons, horizon) or None, `samples`
+    (num_samples, neurons, horizon) or None, `quantiles` {q: (neurons, horizon)} (from the model's quantile head in
+    the same pass, or from the samples) or None, `sampling_rate`, `context_frames` (input frames the model used).
     """
 
     _load_processor = False
@@ -163,6 +197,7 @@ class NeuralForecastingPipeline(Pipeline):
         std=None,
         quantiles=None,
         batch_size_=None,
+        reference=None,
         **kwargs,
     ):
         if kwargs:
@@ -171,7 +206,7 @@ class NeuralForecastingPipeline(Pipeline):
             k: v
             for k, v in dict(
                 sampling_rate=sampling_rate, horizon=horizon, session=session, neuron_ids=neuron_ids, mean=mean,
-                std=std,
+                std=std, reference=reference,
             ).items()
             if v is not None
         }
@@ -280,7 +315,38 @@ class NeuralForecastingPipeline(Pipeline):
             )
         return values, single
 
-    def preprocess(self, traces, sampling_rate=None, horizon=None, session=None, neuron_ids=None, mean=None, std=None):
+    def _identity_inputs(self, features, values: np.ndarray, fs: float, reference, session, neuron_ids) -> dict:
+        """Data-identity models: `{"neuron_identity": (batch, neurons, features)}` from `reference` (processed with the
+        context's statistics) or from the recording before the context; table models: their ids."""
+        if not self.forecaster.uses_data_identity:
+            if reference is not None:
+                raise ValueError("reference= is for data-identity models; this checkpoint reads learned tables: pass "
+                                 "session=... (and neuron_ids=...) instead.")
+            session_id, ids = self._resolve_session(session, values.shape[1], neuron_ids)
+            batch = values.shape[0]
+            return {"neuron_ids": torch.as_tensor(np.broadcast_to(ids, (batch, ids.shape[0])).copy()),
+                    "session_ids": torch.full((batch,), session_id, dtype=torch.long)}
+        if session is not None or neuron_ids is not None:
+            raise ValueError("this model computes every neuron's identity from the recording itself "
+                             "(config.neuron_identity='data'): drop session= and neuron_ids= (pass reference= to give "
+                             "it other trials of the same neurons).")
+        window = self.trace_processor.window_size
+        if reference is not None:
+            reference = np.asarray(reference, dtype=np.float64)
+            reference = reference[None] if reference.ndim == 2 else reference
+            if reference.ndim != 3 or reference.shape[1] != values.shape[1]:
+                raise ValueError(f"reference must be (trials, neurons={values.shape[1]}, frames) in the units and rate "
+                                 f"of traces, got shape {reference.shape}.")
+            processed = self.trace_processor(reference, sampling_rate=fs, mean=features["mean"][0],
+                                             std=features["std"][0])["input_values"]
+            chunks = [processed.astype(np.float32)] * values.shape[0]
+        else:
+            chunks = [history_chunks(history, window) for history in features["history_values"]]
+        identity = [self.forecaster.neuron_identity(chunk, num_neurons=values.shape[1]) for chunk in chunks]
+        return {"neuron_identity": torch.stack(identity).cpu()}
+
+    def preprocess(self, traces, sampling_rate=None, horizon=None, session=None, neuron_ids=None, mean=None, std=None,
+                   reference=None):
         values, single = self._check_traces(traces)
         if horizon is None:
             raise ValueError("pass horizon=<number of frames to forecast, at the input sampling rate> (>= 1).")
@@ -322,13 +388,11 @@ class NeuralForecastingPipeline(Pipeline):
         if (mean is None) != (std is None):
             raise ValueError("pass mean and std together (both in the traces' units), or neither (context statistics).")
         features = processor(values, sampling_rate=fs, mean=mean, std=std, max_frames=max_context)
-        session_id, ids = self._resolve_session(session, values.shape[1], neuron_ids)
-        batch = values.shape[0]
+        identity = self._identity_inputs(features, values, fs, reference, session, neuron_ids)
         used_model = features["input_values"].shape[-1]
         return {
             "values": torch.as_tensor(features["input_values"]),
-            "neuron_ids": torch.as_tensor(np.broadcast_to(ids, (batch, ids.shape[0])).copy()),
-            "session_ids": torch.full((batch,), session_id, dtype=torch.long),
+            **identity,
             "features": features,
             "horizon": horizon,
             "horizon_model": horizon_model,
@@ -343,15 +407,15 @@ class NeuralForecastingPipeline(Pipeline):
                 mode = "greedy" if num_samples == 1 else "mean"
         values = inputs["values"]
         step = values.shape[0] if batch_size is None else batch_size
-        forecasts, samples = [], []
+        forecasts, samples, bands = [], [], []
+        identity_names = [name for name in ("neuron_ids", "session_ids", "neuron_identity") if name in inputs]
         for start in range(0, values.shape[0], step):
             chunk = slice(start, start + step)
             # torch on the model's device until postprocess (Pipeline.forward moved `values` there)
             result = self.forecaster.forecast(
                 values[chunk],
                 horizon=inputs["horizon_model"],
-                neuron_ids=inputs["neuron_ids"][chunk],
-                session_ids=inputs["session_ids"][chunk],
+                **{name: inputs[name][chunk] for name in identity_names},
                 mode=mode,
                 num_samples=num_samples,
                 temperature=temperature,
@@ -361,17 +425,23 @@ class NeuralForecastingPipeline(Pipeline):
             )
             forecasts.append(torch.as_tensor(result.forecast))
             samples.append(None if result.samples is None else torch.as_tensor(result.samples))
+            # (batch, levels, neurons, frames): the samples' layout, so the processor maps them back alike
+            bands.append(None if result.quantiles is None else torch.as_tensor(result.quantiles).permute(0, 3, 1, 2))
         stacked = None if samples[0] is None else torch.cat(samples)
         return {"forecast": torch.cat(forecasts), "samples": stacked,
+                "model_quantiles": None if bands[0] is None else torch.cat(bands),
+                "quantile_levels": result.quantile_levels,
                 **{k: v for k, v in inputs.items() if k != "values"}}
 
     def postprocess(self, outputs, quantiles=DEFAULT_QUANTILES):
         processor, features, horizon = self.trace_processor, outputs["features"], outputs["horizon"]
         # the only device -> host conversion: Pipeline.forward brought the tensors to the CPU, numpy from here on
         forecast = processor.postprocess_forecast(_host(outputs["forecast"]), features, horizon)
-        samples = None
+        samples = bands = None
         if outputs["samples"] is not None:
             samples = processor.postprocess_forecast(_host(outputs["samples"]), features, horizon)
+        if outputs.get("model_quantiles") is not None:  # the quantile head's, in the same pass as the forecast
+            bands = processor.postprocess_forecast(_host(outputs["model_quantiles"]), features, horizon)
         records = []
         for b in range(forecast.shape[0]):
             record = {"forecast": forecast[b], "mean": None, "samples": None, "quantiles": None,
@@ -380,5 +450,7 @@ class NeuralForecastingPipeline(Pipeline):
                 record["samples"] = samples[b]
                 record["mean"] = samples[b].mean(axis=0)
                 record["quantiles"] = {float(q): np.quantile(samples[b], q, axis=0).astype(np.float32) for q in quantiles}
+            if bands is not None:
+                record["quantiles"] = quantiles_at(tuple(quantiles), outputs["quantile_levels"], bands[b])
             records.append(record)
         return records[0] if outputs["single"] else records

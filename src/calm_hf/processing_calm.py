@@ -270,7 +270,9 @@ class CalmTraceProcessor(FeatureExtractionMixin):
             `BatchFeature` with `input_values` float32 `(batch, neurons, frames)` (frames a multiple of
             `window_size`), `mean`/`std` float64 `(batch, neurons)` and the bookkeeping the inverse needs:
             `sampling_rate`, `num_input_frames`, `last_values` (the last model frame before z-scoring,
-            `(batch, neurons)`), `dropped_model_frames`.
+            `(batch, neurons)`), `dropped_model_frames`, and `history_values` float32 `(batch, neurons, frames)`: the
+            model frames before the kept context, z-scored alike (what a data-identity model reads its neurons'
+            identity from).
         """
         values, fs = self._check_inputs(traces, sampling_rate, mean, std)
         resampled = self.resample(values, fs)
@@ -294,6 +296,7 @@ class CalmTraceProcessor(FeatureExtractionMixin):
                 "num_input_frames": values.shape[-1],
                 "last_values": resampled[..., -1].copy(),
                 "dropped_model_frames": start,
+                "history_values": ((resampled[..., :start] - mean_[..., None]) / std_[..., None]).astype(np.float32),
                 # the smoothed frame before the kept span: what the inverse EMA needs for the first kept frame
                 "ema_previous": resampled[..., start - 1].copy() if self.ema_alpha is not None and start else None,
             }

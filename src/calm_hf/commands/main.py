@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_write_text, claim_output_folder, finish_switch, partial_path, remove_stale_partials
 from . import OutputArguments, parse_command_args, run_command
-from . import prepare, pretrain, tokenize, train_tokenizer
+from . import pretrain, tokenize, train_tokenizer
 from .stages import Stage, run_stage, stage_argv, terminate_cleanly
 
 logger = logging.getLogger("calm_hf.main")
@@ -56,9 +55,10 @@ STEP_TIME_MARGIN = 1.1  # the trainer's real step (collation, logging, checkpoin
 PLAN_FILE = "job_plan.json"  # the dtype decision, the timed steps and the pretraining schedule of a work folder
 RELEASE_JOURNAL = "release_switch.json"  # the switch of the release folders in progress (see `run_job`)
 RECIPE_FIELDS = (
-    "num_sessions", "num_neurons", "num_trials", "num_steps", "tokenizer_preset", "tokenizer_epochs", "tokenizer_batch",
-    "tokenizer_lr", "tokenizer_segments", "tokenizer_segment_frames", "model_preset", "pretrain_epochs",
-    "pretrain_minutes", "pretrain_batch", "pretrain_lr", "max_neurons", "eval_trials", "forecast_samples",
+    "corpus_sessions", "corpus_trials", "corpus_max_neurons", "corpus_real", "trial_seconds", "tokenizer_preset",
+    "tokenizer_epochs", "tokenizer_batch", "tokenizer_lr", "tokenizer_segments", "tokenizer_segment_frames",
+    "model_preset", "pretrain_steps", "pretrain_minutes", "pretrain_batch", "pretrain_lr", "max_neurons",
+    "eval_sessions", "eval_trials", "eval_sets", "eval_max_neurons", "forecast_samples",
 )
 
 
@@ -99,12 +99,15 @@ class MainArguments:
                                           "choice, i.e. the GPU when there is one)."}
     )
     model_name: str = field(default="calm-base", metadata={"help": "Name of the checkpoint folder."})
-    context_frames: int = field(default=40, metadata={"help": "Forecast context (frames) of the evaluation."})
     # recipe overrides: None keeps the --size recipe's value
-    num_sessions: int | None = field(default=None, metadata={"help": "Override the recipe's simulated sessions."})
-    num_neurons: int | None = field(default=None, metadata={"help": "Override the recipe's simulated neurons per session."})
-    num_trials: int | None = field(default=None, metadata={"help": "Override the recipe's simulated trials per session."})
-    num_steps: int | None = field(default=None, metadata={"help": "Override the recipe's frames per simulated trial."})
+    corpus_sessions: int | None = field(default=None, metadata={"help": "Override the recipe's simulated sessions of "
+                                                                        "the pretraining corpus."})
+    corpus_trials: int | None = field(default=None, metadata={"help": "Override the trials per simulated session."})
+    corpus_max_neurons: int | None = field(default=None, metadata={"help": "Override the neurons stored per session."})
+    corpus_real: list[str] | None = field(
+        default=None, metadata={"help": "Override the real recordings whose training trials join the corpus (names of "
+                                        "calm_hf.data.corpus.REAL_RECORDINGS, e.g. park/mrcuts24 cascade)."})
+    trial_seconds: float | None = field(default=None, metadata={"help": "Override the simulated trial length (s)."})
     tokenizer_preset: str | None = field(default=None, metadata={"help": "Override the tokenizer architecture preset."})
     tokenizer_epochs: float | None = field(default=None, metadata={"help": "Override the tokenizer's epochs."})
     tokenizer_batch: int | None = field(default=None, metadata={"help": "Override the tokenizer's batch size."})
@@ -112,17 +115,24 @@ class MainArguments:
     tokenizer_segments: int | None = field(default=None, metadata={"help": "Override the cap on tokenizer segments."})
     tokenizer_segment_frames: int | None = field(default=None, metadata={"help": "Override the tokenizer's segment frames."})
     model_preset: str | None = field(default=None, metadata={"help": "Override the dual-axis transformer preset."})
-    pretrain_epochs: float | None = field(
-        default=None, metadata={"help": "Override the recipe's pretraining epochs (with a --pretrain_minutes budget: "
-                                        "the most epochs the budget may plan)."})
+    pretrain_steps: int | None = field(
+        default=None, metadata={"help": "Override the recipe's pretraining steps (with a --pretrain_minutes budget: "
+                                        "the most steps the budget may plan)."})
     pretrain_minutes: float | None = field(
-        default=None, metadata={"help": "Override the recipe's pretraining budget: the epochs are planned from the "
+        default=None, metadata={"help": "Override the recipe's pretraining budget: the steps are planned from the "
                                         "measured step time so pretraining fits these minutes (capped by "
-                                        "--pretrain_epochs). 0 = no budget: exactly --pretrain_epochs."})
+                                        "--pretrain_steps). 0 = no budget: exactly --pretrain_steps."})
     pretrain_batch: int | None = field(default=None, metadata={"help": "Override the pretraining batch size."})
     pretrain_lr: float | None = field(default=None, metadata={"help": "Override the pretraining learning rate."})
     max_neurons: int | None = field(default=None, metadata={"help": "Override the neurons per pretraining example."})
-    eval_trials: int | None = field(default=None, metadata={"help": "Override the test trials evaluated (default all)."})
+    eval_sessions: int | None = field(default=None, metadata={"help": "Override the held-out simulated sessions per "
+                                                                      "evaluated set of the model card."})
+    eval_trials: int | None = field(default=None, metadata={"help": "Override the test trials scored per held-out "
+                                                                    "session (default all)."})
+    eval_sets: list[str] | None = field(
+        default=None, metadata={"help": "Override the held-out sets of the model card (calm_hf.heldout.SETS)."})
+    eval_max_neurons: int | None = field(
+        default=None, metadata={"help": "Override the cap on neurons of the held-out simulated sessions."})
     forecast_samples: int | None = field(default=None, metadata={"help": "Override the samples of the card's figure."})
 
 
@@ -216,63 +226,68 @@ def tokenizer_step_speedup(recipe: dict) -> dict:
     return bf16_training_speedup(lambda: CalmTokenizer(config), batch)
 
 
+def recipe_token_steps(recipe: dict) -> int:
+    """Token steps of a simulated corpus trial: `trial_seconds` at the model rate, in whole windows."""
+    from ..configuration_calm import CalmConfig
+    from ..configuration_calm_tokenizer import CalmTokenizerConfig
+
+    window = CalmTokenizerConfig.from_preset(recipe["tokenizer_preset"]).window_size
+    rate = CalmConfig.from_preset(recipe["model_preset"]).frame_rate_hz
+    return max(2, int(recipe["trial_seconds"] * rate) // window)
+
+
 def pretrain_step_speedup(recipe: dict) -> dict:
     """fp32 vs bf16-autocast time of one pretraining step of the recipe's dual-axis transformer on a batch of its
-    shape (pretrain_batch x max_neurons x the trial's token steps, with the head's trace targets)."""
+    shape (pretrain_batch x max_neurons x a corpus trial's token steps, with the head's trace targets)."""
     from ..configuration_calm import CalmConfig
     from ..configuration_calm_tokenizer import CalmTokenizerConfig
     from ..hardware import bf16_training_speedup
+    from ..identity_calm import identity_size
     from ..modeling_calm import CalmForCausalNeuralModeling
 
     tokenizer = CalmTokenizerConfig.from_preset(recipe["tokenizer_preset"])
-    steps = recipe["num_steps"] // tokenizer.window_size
-    sessions, neurons = recipe["num_sessions"], recipe["num_neurons"]
+    steps = recipe_token_steps(recipe)
     config = CalmConfig.from_preset(recipe["model_preset"], vocab_size=tokenizer.codebook_size,
-                                    window_size=tokenizer.window_size, num_neurons=sessions * neurons,
-                                    num_sessions=sessions, max_token_steps=max(steps, 64))
-    width, rows = min(recipe["max_neurons"] or neurons, neurons), recipe["pretrain_batch"]
+                                    window_size=tokenizer.window_size, max_token_steps=max(steps, 64))
+    width, rows = recipe["max_neurons"] or 64, recipe["pretrain_batch"]
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (rows, width, steps), generator=generator)
-    batch = {"input_ids": input_ids, "labels": input_ids, "neuron_ids": torch.arange(width).expand(rows, width),
-             "session_ids": torch.zeros(rows, dtype=torch.long)}
+    batch = {"input_ids": input_ids, "labels": input_ids}
+    if config.neuron_identity == "data":
+        batch["neuron_identity"] = torch.randn(rows, width, identity_size(config.identity_rank), generator=generator)
+    else:
+        batch.update(neuron_ids=torch.arange(width).expand(rows, width), session_ids=torch.zeros(rows, dtype=torch.long))
     if config.value_head_steps > 0:
         batch["value_labels"] = torch.randn(rows, width, steps * tokenizer.window_size, generator=generator)
     return bf16_training_speedup(lambda: CalmForCausalNeuralModeling(config), batch)
 
 
-def planned_pretrain_epochs(args: MainArguments, recipe: dict, work: Path, tokenized: Stage) -> tuple[float, dict]:
-    """(epochs, plan): the recipe's epochs, or with a `pretrain_minutes` budget the most epochs (one decimal, at
-    least 1, at most the recipe's `pretrain_epochs`) whose steps, at the timed step of this machine and dtype (times
-    STEP_TIME_MARGIN), fit the budget. Decided once per work folder, like the dtype, so a resumed job keeps its
-    schedule (the pretraining stage's key holds the epochs)."""
+def planned_pretrain_steps(args: MainArguments, recipe: dict, work: Path, tokenized: Stage) -> tuple[int, dict]:
+    """(steps, plan): the recipe's `pretrain_steps`, or with a `pretrain_minutes` budget the most steps (at most the
+    recipe's) that fit the budget at the timed step of this machine and dtype (times STEP_TIME_MARGIN). Decided once
+    per work folder, like the dtype, so a resumed job keeps its schedule (the pretraining stage's key holds it)."""
     minutes = recipe.get("pretrain_minutes")
     if not minutes:
-        return recipe["pretrain_epochs"], {"budget_minutes": None, "epochs": recipe["pretrain_epochs"]}
+        return recipe["pretrain_steps"], {"budget_minutes": None, "steps": recipe["pretrain_steps"]}
     record = work / PLAN_FILE
     saved = json.loads(record.read_text()) if record.exists() else {}
-    key = {"minutes": minutes, "max_epochs": recipe["pretrain_epochs"], "batch": recipe["pretrain_batch"],
+    key = {"minutes": minutes, "max_steps": recipe["pretrain_steps"], "batch": recipe["pretrain_batch"],
            "bf16": args.dtypes["pretrain_bf16"], "tokenized": tokenized.key}
     if saved.get("pretrain_plan", {}).get("key") == key:
         plan = saved["pretrain_plan"]
-        logger.info("pretraining schedule as planned when this job started: %.1f epochs", plan["epochs"])
-        return plan["epochs"], plan
-    import datasets
-
-    rows = len(datasets.load_from_disk(str(tokenized.path))["train"])
-    steps_per_epoch = math.ceil(rows / recipe["pretrain_batch"])
+        logger.info("pretraining schedule as planned when this job started: %d steps", plan["steps"])
+        return plan["steps"], plan
     timing = saved.get("pretrain_step") or pretrain_step_speedup(recipe)
     step_seconds = timing["bf16_seconds" if args.dtypes["pretrain_bf16"] else "fp32_seconds"] * STEP_TIME_MARGIN
-    fit = minutes * 60.0 / (step_seconds * steps_per_epoch)
-    epochs = float(min(recipe["pretrain_epochs"], max(1.0, math.floor(fit * 10) / 10)))
-    plan = {"key": key, "budget_minutes": minutes, "max_epochs": recipe["pretrain_epochs"],
+    fit = int(minutes * 60.0 / step_seconds)
+    steps = int(min(recipe["pretrain_steps"], max(1, fit)))
+    plan = {"key": key, "budget_minutes": minutes, "max_steps": recipe["pretrain_steps"],
             "timed_step_seconds": round(step_seconds / STEP_TIME_MARGIN, 4), "margin": STEP_TIME_MARGIN,
-            "steps_per_epoch": steps_per_epoch, "epochs_that_fit": round(fit, 2), "epochs": epochs,
-            "steps": math.ceil(epochs * steps_per_epoch)}
-    logger.info("pretraining budget %.1f min: a step takes %.3f s here, so %.1f epochs (%d steps; %.1f would fit, "
-                "at most %.1f)", minutes, step_seconds / STEP_TIME_MARGIN, epochs, plan["steps"], fit,
-                recipe["pretrain_epochs"])
+            "steps_that_fit": fit, "steps": steps}
+    logger.info("pretraining budget %.1f min: a step takes %.3f s here, so %d steps (%d would fit, at most %d)",
+                minutes, step_seconds / STEP_TIME_MARGIN, steps, fit, recipe["pretrain_steps"])
     atomic_write_text(record, json.dumps({**saved, "pretrain_plan": plan}, indent=2))
-    return epochs, plan
+    return steps, plan
 
 
 def choose_dtypes(args: MainArguments, recipe: dict, work: Path) -> dict:
@@ -319,13 +334,34 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("main", lambda: run(argv))
 
 
-def simulate_stage(args: MainArguments, recipe: dict, work: Path, timings: dict) -> tuple[Stage, dict]:
-    """1. simulate: `calm prepare` with the recipe's corpus size, into an atomic stage folder."""
-    sim_params = {k: recipe[k] for k in ("num_sessions", "num_neurons", "num_trials", "num_steps")} | {"seed": args.seed}
-    sim_argv = ["--seed", str(args.seed)] + [f"--{k}={v}" for k, v in sim_params.items() if k != "seed"]
-    trials = Stage(work / "trials", {"argv": sim_argv}, atomic=True)
-    run_stage(trials, "simulate", lambda: prepare.run(["--output_dir", str(trials.output)] + sim_argv) and None, timings)
-    return trials, sim_params
+def corpus_stage(args: MainArguments, recipe: dict, work: Path, timings: dict) -> tuple[Stage, dict]:
+    """1. the pretraining corpus: simulated regimes and real recordings (`calm_hf.data.corpus.build_corpus`), written as
+    shards into an atomic stage folder."""
+    from ..data.corpus import CorpusSpec, build_corpus
+    from ..hardware import default_num_threads
+
+    real = [name for name in recipe["corpus_real"] or [] if real_recording_available(name)]
+    spec = CorpusSpec(num_simulated_sessions=recipe["corpus_sessions"], trials_per_session=recipe["corpus_trials"],
+                      max_stored_neurons=recipe["corpus_max_neurons"], trial_seconds=recipe["trial_seconds"],
+                      real_recordings=real, seed=args.seed)
+    params = {key: value for key, value in asdict(spec).items() if key != "data_dir"}
+    stage = Stage(work / "corpus", {"corpus": params}, atomic=True)
+    run_stage(stage, "corpus", lambda: build_corpus(spec, stage.output, workers=default_num_threads()) and None,
+              timings)
+    return stage, params
+
+
+def real_recording_available(name: str) -> bool:
+    """Whether a real recording of the corpus is on this machine (the main job runs without `../shared/data` too)."""
+    from ..data import default_data_dir
+    from ..data.io import CASCADE_FILE, PARK_FOLDER, TRIPLETT_FILE
+
+    relative = {"park": PARK_FOLDER, "zebrafish": TRIPLETT_FILE, "cascade": CASCADE_FILE}[name.split("/")[0]]
+    path = default_data_dir() / relative
+    if not path.exists():
+        logger.warning("%s is not at %s: the corpus goes without it", name, path)
+        return False
+    return True
 
 
 def tokenizer_stage(args: MainArguments, recipe: dict, work: Path, trials: Stage, timings: dict) -> Stage:
@@ -360,11 +396,12 @@ def pretrain_stage(args: MainArguments, recipe: dict, work: Path, tokenizer: Sta
                    timings: dict) -> Stage:
     """4. pretrain: `calm pretrain` of the dual-axis transformer, resumed from its last complete checkpoint."""
     path = work / "pretrain"
-    epochs, args.pretrain_plan = planned_pretrain_epochs(args, recipe, work, tokenized)
+    steps, args.pretrain_plan = planned_pretrain_steps(args, recipe, work, tokenized)
     argv = ["--tokenized_dataset", str(tokenized.path), "--tokenizer_path", str(tokenizer.path),
             "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
-            "--forecast_eval_trials", "0", "--identity_init", "coupling", "--value_skip_init", "ridge"] + training_flags(
-        path, epochs, recipe["pretrain_batch"], recipe["pretrain_lr"], args.seed,
+            "--forecast_eval_trials", "0", "--identity_init", "coupling", "--value_skip_init", "ridge",
+            "--max_steps", str(steps)] + training_flags(
+        path, 1.0, recipe["pretrain_batch"], recipe["pretrain_lr"], args.seed,
         args.dtypes["pretrain_bf16"], None,
         use_cpu=args.use_cpu)
     stage = Stage(path, {"after": [tokenizer.key, tokenized.key], "argv": stage_argv(argv)})
@@ -386,7 +423,7 @@ def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
 
     timings: dict[str, dict] = {}
     total_start = time.perf_counter()
-    trials, sim_params = simulate_stage(args, recipe, work, timings)
+    trials, corpus_params = corpus_stage(args, recipe, work, timings)
     tokenizer = tokenizer_stage(args, recipe, work, trials, timings)
     tokenized = tokenize_stage(args, work, trials, tokenizer, timings)
     pretrained = pretrain_stage(args, recipe, work, tokenizer, tokenized, timings)
@@ -398,15 +435,15 @@ def run_job(args: MainArguments, recipe: dict, out: Path, work: Path) -> dict:
         tokenized_dir=tokenized.path,
         model_dir=model_dir,
         dataset_dir=dataset_dir,
-        context_frames=args.context_frames,
-        eval_trials=recipe["eval_trials"],
+        evaluation=dict(sets=recipe["eval_sets"], sessions=recipe["eval_sessions"], test_trials=recipe["eval_trials"],
+                        max_neurons=recipe["eval_max_neurons"], seed=args.seed),
         forecast_samples=recipe["forecast_samples"],
         bf16=args.dtypes["pretrain_bf16"],
         device="cpu" if args.use_cpu else None,
         run_info={
             "size": args.size,
             "seed": args.seed,
-            "simulation": sim_params,
+            "corpus": corpus_params,
             "tokenizer_training": tokenizer.params,
             "pretraining": pretrained.params,
             "pretraining_budget": {k: v for k, v in args.pretrain_plan.items() if k != "key"},

@@ -4,11 +4,13 @@
         --output_dir runs/sim-tokenized --bf16
 
 Writes to `<output_dir>.partial` and renames it into place, so an interrupted run never leaves a half-written
-dataset; a stale `.partial` from a killed run is removed on the next one.
+dataset; a stale `.partial` from a killed run is removed on the next one. A corpus of shards (`calm_hf.data.corpus`,
+a folder with `corpus.json`) is tokenized shard by shard into the same layout.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,6 +21,7 @@ import torch
 
 from ..atomic import claim_output_folder, partial_path
 from ..data import load_trial_corpus, save_trial_dataset, tokenize_dataset
+from ..data.corpus import MANIFEST
 from ..modeling_calm_tokenizer import CalmTokenizer
 from . import OutputArguments, parse_command_args, run_command
 
@@ -51,8 +54,10 @@ def run(argv: list[str] | None = None) -> datasets.DatasetDict:
             "%s stopped training at step %d, inside its %d-step codebook warm-up: its codebook was not fitted to the "
             "encoder, so the codes will be few and poor. Retrain it longer (`calm train-tokenizer` fits the warm-up to "
             "the run).", args.tokenizer_path, int(tokenizer.training_step), tokenizer.config.codebook_warmup_steps)
-    corpus, sessions = load_trial_corpus(args.trials_dataset)
     dtype = torch.bfloat16 if args.bf16 else None
+    if os.path.isfile(os.path.join(args.trials_dataset, MANIFEST)):
+        return tokenize_corpus(args.trials_dataset, target, tokenizer, args.batch_size, dtype)
+    corpus, sessions = load_trial_corpus(args.trials_dataset)
     tokenized = datasets.DatasetDict(
         {name: tokenize_dataset(split, tokenizer, batch_size=args.batch_size, dtype=dtype) for name, split in corpus.items()}
     )
@@ -60,6 +65,32 @@ def run(argv: list[str] | None = None) -> datasets.DatasetDict:
     save_trial_dataset(tokenized, target, sessions, command="tokenize")
     logger.info("wrote %s", args.output_dir)
     return tokenized
+
+
+def tokenize_corpus(corpus_dir: str, target, tokenizer, batch_size: int, dtype) -> dict:
+    """Tokenize every shard of a corpus into `target` (same shard names, the manifest copied last), atomically as a
+    whole; returns the manifest."""
+    from pathlib import Path
+
+    from ..atomic import atomic_folder
+    from ..data import load_session_metadata
+    from ..data.corpus import load_manifest
+
+    manifest = load_manifest(corpus_dir)
+
+    def write(staging: Path) -> None:
+        staging.mkdir(parents=True, exist_ok=True)
+        for shard in manifest["shards"]:
+            source = Path(corpus_dir) / shard["path"]
+            corpus = datasets.load_from_disk(str(source))
+            tokenized = datasets.DatasetDict({name: tokenize_dataset(split, tokenizer, batch_size=batch_size,
+                                                                     dtype=dtype) for name, split in corpus.items()})
+            save_trial_dataset(tokenized, staging / shard["path"], load_session_metadata(source))
+            logger.info("tokenized %s", shard["path"])
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+    atomic_folder(target, write, command="tokenize")
+    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:

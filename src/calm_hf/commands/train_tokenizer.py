@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import datasets
@@ -73,13 +74,39 @@ def segment_dataset(segments: np.ndarray) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"input_values": segments[:, None, :]}, features=features).with_format("torch")
 
 
+def corpus_segments(corpus_dir: str, split: str, segment_frames: int, cap: int | None,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Segments of a corpus of shards (`calm_hf.data.corpus`): every shard whose trials hold at least one segment
+    gives an equal share of `cap` (all of its segments without a cap), read one shard at a time."""
+    from ..data.corpus import load_manifest
+
+    shards = [shard for shard in load_manifest(corpus_dir)["shards"] if shard["frames"] >= segment_frames]
+    if not shards:
+        raise ValueError(f"no shard of {corpus_dir} has trials of {segment_frames} frames: lower --segment_frames.")
+    share = None if cap is None else max(1, cap // len(shards))
+    pieces = []
+    for shard in shards:
+        segments = cut_segments(trial_traces(datasets.load_from_disk(f"{corpus_dir}/{shard['path']}/{split}")),
+                                segment_frames)
+        if share is not None and len(segments) > share:
+            segments = segments[rng.choice(len(segments), share, replace=False)]
+        pieces.append(segments)
+    return np.concatenate(pieces)
+
+
 def build_segments(data_args: DataArguments, window_size: int, seed: int):
     if data_args.segment_frames % window_size:
         raise ValueError(
             f"segment_frames={data_args.segment_frames} is not a multiple of the token window {window_size}."
         )
-    corpus, _ = load_trial_corpus(data_args.trials_dataset)  # a folder or a Hub dataset id
     rng = np.random.default_rng(seed)
+    if os.path.isfile(os.path.join(data_args.trials_dataset, "corpus.json")):  # a corpus of shards
+        train = corpus_segments(data_args.trials_dataset, "train", data_args.segment_frames, data_args.max_segments,
+                                rng)
+        validation = corpus_segments(data_args.trials_dataset, "validation", data_args.segment_frames,
+                                     data_args.validation_segments, rng)
+        return segment_dataset(train), segment_dataset(validation)
+    corpus, _ = load_trial_corpus(data_args.trials_dataset)  # a folder or a Hub dataset id
     train = cut_segments(trial_traces(corpus["train"]), data_args.segment_frames)
     if data_args.extra_traces:
         extra = np.load(data_args.extra_traces).astype(np.float32)

@@ -1,0 +1,180 @@
+"""Fitting a data-identity CalM to one recording: fine-tuning from a pretrained checkpoint (`adapt`), or training the
+same architecture from scratch (`train_from_scratch`, the control that shows what pretraining buys).
+
+Both run the same loop on the recording's training trials `(trials, neurons, frames)` (z-scored, model rate): each
+step takes a few trials (at most `max_neurons` random neurons of them), gives their neurons the identity computed from
+the *other* training trials (so a trial never informs its own identity), and minimises the model's loss (next-token
+cross-entropy, the continuous head's MSE, the quantile head's pinball loss). Every `eval_every` steps the forecast of
+the validation trials (identity from all training trials) is scored; the weights with the best validation Pearson r
+are kept and training stops after `patience` evaluations without a gain, or at the time budget. `calm adapt` runs
+this on a tokenized dataset; `benchmarks/foundation.py` on each held-out recording.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .forecasting import CalmForecaster
+from .metrics.functional import forecast_pearson_r
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AdaptationSettings:
+    """How `adapt` and `train_from_scratch` train (the defaults are the recipe `benchmarks/foundation.py` measured).
+
+    Args:
+        learning_rate: AdamW learning rate (fine-tuning starts from pretrained weights: small).
+        max_steps: optimizer steps at most.
+        max_seconds: wall-clock budget of the loop (evaluations included).
+        batch_size: trials per step.
+        max_neurons: random neurons per trial of a step (all when the recording has fewer).
+        eval_every: steps between validation forecasts.
+        patience: evaluations without a better validation r before stopping.
+        weight_decay: AdamW weight decay.
+        seed: seed of the trial and neuron draws.
+    """
+
+    learning_rate: float = 3e-4
+    max_steps: int = 600
+    max_seconds: float = 180.0
+    batch_size: int = 4
+    max_neurons: int = 64
+    eval_every: int = 25
+    patience: int = 4
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}.")
+        for name in ("max_steps", "batch_size", "max_neurons", "eval_every", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be positive, got {self.max_seconds!r}.")
+
+
+SCRATCH_LEARNING_RATE = 3e-3  # a fresh model trains at the pretraining learning rate of the cpu recipe
+
+
+def _check_trials(name: str, trials, window: int, min_trials: int) -> np.ndarray:
+    array = np.asarray(trials, dtype=np.float32)
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be (trials, neurons, frames), got shape {array.shape}.")
+    if len(array) < min_trials:
+        raise ValueError(f"{name} has {len(array)} trials; adapting needs at least {min_trials}.")
+    if array.shape[-1] < 2 * window:
+        raise ValueError(f"{name} trials have {array.shape[-1]} frames, fewer than two token windows ({2 * window}).")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} hold NaN/Inf values: clean the traces first.")
+    return array[..., : array.shape[-1] // window * window]
+
+
+def validation_r(forecaster: CalmForecaster, val: np.ndarray, context_frames: int, identity: torch.Tensor) -> float:
+    """Forecast Pearson r of the validation trials' frames after `context_frames` (the early-stopping criterion)."""
+    result = forecaster.forecast(val[:, :, :context_frames], horizon=val.shape[-1] - context_frames,
+                                 neuron_identity=identity)
+    value = forecast_pearson_r(result.forecast, val[:, :, context_frames:])["pearson_r"]
+    return float(value) if math.isfinite(value) else -math.inf
+
+
+def _batch(forecaster: CalmForecaster, train: np.ndarray, rng: np.random.Generator, settings: AdaptationSettings):
+    """A training batch: codes, traces, and each trial's identity from the other training trials."""
+    trials = rng.choice(len(train), size=min(settings.batch_size, len(train)), replace=False)
+    neurons = train.shape[1]
+    subset = np.sort(rng.choice(neurons, size=min(neurons, settings.max_neurons), replace=False))
+    values = torch.as_tensor(train[trials][:, subset], device=forecaster.device)
+    identities = []
+    for trial in trials:
+        others = np.delete(np.arange(len(train)), trial)
+        identities.append(forecaster.neuron_identity(train[others][:, subset] if len(others) else None,
+                                                     num_neurons=len(subset)))
+    codes = forecaster.tokenize(values)
+    return {"input_ids": codes, "labels": codes, "value_labels": values, "neuron_identity": torch.stack(identities)}
+
+
+def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: AdaptationSettings) -> tuple:
+    """The loop shared by `adapt` and `train_from_scratch` (see the module docstring)."""
+    model = forecaster.model
+    if getattr(model.config, "neuron_identity", "table") != "data":
+        raise ValueError("adapt / train_from_scratch fit data-identity models; a table model learns a session's rows "
+                         "with `calm adapt --session_name ...`.")
+    window = model.config.window_size
+    train = _check_trials("train_trials", train, window, 2)
+    val = _check_trials("val_trials", val, window, 1)
+    if not window <= context_frames < val.shape[-1]:
+        raise ValueError(f"context_frames={context_frames} must leave frames to forecast in {val.shape[-1]}-frame "
+                         "validation trials.")
+    rng = np.random.default_rng(settings.seed)
+    torch.manual_seed(settings.seed)
+    identity = forecaster.neuron_identity(train)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    start = time.perf_counter()
+    best = {"r": validation_r(forecaster, val, context_frames, identity), "step": 0,
+            "state": copy.deepcopy(model.state_dict())}
+    history, stale, step = [(0, best["r"])], 0, 0
+    while step < settings.max_steps and time.perf_counter() - start < settings.max_seconds and stale < settings.patience:
+        model.train()
+        for _ in range(settings.eval_every):
+            loss = model(**_batch(forecaster, train, rng, settings)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            if step >= settings.max_steps or time.perf_counter() - start >= settings.max_seconds:
+                break
+        model.eval()
+        score = validation_r(forecaster, val, context_frames, identity)
+        history.append((step, score))
+        if score > best["r"]:
+            best, stale = {"r": score, "step": step, "state": copy.deepcopy(model.state_dict())}, 0
+        else:
+            stale += 1
+    model.load_state_dict(best["state"])
+    model.eval()
+    info = {"best_validation_pearson_r": best["r"], "best_step": best["step"], "steps": step,
+            "seconds": round(time.perf_counter() - start, 1), "validation_history": history,
+            "settings": asdict(settings)}
+    logger.info("fitted %d steps in %.0f s; best validation r %.3f at step %d", step, info["seconds"], best["r"],
+                best["step"])
+    return forecaster, info
+
+
+def adapt(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int = 40,
+          settings: AdaptationSettings | None = None) -> tuple[CalmForecaster, dict]:
+    """Fine-tune a copy of `forecaster`'s model on one recording's training trials, stopped on its validation
+    trials; returns `(forecaster of the adapted copy, info)`. The original model is left untouched."""
+    settings = settings or AdaptationSettings()
+    model = copy.deepcopy(forecaster.model)
+    model.requires_grad_(True)
+    adapted = CalmForecaster(model, forecaster.tokenizer, autocast_dtype=forecaster.autocast_dtype)
+    return _fit(adapted, train_trials, val_trials, context_frames, settings)
+
+
+def train_from_scratch(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int = 40,
+                       settings: AdaptationSettings | None = None) -> tuple[CalmForecaster, dict]:
+    """Train a fresh model of `forecaster`'s architecture (same tokenizer) on one recording, the highway started at
+    its training trials' ridge forecast, stopped on validation; the control for what pretraining buys."""
+    from .identity_init import init_value_skip
+
+    settings = settings or AdaptationSettings(learning_rate=SCRATCH_LEARNING_RATE)
+    torch.manual_seed(settings.seed)
+    model = type(forecaster.model)(forecaster.model.config).to(forecaster.device)
+    if model.value_skip is not None:
+        init_value_skip(model, list(np.asarray(train_trials, dtype=np.float32)))
+    fresh = CalmForecaster(model, forecaster.tokenizer, autocast_dtype=forecaster.autocast_dtype)
+    return _fit(fresh, train_trials, val_trials, context_frames, settings)
+
+
+__all__ = ["AdaptationSettings", "adapt", "train_from_scratch", "validation_r"]

@@ -1,0 +1,65 @@
+"""The neural-forecasting pipeline with a data-identity checkpoint: any number of neurons, no session, identities from
+the recording's own history (or a given reference), bands from the quantile head in the same pass."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import pipeline
+
+from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer, CalmTokenizerConfig
+from calm_hf.checkpoint import complete_checkpoint
+from calm_hf.pipeline_neural_forecasting import history_chunks, quantiles_at
+
+
+@pytest.fixture(scope="module")
+def forecaster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt") / "calm-data"
+    torch.manual_seed(0)
+    tokenizer = CalmTokenizer(CalmTokenizerConfig.from_preset("tiny", codebook_size=16)).eval()
+    model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", hidden_dropout=0.0)).eval()
+    model.save_pretrained(folder)
+    complete_checkpoint(folder, tokenizer=tokenizer)
+    return pipeline("neural-forecasting", model=str(folder))
+
+
+@pytest.mark.parametrize("neurons", [1, 20, 1000])
+def test_any_neuron_count_without_a_session(forecaster, neurons):
+    rng = np.random.default_rng(neurons)
+    traces = rng.standard_normal((neurons, 150)).cumsum(axis=1) * 0.1 + 3.0
+    out = forecaster(traces, sampling_rate=10.0, horizon=12)
+    assert out["forecast"].shape == (neurons, 12) and np.isfinite(out["forecast"]).all()
+    bands = out["quantiles"]  # from the quantile head, without sampling
+    assert sorted(bands) == [0.05, 0.25, 0.5, 0.75, 0.95]
+    assert all(bands[a].shape == (neurons, 12) for a in bands)
+    assert np.all(bands[0.05] <= bands[0.5] + 1e-6) and np.all(bands[0.5] <= bands[0.95] + 1e-6)
+
+
+def test_history_and_reference_set_the_identity(forecaster):
+    rng = np.random.default_rng(0)
+    traces = rng.standard_normal((6, 400))
+    long = forecaster(traces, sampling_rate=5.0, horizon=8)
+    short = forecaster(traces[:, -40:], sampling_rate=5.0, horizon=8)  # no history before the context
+    assert not np.allclose(long["forecast"], short["forecast"])
+    given = forecaster(traces[:, -40:], sampling_rate=5.0, horizon=8, reference=rng.standard_normal((3, 6, 100)))
+    assert not np.allclose(given["forecast"], short["forecast"])
+    with pytest.raises(ValueError, match="drop session= and neuron_ids="):
+        forecaster(traces, sampling_rate=5.0, horizon=8, session="sim-s0")
+    with pytest.raises(ValueError, match=r"reference must be \(trials, neurons=6, frames\)"):
+        forecaster(traces, sampling_rate=5.0, horizon=8, reference=np.zeros((2, 5, 100)))
+
+
+def test_history_is_cut_into_whole_chunks_newest_last():
+    history = np.arange(2 * 230, dtype=np.float32).reshape(2, 230)
+    chunks = history_chunks(history, window=4, steps=25)
+    assert chunks.shape == (2, 2, 100)
+    np.testing.assert_array_equal(chunks[-1, 0], history[0, -100:])
+    assert history_chunks(history[:, :7], window=4) is None  # less than two windows
+    assert history_chunks(history[:, :30], window=4).shape == (1, 2, 28)
+
+
+def test_requested_levels_are_read_off_the_model_grid():
+    grid = (0.1, 0.5, 0.9)
+    values = np.stack([np.full((2, 3), v) for v in (-1.0, 0.0, 1.0)])
+    out = quantiles_at((0.1, 0.3, 0.5, 0.95), grid, values)
+    assert float(out[0.1][0, 0]) == -1.0 and float(out[0.5][0, 0]) == 0.0
+    assert abs(float(out[0.3][0, 0]) + 0.5) < 1e-6 and float(out[0.95][0, 0]) == 1.0  # clamped beyond the grid
