@@ -173,3 +173,11 @@ def test_probabilistic_scores_reward_calibration():
     assert 0.5 < quantile_crps(good, CRPS_LEVELS, truth) < 0.6
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         quantile_crps(good[:2], (0.0, 0.5), truth)
+
+
+def test_context_ar_never_explodes():
+    rng = np.random.default_rng(3)
+    # random walks: a least-squares AR on 40 frames of them is often explosive; the rollout must stay bounded
+    trials = rng.standard_normal((20, 6, 100)).cumsum(axis=-1)
+    pred = ContextARForecaster(context=40).fit(None, trials[:10]).predict(trials[10:, :, :40], 60)
+    assert np.isfinite(pred).all() and np.abs(pred).max() < 10 * np.abs(trials).max()

@@ -9,7 +9,11 @@ from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmModel
 from calm_hf.identity_calm import (
     EXACT_COUPLING_NEURONS,
     compute_neuron_identity,
+    config_identity_size,
     coupling_factors,
+    highway_statistics,
+    highway_weights,
+    identity_settings,
     identity_size,
     neuron_statistics,
 )
@@ -30,7 +34,8 @@ def model_and_inputs(neurons=6, steps=6, batch=2, seed=0):
         torch.nn.init.normal_(layer.coupling.o_proj.weight, std=0.2)
     ids = torch.randint(0, config.vocab_size, (batch, neurons, steps))
     values = torch.randn(batch, neurons, steps * config.window_size)
-    identity = compute_neuron_identity(torch.randn(5, neurons, 32), neurons, RANK).expand(batch, -1, -1)
+    identity = compute_neuron_identity(torch.randn(5, neurons, 32), neurons, **identity_settings(config))
+    identity = identity.expand(batch, -1, -1)
     return model, ids, values, identity
 
 
@@ -94,11 +99,12 @@ def test_loss_quantiles_and_every_head_backpropagate():
 
 def test_pinball_loss_is_minimised_by_the_true_quantiles():
     model, ids, values, identity = model_and_inputs(neurons=3, steps=4)
-    steps, horizon = ids.shape[-1], model.config.value_head_steps * model.config.window_size
+    steps, windows = ids.shape[-1], model.config.value_head_steps
     targets = torch.randn(2, 3, steps * model.config.window_size)
-    constant = torch.zeros(2, 3, steps, horizon, 3)
+    point = torch.zeros(2, 3, steps, windows * model.config.window_size)
+    constant = torch.zeros(2, 3, steps, windows, 3)
     spread = constant + torch.tensor([-1.2816, 0.0, 1.2816])  # N(0, 1) quantiles at 0.1, 0.5, 0.9
-    assert model.quantile_loss(spread, targets, None) < model.quantile_loss(constant, targets, None)
+    assert model.quantile_loss(spread, point, targets, None) < model.quantile_loss(constant, point, targets, None)
 
 
 def test_forecast_quantiles_never_cross_and_bracket_the_point_forecast():
@@ -155,6 +161,7 @@ def test_data_models_refuse_tables_and_table_models_refuse_identities():
         model.add_session("new", 4)
     with pytest.raises(ValueError, match=r"shape \(batch, neurons, identity_size\)"):
         model(input_ids=ids, neuron_identity=identity[:, :, :3])
+    assert identity.shape[-1] == config_identity_size(model.config)
     with pytest.raises(ValueError, match="NaN/Inf"):
         model.forecast_values(ids, context_values=values, neuron_identity=identity * float("nan"))
     table = CalmForCausalNeuralModeling(data_config(neuron_identity="table", quantile_levels=None))
@@ -162,3 +169,33 @@ def test_data_models_refuse_tables_and_table_models_refuse_identities():
         table(input_ids=ids, neuron_identity=identity)
     with pytest.raises(ValueError, match="no quantile head"):
         table.eval().forecast_values(ids, context_values=values, return_quantiles=True)
+
+
+def test_the_per_neuron_highway_is_the_shared_one_without_reference_and_each_neurons_own_with_much():
+    rng = np.random.default_rng(0)
+    window, lookback_windows, horizon_windows = 4, 2, 2
+    # two neurons with opposite AR(1) coefficients: one shared map cannot forecast both
+    coefficients = np.array([0.9, -0.6])
+    trials = np.zeros((400, 2, 40))
+    for t in range(1, 40):
+        trials[:, :, t] = coefficients * trials[:, :, t - 1] + rng.standard_normal((400, 2))
+    statistics = highway_statistics(torch.as_tensor(trials, dtype=torch.float32), window, lookback_windows,
+                                    horizon_windows)
+    weight, bias = torch.zeros(8, 8), torch.zeros(8)
+    none = highway_weights(torch.zeros_like(statistics), weight, bias, torch.tensor(50.0), window)
+    torch.testing.assert_close(none, torch.zeros(2, 9, 8))  # the shared map (zero here), whatever the prior
+    fitted = highway_weights(statistics, weight, bias, torch.tensor(1e-3), window)
+    # the newest frame's weight on the next frame is each neuron's own coefficient
+    newest = lookback_windows * window - 1
+    assert abs(float(fitted[0, newest, 0]) - 0.9) < 0.05 and abs(float(fitted[1, newest, 0]) + 0.6) < 0.05
+    shrunk = highway_weights(statistics, weight, bias, torch.tensor(1e7), window)
+    assert float(shrunk.abs().max()) < 0.05  # a strong prior keeps the shared map
+
+
+def test_the_identity_carries_the_highway_statistics_the_config_asks_for():
+    config = data_config()
+    assert config.identity_highway and config_identity_size(config) == identity_size(
+        RANK, config.value_skip_windows, config.value_head_steps, config.window_size)
+    assert not CalmConfig.from_preset("tiny", neuron_identity="table").identity_highway
+    with pytest.raises(ValueError, match="identity_highway=True"):
+        CalmConfig.from_preset("tiny", neuron_identity="table", identity_highway=True)

@@ -280,21 +280,22 @@ def test_pretraining_budget_plans_steps_from_the_timed_step(monkeypatch, tmp_pat
     from calm_hf.commands import main as main_command
 
     stage = types.SimpleNamespace(path=tmp_path / "tokenized", key="tokenized-v1")
-    step = {"fp32_seconds": 0.5, "bf16_seconds": 2.0, "speedup": 0.25}
-    monkeypatch.setattr(main_command, "pretrain_step_speedup", lambda recipe: dict(step))
+    step = {"fp32_seconds": 0.5, "bf16_seconds": 2.0}
+    monkeypatch.setattr(main_command, "pretrain_step_seconds",
+                        lambda recipe, tokenized, tokenizer, bf16: step["bf16_seconds" if bf16 else "fp32_seconds"])
     args = main_command.MainArguments(output_dir=str(tmp_path), pretrain_minutes=1.0, pretrain_steps=1000)
     args.dtypes = {"pretrain_bf16": False}
     recipe = main_command.resolve_recipe(args)
     steps, plan = main_command.planned_pretrain_steps(args, recipe, tmp_path, stage)
-    # 0.5 s x 1.1 a step: 109 steps fit in 60 s
-    assert steps == 109 and plan["steps_that_fit"] == 109
+    # 0.5 s x 1.05 a step: 114 steps fit in 60 s
+    assert steps == 114 and plan["steps_that_fit"] == 114
     step["fp32_seconds"] = 0.05  # a resumed job keeps its schedule even if the machine now measures faster
-    assert main_command.planned_pretrain_steps(args, recipe, tmp_path, stage)[0] == 109
+    assert main_command.planned_pretrain_steps(args, recipe, tmp_path, stage)[0] == 114
     fast = tmp_path / "other"
     fast.mkdir()
     assert main_command.planned_pretrain_steps(args, recipe, fast, stage)[0] == 1000  # capped by --pretrain_steps
-    args.dtypes = {"pretrain_bf16": True}  # the chosen dtype's step time counts: 2.0 s x 1.1, 27 fit
-    assert main_command.planned_pretrain_steps(args, recipe, fast, stage)[0] == 27
+    args.dtypes = {"pretrain_bf16": True}  # the chosen dtype's step time counts: 2.0 s x 1.05, 28 fit
+    assert main_command.planned_pretrain_steps(args, recipe, fast, stage)[0] == 28
     step["bf16_seconds"] = 200.0
     slow = tmp_path / "slow"
     slow.mkdir()

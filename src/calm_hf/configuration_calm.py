@@ -151,6 +151,12 @@ class CalmConfig(PreTrainedConfig):
         identity_ridge (`float`, *optional*, defaults to 1.0):
             Ridge strength (relative to the mean diagonal of the Gram matrix) of that coupling fit: strong, because
             references can be a few trials of hundreds of neurons.
+        identity_highway (`bool`, *optional*, defaults to `False`):
+            A data identity also carries each neuron's statistics of the raw-trace highway's regression on the
+            reference, and the head uses the neuron's own highway: the ridge fit of those statistics shrunk towards
+            the shared, pretrained highway by a learned number of prior samples (`calm_hf.identity_calm.
+            highway_weights`). With no reference it is the shared highway; with many trials, each neuron's own linear
+            forecast, which a per-neuron AR baseline fits too. Needs `neuron_identity="data"` and the highway.
         quantile_levels (`list[float]`, *optional*):
             Levels of the quantiles the continuous head also predicts (pinball loss), e.g. 0.05 ... 0.95: calibrated
             bands in the same forward pass as the point forecast, without sampling. None = no quantile head.
@@ -212,6 +218,7 @@ class CalmConfig(PreTrainedConfig):
     neuron_identity: str = "table"
     identity_rank: int = 32
     identity_ridge: float | int = 1.0
+    identity_highway: bool = False
     quantile_levels: list[float] | None = None
     quantile_loss_weight: float | int = 1.0
 
@@ -265,6 +272,12 @@ class CalmConfig(PreTrainedConfig):
             raise ValueError(f"CalmConfig.identity_rank must be a positive integer, got {self.identity_rank!r}.")
         if not (math.isfinite(self.identity_ridge) and self.identity_ridge > 0):
             raise ValueError(f"CalmConfig.identity_ridge must be a positive number, got {self.identity_ridge!r}.")
+        if self.identity_highway and (self.neuron_identity != "data" or self.value_skip_windows == 0):
+            raise ValueError(
+                f"identity_highway=True fits each neuron's raw-trace highway from its data identity: it needs "
+                f"neuron_identity='data' (got {self.neuron_identity!r}) and value_skip_windows > 0 (got "
+                f"{self.value_skip_windows})."
+            )
         levels = self.quantile_levels
         if levels is None:
             return
@@ -355,8 +368,13 @@ class CalmConfig(PreTrainedConfig):
     def from_preset(cls, name: str, **overrides: Any) -> "CalmConfig":
         """Builds a config from the model part of preset `name` ("tiny", "cpu", "paper"; the table is in
         `calm_hf.presets`), with fields overridden by `overrides`. Turning the preset's forecast head off
-        (`value_head_steps=0`) also turns off its raw-trace highway and its quantiles, which only add to that head."""
+        (`value_head_steps=0`) also turns off its raw-trace highway and its quantiles, which only add to that head; the
+        per-neuron highway (`identity_highway`) goes with the highway or the data identity."""
         fields = {**preset_fields(name, "model"), **overrides}
+        needs = (overrides.get("value_head_steps") == 0 or overrides.get("value_skip_windows") == 0
+                 or overrides.get("neuron_identity") == "table")
+        if needs and "identity_highway" not in overrides:  # the per-neuron highway needs a data identity and a highway
+            fields["identity_highway"] = False
         if overrides.get("value_head_steps") == 0:
             if "value_skip_windows" not in overrides:
                 fields["value_skip_windows"] = 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .identity_calm import compute_neuron_identity
+from .identity_calm import compute_neuron_identity, config_identity_size, identity_settings
 from .modeling_calm_tokenizer import check_tokenizer_fingerprint
 
 ROLLOUT_MODES = ("greedy", "sample", "mean", "soft")
@@ -126,8 +126,7 @@ class CalmForecaster:
             num_neurons = reference.shape[1] if reference.ndim == 3 else num_neurons
         if num_neurons is None:
             raise ValueError("give the number of neurons when there is no reference.")
-        identity = compute_neuron_identity(reference, num_neurons, config.identity_rank, config.window_size,
-                                           config.identity_ridge)
+        identity = compute_neuron_identity(reference, num_neurons, **identity_settings(config))
         return identity.to(self.device)
 
     @property
@@ -609,7 +608,7 @@ def trial_swap_probe(
     neuron_identity = None
     if getattr(model.config, "neuron_identity", "table") == "data":
         identities = identities or {}
-        zero = torch.zeros(neurons, model.model.identity_proj.in_features, device=device)
+        zero = torch.zeros(neurons, config_identity_size(model.config), device=device)
         neuron_identity = torch.stack([identities.get(int(s), zero).to(device) for s in sessions])
     results = {}
     for label, swapped in (("", False), ("_swapped", True)):

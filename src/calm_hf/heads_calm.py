@@ -15,18 +15,25 @@ import torch.nn.functional as F
 class CalmForecastHeadsMixin:
     """Head outputs and losses of a model with `lm_head`, `value_head`, `value_skip` and `quantile_head`."""
 
-    def predict_quantiles(self, hidden_states: torch.Tensor, value_predictions: torch.Tensor | None
-                          ) -> torch.Tensor | None:
-        """Quantiles `(batch, neurons, kept_steps, frames, levels)` of the head's frames: the point forecast (not
-        trained by this head's loss) plus learned offsets; sorted along the levels outside training so they never
-        cross. None without a quantile head (or without a point forecast)."""
-        if self.quantile_head is None or value_predictions is None:
+    def quantile_offsets(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The quantile head's offsets from the point forecast, one set per token window of the horizon:
+        `(batch, neurons, kept_steps, value_head_steps, levels)`; None without a quantile head."""
+        if self.quantile_head is None:
             return None
-        offsets = self.quantile_head(hidden_states).unflatten(-1, (value_predictions.shape[-1], -1))
-        quantiles = value_predictions.detach()[..., None] + offsets
-        return quantiles if self.training else quantiles.sort(dim=-1).values
+        return self.quantile_head(hidden_states).unflatten(-1, (self.config.value_head_steps, -1))
 
-    def predict_values(self, hidden_states: torch.Tensor, traces: torch.Tensor | None) -> torch.Tensor | None:
+    def predict_quantiles(self, offsets: torch.Tensor | None, value_predictions: torch.Tensor | None
+                          ) -> torch.Tensor | None:
+        """Quantiles `(batch, neurons, kept_steps, frames, levels)` of the head's frames: the point forecast (which
+        this head's loss does not train) plus the offsets of each frame's window, sorted along the levels so they never
+        cross. None without a quantile head (or without a point forecast)."""
+        if offsets is None or value_predictions is None:
+            return None
+        frames = offsets.repeat_interleave(self.config.window_size, dim=-2)
+        return (value_predictions.detach()[..., None] + frames).sort(dim=-1).values
+
+    def predict_values(self, hidden_states: torch.Tensor, traces: torch.Tensor | None,
+                       neuron_identity: torch.Tensor | None = None) -> torch.Tensor | None:
         """The continuous head's forecast `(batch, neurons, kept_steps, value_head_steps * window_size)` from the
         hidden states of the kept steps, plus the raw-trace highway's share (`value_skip_*`) read from `traces`; None
         without a head, or for a model with a highway when no traces are given."""
@@ -36,12 +43,14 @@ class CalmForecastHeadsMixin:
         if self.value_skip is not None:
             if traces is None:
                 return None
-            value_predictions = value_predictions + self.value_skip_term(traces, hidden_states.shape)
+            value_predictions = value_predictions + self.value_skip_term(traces, hidden_states.shape, neuron_identity)
         return value_predictions
 
-    def value_skip_term(self, traces: torch.Tensor, hidden_shape: torch.Size) -> torch.Tensor:
+    def value_skip_term(self, traces: torch.Tensor, hidden_shape: torch.Size,
+                        neuron_identity: torch.Tensor | None = None) -> torch.Tensor:
         """The highway's share of the head's forecast at each kept step: a linear map of the neuron's own trace over
-        the last `value_skip_windows` windows up to that step (zeros before the trial starts)."""
+        the last `value_skip_windows` windows up to that step (zeros before the trial starts) -- the shared map, or
+        with `config.identity_highway` each neuron's own map fitted from the highway statistics in its identity."""
         batch_size, num_neurons, kept_steps = hidden_shape[0], hidden_shape[1], hidden_shape[2]
         window, lookback = self.config.window_size, self.config.value_skip_windows
         if traces.ndim != 3 or traces.shape[:2] != (batch_size, num_neurons) or traces.shape[-1] % window:
@@ -56,7 +65,14 @@ class CalmForecastHeadsMixin:
         padded = F.pad(traces.to(self.value_skip.weight.dtype), ((lookback - 1) * window, 0))
         # (batch, neurons, steps, lookback * window): frames [(t - lookback + 1) L, (t + 1) L) for every step t
         history = padded.unfold(-1, lookback * window, window)[:, :, num_steps - kept_steps :]
-        return self.value_skip(history)
+        if not getattr(self.config, "identity_highway", False) or neuron_identity is None:
+            return self.value_skip(history)
+        from .identity_calm import base_identity_size, highway_weights
+
+        statistics = neuron_identity[..., base_identity_size(self.config.identity_rank) :]
+        weights = highway_weights(statistics, self.value_skip.weight, self.value_skip.bias,
+                                  F.softplus(self.value_skip_prior), window)  # (batch, neurons, lookback + 1, horizon)
+        return torch.einsum("bntl,bnlh->bnth", history, weights[:, :, :-1]) + weights[:, :, None, -1]
 
     def weighted_loss(self, next_token_loss: torch.Tensor | None, value_loss: torch.Tensor | None,
                       quantile_loss: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -105,14 +121,22 @@ class CalmForecastHeadsMixin:
         squared = (value_predictions.float() - targets).pow(2) * weight
         return squared.sum() / weight.sum().clamp_min(1.0)
 
-    def quantile_loss(self, value_quantiles: torch.Tensor, value_labels: torch.Tensor,
+    def quantile_loss(self, offsets: torch.Tensor, value_predictions: torch.Tensor, value_labels: torch.Tensor,
                       neuron_mask: torch.Tensor | None) -> torch.Tensor:
-        """Pinball loss of the quantile head, averaged over levels, the frames that exist and real neurons."""
-        num_steps, horizon = value_quantiles.shape[2], value_quantiles.shape[3]
+        """Pinball loss of the quantile head, averaged over levels, real neurons and the frames that exist. Each
+        window's offsets are scored at one frame of it, drawn at random per call (an unbiased estimate of the loss over
+        all its frames at a quarter of the cost)."""
+        num_steps, windows = offsets.shape[2], offsets.shape[3]
+        window = self.config.window_size
+        horizon = value_predictions.shape[-1]
         targets, weight = self._head_targets(value_labels, num_steps, horizon, neuron_mask)
-        levels = torch.tensor(self.config.quantile_levels, device=value_quantiles.device)
-        error = targets[..., None] - value_quantiles.float()  # (batch, neurons, steps, horizon, levels)
+        picked = torch.arange(windows, device=offsets.device) * window + torch.randint(
+            0, window, (windows,), device=offsets.device)
+        quantiles = value_predictions.detach()[..., picked, None].float() + offsets.float()
+        levels = torch.tensor(self.config.quantile_levels, device=offsets.device)
+        error = targets[..., picked, None] - quantiles  # (batch, neurons, steps, windows, levels)
         pinball = torch.maximum(levels * error, (levels - 1.0) * error).mean(-1)
+        weight = weight[..., picked]
         return (pinball * weight).sum() / weight.sum().clamp_min(1.0)
 
     def _head_targets(self, value_labels: torch.Tensor, num_steps: int, horizon: int,

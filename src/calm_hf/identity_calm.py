@@ -13,7 +13,12 @@ or the recording's history before the forecast context), z-scored like the model
 - **single-neuron statistics**: the autocorrelation at `IDENTITY_LAGS` frames, the mean, log standard deviation and
   skewness over the reference (z-scored units).
 - **reliability**: how much reference there was (`log(1 + samples) / log(1000)`, `neurons / samples` capped at 1, and
-  whether there was any).
+  whether there was any);
+- with `identity_highway` (a model whose head has the raw-trace highway, `value_skip_*`): each neuron's sufficient
+  statistics of that highway's regression on the reference -- per window of the horizon the Gram matrix of its recent
+  frames (plus a bias) and their cross-products with the frames that follow. The head turns them into the neuron's own
+  highway in closed form, a ridge fit shrunk towards the pretrained shared one (`highway_weights`): with no reference
+  it is the shared highway, with a long one the neuron's own linear forecast.
 
 With no reference (zero-shot from the context alone) every feature is zero: the model was pretrained with references
 of 0 to dozens of trials, so it knows what an empty identity means.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 IDENTITY_LAGS = (1, 2, 4, 8, 16, 32)  # autocorrelation lags (frames) among the single-neuron statistics
 RELIABILITY_FEATURES = 3
@@ -34,9 +40,39 @@ EXACT_COUPLING_NEURONS = 1024  # above this, the coupling is fitted through the 
 COUPLING_COMPONENTS = 256  # principal components kept then
 
 
-def identity_size(rank: int) -> int:
-    """Features per neuron of a data identity with `rank` coupling factors."""
+def identity_size(rank: int, lookback_windows: int = 0, horizon_windows: int = 0, window_size: int = 4) -> int:
+    """Features per neuron of a data identity with `rank` coupling factors and, with `lookback_windows` and
+    `horizon_windows`, the highway statistics of that shape."""
+    return base_identity_size(rank) + highway_statistics_size(lookback_windows, horizon_windows, window_size)
+
+
+def base_identity_size(rank: int) -> int:
+    """Features the backbone reads: coupling factors, single-neuron statistics, reliability."""
     return 2 * int(rank) + STATISTIC_FEATURES + RELIABILITY_FEATURES
+
+
+def highway_statistics_size(lookback_windows: int, horizon_windows: int, window_size: int = 4) -> int:
+    """Per neuron: a `(lookback + 1)^2` Gram matrix per horizon window, and the `(lookback + 1, horizon)` cross-products
+    (lookback and horizon in frames; 0 without a highway)."""
+    if not lookback_windows or not horizon_windows:
+        return 0
+    inputs = lookback_windows * window_size + 1
+    return horizon_windows * inputs * inputs + inputs * horizon_windows * window_size
+
+
+def identity_settings(config) -> dict:
+    """The `compute_neuron_identity` keyword arguments a `CalmConfig` implies."""
+    highway = bool(getattr(config, "identity_highway", False))
+    return {"rank": config.identity_rank, "window_size": config.window_size, "ridge": config.identity_ridge,
+            "lookback_windows": config.value_skip_windows if highway else 0,
+            "horizon_windows": config.value_head_steps if highway else 0}
+
+
+def config_identity_size(config) -> int:
+    """`identity_size` of a `CalmConfig` (what `neuron_identity` must hold per neuron)."""
+    settings = identity_settings(config)
+    return identity_size(settings["rank"], settings["lookback_windows"], settings["horizon_windows"],
+                         settings["window_size"])
 
 
 def _window_means(values: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -95,9 +131,33 @@ def neuron_statistics(reference: torch.Tensor) -> torch.Tensor:
     return torch.stack(features, dim=1).float()
 
 
+def highway_statistics(reference: torch.Tensor, window_size: int, lookback_windows: int, horizon_windows: int
+                       ) -> torch.Tensor:
+    """`(neurons, highway_statistics_size)`: for every neuron, the Gram matrices `(horizon_windows, lookback + 1,
+    lookback + 1)` of its last `lookback` frames (zero before a trial starts) plus a bias at every token step of the
+    reference trials whose horizon window exists, and the cross-products `(lookback + 1, horizon)` with the frames
+    that follow -- the samples the highway's loss scores."""
+    values = reference.double()
+    trials, neurons, frames = values.shape
+    steps = frames // window_size
+    lookback, horizon = lookback_windows * window_size, horizon_windows * window_size
+    padded = F.pad(values[..., : steps * window_size], (lookback - window_size, horizon))
+    positions = steps - 1  # the last step has nothing after it
+    inputs = padded.unfold(-1, lookback, window_size)[:, :, :positions]  # (trials, neurons, positions, lookback)
+    inputs = torch.cat([inputs, torch.ones_like(inputs[..., :1])], dim=-1)
+    targets = padded[..., lookback:].unfold(-1, horizon, window_size)[:, :, :positions]  # frames after each step
+    targets = targets.unflatten(-1, (horizon_windows, window_size))  # (trials, neurons, positions, windows, L)
+    # horizon window k of position t exists when its last frame does: (t + 2 + k) * L <= frames
+    valid = ((torch.arange(positions)[:, None] + 2 + torch.arange(horizon_windows)[None]) * window_size
+             <= steps * window_size).double()  # (positions, windows)
+    gram = torch.einsum("rnpa,rnpb,pk->nkab", inputs, inputs, valid)
+    cross = torch.einsum("rnpa,rnpkf,pk->nakf", inputs, targets, valid)
+    return torch.cat([gram.reshape(neurons, -1), cross.reshape(neurons, -1)], dim=1).float()
+
+
 @torch.no_grad()
 def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, rank: int, window_size: int = 4,
-                            ridge: float = 1.0) -> torch.Tensor:
+                            ridge: float = 1.0, lookback_windows: int = 0, horizon_windows: int = 0) -> torch.Tensor:
     """The data identity `(num_neurons, identity_size(rank))` of a recording's neurons.
 
     Args:
@@ -108,8 +168,11 @@ def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, ra
         rank (`int`): coupling factors per side (`config.identity_rank`).
         window_size (`int`): frames per token window (`config.window_size`).
         ridge (`float`): relative ridge strength of the coupling fit (`config.identity_ridge`).
+        lookback_windows, horizon_windows (`int`): the highway's shape (`config.value_skip_windows`,
+            `config.value_head_steps`) when the identity carries its statistics (`config.identity_highway`; see
+            `identity_settings`), else 0.
     """
-    features = torch.zeros(int(num_neurons), identity_size(rank))
+    features = torch.zeros(int(num_neurons), identity_size(rank, lookback_windows, horizon_windows, window_size))
     if reference is None or reference.shape[0] == 0:
         return features
     reference = torch.as_tensor(reference, dtype=torch.float32, device="cpu")
@@ -122,10 +185,35 @@ def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, ra
         raise ValueError("the reference holds NaN/Inf values: clean the traces (interpolate or drop neurons) first.")
     receives, drives, samples = coupling_factors(reference, window_size, rank, ridge)
     reliability = torch.tensor([math.log1p(samples) / math.log(1000.0), min(1.0, num_neurons / max(samples, 1)), 1.0])
+    base = base_identity_size(rank)
     features[:, : 2 * rank] = torch.cat([receives, drives], dim=1)
     features[:, 2 * rank : 2 * rank + STATISTIC_FEATURES] = neuron_statistics(reference)
-    features[:, 2 * rank + STATISTIC_FEATURES :] = reliability
+    features[:, 2 * rank + STATISTIC_FEATURES : base] = reliability
+    if features.shape[1] > base:
+        features[:, base:] = highway_statistics(reference, window_size, lookback_windows, horizon_windows)
     return features
 
 
-__all__ = ["IDENTITY_LAGS", "compute_neuron_identity", "coupling_factors", "identity_size", "neuron_statistics"]
+def highway_weights(statistics: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, prior_samples: torch.Tensor,
+                    window_size: int) -> torch.Tensor:
+    """Each neuron's own highway `(..., lookback + 1, horizon)` (the bias last): per horizon window, the ridge fit of
+    its statistics shrunk towards the shared highway (`weight` `(horizon, lookback)`, `bias` `(horizon,)`) with the
+    strength of `prior_samples` samples. No reference (zero statistics) gives the shared highway itself."""
+    horizon, lookback = weight.shape
+    windows, inputs = horizon // window_size, lookback + 1
+    split = windows * inputs * inputs
+    gram = statistics[..., :split].unflatten(-1, (windows, inputs, inputs)).double()
+    cross = statistics[..., split:].unflatten(-1, (inputs, windows, window_size)).movedim(-3, -2).double()
+    shared = torch.cat([weight, bias[:, None]], dim=1).T.double()  # (inputs, horizon)
+    shared = shared.unflatten(-1, (windows, window_size)).movedim(-2, -3)  # (windows, inputs, L)
+    count = gram[..., -1, -1]  # the bias' own entry: the number of samples
+    variance = gram.diagonal(dim1=-2, dim2=-1)[..., :-1].sum(-1) / (lookback * count.clamp_min(1.0))
+    strength = prior_samples.double() * torch.where(count > 0, variance, torch.ones_like(variance))
+    eye = torch.eye(inputs, dtype=gram.dtype, device=gram.device)
+    fitted = torch.linalg.solve(gram + strength[..., None, None] * eye,
+                                cross + strength[..., None, None] * shared)  # (..., windows, inputs, L)
+    return fitted.movedim(-3, -2).flatten(-2).to(weight.dtype)  # (..., inputs, horizon)
+
+
+__all__ = ["IDENTITY_LAGS", "base_identity_size", "compute_neuron_identity", "config_identity_size", "coupling_factors",
+           "highway_statistics", "highway_weights", "identity_settings", "identity_size", "neuron_statistics"]

@@ -32,7 +32,7 @@ from .checked_loading import load_checked_pretrained, write_weight_checksums
 from .configuration_calm import CalmConfig
 from .generation_calm import CalmGenerationMixin, CalmRolloutOutput
 from .heads_calm import CalmForecastHeadsMixin
-from .identity_calm import identity_size
+from .identity_calm import base_identity_size
 from .sessions_calm import CalmIdEmbedding, CalmSessionsMixin
 from .validation_calm import (
     check_grid_size,
@@ -46,6 +46,8 @@ from .validation_calm import (
 
 logger = logging.get_logger(__name__)
 
+# softplus^-1(50): a fresh per-neuron highway counts the shared one as 50 reference samples (a few trials' worth)
+PRIOR_SAMPLES_INIT = 50.0
 # transformers 5.24 renamed the KV-cache argument `past_key_values` to `cache`; the old name still works, with a warning
 DEPRECATED_CACHE_ARGUMENT = deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
 
@@ -104,7 +106,8 @@ class CalmCausalNeuralModelingOutput(ModelOutput):
         quantile_loss (`torch.FloatTensor` of shape `()`, *optional*):
             Pinball loss of the quantile head, averaged over its levels (returned when `value_labels` is given).
         value_quantiles (`torch.FloatTensor` of shape `(batch, neurons, token_steps, value_head_steps * window_size, levels)`, *optional*):
-            Quantiles at `config.quantile_levels` of the same frames; `None` without a quantile head.
+            Quantiles at `config.quantile_levels` of the same frames (in eval mode; `None` in training, which reads
+            `quantile_loss`, and without a quantile head).
     """
 
     loss: torch.FloatTensor | None = None
@@ -474,6 +477,8 @@ class CalmPreTrainedModel(PreTrainedModel, CalmSessionsMixin):
             init.zeros_(module.o_proj.weight)  # a fresh model starts without the in-context coupling
         if isinstance(module, CalmModel) and module.identity_null is not None:
             init.normal_(module.identity_null, mean=0.0, std=std)
+        if getattr(module, "value_skip_prior", None) is not None:
+            init.constant_(module.value_skip_prior, PRIOR_SAMPLES_INIT)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Both auto classes in auto_map, whichever of the two is saved, so AutoModel and AutoModelForCausalLM both
@@ -515,7 +520,7 @@ class CalmModel(CalmPreTrainedModel):
             self.neuron_embeddings = CalmIdEmbedding(config.num_neurons, config.hidden_size)
             self.session_embeddings = CalmIdEmbedding(config.num_sessions, config.hidden_size)
         else:  # who each neuron is, from its data identity: any recording, any neuron count
-            self.identity_proj = nn.Linear(identity_size(config.identity_rank), config.hidden_size)
+            self.identity_proj = nn.Linear(base_identity_size(config.identity_rank), config.hidden_size)
             self.identity_null = nn.Parameter(torch.zeros(config.hidden_size))
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList([CalmDualAxisLayer(config, idx) for idx in range(config.num_hidden_layers)])
@@ -621,8 +626,9 @@ class CalmModel(CalmPreTrainedModel):
         reads again."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if self.identity_proj is not None:
-            identity_states = self.identity_null + self.identity_proj(neuron_identity.to(self.identity_proj.weight.dtype))
+        if self.identity_proj is not None:  # the highway statistics a data identity may carry are the head's
+            features = neuron_identity[..., : self.identity_proj.in_features].to(self.identity_proj.weight.dtype)
+            identity_states = self.identity_null + self.identity_proj(features)
         else:
             identity_states = self.neuron_embeddings(neuron_ids) + self.session_embeddings(session_ids)[:, None, :]
         return self.embed_dropout(inputs_embeds + identity_states[:, :, None, :]), identity_states
@@ -689,10 +695,13 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
             if config.value_skip_windows > 0
             else None
         )
-        # quantiles of the same frames, as offsets from the point forecast (pinball loss): bands without sampling
+        # with a per-neuron highway: how many reference samples the shared highway counts for (softplus of this)
+        self.value_skip_prior = nn.Parameter(torch.tensor(PRIOR_SAMPLES_INIT)) if config.identity_highway else None
+        # quantiles of the same frames, as offsets from the point forecast for each token window of the horizon (pinball
+        # loss): bands without sampling
         levels = config.quantile_levels
         self.quantile_head = (
-            nn.Linear(config.hidden_size, config.value_head_steps * config.window_size * len(levels))
+            nn.Linear(config.hidden_size, config.value_head_steps * len(levels))
             if levels
             else None
         )
@@ -780,6 +789,9 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
         if num_neurons is not None:  # generate's flattened (batch*neurons, steps) form
             flat_batch, input_ids, inputs_embeds, labels = self._unflatten_grid(num_neurons, input_ids, inputs_embeds, labels)
 
+        if neuron_identity is not None and neuron_identity.dim() == 2:  # one identity for every trial of the batch
+            grid = input_ids if input_ids is not None else inputs_embeds
+            neuron_identity = neuron_identity.expand(grid.shape[0], -1, -1)
         outputs = self.model(
             input_ids=input_ids, inputs_embeds=inputs_embeds, neuron_ids=neuron_ids, session_ids=session_ids,
             neuron_mask=neuron_mask, cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
@@ -789,13 +801,16 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
         if logits_to_keep:
             hidden_states = hidden_states[:, :, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
-        value_predictions = self.predict_values(hidden_states, value_inputs if value_inputs is not None else value_labels)
+        value_predictions = self.predict_values(hidden_states, value_inputs if value_inputs is not None else value_labels,
+                                                neuron_identity)
         next_token_loss = self.next_token_loss(logits, labels, neuron_mask) if labels is not None else None
         value_loss = self.value_loss(value_predictions, value_labels, neuron_mask) if value_labels is not None else None
-        value_quantiles = self.predict_quantiles(hidden_states, value_predictions)
+        offsets = self.quantile_offsets(hidden_states) if value_predictions is not None else None
         quantile_loss = None
-        if value_labels is not None and value_quantiles is not None:
-            quantile_loss = self.quantile_loss(value_quantiles, value_labels, neuron_mask)
+        if value_labels is not None and offsets is not None:
+            quantile_loss = self.quantile_loss(offsets, value_predictions, value_labels, neuron_mask)
+        # the frame-level quantiles are big (every step, frame and level): training reads only the loss
+        value_quantiles = None if self.training else self.predict_quantiles(offsets, value_predictions)
         if flat_batch is not None:
             logits = logits.reshape(flat_batch, logits.shape[2], logits.shape[3])
         return CalmCausalNeuralModelingOutput(

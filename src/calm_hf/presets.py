@@ -58,6 +58,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "value_skip_windows": 2,
             "neuron_identity": "data",
             "identity_rank": 4,
+            "identity_highway": True,
             "quantile_levels": QUANTILE_LEVELS,
         },
     },
@@ -108,6 +109,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # count, zero-shot), bands from a quantile head (calm_hf.identity_calm, benchmarks/foundation.py)
             "neuron_identity": "data",
             "identity_rank": 32,
+            "identity_highway": True,
             "quantile_levels": QUANTILE_LEVELS,
         },
     },

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .configuration_calm import CalmConfig
-from .identity_calm import identity_size
+from .identity_calm import config_identity_size
 
 
 # -- shape and dtype rules (no host sync) ------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def check_neuron_identity_shape(config: CalmConfig, neuron_identity: Any, batch_
                 "(config.neuron_identity='table'): pass neuron_ids / session_ids instead, or use a data-identity model."
             )
         return None
-    size = identity_size(config.identity_rank)
+    size = config_identity_size(config)
     if neuron_identity is None:
         return torch.zeros(batch_size, num_neurons, size, device=device)
     if not isinstance(neuron_identity, torch.Tensor):
@@ -142,7 +142,8 @@ def check_neuron_identity_shape(config: CalmConfig, neuron_identity: Any, batch_
         raise ValueError(
             f"neuron_identity must have shape (batch, neurons, identity_size) = {(batch_size, num_neurons, size)}, "
             f"got {tuple(neuron_identity.shape)}: compute it for these neurons with "
-            "calm_hf.identity_calm.compute_neuron_identity(reference, num_neurons, config.identity_rank)."
+            "calm_hf.identity_calm.compute_neuron_identity(reference, num_neurons, "
+            "**identity_settings(config))."
         )
     return neuron_identity.to(device)
 

@@ -3,8 +3,8 @@
 - `LastSecondMeanForecaster`: each neuron's mean over the last second of its context, held flat (a constant
   forecast: its Pearson r is undefined and reported as NaN; it is compared on MSE).
 - `ContextARForecaster`: for every trial and neuron separately, a ridge AR fitted on that trial's own context and
-  rolled out; the history length and ridge strength are chosen on the validation trials (each validation trial fitted
-  on its own context the same way), never on test data.
+  rolled out (an explosive fit is damped to a stable one); the history length and ridge strength are chosen on the
+  validation trials (each validation trial fitted on its own context the same way), never on test data.
 
 Both follow the protocol of `calm_hf.baselines.forecasting` (`fit(train_trials, val_trials)`, `predict(context,
 horizon)`), with `train_trials` unused: they need no training recording, which is the zero-shot setting.
@@ -66,8 +66,22 @@ def _context_ar_fit(context: np.ndarray, lags: int, alpha: float) -> tuple[np.nd
     gram = np.einsum("tnsk,tnsl->tnkl", xc, xc)
     scale = np.trace(gram, axis1=2, axis2=3) / lags + 1e-12
     gram = gram + (alpha * scale)[..., None, None] * np.eye(lags)
-    weights = np.linalg.solve(gram, np.einsum("tnsk,tns->tnk", xc, yc)[..., None])[..., 0]
+    weights = _stabilise(np.linalg.solve(gram, np.einsum("tnsk,tns->tnk", xc, yc)[..., None])[..., 0])
     return weights, y_mean - np.einsum("tnk,tnk->tn", x_mean, weights)
+
+
+def _stabilise(weights: np.ndarray, max_radius: float = 0.99) -> np.ndarray:
+    """AR coefficients `(..., lags)` (newest lag first) whose rollout would grow without bound are damped: scaling
+    lag k's coefficient by c^k scales every root of the AR polynomial by c, so c = max_radius / spectral radius
+    brings the fit back to a stable process with the same shape (a fit on 40 frames is often explosive)."""
+    lags = weights.shape[-1]
+    companion = np.zeros(weights.shape[:-1] + (lags, lags))
+    companion[..., 0, :] = weights
+    if lags > 1:
+        companion[..., np.arange(1, lags), np.arange(lags - 1)] = 1.0
+    radius = np.abs(np.linalg.eigvals(companion)).max(axis=-1)
+    scale = np.where(radius > max_radius, max_radius / np.maximum(radius, 1e-12), 1.0)
+    return weights * scale[..., None] ** np.arange(1, lags + 1)
 
 
 def _context_ar_rollout(context: np.ndarray, weights: np.ndarray, bias: np.ndarray, horizon: int) -> np.ndarray:

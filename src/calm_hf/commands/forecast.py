@@ -138,6 +138,7 @@ def run(argv: list[str] | None = None) -> dict:
     arrays = {"forecast": out["forecast"]}
     if out["samples"] is not None:
         arrays["samples"] = out["samples"]
+    if out["quantiles"] is not None:  # the quantile head's band, or the samples'
         arrays.update({f"quantile_{q:g}": v for q, v in out["quantiles"].items()})
     summary = f"wrote {args.output}: forecast {out['forecast'].shape} at {out['sampling_rate']} Hz"
     if truth is not None:
@@ -146,7 +147,14 @@ def run(argv: list[str] | None = None) -> dict:
         arrays["truth"] = truth
         r = float(forecast_pearson_r(out["forecast"][None], truth[None])["pearson_r"])
         arrays["pearson_r"] = np.float64(r)
-        summary += f"; forecast Pearson r vs the held-out {args.horizon} frames = {r:.3f}"
+        # in the units of the file, and against the simplest forecast a user has: the last second held flat
+        last_second = max(1, int(round(float(out["sampling_rate"]))))
+        flat = np.repeat(traces[..., -last_second:].mean(axis=-1, keepdims=True), args.horizon, axis=-1)
+        arrays["mse"] = np.float64(np.mean((out["forecast"] - truth) ** 2))
+        arrays["last_second_mean_mse"] = np.float64(np.mean((flat - truth) ** 2))
+        summary += (f"; vs the held-out {args.horizon} frames: forecast Pearson r = {r:.3f}, MSE = "
+                    f"{float(arrays['mse']):.4g} (the last second's mean held flat: MSE "
+                    f"{float(arrays['last_second_mean_mse']):.4g})")
     _save_npz(target, arrays)
     if args.plot:
         from ..figures import plot_forecast

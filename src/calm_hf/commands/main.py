@@ -51,7 +51,7 @@ logger = logging.getLogger("calm_hf.main")
 # pairs the paper's architecture presets with a longer schedule. `tokenizer_preset` / `model_preset` name
 # architecture presets; every architecture number lives in those presets. Why the cpu recipe is what it is:
 # training/README.md.
-STEP_TIME_MARGIN = 1.1  # the trainer's real step (collation, logging, checkpoints) vs the timed bare step: 0.50 vs 0.48 s
+STEP_TIME_MARGIN = 1.05  # the trainer's own work beyond the timed step (logging, checkpoints)
 PLAN_FILE = "job_plan.json"  # the dtype decision, the timed steps and the pretraining schedule of a work folder
 RELEASE_JOURNAL = "release_switch.json"  # the switch of the release folders in progress (see `run_job`)
 RECIPE_FIELDS = (
@@ -242,7 +242,7 @@ def pretrain_step_speedup(recipe: dict) -> dict:
     from ..configuration_calm import CalmConfig
     from ..configuration_calm_tokenizer import CalmTokenizerConfig
     from ..hardware import bf16_training_speedup
-    from ..identity_calm import identity_size
+    from ..identity_calm import compute_neuron_identity, identity_settings
     from ..modeling_calm import CalmForCausalNeuralModeling
 
     tokenizer = CalmTokenizerConfig.from_preset(recipe["tokenizer_preset"])
@@ -254,7 +254,9 @@ def pretrain_step_speedup(recipe: dict) -> dict:
     input_ids = torch.randint(0, config.vocab_size, (rows, width, steps), generator=generator)
     batch = {"input_ids": input_ids, "labels": input_ids}
     if config.neuron_identity == "data":
-        batch["neuron_identity"] = torch.randn(rows, width, identity_size(config.identity_rank), generator=generator)
+        reference = torch.randn(4, width, steps * tokenizer.window_size, generator=generator)
+        batch["neuron_identity"] = compute_neuron_identity(reference, width, **identity_settings(config)).expand(
+            rows, -1, -1)
     else:
         batch.update(neuron_ids=torch.arange(width).expand(rows, width), session_ids=torch.zeros(rows, dtype=torch.long))
     if config.value_head_steps > 0:
@@ -262,10 +264,18 @@ def pretrain_step_speedup(recipe: dict) -> dict:
     return bf16_training_speedup(lambda: CalmForCausalNeuralModeling(config), batch)
 
 
-def planned_pretrain_steps(args: MainArguments, recipe: dict, work: Path, tokenized: Stage) -> tuple[int, dict]:
+def pretrain_step_seconds(recipe: dict, tokenized: Stage, tokenizer: Stage, bf16: bool) -> float:
+    """Seconds of one pretraining step on real batches of the tokenized corpus (`pretrain.stream_step_seconds`)."""
+    return pretrain.stream_step_seconds(str(tokenized.path), str(tokenizer.path), recipe["model_preset"],
+                                        recipe["max_neurons"], recipe["pretrain_batch"], bf16=bf16)
+
+
+def planned_pretrain_steps(args: MainArguments, recipe: dict, work: Path, tokenized: Stage,
+                           tokenizer: Stage | None = None) -> tuple[int, dict]:
     """(steps, plan): the recipe's `pretrain_steps`, or with a `pretrain_minutes` budget the most steps (at most the
-    recipe's) that fit the budget at the timed step of this machine and dtype (times STEP_TIME_MARGIN). Decided once
-    per work folder, like the dtype, so a resumed job keeps its schedule (the pretraining stage's key holds it)."""
+    recipe's) that fit the budget at the step time measured on real batches of this machine, dtype and corpus (times
+    STEP_TIME_MARGIN). Decided once per work folder, like the dtype, so a resumed job keeps its schedule (the
+    pretraining stage's key holds it)."""
     minutes = recipe.get("pretrain_minutes")
     if not minutes:
         return recipe["pretrain_steps"], {"budget_minutes": None, "steps": recipe["pretrain_steps"]}
@@ -277,8 +287,7 @@ def planned_pretrain_steps(args: MainArguments, recipe: dict, work: Path, tokeni
         plan = saved["pretrain_plan"]
         logger.info("pretraining schedule as planned when this job started: %d steps", plan["steps"])
         return plan["steps"], plan
-    timing = saved.get("pretrain_step") or pretrain_step_speedup(recipe)
-    step_seconds = timing["bf16_seconds" if args.dtypes["pretrain_bf16"] else "fp32_seconds"] * STEP_TIME_MARGIN
+    step_seconds = pretrain_step_seconds(recipe, tokenized, tokenizer, args.dtypes["pretrain_bf16"]) * STEP_TIME_MARGIN
     fit = int(minutes * 60.0 / step_seconds)
     steps = int(min(recipe["pretrain_steps"], max(1, fit)))
     plan = {"key": key, "budget_minutes": minutes, "max_steps": recipe["pretrain_steps"],
@@ -396,7 +405,7 @@ def pretrain_stage(args: MainArguments, recipe: dict, work: Path, tokenizer: Sta
                    timings: dict) -> Stage:
     """4. pretrain: `calm pretrain` of the dual-axis transformer, resumed from its last complete checkpoint."""
     path = work / "pretrain"
-    steps, args.pretrain_plan = planned_pretrain_steps(args, recipe, work, tokenized)
+    steps, args.pretrain_plan = planned_pretrain_steps(args, recipe, work, tokenized, tokenizer)
     argv = ["--tokenized_dataset", str(tokenized.path), "--tokenizer_path", str(tokenizer.path),
             "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
             "--forecast_eval_trials", "0", "--identity_init", "coupling", "--value_skip_init", "ridge",

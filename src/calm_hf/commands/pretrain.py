@@ -35,7 +35,7 @@ from ..configuration_calm import CalmConfig
 from ..data import CalmDataCollator, CollatorEpochCallback, load_session_metadata, load_trial_corpus
 from ..data.corpus import MANIFEST, load_manifest
 from ..data.streaming import CalmCorpusStream
-from ..identity_calm import compute_neuron_identity
+from ..identity_calm import compute_neuron_identity, identity_settings
 from ..forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
 from ..modeling_calm import CalmForCausalNeuralModeling
 from ..modeling_calm_tokenizer import CalmTokenizer
@@ -115,11 +115,7 @@ def corpus_folders(path: str) -> list[Path]:
 
 def identity_function(config: CalmConfig):
     """The stream's `identity_fn` for `config`: the data identity of a reference (None = no reference)."""
-    return partial(_identity, rank=config.identity_rank, window_size=config.window_size, ridge=config.identity_ridge)
-
-
-def _identity(reference, num_neurons: int, rank: int, window_size: int, ridge: float):
-    return compute_neuron_identity(reference, num_neurons, rank, window_size, ridge)
+    return partial(compute_neuron_identity, **identity_settings(config))
 
 
 def build_model(model_args: ModelArguments, tokenizer: CalmTokenizer, sessions: list, max_token_steps: int):
@@ -263,6 +259,36 @@ def build_stream_trainer(model, tokenizer, shards: list[Path], sessions: list, d
         trace_processor=CalmTraceProcessor(sampling_rate=model.config.frame_rate_hz, window_size=model.config.window_size,
                                            ema_alpha=sessions[0].ema_alpha if sessions else None),
     )
+
+
+def stream_step_seconds(tokenized_dataset: str, tokenizer_path: str, preset: str, max_neurons: int, batch_size: int,
+                        bf16: bool = False, steps: int = 8, seed: int = 0) -> float:
+    """Median wall-clock seconds of a pretraining step of a fresh `preset` model on real batches of the stream (the
+    stream's identity computation and collation included): what a time budget plans its steps from."""
+    import time
+
+    tokenizer = CalmTokenizer.from_pretrained(tokenizer_path)
+    shards, sessions, token_steps, _ = load_stream_source(tokenized_dataset)
+    model = build_model(ModelArguments(tokenizer_path=tokenizer_path, preset=preset), tokenizer, sessions, token_steps)
+    model.train()
+    stream = iter(CalmCorpusStream(shards, "train", max_neurons=max_neurons, seed=seed,
+                                   columns=("input_ids", "input_values", "session_id"),
+                                   identity_fn=identity_function(model.config)))
+    collator = CalmDataCollator(with_values=True, crop_to_shortest=True, window_size=model.config.window_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up allocations
+        start = time.perf_counter()
+        batch = collator([next(stream) for _ in range(batch_size)])
+        batch.pop("neuron_ids"), batch.pop("session_ids")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    times = sorted(times[1:])
+    return times[len(times) // 2]
 
 
 def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:

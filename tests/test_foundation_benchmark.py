@@ -1,0 +1,40 @@
+"""Smoke run of benchmarks/foundation.py on a tiny calm-base: every cell is scored, the JSON has the documented
+layout with finite numbers, and the table and k-curve figure are written."""
+
+import json
+import math
+
+import pytest
+from benchmark_scripts import load_benchmark
+
+bench = load_benchmark("foundation.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_release(tmp_path_factory):
+    from calm_hf.commands.main import run
+
+    out = tmp_path_factory.mktemp("foundation-release")
+    run(["--size", "tiny", "--output_dir", str(out), "--bf16", "false", "--use_cpu"])
+    return out / "calm-base"
+
+
+@pytest.mark.slow  # a tiny main job, then every held-out cell with adaptation and training from scratch
+def test_foundation_benchmark_writes_every_cell(tiny_release, tmp_path):
+    output = tmp_path / "foundation.json"
+    bench.main(["--calm_dir", str(tiny_release), "--size", "smoke", "--output", str(output)])
+    written = json.loads(output.read_text())
+    assert sorted(written["sets"]) == ["sim_in", "sim_paper"]
+    for name, cells in written["sets"].items():
+        assert list(cells) == ["0", "4", "all"]
+        assert {"calm", "last_second_mean", "context_ar"} <= set(cells["0"])
+        assert {"calm", "calm_adapted", "ridge_ar", "per_neuron_ar", "tcn", "train_mean"} <= set(cells["4"])
+        assert "calm_scratch" in cells["all"]
+        for model, row in cells["all"].items():
+            assert set(row) == {"pearson_r", "mse", "coverage_90", "crps"}
+            assert math.isfinite(row["mse"]) and math.isfinite(row["crps"]) and 0 <= row["coverage_90"] <= 1, model
+        assert set(written["probe"][name]) == {"0", "4", "all"}
+    assert written["adaptation"]["sim_in"]["4"][0]["steps"] >= 1
+    table = output.with_suffix(".md").read_text()
+    assert "| sim_in | 4 |" in table and "Transfer at k = all" in table
+    assert output.with_suffix(".png").stat().st_size > 0
