@@ -1,7 +1,14 @@
-"""`calm adapt`, held-out sessions and animals: learn only a new session's session and neuron embeddings.
+"""`calm adapt`: fit a pretrained CalM to one recording.
 
-    calm adapt --model_path calm-base --tokenized_dataset runs/new-session-tokenized \
-        --session_name mouse7 --output_dir runs/calm-mouse7 --num_train_epochs 20 --learning_rate 1e-2
+    calm adapt --model_path calm-base --tokenized_dataset runs/zf-tokenized --output_dir runs/calm-zf
+
+A data-identity model (every preset's default; calm-base) already reads a new recording's neurons from its data, so
+adapting is optional: it fine-tunes the whole model on the recording's training trials (`calm_hf.adaptation.adapt`;
+each trial's neurons get their identity from the other training trials) and keeps the weights with the best forecast
+Pearson r on the recording's validation trials, stopping after `--adapt_patience` evaluations without a gain or at the
+time budget. The `--adapt_*` defaults are the recipe `benchmarks/foundation.py` measures as `calm_adapted`.
+
+A table-identity model learns only a new session's session and neuron embeddings (`--session_name` required):
 
 The tokenized dataset must hold one session (neuron ids 0..N-1 of its own); the model grows its session and neuron
 tables (new rows start at the mean of the existing rows), every other weight stays bit-identical, and the adapted
@@ -14,6 +21,7 @@ the rows alone, so it is off by default: what a held-out session lacks is pretra
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,7 +31,11 @@ import numpy as np
 import torch
 from transformers import TrainingArguments, set_seed
 
+from ..adaptation import AdaptationSettings, adapt
+from ..checkpoint import complete_checkpoint
+from ..configuration_calm import CalmConfig
 from ..data import CalmDataCollator, CollatorEpochCallback, load_trial_corpus
+from ..evaluation import split_arrays
 from ..identity_init import init_identity_from_dataset
 from ..forecasting import CalmForecaster, check_tokenizer_matches_model, evaluate_forecasting
 from ..modeling_calm import CalmForCausalNeuralModeling
@@ -38,7 +50,9 @@ logger = logging.getLogger("calm_hf.adapt_session")
 class AdaptArguments:
     model_path: str = field(metadata={"help": "Pretrained CalmForCausalNeuralModeling folder (e.g. calm-base)."})
     tokenized_dataset: str = field(metadata={"help": "Tokenized DatasetDict of the new session."})
-    session_name: str = field(metadata={"help": "Name recorded for the new session."})
+    session_name: str | None = field(default=None, metadata={"help": "Table-identity models: the name recorded for "
+                                                                      "the new session (a data-identity model needs "
+                                                                      "none)."})
     tokenizer_path: str | None = field(default=None, metadata={"help": "Default: <model_path>/tokenizer."})
     max_neurons: int | None = field(default=64, metadata={"help": "Neurons per training example."})
     context_frames: int = field(default=40, metadata={"help": "Forecast context for the final evaluation."})
@@ -54,6 +68,18 @@ class AdaptArguments:
                           "one-step coupling in the layout the mixer was initialised with (calm_hf.identity_init). "
                           "Measured on the held-out simulated session: r 0.249 vs 0.247, so not the default."},
     )
+    # data-identity models: the fine-tuning recipe (calm_hf.adaptation.AdaptationSettings)
+    adapt_learning_rate: float = field(default=AdaptationSettings.learning_rate,
+                                       metadata={"help": "Data-identity models: AdamW learning rate of the fine-tuning."})
+    adapt_max_steps: int = field(default=AdaptationSettings.max_steps,
+                                 metadata={"help": "Data-identity models: optimizer steps at most."})
+    adapt_max_minutes: float = field(default=AdaptationSettings.max_seconds / 60,
+                                     metadata={"help": "Data-identity models: wall-clock budget of the fine-tuning."})
+    adapt_eval_every: int = field(default=AdaptationSettings.eval_every,
+                                  metadata={"help": "Data-identity models: steps between validation forecasts."})
+    adapt_patience: int = field(default=AdaptationSettings.patience,
+                                metadata={"help": "Data-identity models: validation forecasts without a better r "
+                                                  "before stopping (the best weights are kept)."})
 
 
 def remap_to_session(split: datasets.Dataset, session_id: int, neuron_ids: np.ndarray) -> datasets.Dataset:
@@ -79,6 +105,9 @@ def load_and_extend(args: AdaptArguments) -> tuple:
     """(model, tokenizer, corpus, session_id, neuron_ids): the pretrained model grown by the new session (backbone
     frozen) and the new session's trials pointed at its new table rows."""
     model = CalmForCausalNeuralModeling.from_pretrained(args.model_path)
+    if model.config.neuron_identity != "table":
+        raise ValueError("load_and_extend grows the tables of a table-identity model; this one reads identities from "
+                         "data (calm_hf.adaptation.adapt fine-tunes it).")
     tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path or os.path.join(args.model_path, "tokenizer"))
     check_tokenizer_matches_model(model, tokenizer)
     corpus, _ = load_trial_corpus(args.tokenized_dataset)  # a folder or a Hub dataset id
@@ -121,17 +150,61 @@ def adaptation_optimizer(model: CalmForCausalNeuralModeling, learning_rate: floa
                               {"params": rest, "lr": backbone_learning_rate}], weight_decay=0.0)
 
 
+def adapt_data_identity(args: AdaptArguments, training_args: TrainingArguments, model, tokenizer) -> dict:
+    """`calm adapt` of a data-identity model: fine-tune on the recording's training trials, stopped on its validation
+    trials, score its test trials (identity from every training trial), save the adapted checkpoint."""
+    from ..metrics.functional import forecast_pearson_r, mse
+
+    corpus, _ = load_trial_corpus(args.tokenized_dataset)
+    sessions = corpus["train"].unique("session_id")
+    if len(sessions) != 1:
+        raise ValueError(f"the tokenized dataset holds sessions {sessions}; adapt to one recording at a time (filter it "
+                         "with dataset.filter(lambda r: r['session_id'] == k)).")
+    train, val, test = (split_arrays(corpus[name])[0] for name in ("train", "validation", "test"))
+    if args.context_frames >= test.shape[-1]:
+        raise ValueError(f"--context_frames {args.context_frames} leaves nothing to forecast in {test.shape[-1]}-frame "
+                         "trials: lower it.")
+    settings = AdaptationSettings(learning_rate=args.adapt_learning_rate, max_steps=args.adapt_max_steps,
+                                  max_seconds=args.adapt_max_minutes * 60, batch_size=training_args.per_device_train_batch_size,
+                                  max_neurons=args.max_neurons or train.shape[1], eval_every=args.adapt_eval_every,
+                                  patience=args.adapt_patience, seed=training_args.seed)
+    forecaster = CalmForecaster(model, tokenizer)
+    adapted, info = adapt(forecaster, train, val, args.context_frames, settings)
+    result = adapted.forecast(test[:, :, : args.context_frames], horizon=test.shape[-1] - args.context_frames,
+                              reference=train)
+    truth = test[:, :, args.context_frames:]
+    metrics = {"test_forecast_pearson_r": float(forecast_pearson_r(result.forecast, truth)["pearson_r"]),
+               "test_forecast_mse": float(mse(result.forecast, truth)),
+               "best_validation_pearson_r": info["best_validation_pearson_r"], "steps": info["steps"],
+               "best_step": info["best_step"]}
+    adapted.model.save_pretrained(training_args.output_dir)
+    tokenizer.save_pretrained(os.path.join(training_args.output_dir, "tokenizer"))
+    complete_checkpoint(training_args.output_dir)
+    with open(os.path.join(training_args.output_dir, "adaptation.json"), "w") as handle:
+        json.dump({"metrics": metrics, "adaptation": info}, handle, indent=2)
+    logger.info("adapted in %d steps (best at %d): test forecast r = %.3f, MSE = %.3f", info["steps"],
+                info["best_step"], metrics["test_forecast_pearson_r"], metrics["test_forecast_mse"])
+    return metrics
+
+
 def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Parse `argv` (see `AdaptArguments`), adapt and save the model, return the test forecast metrics.
-    `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
+    `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's (table models)."""
     args, training_args, output = parse_command_args((AdaptArguments, TrainingArguments, OutputArguments), argv,
                                                      prog="calm adapt")
     claim_training_output("adapt", training_args, output,
                           [args.model_path, args.tokenized_dataset, args.tokenizer_path])
+    set_seed(training_args.seed)
+    if CalmConfig.from_pretrained(args.model_path).neuron_identity == "data":
+        model = CalmForCausalNeuralModeling.from_pretrained(args.model_path)
+        tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path or os.path.join(args.model_path, "tokenizer"))
+        check_tokenizer_matches_model(model, tokenizer)
+        return adapt_data_identity(args, training_args, model, tokenizer)
+    if args.session_name is None:
+        raise ValueError("this model learns a table row per session: pass --session_name NAME for the new session.")
     training_args.remove_unused_columns = False
     # Weight decay would shrink frozen rows of the shared tables; only the new rows may move.
     training_args.weight_decay = 0.0
-    set_seed(training_args.seed)
     model, tokenizer, corpus, _, _ = load_and_extend(args)
     optimizer = adaptation_optimizer(model, training_args.learning_rate, args.backbone_learning_rate)
     columns = ["input_ids", "neuron_ids", "session_id"]
