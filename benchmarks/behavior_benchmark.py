@@ -3,6 +3,7 @@
 
     python benchmarks/behavior_benchmark.py            # full run, about 15 min on 2 CPU cores
     python benchmarks/behavior_benchmark.py --quick    # a few minutes: same pipeline, smaller budgets
+    python benchmarks/behavior_benchmark.py --backbone calm-base   # heads on a pretrained (data-identity) backbone
 
 Protocol
 - Real data: the five Park et al. 2024 V1 sessions (one mouse each, 28-74 neurons), behaviour = pupil and running
@@ -16,6 +17,9 @@ Protocol
   measured ~10x slower than fp32 for these small sizes on this CPU; `--bf16` turns it on). The
   causal checkpoint is then loaded with `CalmForBehaviorRegression.from_pretrained(..., num_behavior_channels=M,
   behavior_head=...)`: backbone frozen, head fresh.
+- With `--backbone DIR` (e.g. calm-base) no backbone is trained: the checkpoint and its tokenizer are used as they are,
+  each session's neurons get their data identity from the session's training trials, and the heads decode from its
+  frozen hidden states (the heads' neuron-weight banks still index each session's neurons).
 - Heads: trained with AdamW (lr 1e-2; adaptation lr 1e-2, no decay) on the training trials (MSE), early stopping on validation MSE; the frozen backbone's
   hidden states are computed once and fed through `backbone_hidden_states` (checked equal to the full forward).
 - Baselines (calm_hf.baselines.behavior) on the same z-scored traces at the same 5 Hz rate: ridge GLM on 4 causal lags,
@@ -188,6 +192,7 @@ def pretrain_backbone(sessions: list[Session], tokenizer: CalmTokenizer, budget:
         num_neurons=sum(s.prepared.num_neurons for s in sessions), num_sessions=len(sessions),
         session_names=[s.name for s in sessions],
         session_neuron_ranges=[[s.neuron_offset, s.neuron_offset + s.prepared.num_neurons] for s in sessions],
+        neuron_identity="table", quantile_levels=None,  # this run's own backbone learns a table row per neuron
     )
     model = CalmForCausalNeuralModeling(config)
     model.set_codebook_neighbors(tokenizer.get_codebook())
@@ -234,17 +239,30 @@ def pretrain_backbone(sessions: list[Session], tokenizer: CalmTokenizer, budget:
     return model, info
 
 
+def session_identity(model, session: Session) -> dict:
+    """`{"neuron_identity": ...}` of a data-identity backbone (from the session's training trials), else `{}`."""
+    if model.config.neuron_identity != "data":
+        return {}
+    from calm_hf.identity_calm import compute_neuron_identity, identity_settings
+
+    reference = torch.as_tensor(session.prepared.traces[session.split("train")])
+    identity = compute_neuron_identity(reference, session.prepared.num_neurons, **identity_settings(model.config))
+    return {"neuron_identity": identity}
+
+
 @torch.no_grad()
 def cache_hidden_states(model: CalmForBehaviorRegression, sessions: list[Session]) -> None:
     """Frozen backbone output of every trial, computed once (stored in bf16 under --bf16)."""
     for session in sessions:
         parts = []
+        identity = session_identity(model, session)
         for begin in range(0, len(session.codes), 16):
             codes = session.codes[begin : begin + 16]
+            extra = {k: v.expand(len(codes), -1, -1) for k, v in identity.items()}
             with autocast():
                 parts.append(model.model(
                     input_ids=codes, neuron_ids=session.neuron_ids.expand(len(codes), -1),
-                    session_ids=torch.full((len(codes),), session.session_id), use_cache=False,
+                    session_ids=torch.full((len(codes),), session.session_id), use_cache=False, **extra,
                 ).last_hidden_state.to(torch.bfloat16 if BF16 else torch.float32))
         session.hidden = torch.cat(parts)
 
@@ -422,6 +440,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 at these sizes here)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for tokenizer/backbone training")
+    parser.add_argument("--backbone", default=None, help="a pretrained checkpoint (e.g. calm-base) to decode from "
+                                                         "instead of training a backbone here")
     args = parser.parse_args(argv)
     global BF16
     BF16 = args.bf16
@@ -434,12 +454,24 @@ def main(argv: list[str] | None = None) -> dict:
     sessions = load_sessions(data_dir, budget, args.seed)
     park = [s for s in sessions if s.kind == "park"]
 
-    tokenizer, tokenizer_info = train_tokenizer(sessions, budget, args.seed)
-    codes_info = tokenize(tokenizer, sessions)
-    causal, dat_info = pretrain_backbone(sessions, tokenizer, budget, args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="calm-behavior-"))
-    causal.save_pretrained(workdir / "backbone")
-    checkpoint = str(workdir / "backbone")
+    if args.backbone:  # decode from a pretrained checkpoint as it is
+        tokenizer = CalmTokenizer.from_pretrained(Path(args.backbone) / "tokenizer").eval()
+        tokenizer_info = {"steps": 0, "seconds": 0.0, "codebook_size": tokenizer.config.codebook_size,
+                          "pretrained": args.backbone}
+        codes_info = tokenize(tokenizer, sessions)
+        causal = CalmForCausalNeuralModeling.from_pretrained(args.backbone)
+        dat_info = {"steps": 0, "seconds": 0.0, "pretrained": args.backbone, "hidden_size": causal.config.hidden_size,
+                    "layers": causal.config.num_hidden_layers, "validation_loss": {"park": float("nan"),
+                                                                                   "simulated": float("nan")},
+                    "chance_loss": math.log(causal.config.vocab_size)}
+        checkpoint = args.backbone
+    else:
+        tokenizer, tokenizer_info = train_tokenizer(sessions, budget, args.seed)
+        codes_info = tokenize(tokenizer, sessions)
+        causal, dat_info = pretrain_backbone(sessions, tokenizer, budget, args.seed)
+        causal.save_pretrained(workdir / "backbone")
+        checkpoint = str(workdir / "backbone")
     checkpoints = {"park": checkpoint, "simulated": checkpoint}
 
     probe = new_head(checkpoint, "glu", 2, args.seed).eval()
@@ -447,8 +479,9 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad(), autocast():  # cached features reproduce the full forward (random bank: a real check)
         probe.behavior_head.neuron_weights.normal_()
         index = park[0].split("test")
+        extra = {k: v.expand(len(index), -1, -1) for k, v in session_identity(probe, park[0]).items()}
         full = probe(input_ids=park[0].codes[index], neuron_ids=park[0].neuron_ids.expand(len(index), -1),
-                     session_ids=torch.full((len(index),), park[0].session_id)).predictions
+                     session_ids=torch.full((len(index),), park[0].session_id), **extra).predictions
         cached = probe(**{**head_inputs(park[0], index), "backbone_hidden_states": park[0].hidden[index]}).predictions
     np.testing.assert_allclose(full.float().numpy(), cached.float().numpy(), rtol=1e-4, atol=1e-4)
 

@@ -137,7 +137,7 @@ def highway_statistics(reference: torch.Tensor, window_size: int, lookback_windo
     lookback + 1)` of its last `lookback` frames (zero before a trial starts) plus a bias at every token step of the
     reference trials whose horizon window exists, and the cross-products `(lookback + 1, horizon)` with the frames
     that follow -- the samples the highway's loss scores."""
-    values = reference.double()
+    values = reference.float()
     trials, neurons, frames = values.shape
     steps = frames // window_size
     lookback, horizon = lookback_windows * window_size, horizon_windows * window_size
@@ -147,12 +147,15 @@ def highway_statistics(reference: torch.Tensor, window_size: int, lookback_windo
     inputs = torch.cat([inputs, torch.ones_like(inputs[..., :1])], dim=-1)
     targets = padded[..., lookback:].unfold(-1, horizon, window_size)[:, :, :positions]  # frames after each step
     targets = targets.unflatten(-1, (horizon_windows, window_size))  # (trials, neurons, positions, windows, L)
-    # horizon window k of position t exists when its last frame does: (t + 2 + k) * L <= frames
-    valid = ((torch.arange(positions)[:, None] + 2 + torch.arange(horizon_windows)[None]) * window_size
-             <= steps * window_size).double()  # (positions, windows)
-    gram = torch.einsum("rnpa,rnpb,pk->nkab", inputs, inputs, valid)
-    cross = torch.einsum("rnpa,rnpkf,pk->nakf", inputs, targets, valid)
-    return torch.cat([gram.reshape(neurons, -1), cross.reshape(neurons, -1)], dim=1).float()
+    # horizon window k of position t exists when its last frame does, (t + 2 + k) L <= frames: for every window a
+    # prefix of the positions, so its Gram matrix is a cumulative sum of the per-position ones
+    last = (steps - 2 - torch.arange(horizon_windows)).clamp(min=-1)  # the last position that sees window k
+    per_position = torch.einsum("rnpa,rnpb->npab", inputs, inputs)  # (neurons, positions, a, b)
+    cumulative = F.pad(per_position.cumsum(dim=1), (0, 0, 0, 0, 1, 0))  # row p + 1: positions 0..p
+    gram = cumulative[:, last + 1]  # (neurons, windows, a, b)
+    valid = (torch.arange(positions)[:, None] <= last[None]).float()  # (positions, windows)
+    cross = torch.einsum("rnpa,rnpkf->nakf", inputs, targets * valid[None, None, :, :, None])
+    return torch.cat([gram.reshape(neurons, -1), cross.reshape(neurons, -1)], dim=1)
 
 
 @torch.no_grad()

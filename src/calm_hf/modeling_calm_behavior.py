@@ -359,6 +359,7 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
         identity: dict[str, Any],
         backbone_hidden_states: torch.FloatTensor | None,
         output_hidden_states: bool | None,
+        neuron_identity: torch.FloatTensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], CalmModelOutput | None]:
         """The backbone's `(batch, neurons, steps, hidden)` states (given, or computed without gradient when the
         backbone is frozen) with the checked identity inputs `{"neuron_ids", "session_ids", "neuron_mask"}` and the
@@ -376,16 +377,17 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
             raise ValueError("Pass input_ids (batch, neurons, token_steps) (or precomputed backbone_hidden_states).")
         else:
             # this head's forward is its entry point (no generate or pipeline in front): the value checks run here
-            input_ids = validate_inputs(self.config, input_ids, **identity)
+            input_ids = validate_inputs(self.config, input_ids, **identity, neuron_identity=neuron_identity)
             grid, device = input_ids.shape[:2], input_ids.device
         identity = dict(zip(identity, identity_inputs(*grid, device, **identity)))
         if backbone_hidden_states is not None:
-            check_identity_values(self.config, identity["neuron_ids"], identity["session_ids"])
+            if self.config.neuron_identity == "table":  # a data-identity backbone has no tables to index
+                check_identity_values(self.config, identity["neuron_ids"], identity["session_ids"])
             return backbone_hidden_states, identity, None
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             outputs = self.model(
                 input_ids=input_ids, **identity, use_cache=False, output_hidden_states=output_hidden_states,
-                return_dict=True,
+                neuron_identity=neuron_identity, return_dict=True,
             )
         return outputs.last_hidden_state, identity, outputs
 
@@ -400,6 +402,7 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
         behavior_mask: torch.BoolTensor | None = None,
         backbone_hidden_states: torch.FloatTensor | None = None,
         output_hidden_states: bool | None = None,
+        neuron_identity: torch.FloatTensor | None = None,
     ) -> CalmBehaviorRegressionOutput:
         r"""
         Args:
@@ -418,11 +421,14 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
                 Precomputed `last_hidden_state` of the frozen backbone (e.g. `model.model(...)`, cached once); skips
                 the backbone. `input_ids` may then be omitted.
             output_hidden_states (`bool`, *optional*): return the backbone's hidden states.
+            neuron_identity (`torch.FloatTensor` of shape `(batch, neurons, identity_size)`, *optional*): the data
+                identity a data-identity backbone reads (`calm_hf.identity_calm`; None = zero-shot); `neuron_ids`
+                then index only this head's bank.
             return_dict (`bool`, *optional*): return a [`CalmBehaviorRegressionOutput`] instead of a tuple.
         """
         identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask}
         hidden_states, identity, backbone_outputs = self._backbone_states(
-            input_ids, identity, backbone_hidden_states, output_hidden_states
+            input_ids, identity, backbone_hidden_states, output_hidden_states, neuron_identity
         )
         batch_size, _, num_steps, _ = hidden_states.shape
         self._check_bank_covers(identity["neuron_ids"])
