@@ -36,13 +36,13 @@ def run_chain(root, name, source_flags, forecast_source, trial_seconds, horizon)
     calm(["prepare", "--output_dir", str(work / "trials"), *source_flags, "--trial_seconds", str(trial_seconds)])
     calm(["tokenize", "--tokenizer_path", str(root / "calm" / "tokenizer"), "--trials_dataset", str(work / "trials"),
           "--output_dir", str(work / "tokenized")])
+    # the tiny preset is a data-identity model: no session name to learn, the recording's activity is its identity
     calm(["adapt", "--model_path", str(root / "calm"), "--tokenized_dataset", str(work / "tokenized"),
-          "--session_name", name, "--output_dir", str(work / "adapted"), "--context_frames", "20", "--max_steps", "2",
-          "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", *TRAIN_FLAGS])
+          "--output_dir", str(work / "adapted"), "--adapt_max_steps", "2", "--per_device_train_batch_size", "4"])
     for required in ("tokenizer/config.json", "preprocessor_config.json", "pipeline_neural_forecasting.py"):
         assert (work / "adapted" / required).is_file(), required
-    assert name in json.loads((work / "adapted" / "config.json").read_text())["session_names"]
-    calm(["forecast", "--model", str(work / "adapted"), "--traces", str(forecast_source), "--session", name,
+    assert json.loads((work / "adapted" / "config.json").read_text())["neuron_identity"] == "data"
+    calm(["forecast", "--model", str(work / "adapted"), "--traces", str(forecast_source),
           "--horizon", str(horizon), "--num_samples", "3", "--holdout", "--plot", str(work / "forecast.png"),
           "--output", str(work / "forecast.npz")])
     assert (work / "forecast.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -320,8 +320,11 @@ def check_release(out: Path) -> str | None:
         return None
     for name in RELEASE_FILES:
         assert (model / name).is_file(), f"calm-base lacks {name}"
-    for name in ("dataset_dict.json", "README.md", "calm_sessions.json", OUTPUT_MARKER):
+    for name in ("corpus.json", "README.md", OUTPUT_MARKER):
         assert (dataset / name).is_file(), f"calm-base-dataset lacks {name}"
+    for shard in json.loads((dataset / "corpus.json").read_text())["shards"]:
+        for name in ("dataset_dict.json", "calm_sessions.json"):
+            assert (dataset / shard["path"] / name).is_file(), f"calm-base-dataset/{shard['path']} lacks {name}"
     ids = {read_output_marker(model)["release_id"], read_output_marker(dataset)["release_id"],
            json.loads((model / "run_summary.json").read_text())["release_id"]}
     assert len(ids) == 1, f"the release folders disagree: {ids}"

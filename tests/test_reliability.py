@@ -564,7 +564,7 @@ def test_main_job_killed_with_sigterm_resumes_cleanly(tmp_path):
     (work / "tokenized.partial").mkdir()  # as a SIGKILL would leave it
     result = subprocess.run(command, capture_output=True, text=True, env=src_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[simulate] reusing" in result.stderr
+    assert "[corpus] reusing" in result.stderr
     assert not list(work.glob("*.partial")) and not list(tmp_path.glob("*.partial"))
     assert (tmp_path / "calm-base" / "run_summary.json").is_file()
 

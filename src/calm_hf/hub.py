@@ -271,18 +271,34 @@ def _push_dataset(api, dataset_dir: Path, dataset_repo_id: str, token: str, priv
     """Push a `save_to_disk` folder as parquet shards, its session metadata sidecar and its card."""
     import datasets
 
-    dataset = datasets.load_from_disk(str(dataset_dir))
+    # A sharded corpus (`corpus.json`, as `calm main` releases it) goes up shard by shard, each shard a dataset
+    # config named after its folder (`load_dataset(repo_id, "shard-00000")`); a plain `save_to_disk` folder goes
+    # up as the default config.
+    manifest_path = dataset_dir / "corpus.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        parts = [(dataset_dir / shard["path"], shard["path"]) for shard in manifest["shards"]]
+    else:
+        parts = [(dataset_dir, None)]
     result: dict[str, Any] = {"dataset_repo_id": dataset_repo_id}
     try:
         dataset_url = api.create_repo(dataset_repo_id, repo_type="dataset", private=private, exist_ok=True)
-        info = dataset.push_to_hub(dataset_repo_id, private=private, token=token,
-                                   commit_message="Upload tokenized CalM dataset")
-        # Session metadata (names, neuron ranges, z-score statistics) travels as the same sidecar as on disk, so
-        # load_trial_corpus("namespace/name") and the commands get it back.
-        sidecar = dataset_dir / "calm_sessions.json"
-        if sidecar.is_file():
-            api.upload_file(path_or_fileobj=str(sidecar), path_in_repo=sidecar.name, repo_id=dataset_repo_id,
-                            repo_type="dataset", commit_message="Upload calm_hf session metadata")
+        for folder, config_name in parts:
+            dataset = datasets.load_from_disk(str(folder))
+            extra = {} if config_name is None else {"config_name": config_name, "data_dir": config_name}
+            info = dataset.push_to_hub(dataset_repo_id, private=private, token=token,
+                                       commit_message=f"Upload tokenized CalM dataset{' ' + config_name if config_name else ''}",
+                                       **extra)
+            # Session metadata (names, neuron ranges, z-score statistics) travels as the same sidecar as on disk,
+            # so load_trial_corpus("namespace/name") and the commands get it back.
+            sidecar = folder / "calm_sessions.json"
+            if sidecar.is_file():
+                target = sidecar.name if config_name is None else f"{config_name}/{sidecar.name}"
+                api.upload_file(path_or_fileobj=str(sidecar), path_in_repo=target, repo_id=dataset_repo_id,
+                                repo_type="dataset", commit_message="Upload calm_hf session metadata")
+        if manifest_path.is_file():
+            api.upload_file(path_or_fileobj=str(manifest_path), path_in_repo=manifest_path.name,
+                            repo_id=dataset_repo_id, repo_type="dataset", commit_message="Upload the corpus manifest")
         card_path = dataset_dir / "README.md"
         card_commit = _merge_dataset_card(api, dataset_repo_id, card_path, token) if card_path.is_file() else None
         result.update(dataset_url=str(dataset_url), dataset_commit=card_commit or getattr(info, "oid", None))

@@ -117,6 +117,52 @@ def embedding_tables(model) -> tuple[np.ndarray, np.ndarray]:
     return neurons, sessions
 
 
+def uses_data_identity(model) -> bool:
+    """Whether `model` computes every neuron's identity from the recording (`config.neuron_identity == "data"`)."""
+    return getattr(model.config, "neuron_identity", "table") == "data"
+
+
+def data_identities(model, dataset, infos) -> dict[int, "torch.Tensor"]:
+    """Data-identity models: every dataset session's identity features `(neurons, identity_size)`, computed from its
+    training trials (the trials a user would give as `reference=`; the zero-shot identity without any)."""
+    import torch
+
+    from ..identity_calm import compute_neuron_identity, identity_settings
+
+    settings = identity_settings(model.config)
+    reference = {}
+    if "train" in dataset:
+        table = dataset["train"].with_format("numpy", columns=["input_values", "session_id"])
+        for values, session in zip(table["input_values"], table["session_id"]):
+            reference.setdefault(int(session), []).append(np.asarray(values, dtype=np.float32))
+    identities = {}
+    for info in infos:
+        trials = reference.get(info.session_id)
+        stacked = None if not trials else torch.as_tensor(np.stack(trials))
+        identities[info.session_id] = compute_neuron_identity(stacked, info.num_neurons, **settings)
+    return identities
+
+
+def identity_tables(model, identities: dict, infos) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
+    """Data-identity models: `(neuron_table, session_table, id_map)` in the shape `embedding_tables` and
+    `session_ids_in_model` give for table models. A neuron's row is what the model adds to its tokens (the projected
+    identity); a session's row is the mean over its neurons; `id_map` points each session at its rows."""
+    import torch
+
+    backbone = getattr(model, "model", model)
+    rows, sessions, id_map, offset = [], [], [], 0
+    with torch.no_grad():
+        for index, info in enumerate(infos):
+            features = identities[info.session_id].to(backbone.identity_proj.weight.device)
+            features = features[..., : backbone.identity_proj.in_features].float()
+            states = (backbone.identity_null + backbone.identity_proj(features)).float().cpu().numpy()
+            rows.append(states)
+            sessions.append(states.mean(axis=0))
+            id_map.append((index, np.arange(offset, offset + len(states))))
+            offset += len(states)
+    return np.concatenate(rows), np.stack(sessions), id_map
+
+
 def session_ids_in_model(config, infos) -> list[tuple[int, np.ndarray]]:
     """For each dataset session: `(model session id, model neuron ids (neurons,))`, matched by name when the model
     records session names, by position otherwise."""
@@ -326,7 +372,9 @@ def _baseline(name: str, context: int):
     raise ValueError(f"unknown baseline {name!r}; choose from ridge_ar, per_neuron_ar, mean.")
 
 
-def _calm_forecast(model, tokenizer, values, session_id, neuron_ids, args) -> np.ndarray:
+def _calm_forecast(model, tokenizer, values, session_id, neuron_ids, args, identity=None) -> np.ndarray:
+    """Forecasts of `values`' last frames; table models read `session_id` / `neuron_ids`, data-identity models the
+    session's `identity` features."""
     import torch
 
     from ..forecasting import CalmForecaster
@@ -336,17 +384,19 @@ def _calm_forecast(model, tokenizer, values, session_id, neuron_ids, args) -> np
     predictions = []
     for start in range(0, len(values), 8):
         chunk = values[start : start + 8]
+        who = ({"neuron_identity": identity} if uses_data_identity(model) else {
+            "neuron_ids": torch.as_tensor(np.broadcast_to(neuron_ids, (len(chunk), neuron_ids.size)).copy()),
+            "session_ids": torch.full((len(chunk),), session_id, dtype=torch.long)})
         result = forecaster.forecast(
-            chunk[..., : args.context_frames], horizon=horizon,
-            neuron_ids=torch.as_tensor(np.broadcast_to(neuron_ids, (len(chunk), neuron_ids.size)).copy()),
-            session_ids=torch.full((len(chunk),), session_id, dtype=torch.long),
+            chunk[..., : args.context_frames], horizon=horizon, **who,
             mode=args.forecast_mode, num_samples=4 if args.forecast_mode in ("sample", "mean") else 1,
         )
         predictions.append(result.forecast)
     return np.concatenate(predictions)
 
 
-def _forecast_sessions(args, dataset, infos, id_map, model, untrained, tokenizer, forecasters: list[str]):
+def _forecast_sessions(args, dataset, infos, id_map, model, untrained, tokenizer, forecasters: list[str],
+                       identities: dict | None = None):
     """Per session: (truths `(trials, neurons, horizon)` list, {forecaster: predictions list}) on `args.split`."""
     splits = {}
     for name in ("train", "validation", args.split):
@@ -364,9 +414,11 @@ def _forecast_sessions(args, dataset, infos, id_map, model, untrained, tokenizer
             raise ValueError(f"trials of {test.shape[-1]} frames leave no horizon after --context_frames "
                              f"{args.context_frames}.")
         truths.append(test[..., args.context_frames :].astype(np.float64))
-        predictions["CalM"].append(_calm_forecast(model, tokenizer, test, model_session, model_neurons, args))
+        identity = None if identities is None else identities[info.session_id]
+        predictions["CalM"].append(_calm_forecast(model, tokenizer, test, model_session, model_neurons, args,
+                                                  identity))
         predictions["CalM untrained"].append(
-            _calm_forecast(untrained, tokenizer, test, model_session, model_neurons, args))
+            _calm_forecast(untrained, tokenizer, test, model_session, model_neurons, args, identity))
         train, validation = trials("train"), trials("validation")
         for name in forecasters[2:]:
             baseline = _baseline(name, args.context_frames).fit(train, validation)
@@ -408,14 +460,16 @@ def _score_forecaster(args, infos, truths, predictions, trajectories: dict, vari
     return result
 
 
-def analyze_forecasts(args, dataset, infos, id_map, model, untrained, tokenizer, out: Path) -> dict[str, Any]:
+def analyze_forecasts(args, dataset, infos, id_map, model, untrained, tokenizer, out: Path,
+                      identities: dict | None = None) -> dict[str, Any]:
     if args.split not in dataset:
         raise ValueError(f"--split {args.split!r} is not in the dataset (splits: {sorted(dataset)}).")
     window = model.config.window_size
     if args.context_frames % window:
         raise ValueError(f"--context_frames {args.context_frames} must be a multiple of the token window {window}.")
     forecasters = ["CalM", "CalM untrained", *[b for b in args.baselines.split(",") if b]]
-    truths, predictions = _forecast_sessions(args, dataset, infos, id_map, model, untrained, tokenizer, forecasters)
+    truths, predictions = _forecast_sessions(args, dataset, infos, id_map, model, untrained, tokenizer, forecasters,
+                                             identities)
     trajectories, variance = {}, {}
     results = {name: _score_forecaster(args, infos, truths, predictions[name], trajectories, variance, name)
                for name in forecasters}
@@ -544,10 +598,16 @@ def run_analysis(args: AnalyzeArguments) -> dict:
     dataset = datasets.load_from_disk(args.dataset)
     infos = load_session_metadata(args.dataset)
     model, untrained, tokenizer, can_forecast = load_models(args.model, args.seed)
-    id_map = session_ids_in_model(model.config, infos)
     labels = load_labels(args.labels, infos)
-    tables, session_tables = embedding_tables(model)
-    untrained_tables, untrained_session_tables = embedding_tables(untrained)
+    identities = None
+    if uses_data_identity(model):  # who a neuron is comes from its activity: analyse the identity the model adds
+        identities = data_identities(model, dataset, infos)
+        tables, session_tables, id_map = identity_tables(model, identities, infos)
+        untrained_tables, untrained_session_tables, _ = identity_tables(untrained, identities, infos)
+    else:
+        id_map = session_ids_in_model(model.config, infos)
+        tables, session_tables = embedding_tables(model)
+        untrained_tables, untrained_session_tables = embedding_tables(untrained)
     rows = _all_rows(dataset)
     used = np.concatenate([neurons for _, neurons in id_map])
     report: dict[str, Any] = {
@@ -567,7 +627,8 @@ def run_analysis(args: AnalyzeArguments) -> dict:
         figures.plot_probe_accuracies(probe_rows, out / "probes.png", "linear probes of embeddings")
         report["probe_figure"] = "probes.png"
     if can_forecast and args.context_frames > 0:
-        report["forecasts"] = analyze_forecasts(args, dataset, infos, id_map, model, untrained, tokenizer, out)
+        report["forecasts"] = analyze_forecasts(args, dataset, infos, id_map, model, untrained, tokenizer, out,
+                                               identities)
     report["headline"] = headline(report)
     report["seconds"] = time.perf_counter() - start
     report = _json_safe(report)

@@ -8,15 +8,13 @@ each trial's neurons get their identity from the other training trials) and keep
 Pearson r on the recording's validation trials, stopping after `--adapt_patience` evaluations without a gain or at the
 time budget. The `--adapt_*` defaults are the recipe `benchmarks/foundation.py` measures as `calm_adapted`.
 
-A table-identity model learns only a new session's session and neuron embeddings (`--session_name` required):
-
-The tokenized dataset must hold one session (neuron ids 0..N-1 of its own); the model grows its session and neuron
+A table-identity model learns only a new session's session and neuron embeddings (`--session_name` required). The
+tokenized dataset must hold one session (neuron ids 0..N-1 of its own); the model grows its session and neuron
 tables (new rows start at the mean of the existing rows), every other weight stays bit-identical, and the adapted
 checkpoint is saved with the new session's name so `pipeline(..., session="mouse7")` finds it.
 
-`--backbone_learning_rate 3e-4` also fine-tunes the rest of the model (never the other sessions' rows). On the
-held-out simulated session (5 minutes, validation trials) it scored r 0.351 / MSE 0.387 against 0.350 / 0.391 for
-the rows alone, so it is off by default: what a held-out session lacks is pretraining, not adaptation capacity.
+`--backbone_learning_rate 3e-4` also fine-tunes the rest of the model (never the other sessions' rows); it is off by
+default because it measured no better than the rows alone on a held-out simulated session (`benchmarks/README.md`).
 """
 
 from __future__ import annotations
@@ -55,7 +53,9 @@ class AdaptArguments:
                                                                       "none)."})
     tokenizer_path: str | None = field(default=None, metadata={"help": "Default: <model_path>/tokenizer."})
     max_neurons: int | None = field(default=64, metadata={"help": "Neurons per training example."})
-    context_frames: int = field(default=40, metadata={"help": "Forecast context for the final evaluation."})
+    context_frames: int | None = field(default=None, metadata={
+        "help": "Forecast context (frames) for validation and the final test score. Default: 40 frames, or half the "
+                "trial (a whole number of token windows) when trials are shorter than 80 frames."})
     backbone_learning_rate: float = field(
         default=0.0,
         metadata={"help": "0 (default): every pretrained weight stays bit-identical and only the new session's rows "
@@ -65,8 +65,8 @@ class AdaptArguments:
     identity_init: str = field(
         default="random",
         metadata={"help": "New neuron rows: 'random' keeps the plain init; 'coupling' writes the session's measured "
-                          "one-step coupling in the layout the mixer was initialised with (calm_hf.identity_init). "
-                          "Measured on the held-out simulated session: r 0.249 vs 0.247, so not the default."},
+                          "one-step coupling in the layout the mixer was initialised with (calm_hf.identity_init); "
+                          "not the default, as it measured no better (benchmarks/README.md)."},
     )
     # data-identity models: the fine-tuning recipe (calm_hf.adaptation.AdaptationSettings)
     adapt_learning_rate: float = field(default=AdaptationSettings.learning_rate,
@@ -150,6 +150,15 @@ def adaptation_optimizer(model: CalmForCausalNeuralModeling, learning_rate: floa
                               {"params": rest, "lr": backbone_learning_rate}], weight_decay=0.0)
 
 
+def default_context_frames(context_frames: int | None, trial_frames: int, window_size: int) -> int:
+    """`--context_frames`, or its default for `trial_frames`-long trials: 40 frames, or half the trial (whole token
+    windows, at least one) when that leaves less than half of it to forecast."""
+    if context_frames is not None:
+        return context_frames
+    half = max(window_size, (trial_frames // 2) // window_size * window_size)
+    return min(40, half)
+
+
 def adapt_data_identity(args: AdaptArguments, training_args: TrainingArguments, model, tokenizer) -> dict:
     """`calm adapt` of a data-identity model: fine-tune on the recording's training trials, stopped on its validation
     trials, score its test trials (identity from every training trial), save the adapted checkpoint."""
@@ -161,6 +170,7 @@ def adapt_data_identity(args: AdaptArguments, training_args: TrainingArguments, 
         raise ValueError(f"the tokenized dataset holds sessions {sessions}; adapt to one recording at a time (filter it "
                          "with dataset.filter(lambda r: r['session_id'] == k)).")
     train, val, test = (split_arrays(corpus[name])[0] for name in ("train", "validation", "test"))
+    args.context_frames = default_context_frames(args.context_frames, test.shape[-1], model.config.window_size)
     if args.context_frames >= test.shape[-1]:
         raise ValueError(f"--context_frames {args.context_frames} leaves nothing to forecast in {test.shape[-1]}-frame "
                          "trials: lower it.")
@@ -224,7 +234,9 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     )
     trainer.train()
     forecaster = CalmForecaster(model, tokenizer, autocast_dtype=torch.bfloat16 if training_args.bf16 else None)
-    metrics = evaluate_forecasting(forecaster, corpus["test"], context_frames=args.context_frames)
+    frames = len(corpus["test"][0]["input_values"][0]) if len(corpus["test"]) else 2 * 40
+    context = default_context_frames(args.context_frames, frames, model.config.window_size)
+    metrics = evaluate_forecasting(forecaster, corpus["test"], context_frames=context)
     metrics = {f"test_forecast_{k}": v for k, v in metrics.items()}
     if trainer.is_world_process_zero():
         trainer.save_model(training_args.output_dir)

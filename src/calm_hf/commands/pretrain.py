@@ -200,6 +200,23 @@ def build_trainer(model, tokenizer, corpus, sessions, data_args: DataArguments, 
     )
 
 
+def local_tokenized_dataset(source: str) -> str:
+    """`source` as a local folder: a folder is returned as it is; a Hub dataset id (`namespace/name`, pushed by
+    `calm_hf.hub.push_to_hub`) is read with `load_trial_corpus` and saved once more, with its session metadata, under
+    `$CALM_CACHE_DIR/hub-datasets/` (default `~/.cache/calm_hf`; refreshed on every call), so both training paths
+    read it like a local one."""
+    if Path(source).is_dir():
+        return source
+    from ..data import load_trial_corpus, save_trial_dataset
+
+    corpus, sessions = load_trial_corpus(source)  # refuses what is neither a folder nor a Hub id, naming both
+    cache = Path(os.environ.get("CALM_CACHE_DIR") or "~/.cache/calm_hf").expanduser() / "hub-datasets"
+    target = cache / source.replace("/", "--")
+    save_trial_dataset(corpus, target, sessions)
+    logger.info("read Hub dataset %s into %s", source, target)
+    return str(target)
+
+
 def load_stream_source(path: str) -> tuple[list[Path], list, int, int]:
     """(shard folders, their sessions, the longest trial in token steps, training trials) of a tokenized corpus or
     DatasetDict, read from the shards' metadata without loading any trials."""
@@ -306,6 +323,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
                                  ("--value_skip_init", model_args.value_skip_init, ("ridge", "random"))):
         if value not in allowed:
             raise ValueError(f"{name} must be {' or '.join(repr(a) for a in allowed)}, got {value!r}.")
+    data_args.tokenized_dataset = local_tokenized_dataset(data_args.tokenized_dataset)
     shards, sessions, token_steps, train_rows = load_stream_source(data_args.tokenized_dataset)
     model = build_model(model_args, tokenizer, sessions, token_steps)
     streamed = model.config.neuron_identity == "data"
