@@ -175,3 +175,15 @@ def test_forecast_plot_heatmap_of_many_neurons_is_z_scored(tmp_path, checkpoint,
     assert "z-score" in colorbar.get_ylabel()
     assert [text.get_text() for text in figure.axes[0].get_yticklabels()][0] == "neuron 0"
 
+
+def test_forecast_of_a_missing_model_folder_says_so(tmp_path, capsys):
+    np.savez(tmp_path / "rec.npz", traces=smooth_traces(3, 60), fs=10.0)
+    argv = ["forecast", "--traces", str(tmp_path / "rec.npz"), "--horizon", "4", "--output", str(tmp_path / "f.npz")]
+    assert calm_main(argv + ["--model", "nope-ckpt"]) == 1
+    err = capsys.readouterr().err
+    assert "no such folder" in err and "nope-ckpt" in err and "connect" not in err.lower()
+    assert calm_main(argv + ["--model", "runs/nope-ckpt"]) == 1  # a folder path, or a Hub id that is not there
+    assert "runs/nope-ckpt: no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert calm_main(argv + ["--model", str(tmp_path / "empty")]) == 1
+    assert "no config.json" in capsys.readouterr().err

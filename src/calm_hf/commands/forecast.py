@@ -136,14 +136,31 @@ def _save_npz(path: Path, arrays: dict) -> None:
     os.replace(staging, path)
 
 
+def _looks_local(name: str) -> bool:
+    """Whether `--model` can only be a folder: a Hub id is `namespace/name` (no dots or slashes in front)."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
 def load_forecaster(model: str):
-    """The `neural-forecasting` pipeline of `--model`: a checkpoint folder or a Hub id."""
+    """The `neural-forecasting` pipeline of `--model`: a folder, else a Hub id; a name that is neither is refused as
+    "no such folder" (not as a failed connection to the Hub)."""
     from transformers import pipeline  # the task is registered by calm_hf/__init__, already imported here
 
-    model_path = os.path.expanduser(model)
-    if (os.path.isabs(model_path) or model_path.startswith(".")) and not os.path.isdir(model_path):
-        raise FileNotFoundError(f"No checkpoint folder at {model}; pass the folder written by `calm main`.")
-    return pipeline("neural-forecasting", model=model)
+    path = os.path.expanduser(model)
+    missing = (f"--model {model}: no such folder ({os.path.abspath(path)}); pass the folder `calm main` wrote "
+               "(e.g. calm-base) or a Hub id namespace/name")
+    if not os.path.isdir(path):
+        if _looks_local(model):
+            raise FileNotFoundError(missing + ".")
+        try:
+            return pipeline("neural-forecasting", model=model)
+        except OSError as error:
+            raise FileNotFoundError(f"{missing}; the Hub has no model {model} reachable from here "
+                                    f"({str(error).splitlines()[0]}).") from error
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--model {model}: {path} has no config.json, so it is not a checkpoint folder; pass "
+                                "the folder `calm main` or `calm adapt` wrote.")
+    return pipeline("neural-forecasting", model=path)
 
 
 def _forecast_with_warnings(args: ForecastArguments, forecaster, traces: np.ndarray, fs: float | None) -> dict:
