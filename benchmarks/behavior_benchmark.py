@@ -20,7 +20,9 @@ Protocol
 - With `--backbone DIR` (e.g. calm-base) no backbone is trained: the checkpoint and its tokenizer are used as they are,
   each session's neurons get their data identity from the session's training trials, and the heads decode from its
   frozen hidden states (the heads' neuron-weight banks still index each session's neurons).
-- Heads: trained with AdamW (lr 1e-2; adaptation lr 1e-2, no decay) on the training trials (MSE), early stopping on validation MSE; the frozen backbone's
+- Heads: trained with AdamW on the training trials (MSE) with the packaged behaviour recipe
+  (`calm_hf/recipes/behavior.json`, the defaults of `calm finetune-behavior`; adaptation without weight decay), early
+  stopping on validation MSE; the frozen backbone's
   hidden states are computed once and fed through `backbone_hidden_states` (checked equal to the full forward).
 - Baselines (calm_hf.baselines.behavior) on the same z-scored traces at the same 5 Hz rate: ridge GLM on 4 causal lags,
   reduced-rank ridge regression, causal TCN; each picks its hyperparameters on the validation trials.
@@ -50,6 +52,7 @@ import torch
 import transformers
 
 from calm_hf.baselines.behavior import ReducedRankDecoder, RidgeGLMDecoder, TCNDecoder
+from calm_hf.commands.recipes import load_behavior_recipe
 from calm_hf.configuration_calm import CalmConfig
 from calm_hf.configuration_calm_tokenizer import CalmTokenizerConfig
 from calm_hf.data import PreparedSession, default_data_dir, load_park_sessions, prepare_session, simulate_benchmark
@@ -291,9 +294,13 @@ def validation_mse(model: CalmForBehaviorRegression, sessions: list[Session]) ->
     return float(np.concatenate(errors).mean())
 
 
+RECIPE = load_behavior_recipe()  # learning rate, weight decay, batch, patience, epochs: what `calm finetune-behavior` uses
+
+
 def fit_head(model: CalmForBehaviorRegression, sessions: list[Session], parameters: list[torch.nn.Parameter],
-             seconds: float, learning_rate: float, weight_decay: float, seed: int, batch_size: int = 16,
-             patience: int = 15, max_epochs: int = 400) -> dict:
+             seconds: float, seed: int, learning_rate: float = RECIPE["learning_rate"],
+             weight_decay: float = RECIPE["weight_decay"], batch_size: int = RECIPE["batch_size"],
+             patience: int = RECIPE["patience"], max_epochs: int = RECIPE["max_epochs"]) -> dict:
     """AdamW on the training trials of `sessions` (one session per batch), early stopping on validation MSE."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -340,7 +347,7 @@ def single_session(session: Session, checkpoints: dict, budget: dict, seed: int)
     for head, name in (("linear", "CalM-linear"), ("glu", "CalM-GLU")):
         model = new_head(checkpoints[session.kind], head, session.prepared.behavior.shape[1], seed)
         log[name] = fit_head(model, [session], [p for p in model.parameters() if p.requires_grad], budget["head_s"],
-                             learning_rate=1e-2, weight_decay=1e-2, seed=seed)
+                             seed=seed)
         rows += score_rows(session, name, predict(model, session, "test"))
     p = session.prepared
     data = [p.traces[session.split(s)] for s in ("train", "train", "validation", "validation")]
@@ -363,10 +370,10 @@ def multi_session(park: list[Session], checkpoint: str, budget: dict, seed: int)
         for head, name in (("linear", "CalM-linear"), ("glu", "CalM-GLU")):
             model = new_head(checkpoint, head, held_out.prepared.behavior.shape[1], seed)
             shared = fit_head(model, others, [p for p in model.parameters() if p.requires_grad], budget["head_s"],
-                              learning_rate=1e-2, weight_decay=1e-2, seed=seed)
+                              seed=seed)
             before = {k: v.clone() for k, v in model.state_dict().items()}
             bank = model.train_only_session_neurons(held_out.neuron_ids)
-            adapted = fit_head(model, [held_out], bank, budget["adapt_s"], learning_rate=1e-2, weight_decay=0.0, seed=seed)
+            adapted = fit_head(model, [held_out], bank, budget["adapt_s"], weight_decay=0.0, seed=seed)
             after = model.state_dict()
             rows_bank = held_out.neuron_ids
             untouched = all(torch.equal(after[k], v) for k, v in before.items() if k != "behavior_head.neuron_weights")

@@ -77,12 +77,12 @@ def test_packaged_recipe_files_are_the_recipes_and_valid_config_files():
 
 
 def test_a_recipe_file_with_an_unknown_field_is_refused(tmp_path, monkeypatch):
-    from calm_hf.commands import main as main_command
+    from calm_hf.commands import recipes
 
     (tmp_path / "main_cpu.json").write_text(json.dumps({"size": "cpu", "pretrain_lr": 1e-3, "pretrain_lrr": 1}))
-    monkeypatch.setattr(main_command, "recipe_path", lambda size: tmp_path / f"main_{size}.json")
+    monkeypatch.setattr(recipes, "recipe_path", lambda size: tmp_path / f"main_{size}.json")
     with pytest.raises(ValueError, match="pretrain_lrr"):
-        main_command.load_recipe("cpu")
+        recipes.load_recipe("cpu")
 
 
 def test_config_file_flags_and_errors(tmp_path):

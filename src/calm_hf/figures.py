@@ -12,39 +12,125 @@ import numpy as np
 FIGURE_NAME = "forecast_example.png"
 
 
-def plot_forecast(path, context, forecast, sampling_rate: float, truth=None, lower=None, upper=None,
-                  neurons: int = 4, context_frames: int | None = None, software: str | None = None) -> None:
-    """Draw context, truth (when given), forecast and the sampled band (when given) for the first `neurons` neurons.
+HEATMAP_ABOVE = 30  # recordings with more neurons than this are drawn as a heatmap by default (`kind="auto"`)
+PLOT_KINDS = ("auto", "traces", "heatmap")
 
-    Arrays are `(neurons, frames)` at `sampling_rate`; the forecast starts one frame after the context's last frame.
-    `software` is written into a PNG's metadata.
+
+def neuron_labels(count: int, roi_ids=None, roi_planes=None) -> list[str]:
+    """Labels of `count` neurons: "ROI 75" (or "plane 1 ROI 75") from the ids the segmentation gave them, else
+    "neuron 3" (their row in the traces)."""
+    if roi_ids is None:
+        return [f"neuron {row}" for row in range(count)]
+    if roi_planes is None:
+        return [f"ROI {int(roi)}" for roi in roi_ids]
+    return [f"plane {int(plane)} ROI {int(roi)}" for plane, roi in zip(roi_planes, roi_ids)]
+
+
+def score_line(scores: dict) -> str:
+    """The held-out scores as one line: the forecast's Pearson r and MSE beside the last second's mean held flat."""
+    return (f"held-out {scores['horizon']} frames: forecast r = {scores['pearson_r']:.3f}, MSE = {scores['mse']:.3g}"
+            f"  |  last second's mean held flat: MSE = {scores['baseline_mse']:.3g} (r undefined: a flat line)")
+
+
+def plot_forecast(path, context, forecast, sampling_rate: float, truth=None, lower=None, upper=None,
+                  neurons: int = 4, context_frames: int | None = None, software: str | None = None,
+                  labels: list[str] | None = None, title: str | None = None, units: str | None = None,
+                  kind: str = "auto", scores: dict | None = None, band_label: str = "5-95% band",
+                  baseline=None) -> str:
+    """Draw a forecast and write it to `path`; returns the kind drawn.
+
+    Arrays are `(neurons, frames)` at `sampling_rate`; the forecast starts one frame after the context's last frame;
+    time is in seconds from the forecast's start. `kind="traces"` draws context, truth (when given), forecast and
+    the band `lower`..`upper` (when given) for the `neurons` most variable neurons, one panel each, in `units`;
+    `kind="heatmap"` draws every neuron as a row (recorded above, forecast below, each neuron z-scored with its
+    context's statistics); `"auto"` picks the heatmap above `HEATMAP_ABOVE` neurons. `labels` name the neurons
+    (`neuron_labels`), `title` heads the figure, `scores` (`pearson_r`, `mse`, `baseline_mse`, `horizon`) add the
+    held-out scores under it, and `baseline` `(neurons, horizon)` (the last second's mean held flat) is drawn beside
+    the forecast in the trace panels. `software` is written into a PNG's metadata.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    count = min(int(neurons), context.shape[0])
+    if kind not in PLOT_KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {PLOT_KINDS}.")
+    count = context.shape[0]
+    kind = ("heatmap" if count > HEATMAP_ABOVE else "traces") if kind == "auto" else kind
+    labels = labels or neuron_labels(count)
     shown = context.shape[-1] if context_frames is None else min(context_frames, context.shape[-1])
-    past = (np.arange(-shown + 1, 1)) / sampling_rate
+    past = np.arange(-shown + 1, 1) / sampling_rate
     future = np.arange(1, forecast.shape[-1] + 1) / sampling_rate
-    figure, axes = plt.subplots(count, 1, figsize=(8, 1.8 * count + 0.6), sharex=True, squeeze=False)
-    for row, axis in zip(range(count), axes[:, 0]):
-        axis.plot(past, context[row, -shown:], color="0.3", lw=1, label="context")
-        if truth is not None:
-            axis.plot(future, truth[row], color="black", lw=1, ls="--", label="truth")
-        if lower is not None and upper is not None:
-            axis.fill_between(future, lower[row], upper[row], color="tab:blue", alpha=0.25, label="5-95% of samples")
-        axis.plot(future, forecast[row], color="tab:blue", lw=1.5, label="forecast")
-        axis.axvline(0.0, color="0.6", lw=0.8)
-        axis.set_ylabel(f"neuron {row}")
-    axes[0, 0].legend(loc="upper left", fontsize=7, ncol=4)
-    axes[-1, 0].set_xlabel("time from the end of the context (s)")
-    figure.tight_layout()
+    units = units or "units of the input"
+    if kind == "heatmap":
+        figure = _heatmap(plt, context[:, -shown:], forecast, truth, past, future, labels)
+    else:
+        figure = _trace_panels(plt, context[:, -shown:], forecast, truth, lower, upper, past, future, labels,
+                               neurons, units, band_label, baseline)
+    heading = [title] if title else []
+    if scores is not None:
+        heading.append(score_line(scores))
+    if heading:
+        figure.suptitle("\n".join(heading), fontsize=9)
+    figure.supxlabel(f"time from the forecast start (s; {sampling_rate:g} Hz)", fontsize=9)
     # a PNG says which command wrote it, so that command may replace it later (`claim_output_file`)
     png = str(path).lower().endswith(".png")
     figure.savefig(path, dpi=120, metadata={"Software": software} if software and png else None)
     plt.close(figure)
+    return kind
+
+
+def _trace_panels(plt, context, forecast, truth, lower, upper, past, future, labels, neurons, units, band_label,
+                  baseline=None):
+    """One panel per neuron (the most variable ones), in the input's units."""
+    whole = context if truth is None else np.concatenate([context, truth], axis=-1)
+    chosen = np.argsort(np.nanstd(whole, axis=-1))[::-1][: max(1, int(neurons))]
+    figure, axes = plt.subplots(len(chosen), 1, figsize=(8, 1.8 * len(chosen) + 1.0), sharex=True, squeeze=False,
+                             layout="constrained")
+    for row, axis in zip(chosen, axes[:, 0]):
+        axis.plot(past, context[row], color="0.3", lw=1, label="recorded (context)")
+        if truth is not None:
+            axis.plot(future, truth[row], color="black", lw=1, ls="--", label="recorded (held out)")
+        if lower is not None and upper is not None:
+            axis.fill_between(future, lower[row], upper[row], color="tab:blue", alpha=0.25, lw=0, label=band_label)
+        if baseline is not None:
+            axis.plot(future, baseline[row], color="tab:orange", lw=1, ls=":", label="last second's mean")
+        axis.plot(future, forecast[row], color="tab:blue", lw=1.5, label="CalM forecast")
+        axis.axvline(0.0, color="0.6", lw=0.8)
+        axis.set_ylabel(f"{labels[row]}\n({units})", fontsize=8)
+    axes[0, 0].legend(loc="upper left", fontsize=7, ncol=5, frameon=False)
+    return figure
+
+
+def _heatmap(plt, context, forecast, truth, past, future, labels):
+    """Every neuron as a row: recorded (context, and the held-out truth) above, the forecast after the same context
+    below; each neuron z-scored with its context's mean and standard deviation so rows compare."""
+    mean = np.nanmean(context, axis=-1, keepdims=True)
+    std = np.nanstd(context, axis=-1, keepdims=True)
+    std = np.where(std > 0, std, 1.0)
+    recorded = context if truth is None else np.concatenate([context, truth], axis=-1)
+    predicted = np.concatenate([context, forecast], axis=-1)
+    step = (past[1] - past[0]) if len(past) > 1 else (future[0] if len(future) else 1.0)
+    times = np.concatenate([past, future])
+    edges = (times[0] - step / 2, times[-1] + step / 2)
+    count = context.shape[0]
+    figure, axes = plt.subplots(2, 1, figsize=(9, 2 * min(6.0, 1.0 + count / 40) + 1.2), sharex=True, squeeze=False,
+                                layout="constrained")
+    limit = 3.0
+    panels = (("recorded" + (" (context, then held out)" if truth is not None else " (context)"), recorded),
+              ("context, then CalM forecast", predicted))
+    for axis, (name, values) in zip(axes[:, 0], panels):
+        frames = values.shape[-1]
+        image = axis.imshow((values - mean) / std, aspect="auto", interpolation="nearest", cmap="RdBu_r",
+                            vmin=-limit, vmax=limit, extent=(edges[0], edges[0] + frames * step, count - 0.5, -0.5))
+        axis.axvline(0.0 + step / 2, color="black", lw=0.8)
+        axis.set_title(name, fontsize=8, loc="left")
+        ticks = np.unique(np.linspace(0, count - 1, min(count, 8)).round().astype(int))
+        axis.set_yticks(ticks, [labels[t] for t in ticks], fontsize=6)
+        axis.set_xlim(*edges)
+    colorbar = figure.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, pad=0.01)
+    colorbar.set_label("z-score per neuron (context mean, s.d.)", fontsize=7)
+    return figure
 
 
 def forecast_figure(forecaster, split: datasets.Dataset, path: Path, context_frames: int,

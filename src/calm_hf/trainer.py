@@ -138,6 +138,9 @@ class CalmTrainer(Trainer):
         self.neural_tokenizer = neural_tokenizer
         self.trace_processor = trace_processor
         super().__init__(*args, **kwargs)
+        if self.args.dataloader_pin_memory and self.args.device.type == "cpu":
+            # pinned memory only speeds up copies to an accelerator; on the CPU the DataLoader warns about it instead
+            self.args.dataloader_pin_memory = False
         model = self.accelerator.unwrap_model(self.model)
         has_callback = any(isinstance(cb, CalmTokenizerTrainingCallback) for cb in self.callback_handler.callbacks)
         if isinstance(model, CalmTokenizer) and not has_callback:

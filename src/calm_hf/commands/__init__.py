@@ -95,7 +95,8 @@ def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str | None = None) -> tuple:
+def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str | None = None,
+                       recipe: str | None = None) -> tuple:
     """What every command does first: parse its dataclasses, set up logging and the torch thread count.
 
     Args:
@@ -106,6 +107,9 @@ def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, pr
             included); flags given next to it override the file.
         prog (`str`, *optional*):
             Program name shown by `--help`, e.g. `"calm pretrain"`.
+        recipe (`str`, *optional*):
+            A command of `calm_hf.commands.recipes`: its measured recipe becomes the defaults (`--help` shows them and
+            says where they were measured); `--config` and flags override them.
 
     Returns:
         `tuple`: one instance per dataclass type.
@@ -114,13 +118,18 @@ def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, pr
 
     from ..hardware import configure_torch_threads
 
-    parser = HfArgumentParser(dataclass_types, prog=prog)
+    from .recipes import recipe_defaults, recipe_help
+
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=recipe and recipe_help(recipe))
     # listed for --help only: `_split_config` takes it out of argv before parsing
     parser.add_argument("--config", default=None, help="A JSON file of these fields (flags next to it override it).")
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, argv = _split_config(argv)
+    values = _read_config(config_path) if config_path is not None else {}
+    if recipe is not None:
+        given = {item[2:].split("=", 1)[0] for item in argv if item.startswith("--")} | set(values)
+        parser.set_defaults(**recipe_defaults(recipe, given))
     if config_path is not None:
-        values = _read_config(config_path)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:

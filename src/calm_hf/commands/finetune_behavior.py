@@ -1,14 +1,18 @@
 """`calm finetune-behavior`: decode behaviour from the frozen dual-axis transformer (CalmForBehaviorRegression).
 
     calm finetune-behavior --model_name_or_path runs/calm --tokenized_dataset runs/park-tokenized \
-        --behavior_head glu --output_dir runs/calm-behavior --num_train_epochs 30 --learning_rate 3e-3 --bf16
+        --behavior_head glu --output_dir runs/calm-behavior
+
+With no optional flag it trains as `benchmarks/behavior_benchmark.py` measured (`calm_hf/recipes/behavior.json`):
+AdamW learning rate, weight decay and batch, evaluation every epoch, and the head of the best validation MSE kept once
+`--early_stopping_patience` epochs bring no better one (at most `--num_train_epochs`); flags override them.
 
 Held-out session: start from a behaviour checkpoint trained on other sessions and train only the new session's rows
 of the head's neuron-weight bank (backbone, projections, bias and smoothing stay bit-identical; weight decay is forced
 to 0 because it would shrink the frozen rows):
 
     calm finetune-behavior --model_name_or_path runs/calm-behavior --tokenized_dataset runs/park-tokenized \
-        --adapt_session mrcuts28 --output_dir runs/calm-behavior-mrcuts28 --learning_rate 1e-2
+        --adapt_session mrcuts28 --output_dir runs/calm-behavior-mrcuts28
 
 The tokenized DatasetDict (`calm prepare` + `calm tokenize`) must carry a `behavior` column
 (z-scored with training statistics by the data layer). Dataset sessions are matched to the model's sessions by name
@@ -30,8 +34,10 @@ from transformers import EvalPrediction, TrainingArguments, set_seed
 from ..data import CalmDataCollator, SessionInfo, load_trial_corpus
 from ..metrics.functional import mse, r2_score
 from ..modeling_calm_behavior import CalmForBehaviorRegression
+from ..callbacks import BestValidationCallback
 from ..trainer import CalmTrainer
 from . import OutputArguments, claim_training_output, parse_command_args, run_command
+from .recipes import command_defaults
 
 logger = logging.getLogger("calm_hf.finetune_behavior")
 
@@ -61,6 +67,11 @@ class DataArguments:
     )
     max_neurons: int | None = field(
         default=None, metadata={"help": "Random neuron subset per trial (default: all neurons, as at test time)."}
+    )
+    early_stopping_patience: int = field(
+        default=command_defaults("finetune-behavior")["early_stopping_patience"],
+        metadata={"help": "Evaluations without a better validation MSE before training stops; the best head is kept "
+                          "(0 = train every epoch and keep the last)."},
     )
 
 
@@ -185,7 +196,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Parse `argv` (see the argument dataclasses), train and save the behaviour head, return validation and test
     metrics. `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
     model_args, data_args, training_args, output = parse_command_args(
-        (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm finetune-behavior")
+        (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm finetune-behavior",
+        recipe="finetune-behavior")
     claim_training_output("finetune-behavior", training_args, output,
                           [model_args.model_name_or_path, data_args.tokenized_dataset])
     training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids/behavior
@@ -209,6 +221,11 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         model.config.behavior_head, num_channels, sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     columns = ["input_ids", "neuron_ids", "session_id", "behavior"]
+    callbacks = list(callbacks or [])
+    if data_args.early_stopping_patience > 0:
+        if training_args.eval_strategy == "no":
+            logger.warning("--eval_strategy no: nothing to stop early on, every epoch trains and the last head is kept")
+        callbacks.append(BestValidationCallback("mse", data_args.early_stopping_patience))
     trainer = CalmTrainer(
         model=model,
         args=training_args,
@@ -216,7 +233,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         eval_dataset=corpus["validation"].select_columns(columns),
         data_collator=CalmBehaviorCollator(max_neurons=data_args.max_neurons, seed=training_args.seed),
         compute_metrics=behavior_metrics(sessions[0].behavior_names),
-        callbacks=list(callbacks or []),
+        callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)

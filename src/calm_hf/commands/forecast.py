@@ -1,11 +1,15 @@
 """`calm forecast`: forecast traces from a recording file with the `neural-forecasting` pipeline.
 
     calm forecast --model calm-base --traces traces.npy --horizon 60 [--sampling_rate 30] [--num_samples 20]
-                  [--holdout] [--plot out.png]
+                  [--holdout] [--plot out.png] [--plot_kind heatmap]
 
-Reads .npy `(neurons, frames)`, .npz with a `traces` array (and optional `fs`), .nwb, CaImAn .hdf5 or a suite2p
-folder; writes `--output` (.npz with `forecast`, and `samples` / quantiles when sampled, `truth` / `pearson_r` with
-`--holdout`).
+Reads .npy `(neurons, frames)`, .npz with a `traces` array (and optional `fs`, `roi_ids`), .nwb, CaImAn .hdf5 or a
+suite2p folder (`--sampling_rate` replaces the rate the file stores, so a suite2p folder without ops.npy reads too);
+writes `--output` (.npz with `forecast`, its quantile bands, `neuron_ids` (the rows of the input) and, when the
+recording names them, `roi_ids` (suite2p ROI index, CaImAn component, NWB ROI id); `truth`, `pearson_r`, `mse` and the
+last second's mean's `last_second_mean_mse` with `--holdout`). `--plot` draws the forecast in seconds, titled with
+the recording, the model and the horizon, the neurons labelled by their ROI ids, and a heatmap of every neuron for
+large recordings.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ class ForecastArguments:
     traces: str = field(metadata={"help": ".npy (neurons, frames), .npz with a `traces` array, .nwb, CaImAn .hdf5 or "
                                           "a suite2p folder."})
     horizon: int = field(metadata={"help": "Frames to forecast at --sampling_rate."})
-    sampling_rate: float | None = field(default=None, metadata={"help": "Hz of the input; default: the file's or the "
+    sampling_rate: float | None = field(default=None, metadata={"help": "Hz of the input, replacing the rate the file "
+                                                                         "stores; default: the file's, else the "
                                                                          "model's."})
     num_samples: int = field(default=1, metadata={"help": "Sampled futures (a 5-95 percentile band when > 1)."})
-    session: str | None = field(default=None, metadata={"help": "Session name the model knows (`calm adapt`)."})
+    session: str | None = field(default=None, metadata={"help": "Table-identity models: a session name the model "
+                                                                 "knows (`calm adapt`)."})
     output: str = field(default="forecast.npz", metadata={"help": "Where the forecast .npz is written."})
     holdout: bool = field(
         default=False,
@@ -43,20 +49,42 @@ class ForecastArguments:
                           "report the Pearson r (per neuron over the horizon, averaged) and draw them with --plot."},
     )
     plot: str | None = field(default=None, metadata={"help": "Write a figure (e.g. out.png): context, truth, forecast."})
-    plot_neurons: int = field(default=4, metadata={"help": "Neurons drawn by --plot."})
+    plot_neurons: int = field(default=4, metadata={"help": "Neurons drawn by --plot as traces (the most variable)."})
+    plot_kind: str = field(
+        default="auto", metadata={"help": "traces (one panel per neuron), heatmap (every neuron a row) or auto (the "
+                                          "heatmap above 30 neurons)."})
+    units: str | None = field(default=None, metadata={"help": "What the traces are, for the plot's axis (e.g. dF/F); "
+                                                               "default: what the file says, where it does."})
 
 
-def _read_npz_traces(path: str, sampling_rate: float | None) -> tuple[np.ndarray, float | None]:
+@dataclass
+class RecordingFile:
+    """What `calm forecast` reads from a recording file: traces `(neurons, frames)`, their rate (None: not stated) and
+    what names the neurons and the units, where the file says."""
+
+    traces: np.ndarray
+    sampling_rate: float | None
+    name: str
+    roi_ids: np.ndarray | None = None
+    roi_planes: np.ndarray | None = None
+    units: str | None = None
+
+
+def _read_npz_traces(path: str, sampling_rate: float | None) -> RecordingFile:
+    from ..data.io import check_roi_ids
+
     with np.load(path, allow_pickle=False) as data:
         if "traces" not in data:
             raise ValueError(f"{path} holds {sorted(data.files)} but no `traces` array.")
         fs = float(data["fs"]) if "fs" in data and sampling_rate is None else sampling_rate
-        return data["traces"], fs
+        traces = data["traces"]
+        roi_ids = check_roi_ids(data["roi_ids"], traces.shape[0], path) if "roi_ids" in data else None
+        return RecordingFile(traces, fs, Path(path).stem, roi_ids)
 
 
-def load_traces(path: str, sampling_rate: float | None) -> tuple[np.ndarray, float | None]:
-    """(traces `(neurons, frames)`, sampling rate or None) of a recording file, with a clear error for files that are
-    truncated, corrupt or of another format."""
+def load_traces(path: str, sampling_rate: float | None) -> RecordingFile:
+    """The recording in a file (`RecordingFile`), with a clear error for files that are truncated, corrupt or of
+    another format. `sampling_rate` replaces the rate the file stores (and lets a file without one be read)."""
     try:
         if path.endswith(".npz"):
             return _read_npz_traces(path, sampling_rate)
@@ -65,11 +93,14 @@ def load_traces(path: str, sampling_rate: float | None) -> tuple[np.ndarray, flo
             if isinstance(traces, np.lib.npyio.NpzFile):  # an .npz archive under a .npy name
                 traces.close()
                 return _read_npz_traces(path, sampling_rate)
-            return traces, sampling_rate
+            return RecordingFile(traces, sampling_rate, Path(path).stem)
         from ..data import load_recording  # .nwb, CaImAn .hdf5/.h5, a suite2p folder: the readers of `calm prepare`
 
-        recording = load_recording(path)
-        return recording.traces, sampling_rate or recording.fs
+        recording = load_recording(path, sampling_rate=sampling_rate)
+        planes = recording.extras.get("plane")
+        several = planes is not None and len(np.unique(planes)) > 1
+        return RecordingFile(recording.traces, recording.fs, recording.name, recording.extras.get("roi_ids"),
+                             np.asarray(planes) if several else None, recording.extras.get("units"))
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
         if isinstance(error, FileNotFoundError) or (isinstance(error, ValueError) and path in str(error)):
             raise
@@ -105,10 +136,34 @@ def _save_npz(path: Path, arrays: dict) -> None:
     os.replace(staging, path)
 
 
-def _forecast_with_warnings(args: ForecastArguments, traces: np.ndarray, fs: float | None) -> dict:
+def _looks_local(name: str) -> bool:
+    """Whether `--model` can only be a folder: a Hub id is `namespace/name` (no dots or slashes in front)."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1
+
+
+def load_forecaster(model: str):
+    """The `neural-forecasting` pipeline of `--model`: a folder, else a Hub id; a name that is neither is refused as
+    "no such folder" (not as a failed connection to the Hub)."""
     from transformers import pipeline  # the task is registered by calm_hf/__init__, already imported here
 
-    forecaster = pipeline("neural-forecasting", model=args.model)
+    path = os.path.expanduser(model)
+    missing = (f"--model {model}: no such folder ({os.path.abspath(path)}); pass the folder `calm main` wrote "
+               "(e.g. calm-base) or a Hub id namespace/name")
+    if not os.path.isdir(path):
+        if _looks_local(model):
+            raise FileNotFoundError(missing + ".")
+        try:
+            return pipeline("neural-forecasting", model=model)
+        except OSError as error:
+            raise FileNotFoundError(f"{missing}; the Hub has no model {model} reachable from here "
+                                    f"({str(error).splitlines()[0]}).") from error
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--model {model}: {path} has no config.json, so it is not a checkpoint folder; pass "
+                                "the folder `calm main` or `calm adapt` wrote.")
+    return pipeline("neural-forecasting", model=path)
+
+
+def _forecast_with_warnings(args: ForecastArguments, forecaster, traces: np.ndarray, fs: float | None) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = forecaster(traces, sampling_rate=fs, horizon=args.horizon, num_samples=args.num_samples,
@@ -118,54 +173,92 @@ def _forecast_with_warnings(args: ForecastArguments, traces: np.ndarray, fs: flo
     return out
 
 
+def last_second_mean(context: np.ndarray, horizon: int, sampling_rate: float) -> np.ndarray:
+    """The simplest forecast a user has: each neuron's mean over the context's last second, held flat for `horizon`
+    frames `(neurons, horizon)`."""
+    last_second = max(1, int(round(float(sampling_rate))))
+    return np.repeat(context[..., -last_second:].mean(axis=-1, keepdims=True), horizon, axis=-1)
+
+
+def holdout_scores(forecast: np.ndarray, truth: np.ndarray, context: np.ndarray, sampling_rate: float) -> dict:
+    """Pearson r and MSE of the forecast against the held-out frames, in the file's units, beside the MSE of
+    `last_second_mean`."""
+    from ..metrics.functional import forecast_pearson_r
+
+    horizon = truth.shape[-1]
+    flat = last_second_mean(context, horizon, sampling_rate)
+    return {"pearson_r": float(forecast_pearson_r(forecast[None], truth[None])["pearson_r"]),
+            "mse": float(np.mean((forecast - truth) ** 2)), "baseline_mse": float(np.mean((flat - truth) ** 2)),
+            "horizon": horizon}
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Parse `argv` (see `ForecastArguments`), forecast, write `--output` (and `--plot`), return the pipeline output."""
+    from ..figures import PLOT_KINDS
+
     args, output = parse_command_args((ForecastArguments, OutputArguments), argv, prog="calm forecast")
+    if args.plot_kind not in PLOT_KINDS:
+        raise ValueError(f"--plot_kind must be one of {', '.join(PLOT_KINDS)}, got {args.plot_kind!r}.")
     inputs = [args.traces, args.model]
     target = claim_output_file(args.output, "forecast", inputs, output.overwrite, is_own=written_by_forecast)
     if args.plot:
         claim_output_file(args.plot, "forecast", inputs + [target], output.overwrite, is_own=written_by_forecast)
-    traces, fs = load_traces(args.traces, args.sampling_rate)
-    model_path = os.path.expanduser(args.model)
-    if (os.path.isabs(model_path) or model_path.startswith(".")) and not os.path.isdir(model_path):
-        raise FileNotFoundError(f"No checkpoint folder at {args.model}; pass the folder written by `calm main`.")
+    recording = load_traces(args.traces, args.sampling_rate)
+    traces, fs = recording.traces, recording.sampling_rate
+    forecaster = load_forecaster(args.model)
     truth = None
     if args.holdout:
         if traces.shape[-1] <= args.horizon:
             raise SystemExit(f"calm forecast: --holdout needs more than --horizon={args.horizon} frames.")
         traces, truth = traces[..., : -args.horizon], traces[..., -args.horizon :]
-    out = _forecast_with_warnings(args, traces, fs)
-    arrays = {"forecast": out["forecast"]}
+    if fs is None:
+        print(f"calm forecast: warning: {args.traces} does not state its frame rate; it is taken to be the model's "
+              f"{forecaster.trace_processor.sampling_rate:g} Hz (pass --sampling_rate if it is not)", file=sys.stderr)
+    out = _forecast_with_warnings(args, forecaster, traces, fs)
+    rate = float(out["sampling_rate"])
+    arrays = {"forecast": out["forecast"], "sampling_rate": np.float64(rate),
+              "neuron_ids": np.arange(traces.shape[0], dtype=np.int64)}
+    if recording.roi_ids is not None:
+        arrays["roi_ids"] = np.asarray(recording.roi_ids, dtype=np.int64)
+    if recording.roi_planes is not None:
+        arrays["roi_planes"] = np.asarray(recording.roi_planes, dtype=np.int64)
     if out["samples"] is not None:
         arrays["samples"] = out["samples"]
     if out["quantiles"] is not None:  # the quantile head's band, or the samples'
         arrays.update({f"quantile_{q:g}": v for q, v in out["quantiles"].items()})
-    summary = f"wrote {args.output}: forecast {out['forecast'].shape} at {out['sampling_rate']} Hz"
+    summary = f"wrote {args.output}: forecast {out['forecast'].shape} at {rate:g} Hz"
+    scores = None
     if truth is not None:
-        from ..metrics.functional import forecast_pearson_r
-
-        arrays["truth"] = truth
-        r = float(forecast_pearson_r(out["forecast"][None], truth[None])["pearson_r"])
-        arrays["pearson_r"] = np.float64(r)
-        # in the units of the file, and against the simplest forecast a user has: the last second held flat
-        last_second = max(1, int(round(float(out["sampling_rate"]))))
-        flat = np.repeat(traces[..., -last_second:].mean(axis=-1, keepdims=True), args.horizon, axis=-1)
-        arrays["mse"] = np.float64(np.mean((out["forecast"] - truth) ** 2))
-        arrays["last_second_mean_mse"] = np.float64(np.mean((flat - truth) ** 2))
-        summary += (f"; vs the held-out {args.horizon} frames: forecast Pearson r = {r:.3f}, MSE = "
-                    f"{float(arrays['mse']):.4g} (the last second's mean held flat: MSE "
-                    f"{float(arrays['last_second_mean_mse']):.4g})")
+        scores = holdout_scores(out["forecast"], truth, np.asarray(traces, dtype=np.float64), rate)
+        arrays.update(truth=truth, pearson_r=np.float64(scores["pearson_r"]), mse=np.float64(scores["mse"]),
+                      last_second_mean_mse=np.float64(scores["baseline_mse"]))
+        summary += (f"; vs the held-out {args.horizon} frames: forecast Pearson r = {scores['pearson_r']:.3f}, MSE = "
+                    f"{scores['mse']:.4g} (the last second's mean held flat: MSE {scores['baseline_mse']:.4g})")
     _save_npz(target, arrays)
     if args.plot:
-        from ..figures import plot_forecast
-
-        quantiles = out["quantiles"] or {}
-        plot_forecast(args.plot, np.asarray(traces, dtype=np.float64), out["forecast"], float(out["sampling_rate"]),
-                      truth=truth, lower=quantiles.get(0.05), upper=quantiles.get(0.95), neurons=args.plot_neurons,
-                      context_frames=3 * args.horizon, software=WRITTEN_BY)
-        summary += f"; figure {args.plot}"
+        kind = plot(args, recording, np.asarray(traces, dtype=np.float64), out, truth, scores)
+        summary += f"; figure {args.plot} ({kind})"
     print(summary)
     return out
+
+
+def plot(args: ForecastArguments, recording: RecordingFile, context: np.ndarray, out: dict, truth, scores) -> str:
+    """`--plot`: the figure of the forecast, titled with the recording, the model and the horizon."""
+    from ..figures import neuron_labels, plot_forecast
+
+    rate = float(out["sampling_rate"])
+    quantiles = out["quantiles"] or {}
+    band = "5-95% band (quantile head)" if out["samples"] is None else f"5-95% of {args.num_samples} sampled futures"
+    model = Path(os.path.expanduser(args.model)).name or args.model
+    title = (f"{recording.name}: {context.shape[0]} neurons at {rate:g} Hz, forecast {args.horizon} frames "
+             f"({args.horizon / rate:.3g} s) ahead by {model}")
+    baseline = None if truth is None else last_second_mean(context, args.horizon, rate)
+    return plot_forecast(args.plot, context, out["forecast"], rate, truth=truth, lower=quantiles.get(0.05),
+                         upper=quantiles.get(0.95), neurons=args.plot_neurons, context_frames=3 * args.horizon,
+                         software=WRITTEN_BY, kind=args.plot_kind, title=title, scores=scores, baseline=baseline,
+                         units=args.units or recording.units or f"units of {Path(args.traces).name}",
+                         labels=neuron_labels(context.shape[0], recording.roi_ids, recording.roi_planes),
+                         band_label=band)
 
 
 def main(argv: list[str] | None = None) -> int:

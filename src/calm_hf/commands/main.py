@@ -42,40 +42,20 @@ import torch
 from ..atomic import atomic_write_text, claim_output_folder, finish_switch, partial_path, remove_stale_partials
 from . import OutputArguments, parse_command_args, run_command
 from . import pretrain, tokenize, train_tokenizer
+from .recipes import RECIPE_FIELDS, TRAINING_SCHEDULE, load_recipe, recipe_path  # noqa: F401 - the recipe API
 from .stages import Stage, run_stage, stage_argv, terminate_cleanly
 
 logger = logging.getLogger("calm_hf.main")
 
-# Training recipes of the main job, one JSON file per size shipped inside the package (`calm_hf/recipes/`, the files
-# `calm main --config` also reads). "cpu" is the default run on 2 cores; "tiny" is the smoke run of the tests; "paper"
-# pairs the paper's architecture presets with a longer schedule. `tokenizer_preset` / `model_preset` name
-# architecture presets; every architecture number lives in those presets. Why the cpu recipe is what it is:
-# training/README.md.
 STEP_TIME_MARGIN = 1.05  # the trainer's own work beyond the timed step (logging, checkpoints)
 PLAN_FILE = "job_plan.json"  # the dtype decision, the timed steps and the pretraining schedule of a work folder
 RELEASE_JOURNAL = "release_switch.json"  # the switch of the release folders in progress (see `run_job`)
-RECIPE_FIELDS = (
-    "corpus_sessions", "corpus_trials", "corpus_max_neurons", "corpus_real", "trial_seconds", "tokenizer_preset",
-    "tokenizer_epochs", "tokenizer_batch", "tokenizer_lr", "tokenizer_segments", "tokenizer_segment_frames",
-    "model_preset", "pretrain_steps", "pretrain_minutes", "pretrain_batch", "pretrain_lr", "max_neurons",
-    "eval_sessions", "eval_trials", "eval_sets", "eval_max_neurons", "forecast_samples",
-)
-
-
-def recipe_path(size: str) -> Path:
-    """The packaged recipe file of `size` (`calm_hf/recipes/main_<size>.json`)."""
-    return Path(__file__).resolve().parent.parent / "recipes" / f"main_{size}.json"
-
-
-def load_recipe(size: str) -> dict:
-    """The recipe of `size`: every field of `RECIPE_FIELDS`, None where the file leaves it out."""
-    spelled = json.loads(recipe_path(size).read_text())
-    unknown = sorted(set(spelled) - set(RECIPE_FIELDS) - {"size"})
-    if unknown or spelled.get("size") != size:
-        raise ValueError(f"{recipe_path(size)} names size {spelled.get('size')!r} or unknown fields {unknown}.")
-    return {name: spelled.get(name) for name in RECIPE_FIELDS}
-
-
+# Training recipes of the main job, one JSON file per size shipped inside the package (`calm_hf/recipes/`, read by
+# `calm_hf.commands.recipes`; the files `calm main --config` also reads, and the stage commands' defaults). "cpu" is
+# the default run on 2 cores; "tiny" is the smoke run of the tests; "paper" pairs the paper's architecture presets
+# with a longer schedule. `tokenizer_preset` / `model_preset` name
+# architecture presets; every architecture number lives in those presets. Why the cpu recipe is what it is:
+# training/README.md.
 RECIPES = {size: load_recipe(size) for size in ("cpu", "tiny", "paper")}
 
 
@@ -162,8 +142,9 @@ def training_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed:
     flags = [
         "--output_dir", str(output_dir), "--num_train_epochs", str(epochs),
         "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", str(batch),
-        "--learning_rate", str(lr), "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
-        "--weight_decay", "0.01", "--seed", str(seed), "--data_seed", str(seed),
+        "--learning_rate", str(lr),
+        *(item for flag, value in TRAINING_SCHEDULE.items() for item in (f"--{flag}", str(value))),
+        "--seed", str(seed), "--data_seed", str(seed),
         "--logging_steps", "25", "--save_strategy", "steps", "--save_steps", "200", "--save_total_limit", "1",
         "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "False",
     ]
@@ -373,15 +354,36 @@ def real_recording_available(name: str) -> bool:
     return True
 
 
+def tokenizer_stage_argv(recipe: dict, trials: Path, output_dir: Path, seed: int, bf16: bool,
+                         use_cpu: bool) -> list[str]:
+    """`calm train-tokenizer`'s command line in the main job: the recipe's tokenizer fields."""
+    return ["--trials_dataset", str(trials), "--preset", recipe["tokenizer_preset"],
+            "--max_segments", str(recipe["tokenizer_segments"]),
+            "--segment_frames", str(recipe["tokenizer_segment_frames"])] + training_flags(
+        output_dir, recipe["tokenizer_epochs"], recipe["tokenizer_batch"], recipe["tokenizer_lr"], seed, bf16, None,
+        use_cpu=use_cpu)
+
+
+def tokenize_stage_argv(tokenizer: Path, trials: Path, bf16: bool) -> list[str]:
+    """`calm tokenize`'s command line in the main job (without `--output_dir`)."""
+    return ["--tokenizer_path", str(tokenizer), "--trials_dataset", str(trials)] + (["--bf16"] if bf16 else [])
+
+
+def pretrain_stage_argv(recipe: dict, tokenized: Path, tokenizer: Path, output_dir: Path, steps: int, seed: int,
+                        bf16: bool, use_cpu: bool) -> list[str]:
+    """`calm pretrain`'s command line in the main job: the recipe's pretraining fields, `steps` planned from the
+    budget."""
+    return ["--tokenized_dataset", str(tokenized), "--tokenizer_path", str(tokenizer),
+            "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
+            "--forecast_eval_trials", "0", "--identity_init", "coupling", "--value_skip_init", "ridge",
+            "--max_steps", str(steps)] + training_flags(
+        output_dir, 1.0, recipe["pretrain_batch"], recipe["pretrain_lr"], seed, bf16, None, use_cpu=use_cpu)
+
+
 def tokenizer_stage(args: MainArguments, recipe: dict, work: Path, trials: Stage, timings: dict) -> Stage:
     """2. train the tokenizer: `calm train-tokenizer`, resumed from its last complete checkpoint."""
     path = work / "tokenizer"
-    argv = ["--trials_dataset", str(trials.path), "--preset", recipe["tokenizer_preset"],
-            "--max_segments", str(recipe["tokenizer_segments"]),
-            "--segment_frames", str(recipe["tokenizer_segment_frames"])] + training_flags(
-        path, recipe["tokenizer_epochs"], recipe["tokenizer_batch"], recipe["tokenizer_lr"], args.seed,
-        args.dtypes["tokenizer_bf16"], None,
-        use_cpu=args.use_cpu)
+    argv = tokenizer_stage_argv(recipe, trials.path, path, args.seed, args.dtypes["tokenizer_bf16"], args.use_cpu)
     stage = Stage(path, {"after": [trials.key], "argv": stage_argv(argv)})
 
     def train():
@@ -394,8 +396,7 @@ def tokenizer_stage(args: MainArguments, recipe: dict, work: Path, trials: Stage
 
 def tokenize_stage(args: MainArguments, work: Path, trials: Stage, tokenizer: Stage, timings: dict) -> Stage:
     """3. tokenize: `calm tokenize` of every split, into an atomic stage folder."""
-    argv = ["--tokenizer_path", str(tokenizer.path), "--trials_dataset", str(trials.path)] + (
-        ["--bf16"] if args.dtypes["tokenizer_bf16"] else [])
+    argv = tokenize_stage_argv(tokenizer.path, trials.path, args.dtypes["tokenizer_bf16"])
     stage = Stage(work / "tokenized", {"after": [trials.key, tokenizer.key], "argv": stage_argv(argv)}, atomic=True)
     run_stage(stage, "tokenize", lambda: tokenize.run(argv + ["--output_dir", str(stage.output)]) and None, timings)
     return stage
@@ -406,13 +407,8 @@ def pretrain_stage(args: MainArguments, recipe: dict, work: Path, tokenizer: Sta
     """4. pretrain: `calm pretrain` of the dual-axis transformer, resumed from its last complete checkpoint."""
     path = work / "pretrain"
     steps, args.pretrain_plan = planned_pretrain_steps(args, recipe, work, tokenized, tokenizer)
-    argv = ["--tokenized_dataset", str(tokenized.path), "--tokenizer_path", str(tokenizer.path),
-            "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
-            "--forecast_eval_trials", "0", "--identity_init", "coupling", "--value_skip_init", "ridge",
-            "--max_steps", str(steps)] + training_flags(
-        path, 1.0, recipe["pretrain_batch"], recipe["pretrain_lr"], args.seed,
-        args.dtypes["pretrain_bf16"], None,
-        use_cpu=args.use_cpu)
+    argv = pretrain_stage_argv(recipe, tokenized.path, tokenizer.path, path, steps, args.seed,
+                               args.dtypes["pretrain_bf16"], args.use_cpu)
     stage = Stage(path, {"after": [tokenizer.key, tokenized.key], "argv": stage_argv(argv)})
 
     def train():

@@ -4,7 +4,7 @@
     calm prepare --output_dir runs/zf --npz ../shared/data/triplett2018_zf_tectum_spont/zf_20151104-f1.npz \
         --trial_seconds 20
     calm prepare --output_dir runs/mouse --nwb session.nwb --nwb_behavior speed --trial_seconds 10
-    calm prepare --output_dir runs/fov --suite2p path/to/suite2p --trial_seconds 30
+    calm prepare --output_dir runs/fov --suite2p path/to/suite2p --trial_seconds 30 [--sampling_rate 30]
     calm prepare --output_dir runs/fov --caiman results.hdf5 --trial_seconds 30
 
 Every recording, whatever its format, is read into a `calm_hf.data.Recording` and cut with `Recording.to_session`:
@@ -56,6 +56,11 @@ class PrepareArguments:
         default_factory=list, metadata={"help": "NWB: TimeSeries names read as behaviour (e.g. running_speed)."}
     )
     neuropil_coefficient: float = field(default=0.7, metadata={"help": "suite2p: F - coefficient * Fneu."})
+    sampling_rate: float | None = field(
+        default=None,
+        metadata={"help": "Frame rate in Hz of every recording given, instead of the rate the files store (e.g. a "
+                          "suite2p folder without ops.npy, a CaImAn file without params/data/fr, an .npz without fs)."},
+    )
     layout: str = field(
         default="auto", metadata={"help": "npz and CaImAn: traces layout, auto, neurons_frames or frames_neurons."}
     )
@@ -81,11 +86,13 @@ class PrepareArguments:
 
 def load_recordings(args: PrepareArguments) -> list[Recording]:
     """Every recording named on the command line, read by its format's reader."""
-    recordings = [load_npz_recording(path, layout=args.layout) for path in args.npz]
-    recordings += [load_nwb_recording(path, series=args.nwb_series, behavior_series=args.nwb_behavior or None)
-                   for path in args.nwb]
-    recordings += [load_suite2p_recording(path, neuropil_coefficient=args.neuropil_coefficient) for path in args.suite2p]
-    recordings += [load_caiman_recording(path, layout=args.layout) for path in args.caiman]
+    rate = args.sampling_rate
+    recordings = [load_npz_recording(path, layout=args.layout, sampling_rate=rate) for path in args.npz]
+    recordings += [load_nwb_recording(path, series=args.nwb_series, behavior_series=args.nwb_behavior or None,
+                                      sampling_rate=rate) for path in args.nwb]
+    recordings += [load_suite2p_recording(path, neuropil_coefficient=args.neuropil_coefficient, sampling_rate=rate)
+                   for path in args.suite2p]
+    recordings += [load_caiman_recording(path, layout=args.layout, sampling_rate=rate) for path in args.caiman]
     return recordings
 
 

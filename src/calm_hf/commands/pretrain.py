@@ -1,7 +1,10 @@
 """`calm pretrain`, stage 2: pretrain the dual-axis transformer on tokenized trials with the stock Trainer.
 
-    calm pretrain --tokenized_dataset runs/sim-tokenized --tokenizer_path runs/tokenizer \
-        --output_dir runs/calm --preset cpu --bf16 --num_train_epochs 4
+    calm pretrain --tokenized_dataset runs/sim-tokenized --tokenizer_path runs/tokenizer --output_dir runs/calm [--bf16]
+
+With no optional flag it trains as `calm main` pretrains calm-base: preset, neurons per example, steps, batch, learning
+rate and schedule are the cpu recipe's (`calm_hf.commands.recipes`); flags override them (`--num_train_epochs N`
+alone trains N passes instead of the recipe's steps).
 
 `--tokenized_dataset` is a tokenized DatasetDict (`calm tokenize`) or a tokenized corpus of shards (`calm tokenize` of
 a `calm_hf.data.corpus` folder). A data-identity model (`neuron_identity="data"`, every preset's default) reads it as a
@@ -44,14 +47,17 @@ from ..processing_calm import CalmTraceProcessor
 from ..trainer import CalmTrainer
 from ..identity_init import init_identity_from_dataset, init_value_skip, init_value_skip_from_dataset
 from . import OutputArguments, claim_training_output, parse_command_args, run_command
+from .recipes import command_defaults
 
 logger = logging.getLogger("calm_hf.pretrain")
+RECIPE = command_defaults("pretrain")  # the flags' defaults (TrainingArguments' ones are set by the parser)
 
 
 @dataclass
 class ModelArguments:
     tokenizer_path: str = field(metadata={"help": "Folder of the trained CalmTokenizer (stage 1)."})
-    preset: str = field(default="cpu", metadata={"help": "Named CalmConfig: tiny, cpu or paper."})
+    preset: str = field(default=RECIPE["preset"],
+                        metadata={"help": "Named CalmConfig: tiny, cpu or paper (default: the recipe's)."})
     config_overrides: str | None = field(
         default=None, metadata={"help": 'JSON of CalmConfig fields overriding the preset, e.g. \'{"num_hidden_layers": 2}\'.'}
     )
@@ -77,7 +83,8 @@ class ModelArguments:
 class DataArguments:
     tokenized_dataset: str = field(metadata={"help": "DatasetDict folder written by `calm tokenize`."})
     max_neurons: int | None = field(
-        default=64, metadata={"help": "Neurons per training example (random subset, so large sessions fit)."}
+        default=RECIPE["max_neurons"],
+        metadata={"help": "Neurons per training example (random subset, so large sessions fit; default: the recipe's)."}
     )
     context_frames: int = field(default=40, metadata={"help": "Forecast context at evaluation (frames)."})
     forecast_eval_trials: int = field(
@@ -312,7 +319,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Parse `argv` (see the argument dataclasses), pretrain and save the model (with its `tokenizer/`), return the
     metrics. `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
     model_args, data_args, training_args, output = parse_command_args(
-        (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm pretrain")
+        (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm pretrain",
+        recipe="pretrain")
     claim_training_output("pretrain", training_args, output,
                           [data_args.tokenized_dataset, model_args.tokenizer_path, model_args.init_from])
     training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids before renaming

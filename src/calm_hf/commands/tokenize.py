@@ -39,7 +39,8 @@ class TokenizeArguments:
 
 def run(argv: list[str] | None = None) -> datasets.DatasetDict:
     """Parse `argv` (see `TokenizeArguments`), write the tokenized DatasetDict and return it."""
-    args, output_args = parse_command_args((TokenizeArguments, OutputArguments), argv, prog="calm tokenize")
+    args, output_args = parse_command_args((TokenizeArguments, OutputArguments), argv, prog="calm tokenize",
+                                           recipe="tokenize")
     target = claim_output_folder(args.output_dir, "tokenize", [args.tokenizer_path, args.trials_dataset],
                                  overwrite=output_args.overwrite)
     # a .partial left by a run killed while saving is stale: remove it before starting (never read it)

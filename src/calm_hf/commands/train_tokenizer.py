@@ -1,7 +1,9 @@
 """`calm train-tokenizer`, stage 1: train the neural quantizer (CalmTokenizer) with the stock Trainer.
 
-    calm train-tokenizer --trials_dataset runs/sim-trials --output_dir runs/tokenizer \
-        --preset cpu --bf16 --num_train_epochs 1 --per_device_train_batch_size 256 --learning_rate 2e-3
+    calm train-tokenizer --trials_dataset runs/sim-trials --output_dir runs/tokenizer [--bf16]
+
+With no optional flag it trains as `calm main` trains calm-base's tokenizer: preset, segment length, segment cap,
+epochs, batch, learning rate and schedule are the cpu recipe's (`calm_hf.commands.recipes`); flags override them.
 
 Every neuron's trace of the training split is cut into segments of `segment_frames` frames; optional real traces
 (`--extra_npz` files, resampled to the model rate) are mixed in. Each loss component, the codebook perplexity and the
@@ -25,13 +27,18 @@ from ..data import load_trial_corpus
 from ..modeling_calm_tokenizer import CalmTokenizer
 from ..trainer import CalmTrainer
 from . import OutputArguments, claim_training_output, parse_command_args, run_command
+from .recipes import DEFAULT_SIZE, command_defaults, load_recipe
 
 logger = logging.getLogger("calm_hf.train_tokenizer")
+RECIPE = command_defaults("train-tokenizer")  # the flags' defaults (TrainingArguments' ones are set by the parser)
+# the recipe trains on whole trials of its corpus: by default segments are whole trials, at most this long
+SEGMENT_FRAMES_CAP = load_recipe(DEFAULT_SIZE)["tokenizer_segment_frames"]
 
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="cpu", metadata={"help": "Named CalmTokenizerConfig: tiny, cpu or paper."})
+    preset: str = field(default=RECIPE["preset"],
+                        metadata={"help": "Named CalmTokenizerConfig: tiny, cpu or paper (default: the recipe's)."})
     config_overrides: str | None = field(
         default=None, metadata={"help": 'JSON of CalmTokenizerConfig fields overriding the preset, e.g. \'{"codebook_size": 64}\'.'}
     )
@@ -40,9 +47,14 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     trials_dataset: str = field(metadata={"help": "Trial DatasetDict folder (`calm prepare`) or Hub dataset id."})
-    segment_frames: int = field(default=48, metadata={"help": "Frames per training segment (multiple of the window)."})
+    segment_frames: int | None = field(
+        default=None,
+        metadata={"help": f"Frames per training segment at the model rate, a multiple of the window. Default: whole "
+                          f"trials, at most the recipe's {SEGMENT_FRAMES_CAP} (a tokenizer used on whole trials "
+                          "reconstructs their ends better when it trained on them)."})
     max_segments: int | None = field(
-        default=None, metadata={"help": "Cap on training segments (random subset); None = all."}
+        default=RECIPE["max_segments"],
+        metadata={"help": "Cap on training segments (random subset; default: the recipe's); None = all."}
     )
     extra_traces: str | None = field(
         default=None,
@@ -94,7 +106,23 @@ def corpus_segments(corpus_dir: str, split: str, segment_frames: int, cap: int |
     return np.concatenate(pieces)
 
 
+def default_segment_frames(trial_frames: int, window_size: int) -> int:
+    """Whole trials of `trial_frames` (cropped to whole windows), at most `SEGMENT_FRAMES_CAP` frames."""
+    return min(SEGMENT_FRAMES_CAP, trial_frames - trial_frames % window_size)
+
+
 def build_segments(data_args: DataArguments, window_size: int, seed: int):
+    """(train, validation) segment datasets; resolves `data_args.segment_frames` when it was left to the default."""
+    corpus = None
+    if data_args.segment_frames is None:
+        if os.path.isfile(os.path.join(data_args.trials_dataset, "corpus.json")):
+            from ..data.corpus import load_manifest
+
+            frames = max(shard["frames"] for shard in load_manifest(data_args.trials_dataset)["shards"])
+        else:
+            corpus, _ = load_trial_corpus(data_args.trials_dataset)
+            frames = len(corpus["train"][0]["input_values"][0])
+        data_args.segment_frames = default_segment_frames(frames, window_size)
     if data_args.segment_frames % window_size:
         raise ValueError(
             f"segment_frames={data_args.segment_frames} is not a multiple of the token window {window_size}."
@@ -106,7 +134,8 @@ def build_segments(data_args: DataArguments, window_size: int, seed: int):
         validation = corpus_segments(data_args.trials_dataset, "validation", data_args.segment_frames,
                                      data_args.validation_segments, rng)
         return segment_dataset(train), segment_dataset(validation)
-    corpus, _ = load_trial_corpus(data_args.trials_dataset)  # a folder or a Hub dataset id
+    if corpus is None:
+        corpus, _ = load_trial_corpus(data_args.trials_dataset)  # a folder or a Hub dataset id
     train = cut_segments(trial_traces(corpus["train"]), data_args.segment_frames)
     if data_args.extra_traces:
         extra = np.load(data_args.extra_traces).astype(np.float32)
@@ -159,7 +188,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's.
     """
     model_args, data_args, training_args, output = parse_command_args(
-        (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm train-tokenizer")
+        (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm train-tokenizer",
+        recipe="train-tokenizer")
     claim_training_output("train-tokenizer", training_args, output, [data_args.trials_dataset, data_args.extra_traces])
     set_seed(training_args.seed)
 

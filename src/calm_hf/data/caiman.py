@@ -45,7 +45,8 @@ def _accepted_index(accepted: np.ndarray, num_components: int, path: Path) -> np
 
 
 def load_caiman_recording(
-    path: str | os.PathLike, traces_key: str | None = None, accepted_only: bool = True, layout: str = "auto"
+    path: str | os.PathLike, traces_key: str | None = None, accepted_only: bool = True, layout: str = "auto",
+    sampling_rate: float | None = None,
 ) -> Recording:
     """Read CaImAn HDF5 results into a `Recording`.
 
@@ -56,9 +57,13 @@ def load_caiman_recording(
         layout (`str`, *optional*, defaults to `"auto"`): `"neurons_frames"` (CaImAn's `(components, frames)`),
             `"frames_neurons"` (stored transposed) or `"auto"`: the component count of `estimates/A` decides; without
             it, traces with more rows than columns are refused (they look transposed).
+        sampling_rate (`float`, *optional*): the frame rate in Hz, instead of `params/data/fr` (which may then be
+            missing).
 
     Returns:
-        `Recording` with traces `(components, frames)`, `fs` from `params/data/fr`, `extras["component_index"]`.
+        `Recording` with traces `(components, frames)`, `fs` from `params/data/fr` (or `sampling_rate`), and per
+        neuron `extras["roi_ids"]` (CaImAn's component index; also as `extras["component_index"]`); `extras["units"]`
+        names what the traces are.
     """
     path = Path(path)
     if not path.is_file():
@@ -91,9 +96,13 @@ def load_caiman_recording(
                 "written by cnm.save(...)?"
             )
         item = handle.get("params/data/fr")
-        if not isinstance(item, h5py.Dataset) or item.shape is None:
-            raise ValueError(f"{path} has no params/data/fr (the frame rate); is it a CaImAn results file?")
-        fr = parse_frame_rate(item[()], str(path), "params/data/fr")  # sometimes stored as text ("30")
+        if sampling_rate is not None:
+            fr = parse_frame_rate(sampling_rate, str(path), "sampling_rate")
+        elif not isinstance(item, h5py.Dataset) or item.shape is None:
+            raise ValueError(f"{path} has no params/data/fr (the frame rate); is it a CaImAn results file? If it is, "
+                             "give the rate: sampling_rate=30.0 (`--sampling_rate 30` on the command line).")
+        else:
+            fr = parse_frame_rate(item[()], str(path), "params/data/fr")  # sometimes stored as text ("30")
         accepted = read("estimates/idx_components") if accepted_only else None
         # sparse A is stored as a group with its shape (pixels, components): the number of components
         shape = read("estimates/A/shape")
@@ -107,4 +116,6 @@ def load_caiman_recording(
     if accepted is not None:
         index = _accepted_index(accepted, traces.shape[0], path)
         traces = traces[index]
-    return recording_from_arrays(path, traces, fr, extras={"component_index": index, "caiman_traces": key})
+    return recording_from_arrays(path, traces, fr,
+                                 extras={"component_index": index, "roi_ids": index, "caiman_traces": key,
+                                         "units": "dF/F" if key == "F_dff" else "denoised C (CaImAn, a.u.)"})

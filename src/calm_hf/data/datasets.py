@@ -54,6 +54,9 @@ class SessionInfo:
         behavior_stats (`ZScoreStats` or `None`), behavior_names (`list[str]` or `None`).
         splits (`dict[str, list[int]]`): trial indices per split.
         split_method (`dict` or `None`): how the splits were made (`PreparedSession.split_method`).
+        roi_ids (`list[int]` or `None`): each neuron's id in the software that found it (suite2p ROI index, CaImAn
+            component, NWB ROI id), in the order of the rows' neurons; `roi_planes` (`list[int]` or `None`) its
+            imaging plane, for recordings of several planes.
     """
 
     session_id: int
@@ -70,6 +73,8 @@ class SessionInfo:
     behavior_names: list[str] | None = None
     splits: dict[str, list[int]] | None = None
     split_method: dict[str, Any] | None = None
+    roi_ids: list[int] | None = None
+    roi_planes: list[int] | None = None
 
     @property
     def neuron_range(self) -> tuple[int, int]:
@@ -93,6 +98,8 @@ class SessionInfo:
             "behavior_names": self.behavior_names,
             "splits": self.splits,
             "split_method": self.split_method,
+            "roi_ids": self.roi_ids,
+            "roi_planes": self.roi_planes,
         }
 
     @classmethod
@@ -112,6 +119,8 @@ class SessionInfo:
             behavior_names=data.get("behavior_names"),
             splits=data.get("splits"),
             split_method=data.get("split_method"),
+            roi_ids=data.get("roi_ids"),
+            roi_planes=data.get("roi_planes"),
         )
 
 
@@ -134,6 +143,15 @@ def _neuron_offsets(prepared: list[PreparedSession], neuron_id_offsets: list[int
     return offsets
 
 
+def roi_metadata(session: PreparedSession) -> dict[str, list[int] | None]:
+    """`roi_ids` (and `roi_planes` when the neurons come from several planes) of a prepared session, as JSON lists."""
+    ids, planes = session.extras.get("roi_ids"), session.extras.get("plane")
+    if ids is None or len(ids) != session.num_neurons:
+        return {"roi_ids": None, "roi_planes": None}
+    several = planes is not None and len(planes) == session.num_neurons and len(np.unique(planes)) > 1
+    return {"roi_ids": [int(i) for i in ids], "roi_planes": [int(p) for p in planes] if several else None}
+
+
 def session_metadata(prepared: list[PreparedSession], neuron_id_offsets: list[int] | None = None) -> list[SessionInfo]:
     """`SessionInfo` for each prepared session (session id = position in the list)."""
     offsets = _neuron_offsets(prepared, neuron_id_offsets)
@@ -153,6 +171,7 @@ def session_metadata(prepared: list[PreparedSession], neuron_id_offsets: list[in
             behavior_names=session.behavior_names,
             splits={k: [int(i) for i in v] for k, v in session.splits.items()},
             split_method=session.split_method,
+            **roi_metadata(session),
         )
         for i, (session, offset) in enumerate(zip(prepared, offsets))
     ]

@@ -57,7 +57,8 @@ class Recording:
         trial_starts (`np.ndarray` int64 `(trials,)`, *optional*): first frame of each trial (time is not
             continuous across trials when given).
         extras (`dict[str, np.ndarray]`): every other array in the file (`spikes`, `dataset_id`, `dataset_names`,
-            `cell_xy`, `trial_direction_deg`, `source`, ...).
+            `cell_xy`, `trial_direction_deg`, `source`, ...); `roi_ids` `(neurons,)` int64 is the id each neuron has in
+            the software that found it (suite2p ROI index, CaImAn component, NWB ROI id), when known.
     """
 
     name: str
@@ -187,6 +188,18 @@ def parse_frame_rate(value: Any, source: str, name: str = "fs") -> float:
     return rate
 
 
+def check_roi_ids(roi_ids: Any, num_neurons: int, source: str) -> np.ndarray:
+    """`roi_ids` as int64 `(neurons,)`: one whole-number id per neuron (a suite2p ROI index, a CaImAn component, an
+    NWB ROI id), refused with a message naming `source` otherwise."""
+    ids = np.asarray(roi_ids)
+    whole = ids.dtype.kind in "iu" or (
+        ids.dtype.kind == "f" and bool(np.isfinite(ids).all()) and bool((ids == np.round(ids)).all()))
+    if ids.shape != (num_neurons,) or not whole:
+        raise ValueError(f"{source}: roi_ids must hold one whole-number id per neuron ({num_neurons}), got shape "
+                         f"{ids.shape} of {ids.dtype}; store them as an integer array, or leave them out.")
+    return ids.astype(np.int64)
+
+
 def recording_from_arrays(
     source: str | os.PathLike,
     traces: Any,
@@ -248,6 +261,9 @@ def recording_from_arrays(
             raise ValueError(f"{source}: trial_starts must increase from trial to trial, but trial {at} starts at "
                              f"{trial_starts[at]} and trial {at + 1} at {trial_starts[at + 1]}; store the trials "
                              "(and their per-trial labels) in time order.")
+    extras = dict(extras or {})
+    if extras.get("roi_ids") is not None:
+        extras["roi_ids"] = check_roi_ids(extras["roi_ids"], traces.shape[0], source)
     return Recording(
         name=name or Path(source).stem,
         traces=traces,
@@ -255,7 +271,7 @@ def recording_from_arrays(
         behavior=behavior,
         behavior_names=behavior_names,
         trial_starts=trial_starts,
-        extras=dict(extras or {}),
+        extras=extras,
     )
 
 
@@ -277,15 +293,19 @@ def _check_npz_magic(path: Path) -> None:
     raise ValueError(f"{path} is not an .npz archive: it is {what}; {fix}.")
 
 
-def load_npz_recording(path: str | os.PathLike, layout: str = "auto") -> Recording:
-    """Load a `.npz` recording (`traces` and `fs` required; `behavior`, `behavior_names`, `trial_starts` optional;
-    every other array goes to `extras`). Read with `allow_pickle=False`.
+def load_npz_recording(path: str | os.PathLike, layout: str = "auto",
+                       sampling_rate: float | None = None) -> Recording:
+    """Load a `.npz` recording (`traces` required, `fs` unless `sampling_rate` is given; `behavior`,
+    `behavior_names`, `trial_starts` optional; every other array goes to `extras`, e.g. `roi_ids`, one id per
+    neuron, which `calm forecast` writes next to its forecasts and plots). Read with `allow_pickle=False`.
 
     Args:
         path (`str` or `os.PathLike`): the `.npz` file.
         layout (`str`, *optional*, defaults to `"auto"`): `"neurons_frames"`, `"frames_neurons"` or `"auto"`
             (`(neurons, frames)` unless `behavior` says the frames are on the first axis; a traces array with more
             rows than columns and nothing to tell is refused with a message naming both options).
+        sampling_rate (`float`, *optional*): the frame rate in Hz, instead of the file's `fs` (which may then be
+            missing).
 
     Raises:
         `FileNotFoundError`: the file does not exist (the message names the data folder and `CALM_DATA_DIR`).
@@ -311,11 +331,11 @@ def load_npz_recording(path: str | os.PathLike, layout: str = "auto") -> Recordi
             f"{path} is not a readable .npz file ({type(error).__name__}: {error}); it may be truncated or corrupt. "
             "Re-export it with np.savez(path, traces=..., fs=...)."
         ) from error
-    missing = [key for key in ("traces", "fs") if key not in data]
+    missing = [key for key in ("traces", "fs") if key not in data and (key == "traces" or sampling_rate is None)]
     if missing:
         raise ValueError(
-            f"{path} lacks the key(s) {missing}; a recording needs 'traces' (neurons, frames) and 'fs' (Hz). "
-            f"Found keys: {sorted(data)}."
+            f"{path} lacks the key(s) {missing}; a recording needs 'traces' (neurons, frames) and 'fs' (Hz), or the "
+            f"rate given as sampling_rate (`--sampling_rate` on the command line). Found keys: {sorted(data)}."
         )
     traces = np.asarray(data["traces"])
     if traces.ndim != 2:
@@ -335,7 +355,7 @@ def load_npz_recording(path: str | os.PathLike, layout: str = "auto") -> Recordi
     return recording_from_arrays(
         path,
         traces,
-        data["fs"],
+        data["fs"] if sampling_rate is None else sampling_rate,
         behavior=behavior,
         behavior_names=None if names is None or behavior is None else list(names.reshape(-1)),
         trial_starts=data.get("trial_starts"),

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import Recording, _missing_file_error, recording_from_arrays
+from .io import Recording, _missing_file_error, parse_frame_rate, recording_from_arrays
 
 
 _CONTAINERS = ("DfOverF", "Fluorescence")
@@ -144,6 +144,14 @@ def _read_behavior(nwbfile, names, times: np.ndarray, path: Path) -> np.ndarray:
     return np.stack(channels)
 
 
+def _units(key: str, item) -> str:
+    """What the traces are, for labels: dF/F for a DfOverF series, else the series' stated unit."""
+    if key.split("/")[0] == "DfOverF":
+        return "dF/F"
+    unit = str(getattr(item, "unit", "") or "")
+    return unit if unit and unit.lower() not in ("n.a.", "n/a", "no unit", "unknown") else "fluorescence (a.u.)"
+
+
 def _roi_ids(item) -> np.ndarray | None:
     """The series' ROI ids, or None when the file has none readable (they are informative only)."""
     rois = getattr(item, "rois", None)
@@ -155,10 +163,27 @@ def _roi_ids(item) -> np.ndarray | None:
         return None
 
 
+# a given sampling rate that differs from a series' timestamps by more than this fraction contradicts the file
+RATE_TOLERANCE = 0.01
+
+
+def _given_rate(item, sampling_rate: float, times: np.ndarray, what: str) -> np.ndarray:
+    """Frame times at a `sampling_rate` the user gave: it replaces a stored `.rate`; timestamps stay the truth, and a
+    rate they contradict is refused (it would misplace trials and behaviour)."""
+    if item.rate is not None:
+        return float(item.starting_time or 0.0) + np.arange(len(times)) / sampling_rate
+    stamped = 1.0 / float(np.median(np.diff(times)))
+    if abs(stamped - sampling_rate) > RATE_TOLERANCE * stamped:
+        raise ValueError(f"{what}: sampling_rate={sampling_rate:g} Hz contradicts its timestamps, which are "
+                         f"{stamped:.4g} Hz apart; leave sampling_rate out to use them.")
+    return times
+
+
 def load_nwb_recording(
     path: str | os.PathLike,
     series: str | None = None,
     behavior_series: list[str] | tuple[str, ...] | None = None,
+    sampling_rate: float | None = None,
 ) -> Recording:
     """Read one `RoiResponseSeries` of an NWB file into a `Recording`.
 
@@ -169,10 +194,13 @@ def load_nwb_recording(
             Fluorescence series.
         behavior_series (`list[str]`, *optional*): names of `TimeSeries` to read as behaviour (searched in
             `acquisition`, then in every processing module), interpolated onto the imaging frame times.
+        sampling_rate (`float`, *optional*): the imaging frame rate in Hz, replacing the series' stored `rate`
+            (frame times follow it); a series with timestamps keeps them, and a rate they contradict is refused.
 
     Returns:
-        `Recording` with traces `(rois, frames)`, `fs` from the series' rate or timestamps, `trial_starts` (the frame
-        nearest each `trials.start_time`) when the file has a trials table, and `extras["roi_ids"]`.
+        `Recording` with traces `(rois, frames)`, `fs` from the series' rate or timestamps (or `sampling_rate`),
+        `trial_starts` (the frame nearest each `trials.start_time`) when the file has a trials table, and
+        `extras["roi_ids"]` (the ids of the series' ROI table) when the file has them, and `extras["units"]`.
 
     Raises:
         `FileNotFoundError`, `ValueError` (not an NWB file, no ophys traces, an ambiguous or unknown series, a
@@ -195,6 +223,9 @@ def load_nwb_recording(
         if data.ndim != 2:
             raise ValueError(f"{path}: series {key} has shape {data.shape}; expected (frames, rois).")
         times, fs = _timestamps(item, data.shape[0], f"{path}: series {key}")
+        if sampling_rate is not None:
+            fs = parse_frame_rate(sampling_rate, str(path), "sampling_rate")
+            times = _given_rate(item, fs, times, f"{path}: series {key}")
         traces = data.T  # NWB stores (frames, rois)
         trial_starts = None
         if nwbfile.trials is not None and len(nwbfile.trials) > 0:
@@ -214,9 +245,10 @@ def load_nwb_recording(
         if behavior_series:
             behavior, names = _read_behavior(nwbfile, behavior_series, times, path), list(behavior_series)
         roi_ids = _roi_ids(item)
+        unit = _units(key, item)
     finally:
         io.close()
-    extras = {"nwb_series": key}
+    extras = {"nwb_series": key, "units": unit}
     if roi_ids is not None and roi_ids.shape == (traces.shape[0],):
         extras["roi_ids"] = roi_ids
     return recording_from_arrays(

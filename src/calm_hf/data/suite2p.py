@@ -1,7 +1,9 @@
-"""Reading a suite2p output folder: `plane*/F.npy`, `Fneu.npy`, `iscell.npy` and `ops.npy` (frame rate `fs`).
+"""Reading a suite2p output folder: `plane*/F.npy`, `Fneu.npy`, `iscell.npy` and `ops.npy` (frame rate `fs`; not
+needed when the rate is given).
 
 Traces are neuropil-subtracted, `F - coefficient * Fneu` (suite2p's and most papers' coefficient is 0.7), only the
 ROIs that `iscell.npy` accepts are kept, and the planes of a multi-plane recording are concatenated along neurons.
+Each kept neuron's suite2p ROI index (its row in its plane's `F.npy`) is kept as `extras["roi_ids"]`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ NEUROPIL_COEFFICIENT = 0.7
 def _load_plain(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing; a suite2p plane folder needs F.npy, Fneu.npy, iscell.npy and ops.npy."
+            f"{path} is missing; a suite2p plane folder needs F.npy, Fneu.npy and iscell.npy (and ops.npy, or the "
+            "frame rate given as sampling_rate)."
         )
     try:
         return np.load(path, allow_pickle=False)
@@ -34,7 +37,8 @@ def _load_plain(path: Path) -> np.ndarray:
 def _load_ops(path: Path) -> dict:
     """suite2p's `ops.npy` is a pickled dict: the only file calm_hf loads with `allow_pickle=True`."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; suite2p writes the frame rate `fs` into ops.npy.")
+        raise FileNotFoundError(f"{path} is missing; suite2p writes the frame rate `fs` into ops.npy. Without it, give "
+                                "the rate: sampling_rate=30.0 (`--sampling_rate 30` on the command line).")
     try:
         ops = np.load(path, allow_pickle=True).item()
     except Exception as error:  # noqa: BLE001
@@ -59,12 +63,13 @@ def _plane_folders(folder: Path) -> list[Path]:
     )
 
 
-def _read_plane(plane: Path, coefficient: float, cells_only: bool, cell_probability: float | None):
-    """(neuropil-corrected F `(rois, frames)` float64, which ROIs to keep `(rois,)` bool, frame rate) of one plane."""
+def _read_plane(plane: Path, coefficient: float, cells_only: bool, cell_probability: float | None,
+                sampling_rate: float | None = None):
+    """(neuropil-corrected F `(rois, frames)` float64, which ROIs to keep `(rois,)` bool, frame rate) of one plane;
+    `ops.npy` is read only when no `sampling_rate` is given."""
     fluorescence = _load_plain(plane / "F.npy")
     neuropil = _load_plain(plane / "Fneu.npy")
     iscell = _load_plain(plane / "iscell.npy")
-    ops = _load_ops(plane / "ops.npy")
     if fluorescence.ndim != 2 or neuropil.shape != fluorescence.shape:
         raise ValueError(f"{plane}: F.npy {fluorescence.shape} and Fneu.npy {neuropil.shape} must both be (rois, frames).")
     if iscell.ndim not in (1, 2):
@@ -80,7 +85,9 @@ def _read_plane(plane: Path, coefficient: float, cells_only: bool, cell_probabil
     else:
         keep = iscell[:, 0] > 0.5
     corrected = fluorescence.astype(np.float64) - coefficient * neuropil.astype(np.float64)
-    return corrected, keep, parse_frame_rate(ops["fs"], str(plane / "ops.npy"), "'fs'")
+    if sampling_rate is not None:
+        return corrected, keep, sampling_rate
+    return corrected, keep, parse_frame_rate(_load_ops(plane / "ops.npy")["fs"], str(plane / "ops.npy"), "'fs'")
 
 
 def load_suite2p_recording(
@@ -88,11 +95,13 @@ def load_suite2p_recording(
     neuropil_coefficient: float = NEUROPIL_COEFFICIENT,
     cells_only: bool = True,
     cell_probability: float | None = None,
+    sampling_rate: float | None = None,
 ) -> Recording:
     """Read a suite2p output folder into a `Recording`.
 
     Safety: `ops.npy` is a pickled dict in suite2p's format, so it (and only it) is loaded with `allow_pickle=True`
-    when you call this reader; `F.npy`, `Fneu.npy` and `iscell.npy` are loaded pickle-free. Only read folders you trust.
+    when you call this reader without `sampling_rate`; `F.npy`, `Fneu.npy` and `iscell.npy` are loaded pickle-free.
+    Only read folders you trust (or pass `sampling_rate`, and ops.npy is not read at all).
 
     Args:
         path (`str` or `os.PathLike`): the `suite2p` folder (holding `plane0/`, `plane1/`, ...), its parent, or one
@@ -102,10 +111,13 @@ def load_suite2p_recording(
         cells_only (`bool`, *optional*, defaults to `True`): keep only ROIs that `iscell.npy` accepts.
         cell_probability (`float`, *optional*): instead of suite2p's own decision (column 0), keep ROIs whose
             classifier probability (column 1) is at least this.
+        sampling_rate (`float`, *optional*): the frame rate in Hz (of every plane); when given, `ops.npy` is not
+            read, so a folder without it can be read.
 
     Returns:
-        `Recording` with traces `(cells, frames)` of all planes concatenated, `fs` from `ops["fs"]`,
-        `extras["plane"]` and `extras["roi_index"]` (row in that plane's F.npy) per neuron.
+        `Recording` with traces `(cells, frames)` of all planes concatenated, `fs` from `ops["fs"]` (or
+        `sampling_rate`), and per neuron `extras["roi_ids"]` (the suite2p ROI index: row in its plane's F.npy; also
+        as `extras["roi_index"]`) and `extras["plane"]`; `extras["units"]` names what the traces are.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -113,9 +125,11 @@ def load_suite2p_recording(
     coefficient = float(neuropil_coefficient)
     if not np.isfinite(coefficient) or coefficient < 0:
         raise ValueError(f"neuropil_coefficient must be a finite non-negative number, got {neuropil_coefficient}.")
+    if sampling_rate is not None:
+        sampling_rate = parse_frame_rate(sampling_rate, str(folder), "sampling_rate")
     traces, planes, rois, rates = [], [], [], []
     for plane_index, plane in enumerate(_plane_folders(folder)):
-        corrected, keep, fs = _read_plane(plane, coefficient, cells_only, cell_probability)
+        corrected, keep, fs = _read_plane(plane, coefficient, cells_only, cell_probability, sampling_rate)
         traces.append(corrected[keep])
         planes.append(np.full(int(keep.sum()), plane_index, dtype=np.int64))
         rois.append(np.flatnonzero(keep))
@@ -134,6 +148,7 @@ def load_suite2p_recording(
         folder,
         stacked,
         rates[0],
-        extras={"plane": np.concatenate(planes), "roi_index": np.concatenate(rois)},
+        extras={"plane": np.concatenate(planes), "roi_index": np.concatenate(rois), "roi_ids": np.concatenate(rois),
+                "units": f"F - {coefficient:g} Fneu (suite2p, a.u.)" if coefficient else "F (suite2p, a.u.)"},
         name=folder.name if folder.name not in ("suite2p", "plane0") else folder.resolve().parent.name,
     )
