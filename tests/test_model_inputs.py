@@ -1,0 +1,85 @@
+"""Bad arguments to the model-level entry points get a clear error, and unusual but valid ones the right result:
+generate, rollout, labels, the behaviour head, the configurations and `CalmForecaster`.
+
+Each case states what must happen: the error (its type and the words that name the problem) or the result. Before
+these checks each one was either accepted with a wrong result (codes for trials without a neuron, one neuron's
+identity given to two, NaN logits from a negative epsilon, sampling settings dropped) or failed with an error that
+named neither the problem nor the fix.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from calm_hf import (
+    CalmConfig,
+    CalmForBehaviorRegression,
+    CalmForCausalNeuralModeling,
+    CalmTokenizer,
+    CalmTokenizerConfig,
+)
+
+IDS = torch.randint(0, 16, (2, 3, 4), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    torch.manual_seed(0)
+    return CalmTokenizer(CalmTokenizerConfig.from_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    """A data-identity and a table-identity model of the tiny preset."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=tokenizer.config.codebook_size, tokenizer_fingerprint=tokenizer.fingerprint())
+    data = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", **common)).eval()
+    table = CalmForCausalNeuralModeling(
+        CalmConfig.from_preset("tiny", neuron_identity="table", num_neurons=10, num_sessions=2, **common)).eval()
+    return {"data": data, "table": table}
+
+
+# -- the neuron mask and the neuron ids --------------------------------------------------------------------------------
+
+NO_NEURON = torch.zeros(2, 3, dtype=torch.bool)
+ONE_EMPTY_TRIAL = torch.tensor([[True, True, True], [False, False, False]])
+
+
+@pytest.mark.parametrize("identity", ["data", "table"])
+@pytest.mark.parametrize("mask", [NO_NEURON, ONE_EMPTY_TRIAL], ids=["all-false", "one-trial-false"])
+@pytest.mark.parametrize("entry", ["generate", "rollout", "forecast_values"])
+def test_a_trial_without_a_real_neuron_is_refused(models, identity, mask, entry):
+    model = models[identity]
+    call = {
+        "generate": lambda: model.generate(input_ids=IDS, neuron_mask=mask, max_new_tokens=2),
+        "rollout": lambda: model.rollout(IDS, 2, neuron_mask=mask),
+        "forecast_values": lambda: model.forecast_values(IDS, neuron_mask=mask, context_values=torch.zeros(2, 3, 16)),
+    }[entry]
+    with pytest.raises(ValueError, match=r"neuron_mask is False for every neuron of trial\(s\) \[" +
+                       ("0, 1" if mask is NO_NEURON else "1")):  # before: codes for trials with no neuron
+        call()
+
+
+def test_a_partly_padded_trial_still_generates(models):
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    out = models["table"].generate(input_ids=IDS, neuron_mask=mask, max_new_tokens=2,
+                                   neuron_ids=torch.tensor([[0, 1, 0], [2, 3, 4]]))  # padding may repeat an id
+    assert out.shape == (2, 3, 6)
+
+
+@pytest.mark.parametrize("entry", ["generate", "rollout"])
+def test_duplicate_neuron_ids_of_a_table_model_are_refused(models, entry):
+    ids = torch.tensor([[0, 0, 1], [2, 3, 4]])
+    model = models["table"]
+    call = (lambda: model.generate(input_ids=IDS, neuron_ids=ids, max_new_tokens=2)) if entry == "generate" else (
+        lambda: model.rollout(IDS, 2, neuron_ids=ids))
+    with pytest.raises(ValueError, match="neuron_ids of trial 0 repeat id 0: each real neuron needs its own id"):
+        call()  # before: two neurons read the same table row and codes came back
+
+
+def test_the_collator_and_trainer_check_runs_the_new_rules(models):
+    with pytest.raises(ValueError, match="repeat id 3"):
+        models["table"].validate_inputs(input_ids=IDS, neuron_ids=torch.tensor([[0, 1, 2], [3, 4, 3]]))
+    models["table"].validate_inputs(input_ids=IDS, neuron_ids=torch.tensor([[0, 1, 2], [3, 4, 5]]))  # distinct: fine
