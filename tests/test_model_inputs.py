@@ -83,3 +83,61 @@ def test_the_collator_and_trainer_check_runs_the_new_rules(models):
     with pytest.raises(ValueError, match="repeat id 3"):
         models["table"].validate_inputs(input_ids=IDS, neuron_ids=torch.tensor([[0, 1, 2], [3, 4, 3]]))
     models["table"].validate_inputs(input_ids=IDS, neuron_ids=torch.tensor([[0, 1, 2], [3, 4, 5]]))  # distinct: fine
+
+
+# -- rollout and generate arguments ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["sample", "soft"])
+def test_rollout_top_k_zero_means_no_limit(models, mode):
+    torch.manual_seed(0)
+    unfiltered = models["data"].rollout(IDS, 2, mode=mode, generator=torch.Generator().manual_seed(1))
+    out = models["data"].rollout(IDS, 2, mode=mode, top_k=0, generator=torch.Generator().manual_seed(1))
+    # before: RuntimeError "The size of tensor a (16) must match the size of tensor b (0)"
+    assert torch.equal(out.codes, unfiltered.codes) and torch.allclose(out.probabilities, unfiltered.probabilities)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=float("nan"), mode="sample"), "temperature must be a positive finite number"),
+        (dict(top_k=-1, mode="sample"), "top_k must be a non-negative integer"),
+        (dict(top_p=0.0, mode="soft"), r"top_p must lie in \(0, 1\]"),
+        (dict(top_p=float("nan"), mode="sample"), r"top_p must lie in \(0, 1\]"),
+    ],
+    ids=["temperature-nan", "top_k-neg", "top_p-0", "top_p-nan"],
+)
+def test_rollout_refuses_bad_sampling_settings(models, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        models["data"].rollout(IDS, 2, **kwargs)
+
+
+def test_rollout_top_p_keeps_the_smallest_likely_set(models):
+    out = models["data"].rollout(IDS, 3, mode="soft", top_p=0.3)
+    kept = out.probabilities > 0
+    assert kept.sum(-1).min() >= 1  # the most likely code always stays
+    full = models["data"].rollout(IDS, 3, mode="soft").probabilities
+    assert (kept.sum(-1) < full.gt(0).sum(-1)).any()  # the filter removed codes
+    assert torch.allclose(out.probabilities.sum(-1), torch.ones(()))
+
+
+@pytest.mark.parametrize("max_length", [2, 4, np.int64(3)])
+def test_generate_max_length_within_the_context_names_both(models, max_length):
+    # before: "max_new_tokens must be a positive integer, got -2" for an argument the caller never passed
+    with pytest.raises(ValueError, match=rf"max_length={int(max_length)} counts the 4 context token steps too.*> 4"):
+        models["data"].generate(input_ids=IDS, max_length=max_length)
+
+
+def test_generate_and_rollout_take_numpy_numbers(models):
+    model = models["data"]
+    torch.manual_seed(3)
+    plain = model.generate(input_ids=IDS, max_new_tokens=2, do_sample=True, top_k=3, top_p=0.9, temperature=0.7,
+                           num_return_sequences=2)
+    torch.manual_seed(3)
+    # before: transformers' "`top_k` has to be a strictly positive integer, but is 3"
+    numpy = model.generate(input_ids=IDS, max_new_tokens=np.int64(2), do_sample=True, top_k=np.int64(3),
+                           top_p=np.float32(0.9), temperature=np.float64(0.7), num_return_sequences=np.int32(2))
+    assert torch.equal(plain, numpy)
+    assert torch.equal(model.generate(input_ids=IDS, max_length=np.int64(6)),
+                       model.generate(input_ids=IDS, max_new_tokens=2))
+    assert model.rollout(IDS, np.int64(2)).codes.shape == (2, 3, 6)
+    assert torch.equal(model.rollout(IDS.to(torch.int16), 2).codes, model.rollout(IDS, 2).codes)  # int16 codes
