@@ -141,3 +141,40 @@ def test_generate_and_rollout_take_numpy_numbers(models):
                        model.generate(input_ids=IDS, max_new_tokens=2))
     assert model.rollout(IDS, np.int64(2)).codes.shape == (2, 3, 6)
     assert torch.equal(model.rollout(IDS.to(torch.int16), 2).codes, model.rollout(IDS, 2).codes)  # int16 codes
+
+
+# -- labels ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [99, 16, -5])
+def test_forward_with_labels_outside_the_vocabulary_names_them(models, value):
+    # before: IndexError "Target 99 is out of bounds" from inside cross_entropy
+    with pytest.raises(ValueError, match=r"labels hold a code outside \[0, 16\) that is not -100"):
+        models["data"](input_ids=IDS, labels=torch.full_like(IDS, value))
+    assert torch.isfinite(models["data"](input_ids=IDS, labels=IDS).loss)
+
+
+@pytest.fixture(scope="module")
+def behavior(tokenizer):
+    torch.manual_seed(0)
+    return CalmForBehaviorRegression(CalmConfig.from_preset(
+        "tiny", vocab_size=tokenizer.config.codebook_size, neuron_identity="table", num_behavior_channels=2)).eval()
+
+
+@pytest.mark.parametrize("convert", [lambda y: y, lambda y: y.numpy(), lambda y: y.numpy().astype(np.float64),
+                                     lambda y: y.tolist()], ids=["tensor", "numpy", "numpy-float64", "list"])
+def test_behavior_labels_may_be_numpy_or_lists(behavior, convert):
+    labels = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(0))
+    expected = behavior(input_ids=IDS, labels=labels).loss
+    # before: AttributeError "'numpy.ndarray' object has no attribute 'dim'"
+    assert torch.allclose(behavior(input_ids=IDS, labels=convert(labels)).loss, expected)
+
+
+@pytest.mark.parametrize("labels, error, match", [
+    (np.zeros((2, 2, 16), dtype=complex), TypeError, "real numbers, got dtype torch.complex"),
+    (np.zeros((2, 2, 16), dtype=bool), TypeError, "real numbers, got dtype torch.bool"),
+    ("abc", TypeError, "labels must be a tensor, numpy array or nested list of real numbers"),
+    (np.zeros((2, 16)), ValueError, r"labels must be behaviour of shape \(batch, num_behavior_channels, frames\)"),
+], ids=["complex", "bool", "string", "2-d"])
+def test_behavior_labels_of_the_wrong_kind_are_refused(behavior, labels, error, match):
+    with pytest.raises(error, match=match):
+        behavior(input_ids=IDS, labels=labels)
