@@ -178,3 +178,46 @@ def test_behavior_labels_may_be_numpy_or_lists(behavior, convert):
 def test_behavior_labels_of_the_wrong_kind_are_refused(behavior, labels, error, match):
     with pytest.raises(error, match=match):
         behavior(input_ids=IDS, labels=labels)
+
+
+# -- configurations ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(rms_norm_eps=-1), r"rms_norm_eps must be a positive finite number .*got -1"),
+    (dict(rms_norm_eps=0), "rms_norm_eps must be a positive finite number"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a positive finite number"),
+    (dict(rope_theta=0), r"rope_theta must be a finite number > 1 .*got 0"),
+    (dict(rope_theta=1), "rope_theta must be a finite number > 1"),
+    (dict(rope_theta=float("inf")), "rope_theta must be a finite number > 1"),
+    (dict(frame_rate_hz=float("nan")), "frame_rate_hz must be a positive finite rate"),
+    (dict(initializer_range=-0.1), "initializer_range must be a finite number >= 0"),
+], ids=["eps-neg", "eps-0", "eps-nan", "theta-0", "theta-1", "theta-inf", "rate-nan", "init-neg"])
+def test_model_config_refuses_values_that_break_the_model(overrides, match):
+    with pytest.raises(ValueError, match=match):  # before: accepted; eps -1 gave NaN logits and code 0 everywhere
+        CalmConfig.from_preset("tiny", **overrides)
+
+
+def test_model_config_checks_assigned_fields_before_use():
+    config = CalmConfig.from_preset("tiny")
+    config.rms_norm_eps = -1.0  # assigned after construction: cross-checked by raise_if_invalid / save_pretrained
+    with pytest.raises(ValueError, match="rms_norm_eps must be a positive finite number"):
+        config.raise_if_invalid()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(layer_norm_eps=float("inf")), "`layer_norm_eps` must be a finite number > 0"),
+    (dict(rope_theta=1), r"`rope_theta` must be > 1"),
+    (dict(rope_theta=float("inf")), "`rope_theta` must be a finite number > 0"),
+    (dict(gumbel_temperature_start=float("inf")), "Gumbel temperatures must be > 0 and finite"),
+    (dict(initializer_range=float("inf")), "`initializer_range` must be a finite number >= 0"),
+], ids=["eps-inf", "theta-1", "theta-inf", "gumbel-inf", "init-inf"])
+def test_tokenizer_config_refuses_values_that_break_the_tokenizer(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        CalmTokenizerConfig.from_preset("tiny", **overrides)
+
+
+def test_valid_configs_still_build():
+    for preset in ("tiny", "cpu", "paper"):
+        assert math.isfinite(CalmConfig.from_preset(preset).rms_norm_eps)
+        assert CalmTokenizerConfig.from_preset(preset).rope_theta > 1
+    CalmConfig.from_preset("tiny", rms_norm_eps=1, rope_theta=500)  # integers from older config files
