@@ -8,6 +8,7 @@ named neither the problem nor the fix.
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from calm_hf import (
     CalmTokenizer,
     CalmTokenizerConfig,
 )
+from calm_hf.forecasting import CalmForecaster
 
 IDS = torch.randint(0, 16, (2, 3, 4), generator=torch.Generator().manual_seed(0))
 
@@ -221,3 +223,77 @@ def test_valid_configs_still_build():
         assert math.isfinite(CalmConfig.from_preset(preset).rms_norm_eps)
         assert CalmTokenizerConfig.from_preset(preset).rope_theta > 1
     CalmConfig.from_preset("tiny", rms_norm_eps=1, rope_theta=500)  # integers from older config files
+
+
+# -- CalmForecaster ----------------------------------------------------------------------------------------------------
+
+CONTEXT = torch.randn(2, 3, 24, generator=torch.Generator().manual_seed(0))  # z-scored: mean 0, std 1
+
+
+@pytest.fixture(scope="module")
+def forecaster(models, tokenizer):
+    return CalmForecaster(models["data"], tokenizer)
+
+
+def test_soft_forecasts_honour_top_k_and_top_p(forecaster):
+    plain = forecaster.forecast(CONTEXT, horizon=12, mode="soft")
+    top1 = forecaster.forecast(CONTEXT, horizon=12, mode="soft", top_k=1)
+    nucleus = forecaster.forecast(CONTEXT, horizon=12, mode="soft", top_p=1e-6)  # only the most likely code stays
+    # before: soft mode dropped temperature, top_k and top_p, and all three equalled the plain rollout
+    assert not np.array_equal(top1.codes, plain.codes)
+    np.testing.assert_array_equal(nucleus.codes, top1.codes)
+    np.testing.assert_allclose(nucleus.forecast, top1.forecast)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "soft"])
+def test_one_future_modes_refuse_several_samples(forecaster, mode):
+    # before: num_samples was quietly set to 1 and the caller got one future without a spread
+    with pytest.raises(ValueError, match=rf"mode='{mode}' gives one deterministic future, not num_samples=4"):
+        forecaster.forecast(CONTEXT, horizon=8, mode=mode, num_samples=4)
+
+
+@pytest.mark.parametrize("mode, kwargs", [
+    ("greedy", dict(top_k=3)), ("greedy", dict(temperature=0.5)), ("direct", dict(top_p=0.9)),
+], ids=["greedy-top_k", "greedy-temperature", "direct-one-sample-top_p"])
+def test_sampling_settings_that_would_do_nothing_are_refused(forecaster, mode, kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=rf"{name}=.* would have no effect: mode='{mode}' with num_samples=1"):
+        forecaster.forecast(CONTEXT, horizon=8, mode=mode, **kwargs)
+
+
+def test_direct_horizon_is_capped_at_the_model_span(forecaster):
+    config = forecaster.model.config
+    span = (config.max_token_steps - 1) * config.window_size
+    assert forecaster.forecast(CONTEXT, horizon=span, mode="direct").forecast.shape == (2, 3, span)
+    # before: any horizon was chained chunk by chunk: 10**6 frames meant tens of thousands of passes
+    for horizon in (span + 1, 10**6):
+        with pytest.raises(ValueError, match=rf"horizon={horizon} frames is longer than this model's span of {span} "
+                                             rf"frames.*at most {span} frames"):
+            forecaster.forecast(CONTEXT, horizon=horizon, mode="direct")
+
+
+@pytest.mark.parametrize("name, value", [("horizon", 0), ("horizon", 2.5), ("num_samples", 0), ("num_samples", True)])
+def test_forecast_counts_must_be_positive_integers(forecaster, name, value):
+    arguments = {"horizon": 8, "mode": "sample", name: value}
+    with pytest.raises(ValueError, match=rf"{name} must be a positive integer, got {value!r}"):
+        forecaster.forecast(CONTEXT, **arguments)
+    assert forecaster.forecast(CONTEXT, horizon=np.int64(8), num_samples=np.int64(2), mode="sample").samples.shape == (
+        2, 2, 3, 8)
+
+
+def test_raw_context_gets_a_warning_that_names_z_scoring(forecaster):
+    with pytest.warns(UserWarning, match=r"context_values do not look z-scored: the median neuron has mean 4\d\.\d+"):
+        forecaster.forecast(CONTEXT * 10 + 50, horizon=8)  # before: a forecast in the wrong units, without a word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forecaster.forecast(CONTEXT, horizon=8)  # z-scored: no warning
+
+
+def test_a_tokenizer_with_another_fingerprint_is_refused(models, tokenizer):
+    torch.manual_seed(1)
+    other = CalmTokenizer(CalmTokenizerConfig.from_preset("tiny")).eval()
+    assert other.config.codebook_size == models["data"].config.vocab_size  # the same size: only the fingerprint differs
+    assert other.fingerprint() != tokenizer.fingerprint()
+    with pytest.raises(ValueError, match=rf"has fingerprint {other.fingerprint()} but the model was pretrained with "
+                                         rf"the tokenizer of fingerprint {tokenizer.fingerprint()}"):
+        CalmForecaster(models["data"], other)
