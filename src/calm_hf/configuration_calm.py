@@ -261,8 +261,21 @@ class CalmConfig(PreTrainedConfig):
                 f"The head dimension hidden_size/num_attention_heads = {self.hidden_size}/{self.num_attention_heads}"
                 " must be even for RoPE; change hidden_size or num_attention_heads."
             )
-        if self.frame_rate_hz <= 0:
-            raise ValueError(f"frame_rate_hz must be positive, got {self.frame_rate_hz}.")
+        if not (math.isfinite(self.frame_rate_hz) and self.frame_rate_hz > 0):
+            raise ValueError(f"frame_rate_hz must be a positive finite rate in Hz, got {self.frame_rate_hz!r}.")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise ValueError(
+                f"CalmConfig.rms_norm_eps must be a positive finite number (RMSNorm divides by sqrt(mean(x^2) + eps); "
+                f"eps <= 0 gives NaN on a zero vector), got {self.rms_norm_eps!r}; the default is 1e-6."
+            )
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise ValueError(
+                f"CalmConfig.rope_theta must be a finite number > 1 (the RoPE base: its powers set the rotation "
+                f"wavelengths, which only grow with the dimension when it exceeds 1), got {self.rope_theta!r}; the "
+                "default is 10000."
+            )
+        if not (math.isfinite(self.initializer_range) and self.initializer_range >= 0):
+            raise ValueError(f"CalmConfig.initializer_range must be a finite number >= 0, got {self.initializer_range!r}.")
 
     def validate_identity(self) -> None:
         """Where neuron identities come from, and the quantile levels of the head."""

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import os
 
 from huggingface_hub.dataclasses import strict
@@ -227,8 +228,13 @@ class CalmTokenizerConfig(PreTrainedConfig):
             "gumbel_anneal_steps": self.gumbel_anneal_steps,
         }
         for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"`{name}` must be > 0, got {name}={value!r}.")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {name}={value!r}.")
+        if not self.rope_theta > 1:
+            raise ValueError(
+                f"`rope_theta` must be > 1 (the RoPE base: its powers set the rotation wavelengths, which only grow with "
+                f"the dimension when it exceeds 1), got rope_theta={self.rope_theta!r}; the default is 10000."
+            )
         non_negative = {
             "num_encoder_layers": self.num_encoder_layers,
             "num_decoder_layers": self.num_decoder_layers,
@@ -244,8 +250,8 @@ class CalmTokenizerConfig(PreTrainedConfig):
             "ar_weight": self.ar_weight,
         }
         for name, value in non_negative.items():
-            if not value >= 0:
-                raise ValueError(f"`{name}` must be >= 0, got {name}={value!r}.")
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {name}={value!r}.")
         if self.codebook_size < 2:
             raise ValueError(f"`codebook_size` must be >= 2 to form a vocabulary, got codebook_size={self.codebook_size}.")
         if self.hidden_size % self.num_attention_heads != 0:
@@ -266,9 +272,10 @@ class CalmTokenizerConfig(PreTrainedConfig):
             raise ValueError(f"`dropout` must be in [0, 1), got dropout={self.dropout}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1), got ema_decay={self.ema_decay}.")
-        if not (self.gumbel_temperature_start > 0 and self.gumbel_temperature_end > 0):
+        temperatures = (self.gumbel_temperature_start, self.gumbel_temperature_end)
+        if not all(value > 0 and math.isfinite(value) for value in temperatures):
             raise ValueError(
-                "Gumbel temperatures must be > 0, got gumbel_temperature_start="
+                "Gumbel temperatures must be > 0 and finite, got gumbel_temperature_start="
                 f"{self.gumbel_temperature_start}, gumbel_temperature_end={self.gumbel_temperature_end}."
             )
         if self.gumbel_temperature_end > self.gumbel_temperature_start:

@@ -11,6 +11,8 @@ This file ships with checkpoints (the pipeline imports it), so it imports only n
 from __future__ import annotations
 
 import contextlib
+import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +71,59 @@ def check_finite_context(values: torch.Tensor) -> None:
         raise ValueError(
             f"context_values contain NaN/Inf (first at batch {bad[0]}, neuron {bad[1]}, frame {bad[2]}): "
             "interpolate or drop that neuron before forecasting."
+        )
+
+
+# a context whose typical neuron sits this many units from zero, or spreads this wide, was not z-scored: z-scored
+# traces have mean 0 and std 1 over their recording, so even a bursting neuron's window stays well inside it
+RAW_SCALE = 4.0
+
+
+def check_z_scored(values: torch.Tensor) -> None:
+    """Warn when a `(batch, neurons, frames)` context looks like raw traces (one host sync per forecast call): the
+    tokenizer and the heads read z-scored units, and raw fluorescence gives a forecast of the wrong scale."""
+    mean = values.mean(dim=-1).abs().flatten().median()
+    std = values.std(dim=-1, correction=0).flatten().median()
+    typical_mean, typical_std = torch.stack([mean, std]).tolist()
+    if typical_mean > RAW_SCALE or typical_std > RAW_SCALE:
+        warnings.warn(
+            f"context_values do not look z-scored: the median neuron has mean {typical_mean:.3g} and std "
+            f"{typical_std:.3g} over the context, where z-scored traces have mean 0 and std 1. z-score each neuron "
+            "((x - mean) / std with its recording's statistics, e.g. CalmTraceProcessor), or call forecast_traces, "
+            "which z-scores raw traces and maps the forecast back to their units.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_forecast_arguments(mode: str, horizon, num_samples, temperature, top_k, top_p,
+                             max_direct_horizon: int) -> None:
+    """Arguments of `CalmForecaster.forecast` that would otherwise be dropped or run without end: the count
+    arguments, sampling settings in a mode that does not sample, and a direct horizon past the model's span."""
+    for name, value in (("horizon", horizon), ("num_samples", num_samples)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if mode in ("greedy", "soft") and num_samples > 1:
+        raise ValueError(
+            f"mode={mode!r} gives one deterministic future, not num_samples={num_samples} different ones: pass "
+            "mode='sample' or 'mean' for sampled futures (or 'direct' for the head's forecast with a sampled band), or "
+            "num_samples=1."
+        )
+    sampled = mode in ("sample", "mean", "soft") or (mode == "direct" and num_samples > 1)
+    set_settings = [f"{name}={value!r}" for name, value, default in (
+        ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None))
+        if value is not None and value != default]
+    if set_settings and not sampled:
+        raise ValueError(
+            f"{', '.join(set_settings)} would have no effect: mode={mode!r} with num_samples={num_samples} draws no "
+            "token. Sampling settings apply to mode='sample', 'mean' and 'soft', and to mode='direct' with "
+            "num_samples > 1 (its band); drop them or choose one of those."
+        )
+    if mode == "direct" and horizon > max_direct_horizon:
+        raise ValueError(
+            f"horizon={horizon} frames is longer than this model's span of {max_direct_horizon} frames "
+            "((max_token_steps - 1) * window_size, one token window left for the context): past it the model reads "
+            f"only its own forecasts. Ask for at most {max_direct_horizon} frames, or forecast again from new data."
         )
 
 
@@ -180,13 +235,14 @@ class CalmForecaster:
         """Token rollout. Returns (batch, num_samples, neurons, context_steps + new_steps) codes.
 
         `greedy` takes the argmax (one rollout), `sample`/`mean` draw `num_samples` futures (`mean` is `sample`
-        whose decoded traces the caller averages), `soft` feeds back the probability-weighted embedding.
+        whose decoded traces the caller averages), `soft` feeds back the probability-weighted embedding of the
+        temperature / top-k / top-p distribution (one rollout).
         """
         if mode not in ROLLOUT_MODES:
             raise ValueError(f"mode={mode!r} is not one of {ROLLOUT_MODES}.")
         batch, neurons, _ = context_ids.shape
-        if mode in ("greedy", "soft"):
-            num_samples = 1
+        if mode in ("greedy", "soft") and num_samples != 1:
+            raise ValueError(f"mode={mode!r} gives one future: pass num_samples=1, or mode='sample' for several.")
         identity = {} if neuron_identity is None else {"neuron_identity": neuron_identity}
         with self._autocast():
             if mode == "soft":
@@ -197,6 +253,9 @@ class CalmForecaster:
                     neuron_ids=neuron_ids,
                     session_ids=session_ids,
                     neuron_mask=neuron_mask,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
                     **identity,
                 ).codes
             else:
@@ -295,13 +354,17 @@ class CalmForecaster:
         """Forecast `horizon` frames after a context.
 
         Args:
-            context_values: (batch, neurons, frames) z-scored context at the model rate.
+            context_values: (batch, neurons, frames) z-scored context at the model rate (a context that looks raw
+                gets a warning).
             horizon: number of future frames wanted.
             context_ids: pre-computed context codes (batch, neurons, steps); skips tokenization when given.
             mode: "direct" (the continuous head's conditional mean; default for models that have the head, with
                 `num_samples > 1` adding sampled token rollouts recentred on it as `samples`), or a token rollout
                 mode of `rollout` (default for older checkpoints: "greedy").
-            num_samples, temperature, top_k, top_p: see `rollout`.
+            num_samples, temperature, top_k, top_p: see `rollout`; "greedy" and "soft" give one future
+                (num_samples=1), and the sampling settings apply where tokens are drawn or weighted ("sample", "mean",
+                "soft", and "direct" with num_samples > 1); anything else is refused rather than ignored. "direct"
+                covers at most `(max_token_steps - 1) * window_size` frames.
             return_tensors: return torch tensors on the model's device instead of host numpy arrays (the pipeline
                 does, and converts in its postprocess).
             reference: data-identity models: reference trials (trials, neurons, frames) of the same neurons, z-scored
@@ -312,11 +375,11 @@ class CalmForecaster:
         Inputs (numpy or torch, on any device) are moved to the model's device once; everything up to the result
         stays there in torch.
         """
-        if horizon < 1:
-            raise ValueError(f"horizon={horizon} must be at least one frame.")
         mode = default_forecast_mode(self.model) if mode is None else mode
         if mode not in FORECAST_MODES:
             raise ValueError(f"mode={mode!r} is not one of {FORECAST_MODES}.")
+        check_forecast_arguments(mode, horizon, num_samples, temperature, top_k, top_p,
+                                 (self.model.config.max_token_steps - 1) * self.window_size)
         values = self._to_device(context_values, torch.float32)
         if context_ids is None:
             if values is None:
@@ -328,6 +391,8 @@ class CalmForecaster:
                 )
             check_finite_context(values)
             context_ids = self.tokenize(values)
+        if values is not None and values.ndim == 3:  # tokenized here, or read by the head's raw-trace highway
+            check_z_scored(values)
         context_ids = self._to_device(context_ids)
         identity = {"neuron_ids": self._to_device(neuron_ids), "session_ids": self._to_device(session_ids),
                     "neuron_mask": self._to_device(neuron_mask)}

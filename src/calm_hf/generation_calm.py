@@ -33,7 +33,7 @@ class CalmRolloutOutput(ModelOutput):
             Context followed by the rolled-out codes (argmax codes in "greedy" and "soft" mode, drawn codes in
             "sample" mode).
         probabilities (`torch.FloatTensor` of shape `(batch, neurons, max_new_tokens, vocab_size)`):
-            Predicted code distribution at every rolled-out step (after temperature / top-k).
+            Predicted code distribution at every rolled-out step (after temperature / top-k / top-p).
     """
 
     codes: torch.LongTensor | None = None
@@ -61,16 +61,41 @@ def check_sampling_arguments(
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}; use greedy for argmax.")
 
 
+def plain_numbers(settings: dict) -> dict:
+    """numpy integers and floats (`np.int64(2)`, `np.float32(0.7)`) as Python ints and floats, which
+    `GenerationConfig`'s own checks require; bools and everything else unchanged."""
+    def plain(value):
+        if isinstance(value, bool) or isinstance(value, (int, float)):
+            return value
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        return float(value) if isinstance(value, numbers.Real) else value
+
+    return {name: plain(value) for name, value in settings.items()}
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """`(..., vocab)` logits with every code outside the top `top_k` (None or 0: no limit) and outside the smallest
+    set whose probability reaches `top_p` (None or 1: no limit) set to -inf; the most likely code always stays."""
+    if top_k and top_k < logits.shape[-1]:
+        threshold = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before a code already reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
+    return logits
+
+
 def next_codes(
-    logits: torch.Tensor, mode: str, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: torch.Tensor, mode: str, temperature: float, top_k: int | None, generator: torch.Generator | None,
+    top_p: float | None = None,
 ) -> tuple[torch.Tensor, torch.LongTensor]:
     """`(probabilities, codes)` of one rollout step from `(batch, neurons, vocab)` logits (see `rollout`)."""
     logits = logits.float()
     if mode != "greedy":
-        logits = logits / temperature
-        if top_k is not None and top_k < logits.shape[-1]:
-            threshold = logits.topk(top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        logits = filter_logits(logits / temperature, top_k, top_p)
     probs = logits.softmax(dim=-1)
     if mode == "sample":
         codes = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
@@ -129,12 +154,19 @@ class CalmGenerationMixin(GenerationMixin):
             raise ValueError("generate needs input_ids of shape (batch, neurons, token_steps): the context codes.")
         if generate_kwargs.get("inputs_embeds") is not None:
             raise ValueError("generate takes input_ids; for embedding feedback use model.rollout(..., mode='soft').")
+        generate_kwargs.update(plain_numbers(generate_kwargs))
         setting = lambda name: self._generation_setting(name, generation_config, generate_kwargs)  # noqa: E731
         if generate_kwargs.get("max_length") is not None and generate_kwargs.get("max_new_tokens") is None:
             # max_length counts token steps of the grid; the default max_new_tokens would otherwise win
-            generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length") - as_integer_tensor(
-                input_ids, "input_ids"
-            ).shape[-1]
+            max_length = generate_kwargs.pop("max_length")
+            grid = as_integer_tensor(input_ids, "input_ids")
+            context_steps = grid.shape[-1] if grid.dim() else 0
+            if not is_positive_integer(max_length) or max_length <= context_steps:
+                raise ValueError(
+                    f"max_length={max_length!r} counts the {context_steps} context token steps too, so it must exceed "
+                    f"them: pass max_length > {context_steps}, or max_new_tokens=<token steps to generate>."
+                )
+            generate_kwargs["max_new_tokens"] = max_length - context_steps
         check_sampling_arguments(
             setting("max_new_tokens"), setting("top_p"), setting("top_k"), setting("temperature"), setting("do_sample")
         )
@@ -231,6 +263,7 @@ class CalmGenerationMixin(GenerationMixin):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         neuron_identity: torch.FloatTensor | None = None,
+        top_p: float | None = None,
     ) -> CalmRolloutOutput:
         r"""
         Autoregressive rollout with a KV cache, with a choice of what is fed back at each step.
@@ -240,13 +273,15 @@ class CalmGenerationMixin(GenerationMixin):
             max_new_tokens (`int`): number of token steps to roll out.
             neuron_ids, session_ids, neuron_mask: as in `forward`.
             mode (`str`, *optional*, defaults to `"greedy"`):
-                `"greedy"` feeds back the argmax code, `"sample"` a code drawn from the (temperature / top-k)
+                `"greedy"` feeds back the argmax code, `"sample"` a code drawn from the (temperature / top-k / top-p)
                 distribution, `"soft"` the probability-weighted code embedding `probs @ embed_tokens.weight` (a
                 mean-field rollout that does not collapse to typical codes); its returned codes are the argmax.
             temperature (`float`, *optional*, defaults to 1.0): softmax temperature ("sample" and "soft").
-            top_k (`int`, *optional*): keep only the k most likely codes ("sample" and "soft").
+            top_k (`int`, *optional*): keep only the k most likely codes ("sample" and "soft"); None or 0 keeps all.
             generator (`torch.Generator`, *optional*): random generator for "sample".
             neuron_identity (`torch.FloatTensor`, *optional*): data identity, as in `forward`.
+            top_p (`float`, *optional*): keep only the smallest set of most likely codes whose probability reaches
+                `top_p` ("sample" and "soft"); None or 1 keeps all.
 
         Returns:
             [`CalmRolloutOutput`] with `codes` `(batch, neurons, token_steps + max_new_tokens)` and
@@ -254,7 +289,7 @@ class CalmGenerationMixin(GenerationMixin):
         """
         if mode not in ROLLOUT_MODES:
             raise ValueError(f"mode must be 'greedy', 'sample' or 'soft', got {mode!r}.")
-        check_sampling_arguments(max_new_tokens, None, top_k, temperature, do_sample=True)
+        check_sampling_arguments(max_new_tokens, top_p, top_k, temperature, do_sample=True)
         input_ids = validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask, new_steps=max_new_tokens,
                                     neuron_identity=neuron_identity)
         identity = {"neuron_ids": neuron_ids, "session_ids": session_ids, "neuron_mask": neuron_mask,
@@ -263,7 +298,7 @@ class CalmGenerationMixin(GenerationMixin):
         codes, probabilities = [], []
         for step in range(max_new_tokens):
             # (batch, neurons, vocab) distribution of the next step and the codes picked from it
-            probs, step_codes = next_codes(outputs.logits[:, :, -1], mode, temperature, top_k, generator)
+            probs, step_codes = next_codes(outputs.logits[:, :, -1], mode, temperature, top_k, generator, top_p)
             codes.append(step_codes)
             probabilities.append(probs)
             if step == max_new_tokens - 1:

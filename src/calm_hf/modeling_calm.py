@@ -803,7 +803,7 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
         logits = self.lm_head(hidden_states)
         value_predictions = self.predict_values(hidden_states, value_inputs if value_inputs is not None else value_labels,
                                                 neuron_identity)
-        next_token_loss = self.next_token_loss(logits, labels, neuron_mask) if labels is not None else None
+        next_token_loss = self._checked_next_token_loss(logits, labels, neuron_mask) if labels is not None else None
         value_loss = self.value_loss(value_predictions, value_labels, neuron_mask) if value_labels is not None else None
         offsets = self.quantile_offsets(hidden_states) if value_predictions is not None else None
         quantile_loss = None
@@ -824,6 +824,22 @@ class CalmForCausalNeuralModeling(CalmPreTrainedModel, CalmGenerationMixin, Calm
             quantile_loss=quantile_loss,
             value_quantiles=value_quantiles,
         )
+
+    def _checked_next_token_loss(self, logits: torch.Tensor, labels: torch.Tensor,
+                                 neuron_mask: torch.Tensor | None) -> torch.Tensor:
+        """`next_token_loss`, with cross-entropy's "Target k is out of bounds" (a label outside the vocabulary that
+        no entry point validated) named as the label problem it is; no host sync on the normal path. On CPU only: on
+        a GPU the same label is a device-side assert, which the trainer's `validate_inputs` keeps from happening."""
+        try:
+            return self.next_token_loss(logits, labels, neuron_mask)
+        except IndexError as error:
+            if "out of bounds" not in str(error):
+                raise
+            raise ValueError(
+                f"labels hold a code outside [0, {self.config.vocab_size}) that is not -100 ({error}): use codes from "
+                "the tokenizer this model was built for and -100 for targets to ignore (validate_inputs(config, "
+                "input_ids, labels=labels) finds them)."
+            ) from None
 
     @staticmethod
     def _unflatten_grid(

@@ -324,7 +324,20 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
 
     # -- forward ------------------------------------------------------------------------------------------------------
 
-    def _check_labels(self, labels: torch.Tensor, behavior_mask: torch.Tensor | None, batch_size: int, num_frames: int):
+    def _check_labels(self, labels: Any, behavior_mask: Any, batch_size: int, num_frames: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(labels, scored)`: the behaviour as a float tensor on `device` (a tensor, numpy array or nested list of
+        real numbers) and the bool mask of the entries the loss scores, after the shape and finiteness checks."""
+        try:
+            labels = torch.as_tensor(labels, device=device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"labels must be a tensor, numpy array or nested list of real numbers, got "
+                            f"{type(labels).__name__} ({error}).") from None
+        if labels.dtype == torch.bool or labels.dtype.is_complex:
+            raise TypeError(f"labels must be behaviour as real numbers, got dtype {labels.dtype}.")
+        labels = labels.float()
+        if behavior_mask is not None:
+            behavior_mask = torch.as_tensor(behavior_mask, device=device)
         if labels.dim() != 3:
             raise ValueError(
                 f"labels must be behaviour of shape (batch, num_behavior_channels, frames), got {tuple(labels.shape)}."
@@ -351,7 +364,7 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
                 f"labels contain {int(bad.sum())} NaN/Inf value(s) (first at trial {trial}, channel {channel}, frame "
                 f"{frame}); interpolate the missing behaviour or pass behavior_mask=False at those entries."
             )
-        return scored
+        return labels, scored
 
     def _backbone_states(
         self,
@@ -434,11 +447,12 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
         self._check_bank_covers(identity["neuron_ids"])
         scored = None
         if labels is not None:
-            scored = self._check_labels(labels, behavior_mask, batch_size, num_steps * self.window_size)
+            labels, scored = self._check_labels(labels, behavior_mask, batch_size, num_steps * self.window_size,
+                                                hidden_states.device)
         predictions = self.decode_behavior(hidden_states, identity["neuron_ids"], identity["neuron_mask"])
         loss = None
         if labels is not None:
-            error = (predictions - torch.nan_to_num(labels.float())) ** 2
+            error = (predictions - torch.nan_to_num(labels)) ** 2
             loss = (error * scored).sum() / scored.sum().clamp(min=1)
         return CalmBehaviorRegressionOutput(
             loss=loss,

@@ -176,6 +176,40 @@ def check_identity_values(config: CalmConfig, neuron_ids: torch.Tensor, session_
         )
 
 
+def check_real_neurons(neuron_mask: torch.Tensor | None) -> None:
+    """Every trial has at least one real neuron (one host sync): a trial whose neurons are all padding has nothing to
+    generate or forecast from, and `forward` would quietly return codes for it."""
+    if neuron_mask is None:
+        return
+    empty = torch.nonzero(~neuron_mask.any(dim=1)).flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"neuron_mask is False for every neuron of trial(s) {empty[:5]}: each trial needs at least one real neuron "
+            "(True = real, False = padding). Drop those trials, or pass neuron_mask=None when nothing is padded."
+        )
+
+
+def check_unique_neuron_ids(neuron_ids: torch.Tensor, neuron_mask: torch.Tensor | None) -> None:
+    """The real neurons of a trial have distinct ids (one host sync): the same table row twice is the same neuron
+    recorded twice, so one of them borrows another neuron's identity. Padded neurons may share ids."""
+    if neuron_ids.shape[1] < 2:
+        return
+    ids = neuron_ids.clone()
+    if neuron_mask is not None:  # padding gets distinct negative ids, never equal to a real one
+        padding = -1 - torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        ids = torch.where(neuron_mask, ids, padding)
+    ordered = ids.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    found = torch.nonzero(repeated)
+    if found.numel():
+        trial, position = found[0].tolist()
+        raise ValueError(
+            f"neuron_ids of trial {trial} repeat id {int(ordered[trial, position + 1])}: each real neuron needs its own "
+            "id (its row of the neuron table). Give every neuron of a recording a distinct id, e.g. "
+            "config.session_neuron_ids(session), or mark repeated padding with neuron_mask=False."
+        )
+
+
 def check_label_values(config: CalmConfig, labels: Any, neuron_mask: torch.Tensor | None) -> None:
     """Next-token targets are codes or -100, and at least one is scored after the one-step shift: an out-of-vocabulary
     target is an IndexError (or a device assert) inside cross_entropy, and a batch of -100 trains nothing."""
@@ -218,9 +252,11 @@ def validate_inputs(
         config ([`CalmConfig`]): the model's config.
         input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`, *optional*): codes (a tensor, numpy
             array or nested list of any integer dtype).
-        neuron_ids (`torch.LongTensor` of shape `(batch, neurons)` or `(neurons,)`, *optional*): global neuron ids.
+        neuron_ids (`torch.LongTensor` of shape `(batch, neurons)` or `(neurons,)`, *optional*): global neuron ids,
+            distinct among a trial's real neurons (table models).
         session_ids (`torch.LongTensor` of shape `(batch,)` or `()`, *optional*): session ids.
-        neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*): False marks padded neurons.
+        neuron_mask (`torch.BoolTensor` of shape `(batch, neurons)`, *optional*): False marks padded neurons; every
+            trial keeps at least one real neuron.
         labels (`torch.LongTensor` of shape `(batch, neurons, token_steps)`, *optional*): next-token targets.
         new_steps (`int`, *optional*, defaults to 0): token steps the caller will generate after the context.
         neuron_identity (`torch.FloatTensor` of shape `(batch, neurons, identity_size)`, *optional*): the data
@@ -241,8 +277,10 @@ def validate_inputs(
         neuron_ids, session_ids, neuron_mask = identity_inputs(
             batch_size, num_neurons, input_ids.device, neuron_ids, session_ids, neuron_mask
         )
+        check_real_neurons(neuron_mask)
         if config.neuron_identity == "table":
             check_identity_values(config, neuron_ids, session_ids)
+            check_unique_neuron_ids(neuron_ids, neuron_mask)
         identity = check_neuron_identity_shape(config, neuron_identity, batch_size, num_neurons, input_ids.device)
         if identity is not None and not bool(torch.isfinite(identity).all()):
             raise ValueError("neuron_identity holds NaN/Inf: compute it from finite reference traces.")
