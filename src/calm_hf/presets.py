@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "value_skip_windows": 2,
             "neuron_identity": "data",
             "identity_rank": 4,
-            "identity_highway": True,
+            "identity_highway": False,
             "quantile_levels": QUANTILE_LEVELS,
         },
     },
@@ -109,7 +109,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # count, zero-shot), bands from a quantile head (calm_hf.identity_calm, benchmarks/foundation.py)
             "neuron_identity": "data",
             "identity_rank": 32,
-            "identity_highway": True,
+            # one shared raw-trace highway: per-neuron highways fitted from a recording's reference trials forecast
+            # its validation trials worse on real held-out recordings (benchmarks/README.md, foundation section)
+            "identity_highway": False,
             "quantile_levels": QUANTILE_LEVELS,
         },
     },
