@@ -322,6 +322,33 @@ def test_finetune_script_trains_and_adapts_a_held_out_session(tmp_path):
     assert torch.equal(bank[:6], bank_before[:6]) and float(bank[6:12].abs().sum()) > 0
 
 
+
+def test_finetune_script_on_a_data_identity_backbone(tmp_path):
+    """calm-base computes neuron identities from data: the command gives every row its session's identity (from the
+    training trials), grows the head's bank to the dataset's neurons and trains only the head."""
+    from calm_hf.data import build_trial_dataset, prepare_session, save_session_metadata, simulate_benchmark, tokenize_dataset
+    from calm_hf.commands.finetune_behavior import run as main
+
+    sessions = simulate_benchmark(num_sessions=2, seed=0, num_neurons=6, num_trials=20, num_steps=20)
+    dataset = tokenize_dataset(build_trial_dataset([prepare_session(s) for s in sessions]), BinTokenizer())
+    data_dir = tmp_path / "data"
+    dataset.save_to_disk(data_dir)
+    save_session_metadata(data_dir, dataset)
+    torch.manual_seed(0)
+    config = CalmConfig.from_preset("tiny", hidden_dropout=0.0, num_neurons=4)  # data identity; a bank too small
+    causal = CalmForCausalNeuralModeling(config)
+    causal.save_pretrained(tmp_path / "backbone")
+    main(["--model_name_or_path", str(tmp_path / "backbone"), "--tokenized_dataset", str(data_dir),
+          "--output_dir", str(tmp_path / "head"), "--per_device_train_batch_size", "4", "--max_steps", "3",
+          "--learning_rate", "1e-2", "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no",
+          "--use_cpu"])
+    trained = CalmForBehaviorRegression.from_pretrained(tmp_path / "head")
+    assert trained.config.neuron_identity == "data" and trained.behavior_head.neuron_weights.shape[0] == 12
+    assert float(trained.behavior_head.neuron_weights.detach().abs().sum()) > 0
+    backbone = causal.model.state_dict()
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(value, backbone[name]), name
+
 def test_behavior_checkpoint_of_the_one_file_layout_loads_through_its_auto_class(tmp_path):
     """Behaviour checkpoints completed before the behaviour heads had their own file name
     `modeling_calm.CalmForBehaviorRegression` in auto_map; with calm_hf installed they load as the package's class."""

@@ -188,7 +188,9 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
             under `torch.no_grad`).
     """
 
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^codebook_neighbors$"]
+    # the forecasting heads of a causal checkpoint are dropped quietly; the new behaviour head is reported as missing
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^codebook_neighbors$", r"^value_head\.", r"^value_skip\.",
+                                          r"^quantile_head\."]
     accepts_loss_kwargs = False
 
     def __init__(self, config: CalmConfig, **head_kwargs: Any) -> None:
@@ -308,10 +310,16 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
         self.smoothing.requires_grad_(True)
         self.adapted_neuron_ids = None
 
-    def resize_neuron_embeddings(self, new_num_neurons: int) -> nn.Embedding:
+    def resize_neuron_embeddings(self, new_num_neurons: int) -> nn.Embedding | None:
         """Grows the backbone's neuron table (see [`CalmPreTrainedModel.resize_neuron_embeddings`]) and the head's
-        neuron-weight bank alike; new bank rows start at zero (the neuron contributes nothing until trained)."""
-        table = super().resize_neuron_embeddings(new_num_neurons)
+        neuron-weight bank alike; new bank rows start at zero (the neuron contributes nothing until trained). A
+        data-identity backbone has no neuron table: only the bank grows (and `config.num_neurons`); returns None."""
+        if self.model.neuron_embeddings is not None:
+            table = super().resize_neuron_embeddings(new_num_neurons)
+        else:
+            if not isinstance(new_num_neurons, int) or new_num_neurons < 1:
+                raise ValueError(f"new_num_neurons must be a positive integer, got {new_num_neurons!r}.")
+            table, self.config.num_neurons = None, new_num_neurons
         head = self.behavior_head
         old = head.neuron_weights
         new = torch.zeros(new_num_neurons, *old.shape[1:], dtype=old.dtype, device=old.device)

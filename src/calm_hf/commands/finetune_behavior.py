@@ -156,6 +156,35 @@ def remap_split(split: datasets.Dataset, sessions: list[SessionInfo], mapping: d
     return split.map(remap, desc="Mapping neuron ids to the model")
 
 
+def with_data_identity(model: CalmForBehaviorRegression, corpus: datasets.DatasetDict,
+                       sessions: list[SessionInfo]) -> datasets.DatasetDict:
+    """A data-identity backbone: every row gets its session's `neuron_identity` `(neurons, features)`, computed from
+    the session's training trials (as the backbone was pretrained), and the head's neuron bank grows to cover the
+    dataset's neuron ids."""
+    import torch
+
+    from ..identity_calm import compute_neuron_identity, identity_settings
+
+    settings = identity_settings(model.config)
+    table = corpus["train"].with_format("numpy", columns=["input_values", "session_id"])
+    trials: dict[int, list] = {}
+    for values, session in zip(table["input_values"], table["session_id"]):
+        trials.setdefault(int(session), []).append(np.asarray(values, dtype=np.float32))
+    identities = {}
+    for info in sessions:
+        reference = torch.as_tensor(np.stack(trials[info.session_id])) if info.session_id in trials else None
+        identities[info.session_id] = compute_neuron_identity(reference, info.num_neurons, **settings).numpy()
+    needed = max(info.neuron_offset + info.num_neurons for info in sessions)
+    if needed > model.config.num_neurons:
+        model.resize_neuron_embeddings(needed)
+
+    def add(row):
+        return {"neuron_identity": identities[int(row["session_id"])].tolist()}
+
+    return datasets.DatasetDict({name: split.map(add, desc="Neuron identities from the training trials")
+                                 for name, split in corpus.items()})
+
+
 def load_model(model_args: ModelArguments, num_channels: int) -> CalmForBehaviorRegression:
     head_kwargs = {
         name: getattr(model_args, name)
@@ -221,6 +250,9 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         model.config.behavior_head, num_channels, sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     columns = ["input_ids", "neuron_ids", "session_id", "behavior"]
+    if model.config.neuron_identity == "data":  # who each neuron is, from its session's training trials
+        corpus = with_data_identity(model, corpus, sessions)
+        columns.append("neuron_identity")
     callbacks = list(callbacks or [])
     if data_args.early_stopping_patience > 0:
         if training_args.eval_strategy == "no":
