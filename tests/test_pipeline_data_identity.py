@@ -63,3 +63,24 @@ def test_requested_levels_are_read_off_the_model_grid():
     out = quantiles_at((0.1, 0.3, 0.5, 0.95), grid, values)
     assert float(out[0.1][0, 0]) == -1.0 and float(out[0.5][0, 0]) == 0.0
     assert abs(float(out[0.3][0, 0]) + 0.5) < 1e-6 and float(out[0.95][0, 0]) == 1.0  # clamped beyond the grid
+
+
+def test_chronos_style_predict_quantiles(forecaster):
+    """`predict_quantiles(context, prediction_length, quantile_levels)` -> `(quantiles, mean)` arrays, as time-series
+    libraries return them; `prediction_length` / `quantile_levels` also work as call arguments."""
+    rng = np.random.default_rng(1)
+    traces = rng.standard_normal((7, 120))
+    levels = [0.1, 0.5, 0.9]
+    quantiles, mean = forecaster.predict_quantiles(traces, prediction_length=10, quantile_levels=levels,
+                                                   sampling_rate=5.0)
+    assert quantiles.shape == (7, 10, 3) and mean.shape == (7, 10)
+    direct = forecaster(traces, sampling_rate=5.0, prediction_length=10, quantile_levels=levels)
+    np.testing.assert_allclose(quantiles[..., 1], direct["quantiles"][0.5])
+    np.testing.assert_allclose(mean, direct["forecast"])
+    assert np.all(quantiles[..., 0] <= quantiles[..., 2] + 1e-6)
+    batch_q, batch_mean = forecaster.predict_quantiles(np.stack([traces, traces]), 10, levels, sampling_rate=5.0)
+    assert batch_q.shape == (2, 7, 10, 3) and batch_mean.shape == (2, 7, 10)
+    pairs = forecaster.predict_quantiles([traces, traces[:3]], 10, levels, sampling_rate=5.0)
+    assert [p[0].shape for p in pairs] == [(7, 10, 3), (3, 10, 3)]
+    with pytest.raises(ValueError, match="same argument"):
+        forecaster(traces, sampling_rate=5.0, horizon=8, prediction_length=10)

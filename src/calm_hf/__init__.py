@@ -22,6 +22,7 @@ from transformers import (
 
 from .configuration_calm import CalmConfig
 from .configuration_calm_tokenizer import CalmTokenizerConfig
+from .forecasting import CalmForecaster
 from .modeling_calm import CalmForCausalNeuralModeling, CalmModel, CalmPreTrainedModel
 from .modeling_calm_behavior import CalmForBehaviorRegression
 from .modeling_calm_tokenizer import CalmTokenizer
@@ -34,6 +35,7 @@ __all__ = [
     "CalmConfig",
     "CalmForBehaviorRegression",
     "CalmForCausalNeuralModeling",
+    "CalmForecaster",
     "CalmModel",
     "CalmPreTrainedModel",
     "CalmTokenizer",

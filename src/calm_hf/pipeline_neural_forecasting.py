@@ -63,6 +63,15 @@ PROCESSOR_FILE = "preprocessor_config.json"
 _REMOTE = not __name__.startswith("calm_hf.")
 
 
+def _same_value(value, alias, name: str, alias_name: str):
+    """`value` or its `alias` (another library's name for the same argument); both given must agree."""
+    if alias is None:
+        return value
+    if value is not None and not np.array_equal(np.asarray(value), np.asarray(alias)):
+        raise ValueError(f"{name}={value!r} and {alias_name}={alias!r} are the same argument; pass one of them.")
+    return alias
+
+
 def _model_source(model) -> str | None:
     return getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or None
 
@@ -133,10 +142,11 @@ class NeuralForecastingPipeline(Pipeline):
             context in the user's units; a whole recording is fine (the most recent frames the model can hold are
             kept, with a warning). NaN frames are interpolated per neuron (with a warning); Inf is refused.
         sampling_rate (`float`, *optional*): frame rate of `traces` in Hz; defaults to the model's rate.
-        horizon (`int`): frames to forecast, at `sampling_rate`.
+        horizon (`int`): frames to forecast, at `sampling_rate` (`prediction_length` is the same argument).
         num_samples (`int`, defaults to 1): 1 = one greedy rollout; more = sampled futures, returned with their mean
             and quantile bands.
-        quantiles (`sequence of float`, *optional*): levels of the bands, each in (0, 1); default 5/25/50/75/95 %.
+        quantiles (`sequence of float`, *optional*): levels of the bands, each in (0, 1); default 5/25/50/75/95 %
+            (`quantile_levels` is the same argument). `predict_quantiles` returns them as arrays, as Chronos does.
         batch_size (`int`, *optional*): recordings per model call (a 3-D input or a list is split into chunks).
         temperature, top_k, top_p: sampling controls when `num_samples > 1`.
         mode (`str`, *optional*): `direct` (default for models with a continuous head), or force `greedy`,
@@ -182,6 +192,39 @@ class NeuralForecastingPipeline(Pipeline):
             kwargs["batch_size_"] = _check_count(batch_size, "batch_size")
         return super().__call__(traces, **kwargs)
 
+    def predict_quantiles(self, context, prediction_length: int,
+                          quantile_levels=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), **kwargs):
+        """Quantile forecasts in the convention of time-series libraries (Chronos' `predict_quantiles`).
+
+        Args:
+            context (`np.ndarray` of shape `(neurons, frames)` or `(batch, neurons, frames)`, or a list of
+                `(neurons, frames)` arrays): recordings in their own units, as for `__call__`.
+            prediction_length (`int`): frames to forecast, at `sampling_rate` (a keyword of `kwargs`; default the
+                model's rate).
+            quantile_levels (`sequence of float`): levels in (0, 1).
+            kwargs: any other call argument (`sampling_rate`, `reference`, `num_samples`, ...).
+
+        Returns:
+            `(quantiles, mean)`: `quantiles` of shape `(..., neurons, prediction_length, len(quantile_levels))` and
+            `mean` of shape `(..., neurons, prediction_length)` (the point forecast), numpy arrays with the leading
+            batch axis of a 3-D `context`; for a list of recordings, a list of such pairs.
+        """
+        levels = tuple(float(q) for q in np.atleast_1d(np.asarray(quantile_levels, dtype=np.float64)))
+        out = self(context, horizon=prediction_length, quantiles=levels, **kwargs)
+
+        def pair(record):
+            if record["quantiles"] is None:
+                raise ValueError("this model has no quantile head: pass num_samples=N (e.g. 20) to take the quantiles "
+                                 "from N sampled futures.")
+            return np.stack([record["quantiles"][q] for q in levels], axis=-1), record["forecast"]
+
+        if isinstance(out, dict):
+            return pair(out)
+        pairs = [pair(record) for record in out]
+        if isinstance(context, (list, tuple)):
+            return pairs
+        return np.stack([q for q, _ in pairs]), np.stack([m for _, m in pairs])
+
     def _sanitize_parameters(
         self,
         sampling_rate=None,
@@ -198,10 +241,16 @@ class NeuralForecastingPipeline(Pipeline):
         quantiles=None,
         batch_size_=None,
         reference=None,
+        prediction_length=None,
+        quantile_levels=None,
         **kwargs,
     ):
         if kwargs:
             raise ValueError(f"unknown arguments {sorted(kwargs)} for the neural-forecasting pipeline.")
+        # the names time-series forecasting libraries (Chronos) use: prediction_length = horizon,
+        # quantile_levels = quantiles
+        horizon = _same_value(horizon, prediction_length, "horizon", "prediction_length")
+        quantiles = _same_value(quantiles, quantile_levels, "quantiles", "quantile_levels")
         preprocess = {
             k: v
             for k, v in dict(
