@@ -38,6 +38,8 @@ SHRINK = {
                       "--per_device_train_batch_size", "4", *TRAIN],
     "torchrun": ["--preset", "tiny", "--max_steps", "1", "--max_neurons", "8", "--forecast_eval_trials", "0",
                  "--per_device_train_batch_size", "4", *TRAIN],
+    "calm finetune-behavior": ["--max_steps", "2", "--per_device_train_batch_size", "4", "--use_cpu", *TRAIN],
+    "calm analyze": ["--num_shuffles", "2", "--max_forecast_trials", "2"],
     "calm adapt": ["--max_steps", "2", "--adapt_max_steps", "2", "--adapt_eval_every", "1", "--max_neurons", "16",
                    "--per_device_train_batch_size", "4", "--use_cpu", *TRAIN],
 }
@@ -66,12 +68,45 @@ def shrunk(command: str) -> str:
     return command
 
 
+GUIDES = sorted((REPO / "docs" / "guides").glob("*.md"))
+
+
+def doc_blocks(path: Path) -> list[tuple[str, str]]:
+    return [(lang, body) for lang, body in re.findall(r"```(bash|python)\n(.*?)```", path.read_text(), flags=re.DOTALL)]
+
+
+def run_blocks(blocks, source: str, work: Path, env: dict, offline: dict, ran: list) -> None:
+    """Run `blocks` of `source` in `work` as a user would: one shell per bash block, every Python block as a script."""
+    for lang, body in blocks:
+        if lang == "bash":
+            # one shell per block, so `source .venv/bin/activate` carries over like in a terminal
+            commands = [shrunk(c) for c in shell_commands(body)]
+            for command in commands:
+                online = command.startswith("calm push")
+                script = "set -euo pipefail\n" + "\n".join(
+                    ["source .venv/bin/activate"] * any(c.startswith("source") for c in commands) + [command]
+                )
+                start = time.perf_counter()
+                result = subprocess.run(["bash", "-c", script], cwd=work, env=env if online else env | offline,
+                                        capture_output=True, text=True, timeout=600)
+                print(f"{time.perf_counter() - start:6.1f} s  {command}")
+                assert result.returncode == 0, f"{source} command failed: {command}\n{result.stderr[-4000:]}"
+                ran.append(command)
+        else:
+            result = subprocess.run([sys.executable, "-c", body], cwd=work, env=env | offline, capture_output=True,
+                                    text=True, timeout=600)
+            assert result.returncode == 0, f"{source} Python block failed:\n{body}\n{result.stderr[-4000:]}"
+            ran.append("<python block>")
+
+
 def test_readme_has_the_documented_commands():
     blocks = readme_blocks()
     commands = [c for lang, body in blocks if lang == "bash" for c in shell_commands(body)]
     assert sum(lang == "python" for lang, _ in blocks) >= 1
     for expected in ("bash scripts/main.sh", "calm prepare", "calm forecast", "calm push --model_dir"):
         assert any(c.startswith(expected) for c in commands), expected
+    assert {g.stem for g in GUIDES} >= {"forecast", "adapt", "behavior", "embeddings", "pretrain"}
+    assert all(doc_blocks(guide) for guide in GUIDES), "a guide without a command or Python block"
     for script in ("main.sh", "test.sh", "_venv.sh"):
         subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], check=True)
 
@@ -91,32 +126,17 @@ def test_every_readme_command_runs(tmp_path, shared_data_dir, hub_server):
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     ran = []
-    for lang, body in readme_blocks():
-        if lang == "bash":
-            # one shell per block, so `source .venv/bin/activate` carries over like in a terminal
-            commands = [shrunk(c) for c in shell_commands(body)]
-            for command in commands:
-                online = command.startswith("calm push")
-                script = "set -euo pipefail\n" + "\n".join(
-                    ["source .venv/bin/activate"] * any(c.startswith("source") for c in commands) + [command]
-                )
-                start = time.perf_counter()
-                result = subprocess.run(["bash", "-c", script], cwd=work, env=env if online else env | offline,
-                                        capture_output=True, text=True, timeout=600)
-                print(f"{time.perf_counter() - start:6.1f} s  {command}")
-                assert result.returncode == 0, f"README command failed: {command}\n{result.stderr[-4000:]}"
-                ran.append(command)
-        else:
-            result = subprocess.run([sys.executable, "-c", body], cwd=work, env=env | offline, capture_output=True,
-                                    text=True, timeout=600)
-            assert result.returncode == 0, f"README Python block failed:\n{body}\n{result.stderr[-4000:]}"
-            ran.append("<python block>")
+    run_blocks(readme_blocks(), "README", work, env, offline, ran)
+    # the task guides run in the same folder, after the README: calm-base (tiny) and ../shared/data are there
+    for guide in GUIDES:
+        run_blocks(doc_blocks(guide), f"docs/guides/{guide.name}", work, env, offline, ran)
     assert (work / "forecast.png").is_file() and (work / "runs" / "calm-zf" / "preprocessor_config.json").is_file()
     assert any(c.startswith("calm push") for c in ran) and "<python block>" in ran
 
 
 def test_every_docs_python_block_runs(tmp_path):
-    """The model page and guides in docs/: every Python block runs as written, in a scratch folder."""
+    """The model page (docs/*.md): every Python block runs as written, in a scratch folder. The task guides
+    (docs/guides/) need calm-base and the data, so they run after the README in `test_every_readme_command_runs`."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
                         "HF_HUB_OFFLINE": "1"}
     blocks = [(page, body) for page in sorted((REPO / "docs").glob("*.md"))
@@ -126,3 +146,12 @@ def test_every_docs_python_block_runs(tmp_path):
         result = subprocess.run([sys.executable, "-c", body], cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, f"{page.name} block failed:\n{body}\n{result.stderr[-3000:]}"
+
+
+def test_readme_results_table_is_what_its_script_writes():
+    """The README's results block is `benchmarks/readme_table.py`'s output for the committed results file, unchanged."""
+    if not (REPO / "benchmarks" / "results" / "foundation.json").is_file():
+        pytest.skip("benchmarks/results/foundation.json is not committed yet (python benchmarks/foundation.py)")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "readme_table.py"), "--check"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
