@@ -90,7 +90,11 @@ def scores(pred: np.ndarray, truth: np.ndarray, quantiles: np.ndarray, levels=CR
 def pooled(per_session: list[dict]) -> dict[str, float]:
     """The mean over sessions of every float score (for r: the session level of neurons -> trials -> sessions)."""
     keys = [key for key, value in per_session[0].items() if isinstance(value, float)]
-    return {key: float(np.nanmean([row[key] for row in per_session])) for key in keys}
+    out = {}
+    for key in keys:  # NaN where no session has a value (e.g. r of a forecast that is constant over the horizon)
+        values = np.asarray([row[key] for row in per_session], dtype=np.float64)
+        out[key] = float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
+    return out
 
 
 def baseline_forecasters(k: str, context: int, tcn_seconds: float | None = None, seed: int = 0) -> dict[str, Any]:

@@ -477,11 +477,19 @@ def print_summary(summary: dict, model_dir: Path) -> None:
     for name, value in summary["metrics"].items():
         if isinstance(value, float):
             lines.append(f"  {name:<40} {value:.4f}")
+    # the folder as the user can type it from where they are: relative when it is below the working directory
+    try:
+        shown = str(model_dir.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        shown = str(model_dir.resolve())
+    if not Path(shown).is_absolute() and "/" not in shown:
+        shown = f"./{shown}"  # a bare name would be taken for a Hub repo id when the folder is missing
     lines += [
         "-" * 72,
         "Try it:",
-        f'  from transformers import AutoModel; AutoModel.from_pretrained("{model_dir.name}")',
-        f'  from transformers import pipeline; import calm_hf; pipeline("neural-forecasting", model="{model_dir.name}")',
+        f'  from transformers import AutoModel; AutoModel.from_pretrained("{shown}")',
+        f'  from transformers import pipeline; import calm_hf; pipeline("neural-forecasting", model="{shown}")',
+        f"  calm forecast --model {shown} --traces your_recording.npz --horizon 20 --plot forecast.png",
         "=" * 72,
     ]
     print("\n".join(lines))
