@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.calm_dir is not None:
         model = CalmForCausalNeuralModeling.from_pretrained(args.calm_dir).eval()
         forecaster = CalmForecaster(model, CalmTokenizer.from_pretrained(args.calm_dir / "tokenizer").eval())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
     record: dict[str, Any] = {}
     start = time.perf_counter()
     found = {name: heldout_set(name, sessions=size["sessions"], trials=size["trials"],

@@ -609,3 +609,24 @@ def test_busy_cores_are_read_from_proc_stat(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "_cpu_times", fake_times)
     monkeypatch.setattr(hardware.os.path, "exists", lambda path: True)
     assert hardware.busy_cores_now({0, 1}, interval=0.0) == pytest.approx(1.0)
+
+
+def test_training_on_a_dataset_tokenized_by_another_tokenizer_is_refused(tmp_path):
+    """`calm tokenize` records its tokenizer's fingerprint beside the dataset; pretraining with another tokenizer (same
+    codebook size, so nothing else would notice) is refused with both named."""
+    from calm_hf import CalmTokenizer, CalmTokenizerConfig
+    from calm_hf.commands import prepare, pretrain, tokenize
+
+    prepare.run(["--output_dir", str(tmp_path / "trials"), "--num_sessions", "1", "--num_neurons", "6",
+                 "--num_trials", "12", "--num_steps", "40"])
+    for seed, name in ((0, "tok-a"), (1, "tok-b")):
+        torch.manual_seed(seed)
+        CalmTokenizer(CalmTokenizerConfig.from_preset("tiny", codebook_size=16)).save_pretrained(tmp_path / name)
+    tokenize.run(["--tokenizer_path", str(tmp_path / "tok-a"), "--trials_dataset", str(tmp_path / "trials"),
+                  "--output_dir", str(tmp_path / "tokens")])
+    assert json.loads((tmp_path / "tokens" / "calm_tokenizer.json").read_text())["fingerprint"] == (
+        CalmTokenizer.from_pretrained(tmp_path / "tok-a").fingerprint())
+    with pytest.raises(ValueError, match="was tokenized by the tokenizer at .*tok-a"):
+        pretrain.run(["--tokenized_dataset", str(tmp_path / "tokens"), "--tokenizer_path", str(tmp_path / "tok-b"),
+                      "--output_dir", str(tmp_path / "calm"), "--preset", "tiny", "--max_steps", "1",
+                      "--report_to", "none", "--use_cpu"])

@@ -39,6 +39,7 @@ from ..forecasting import CalmForecaster, check_tokenizer_matches_model, evaluat
 from ..modeling_calm import CalmForCausalNeuralModeling
 from ..modeling_calm_tokenizer import CalmTokenizer
 from ..trainer import CalmTrainer
+from .tokenize import check_dataset_tokenizer
 from . import OutputArguments, claim_training_output, parse_command_args, run_command
 
 logger = logging.getLogger("calm_hf.adapt_session")
@@ -110,6 +111,8 @@ def load_and_extend(args: AdaptArguments) -> tuple:
                          "data (calm_hf.adaptation.adapt fine-tunes it).")
     tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path or os.path.join(args.model_path, "tokenizer"))
     check_tokenizer_matches_model(model, tokenizer)
+    check_dataset_tokenizer(args.tokenized_dataset, tokenizer.fingerprint(),
+                            args.tokenizer_path or os.path.join(args.model_path, "tokenizer"))
     corpus, _ = load_trial_corpus(args.tokenized_dataset)  # a folder or a Hub dataset id
     num_neurons = len(corpus["train"][0]["neuron_ids"])
     session_id, neuron_ids = model.add_session(args.session_name, num_neurons)
@@ -209,6 +212,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         model = CalmForCausalNeuralModeling.from_pretrained(args.model_path)
         tokenizer = CalmTokenizer.from_pretrained(args.tokenizer_path or os.path.join(args.model_path, "tokenizer"))
         check_tokenizer_matches_model(model, tokenizer)
+        check_dataset_tokenizer(args.tokenized_dataset, tokenizer.fingerprint(),
+                                args.tokenizer_path or os.path.join(args.model_path, "tokenizer"))
         return adapt_data_identity(args, training_args, model, tokenizer)
     if args.session_name is None:
         raise ValueError("this model learns a table row per session: pass --session_name NAME for the new session.")

@@ -36,6 +36,7 @@ from ..metrics.functional import mse, r2_score
 from ..modeling_calm_behavior import CalmForBehaviorRegression
 from ..callbacks import BestValidationCallback
 from ..trainer import CalmTrainer
+from .tokenize import check_dataset_tokenizer
 from . import OutputArguments, claim_training_output, parse_command_args, run_command
 from .recipes import command_defaults
 
@@ -236,6 +237,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     corpus, sessions = load_behavior_corpus(data_args)
     num_channels = len(corpus["train"][0]["behavior"])
     model = load_model(model_args, num_channels)
+    check_dataset_tokenizer(data_args.tokenized_dataset, getattr(model.config, "tokenizer_fingerprint", None),
+                            f"the tokenizer {model_args.model_name_or_path} was pretrained with")
     mapping = session_mapping(model, sessions, data_args.adapt_session)
     corpus = datasets.DatasetDict({name: remap_split(split, sessions, mapping) for name, split in corpus.items()})
     if data_args.adapt_session:

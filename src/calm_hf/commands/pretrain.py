@@ -46,6 +46,7 @@ from ..presets import preset_fields
 from ..processing_calm import CalmTraceProcessor
 from ..trainer import CalmTrainer
 from ..identity_init import init_identity_from_dataset, init_value_skip, init_value_skip_from_dataset
+from .tokenize import check_dataset_tokenizer
 from . import OutputArguments, claim_training_output, parse_command_args, run_command
 from .recipes import command_defaults
 
@@ -332,6 +333,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         if value not in allowed:
             raise ValueError(f"{name} must be {' or '.join(repr(a) for a in allowed)}, got {value!r}.")
     data_args.tokenized_dataset = local_tokenized_dataset(data_args.tokenized_dataset)
+    check_dataset_tokenizer(data_args.tokenized_dataset, tokenizer.fingerprint(), model_args.tokenizer_path)
     shards, sessions, token_steps, train_rows = load_stream_source(data_args.tokenized_dataset)
     model = build_model(model_args, tokenizer, sessions, token_steps)
     streamed = model.config.neuron_identity == "data"

@@ -37,6 +37,32 @@ class TokenizeArguments:
     bf16: bool = field(default=False, metadata={"help": "Encode under bf16 autocast (codes can differ in rare ties)."})
 
 
+TOKENIZER_RECORD = "calm_tokenizer.json"  # which tokenizer made a tokenized dataset (its fingerprint)
+
+
+def tokenizer_record(tokenizer: CalmTokenizer, path: str) -> str:
+    """The JSON `calm tokenize` writes beside its output: the tokenizer's fingerprint and where it was read from."""
+    return json.dumps({"fingerprint": tokenizer.fingerprint(), "tokenizer_path": os.path.abspath(path)}, indent=1)
+
+
+def check_dataset_tokenizer(dataset: str, fingerprint: str | None, source: str) -> None:
+    """Refuse training on `dataset` with a tokenizer other than the one that tokenized it (their codes would not
+    mean the same). `fingerprint` is the tokenizer's (or a model's `config.tokenizer_fingerprint`), `source` names it
+    in the message. Datasets without the record (Hub datasets, older outputs) and unknown fingerprints pass."""
+    record = os.path.join(str(dataset), TOKENIZER_RECORD)
+    if fingerprint is None or not os.path.isfile(record):
+        return
+    with open(record) as handle:
+        made = json.load(handle)
+    if made.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"{dataset} was tokenized by the tokenizer at {made.get('tokenizer_path')} (fingerprint "
+            f"{made.get('fingerprint')}), not by {source} (fingerprint {fingerprint}): the codes mean something else "
+            f"to it. Use the tokenizer that made the dataset, or tokenize the trials again with this one "
+            f"(calm tokenize --tokenizer_path <its folder> ...)."
+        )
+
+
 def run(argv: list[str] | None = None) -> datasets.DatasetDict:
     """Parse `argv` (see `TokenizeArguments`), write the tokenized DatasetDict and return it."""
     args, output_args = parse_command_args((TokenizeArguments, OutputArguments), argv, prog="calm tokenize",
@@ -57,18 +83,20 @@ def run(argv: list[str] | None = None) -> datasets.DatasetDict:
             "the run).", args.tokenizer_path, int(tokenizer.training_step), tokenizer.config.codebook_warmup_steps)
     dtype = torch.bfloat16 if args.bf16 else None
     if os.path.isfile(os.path.join(args.trials_dataset, MANIFEST)):
-        return tokenize_corpus(args.trials_dataset, target, tokenizer, args.batch_size, dtype)
+        return tokenize_corpus(args.trials_dataset, target, tokenizer, args.batch_size, dtype, args.tokenizer_path)
     corpus, sessions = load_trial_corpus(args.trials_dataset)
     tokenized = datasets.DatasetDict(
         {name: tokenize_dataset(split, tokenizer, batch_size=args.batch_size, dtype=dtype) for name, split in corpus.items()}
     )
-    # dataset + calm_sessions.json go to <output_dir>.partial, are fsynced and renamed into place together
-    save_trial_dataset(tokenized, target, sessions, command="tokenize")
+    # dataset + calm_sessions.json + the tokenizer's fingerprint go to <output_dir>.partial, are fsynced and renamed
+    # into place together
+    save_trial_dataset(tokenized, target, sessions, command="tokenize",
+                       extra_files={TOKENIZER_RECORD: tokenizer_record(tokenizer, args.tokenizer_path)})
     logger.info("wrote %s", args.output_dir)
     return tokenized
 
 
-def tokenize_corpus(corpus_dir: str, target, tokenizer, batch_size: int, dtype) -> dict:
+def tokenize_corpus(corpus_dir: str, target, tokenizer, batch_size: int, dtype, tokenizer_path: str = "") -> dict:
     """Tokenize every shard of a corpus into `target` (same shard names, the manifest copied last), atomically as a
     whole; returns the manifest."""
     from pathlib import Path
@@ -88,6 +116,7 @@ def tokenize_corpus(corpus_dir: str, target, tokenizer, batch_size: int, dtype) 
                                                                      dtype=dtype) for name, split in corpus.items()})
             save_trial_dataset(tokenized, staging / shard["path"], load_session_metadata(source))
             logger.info("tokenized %s", shard["path"])
+        (staging / TOKENIZER_RECORD).write_text(tokenizer_record(tokenizer, tokenizer_path))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
     atomic_folder(target, write, command="tokenize")

@@ -279,19 +279,23 @@ def save_trial_dataset(
     output_dir: str | os.PathLike,
     sessions: list[SessionInfo] | list[PreparedSession] | Dataset | DatasetDict | None = None,
     command: str | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Save a trial (or tokenized) DatasetDict and its `calm_sessions.json` together, atomically.
 
     Both are written into `<output_dir>.partial`, flushed and renamed into place, so an interrupted run leaves the
     previous `output_dir` untouched (never new trials beside old session statistics). `sessions` defaults to the
     metadata carried in the dataset's `info.description`; `command` marks the folder as that command's output
-    (`calm_hf.atomic.mark_output`). Returns `output_dir`.
+    (`calm_hf.atomic.mark_output`); `extra_files` (`{name: text}`) are written beside them in the same step.
+    Returns `output_dir`.
     """
     output_dir = Path(output_dir)
 
     def write(staging: Path) -> None:
         dataset.save_to_disk(str(staging))
         save_session_metadata(staging, sessions if sessions is not None else dataset)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
 
     atomic_folder(output_dir, write, command=command)
     return output_dir
