@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
+
+from calm_hf.heldout import best_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -21,16 +22,6 @@ SHOWN_K = ("0", "16", "all")
 NAMES = {"sim_in": "simulated, in the corpus' ranges", "sim_out": "simulated, outside the ranges",
          "sim_paper": "simulated, the paper's protocol", "zebrafish": "zebrafish tectum (real)",
          "park": "mouse V1, 2 held-out mice (real)"}
-
-
-def best(models: dict, metric: str) -> tuple[str, dict] | None:
-    lower = metric == "mse"
-    rows = {name: row for name, row in models.items() if not name.startswith("calm")
-            and math.isfinite(row.get(metric, float("nan")))}
-    if not rows:
-        return None
-    name = (min if lower else max)(rows, key=lambda n: rows[n][metric])
-    return name, rows[name]
 
 
 def table(results: dict) -> str:
@@ -50,7 +41,7 @@ def table(results: dict) -> str:
             if k not in cells:
                 continue
             models = cells[k]
-            by_r, by_mse = best(models, "pearson_r"), best(models, "mse")
+            by_r, by_mse = best_baseline(models, "pearson_r"), best_baseline(models, "mse")
             calm = models.get("calm")
             lines.append(
                 f"| {NAMES.get(name, name)} | {k} | {pair(calm)} | {pair(models.get('calm_adapted'))} | "

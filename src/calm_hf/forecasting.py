@@ -461,20 +461,28 @@ class CalmForecaster:
         return {"forecast": forecast, "samples": samples, "features": features}
 
 
-def session_identities(forecaster: CalmForecaster, reference_split, sessions) -> dict[int, torch.Tensor]:
-    """Data-identity models: each session's neuron identity from its trials in `reference_split` (e.g. the training
-    split; all of them), or the zero-shot identity where `reference_split` is None or holds no trial of it."""
-    identities = {}
-    rows = None
+def split_identities(config, reference_split, sessions: dict[int, int]) -> dict[int, torch.Tensor]:
+    """Data-identity models (`config`): each session's neuron identity `(neurons, identity_size)` from its trials in
+    `reference_split` (a dataset split with `input_values` and `session_id`, e.g. the training split; all of them), or
+    the zero-shot identity where `reference_split` is None or holds no trial of it. `sessions`: session id -> neurons."""
+    trials: dict[int, list] = {}
     if reference_split is not None:
         rows = reference_split.with_format("numpy", columns=["input_values", "session_id"])
-        session_of = np.asarray(rows["session_id"])
-    for session, num_neurons in sessions.items():
-        reference = None
-        if rows is not None and (session_of == session).any():
-            reference = np.stack(list(rows.select(np.flatnonzero(session_of == session).tolist())["input_values"]))
-        identities[int(session)] = forecaster.neuron_identity(reference, num_neurons=num_neurons)
-    return identities
+        for start in range(0, len(rows), 256):
+            batch = rows[start : start + 256]
+            for values, session in zip(batch["input_values"], batch["session_id"]):
+                trials.setdefault(int(session), []).append(np.asarray(values, dtype=np.float32))
+    settings = identity_settings(config)
+    return {int(session): compute_neuron_identity(
+                torch.as_tensor(np.stack(trials[int(session)])) if int(session) in trials else None, num_neurons,
+                **settings)
+            for session, num_neurons in sessions.items()}
+
+
+def session_identities(forecaster: CalmForecaster, reference_split, sessions) -> dict[int, torch.Tensor]:
+    """`split_identities` for `forecaster`'s model, on its device."""
+    return {session: identity.to(forecaster.device)
+            for session, identity in split_identities(forecaster.model.config, reference_split, sessions).items()}
 
 
 def _forecast_batch(forecaster: CalmForecaster, batch: dict, context_frames: int,

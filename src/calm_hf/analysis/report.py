@@ -125,22 +125,10 @@ def uses_data_identity(model) -> bool:
 def data_identities(model, dataset, infos) -> dict[int, "torch.Tensor"]:
     """Data-identity models: every dataset session's identity features `(neurons, identity_size)`, computed from its
     training trials (the trials a user would give as `reference=`; the zero-shot identity without any)."""
-    import torch
+    from ..forecasting import split_identities
 
-    from ..identity_calm import compute_neuron_identity, identity_settings
-
-    settings = identity_settings(model.config)
-    reference = {}
-    if "train" in dataset:
-        table = dataset["train"].with_format("numpy", columns=["input_values", "session_id"])
-        for values, session in zip(table["input_values"], table["session_id"]):
-            reference.setdefault(int(session), []).append(np.asarray(values, dtype=np.float32))
-    identities = {}
-    for info in infos:
-        trials = reference.get(info.session_id)
-        stacked = None if not trials else torch.as_tensor(np.stack(trials))
-        identities[info.session_id] = compute_neuron_identity(stacked, info.num_neurons, **settings)
-    return identities
+    return split_identities(model.config, dataset["train"] if "train" in dataset else None,
+                            {info.session_id: info.num_neurons for info in infos})
 
 
 def identity_tables(model, identities: dict, infos) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:

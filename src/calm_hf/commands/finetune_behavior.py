@@ -162,19 +162,10 @@ def with_data_identity(model: CalmForBehaviorRegression, corpus: datasets.Datase
     """A data-identity backbone: every row gets its session's `neuron_identity` `(neurons, features)`, computed from
     the session's training trials (as the backbone was pretrained), and the head's neuron bank grows to cover the
     dataset's neuron ids."""
-    import torch
+    from ..forecasting import split_identities
 
-    from ..identity_calm import compute_neuron_identity, identity_settings
-
-    settings = identity_settings(model.config)
-    table = corpus["train"].with_format("numpy", columns=["input_values", "session_id"])
-    trials: dict[int, list] = {}
-    for values, session in zip(table["input_values"], table["session_id"]):
-        trials.setdefault(int(session), []).append(np.asarray(values, dtype=np.float32))
-    identities = {}
-    for info in sessions:
-        reference = torch.as_tensor(np.stack(trials[info.session_id])) if info.session_id in trials else None
-        identities[info.session_id] = compute_neuron_identity(reference, info.num_neurons, **settings).numpy()
+    identities = {session: identity.numpy() for session, identity in split_identities(
+        model.config, corpus["train"], {info.session_id: info.num_neurons for info in sessions}).items()}
     needed = max(info.neuron_offset + info.num_neurons for info in sessions)
     if needed > model.config.num_neurons:
         model.resize_neuron_embeddings(needed)

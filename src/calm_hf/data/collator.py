@@ -61,6 +61,18 @@ class _NeuronSampler:
         return np.sort(rng.choice(num_neurons, size=keep, replace=False))
 
 
+
+def _pad_neurons(rows: list[np.ndarray], shape: tuple[int, int], mismatch: str) -> torch.Tensor:
+    """Rows `(neurons_i, width)` zero-padded into `(batch, neurons, width)` (`shape` = (batch, neurons)); rows of
+    different widths are refused with `mismatch` (formatted with the widths seen)."""
+    widths = {row.shape[1] for row in rows}
+    if len(widths) != 1:
+        raise ValueError(mismatch.format(sorted(widths)))
+    padded = torch.zeros(*shape, widths.pop())
+    for i, row in enumerate(rows):
+        padded[i, : row.shape[0]] = torch.from_numpy(row)
+    return padded
+
 class CalmDataCollator:
     """Pad rows of token grids with different neuron counts into one batch for the dual-axis transformer.
 
@@ -209,21 +221,12 @@ class CalmDataCollator:
         grids, values = self._common_length(grids, values)
         batch = self._pad(grids, ids, sessions)
         if identities:
-            width = {identity.shape[1] for identity in identities}
-            if len(width) != 1:
-                raise ValueError(f"Rows have neuron_identity of different widths {sorted(width)}.")
-            padded = torch.zeros(*batch["neuron_mask"].shape, width.pop())
-            for i, identity in enumerate(identities):
-                padded[i, : identity.shape[0]] = torch.from_numpy(identity)
-            batch["neuron_identity"] = padded
+            batch["neuron_identity"] = _pad_neurons(identities, batch["neuron_mask"].shape,
+                                                    "Rows have neuron_identity of different widths {}.")
         if values:
-            frames = {trace.shape[1] for trace in values}
-            if len(frames) != 1:
-                raise ValueError(f"Rows have input_values of different lengths {sorted(frames)}; crop trials first.")
-            value_labels = torch.zeros(*batch["neuron_mask"].shape, frames.pop())
-            for i, trace in enumerate(values):
-                value_labels[i, : trace.shape[0]] = torch.from_numpy(trace)
-            batch["value_labels"] = value_labels
+            batch["value_labels"] = _pad_neurons(
+                values, batch["neuron_mask"].shape,
+                "Rows have input_values of different lengths {}; crop trials first.")
         if behaviors:
             shapes = {b.shape for b in behaviors}
             if len(shapes) != 1:
