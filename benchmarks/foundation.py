@@ -7,6 +7,9 @@ are scored on its test split.
 
 - `calm`: calm-base as it is: zero-shot at k = 0, else its neurons' identity computed from the k trials (no training);
 - `calm_adapted` (k > 0): calm-base fine-tuned on the k trials (`calm_hf.adaptation.adapt`, stopped on validation);
+- `calm_readout` (k > 0): the adapted model with its population readout (`calm_hf.population_readout`: a ridge AR
+  across the recording's neurons fitted on the k trials, blended with the network by weights chosen on validation) --
+  what `calm adapt` saves;
 - `calm_scratch` (k = all): the same architecture trained from scratch on the recording for the same budget as the
   adaptation (`train_from_scratch`) -- what pretraining buys;
 - baselines fitted on the same k trials: population ridge AR, per-neuron AR (orders and ridge on validation), a
@@ -64,6 +67,7 @@ def adaptation_rows(forecaster, size: dict, seed: int, record: dict):
     into `record`."""
     from calm_hf.adaptation import SCRATCH_LEARNING_RATE, AdaptationSettings, adapt, train_from_scratch
     from calm_hf.heldout import calm_scores, context_frames, swap_probe_scores
+    from calm_hf.population_readout import PopulationReadout
 
     def rows(session, index, k) -> dict[str, dict]:
         out = {}
@@ -77,6 +81,10 @@ def adaptation_rows(forecaster, size: dict, seed: int, record: dict):
         adapted, info = adapt(forecaster, train, val, context, settings)
         out["calm_adapted"] = calm_scores(adapted, session, index, size["test_trials"])
         record.setdefault("adaptation", {}).setdefault(k, []).append({"session": session.name, **info})
+        adapted.population_readout = PopulationReadout.fit(adapted, train, val, context)
+        out["calm_readout"] = calm_scores(adapted, session, index, size["test_trials"])
+        record.setdefault("readout", {}).setdefault(k, []).append({"session": session.name,
+                                                                   **adapted.population_readout.info})
         if k == "all":
             scratch_settings = AdaptationSettings(max_seconds=size["adapt_seconds"], max_steps=size["adapt_steps"],
                                                   learning_rate=SCRATCH_LEARNING_RATE, seed=seed)
@@ -98,9 +106,9 @@ def write_markdown(results: dict, path: Path) -> None:
              "k training trials of each held-out recording (k = 0: the context only). CalM: zero-shot / identity from "
              "the k trials; adapted: fine-tuned on them (validation early stopping). Baselines fitted on the same "
              "trials, hyperparameters on validation. r / MSE in z units; coverage of the 5-95% band; CRPS.", "",
-             "| set | k | CalM r / MSE | CalM adapted r / MSE | best baseline by r (r / MSE) | lowest baseline MSE | "
-             "CalM coverage | CalM CRPS | best baseline CRPS |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| set | k | CalM r / MSE | CalM adapted r / MSE | CalM adapted + readout r / MSE | "
+             "best baseline by r (r / MSE) | lowest baseline MSE | CalM coverage | CalM CRPS | best baseline CRPS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def pair(row):
         return "–" if row is None else f"{row['pearson_r']:.3f} / {row['mse']:.3f}"
@@ -111,6 +119,7 @@ def write_markdown(results: dict, path: Path) -> None:
             calm = models.get("calm")
             lines.append(
                 f"| {name} | {k} | {pair(calm)} | {pair(models.get('calm_adapted'))} | "
+                f"{pair(models.get('calm_readout'))} | "
                 f"{'–' if best is None else best[0] + ' ' + pair(best[1])} | "
                 f"{'–' if lowest is None else lowest[0] + ' ' + format(lowest[1]['mse'], '.3f')} | "
                 f"{'–' if calm is None else format(calm['coverage_90'], '.2f')} | "
@@ -137,6 +146,7 @@ def write_figure(results: dict, path: Path) -> None:
     sets = list(results["sets"])
     fig, axes = plt.subplots(2, len(sets), figsize=(3.2 * len(sets), 5.6), squeeze=False)
     styles = {"calm": ("C0", "-", "CalM (identity from k trials)"), "calm_adapted": ("C0", "--", "CalM adapted"),
+              "calm_readout": ("C4", "-", "CalM adapted + readout"),
               "ridge_ar": ("C1", "-", "ridge AR"), "per_neuron_ar": ("C2", "-", "per-neuron AR"),
               "tcn": ("C3", "-", "TCN"), "last_second_mean": ("C7", ":", "last-second mean"),
               "context_ar": ("C8", ":", "context AR"), "train_mean": ("C5", "-", "training-trial mean")}
@@ -194,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
                                paper_trials=size["paper_trials"], seed=args.seed, max_neurons=size["max_neurons"])
              for name in sets}
     extra = adaptation_rows(forecaster, size, args.seed, record) if forecaster is not None else None
-    results: dict[str, Any] = {"sets": {}, "probe": {}, "adaptation": {}, "scratch": {}}
+    results: dict[str, Any] = {"sets": {}, "probe": {}, "adaptation": {}, "readout": {}, "scratch": {}}
     for name, sessions in found.items():
         record.clear()
         log(f"{name}: {len(sessions)} session(s), " + ", ".join(
@@ -204,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                 seed=args.seed, extra=extra, log=log))
         results["probe"][name] = {k: pooled(rows) for k, rows in record.get("probe", {}).items() if rows and rows[0]}
         results["adaptation"][name] = record.get("adaptation", {})
+        results["readout"][name] = record.get("readout", {})
         results["scratch"][name] = record.get("scratch", [])
     results["meta"] = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "command": " ".join(["python", *sys.argv]),
                        "machine": f"{torch.get_num_threads()} threads", "size": args.size,

@@ -159,6 +159,8 @@ class CalmForecaster:
         self.tokenizer = tokenizer.eval()
         self.autocast_dtype = autocast_dtype
         self.window_size = model.config.window_size
+        # one recording's closed-form population term (`calm_hf.population_readout`), blended into direct forecasts
+        self.population_readout = None
 
     @property
     def uses_data_identity(self) -> bool:
@@ -412,6 +414,9 @@ class CalmForecaster:
                 sampled = self._predict(context_ids, horizon, mode="sample", num_samples=num_samples, **sampling,
                                         **identity)
                 samples = point[:, None] + (sampled.samples - sampled.forecast[:, None])
+            if self.population_readout is not None:
+                past = values if values is not None else self.decode(context_ids)
+                point, quantiles, samples = self.population_readout.apply(past, point, quantiles, samples)
             levels = tuple(self.model.config.quantile_levels) if quantiles is not None else None
             result = ForecastResult(forecast=point, samples=samples, codes=context_ids[:, None], quantiles=quantiles,
                                     quantile_levels=levels)

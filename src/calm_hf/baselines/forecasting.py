@@ -235,6 +235,36 @@ class _RidgeGram:
         return weights, self.y_mean - self.x_mean @ weights
 
 
+class _RidgeDual:
+    """The same ridge regression as `_RidgeGram`, solved in the dual (samples x samples) when there are fewer samples
+    than features -- a population of thousands of neurons with many lags -- where the primal Gram matrix would be too
+    large to decompose. `solve` returns the same primal weights."""
+
+    def __init__(self, features: np.ndarray, targets: np.ndarray):
+        self.x_mean, self.y_mean = features.mean(axis=0), targets.mean(axis=0)
+        self.centred = features - self.x_mean
+        kernel = self.centred @ self.centred.T
+        self.eigenvalues, self.eigenvectors = np.linalg.eigh(kernel)
+        self.eigenvalues = np.clip(self.eigenvalues, 0.0, None)
+        self.projected = self.eigenvectors.T @ (targets - self.y_mean)
+        self.scale = max(float(np.trace(kernel)) / features.shape[1], 1e-12)  # trace(X'X) = trace(XX')
+
+    def solve(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        dual = self.eigenvectors @ (self.projected / (self.eigenvalues + alpha * self.scale)[:, None])
+        weights = self.centred.T @ dual
+        return weights, self.y_mean - self.x_mean @ weights
+
+
+def ridge_ar_system(train: np.ndarray, lags: int, chunk_trials: int = 64) -> _RidgeGram | _RidgeDual:
+    """The one-step ridge AR(lags) regression of every transition of `train` `(trials, neurons, frames)`, in the
+    primal (features x features Gram matrix, accumulated in chunks of trials) or, with fewer transitions than
+    features, in the dual."""
+    samples = len(train) * (train.shape[-1] - lags)
+    if samples < train.shape[1] * lags:
+        return _RidgeDual(*_lag_stack(train, lags))
+    return _RidgeGram.from_chunks(_lag_stack(train[i : i + chunk_trials], lags) for i in range(0, len(train), chunk_trials))
+
+
 class RidgeARForecaster(BaseForecaster):
     """Population ridge autoregression rolled out step by step (the strong linear bar, r = 0.57 in simulation).
 
@@ -275,9 +305,7 @@ class RidgeARForecaster(BaseForecaster):
         for lags in self.lags_grid:
             if lags >= train.shape[-1]:
                 continue
-            gram = _RidgeGram.from_chunks(
-                _lag_stack(train[i : i + self.chunk_trials], lags) for i in range(0, len(train), self.chunk_trials)
-            )
+            gram = ridge_ar_system(train, lags, self.chunk_trials)
             for alpha in self.alpha_grid:
                 weights, bias = gram.solve(alpha)
                 pred = self._rollout(val_context, weights, bias, lags, val_future.shape[-1])

@@ -1,0 +1,200 @@
+"""A recording's population readout: the part of its future a linear model across its neurons predicts, solved in
+closed form from the recording's own training trials and blended with the network's forecast.
+
+The pretrained network forecasts every neuron mostly from its own past and the identity it reads from the data; the
+coupling *between the neurons of one recording* is specific to that recording and needs that recording's data. Given
+training trials, `PopulationReadout.fit`:
+
+1. fits a population ridge autoregression on every one-step transition of the training trials (order and penalty
+   chosen by the rolled-out forecast r on the validation trials, `calm_hf.baselines.RidgeARForecaster`; solved in the
+   dual when there are more features than transitions, so thousands of neurons stay cheap);
+2. forecasts the validation trials with the network and with the ridge AR, and chooses, for each of a few blocks of
+   the horizon, the blend weight `w` in [0, 1] that minimises the validation MSE of `w * network + (1 - w) * ridge`
+   (closed form). With few or uninformative trials the validation data set `w` to 1: the network alone.
+
+`CalmForecaster` applies an attached readout to its direct forecasts: the point forecast is blended and the quantile
+band and any sampled futures are moved with it (their spread is the network's). `calm adapt` fits one after
+fine-tuning and saves it with the adapted checkpoint (`population_readout.safetensors`); the pipeline and
+`calm forecast` load it from there. A readout belongs to one recording's neurons, in their order: a context with
+another number of neurons is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+READOUT_FILE = "population_readout.safetensors"
+DEFAULT_BLOCKS = 4
+
+
+def _check_trials(name: str, trials, context_frames: int) -> np.ndarray:
+    array = np.asarray(trials, dtype=np.float64)
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be (trials, neurons, frames), got shape {array.shape}.")
+    if array.shape[-1] <= context_frames:
+        raise ValueError(f"{name} trials have {array.shape[-1]} frames: nothing to forecast after a {context_frames}-"
+                         "frame context.")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} hold NaN/Inf values: clean the traces first.")
+    return array
+
+
+def blend_weights(network: np.ndarray, ridge: np.ndarray, truth: np.ndarray, blocks: int) -> np.ndarray:
+    """The weight of the network in each of `blocks` equal parts of the horizon: the least-squares `w` of
+    `truth ~ w * network + (1 - w) * ridge`, clipped to [0, 1] (1 where the two forecasts agree)."""
+    horizon = truth.shape[-1]
+    weights = np.ones(blocks)
+    for block, frames in enumerate(np.array_split(np.arange(horizon), blocks)):
+        if not len(frames):
+            weights[block] = weights[block - 1] if block else 1.0
+            continue
+        gap = (network[..., frames] - ridge[..., frames]).ravel()
+        denominator = float(gap @ gap)
+        if denominator > 0:
+            weights[block] = np.clip(float(gap @ (truth[..., frames] - ridge[..., frames]).ravel()) / denominator, 0, 1)
+    return weights
+
+
+class PopulationReadout:
+    """A fitted population readout of one recording (see the module docstring).
+
+    Attributes:
+        weights: `(neurons * lags, neurons)` ridge AR weights (block k of the rows holds lag k, newest first).
+        bias: `(neurons,)`.
+        lags: AR order.
+        network_weight: `(blocks,)` the network's share in each block of `validation_horizon` frames (later frames
+            use the last block's).
+        validation_horizon: the horizon, in model frames, the blend was chosen on.
+        info: what was chosen and the validation scores.
+    """
+
+    def __init__(self, weights, bias, lags: int, network_weight, validation_horizon: int, info: dict | None = None):
+        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        self.bias = torch.as_tensor(np.asarray(bias, dtype=np.float32))
+        self.lags = int(lags)
+        self.network_weight = torch.as_tensor(np.asarray(network_weight, dtype=np.float32))
+        self.validation_horizon = int(validation_horizon)
+        self.info = info or {}
+        if self.weights.shape != (self.num_neurons * self.lags, self.num_neurons):
+            raise ValueError(f"readout weights {tuple(self.weights.shape)} do not match {self.num_neurons} neurons x "
+                             f"{self.lags} lags.")
+
+    @property
+    def num_neurons(self) -> int:
+        return int(self.bias.shape[0])
+
+    @classmethod
+    def fit(cls, forecaster, train_trials, val_trials, context_frames: int, blocks: int = DEFAULT_BLOCKS,
+            lags_grid: tuple[int, ...] = (1, 2, 4, 8, 16)) -> PopulationReadout:
+        """Fit on one recording: `train_trials` and `val_trials` `(trials, neurons, frames)`, z-scored at the model
+        rate like the context; `forecaster` is the (adapted) `CalmForecaster` whose direct forecasts are blended;
+        its neurons' identity comes from `train_trials`."""
+        from .baselines import RidgeARForecaster
+        from .metrics.functional import mse
+
+        train = _check_trials("train_trials", train_trials, context_frames)
+        val = _check_trials("val_trials", val_trials, context_frames)
+        if train.shape[1] != val.shape[1]:
+            raise ValueError(f"train_trials have {train.shape[1]} neurons, val_trials {val.shape[1]}: pass trials of "
+                             "the same recording.")
+        if blocks < 1:
+            raise ValueError(f"blocks must be a positive integer, got {blocks!r}.")
+        lags = tuple(lag for lag in lags_grid if lag <= context_frames and lag < train.shape[-1]) or (1,)
+        ridge = RidgeARForecaster(context=context_frames, lags_grid=lags).fit(train, val)
+        context, truth = val[:, :, :context_frames], val[:, :, context_frames:]
+        horizon = truth.shape[-1]
+        ridge_val = np.asarray(ridge.predict(context, horizon), dtype=np.float64)
+        network_val = np.asarray(forecaster.forecast(context.astype(np.float32), horizon, reference=train.astype(
+            np.float32)).forecast, dtype=np.float64)
+        if np.isfinite(ridge_val).all():
+            weights = blend_weights(network_val, ridge_val, truth, blocks)
+        else:  # an unstable AR: the network alone
+            weights = np.ones(blocks)
+        readout = cls(ridge.weights_, ridge.bias_, ridge.lags_, weights, horizon)
+        blended = readout.blend(torch.as_tensor(network_val), torch.as_tensor(ridge_val)).numpy()
+        readout.info = {"lags": ridge.lags_, "alpha": ridge.alpha_, "network_weight": [float(w) for w in weights],
+                        "train_trials": len(train), "validation_trials": len(val),
+                        "validation_mse": {"network": float(mse(network_val, truth)),
+                                           "ridge_ar": float(mse(ridge_val, truth)) if np.isfinite(ridge_val).all()
+                                           else math.inf,
+                                           "blend": float(mse(blended, truth))}}
+        return readout
+
+    def network_weights(self, horizon: int) -> torch.Tensor:
+        """`(horizon,)` the network's share at each forecast frame."""
+        blocks = len(self.network_weight)
+        index = torch.clamp(torch.arange(horizon) * blocks // max(self.validation_horizon, 1), max=blocks - 1)
+        return self.network_weight[index]
+
+    def blend(self, network: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
+        weight = self.network_weights(network.shape[-1]).to(device=network.device, dtype=network.dtype)
+        return weight * network + (1 - weight) * ridge.to(network.dtype)
+
+    @torch.no_grad()
+    def predict_ridge(self, context: torch.Tensor, horizon: int) -> torch.Tensor:
+        """The ridge AR rolled out `horizon` frames after `context` `(batch, neurons, frames)` (on its device)."""
+        self.check_neurons(context.shape[1])
+        if context.shape[-1] < self.lags:
+            raise ValueError(f"the context has {context.shape[-1]} frames; the population readout needs {self.lags}.")
+        weights = self.weights.to(device=context.device)
+        bias = self.bias.to(device=context.device)
+        history = context.float().flip(-1)[..., : self.lags].transpose(1, 2)  # (batch, lags, neurons), newest first
+        out = []
+        for _ in range(horizon):
+            nxt = history.reshape(history.shape[0], -1) @ weights + bias
+            out.append(nxt)
+            history = torch.cat([nxt[:, None], history[:, :-1]], dim=1)
+        return torch.stack(out, dim=-1)
+
+    def check_neurons(self, num_neurons: int) -> None:
+        if num_neurons != self.num_neurons:
+            raise ValueError(f"this checkpoint's population readout was fitted to a {self.num_neurons}-neuron recording "
+                             f"and the context has {num_neurons} neurons: forecast that recording (its neurons in the "
+                             "same order), or use the pretrained model (or drop the readout: "
+                             "forecaster.population_readout = None).")
+
+    def apply(self, context: torch.Tensor, point: torch.Tensor, quantiles: torch.Tensor | None,
+              samples: torch.Tensor | None) -> tuple:
+        """Blend a direct forecast `point` `(batch, neurons, horizon)`; quantiles `(..., horizon, levels)` and
+        samples `(batch, samples, neurons, horizon)` move with it."""
+        ridge = self.predict_ridge(context, point.shape[-1])
+        if not torch.isfinite(ridge).all():  # an AR that diverges on this context: the network alone
+            return point, quantiles, samples
+        blended = self.blend(point, ridge)
+        shift = blended - point
+        if quantiles is not None:
+            quantiles = quantiles + shift[..., None]
+        if samples is not None:
+            samples = samples + shift[:, None]
+        return blended, quantiles, samples
+
+    def save(self, directory: str) -> str:
+        from safetensors.torch import save_file
+
+        path = os.path.join(directory, READOUT_FILE)
+        metadata = {"lags": str(self.lags), "validation_horizon": str(self.validation_horizon),
+                    "info": json.dumps(self.info, default=float)}
+        save_file({"weights": self.weights.contiguous(), "bias": self.bias.contiguous(),
+                   "network_weight": self.network_weight.contiguous()}, path, metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | None) -> PopulationReadout | None:
+        """The readout saved in a checkpoint folder, or None when it has none."""
+        if directory is None or not os.path.isfile(os.path.join(directory, READOUT_FILE)):
+            return None
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(directory, READOUT_FILE), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        return cls(tensors["weights"], tensors["bias"], int(metadata["lags"]), tensors["network_weight"],
+                   int(metadata["validation_horizon"]), json.loads(metadata.get("info", "{}")))
+
+
+__all__ = ["PopulationReadout", "READOUT_FILE", "blend_weights"]
