@@ -65,9 +65,9 @@ def log(message: str) -> None:
 def adaptation_rows(forecaster, size: dict, seed: int, record: dict):
     """The `extra` rows of `evaluate_heldout`: calm_adapted at k > 0, calm_scratch at k = all; the training logs go
     into `record`."""
-    from calm_hf.adaptation import SCRATCH_LEARNING_RATE, AdaptationSettings, adapt, train_from_scratch
+    from calm_hf.adaptation import (SCRATCH_LEARNING_RATE, AdaptationSettings, adapt, fit_population_readout,
+                                    train_from_scratch)
     from calm_hf.heldout import calm_scores, context_frames, swap_probe_scores
-    from calm_hf.population_readout import PopulationReadout
 
     def rows(session, index, k) -> dict[str, dict]:
         out = {}
@@ -81,7 +81,7 @@ def adaptation_rows(forecaster, size: dict, seed: int, record: dict):
         adapted, info = adapt(forecaster, train, val, context, settings)
         out["calm_adapted"] = calm_scores(adapted, session, index, size["test_trials"])
         record.setdefault("adaptation", {}).setdefault(k, []).append({"session": session.name, **info})
-        adapted.population_readout = PopulationReadout.fit(adapted, train, val, context)
+        adapted.population_readout = fit_population_readout(adapted, train, val, context)
         out["calm_readout"] = calm_scores(adapted, session, index, size["test_trials"])
         record.setdefault("readout", {}).setdefault(k, []).append({"session": session.name,
                                                                    **adapted.population_readout.info})

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .forecasting import CalmForecaster
-from .metrics.functional import forecast_pearson_r
+from .metrics.functional import forecast_pearson_r, mse
+from .population_readout import DEFAULT_BLOCKS, PopulationReadout, blend_weights
 
 logger = logging.getLogger(__name__)
 
@@ -177,4 +178,50 @@ def train_from_scratch(forecaster: CalmForecaster, train_trials, val_trials, con
     return _fit(fresh, train_trials, val_trials, context_frames, settings)
 
 
-__all__ = ["AdaptationSettings", "adapt", "train_from_scratch", "validation_r"]
+def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int,
+                           blocks: int = DEFAULT_BLOCKS, lags_grid: tuple[int, ...] = (1, 2, 4, 8, 16)
+                           ) -> PopulationReadout:
+    """The population readout of one recording (`calm_hf.population_readout`): a ridge AR across its neurons fitted on
+    `train_trials`, order and penalty chosen on `val_trials` (both `(trials, neurons, frames)`, z-scored at the model
+    rate like the context), and the network's share in each of `blocks` parts of the horizon chosen on the validation
+    forecasts of `forecaster` (its own readout, if any, left out; neuron identity from `train_trials`)."""
+    from .baselines import RidgeARForecaster
+
+    train, val = (np.asarray(trials, dtype=np.float64) for trials in (train_trials, val_trials))
+    for name, array in (("train_trials", train), ("val_trials", val)):
+        if array.ndim != 3:
+            raise ValueError(f"{name} must be (trials, neurons, frames), got shape {array.shape}.")
+        if array.shape[-1] <= context_frames:
+            raise ValueError(f"{name} trials have {array.shape[-1]} frames: nothing to forecast after a "
+                             f"{context_frames}-frame context.")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} hold NaN/Inf values: clean the traces first.")
+    if train.shape[1] != val.shape[1]:
+        raise ValueError(f"train_trials have {train.shape[1]} neurons, val_trials {val.shape[1]}: pass trials of the "
+                         "same recording.")
+    if int(blocks) < 1:
+        raise ValueError(f"blocks must be a positive integer, got {blocks!r}.")
+    lags = tuple(lag for lag in lags_grid if lag <= context_frames and lag < train.shape[-1]) or (1,)
+    ridge = RidgeARForecaster(context=context_frames, lags_grid=lags).fit(train, val)
+    context, truth = val[:, :, :context_frames], val[:, :, context_frames:]
+    horizon = truth.shape[-1]
+    ridge_val = np.asarray(ridge.predict(context, horizon), dtype=np.float64)
+    attached, forecaster.population_readout = forecaster.population_readout, None
+    try:
+        network_val = np.asarray(forecaster.forecast(context.astype(np.float32), horizon,
+                                                     reference=train.astype(np.float32)).forecast, dtype=np.float64)
+    finally:
+        forecaster.population_readout = attached
+    stable = bool(np.isfinite(ridge_val).all())
+    weights = blend_weights(network_val, ridge_val, truth, int(blocks)) if stable else np.ones(int(blocks))
+    readout = PopulationReadout(ridge.weights_, ridge.bias_, ridge.lags_, weights, horizon)
+    blended = readout.blend(torch.as_tensor(network_val), torch.as_tensor(ridge_val)).numpy() if stable else network_val
+    readout.info = {"lags": ridge.lags_, "alpha": ridge.alpha_, "network_weight": [float(w) for w in weights],
+                    "train_trials": len(train), "validation_trials": len(val),
+                    "validation_mse": {"network": float(mse(network_val, truth)),
+                                       "ridge_ar": float(mse(ridge_val, truth)) if stable else math.inf,
+                                       "blend": float(mse(blended, truth))}}
+    return readout
+
+
+__all__ = ["AdaptationSettings", "adapt", "fit_population_readout", "train_from_scratch", "validation_r"]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 PIPELINE_TASK = "neural-forecasting"
 # The pipeline module and the siblings it imports; modeling/configuration files are copied by save_pretrained.
-REMOTE_PIPELINE_FILES = ("pipeline_neural_forecasting.py", "forecasting.py", "processing_calm.py")
+REMOTE_PIPELINE_FILES = ("pipeline_neural_forecasting.py", "forecasting.py", "processing_calm.py",
+                         "population_readout.py")
 CUSTOM_PIPELINES = {
     PIPELINE_TASK: {
         "impl": "pipeline_neural_forecasting.NeuralForecastingPipeline",

@@ -26,6 +26,7 @@ import torch
 from transformers import Pipeline
 
 from .forecasting import CalmForecaster, default_forecast_mode
+from .population_readout import READOUT_FILE, PopulationReadout
 from .processing_calm import MAX_ABS_INPUT, CalmTraceProcessor
 
 
@@ -89,6 +90,20 @@ def _load_neural_tokenizer(model):
     if os.path.isdir(source):
         return AutoModel.from_pretrained(os.path.join(source, "tokenizer"), trust_remote_code=_REMOTE)
     return AutoModel.from_pretrained(source, subfolder="tokenizer", trust_remote_code=_REMOTE)
+
+
+def _load_population_readout(model) -> PopulationReadout | None:
+    """The population readout `calm adapt` saved with the checkpoint (a folder, or a Hub repository), else None."""
+    source = _model_source(model)
+    if not source:
+        return None
+    if not os.path.isdir(source):
+        from transformers.utils import cached_file
+
+        path = cached_file(source, READOUT_FILE, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        source = None if path is None else os.path.dirname(path)
+    return PopulationReadout.load(source)
 
 
 def _load_processor(model) -> CalmTraceProcessor:
@@ -181,6 +196,7 @@ class NeuralForecastingPipeline(Pipeline):
         self.neural_tokenizer.to(self.model.device)
         self.trace_processor = trace_processor if trace_processor is not None else _load_processor(self.model)
         self.forecaster = CalmForecaster(self.model, self.neural_tokenizer)
+        self.forecaster.population_readout = _load_population_readout(self.model)
 
     def __call__(self, traces, batch_size: int | None = None, **kwargs):
         if isinstance(traces, (list, tuple)) and traces and np.ndim(traces[0]) == 2:

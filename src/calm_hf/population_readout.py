@@ -3,7 +3,7 @@ closed form from the recording's own training trials and blended with the networ
 
 The pretrained network forecasts every neuron mostly from its own past and the identity it reads from the data; the
 coupling *between the neurons of one recording* is specific to that recording and needs that recording's data. Given
-training trials, `PopulationReadout.fit`:
+training trials, `calm_hf.adaptation.fit_population_readout`:
 
 1. fits a population ridge autoregression on every one-step transition of the training trials (order and penalty
    chosen by the rolled-out forecast r on the validation trials, `calm_hf.baselines.RidgeARForecaster`; solved in the
@@ -17,12 +17,13 @@ band and any sampled futures are moved with it (their spread is the network's). 
 fine-tuning and saves it with the adapted checkpoint (`population_readout.safetensors`); the pipeline and
 `calm forecast` load it from there. A readout belongs to one recording's neurons, in their order: a context with
 another number of neurons is refused.
+
+This file ships with checkpoints for the remote-code pipeline, so it imports only numpy, torch and safetensors.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -30,18 +31,6 @@ import torch
 
 READOUT_FILE = "population_readout.safetensors"
 DEFAULT_BLOCKS = 4
-
-
-def _check_trials(name: str, trials, context_frames: int) -> np.ndarray:
-    array = np.asarray(trials, dtype=np.float64)
-    if array.ndim != 3:
-        raise ValueError(f"{name} must be (trials, neurons, frames), got shape {array.shape}.")
-    if array.shape[-1] <= context_frames:
-        raise ValueError(f"{name} trials have {array.shape[-1]} frames: nothing to forecast after a {context_frames}-"
-                         "frame context.")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} hold NaN/Inf values: clean the traces first.")
-    return array
 
 
 def blend_weights(network: np.ndarray, ridge: np.ndarray, truth: np.ndarray, blocks: int) -> np.ndarray:
@@ -87,43 +76,6 @@ class PopulationReadout:
     @property
     def num_neurons(self) -> int:
         return int(self.bias.shape[0])
-
-    @classmethod
-    def fit(cls, forecaster, train_trials, val_trials, context_frames: int, blocks: int = DEFAULT_BLOCKS,
-            lags_grid: tuple[int, ...] = (1, 2, 4, 8, 16)) -> PopulationReadout:
-        """Fit on one recording: `train_trials` and `val_trials` `(trials, neurons, frames)`, z-scored at the model
-        rate like the context; `forecaster` is the (adapted) `CalmForecaster` whose direct forecasts are blended;
-        its neurons' identity comes from `train_trials`."""
-        from .baselines import RidgeARForecaster
-        from .metrics.functional import mse
-
-        train = _check_trials("train_trials", train_trials, context_frames)
-        val = _check_trials("val_trials", val_trials, context_frames)
-        if train.shape[1] != val.shape[1]:
-            raise ValueError(f"train_trials have {train.shape[1]} neurons, val_trials {val.shape[1]}: pass trials of "
-                             "the same recording.")
-        if blocks < 1:
-            raise ValueError(f"blocks must be a positive integer, got {blocks!r}.")
-        lags = tuple(lag for lag in lags_grid if lag <= context_frames and lag < train.shape[-1]) or (1,)
-        ridge = RidgeARForecaster(context=context_frames, lags_grid=lags).fit(train, val)
-        context, truth = val[:, :, :context_frames], val[:, :, context_frames:]
-        horizon = truth.shape[-1]
-        ridge_val = np.asarray(ridge.predict(context, horizon), dtype=np.float64)
-        network_val = np.asarray(forecaster.forecast(context.astype(np.float32), horizon, reference=train.astype(
-            np.float32)).forecast, dtype=np.float64)
-        if np.isfinite(ridge_val).all():
-            weights = blend_weights(network_val, ridge_val, truth, blocks)
-        else:  # an unstable AR: the network alone
-            weights = np.ones(blocks)
-        readout = cls(ridge.weights_, ridge.bias_, ridge.lags_, weights, horizon)
-        blended = readout.blend(torch.as_tensor(network_val), torch.as_tensor(ridge_val)).numpy()
-        readout.info = {"lags": ridge.lags_, "alpha": ridge.alpha_, "network_weight": [float(w) for w in weights],
-                        "train_trials": len(train), "validation_trials": len(val),
-                        "validation_mse": {"network": float(mse(network_val, truth)),
-                                           "ridge_ar": float(mse(ridge_val, truth)) if np.isfinite(ridge_val).all()
-                                           else math.inf,
-                                           "blend": float(mse(blended, truth))}}
-        return readout
 
     def network_weights(self, horizon: int) -> torch.Tensor:
         """`(horizon,)` the network's share at each forecast frame."""

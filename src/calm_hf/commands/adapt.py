@@ -6,7 +6,10 @@ A data-identity model (every preset's default; calm-base) already reads a new re
 adapting is optional: it fine-tunes the whole model on the recording's training trials (`calm_hf.adaptation.adapt`;
 each trial's neurons get their identity from the other training trials) and keeps the weights with the best forecast
 Pearson r on the recording's validation trials, stopping after `--adapt_patience` evaluations without a gain or at the
-time budget. The `--adapt_*` defaults are the recipe `benchmarks/foundation.py` measures as `calm_adapted`.
+time budget. It then fits the recording's population readout (`calm_hf.population_readout`: a ridge AR across its
+neurons, blended with the network by weights chosen on validation) and saves it with the checkpoint; the pipeline and
+`calm forecast` apply it to recordings of the same neurons. The defaults are the recipe `benchmarks/foundation.py`
+measures as `calm_readout` (`--population_readout false`: `calm_adapted`).
 
 A table-identity model learns only a new session's session and neuron embeddings (`--session_name` required). The
 tokenized dataset must hold one session (neuron ids 0..N-1 of its own); the model grows its session and neuron
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 from transformers import TrainingArguments, set_seed
 
-from ..adaptation import AdaptationSettings, adapt
+from ..adaptation import AdaptationSettings, adapt, fit_population_readout
 from ..checkpoint import complete_checkpoint
 from ..configuration_calm import CalmConfig
 from ..data import CalmDataCollator, CollatorEpochCallback, load_trial_corpus
@@ -81,6 +84,13 @@ class AdaptArguments:
     adapt_patience: int = field(default=AdaptationSettings.patience,
                                 metadata={"help": "Data-identity models: validation forecasts without a better r "
                                                   "before stopping (the best weights are kept)."})
+    population_readout: bool = field(
+        default=True,
+        metadata={"help": "Data-identity models: after fine-tuning, fit the recording's population readout (a ridge AR "
+                          "across its neurons, blended with the network by weights chosen on the validation trials; "
+                          "calm_hf.population_readout) and save it with the checkpoint, where the pipeline and calm "
+                          "forecast apply it. It is what benchmarks/foundation.py measures as calm_readout."},
+    )
 
 
 def remap_to_session(split: datasets.Dataset, session_id: int, neuron_ids: np.ndarray) -> datasets.Dataset:
@@ -183,14 +193,23 @@ def adapt_data_identity(args: AdaptArguments, training_args: TrainingArguments, 
                                   patience=args.adapt_patience, seed=training_args.seed)
     forecaster = CalmForecaster(model, tokenizer)
     adapted, info = adapt(forecaster, train, val, args.context_frames, settings)
-    result = adapted.forecast(test[:, :, : args.context_frames], horizon=test.shape[-1] - args.context_frames,
-                              reference=train)
-    truth = test[:, :, args.context_frames:]
-    metrics = {"test_forecast_pearson_r": float(forecast_pearson_r(result.forecast, truth)["pearson_r"]),
-               "test_forecast_mse": float(mse(result.forecast, truth)),
+    context, truth = test[:, :, : args.context_frames], test[:, :, args.context_frames:]
+    network = adapted.forecast(context, horizon=truth.shape[-1], reference=train).forecast
+    metrics = {"test_forecast_pearson_r": float(forecast_pearson_r(network, truth)["pearson_r"]),
+               "test_forecast_mse": float(mse(network, truth)),
                "best_validation_pearson_r": info["best_validation_pearson_r"], "steps": info["steps"],
                "best_step": info["best_step"]}
+    if args.population_readout:
+        adapted.population_readout = fit_population_readout(adapted, train, val, args.context_frames)
+        info["population_readout"] = adapted.population_readout.info
+        blended = adapted.forecast(context, horizon=truth.shape[-1], reference=train).forecast
+        metrics.update(test_forecast_pearson_r_network=metrics["test_forecast_pearson_r"],
+                       test_forecast_mse_network=metrics["test_forecast_mse"],
+                       test_forecast_pearson_r=float(forecast_pearson_r(blended, truth)["pearson_r"]),
+                       test_forecast_mse=float(mse(blended, truth)))
     adapted.model.save_pretrained(training_args.output_dir)
+    if adapted.population_readout is not None:
+        adapted.population_readout.save(training_args.output_dir)
     tokenizer.save_pretrained(os.path.join(training_args.output_dir, "tokenizer"))
     complete_checkpoint(training_args.output_dir)
     with open(os.path.join(training_args.output_dir, "adaptation.json"), "w") as handle:

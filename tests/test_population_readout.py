@@ -1,0 +1,168 @@
+"""The population readout: a recording's ridge AR across its neurons, blended with the network's direct forecast by
+weights chosen on validation; saved with `calm adapt`'s checkpoint, applied by the forecaster and the pipeline."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer, CalmTokenizerConfig
+from calm_hf.baselines import RidgeARForecaster
+from calm_hf.baselines.forecasting import _lag_stack, _RidgeDual, _RidgeGram, ridge_ar_system
+from calm_hf.adaptation import fit_population_readout
+from calm_hf.checkpoint import complete_checkpoint
+from calm_hf.forecasting import CalmForecaster
+from calm_hf.population_readout import READOUT_FILE, PopulationReadout, blend_weights
+
+CONTEXT = 24
+
+
+def coupled_trials(trials=24, neurons=6, frames=48, seed=0):
+    """A slowly decaying rotation of the population (every neuron driven by the others), z-scored per neuron."""
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(np.random.default_rng(42).standard_normal((neurons, neurons)))
+    x = np.zeros((trials, neurons, frames))
+    x[:, :, 0] = rng.standard_normal((trials, neurons))
+    for t in range(1, frames):
+        x[:, :, t] = 0.97 * x[:, :, t - 1] @ rotation.T + 0.1 * rng.standard_normal((trials, neurons))
+    return ((x - x.mean(axis=(0, 2), keepdims=True)) / x.std(axis=(0, 2), keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def forecaster():
+    torch.manual_seed(0)
+    model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", quantile_levels=[0.1, 0.5, 0.9])).eval()
+    assert model.config.neuron_identity == "data"
+    return CalmForecaster(model, CalmTokenizer(CalmTokenizerConfig.from_preset("tiny")).eval())
+
+
+def test_blend_weights_pick_the_forecast_that_matches_the_truth():
+    rng = np.random.default_rng(0)
+    truth, other = rng.standard_normal((2, 3, 4, 20))
+    np.testing.assert_allclose(blend_weights(truth, other, truth, 4), 1.0)
+    np.testing.assert_allclose(blend_weights(other, truth, truth, 4), 0.0, atol=1e-12)
+    np.testing.assert_allclose(blend_weights(truth, truth, truth, 4), 1.0)  # no gap: the network
+    halfway = blend_weights(truth + other, truth - other, truth, 2)
+    np.testing.assert_allclose(halfway, 0.5)
+    assert blend_weights(truth, other, truth, 40).shape == (40,)  # more blocks than frames: still one weight each
+
+
+def test_the_dual_solution_is_the_primal_one():
+    rng = np.random.default_rng(1)
+    trials = rng.standard_normal((2, 30, 20))  # 2 * 16 transitions, 120 features
+    features, targets = _lag_stack(trials, 4)
+    assert isinstance(ridge_ar_system(trials, 4), _RidgeDual)
+    assert isinstance(ridge_ar_system(rng.standard_normal((40, 3, 20)), 4), _RidgeGram)
+    primal = _RidgeGram.from_chunks([(features, targets)])
+    dual = _RidgeDual(features, targets)
+    for alpha in (1e-3, 1.0):
+        for a, b in zip(primal.solve(alpha), dual.solve(alpha)):
+            np.testing.assert_allclose(a, b, atol=1e-8)
+
+
+def test_readout_learns_a_coupled_population_and_its_ridge_is_the_baselines(forecaster, tmp_path):
+    train, val, test = coupled_trials(seed=0), coupled_trials(8, seed=1), coupled_trials(8, seed=2)
+    readout = fit_population_readout(forecaster, train, val, CONTEXT)
+    # an untrained network against a well-posed linear system: validation hands the forecast to the ridge AR
+    assert readout.network_weight.max() < 0.5
+    assert readout.info["validation_mse"]["blend"] <= min(readout.info["validation_mse"].values()) + 1e-6
+    ridge = RidgeARForecaster(context=CONTEXT, lags_grid=(1, 2, 4, 8, 16)).fit(train, val)
+    horizon = test.shape[-1] - CONTEXT
+    np.testing.assert_allclose(readout.predict_ridge(torch.from_numpy(test[:, :, :CONTEXT]), horizon).numpy(),
+                               ridge.predict(test[:, :, :CONTEXT], horizon), atol=1e-4)
+
+    plain = forecaster.forecast(test[:, :, :CONTEXT], horizon, reference=train)
+    forecaster.population_readout = readout
+    try:
+        blended = forecaster.forecast(test[:, :, :CONTEXT], horizon, reference=train)
+    finally:
+        forecaster.population_readout = None
+    truth = test[:, :, CONTEXT:]
+    assert np.mean((blended.forecast - truth) ** 2) < np.mean((plain.forecast - truth) ** 2)
+    # the band moves with the point forecast and keeps the network's spread
+    np.testing.assert_allclose(blended.quantiles - blended.forecast[..., None],
+                               plain.quantiles - plain.forecast[..., None], atol=1e-4)
+
+    readout.save(tmp_path)
+    loaded = PopulationReadout.load(tmp_path)
+    assert (tmp_path / READOUT_FILE).is_file() and loaded.lags == readout.lags and loaded.info == readout.info
+    torch.testing.assert_close(loaded.weights, readout.weights)
+    torch.testing.assert_close(loaded.network_weights(50), readout.network_weights(50))
+    assert PopulationReadout.load(tmp_path / "nothing-here") is None
+
+
+def test_readout_refuses_another_recording_and_bad_trials(forecaster):
+    train, val = coupled_trials(seed=0), coupled_trials(8, seed=1)
+    readout = fit_population_readout(forecaster, train, val, CONTEXT)
+    forecaster.population_readout = readout
+    try:
+        with pytest.raises(ValueError, match="fitted to a 6-neuron recording and the context has 5 neurons"):
+            forecaster.forecast(train[:2, :5, :CONTEXT], 8)
+    finally:
+        forecaster.population_readout = None
+    with pytest.raises(ValueError, match="same recording"):
+        fit_population_readout(forecaster, train, val[:, :5], CONTEXT)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_population_readout(forecaster, np.full_like(train, np.nan), val, CONTEXT)
+    with pytest.raises(ValueError, match="nothing to forecast"):
+        fit_population_readout(forecaster, train, val, 48)
+
+
+def test_readout_that_adds_nothing_leaves_the_network_forecast(forecaster):
+    """Trials with no structure: validation keeps the network (weight 1) unless the ridge is genuinely better."""
+    rng = np.random.default_rng(3)
+    train, val = (rng.standard_normal((n, 4, 48)).astype(np.float32) for n in (4, 6))
+    readout = fit_population_readout(forecaster, train, val, CONTEXT)
+    network, ridge = readout.info["validation_mse"]["network"], readout.info["validation_mse"]["ridge_ar"]
+    assert readout.info["validation_mse"]["blend"] <= min(network, ridge) + 1e-6
+
+
+@pytest.fixture(scope="module")
+def adapted_checkpoint(forecaster, tmp_path_factory):
+    """The tiny data-identity model saved complete with a population readout of a 6-neuron recording, as
+    `calm adapt` leaves it."""
+    folder = tmp_path_factory.mktemp("adapted") / "calm-adapted"
+    forecaster.model.save_pretrained(folder)
+    complete_checkpoint(folder, tokenizer=forecaster.tokenizer)
+    fit_population_readout(forecaster, coupled_trials(seed=0), coupled_trials(8, seed=1), CONTEXT).save(folder)
+    return folder
+
+
+def test_the_pipeline_applies_the_saved_readout(adapted_checkpoint):
+    from transformers import pipeline
+
+    traces = coupled_trials(1, frames=80, seed=5)[0] * 3 + 10
+    with_readout = pipeline("neural-forecasting", model=str(adapted_checkpoint))
+    assert with_readout.forecaster.population_readout is not None
+    out = with_readout(traces, horizon=12, quantiles=(0.1, 0.9))
+    with_readout.forecaster.population_readout = None
+    plain = with_readout(traces, horizon=12, quantiles=(0.1, 0.9))
+    assert not np.allclose(out["forecast"], plain["forecast"])
+    np.testing.assert_allclose(out["quantiles"][0.9] - out["forecast"], plain["quantiles"][0.9] - plain["forecast"],
+                               atol=1e-3)
+    with_readout.forecaster.population_readout = PopulationReadout.load(str(adapted_checkpoint))
+    with pytest.raises(ValueError, match="6-neuron recording"):
+        with_readout(traces[:4], horizon=12)
+
+
+@pytest.mark.slow
+def test_the_remote_code_pipeline_applies_the_readout_without_calm_hf(adapted_checkpoint):
+    traces = coupled_trials(1, frames=80, seed=5)[0] * 3 + 10
+    np.save(adapted_checkpoint.parent / "traces.npy", traces)
+    script = 'import sys; sys.modules["calm_hf"] = None  # a Python without calm_hf\n' + textwrap.dedent(
+        f"""
+        import numpy as np
+        from transformers import pipeline
+        forecaster = pipeline("neural-forecasting", model={str(adapted_checkpoint)!r}, trust_remote_code=True)
+        assert type(forecaster).__module__.startswith("transformers_modules"), type(forecaster).__module__
+        assert forecaster.forecaster.population_readout is not None
+        out = forecaster(np.load({str(adapted_checkpoint.parent / "traces.npy")!r}), horizon=12)
+        print("OK", out["forecast"].shape)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK (6, 12)" in result.stdout
