@@ -3,8 +3,8 @@
     python benchmarks/readme_table.py            # rewrite the block between the README's results markers
     python benchmarks/readme_table.py --check    # exit 1 when the README's block differs from the results file
 
-The block lists, for every held-out set at k = 0 (zero-shot), 16 and all training trials, CalM (as it is, and adapted)
-against the best baseline fitted on the same trials, with the run's date, commit and machine.
+The block lists, for every held-out set at k = 0 (zero-shot), 16 and all training trials, CalM (as it is, adapted,
+and adapted with its population readout) against the best baseline fitted on the same trials, with the run's date, commit and machine.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def table(results: dict) -> str:
     lines = [f"*{meta['date']}, commit `{meta['commit']}`, {meta['machine']}; `{meta['command']}` "
              f"({meta['seconds'] / 60:.0f} min). r / MSE in z-scored units; k = training trials of the recording "
              "(0: the forecast context only).*", "",
-             "| held-out recording | k | CalM | CalM adapted | best baseline by r | lowest baseline MSE | "
-             "CalM 5-95% coverage |",
-             "|---|---|---|---|---|---|---|"]
+             "| held-out recording | k | CalM | CalM adapted | CalM adapted + population readout | "
+             "best baseline by r | lowest baseline MSE | CalM 5-95% coverage |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def pair(row):
         return "–" if row is None else f"{row['pearson_r']:.3f} / {row['mse']:.3f}"
@@ -45,6 +45,7 @@ def table(results: dict) -> str:
             calm = models.get("calm")
             lines.append(
                 f"| {NAMES.get(name, name)} | {k} | {pair(calm)} | {pair(models.get('calm_adapted'))} | "
+                f"{pair(models.get('calm_readout'))} | "
                 f"{'–' if by_r is None else by_r[0].replace('_', ' ') + ' ' + pair(by_r[1])} | "
                 f"{'–' if by_mse is None else by_mse[0].replace('_', ' ') + ' ' + format(by_mse[1]['mse'], '.3f')} | "
                 f"{'–' if calm is None else format(calm['coverage_90'], '.0%')} |")
