@@ -1,71 +1,60 @@
 """calm_hf: CalM, a self-supervised foundation model for calcium-imaging population dynamics, Hugging Face native.
 
 Importing the package registers the models with the transformers Auto classes and the `"neural-forecasting"`
-pipeline task:
+pipeline task (also under the Hub's name for it, `"time-series-forecasting"`):
 
     import calm_hf
-    from transformers import AutoModel, AutoModelForCausalLM, pipeline
+    from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, pipeline
     backbone = AutoModel.from_pretrained("calm-base")
     model = AutoModelForCausalLM.from_pretrained("calm-base")
     forecaster = pipeline("neural-forecasting", model="calm-base")
     processor = AutoFeatureExtractor.from_pretrained("calm-base")   # CalmTraceProcessor saved with the checkpoint
+
+The import itself is light: the classes below are imported on first use, and the registration happens the moment
+transformers is imported too (`calm_hf.registration`), so `calm --help` does not load torch.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoFeatureExtractor,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForTimeSeriesPrediction,
-    AutoProcessor,
-)
+from __future__ import annotations
 
-from .configuration_calm import CalmConfig
-from .configuration_calm_tokenizer import CalmTokenizerConfig
-from .forecasting import CalmForecaster
-from .modeling_calm import CalmForCausalNeuralModeling, CalmModel, CalmPreTrainedModel
-from .modeling_calm_behavior import CalmForBehaviorRegression
-from .modeling_calm_tokenizer import CalmTokenizer
-from .pipeline_neural_forecasting import NeuralForecastingPipeline
-from .processing_calm import CalmTraceProcessor
+import importlib
+import importlib.util
+
+from . import registration
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CalmConfig",
-    "CalmForBehaviorRegression",
-    "CalmForCausalNeuralModeling",
-    "CalmForecaster",
-    "CalmModel",
-    "CalmPreTrainedModel",
-    "CalmTokenizer",
-    "CalmTokenizerConfig",
-    "CalmTraceProcessor",
-    "NeuralForecastingPipeline",
-    "__version__",
-]
+# public name -> the module that defines it, imported on first access (PEP 562)
+_EXPORTS = {
+    "CalmConfig": "configuration_calm",
+    "CalmForBehaviorRegression": "modeling_calm_behavior",
+    "CalmForCausalNeuralModeling": "modeling_calm",
+    "CalmForecaster": "forecasting",
+    "CalmModel": "modeling_calm",
+    "CalmPreTrainedModel": "modeling_calm",
+    "CalmTokenizer": "modeling_calm_tokenizer",
+    "CalmTokenizerConfig": "configuration_calm_tokenizer",
+    "CalmTraceProcessor": "processing_calm",
+    "NeuralForecastingPipeline": "pipeline_neural_forecasting",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
 
 
-def _register() -> None:
-    from transformers.pipelines import PIPELINE_REGISTRY
-
-    AutoConfig.register(CalmConfig.model_type, CalmConfig, exist_ok=True)
-    AutoConfig.register(CalmTokenizerConfig.model_type, CalmTokenizerConfig, exist_ok=True)
-    AutoModel.register(CalmConfig, CalmModel, exist_ok=True)
-    AutoModel.register(CalmTokenizerConfig, CalmTokenizer, exist_ok=True)
-    AutoModelForCausalLM.register(CalmConfig, CalmForCausalNeuralModeling, exist_ok=True)
-    AutoModelForTimeSeriesPrediction.register(CalmConfig, CalmForBehaviorRegression, exist_ok=True)
-    AutoFeatureExtractor.register(CalmConfig, CalmTraceProcessor, exist_ok=True)
-    AutoProcessor.register(CalmConfig, CalmTraceProcessor, exist_ok=True)  # no remote-code prompt for AutoProcessor
-    # save_pretrained then writes auto_map and copies processing_calm.py, for trust_remote_code loading
-    CalmTraceProcessor.register_for_auto_class("AutoFeatureExtractor")
-    if "neural-forecasting" not in PIPELINE_REGISTRY.supported_tasks:
-        PIPELINE_REGISTRY.register_pipeline(
-            "neural-forecasting",
-            pipeline_class=NeuralForecastingPipeline,
-            pt_model=AutoModelForCausalLM,
-            type="time_series",
-        )
+def __getattr__(name: str):
+    """`calm_hf.CalmModel` and `from calm_hf import CalmModel` import the defining module; `calm_hf.data` and other
+    subpackages import themselves, as they did when the package imported everything up front."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
-_register()
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+registration.register_when_ready()

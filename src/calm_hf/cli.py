@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .commands import COMMANDS
+from .commands import COMMANDS  # the standard library only: `calm --help` starts without torch or transformers
 
 
 def main(argv: list[str] | None = None) -> int:

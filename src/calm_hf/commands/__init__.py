@@ -114,9 +114,7 @@ def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, pr
     Returns:
         `tuple`: one instance per dataclass type.
     """
-    from transformers import HfArgumentParser
-
-    from ..hardware import configure_torch_threads
+    from transformers import HfArgumentParser  # without torch: `calm forecast --help` stays quick
 
     from .recipes import recipe_defaults, recipe_help
 
@@ -145,6 +143,8 @@ def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, pr
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     parsed = parsed[: len(dataclass_types)]  # without the --config namespace
     check_environment()
+    from ..hardware import configure_torch_threads  # imports torch, so only once the flags are read
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     configure_torch_threads()
     return tuple(parsed)
