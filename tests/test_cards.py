@@ -7,6 +7,7 @@ import pytest
 from huggingface_hub import DatasetCard, ModelCard, metadata_load
 
 from calm_hf.cards import CALM_CITATION, render_dataset_card, render_model_card, render_tokenizer_card, template_path
+from calm_hf.registration import PIPELINE_TASKS
 
 METRICS = {"pearson_r": 0.41234, "mse": 0.8312, "num_nan": 3, "pearson_r_session_1": np.float32(0.3875), "bad": float("nan")}
 CONFIG = {"hidden_size": 256, "num_hidden_layers": 4, "codebook_size": 128, "window_size": 4, "frame_rate_hz": 5.0}
@@ -29,6 +30,7 @@ def test_model_card_metadata_and_numbers(tmp_path):
     assert metadata["license"] == "apache-2.0"
     assert metadata["library_name"] == "transformers"
     assert metadata["pipeline_tag"] == "time-series-forecasting"
+    assert metadata["pipeline_tag"] in PIPELINE_TASKS  # pipeline(<the card's tag>, model=...) is the forecasting pipeline
     assert {"neuroscience", "calcium-imaging", "time-series-forecasting", "foundation-model"} <= set(metadata["tags"])
     assert metadata["datasets"] == ["someone/calm-base-dataset"]
     (entry,) = metadata["model-index"]
@@ -53,7 +55,7 @@ def test_model_card_metadata_and_numbers(tmp_path):
     for section in ("## What it is", "## Intended use", "## How to use", "## Training data", "## Evaluation results",
                     "## Limitations", "## How to fine-tune", "## Citation"):
         assert section in text, section
-    for needle in ('pipeline("neural-forecasting"', "trust_remote_code=True", 'AutoModel.from_pretrained("someone/calm-base")',
+    for needle in ('pipeline("neural-forecasting"', '"time-series-forecasting"', "trust_remote_code=True", 'AutoModel.from_pretrained("someone/calm-base")',
                    "calm pretrain", "calm adapt", "calm finetune-behavior",
                    "simulated data only", "5 Hz", "z-scored", CALM_CITATION, "arXiv 2604.04958"):
         assert needle in text, needle

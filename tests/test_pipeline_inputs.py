@@ -87,6 +87,15 @@ def test_processor_exact_inverse_with_ema_and_save_load(tmp_path):
     assert isinstance(loaded, CalmTraceProcessor) and loaded.to_dict() == processor.to_dict()
 
 
+def test_the_hub_task_name_is_the_same_pipeline(forecaster, checkpoint):
+    """The model card's pipeline_tag, `time-series-forecasting`, names the same pipeline as `neural-forecasting`."""
+    alias = pipeline("time-series-forecasting", model=str(checkpoint))
+    assert type(alias) is type(forecaster)
+    traces = np.random.default_rng(3).standard_normal((12, 77))
+    np.testing.assert_array_equal(alias(traces, sampling_rate=7.5, horizon=11, session="s0")["forecast"],
+                                  forecaster(traces, sampling_rate=7.5, horizon=11, session="s0")["forecast"])
+
+
 def test_processor_loads_from_a_checkpoint_with_auto_classes(checkpoint):
     from transformers import AutoFeatureExtractor, AutoProcessor
 
@@ -215,8 +224,9 @@ def test_pipeline_loads_without_calm_hf(checkpoint):
         f"""
         import warnings, numpy as np
         from transformers import pipeline, AutoFeatureExtractor
-        forecaster = pipeline("neural-forecasting", model={str(checkpoint)!r}, trust_remote_code=True)
-        assert type(forecaster).__module__.startswith("transformers_modules"), type(forecaster).__module__
+        for task in ("time-series-forecasting", "neural-forecasting"):  # the Hub's tag and the pipeline's own name
+            forecaster = pipeline(task, model={str(checkpoint)!r}, trust_remote_code=True)
+            assert type(forecaster).__module__.startswith("transformers_modules"), type(forecaster).__module__
         out = forecaster(np.random.randn(12, 77), sampling_rate=7.5, horizon=11, session="s0", num_samples=3)
         processor = AutoFeatureExtractor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
         print("OK", out["forecast"].shape, out["samples"].shape, type(processor).__name__)

@@ -1,6 +1,7 @@
 """Make a saved CalM checkpoint folder complete: the tokenizer in `tokenizer/`, the trace processor
 (`preprocessor_config.json`), and the remote-code files and `custom_pipelines` entry that let
-`pipeline("neural-forecasting", model=..., trust_remote_code=True)` work in a Python without calm_hf.
+`pipeline("neural-forecasting", model=..., trust_remote_code=True)` (or `"time-series-forecasting"`) work in a Python
+without calm_hf.
 
 Every stage that saves a dual-axis transformer (pretrain, adapt, finetune-behavior, the main job, `CalmTrainer` and
 so the Trainer's `push_to_hub=True`) calls `complete_checkpoint` after `save_pretrained`.
@@ -13,18 +14,20 @@ import os
 import shutil
 from pathlib import Path
 
+from .registration import PIPELINE_TASKS
 
-PIPELINE_TASK = "neural-forecasting"
 # The pipeline module and the siblings it imports; modeling/configuration files are copied by save_pretrained.
 REMOTE_PIPELINE_FILES = ("pipeline_neural_forecasting.py", "forecasting.py", "processing_calm.py",
                          "population_readout.py")
+# both task names, as with calm_hf installed: the pipeline's own and the Hub's tag for it
 CUSTOM_PIPELINES = {
-    PIPELINE_TASK: {
+    task: {
         "impl": "pipeline_neural_forecasting.NeuralForecastingPipeline",
         "pt": ["AutoModelForCausalLM"],
         "tf": [],
         "type": "time_series",
     }
+    for task in PIPELINE_TASKS
 }
 
 
