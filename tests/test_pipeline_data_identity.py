@@ -1,6 +1,8 @@
 """The neural-forecasting pipeline with a data-identity checkpoint: any number of neurons, no session, identities from
 the recording's own history (or a given reference), bands from the quantile head in the same pass."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,17 @@ def test_history_and_reference_set_the_identity(forecaster):
         forecaster(traces, sampling_rate=5.0, horizon=8, session="sim-s0")
     with pytest.raises(ValueError, match=r"reference must be \(trials, neurons=6, frames\)"):
         forecaster(traces, sampling_rate=5.0, horizon=8, reference=np.zeros((2, 5, 100)))
+
+
+def test_a_whole_recording_warns_only_where_the_older_frames_go_unused(forecaster):
+    """Without reference= the frames before the context give the neurons' identity (no warning); with it they only
+    set the z-score statistics, which the warning says."""
+    traces = np.random.default_rng(1).standard_normal((6, 3000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forecaster(traces, sampling_rate=30.0, horizon=30)
+    with pytest.warns(UserWarning, match=r"3000 frames \(100.0 s at 30 Hz\).*only set the z-score statistics"):
+        forecaster(traces, sampling_rate=30.0, horizon=30, reference=traces[None, :, :300])
 
 
 def test_history_is_cut_into_whole_chunks_newest_last():

@@ -118,7 +118,7 @@ def test_pipeline_forecast_lines_up_with_truth(forecaster, monkeypatch, fs):
 
 def test_whole_recording_is_cropped_with_a_warning_in_frames_and_seconds(forecaster):
     traces = np.random.default_rng(1).standard_normal((12, 3000)) + 5
-    with pytest.warns(UserWarning, match=r"3000 frames \(100 s at 30 Hz\).*most recent \d+ frames"):
+    with pytest.warns(UserWarning, match=r"3000 frames \(100.0 s at 30 Hz\).*most recent \d+ frames"):
         out = forecaster(traces, sampling_rate=30.0, horizon=30, session="s0")
     assert out["forecast"].shape == (12, 30) and out["context_frames"] < 3000
     with pytest.raises(ValueError, match=r"horizon=1000 frames \(33.3333 s at 30 Hz\).*at most \d+ frames"):

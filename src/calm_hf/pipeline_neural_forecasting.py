@@ -441,11 +441,14 @@ class NeuralForecastingPipeline(Pipeline):
             )
         max_context = (max_steps - new_steps) * window  # model frames
         available = processor.model_frames(values.shape[-1], fs)
-        if available - available % window > max_context:
+        # a data-identity model reads its neurons' identity from the frames before the context (unless reference= is
+        # given), so a whole recording loses nothing: only where those frames are otherwise unused is it worth a word
+        history_unused = not self.forecaster.uses_data_identity or reference is not None
+        if available - available % window > max_context and history_unused:
             kept = int(math.floor(max_context * fs / model_rate))
             warnings.warn(
-                f"the context is {values.shape[-1]} frames ({values.shape[-1] / fs:g} s at {fs:g} Hz); with a "
-                f"{horizon}-frame horizon the model holds {kept} frames ({kept / fs:g} s), so the most recent {kept} "
+                f"the context is {values.shape[-1]} frames ({values.shape[-1] / fs:.1f} s at {fs:g} Hz); with a "
+                f"{horizon}-frame horizon the model holds {kept} frames ({kept / fs:.1f} s), so the most recent {kept} "
                 "frames are used and the older ones only set the z-score statistics.",
                 UserWarning,
                 stacklevel=4,
