@@ -279,3 +279,11 @@ def test_threads_benchmark_writes_its_table(tmp_path):
     row = result["by_threads"][1]
     assert row["train_step"]["median_seconds"] > 0 and row["tokens_per_second"] > 0
     assert "| 1 |" in (tmp_path / "threads.md").read_text()
+
+
+def test_cli_startup_benchmark_writes_its_table(tmp_path):
+    """benchmarks/cli_startup.py --repeats 1: each command timed in a fresh process, a markdown table."""
+    result = load_benchmark("cli_startup.py").main(["--repeats", "1", "--out", str(tmp_path / "cli_startup")])
+    assert set(result["commands"]) == {"calm --help", "calm forecast --help", 'python -c "import calm_hf"'}
+    assert all(len(row["seconds"]) == 1 and row["median_seconds"] > 0 for row in result["commands"].values())
+    assert "| `calm --help` |" in (tmp_path / "cli_startup.md").read_text()
