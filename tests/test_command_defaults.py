@@ -170,3 +170,24 @@ def test_training_on_the_cpu_does_not_warn_about_pinned_memory(tmp_path):
         warnings.simplefilter("always")
         trainer.train()
     assert not [w for w in caught if "pin_memory" in str(w.message)]
+
+
+def test_adapt_without_optional_flags_uses_the_benchmarked_adaptation_recipe(monkeypatch):
+    """`calm adapt` on a data-identity model fine-tunes with `AdaptationSettings` (what benchmarks/foundation.py runs
+    as calm_adapted) and fits the population readout (calm_readout), not with transformers' training defaults."""
+    from dataclasses import fields
+
+    from calm_hf.adaptation import AdaptationSettings
+    from calm_hf.commands import adapt
+
+    args = parsed_arguments(adapt, ["--model_path", "calm", "--tokenized_dataset", "tokens", "--output_dir", "out"],
+                            monkeypatch)
+    recipe = AdaptationSettings()
+    assert args["population_readout"] is True
+    for item in fields(AdaptationSettings):
+        flag = {"max_seconds": "adapt_max_minutes", "max_neurons": None, "weight_decay": None, "seed": None}.get(
+            item.name, f"adapt_{item.name}")
+        if flag == "adapt_max_minutes":
+            assert args[flag] * 60 == recipe.max_seconds
+        elif flag is not None:
+            assert args[flag] == getattr(recipe, item.name), flag

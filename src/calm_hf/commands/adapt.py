@@ -79,6 +79,8 @@ class AdaptArguments:
                                  metadata={"help": "Data-identity models: optimizer steps at most."})
     adapt_max_minutes: float = field(default=AdaptationSettings.max_seconds / 60,
                                      metadata={"help": "Data-identity models: wall-clock budget of the fine-tuning."})
+    adapt_batch_size: int = field(default=AdaptationSettings.batch_size,
+                                  metadata={"help": "Data-identity models: trials per fine-tuning step."})
     adapt_eval_every: int = field(default=AdaptationSettings.eval_every,
                                   metadata={"help": "Data-identity models: steps between validation forecasts."})
     adapt_patience: int = field(default=AdaptationSettings.patience,
@@ -188,7 +190,7 @@ def adapt_data_identity(args: AdaptArguments, training_args: TrainingArguments, 
         raise ValueError(f"--context_frames {args.context_frames} leaves nothing to forecast in {test.shape[-1]}-frame "
                          "trials: lower it.")
     settings = AdaptationSettings(learning_rate=args.adapt_learning_rate, max_steps=args.adapt_max_steps,
-                                  max_seconds=args.adapt_max_minutes * 60, batch_size=training_args.per_device_train_batch_size,
+                                  max_seconds=args.adapt_max_minutes * 60, batch_size=args.adapt_batch_size,
                                   max_neurons=args.max_neurons or train.shape[1], eval_every=args.adapt_eval_every,
                                   patience=args.adapt_patience, seed=training_args.seed)
     forecaster = CalmForecaster(model, tokenizer)
