@@ -191,3 +191,50 @@ def test_calm_forecast_stream_replays_a_file(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="--speed and --baseline_seconds must be positive"):
         run(["--model", str(checkpoint), "--traces", str(path), "--horizon", "6", "--stream", "--speed", "0",
              "--output", str(tmp_path / "other.npz")])
+
+
+def test_priming_a_stream_equals_feeding_its_frames_one_by_one():
+    forecaster = make_forecaster()
+    frames = torch.randn(5, 4 * forecaster.model.config.max_token_steps + 11)
+    one_by_one = CalmStreamingForecaster(forecaster, 5)
+    for index in range(frames.shape[1]):
+        expected = one_by_one.update(frames[:, index])
+    primed = CalmStreamingForecaster(forecaster, 5)
+    got = primed.prime(frames[:, :90])
+    for index in range(90, frames.shape[1]):
+        got = primed.update(frames[:, index])
+    assert got.context_frames == expected.context_frames and got.frames_seen == expected.frames_seen
+    np.testing.assert_allclose(got.forecast, expected.forecast, rtol=1e-5, atol=1e-5)
+    assert primed.prime(frames[:, :3]) is None
+    with pytest.raises(ValueError, match="frames must be"):
+        primed.prime(frames[:4])
+
+
+def test_scale_benchmark_tables_skips_and_figure(tmp_path):
+    from benchmark_scripts import load_benchmark
+
+    scale = load_benchmark("scale.py")
+    assert scale.skip_reason("point_band", 100000, {}, 12.0).startswith("skipped: the 10-minute recording alone")
+    assert scale.skip_reason("point_band", 1000, {}, 12.0) is None
+    assert "20000 neurons already ran out" in scale.skip_reason("samples16", 50000, {"samples16": (
+        "ran out of time or memory", 20000)}, 12.0)
+    result = {
+        "machine": {"processor": "x86_64", "cpus": 2, "torch_threads": 2, "torch": "2", "fp32_matmul_peak_gflops": 100.0,
+                    "load_average_at_start": 1.0, "load_average_at_end": 2.0},
+        "settings": {"model": "calm-base", "recording": "600 s at 30 Hz", "horizon_frames": 300,
+                     "train": "cpu preset", "command": "scale.py --model calm-base"},
+        "rows": [{"neurons": 10000, "task": "point_band", "seconds": 12.0, "peak_gib": 3.0},
+                 {"neurons": 1000, "task": "stream_update", "seconds": 0.004, "peak_gib": 1.0, "window_seconds": 0.016},
+                 {"neurons": 1000, "task": "train_step", "seconds": 0.5, "peak_gib": 1.0, "tokens_per_second": 5e4,
+                  "achieved_gflops": 60.0, "fraction_of_peak": 0.6},
+                 {"neurons": 20000, "task": "samples16", "seconds": None, "peak_gib": None,
+                  "note": "did not finish in 180 s"}],
+    }
+    table = scale.markdown(result)
+    assert "| 10,000 | point_band | 12 | 3.00 | < 10 s, < 4 GiB (not met) |" in table
+    assert "| 1,000 | stream_update | 0.004 | 1.00 | < 0.01 s (met) | per frame (mean); a frame that completes a " \
+           "window: 16.0 ms |" in table
+    assert "60.0% of the fp32 matmul peak" in table and ">= 50% of peak (met)" in table
+    assert "did not finish in 180 s" in table
+    scale.figure(result, tmp_path / "scale.png")
+    assert (tmp_path / "scale.png").stat().st_size > 0

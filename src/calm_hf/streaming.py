@@ -112,6 +112,24 @@ class CalmStreamingForecaster:
         self.latest: tuple[torch.Tensor, torch.Tensor | None] | None = None  # head output at the last window end
 
     @torch.no_grad()
+    def prime(self, frames: torch.Tensor | np.ndarray) -> StreamingForecast | None:
+        """Start the stream from the recording so far, `(neurons, frames)` z-scored at the model rate, in one pass,
+        and return the forecast after its last frame (None when it holds no complete window). Up to `max_token_steps`
+        windows this is the state `update` reaches frame by frame; a longer recording starts from its most recent
+        `restart_steps` windows, as a restart does."""
+        frames = self.forecaster._to_device(frames, torch.float32)
+        if frames.ndim != 2 or frames.shape[0] != self.num_neurons:
+            raise ValueError(f"frames must be (neurons={self.num_neurons}, frames), got {tuple(frames.shape)}.")
+        check_finite_context(frames[None])
+        self.reset()
+        complete = frames.shape[-1] - frames.shape[-1] % self.window_size
+        self.frames_seen = frames.shape[-1]
+        self.pending = list(frames[:, complete:].unbind(-1))
+        if complete:
+            self._read_windows(frames[None, :, :complete])
+        return self._latest()
+
+    @torch.no_grad()
     def update(self, frame: torch.Tensor | np.ndarray) -> StreamingForecast | None:
         """Take the newest frame `(neurons,)` (z-scored, at the model rate) and return the forecast of the `horizon`
         frames after it, or None before the first window is complete."""
@@ -124,7 +142,10 @@ class CalmStreamingForecaster:
         if len(self.pending) == self.window_size:
             window = torch.stack(self.pending, dim=-1)[None]  # (1, neurons, window)
             self.pending = []
-            self._read_window(window)
+            self._read_windows(window)
+        return self._latest()
+
+    def _latest(self) -> StreamingForecast | None:
         if self.latest is None:
             return None
         forecast, quantiles = self.latest
@@ -136,14 +157,15 @@ class CalmStreamingForecaster:
             quantile_levels=self.quantile_levels, frames_seen=self.frames_seen,
             context_frames=self.context.shape[-1])
 
-    def _read_window(self, window: torch.Tensor) -> None:
-        """A completed window `(1, neurons, window_size)`: its code on top of the tokenizer's cache, one step of the
-        dual-axis transformer on top of its cache (or a restart from the most recent windows when the context is full)."""
-        self.context = torch.cat([self.context, window], dim=-1)
+    def _read_windows(self, windows: torch.Tensor) -> None:
+        """Completed windows `(1, neurons, k * window_size)`: their codes on top of the tokenizer's cache, their steps
+        of the dual-axis transformer on top of its cache (or a restart from the most recent windows when the context
+        is full)."""
+        self.context = torch.cat([self.context, windows], dim=-1)
         if self.context.shape[-1] > self.max_steps * self.window_size:
             self.context = self.context[..., -self.restart_steps * self.window_size :]
             self.encoder_cache = self.cache = None
-        new_frames = self.context if self.cache is None else window
+        new_frames = self.context if self.cache is None else windows
         if self.encoder_cache is None:
             self.encoder_cache = [[None, None] for _ in range(self.forecaster.tokenizer.config.num_encoder_layers)]
         with self.forecaster._autocast():
