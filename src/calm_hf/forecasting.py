@@ -28,7 +28,7 @@ ROLLOUT_MODES = ("greedy", "sample", "mean", "soft")
 FORECAST_MODES = ("direct",) + ROLLOUT_MODES
 # working memory of one forecast call when the caller sets none: what a laptop spares beside the recording itself;
 # `max_memory_gib` raises it on a larger machine (fewer, larger chunks) or lowers it beside other work
-DEFAULT_MAX_MEMORY_GIB = 2.0
+DEFAULT_MAX_MEMORY_GIB = 1.0
 
 
 def default_forecast_mode(model) -> str:

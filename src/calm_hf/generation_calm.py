@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, GenerationMixin
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.utils import ModelOutput
 
 from .validation_calm import as_integer_tensor, identity_inputs, validate_inputs
@@ -114,6 +114,35 @@ def next_codes(
         codes = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
         return probs, codes.view(probs.shape[:-1])
     return probs, probs.argmax(dim=-1)
+
+
+class CalmSampleCacheLayer(DynamicLayer):
+    """One layer of the time-axis cache of a chunk of sampled futures, allocated once for the whole rollout and written
+    in place: the context's keys/values are copied once per sample (no intermediate copy), and a new step does not
+    copy the cache the way `DynamicLayer`'s concatenation does."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, count: int, capacity: int) -> None:
+        # keys, values (batch, neurons, heads, steps, head_dim) of the context -> (batch*count*neurons, heads, capacity, ...)
+        super().__init__()
+        batch, neurons, heads, steps, head_dim = keys.shape
+        self.buffers = []
+        for states in (keys, values):
+            buffer = states.new_empty(batch, count, neurons, heads, capacity, head_dim)
+            buffer[..., :steps, :] = states[:, None]
+            self.buffers.append(buffer.view(batch * count * neurons, heads, capacity, head_dim))
+        self.device, self.is_initialized, self.length = keys.device, True, steps
+        self.keys, self.values = (buffer[:, :, :steps] for buffer in self.buffers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        if end > self.buffers[0].shape[2]:
+            raise ValueError(f"the sample cache holds {self.buffers[0].shape[2]} steps; {end} were asked for.")
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, self.length : end] = states
+        self.length = end
+        self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
+        return self.keys, self.values
 
 
 class CalmGenerationMixin(GenerationMixin):
@@ -390,18 +419,16 @@ class CalmGenerationMixin(GenerationMixin):
                       generators: list[torch.Generator], identity: dict, temperature: float, top_k: int | None,
                       top_p: float | None) -> torch.LongTensor:
         """`count` futures of every input from a copy of the context's `cache`: `(batch, count, neurons, new)`."""
-        from transformers.cache_utils import DynamicCache
-
         batch, neurons, vocab = first_logits.shape
 
         def per_sample(tensor: torch.Tensor) -> torch.Tensor:  # (batch, ...) -> (batch*count, ...), samples of b together
             return tensor[:, None].expand(batch, count, *tensor.shape[1:]).reshape(batch * count, *tensor.shape[1:])
 
-        layers = []
-        for layer in cache.layers:  # (batch*neurons, heads, steps, head_dim) -> (batch*count*neurons, ...)
-            keys, values = (t.reshape(batch, neurons, *t.shape[1:]) for t in (layer.keys, layer.values))
-            layers.append((per_sample(keys).flatten(0, 1), per_sample(values).flatten(0, 1)))
-        chunk_cache = DynamicCache(ddp_cache_data=layers)
+        # (batch*neurons, heads, steps, head_dim) per layer -> (batch*count*neurons, heads, steps + new - 1, head_dim)
+        capacity = cache.get_seq_length() + max_new_tokens - 1
+        chunk_cache = Cache(layers=[
+            CalmSampleCacheLayer(*(t.reshape(batch, neurons, *t.shape[1:]) for t in (layer.keys, layer.values)),
+                                 count, capacity) for layer in cache.layers])
         chunk_identity = {name: None if value is None else per_sample(value) for name, value in identity.items()}
         logits = per_sample(first_logits)  # (batch*count, neurons, vocab)
         codes = []
