@@ -160,10 +160,11 @@ def rss_gib(pid: int) -> float:
     return 0.0
 
 
-def run_worker(spec: dict, timeout: float, max_rss_gib: float) -> dict:
+def run_worker(spec: dict, timeout: float, max_rss_gib: float, threads: int) -> dict:
     """Run one measurement in a fresh process; `{"error": ...}` when it ran out of time or memory or failed."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     highest, reason = 0.0, None
@@ -184,9 +185,9 @@ def run_worker(spec: dict, timeout: float, max_rss_gib: float) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def machine() -> dict:
+def machine(threads: int) -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--horizon", type=int, default=300, help="input frames forecast (10 s at 30 Hz)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds one run may take")
     parser.add_argument("--max_rss_gib", type=float, default=12.0, help="RSS at which a run is killed")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads of every run (default: every core, as the goals assume)")
     parser.add_argument("--output", default=str(RESULTS / "scale"), help="path stem of the .json/.md/.png")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--model (the released checkpoint folder, e.g. calm-base) is needed for the forecast tasks.")
     started = time.perf_counter()
     load = os.getloadavg()[0]
-    peak = run_worker({"task": "peak"}, args.timeout, args.max_rss_gib)
+    peak = run_worker({"task": "peak"}, args.timeout, args.max_rss_gib, args.threads)
     print(f"fp32 matmul peak: {peak.get('gflops', float('nan')):.1f} GFLOP/s", flush=True)
     rows, failed = [], {}
     for neurons in sorted(args.neurons):
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
             reason = skip_reason(task, neurons, failed, args.max_rss_gib)
             if reason is None:
                 spec = {"task": task, "neurons": neurons, "model": args.model, "horizon": args.horizon}
-                result = run_worker(spec, args.timeout, args.max_rss_gib)
+                result = run_worker(spec, args.timeout, args.max_rss_gib, args.threads)
                 reason = result.pop("error", None)
                 row.update(result)
                 if reason:
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {neurons:>7} {task:13s} "
                   + (f"{row['seconds']:.4g} s, {row['peak_gib']:.2f} GiB" if row["seconds"] is not None else reason),
                   flush=True)
-    result = {"machine": {**machine(), "fp32_matmul_peak_gflops": peak.get("gflops"), "load_average_at_start": load,
+    result = {"machine": {**machine(args.threads), "fp32_matmul_peak_gflops": peak.get("gflops"), "load_average_at_start": load,
                           "load_average_at_end": os.getloadavg()[0]},
               "settings": {"model": args.model, "recording": f"{RECORDING_SECONDS} s at {RECORDING_RATE:g} Hz",
                            "horizon_frames": args.horizon, "timeout_s": args.timeout, "max_rss_gib": args.max_rss_gib,
