@@ -108,8 +108,15 @@ def stream_and_compare(forecaster, frames: torch.Tensor, checked: set[int], **st
     return compared
 
 
-def test_streaming_forecast_equals_the_batch_direct_forecast():
+@pytest.mark.parametrize("with_readout", [False, True])
+def test_streaming_forecast_equals_the_batch_direct_forecast(with_readout):
+    from calm_hf.population_readout import PopulationReadout
+
     forecaster = make_forecaster()
+    if with_readout:  # a recording's population readout is blended in as the batch direct forecast blends it
+        generator = torch.Generator().manual_seed(5)
+        forecaster.population_readout = PopulationReadout(0.1 * torch.randn(2 * 5, 5, generator=generator),
+                                                          torch.zeros(5), 2, [0.3, 0.7], validation_horizon=8)
     max_steps, window = forecaster.model.config.max_token_steps, forecaster.window_size
     total = window * (max_steps + 6) + 2
     frames = torch.randn(5, total)

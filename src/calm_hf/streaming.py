@@ -177,8 +177,12 @@ class CalmStreamingForecaster:
                                  use_cache=True, logits_to_keep=1, value_inputs=values, return_dict=True,
                                  **self.identity)
         self.cache = outputs.cache
-        quantiles = None if outputs.value_quantiles is None else outputs.value_quantiles[0, :, -1].float()
-        self.latest = (outputs.value_predictions[0, :, -1].float(), quantiles)
+        point = outputs.value_predictions[:, :, -1].float()  # (1, neurons, frames)
+        quantiles = None if outputs.value_quantiles is None else outputs.value_quantiles[:, :, -1].float()
+        readout = getattr(self.forecaster, "population_readout", None)
+        if readout is not None:  # the recording's population readout, blended in as in the batch direct forecast
+            point, quantiles, _ = readout.apply(self.context, point, quantiles, None)
+        self.latest = (point[0], None if quantiles is None else quantiles[0])
 
 
 __all__ = ["CalmStreamingForecaster", "StreamingForecast"]
