@@ -303,6 +303,7 @@ def markdown(result: dict) -> str:
 
 def figure(result: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -318,6 +319,7 @@ def figure(result: dict, path: Path) -> None:
     for axis, label in ((time_axis, "seconds (stream_update: per frame)"), (memory_axis, "peak RSS (GiB)")):
         axis.set_xscale("log")
         axis.set_yscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only: no overlap
         axis.set_xlabel("neurons")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
