@@ -11,6 +11,7 @@ This file ships with checkpoints (the pipeline imports it), so it imports only n
 from __future__ import annotations
 
 import contextlib
+import copy
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -18,12 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .generation_calm import sequence_bytes
 from .identity_calm import compute_neuron_identity, config_identity_size, identity_settings
 from .modeling_calm_tokenizer import check_tokenizer_fingerprint
 
 ROLLOUT_MODES = ("greedy", "sample", "mean", "soft")
 # "direct": the continuous head's conditional-mean forecast (models with `config.value_head_steps > 0`; the default)
 FORECAST_MODES = ("direct",) + ROLLOUT_MODES
+# working memory of one forecast call when the caller sets none: what a laptop spares beside the recording itself;
+# `max_memory_gib` raises it on a larger machine (fewer, larger chunks) or lowers it beside other work
+DEFAULT_MAX_MEMORY_GIB = 1.0
 
 
 def default_forecast_mode(model) -> str:
@@ -127,6 +132,26 @@ def check_forecast_arguments(mode: str, horizon, num_samples, temperature, top_k
         )
 
 
+# how many dimensions each identity input has when it holds one entry per recording (else it is shared by all of them)
+PER_RECORDING_DIMS = {"neuron_ids": 2, "session_ids": 1, "neuron_mask": 2, "neuron_identity": 3}
+
+
+def recording_rows(identity: dict, rows: slice) -> dict:
+    """The identity inputs (`neuron_ids`, `session_ids`, `neuron_mask`, `neuron_identity`) of the recordings `rows`;
+    an input shared by every recording stays whole."""
+    return {name: value[rows] if value is not None and value.dim() == PER_RECORDING_DIMS[name] else value
+            for name, value in identity.items()}
+
+
+def check_memory_budget(max_memory_gib) -> float:
+    """`max_memory_gib` as a float, or a ValueError naming the problem."""
+    if isinstance(max_memory_gib, bool) or not isinstance(max_memory_gib, numbers.Real) or not (
+            0 < max_memory_gib < float("inf")):
+        raise ValueError(f"max_memory_gib must be a positive number of GiB (e.g. {DEFAULT_MAX_MEMORY_GIB}), got "
+                         f"{max_memory_gib!r}.")
+    return float(max_memory_gib)
+
+
 def check_tokenizer_matches_model(model, tokenizer) -> None:
     """Raise a ValueError naming the mismatch when a tokenizer cannot feed this dual-axis transformer."""
     codebook = tokenizer.config.codebook_size
@@ -151,9 +176,15 @@ class CalmForecaster:
         model: the dual-axis transformer with its next-token head.
         tokenizer: the `CalmTokenizer` it was pretrained on.
         autocast_dtype: `torch.bfloat16` to run under CPU/GPU autocast (fast on AMX CPUs), or None for fp32.
+        max_memory_gib: working memory one call may use, in GiB: recordings, sampled futures and the tokenizer's
+            neurons are processed in chunks that fit it. Chunking leaves the results unchanged: direct forecasts and
+            token codes are computed row by row either way, and sampled futures draw from one seed per future. The
+            neuron-axis attention needs every neuron of a recording at once, so one recording is the smallest chunk of
+            the dual-axis transformer.
     """
 
-    def __init__(self, model, tokenizer, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model, tokenizer, autocast_dtype: torch.dtype | None = None,
+                 max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB):
         check_tokenizer_matches_model(model, tokenizer)
         self.model = model.eval()
         self.tokenizer = tokenizer.eval()
@@ -161,6 +192,35 @@ class CalmForecaster:
         self.window_size = model.config.window_size
         # one recording's closed-form population term (`calm_hf.population_readout`), blended into direct forecasts
         self.population_readout = None
+        self.max_memory_gib = check_memory_budget(max_memory_gib)
+
+    def with_memory_budget(self, max_memory_gib: float) -> CalmForecaster:
+        """The same forecaster (model, tokenizer and population readout shared, not copied) with another budget."""
+        other = copy.copy(self)
+        other.max_memory_gib = check_memory_budget(max_memory_gib)
+        return other
+
+    def chunk_size(self, bytes_per_item: int, items: int) -> int:
+        """How many items of `bytes_per_item` each fit in `max_memory_gib` together (at least one, at most `items`)."""
+        return max(1, min(items, int(self.max_memory_gib * 2**30) // max(1, bytes_per_item)))
+
+    def grid_bytes(self, neurons: int, steps: int, cached_steps: int = 0) -> int:
+        """Estimated working memory of one dual-axis transformer forward over one `(neurons, steps)` grid."""
+        config = self.model.config
+        return neurons * sequence_bytes(config.hidden_size, config.intermediate_size, steps, config.vocab_size,
+                                        cached_steps, config.num_hidden_layers)
+
+    def _tokenizer_rows(self, function, rows: torch.Tensor, steps: int) -> torch.Tensor:
+        """`function` (the tokenizer's encode or decode, `(1, rows, length)` -> `(1, rows, ...)`) applied to
+        `(..., length)` rows in chunks of `max_memory_gib`; neurons are independent in the tokenizer."""
+        config = self.tokenizer.config
+        flat = rows.reshape(1, -1, rows.shape[-1])
+        per_chunk = self.chunk_size(sequence_bytes(config.hidden_size, config.intermediate_size, steps,
+                                                   config.codebook_size), flat.shape[1])
+        with self._autocast():
+            pieces = [function(flat[:, start : start + per_chunk]) for start in range(0, flat.shape[1], per_chunk)]
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return out.reshape(*rows.shape[:-1], out.shape[-1])
 
     @property
     def uses_data_identity(self) -> bool:
@@ -216,8 +276,8 @@ class CalmForecaster:
                 f"model rate: give at least {self.window_size} frames (the paper uses 40)."
             )
         usable = frames - frames % self.window_size
-        with self._autocast():
-            return self.tokenizer.encode(context_values[..., frames - usable :]).codes
+        return self._tokenizer_rows(lambda rows: self.tokenizer.encode(rows).codes,
+                                    context_values[..., frames - usable :], usable // self.window_size)
 
     @torch.no_grad()
     def rollout(
@@ -246,6 +306,9 @@ class CalmForecaster:
         if mode in ("greedy", "soft") and num_samples != 1:
             raise ValueError(f"mode={mode!r} gives one future: pass num_samples=1, or mode='sample' for several.")
         identity = {} if neuron_identity is None else {"neuron_identity": neuron_identity}
+        if mode in ("sample", "mean"):
+            return self._sample(context_ids, new_steps, num_samples, temperature, top_k, top_p, neuron_ids=neuron_ids,
+                                session_ids=session_ids, neuron_mask=neuron_mask, **identity)
         with self._autocast():
             if mode == "soft":
                 sequences = self.model.rollout(
@@ -268,23 +331,34 @@ class CalmForecaster:
                     neuron_mask=neuron_mask,
                     max_new_tokens=new_steps,
                     min_new_tokens=new_steps,
-                    do_sample=mode != "greedy",
-                    temperature=temperature if mode != "greedy" else None,
-                    top_k=top_k if mode != "greedy" else None,
-                    top_p=top_p if mode != "greedy" else None,
-                    num_return_sequences=num_samples,
+                    do_sample=False,
                     **identity,
                 )
         return sequences.reshape(batch, num_samples, neurons, -1)
 
+    def _sample(self, context_ids: torch.Tensor, new_steps: int, num_samples: int, temperature: float,
+                top_k: int | None, top_p: float | None, **identity) -> torch.Tensor:
+        """Sampled futures `(batch, num_samples, neurons, steps + new_steps)`: recordings and samples in chunks that fit
+        `max_memory_gib`, the context run once per recording chunk. One seed per future, drawn from torch's global
+        generator (`torch.manual_seed` makes a call reproducible), so the chunking does not change the futures."""
+        batch, neurons, steps = context_ids.shape
+        seeds = torch.randint(0, 2**62, (batch, num_samples))
+        recordings = self.chunk_size(self.grid_bytes(neurons, steps), batch)
+        samples = self.chunk_size(self.grid_bytes(neurons * recordings, 1, steps + new_steps), num_samples)
+        pieces = []
+        for start in range(0, batch, recordings):
+            rows = slice(start, start + recordings)
+            with self._autocast():
+                pieces.append(self.model.sample_futures(
+                    context_ids[rows], new_steps, seeds[rows].to(context_ids.device), samples_per_chunk=samples,
+                    temperature=temperature, top_k=top_k, top_p=top_p, **recording_rows(identity, rows)))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., neurons, steps) codes -> (..., neurons, steps * L) z-scored traces."""
-        lead = codes.shape[:-2]
-        flat = codes.reshape(-1, *codes.shape[-2:])
-        with self._autocast():
-            values = self.tokenizer.decode(flat).trace_values
-        return values.float().reshape(*lead, codes.shape[-2], -1)
+        values = self._tokenizer_rows(lambda rows: self.tokenizer.decode(rows).trace_values, codes, codes.shape[-1])
+        return values.float()
 
     @torch.no_grad()
     def direct(
@@ -407,8 +481,14 @@ class CalmForecaster:
             raise ValueError("This model reads neuron identities from its tables (config.neuron_identity='table'): "
                              "pass neuron_ids / session_ids, not a reference or neuron_identity.")
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-        if mode == "direct":
-            point, quantiles = self.direct(context_ids, horizon, values, **identity)
+        if mode == "direct":  # recordings in chunks that fit max_memory_gib; each one's forecast is its own
+            batch, neurons, steps = context_ids.shape
+            per_chunk = self.chunk_size(self.grid_bytes(neurons, min(steps, self.model.config.max_token_steps)), batch)
+            pieces = [self.direct(context_ids[rows], horizon, None if values is None else values[rows],
+                                  **recording_rows(identity, rows))
+                      for rows in (slice(start, start + per_chunk) for start in range(0, batch, per_chunk))]
+            point = torch.cat([piece[0] for piece in pieces])
+            quantiles = None if pieces[0][1] is None else torch.cat([piece[1] for piece in pieces])
             samples = None
             if num_samples > 1:  # spread of sampled token rollouts, recentred on the conditional mean
                 sampled = self._predict(context_ids, horizon, mode="sample", num_samples=num_samples, **sampling,

@@ -14,13 +14,26 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, GenerationMixin
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.utils import ModelOutput
 
 from .validation_calm import as_integer_tensor, identity_inputs, validate_inputs
 
 
 ROLLOUT_MODES = ("greedy", "sample", "soft")
+# float32 values alive per (sequence, token step) during one transformer layer's forward, in units of the hidden size:
+# input, residual, norm output, fused q/k/v, attention output and the axis-swapped copies; the FFN's intermediate and
+# the logits are counted apart. An estimate for planning chunks under a memory budget, not an exact account.
+LAYER_ACTIVATIONS = 12
+
+
+def sequence_bytes(hidden_size: int, intermediate_size: int, steps: int, vocab_size: int = 0, cached_steps: int = 0,
+                   num_layers: int = 0) -> int:
+    """Estimated peak bytes one sequence (one neuron of one recording or sample) adds to a transformer forward over
+    `steps` new token steps, plus the time-axis KV cache of `num_layers` layers over `cached_steps + steps` steps."""
+    per_step = LAYER_ACTIVATIONS * hidden_size + 2 * intermediate_size + vocab_size
+    cache = 2 * num_layers * hidden_size * (cached_steps + steps)
+    return 4 * (steps * per_step + cache)
 
 
 @dataclass
@@ -101,6 +114,35 @@ def next_codes(
         codes = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
         return probs, codes.view(probs.shape[:-1])
     return probs, probs.argmax(dim=-1)
+
+
+class CalmSampleCacheLayer(DynamicLayer):
+    """One layer of the time-axis cache of a chunk of sampled futures, allocated once for the whole rollout and written
+    in place: the context's keys/values are copied once per sample (no intermediate copy), and a new step does not
+    copy the cache the way `DynamicLayer`'s concatenation does."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, count: int, capacity: int) -> None:
+        # keys, values (batch, neurons, heads, steps, head_dim) of the context -> (batch*count*neurons, heads, capacity, ...)
+        super().__init__()
+        batch, neurons, heads, steps, head_dim = keys.shape
+        self.buffers = []
+        for states in (keys, values):
+            buffer = states.new_empty(batch, count, neurons, heads, capacity, head_dim)
+            buffer[..., :steps, :] = states[:, None]
+            self.buffers.append(buffer.view(batch * count * neurons, heads, capacity, head_dim))
+        self.device, self.is_initialized, self.length = keys.device, True, steps
+        self.keys, self.values = (buffer[:, :, :steps] for buffer in self.buffers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        if end > self.buffers[0].shape[2]:
+            raise ValueError(f"the sample cache holds {self.buffers[0].shape[2]} steps; {end} were asked for.")
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, self.length : end] = states
+        self.length = end
+        self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
+        return self.keys, self.values
 
 
 class CalmGenerationMixin(GenerationMixin):
@@ -313,6 +355,94 @@ class CalmGenerationMixin(GenerationMixin):
             codes=torch.cat([input_ids, torch.stack(codes, dim=-1)], dim=-1),
             probabilities=torch.stack(probabilities, dim=2),
         )
+
+    @torch.no_grad()
+    def sample_futures(
+        self,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int,
+        seeds: torch.LongTensor,
+        samples_per_chunk: int | None = None,
+        neuron_ids: torch.LongTensor | None = None,
+        session_ids: torch.LongTensor | None = None,
+        neuron_mask: torch.BoolTensor | None = None,
+        neuron_identity: torch.FloatTensor | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> torch.LongTensor:
+        r"""
+        Sampled token futures that share one pass over the context: the context is run once, its time-axis cache is
+        copied for `samples_per_chunk` samples at a time, and each chunk is rolled out with a cache of its own, so
+        memory grows with the chunk, not with the number of samples.
+
+        Sample `s` of input `b` draws its codes from its own generator seeded with `seeds[b, s]`, so the futures do not
+        depend on how the samples are chunked.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, neurons, token_steps)`): context codes.
+            max_new_tokens (`int`): token steps to roll out.
+            seeds (`torch.LongTensor` of shape `(batch, num_samples)`): one seed per future.
+            samples_per_chunk (`int`, *optional*): futures rolled out together (default: all of them).
+            neuron_ids, session_ids, neuron_mask, neuron_identity: as in `forward`.
+            temperature, top_k, top_p: as in `rollout`.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch, num_samples, neurons, token_steps + max_new_tokens)`.
+        """
+        check_sampling_arguments(max_new_tokens, top_p, top_k, temperature, do_sample=True)
+        input_ids = validate_inputs(self.config, input_ids, neuron_ids, session_ids, neuron_mask,
+                                    new_steps=max_new_tokens, neuron_identity=neuron_identity)
+        batch, neurons, _ = input_ids.shape
+        if seeds.dim() != 2 or seeds.shape[0] != batch:
+            raise ValueError(f"seeds must be (batch={batch}, num_samples), got shape {tuple(seeds.shape)}.")
+        num_samples = seeds.shape[1]
+        chunk = num_samples if samples_per_chunk is None else max(1, min(int(samples_per_chunk), num_samples))
+        identity = dict(zip(("neuron_ids", "session_ids", "neuron_mask"),
+                            identity_inputs(batch, neurons, input_ids.device, neuron_ids, session_ids, neuron_mask)))
+        if neuron_identity is not None:
+            identity["neuron_identity"] = neuron_identity.expand(batch, -1, -1)
+        context = self(input_ids=input_ids, use_cache=True, logits_to_keep=1, return_dict=True, **identity)
+        first_logits = context.logits[:, :, -1]  # (batch, neurons, vocab)
+        host_seeds = seeds.tolist()  # one host sync per call, not per step
+        futures = []
+        for start in range(0, num_samples, chunk):
+            count = min(chunk, num_samples - start)
+            generators = [torch.Generator(device=input_ids.device).manual_seed(host_seeds[b][s])
+                          for b in range(batch) for s in range(start, start + count)]
+            futures.append(self._sample_chunk(context.cache, first_logits, count, max_new_tokens, generators,
+                                              identity, temperature, top_k, top_p))
+        future = torch.cat(futures, dim=1)  # (batch, num_samples, neurons, max_new_tokens)
+        return torch.cat([input_ids[:, None].expand(-1, num_samples, -1, -1), future], dim=-1)
+
+    def _sample_chunk(self, cache: Cache, first_logits: torch.Tensor, count: int, max_new_tokens: int,
+                      generators: list[torch.Generator], identity: dict, temperature: float, top_k: int | None,
+                      top_p: float | None) -> torch.LongTensor:
+        """`count` futures of every input from a copy of the context's `cache`: `(batch, count, neurons, new)`."""
+        batch, neurons, vocab = first_logits.shape
+
+        def per_sample(tensor: torch.Tensor) -> torch.Tensor:  # (batch, ...) -> (batch*count, ...), samples of b together
+            return tensor[:, None].expand(batch, count, *tensor.shape[1:]).reshape(batch * count, *tensor.shape[1:])
+
+        # (batch*neurons, heads, steps, head_dim) per layer -> (batch*count*neurons, heads, steps + new - 1, head_dim)
+        capacity = cache.get_seq_length() + max_new_tokens - 1
+        chunk_cache = Cache(layers=[
+            CalmSampleCacheLayer(*(t.reshape(batch, neurons, *t.shape[1:]) for t in (layer.keys, layer.values)),
+                                 count, capacity) for layer in cache.layers])
+        chunk_identity = {name: None if value is None else per_sample(value) for name, value in identity.items()}
+        logits = per_sample(first_logits)  # (batch*count, neurons, vocab)
+        codes = []
+        for step in range(max_new_tokens):
+            probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+            step_codes = torch.stack([torch.multinomial(probs[row], 1, generator=generator)[:, 0]
+                                      for row, generator in enumerate(generators)])  # (batch*count, neurons)
+            codes.append(step_codes)
+            if step == max_new_tokens - 1:
+                break
+            outputs = self(input_ids=step_codes[:, :, None], cache=chunk_cache, use_cache=True, logits_to_keep=1,
+                           return_dict=True, **chunk_identity)
+            chunk_cache, logits = outputs.cache, outputs.logits[:, :, -1]
+        return torch.stack(codes, dim=-1).reshape(batch, count, neurons, max_new_tokens)
 
 
 __all__ = ["CalmGenerationMixin", "CalmRolloutOutput"]

@@ -222,7 +222,9 @@ class CalmTokenizerAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                past: list | None = None) -> torch.Tensor:
+        # past: this layer's [keys, values] of the steps seen before (a causal encoder fed piecewise), extended in place
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, self.num_heads, self.head_dim)
         # (batch*neurons, heads, steps, head_dim)
@@ -231,6 +233,15 @@ class CalmTokenizerAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        mask, is_causal = None, self.is_causal
+        if past is not None:
+            if past[0] is not None:
+                key, value = torch.cat([past[0], key], dim=2), torch.cat([past[1], value], dim=2)
+            past[:] = [key, value]
+            steps, kv_len = query.shape[2], key.shape[2]
+            if steps < kv_len:  # new steps on top of the past: bottom-right aligned causal mask (all of it for one)
+                mask = torch.ones(steps, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - steps)
+                is_causal = False
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -240,10 +251,10 @@ class CalmTokenizerAttention(nn.Module):
             query,
             key,
             value,
-            None,
+            mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            is_causal=self.is_causal,
+            is_causal=is_causal,
         )
         # (batch*neurons, steps, hidden)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -272,8 +283,9 @@ class CalmTokenizerLayer(nn.Module):
         self.mlp = CalmTokenizerMLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings)
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                past: list | None = None) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, past)
         hidden_states = hidden_states + self.dropout(attn)
         return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
 
@@ -291,12 +303,15 @@ class CalmTokenizerEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, traces: torch.Tensor) -> torch.Tensor:
+    def forward(self, traces: torch.Tensor, cache: list[list] | None = None) -> torch.Tensor:
+        # cache: one [keys, values] per layer of the windows encoded before `traces` (causal encoder), extended in place
         # (batch*neurons, 1, frames) -> (batch*neurons, hidden, steps) -> (batch*neurons, steps, hidden)
         hidden_states = self.patch_embed(traces.unsqueeze(1)).transpose(1, 2)
-        position_embeddings = self.rotary_emb(torch.arange(hidden_states.shape[1], device=hidden_states.device))
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings)
+        past_steps = 0 if cache is None or cache[0][0] is None else cache[0][0].shape[2]
+        positions = torch.arange(past_steps, past_steps + hidden_states.shape[1], device=hidden_states.device)
+        position_embeddings = self.rotary_emb(positions)
+        for index, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, position_embeddings, None if cache is None else cache[index])
         return self.norm(hidden_states)
 
 
@@ -596,11 +611,15 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         return digest.hexdigest()[:16]
 
     @can_return_tuple
-    def encode(self, input_values: torch.Tensor) -> CalmTokenizerEncoderOutput:
+    def encode(self, input_values: torch.Tensor, cache: list[list] | None = None) -> CalmTokenizerEncoderOutput:
         r"""
         Args:
             input_values (`torch.FloatTensor` of shape `(batch, neurons, frames)`):
                 Traces z-scored per neuron; `frames` must be a multiple of `window_size`.
+            cache (`list`, *optional*):
+                A causal encoder fed piecewise (a stream): one `[keys, values]` per encoder layer, `[None, None]` at the
+                start, holding the windows encoded before `input_values` and extended in place. The codes equal those
+                of encoding all windows at once; each call must keep the same batch and neurons.
             return_dict (`bool`, *optional*):
                 Return a [`CalmTokenizerEncoderOutput`] instead of a tuple.
 
@@ -610,8 +629,14 @@ class CalmTokenizer(CalmTokenizerPreTrainedModel):
         """
         input_values = check_input_values(input_values, self.config.window_size, self.dtype)
         batch, neurons, frames = input_values.shape
+        if cache is not None and (not self.config.causal_encoder or len(cache) != self.config.num_encoder_layers):
+            raise ValueError(
+                "cache= needs a causal encoder (config.causal_encoder=True; this one reads later windows) and one "
+                f"[keys, values] per encoder layer ({self.config.num_encoder_layers}), got {len(cache)}: start a stream "
+                "with [[None, None] for _ in range(config.num_encoder_layers)], or encode all windows at once."
+            )
         # neurons are independent: fold them into the batch -> (batch*neurons, steps, hidden)
-        latents = self.encoder(input_values.reshape(batch * neurons, frames))
+        latents = self.encoder(input_values.reshape(batch * neurons, frames), cache)
         check_encoder_states(latents, input_values)
         codes = self.quantizer.nearest_codes(latents)
         embeddings = F.embedding(codes, self.quantizer.codebook)

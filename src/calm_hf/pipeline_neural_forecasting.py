@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .forecasting import CalmForecaster, default_forecast_mode
+from .forecasting import DEFAULT_MAX_MEMORY_GIB, CalmForecaster, default_forecast_mode
 from .population_readout import READOUT_FILE, PopulationReadout
 from .processing_calm import MAX_ABS_INPUT, CalmTraceProcessor
 
@@ -163,6 +163,9 @@ class NeuralForecastingPipeline(Pipeline):
         quantiles (`sequence of float`, *optional*): levels of the bands, each in (0, 1); default 5/25/50/75/95 %
             (`quantile_levels` is the same argument). `predict_quantiles` returns them as arrays, as Chronos does.
         batch_size (`int`, *optional*): recordings per model call (a 3-D input or a list is split into chunks).
+        max_memory_gib (`float`, *optional*): working memory of the forecast in GiB, replacing the one given to
+            `pipeline(..., max_memory_gib=...)` (default `DEFAULT_MAX_MEMORY_GIB`) for this call: recordings, sampled
+            futures and the tokenizer's neurons are processed in chunks that fit it (see `CalmForecaster`).
         temperature, top_k, top_p: sampling controls when `num_samples > 1`.
         mode (`str`, *optional*): `direct` (default for models with a continuous head), or force `greedy`,
             `sample`, `mean` or `soft` token rollouts.
@@ -190,12 +193,13 @@ class NeuralForecastingPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def __init__(self, *args, neural_tokenizer=None, trace_processor=None, **kwargs):
+    def __init__(self, *args, neural_tokenizer=None, trace_processor=None, max_memory_gib=DEFAULT_MAX_MEMORY_GIB,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.neural_tokenizer = neural_tokenizer if neural_tokenizer is not None else _load_neural_tokenizer(self.model)
         self.neural_tokenizer.to(self.model.device)
         self.trace_processor = trace_processor if trace_processor is not None else _load_processor(self.model)
-        self.forecaster = CalmForecaster(self.model, self.neural_tokenizer)
+        self.forecaster = CalmForecaster(self.model, self.neural_tokenizer, max_memory_gib=max_memory_gib)
         self.forecaster.population_readout = _load_population_readout(self.model)
 
     def __call__(self, traces, batch_size: int | None = None, **kwargs):
@@ -259,6 +263,7 @@ class NeuralForecastingPipeline(Pipeline):
         reference=None,
         prediction_length=None,
         quantile_levels=None,
+        max_memory_gib=None,
         **kwargs,
     ):
         if kwargs:
@@ -281,7 +286,7 @@ class NeuralForecastingPipeline(Pipeline):
             k: v
             for k, v in dict(
                 num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p, mode=mode,
-                batch_size=batch_size_,
+                batch_size=batch_size_, max_memory_gib=max_memory_gib,
             ).items()
             if v is not None
         }
@@ -468,19 +473,23 @@ class NeuralForecastingPipeline(Pipeline):
             "context_frames": min(values.shape[-1], int(math.floor((used_model - 1) * fs / model_rate)) + 1),
         }
 
-    def _forward(self, inputs, num_samples=1, temperature=1.0, top_k=None, top_p=None, mode=None, batch_size=None):
+    def _forward(self, inputs, num_samples=1, temperature=1.0, top_k=None, top_p=None, mode=None, batch_size=None,
+                 max_memory_gib=None):
         if mode is None:  # the continuous head's conditional mean when the model has one (samples recentred on it)
             mode = default_forecast_mode(self.model)
             if mode != "direct":
                 mode = "greedy" if num_samples == 1 else "mean"
         values = inputs["values"]
+        forecaster = self.forecaster
+        if max_memory_gib is not None:  # this call's budget
+            forecaster = forecaster.with_memory_budget(max_memory_gib)
         step = values.shape[0] if batch_size is None else batch_size
         forecasts, samples, bands = [], [], []
         identity_names = [name for name in ("neuron_ids", "session_ids", "neuron_identity") if name in inputs]
         for start in range(0, values.shape[0], step):
             chunk = slice(start, start + step)
             # torch on the model's device until postprocess (Pipeline.forward moved `values` there)
-            result = self.forecaster.forecast(
+            result = forecaster.forecast(
                 values[chunk],
                 horizon=inputs["horizon_model"],
                 **{name: inputs[name][chunk] for name in identity_names},

@@ -1,7 +1,8 @@
 """`calm forecast`: forecast traces from a recording file with the `neural-forecasting` pipeline.
 
     calm forecast --model calm-base --traces traces.npy --horizon 60 [--sampling_rate 30] [--num_samples 20]
-                  [--holdout] [--plot out.png] [--plot_kind heatmap]
+                  [--holdout] [--plot out.png] [--plot_kind heatmap] [--max_memory_gib 2]
+    calm forecast --model calm-base --traces traces.npy --horizon 60 --stream [--speed 10]
 
 Reads .npy `(neurons, frames)`, .npz with a `traces` array (and optional `fs`, `roi_ids`), .nwb, CaImAn .hdf5 or a
 suite2p folder (`--sampling_rate` replaces the rate the file stores, so a suite2p folder without ops.npy reads too);
@@ -10,6 +11,9 @@ recording names them, `roi_ids` (suite2p ROI index, CaImAn component, NWB ROI id
 last second's mean's `last_second_mean_mse` with `--holdout`). `--plot` draws the forecast in seconds, titled with
 the recording, the model and the horizon, the neurons labelled by their ROI ids, and a heatmap of every neuron for
 large recordings.
+
+`--stream` replays the file frame by frame at its frame rate (times `--speed`) through `CalmStreamingForecaster`, as
+a closed-loop experiment would see it, and writes the rolling forecasts instead (see `stream`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,17 @@ class ForecastArguments:
                                           "heatmap above 30 neurons)."})
     units: str | None = field(default=None, metadata={"help": "What the traces are, for the plot's axis (e.g. dF/F); "
                                                                "default: what the file says, where it does."})
+    max_memory_gib: float | None = field(
+        default=None, metadata={"help": "Working memory of the forecast in GiB (recordings, sampled futures and "
+                                        "neurons are processed in chunks that fit it); default: the forecaster's."})
+    stream: bool = field(
+        default=False,
+        metadata={"help": "Replay the file frame by frame at its frame rate and update the forecast as each frame "
+                          "arrives (KV caches, no recomputation of the past); writes the rolling forecasts."})
+    speed: float = field(default=1.0, metadata={"help": "--stream: replay this many times faster than real time."})
+    baseline_seconds: float = field(
+        default=60.0, metadata={"help": "--stream: the first seconds of the file set each neuron's z-score statistics "
+                                        "and data identity (a stream cannot read its future), and are replayed too."})
 
 
 @dataclass
@@ -166,8 +181,9 @@ def load_forecaster(model: str):
 def _forecast_with_warnings(args: ForecastArguments, forecaster, traces: np.ndarray, fs: float | None) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = forecaster(traces, sampling_rate=fs, horizon=args.horizon, num_samples=args.num_samples,
-                         session=args.session)
+        budget = {} if args.max_memory_gib is None else {"max_memory_gib": args.max_memory_gib}
+    out = forecaster(traces, sampling_rate=fs, horizon=args.horizon, num_samples=args.num_samples,
+                     session=args.session, **budget)
     for warning in caught:
         print(f"calm forecast: warning: {warning.message}", file=sys.stderr)
     return out
@@ -206,6 +222,8 @@ def run(argv: list[str] | None = None) -> dict:
     recording = load_traces(args.traces, args.sampling_rate)
     traces, fs = recording.traces, recording.sampling_rate
     forecaster = load_forecaster(args.model)
+    if args.stream:
+        return stream(args, recording, forecaster, target)
     truth = None
     if args.holdout:
         if traces.shape[-1] <= args.horizon:
@@ -240,6 +258,72 @@ def run(argv: list[str] | None = None) -> dict:
         summary += f"; figure {args.plot} ({kind})"
     print(summary)
     return out
+
+
+def _stream_identity(args: ForecastArguments, pipe, baseline: np.ndarray) -> dict:
+    """The identity inputs of `CalmStreamingForecaster` for the replayed neurons: a data identity from the z-scored
+    model-rate `baseline` (neurons, frames), or a table model's session ids."""
+    from ..pipeline_neural_forecasting import history_chunks
+
+    if pipe.forecaster.uses_data_identity:
+        chunks = history_chunks(baseline.astype(np.float32), pipe.trace_processor.window_size)
+        return {"neuron_identity": pipe.forecaster.neuron_identity(chunks, num_neurons=baseline.shape[0])}
+    session_id, neuron_ids = pipe._resolve_session(args.session, baseline.shape[0], None)
+    return {"neuron_ids": neuron_ids, "session_ids": session_id}
+
+
+def stream(args: ForecastArguments, recording: RecordingFile, pipe, target: Path) -> dict:
+    """`--stream`: feed the recording to a `CalmStreamingForecaster` one input frame at a time, at the file's rate times
+    `--speed`. Input frames are block-averaged to the model rate (a model frame when its `1 / rate` s have passed) and
+    z-scored with the statistics of the first `--baseline_seconds`. Writes `--output` with the one-frame-ahead
+    forecast after every model frame (`forecast_next`, (updates, neurons), file units), their times (`times`, s), the
+    seconds each update took (`update_seconds`) and the last forecast (`forecast`, (neurons, horizon) at the model rate,
+    with its 5-95% band when the model has a quantile head)."""
+    import time
+
+    from ..streaming import CalmStreamingForecaster
+
+    processor = pipe.trace_processor
+    traces = np.asarray(recording.traces, dtype=np.float64)
+    fs = recording.sampling_rate or processor.sampling_rate
+    if args.speed <= 0 or args.baseline_seconds <= 0:
+        raise ValueError(f"--speed and --baseline_seconds must be positive, got {args.speed} and {args.baseline_seconds}.")
+    baseline_frames = max(2, min(traces.shape[-1], int(round(args.baseline_seconds * fs))))
+    features = processor(traces[None, :, :baseline_frames], sampling_rate=fs)
+    mean, std = features["mean"][0][:, None], features["std"][0][:, None]  # (neurons, 1): the baseline's statistics
+    baseline = processor.resample((traces[:, :baseline_frames] - mean) / std, fs)
+    horizon = processor.model_horizon(args.horizon, fs)
+    streamer = CalmStreamingForecaster(pipe.forecaster, traces.shape[0], horizon=horizon,
+                                       **_stream_identity(args, pipe, baseline))
+    per_model_frame = fs / processor.sampling_rate
+    start, pending, times, nexts, seconds, latest = time.perf_counter(), [], [], [], [], None
+    for index in range(traces.shape[-1]):
+        delay = start + index / (fs * args.speed) - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        pending.append(traces[:, index])
+        if (index + 1) < (len(times) + 1) * per_model_frame:
+            continue
+        frame = ((np.mean(pending, axis=0) - mean[:, 0]) / std[:, 0]).astype(np.float32)
+        pending = []
+        began = time.perf_counter()
+        latest = streamer.update(frame)
+        seconds.append(time.perf_counter() - began)
+        times.append((index + 1) / fs)
+        nexts.append(np.full(traces.shape[0], np.nan) if latest is None else latest.forecast[:, 0] * std[:, 0] + mean[:, 0])
+    if latest is None:
+        raise ValueError(f"{args.traces} is shorter than one token window at the model rate: nothing was forecast.")
+    arrays = {"forecast_next": np.stack(nexts), "times": np.asarray(times), "update_seconds": np.asarray(seconds),
+              "forecast": latest.forecast * std + mean, "sampling_rate": np.float64(processor.sampling_rate),
+              "neuron_ids": np.arange(traces.shape[0], dtype=np.int64)}
+    if latest.quantiles is not None:
+        levels = np.asarray(latest.quantile_levels)
+        for level in (0.05, 0.95):
+            arrays[f"quantile_{level:g}"] = latest.quantiles[..., int(np.abs(levels - level).argmin())] * std + mean
+    _save_npz(target, arrays)
+    print(f"wrote {args.output}: {len(times)} streamed updates of {traces.shape[0]} neurons; update time median "
+          f"{1e3 * float(np.median(seconds)):.2f} ms, max {1e3 * float(np.max(seconds)):.2f} ms")
+    return arrays
 
 
 def plot(args: ForecastArguments, recording: RecordingFile, context: np.ndarray, out: dict, truth, scores) -> str:

@@ -1,0 +1,247 @@
+"""Recordings at scale: forecasts in chunks under a memory budget equal the unchunked ones, and the streaming
+forecaster equals the batch direct forecast on the same context."""
+
+import numpy as np
+import pytest
+import torch
+
+from calm_hf import CalmConfig, CalmForCausalNeuralModeling, CalmTokenizer, CalmTokenizerConfig
+from calm_hf.forecasting import CalmForecaster
+from calm_hf.streaming import CalmStreamingForecaster
+
+
+def make_forecaster(max_memory_gib: float = 2.0, seed: int = 0, **overrides) -> CalmForecaster:
+    torch.manual_seed(seed)
+    model = CalmForCausalNeuralModeling(CalmConfig.from_preset("tiny", num_neurons=64, **overrides)).eval()
+    tokenizer = CalmTokenizer(CalmTokenizerConfig.from_preset("tiny")).eval()
+    return CalmForecaster(model, tokenizer, max_memory_gib=max_memory_gib)
+
+
+# small enough that every chunk holds one item (one recording, one sample, one neuron of the tokenizer)
+ONE_PER_CHUNK = 1e-9
+
+
+def test_chunked_direct_forecast_and_codes_equal_unchunked():
+    whole = make_forecaster()
+    chunked = CalmForecaster(whole.model, whole.tokenizer, max_memory_gib=ONE_PER_CHUNK)
+    assert chunked.chunk_size(chunked.grid_bytes(5, 6), 3) == 1
+    context = torch.randn(3, 5, 24)
+    np.testing.assert_array_equal(chunked.tokenize(context), whole.tokenize(context))
+    codes = whole.tokenize(context)
+    np.testing.assert_allclose(chunked.decode(codes), whole.decode(codes), rtol=1e-6, atol=1e-6)
+    expected, got = whole.forecast(context, horizon=20), chunked.forecast(context, horizon=20)
+    np.testing.assert_allclose(got.forecast, expected.forecast, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.quantiles, expected.quantiles, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sample", "direct"])
+def test_sampled_futures_do_not_depend_on_the_chunking(mode):
+    whole = make_forecaster()
+    chunked = CalmForecaster(whole.model, whole.tokenizer, max_memory_gib=ONE_PER_CHUNK)
+    context = torch.randn(2, 5, 24)
+    torch.manual_seed(3)
+    expected = whole.forecast(context, horizon=8, mode=mode, num_samples=4)
+    torch.manual_seed(3)
+    got = chunked.forecast(context, horizon=8, mode=mode, num_samples=4)
+    assert got.samples.shape == (2, 4, 5, 8)
+    np.testing.assert_allclose(got.samples, expected.samples, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(4)  # another seed draws other futures: the equality above is not vacuous
+    assert not np.allclose(whole.forecast(context, horizon=8, mode=mode, num_samples=4).samples, expected.samples)
+
+
+def test_sampled_futures_share_the_context_and_keep_identities_per_recording():
+    forecaster = make_forecaster()
+    model = forecaster.model
+    codes = forecaster.tokenize(torch.randn(2, 5, 24))
+    identity = forecaster.neuron_identity(torch.randn(3, 5, 24), num_neurons=5)
+    seeds = torch.arange(6).reshape(2, 3)
+    futures = model.sample_futures(codes, 4, seeds, samples_per_chunk=2, neuron_identity=identity[None].expand(2, -1, -1))
+    assert futures.shape == (2, 3, 5, codes.shape[-1] + 4)
+    assert torch.equal(futures[:, :, :, : codes.shape[-1]], codes[:, None].expand(-1, 3, -1, -1))
+    # one future alone, seeded the same, is the same future
+    alone = model.sample_futures(codes[1:], 4, seeds[1:, 2:], neuron_identity=identity[None])
+    assert torch.equal(alone[0, 0], futures[1, 2])
+    with pytest.raises(ValueError, match="seeds must be"):
+        model.sample_futures(codes, 4, torch.zeros(3, dtype=torch.long))
+
+
+def test_max_memory_gib_is_checked():
+    forecaster = make_forecaster()
+    for bad in (0, -1.0, float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="max_memory_gib must be a positive number"):
+            CalmForecaster(forecaster.model, forecaster.tokenizer, max_memory_gib=bad)
+
+
+def test_tokenizer_encodes_a_stream_window_by_window_like_all_at_once():
+    tokenizer = make_forecaster().tokenizer
+    values = torch.randn(2, 3, 40)
+    cache = [[None, None] for _ in range(tokenizer.config.num_encoder_layers)]
+    with torch.no_grad():
+        pieces = [tokenizer.encode(values[..., :12], cache=cache).codes]
+        pieces += [tokenizer.encode(values[..., start : start + 4], cache=cache).codes for start in range(12, 40, 4)]
+        assert torch.equal(torch.cat(pieces, dim=-1), tokenizer.encode(values).codes)
+    bidirectional = CalmTokenizer(CalmTokenizerConfig.from_preset("tiny", causal_encoder=False)).eval()
+    with pytest.raises(ValueError, match="causal encoder"):
+        bidirectional.encode(values, cache=[[None, None] for _ in range(bidirectional.config.num_encoder_layers)])
+
+
+def stream_and_compare(forecaster, frames: torch.Tensor, checked: set[int], **stream_kwargs) -> int:
+    """Feed `frames` (neurons, frames) one at a time; at the frames in `checked` compare with the batch direct forecast
+    from the frames the stream reads. Returns how many comparisons were made."""
+    stream = CalmStreamingForecaster(forecaster, frames.shape[0], **stream_kwargs)
+    window, compared = forecaster.window_size, 0
+    for index in range(frames.shape[1]):
+        latest = stream.update(frames[:, index])
+        if index + 1 < window:
+            assert latest is None
+            continue
+        assert latest.frames_seen == index + 1
+        if index not in checked:
+            continue
+        ahead = (index + 1) % window  # frames of the window being filled
+        end = index + 1 - ahead
+        context = frames[None, :, end - latest.context_frames : end]
+        batch = forecaster.forecast(context, horizon=stream.horizon + ahead, **stream_kwargs.get("forecast_kwargs", {}))
+        np.testing.assert_allclose(latest.forecast, batch.forecast[0, :, ahead:], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(latest.quantiles, batch.quantiles[0, :, ahead:], rtol=1e-5, atol=1e-5)
+        compared += 1
+    return compared
+
+
+@pytest.mark.parametrize("with_readout", [False, True])
+def test_streaming_forecast_equals_the_batch_direct_forecast(with_readout):
+    from calm_hf.population_readout import PopulationReadout
+
+    forecaster = make_forecaster()
+    if with_readout:  # a recording's population readout is blended in as the batch direct forecast blends it
+        generator = torch.Generator().manual_seed(5)
+        forecaster.population_readout = PopulationReadout(0.1 * torch.randn(2 * 5, 5, generator=generator),
+                                                          torch.zeros(5), 2, [0.3, 0.7], validation_horizon=8)
+    max_steps, window = forecaster.model.config.max_token_steps, forecaster.window_size
+    total = window * (max_steps + 6) + 2
+    frames = torch.randn(5, total)
+    # first window, inside a window, just before and after the restart at max_token_steps, and the end of the stream
+    checked = {window - 1, 2 * window + 1, max_steps * window - 1, max_steps * window + window - 1, total - 1}
+    assert stream_and_compare(forecaster, frames, checked) == len(checked)
+
+
+def test_streaming_a_table_identity_model():
+    forecaster = make_forecaster(neuron_identity="table")
+    ids = torch.arange(10, 15)
+    frames = torch.randn(5, 30)
+    stream = CalmStreamingForecaster(forecaster, 5, neuron_ids=ids, session_ids=1)
+    for index in range(frames.shape[1]):
+        latest = stream.update(frames[:, index])
+    batch = forecaster.forecast(frames[None, :, :28], horizon=stream.horizon + 2, neuron_ids=ids[None],
+                                session_ids=torch.tensor([1]))
+    np.testing.assert_allclose(latest.forecast, batch.forecast[0, :, 2:], rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_rejects_bad_input():
+    forecaster = make_forecaster()
+    stream = CalmStreamingForecaster(forecaster, 4)
+    with pytest.raises(ValueError, match="one value per neuron"):
+        stream.update(np.zeros(5, dtype=np.float32))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        stream.update(np.array([0.0, np.nan, 0.0, 0.0], dtype=np.float32))
+    most = forecaster.model.config.value_head_steps * forecaster.window_size - (forecaster.window_size - 1)
+    with pytest.raises(ValueError, match=rf"horizon=\d+ must lie in \[1, {most}\]"):
+        CalmStreamingForecaster(forecaster, 4, horizon=most + 1)
+    with pytest.raises(ValueError, match="num_neurons must be a positive integer"):
+        CalmStreamingForecaster(forecaster, 0)
+    with pytest.raises(ValueError, match="continuous forecast head"):
+        CalmStreamingForecaster(make_forecaster(value_head_steps=0, value_skip_windows=0), 4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny untrained data-identity checkpoint with a quantile head, saved complete."""
+    from calm_hf.checkpoint import complete_checkpoint
+
+    folder = tmp_path_factory.mktemp("ckpt") / "calm-tiny"
+    forecaster = make_forecaster()
+    forecaster.model.save_pretrained(folder)
+    complete_checkpoint(folder, tokenizer=forecaster.tokenizer)
+    return folder
+
+
+def test_pipeline_passes_the_memory_budget_through(checkpoint):
+    from transformers import pipeline
+
+    pipe = pipeline("neural-forecasting", model=str(checkpoint), max_memory_gib=ONE_PER_CHUNK)
+    assert pipe.forecaster.max_memory_gib == ONE_PER_CHUNK
+    traces = np.random.default_rng(0).standard_normal((3, 6, 120)).cumsum(-1)
+    chunked = pipe(traces, sampling_rate=10.0, horizon=12)
+    whole = pipe(traces, sampling_rate=10.0, horizon=12, max_memory_gib=4.0)
+    for a, b in zip(chunked, whole):
+        np.testing.assert_allclose(a["forecast"], b["forecast"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a["quantiles"][0.95], b["quantiles"][0.95], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="max_memory_gib must be a positive number"):
+        pipe(traces, sampling_rate=10.0, horizon=12, max_memory_gib=-1)
+
+
+def test_calm_forecast_stream_replays_a_file(checkpoint, tmp_path):
+    from calm_hf.commands.forecast import run
+
+    traces = np.random.default_rng(1).standard_normal((4, 90)).cumsum(-1).astype(np.float32)
+    path = tmp_path / "rec.npz"
+    np.savez(path, traces=traces, fs=np.float64(10.0))
+    output = tmp_path / "stream.npz"
+    arrays = run(["--model", str(checkpoint), "--traces", str(path), "--horizon", "6", "--stream", "--speed", "1000",
+                  "--baseline_seconds", "4", "--output", str(output)])
+    # 10 Hz input block-averaged to the model's 5 Hz: one update per two input frames
+    assert arrays["forecast_next"].shape == (45, 4) and np.isnan(arrays["forecast_next"][:3]).all()
+    assert np.isfinite(arrays["forecast_next"][3:]).all()
+    assert arrays["forecast"].shape == (4, 3) and np.all(arrays["quantile_0.05"] <= arrays["quantile_0.95"])
+    with np.load(output) as saved:
+        np.testing.assert_array_equal(saved["times"], arrays["times"])
+    with pytest.raises(ValueError, match="--speed and --baseline_seconds must be positive"):
+        run(["--model", str(checkpoint), "--traces", str(path), "--horizon", "6", "--stream", "--speed", "0",
+             "--output", str(tmp_path / "other.npz")])
+
+
+def test_priming_a_stream_equals_feeding_its_frames_one_by_one():
+    forecaster = make_forecaster()
+    frames = torch.randn(5, 4 * forecaster.model.config.max_token_steps + 11)
+    one_by_one = CalmStreamingForecaster(forecaster, 5)
+    for index in range(frames.shape[1]):
+        expected = one_by_one.update(frames[:, index])
+    primed = CalmStreamingForecaster(forecaster, 5)
+    got = primed.prime(frames[:, :90])
+    for index in range(90, frames.shape[1]):
+        got = primed.update(frames[:, index])
+    assert got.context_frames == expected.context_frames and got.frames_seen == expected.frames_seen
+    np.testing.assert_allclose(got.forecast, expected.forecast, rtol=1e-5, atol=1e-5)
+    assert primed.prime(frames[:, :3]) is None
+    with pytest.raises(ValueError, match="frames must be"):
+        primed.prime(frames[:4])
+
+
+def test_scale_benchmark_tables_skips_and_figure(tmp_path):
+    from benchmark_scripts import load_benchmark
+
+    scale = load_benchmark("scale.py")
+    assert scale.skip_reason("point_band", 100000, {}, 12.0).startswith("skipped: the 10-minute recording alone")
+    assert scale.skip_reason("point_band", 1000, {}, 12.0) is None
+    assert "20000 neurons already ran out" in scale.skip_reason("samples16", 50000, {"samples16": (
+        "ran out of time or memory", 20000)}, 12.0)
+    result = {
+        "machine": {"processor": "x86_64", "cpus": 2, "torch_threads": 2, "torch": "2", "fp32_matmul_peak_gflops": 100.0,
+                    "load_average_at_start": 1.0, "load_average_at_end": 2.0},
+        "settings": {"model": "calm-base", "recording": "600 s at 30 Hz", "horizon_frames": 300,
+                     "train": "cpu preset", "command": "scale.py --model calm-base"},
+        "rows": [{"neurons": 10000, "task": "point_band", "seconds": 12.0, "peak_gib": 3.0},
+                 {"neurons": 1000, "task": "stream_update", "seconds": 0.004, "peak_gib": 1.0, "window_seconds": 0.016},
+                 {"neurons": 1000, "task": "train_step", "seconds": 0.5, "peak_gib": 1.0, "tokens_per_second": 5e4,
+                  "achieved_gflops": 60.0, "fraction_of_peak": 0.6},
+                 {"neurons": 20000, "task": "samples16", "seconds": None, "peak_gib": None,
+                  "note": "did not finish in 180 s"}],
+    }
+    table = scale.markdown(result)
+    assert "| 10,000 | point_band | 12 | 3.00 | < 10 s, < 4 GiB (not met) |" in table
+    assert "| 1,000 | stream_update | 0.004 | 1.00 | < 0.01 s (met) | per frame (mean); a frame that completes a " \
+           "window: 16.0 ms |" in table
+    assert "60.0% of the fp32 matmul peak" in table and ">= 50% of peak (met)" in table
+    assert "did not finish in 180 s" in table
+    scale.figure(result, tmp_path / "scale.png")
+    assert (tmp_path / "scale.png").stat().st_size > 0
