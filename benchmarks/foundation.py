@@ -175,6 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calm_dir", type=Path, default=None, help="calm-base folder (without it: baselines only).")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--sets", default=None, help="Comma-separated subset of the size's sets.")
+    parser.add_argument("--ks", default=None, help="Comma-separated subset of the size's k values (e.g. 0,4,16).")
+    parser.add_argument("--sessions", type=int, default=None, help="Simulated sessions per set (default: the size's).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS / "foundation.json")
     return parser.parse_args(argv)
@@ -189,7 +191,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     warnings.filterwarnings("ignore", message="Mean of empty slice")  # a constant forecast's r is NaN, by design
     args = parse_args(argv)
-    size = SIZES[args.size]
+    size = dict(SIZES[args.size])
+    if args.ks:
+        unknown = [k for k in args.ks.split(",") if k not in size["ks"]]
+        if unknown:
+            raise SystemExit(f"--ks {args.ks}: {unknown} not among the {args.size} size's k values {size['ks']}.")
+        size["ks"] = tuple(args.ks.split(","))
+    if args.sessions is not None:
+        size["sessions"] = args.sessions
     sets = args.sets.split(",") if args.sets else list(size["sets"])
     torch.manual_seed(args.seed)
     forecaster = None
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["scratch"][name] = record.get("scratch", [])
     results["meta"] = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "command": " ".join(["python", *sys.argv]),
                        "machine": f"{torch.get_num_threads()} threads", "size": args.size,
+                       "ks": list(size["ks"]), "sessions_per_set": size["sessions"],
                        "calm_dir": None if args.calm_dir is None else str(args.calm_dir),
                        "seconds": round(time.perf_counter() - start, 1),
                        "sessions": {name: [s.name for s in sessions] for name, sessions in found.items()}}
