@@ -21,6 +21,8 @@ probe of `calm` at each k.
 
     python benchmarks/foundation.py --calm_dir calm-base               # the whole benchmark (about 2 h on 2 cores)
     python benchmarks/foundation.py --calm_dir calm-base --size smoke  # minutes: small sets, short budgets
+    python benchmarks/foundation.py --calm_dir calm-base --size quick --sets sim_out --output a.json  # one set
+    python benchmarks/foundation.py --merge a.json b.json --output benchmarks/results/foundation.json
 
 Writes `benchmarks/results/foundation.json` (`{"sets": {set: {k: {model: {"pearson_r", "mse", "coverage_90",
 "crps"}}}}, "probe": ..., "adaptation": ..., "meta": ...}`), `foundation.md` and the k-curve figure `foundation.png`.
@@ -179,7 +181,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=None, help="Simulated sessions per set (default: the size's).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS / "foundation.json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="Instead of running: merge result files of runs over different sets (same size) into "
+                             "--output, with its table and figure.")
     return parser.parse_args(argv)
+
+
+def merge_results(paths: list[Path]) -> dict:
+    """One result file from runs over disjoint sets (e.g. a long set run in its own process): every set's cells and
+    records, and a meta that names every run (commits, commands, the longest wall-clock time, the summed one)."""
+    from calm_hf.heldout import SETS
+
+    runs = [json.loads(path.read_text()) for path in paths]
+    seen: dict[str, Path] = {}
+    for path, run in zip(paths, runs):
+        for name in run["sets"]:
+            if name in seen:
+                raise SystemExit(f"set {name} is in both {seen[name]} and {path}: merge runs over different sets.")
+            seen[name] = path
+    if len({run["meta"]["size"] for run in runs}) > 1:
+        raise SystemExit(f"the runs have different sizes {[run['meta']['size'] for run in runs]}: merge runs of one size.")
+    order = sorted(seen, key=lambda name: SETS.index(name) if name in SETS else len(SETS))
+    owner = {name: runs[[str(p) for p in paths].index(str(seen[name]))] for name in order}
+    merged: dict[str, Any] = {key: {name: owner[name].get(key, {}).get(name, {}) for name in order}
+                              for key in ("sets", "probe", "adaptation", "readout", "scratch")}
+    metas = [run["meta"] for run in runs]
+    commits = sorted({meta["commit"] for meta in metas})
+    merged["meta"] = {"date": max(meta["date"] for meta in metas), "commit": "+".join(commits),
+                      "command": " ; ".join(meta["command"] for meta in metas),
+                      "machine": metas[0]["machine"] + f", {len(runs)} runs at once", "size": metas[0]["size"],
+                      "seconds": max(meta["seconds"] for meta in metas),
+                      "summed_seconds": round(sum(meta["seconds"] for meta in metas), 1),
+                      "sessions": {name: owner[name]["meta"]["sessions"][name] for name in order},
+                      "runs": metas}
+    return merged
+
+
+def write_results(results: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=1, default=float))
+    write_markdown(results, output.with_suffix(".md"))
+    write_figure(results, output.with_suffix(".png"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -191,6 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     warnings.filterwarnings("ignore", message="Mean of empty slice")  # a constant forecast's r is NaN, by design
     args = parse_args(argv)
+    if args.merge:
+        results = merge_results(args.merge)
+        write_results(results, args.output)
+        log(f"wrote {args.output} from {len(args.merge)} runs")
+        return results
     size = dict(SIZES[args.size])
     if args.ks:
         unknown = [k for k in args.ks.split(",") if k not in size["ks"]]
@@ -231,10 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "calm_dir": None if args.calm_dir is None else str(args.calm_dir),
                        "seconds": round(time.perf_counter() - start, 1),
                        "sessions": {name: [s.name for s in sessions] for name, sessions in found.items()}}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1, default=float))
-    write_markdown(results, args.output.with_suffix(".md"))
-    write_figure(results, args.output.with_suffix(".png"))
+    write_results(results, args.output)
     log(f"wrote {args.output} ({results['meta']['seconds'] / 60:.1f} min)")
     return results
 

@@ -28,13 +28,40 @@ def test_foundation_benchmark_writes_every_cell(tiny_release, tmp_path):
     for name, cells in written["sets"].items():
         assert list(cells) == ["0", "4", "all"]
         assert {"calm", "last_second_mean", "context_ar"} <= set(cells["0"])
-        assert {"calm", "calm_adapted", "ridge_ar", "per_neuron_ar", "tcn", "train_mean"} <= set(cells["4"])
+        assert {"calm", "calm_adapted", "calm_readout", "ridge_ar", "per_neuron_ar", "tcn", "train_mean"} <= set(
+            cells["4"])
         assert "calm_scratch" in cells["all"]
         for model, row in cells["all"].items():
             assert set(row) == {"pearson_r", "mse", "coverage_90", "crps"}
             assert math.isfinite(row["mse"]) and math.isfinite(row["crps"]) and 0 <= row["coverage_90"] <= 1, model
         assert set(written["probe"][name]) == {"0", "4", "all"}
     assert written["adaptation"]["sim_in"]["4"][0]["steps"] >= 1
+    assert 0 <= min(written["readout"]["sim_in"]["4"][0]["network_weight"]) <= 1
     table = output.with_suffix(".md").read_text()
     assert "| sim_in | 4 |" in table and "Transfer at k = all" in table
     assert output.with_suffix(".png").stat().st_size > 0
+
+
+def test_runs_over_different_sets_merge_into_one_result(tmp_path):
+    """Each set run in its own process, then merged: the cells, records and sessions of each, and a meta naming both."""
+    def run(name, commit, seconds):
+        cell = {"calm": {"pearson_r": 0.2, "mse": 0.9, "coverage_90": 0.9, "crps": 0.5}}
+        return {"sets": {name: {"0": cell}}, "probe": {name: {}}, "adaptation": {name: {}}, "readout": {name: {}},
+                "scratch": {name: []}, "meta": {"date": "2026-12-06", "commit": commit, "command": f"run {name}",
+                                                "machine": "2 threads", "size": "quick", "seconds": seconds,
+                                                "sessions": {name: [f"{name}-0"]}}}
+
+    paths = []
+    for name, commit, seconds in (("park", "bbb", 60.0), ("sim_in", "aaa", 120.0)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run(name, commit, seconds)))
+    output = tmp_path / "merged" / "foundation.json"
+    bench.main(["--merge", *map(str, paths), "--output", str(output)])
+    merged = json.loads(output.read_text())
+    assert list(merged["sets"]) == ["sim_in", "park"]  # the benchmark's order of sets
+    assert merged["meta"]["commit"] == "aaa+bbb" and merged["meta"]["seconds"] == 120.0
+    assert merged["meta"]["summed_seconds"] == 180.0 and len(merged["meta"]["runs"]) == 2
+    assert merged["meta"]["sessions"] == {"sim_in": ["sim_in-0"], "park": ["park-0"]}
+    assert "| park | 0 |" in output.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="in both"):
+        bench.main(["--merge", str(paths[0]), str(paths[0]), "--output", str(tmp_path / "x.json")])
