@@ -31,10 +31,12 @@ _EXPORTS = {
     "CalmForecaster": "forecasting",
     "CalmModel": "modeling_calm",
     "CalmPreTrainedModel": "modeling_calm",
+    "CalmStreamingForecaster": "streaming",
     "CalmTokenizer": "modeling_calm_tokenizer",
     "CalmTokenizerConfig": "configuration_calm_tokenizer",
     "CalmTraceProcessor": "processing_calm",
     "NeuralForecastingPipeline": "pipeline_neural_forecasting",
+    "PopulationReadout": "population_readout",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
