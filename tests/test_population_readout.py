@@ -15,7 +15,7 @@ from calm_hf.baselines.forecasting import _lag_stack, _RidgeDual, _RidgeGram, ri
 from calm_hf.adaptation import fit_population_readout
 from calm_hf.checkpoint import complete_checkpoint
 from calm_hf.forecasting import CalmForecaster
-from calm_hf.population_readout import READOUT_FILE, PopulationReadout, blend_weights
+from calm_hf.population_readout import READOUT_FILE, PopulationReadout, blend_weights, frame_blocks
 
 CONTEXT = 24
 
@@ -48,6 +48,21 @@ def test_blend_weights_pick_the_forecast_that_matches_the_truth():
     halfway = blend_weights(truth + other, truth - other, truth, 2)
     np.testing.assert_allclose(halfway, 0.5)
     assert blend_weights(truth, other, truth, 40).shape == (40,)  # more blocks than frames: still one weight each
+
+
+def test_fitting_and_applying_a_blend_use_the_same_frames():
+    """A horizon the blocks do not divide (10 frames, 4 blocks): the weights fitted for each block's frames are the
+    ones applied to those frames."""
+    rng = np.random.default_rng(2)
+    truth, other = rng.standard_normal((2, 3, 4, 10))
+    block_of = frame_blocks(10, 4)
+    network = np.where(block_of == 1, truth, other)  # the network is right exactly on block 1's frames
+    weights = blend_weights(network, truth, truth, 4)
+    np.testing.assert_allclose(weights, [0, 1, 0, 0], atol=1e-12)
+    readout = PopulationReadout(np.zeros((4, 4)), np.zeros(4), 1, weights, validation_horizon=10)
+    blended = readout.blend(torch.as_tensor(network), torch.as_tensor(truth)).numpy()
+    np.testing.assert_allclose(blended, truth, atol=1e-6)
+    np.testing.assert_array_equal(readout.network_weights(14).numpy()[10:], 0)  # later frames: the last block's
 
 
 def test_the_dual_solution_is_the_primal_one():

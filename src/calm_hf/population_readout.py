@@ -33,12 +33,21 @@ READOUT_FILE = "population_readout.safetensors"
 DEFAULT_BLOCKS = 4
 
 
+def frame_blocks(horizon: int, blocks: int, fitted_horizon: int | None = None) -> np.ndarray:
+    """`(horizon,)` the block of each forecast frame: `blocks` equal parts of `fitted_horizon` (default `horizon`),
+    frames beyond it in the last block. The one partition both fitting and applying a blend use."""
+    fitted = max(int(fitted_horizon or horizon), 1)
+    return np.minimum(np.arange(horizon) * blocks // fitted, blocks - 1)
+
+
 def blend_weights(network: np.ndarray, ridge: np.ndarray, truth: np.ndarray, blocks: int) -> np.ndarray:
-    """The weight of the network in each of `blocks` equal parts of the horizon: the least-squares `w` of
-    `truth ~ w * network + (1 - w) * ridge`, clipped to [0, 1] (1 where the two forecasts agree)."""
-    horizon = truth.shape[-1]
+    """The weight of the network in each of `blocks` equal parts of the horizon (`frame_blocks`): the least-squares
+    `w` of `truth ~ w * network + (1 - w) * ridge`, clipped to [0, 1] (1 where the two forecasts agree; a block
+    without frames, when there are more blocks than frames, takes the one before it)."""
+    index = frame_blocks(truth.shape[-1], blocks)
     weights = np.ones(blocks)
-    for block, frames in enumerate(np.array_split(np.arange(horizon), blocks)):
+    for block in range(blocks):
+        frames = np.flatnonzero(index == block)
         if not len(frames):
             weights[block] = weights[block - 1] if block else 1.0
             continue
@@ -79,9 +88,8 @@ class PopulationReadout:
 
     def network_weights(self, horizon: int) -> torch.Tensor:
         """`(horizon,)` the network's share at each forecast frame."""
-        blocks = len(self.network_weight)
-        index = torch.clamp(torch.arange(horizon) * blocks // max(self.validation_horizon, 1), max=blocks - 1)
-        return self.network_weight[index]
+        index = frame_blocks(horizon, len(self.network_weight), self.validation_horizon)
+        return self.network_weight[torch.as_tensor(index)]
 
     def blend(self, network: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
         weight = self.network_weights(network.shape[-1]).to(device=network.device, dtype=network.dtype)
@@ -149,4 +157,4 @@ class PopulationReadout:
                    int(metadata["validation_horizon"]), json.loads(metadata.get("info", "{}")))
 
 
-__all__ = ["PopulationReadout", "READOUT_FILE", "blend_weights"]
+__all__ = ["PopulationReadout", "READOUT_FILE", "blend_weights", "frame_blocks"]
