@@ -556,6 +556,7 @@ def test_main_job_killed_with_sigterm_resumes_cleanly(tmp_path):
         deadline = time.time() + 120
         while "[train_tokenizer] running" not in log.read_text() and time.time() < deadline:
             time.sleep(0.1)
+        assert process.poll() is None, "the job ended before it could be signalled:\n" + log.read_text()[-2000:]
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
     assert process.returncode != 0, log.read_text()[-2000:]
@@ -567,6 +568,22 @@ def test_main_job_killed_with_sigterm_resumes_cleanly(tmp_path):
     assert "[corpus] reusing" in result.stderr
     assert not list(work.glob("*.partial")) and not list(tmp_path.glob("*.partial"))
     assert (tmp_path / "calm-base" / "run_summary.json").is_file()
+
+
+def test_a_sigterm_whose_exception_was_swallowed_still_stops_the_job():
+    """A library that catches everything (or a `__del__` the signal lands in) must not turn SIGTERM into success: the
+    next stage boundary and the end of the job raise again."""
+    from calm_hf.commands.stages import _Terminated, raise_if_terminated, terminate_cleanly
+
+    with pytest.raises(_Terminated) as caught:
+        with terminate_cleanly():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)
+            except BaseException:
+                pass
+    assert caught.value.code == 128 + signal.SIGTERM
+    raise_if_terminated()  # the flag does not outlive the job
 
 
 def test_default_threads_use_the_free_cores(monkeypatch):

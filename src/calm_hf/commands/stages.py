@@ -158,11 +158,13 @@ def run_stage(stage: Stage, name: str, fn, timings: dict) -> None:
         timings[name] = {"seconds": stage.seconds(), "reused": True}
         logger.info("[%s] reusing %s (key %s)", name, stage.path, stage.key)
         return
+    raise_if_terminated()
     logger.info("[%s] running -> %s (key %s)", name, stage.path, stage.key)
     stage.start()
     start = time.perf_counter()
     try:
         info = fn() or {}
+        raise_if_terminated()  # a SIGTERM whose exception a library swallowed still stops the job here
     except BaseException:
         if stage.atomic:  # never leave a half-written staging folder behind
             shutil.rmtree(stage.output, ignore_errors=True)
@@ -176,6 +178,16 @@ class _Terminated(SystemExit):
     """Raised by the SIGTERM handler so `finally`/cleanup code runs (the default action kills without it)."""
 
 
+_received_signals: list[int] = []
+
+
+def raise_if_terminated() -> None:
+    """Raise again for a SIGTERM received earlier. The handler's exception can be lost where it lands in code that
+    ignores exceptions (a `__del__`, a weakref callback, a library's broad `except`); stages check between steps."""
+    if _received_signals:
+        raise _Terminated(128 + _received_signals[-1])
+
+
 @contextlib.contextmanager
 def terminate_cleanly():
     """Turn SIGTERM into an exception for the duration of the job, so staging folders are removed on the way out."""
@@ -184,10 +196,14 @@ def terminate_cleanly():
         return
 
     def handler(signum, frame):
+        _received_signals.append(signum)
         raise _Terminated(128 + signum)
 
+    _received_signals.clear()
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+        raise_if_terminated()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _received_signals.clear()
