@@ -15,7 +15,9 @@ from calm_hf.baselines.forecasting import _lag_stack, _RidgeDual, _RidgeGram, ri
 from calm_hf.adaptation import fit_population_readout
 from calm_hf.checkpoint import complete_checkpoint
 from calm_hf.forecasting import CalmForecaster
-from calm_hf.population_readout import READOUT_FILE, PopulationReadout, blend_weights, frame_blocks
+from calm_hf.baselines import PerNeuronARForecaster
+from calm_hf.population_readout import (READOUT_FILE, PerNeuronTerm, PopulationReadout, blend_weights, frame_blocks,
+                                       mix_weights, simplex_mix)
 
 CONTEXT = 24
 
@@ -63,6 +65,98 @@ def test_fitting_and_applying_a_blend_use_the_same_frames():
     blended = readout.blend(torch.as_tensor(network), torch.as_tensor(truth)).numpy()
     np.testing.assert_allclose(blended, truth, atol=1e-6)
     np.testing.assert_array_equal(readout.network_weights(14).numpy()[10:], 0)  # later frames: the last block's
+
+
+def independent_trials(trials=24, neurons=6, frames=48, seed=0):
+    """Every neuron its own damped oscillation (an AR(2) with its own frequency), no coupling between neurons."""
+    rng = np.random.default_rng(seed)
+    angles = np.linspace(0.15, 0.6, neurons)
+    x = np.zeros((trials, neurons, frames))
+    x[:, :, :2] = rng.standard_normal((trials, neurons, 2))
+    for t in range(2, frames):
+        x[:, :, t] = 2 * 0.97 * np.cos(angles) * x[:, :, t - 1] - 0.97**2 * x[:, :, t - 2] + \
+            0.2 * rng.standard_normal((trials, neurons))
+    return ((x - x.mean(axis=(0, 2), keepdims=True)) / x.std(axis=(0, 2), keepdims=True)).astype(np.float32)
+
+
+def test_simplex_mix_finds_the_best_convex_combination():
+    rng = np.random.default_rng(4)
+    a, b, c = rng.standard_normal((3, 5, 40))
+    np.testing.assert_allclose(simplex_mix([a, b, c], 0.2 * a + 0.3 * b + 0.5 * c), [0.2, 0.3, 0.5], atol=1e-10)
+    np.testing.assert_allclose(simplex_mix([a, b, c], c), [0, 0, 1], atol=1e-12)
+    np.testing.assert_allclose(simplex_mix([a, b, c], 2 * c - a), [0, 0, 1], atol=1e-12)  # outside: the nearest face
+    np.testing.assert_allclose(simplex_mix([a, a, a], a), [1, 0, 0])  # a tie keeps the first (the network)
+    # against a brute-force grid of the simplex
+    truth = rng.standard_normal((5, 40))
+    weights = simplex_mix([a, b, c], truth)
+    grid = [(i / 50, j / 50, 1 - (i + j) / 50) for i in range(51) for j in range(51 - i)]
+    best = min(np.sum((w0 * a + w1 * b + w2 * c - truth) ** 2) for w0, w1, w2 in grid)
+    assert np.sum((weights @ np.stack([a, b, c]).reshape(3, -1) - truth.ravel()) ** 2) <= best + 1e-9
+    assert weights.min() >= 0 and weights.sum() == pytest.approx(1)
+    assert mix_weights([a, b, c], 0.2 * a + 0.8 * c, 3).shape == (3, 3)
+
+
+@pytest.mark.parametrize("mode", ["autoregressive", "direct"])
+def test_per_neuron_term_forecasts_as_the_baseline(mode):
+    train, val, test = independent_trials(seed=0), independent_trials(8, seed=1), independent_trials(8, seed=2)
+    baseline = PerNeuronARForecaster(context=CONTEXT, lags_grid=(2, 4), modes=(mode,)).fit(train, val)
+    term = PerNeuronTerm(baseline.weights_, baseline.bias_, baseline.lags_, baseline.mode_)
+    horizon = test.shape[-1] - CONTEXT
+    np.testing.assert_allclose(term.predict(torch.from_numpy(test[:, :, :CONTEXT]), horizon).numpy(),
+                               baseline.predict(test[:, :, :CONTEXT], horizon), atol=1e-4)
+    assert term.frames(horizon + 5) == (horizon + 5 if mode == "autoregressive" else horizon)
+
+
+def test_readout_gives_independent_neurons_to_the_per_neuron_term(forecaster, tmp_path):
+    """Neurons that each follow their own dynamics: the per-neuron AR takes a share, the mix is at least as good as
+    any of its parts on validation, and it survives save/load."""
+    train, val, test = independent_trials(seed=0), independent_trials(8, seed=1), independent_trials(8, seed=2)
+    readout = fit_population_readout(forecaster, train, val, CONTEXT)
+    scores = readout.info["validation_mse"]
+    assert readout.mix[:, 2].max() > 0.3 and readout.info["per_neuron"]["lags"] >= 2
+    assert scores["blend"] <= min(scores["network"], scores["ridge_ar"], scores["per_neuron_ar"]) + 1e-6
+    torch.testing.assert_close(readout.mix.sum(-1), torch.ones(len(readout.mix)))
+    without = fit_population_readout(forecaster, train, val, CONTEXT, per_neuron=False)
+    assert without.per_neuron is None and float(without.mix[:, 2].abs().max()) == 0
+
+    horizon = test.shape[-1] - CONTEXT
+    forecaster.population_readout = readout
+    try:
+        blended = forecaster.forecast(test[:, :, :CONTEXT], horizon, reference=train).forecast
+    finally:
+        forecaster.population_readout = None
+    plain = forecaster.forecast(test[:, :, :CONTEXT], horizon, reference=train).forecast
+    truth = test[:, :, CONTEXT:]
+    assert np.mean((blended - truth) ** 2) < np.mean((plain - truth) ** 2)
+
+    readout.save(tmp_path)
+    loaded = PopulationReadout.load(tmp_path)
+    assert loaded.per_neuron.mode == readout.per_neuron.mode and loaded.per_neuron.lags == readout.per_neuron.lags
+    torch.testing.assert_close(loaded.mix, readout.mix)
+    context = torch.from_numpy(test[:, :, :CONTEXT])
+    point = torch.zeros(8, 6, horizon)
+    torch.testing.assert_close(loaded.apply(context, point, None, None)[0], readout.apply(context, point, None, None)[0])
+
+
+def test_a_direct_per_neuron_term_hands_frames_beyond_its_reach_to_the_network():
+    term = PerNeuronTerm(np.zeros((2, 1, 3)), np.ones((2, 3)), lags=1, mode="direct")  # forecasts 1.0, 3 frames
+    readout = PopulationReadout(np.zeros((2, 2)), np.zeros(2), 1, [[0.5, 0.0, 0.5]], validation_horizon=3,
+                                per_neuron=term)
+    network = torch.full((1, 2, 5), 3.0)
+    blended = readout.apply(torch.zeros(1, 2, 4), network, None, None)[0]
+    np.testing.assert_allclose(blended[0, 0].numpy(), [2, 2, 2, 3, 3])
+    with pytest.raises(ValueError, match="per-neuron AR a share but no per-neuron term"):
+        PopulationReadout(np.zeros((2, 2)), np.zeros(2), 1, [[0.5, 0.0, 0.5]], validation_horizon=3)
+
+
+def test_a_readout_saved_with_the_network_share_only_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weights": torch.zeros(4, 4), "bias": torch.zeros(4), "network_weight": torch.tensor([1.0, 0.25])},
+              str(tmp_path / READOUT_FILE), metadata={"lags": "1", "validation_horizon": "8", "info": "{}"})
+    loaded = PopulationReadout.load(tmp_path)
+    torch.testing.assert_close(loaded.mix, torch.tensor([[1.0, 0.0, 0.0], [0.25, 0.75, 0.0]]))
+    assert loaded.per_neuron is None
 
 
 def test_the_dual_solution_is_the_primal_one():

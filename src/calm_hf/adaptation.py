@@ -23,7 +23,7 @@ import torch
 
 from .forecasting import CalmForecaster
 from .metrics.functional import forecast_pearson_r, mse
-from .population_readout import DEFAULT_BLOCKS, PopulationReadout, blend_weights
+from .population_readout import DEFAULT_BLOCKS, PerNeuronTerm, PopulationReadout, frame_blocks, mix_weights
 
 logger = logging.getLogger(__name__)
 
@@ -179,13 +179,15 @@ def train_from_scratch(forecaster: CalmForecaster, train_trials, val_trials, con
 
 
 def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int,
-                           blocks: int = DEFAULT_BLOCKS, lags_grid: tuple[int, ...] = (1, 2, 4, 8, 16)
-                           ) -> PopulationReadout:
-    """The population readout of one recording (`calm_hf.population_readout`): a ridge AR across its neurons fitted on
-    `train_trials`, order and penalty chosen on `val_trials` (both `(trials, neurons, frames)`, z-scored at the model
-    rate like the context), and the network's share in each of `blocks` parts of the horizon chosen on the validation
-    forecasts of `forecaster` (its own readout, if any, left out; neuron identity from `train_trials`)."""
-    from .baselines import RidgeARForecaster
+                           blocks: int = DEFAULT_BLOCKS, lags_grid: tuple[int, ...] = (1, 2, 4, 8, 16),
+                           per_neuron: bool = True) -> PopulationReadout:
+    """The population readout of one recording (`calm_hf.population_readout`): a ridge AR across its neurons and a
+    per-neuron AR fitted on `train_trials`, orders and penalties chosen on `val_trials` (both
+    `(trials, neurons, frames)`, z-scored at the model rate like the context), and the mix of the network and the two
+    ARs in each of `blocks` parts of the horizon chosen on the validation forecasts of `forecaster` (its own readout,
+    if any, left out; neuron identity from `train_trials`). `per_neuron=False` mixes the network and the ridge AR
+    only."""
+    from .baselines import PerNeuronARForecaster, RidgeARForecaster
 
     train, val = (np.asarray(trials, dtype=np.float64) for trials in (train_trials, val_trials))
     for name, array in (("train_trials", train), ("val_trials", val)):
@@ -205,21 +207,38 @@ def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials,
     ridge = RidgeARForecaster(context=context_frames, lags_grid=lags).fit(train, val)
     context, truth = val[:, :, :context_frames], val[:, :, context_frames:]
     horizon = truth.shape[-1]
-    ridge_val = np.asarray(ridge.predict(context, horizon), dtype=np.float64)
+    forecasts = {"ridge_ar": np.asarray(ridge.predict(context, horizon), dtype=np.float64)}
+    term = None
+    if per_neuron:
+        single = PerNeuronARForecaster(context=context_frames, lags_grid=lags).fit(train, val)
+        term = PerNeuronTerm(single.weights_, single.bias_, single.lags_, single.mode_)
+        forecasts["per_neuron_ar"] = term.predict(torch.as_tensor(context), horizon).double().numpy()
     attached, forecaster.population_readout = forecaster.population_readout, None
     try:
         network_val = np.asarray(forecaster.forecast(context.astype(np.float32), horizon,
                                                      reference=train.astype(np.float32)).forecast, dtype=np.float64)
     finally:
         forecaster.population_readout = attached
-    stable = bool(np.isfinite(ridge_val).all())
-    weights = blend_weights(network_val, ridge_val, truth, int(blocks)) if stable else np.ones(int(blocks))
-    readout = PopulationReadout(ridge.weights_, ridge.bias_, ridge.lags_, weights, horizon)
-    blended = readout.blend(torch.as_tensor(network_val), torch.as_tensor(ridge_val)).numpy() if stable else network_val
-    readout.info = {"lags": ridge.lags_, "alpha": ridge.alpha_, "network_weight": [float(w) for w in weights],
+    # a term that diverges on validation contexts (or does not reach the horizon) gets no share
+    usable = {name: f for name, f in forecasts.items() if f.shape[-1] == horizon and np.isfinite(f).all()}
+    names = ["network", *usable]
+    chosen = mix_weights([network_val, *usable.values()], truth, int(blocks))
+    mix = np.zeros((int(blocks), 3))
+    for column, name in enumerate(names):
+        mix[:, {"network": 0, "ridge_ar": 1, "per_neuron_ar": 2}[name]] = chosen[:, column]
+    readout = PopulationReadout(ridge.weights_, ridge.bias_, ridge.lags_, mix, horizon, per_neuron=term)
+    blended = (chosen[frame_blocks(horizon, int(blocks))].T[:, None, None, :] *
+               np.stack([network_val, *usable.values()])).sum(axis=0)
+    readout.info = {"lags": ridge.lags_, "alpha": ridge.alpha_,
+                    "per_neuron": None if term is None else {"mode": single.mode_, "lags": single.lags_,
+                                                             "alpha": single.alpha_},
+                    "network_weight": [float(w) for w in mix[:, 0]],
+                    "mix": {name: [float(w) for w in mix[:, column]]
+                            for column, name in enumerate(("network", "ridge_ar", "per_neuron_ar"))},
                     "train_trials": len(train), "validation_trials": len(val),
                     "validation_mse": {"network": float(mse(network_val, truth)),
-                                       "ridge_ar": float(mse(ridge_val, truth)) if stable else math.inf,
+                                       **{name: float(mse(f, truth)) if np.isfinite(f).all() else math.inf
+                                          for name, f in forecasts.items()},
                                        "blend": float(mse(blended, truth))}}
     return readout
 

@@ -8,9 +8,12 @@ training trials, `calm_hf.adaptation.fit_population_readout`:
 1. fits a population ridge autoregression on every one-step transition of the training trials (order and penalty
    chosen by the rolled-out forecast r on the validation trials, `calm_hf.baselines.RidgeARForecaster`; solved in the
    dual when there are more features than transitions, so thousands of neurons stay cheap);
-2. forecasts the validation trials with the network and with the ridge AR, and chooses, for each of a few blocks of
-   the horizon, the blend weight `w` in [0, 1] that minimises the validation MSE of `w * network + (1 - w) * ridge`
-   (closed form). With few or uninformative trials the validation data set `w` to 1: the network alone.
+2. fits a per-neuron AR (each neuron from its own history; mode, order and penalty chosen on the validation trials,
+   `calm_hf.baselines.PerNeuronARForecaster`), which covers recordings whose neurons are better predicted one by one;
+3. forecasts the validation trials with the network and both ARs, and chooses, for each of a few blocks of the
+   horizon, the mix (non-negative weights summing to 1) of the three forecasts with the lowest validation MSE
+   (exact, by enumerating the active sets). With few or uninformative trials the validation data keep the network
+   alone.
 
 `CalmForecaster` applies an attached readout to its direct forecasts: the point forecast is blended and the quantile
 band and any sampled futures are moved with it (their spread is the network's). `calm adapt` fits one after
@@ -40,22 +43,88 @@ def frame_blocks(horizon: int, blocks: int, fitted_horizon: int | None = None) -
     return np.minimum(np.arange(horizon) * blocks // fitted, blocks - 1)
 
 
-def blend_weights(network: np.ndarray, ridge: np.ndarray, truth: np.ndarray, blocks: int) -> np.ndarray:
-    """The weight of the network in each of `blocks` equal parts of the horizon (`frame_blocks`): the least-squares
-    `w` of `truth ~ w * network + (1 - w) * ridge`, clipped to [0, 1] (1 where the two forecasts agree; a block
-    without frames, when there are more blocks than frames, takes the one before it)."""
+def simplex_mix(forecasts: list[np.ndarray], truth: np.ndarray) -> np.ndarray:
+    """`(len(forecasts),)` the non-negative weights summing to 1 whose mix of `forecasts` has the least squared error
+    to `truth`. Exact: the optimum is the equality-constrained solution on one of the supports (every subset is
+    tried; a tie keeps the earlier forecast, so identical forecasts give the first one all the weight)."""
+    count = len(forecasts)
+    flat = np.stack([np.asarray(f, dtype=np.float64).ravel() for f in forecasts])  # (count, points)
+    target = np.asarray(truth, dtype=np.float64).ravel()
+    best, best_error = np.eye(count)[0], np.inf
+    for support in range(1, 2 ** count):
+        members = [i for i in range(count) if support >> i & 1]
+        base = flat[members[0]]
+        weights = np.zeros(count)
+        if len(members) == 1:
+            weights[members[0]] = 1.0
+        else:  # w_0 = 1 - sum(rest): least squares of (target - base) on (f_i - base)
+            design = (flat[members[1:]] - base).T
+            rest, *_ = np.linalg.lstsq(design, target - base, rcond=None)
+            if (rest < 0).any() or rest.sum() > 1:
+                continue
+            weights[members[1:]] = rest
+            weights[members[0]] = 1.0 - rest.sum()
+        error = float(np.sum((weights @ flat - target) ** 2))
+        if error < best_error * (1 - 1e-12) - 1e-12:
+            best, best_error = weights, error
+    return best
+
+
+def mix_weights(forecasts: list[np.ndarray], truth: np.ndarray, blocks: int) -> np.ndarray:
+    """`(blocks, len(forecasts))` the simplex mix (`simplex_mix`) chosen in each of `blocks` equal parts of the horizon
+    (`frame_blocks`); a block without frames, when there are more blocks than frames, takes the one before it."""
     index = frame_blocks(truth.shape[-1], blocks)
-    weights = np.ones(blocks)
+    weights = np.zeros((blocks, len(forecasts)))
     for block in range(blocks):
         frames = np.flatnonzero(index == block)
         if not len(frames):
-            weights[block] = weights[block - 1] if block else 1.0
+            weights[block] = weights[block - 1] if block else np.eye(len(forecasts))[0]
             continue
-        gap = (network[..., frames] - ridge[..., frames]).ravel()
-        denominator = float(gap @ gap)
-        if denominator > 0:
-            weights[block] = np.clip(float(gap @ (truth[..., frames] - ridge[..., frames]).ravel()) / denominator, 0, 1)
+        weights[block] = simplex_mix([f[..., frames] for f in forecasts], truth[..., frames])
     return weights
+
+
+def blend_weights(network: np.ndarray, ridge: np.ndarray, truth: np.ndarray, blocks: int) -> np.ndarray:
+    """The weight of the network in each of `blocks` equal parts of the horizon when it is mixed with the ridge AR
+    alone: the least-squares `w` of `truth ~ w * network + (1 - w) * ridge` in [0, 1] (1 where the two agree)."""
+    return mix_weights([network, ridge], truth, blocks)[:, 0]
+
+
+class PerNeuronTerm:
+    """A per-neuron linear forecast: each neuron from its own last `lags` frames, either rolled out one frame at a
+    time (`mode="autoregressive"`, `weights` `(neurons, lags, 1)`) or mapped to every horizon frame at once
+    (`mode="direct"`, `weights` `(neurons, lags, fitted frames)`; it forecasts no further than that)."""
+
+    MODES = ("autoregressive", "direct")
+
+    def __init__(self, weights, bias, lags: int, mode: str):
+        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        self.bias = torch.as_tensor(np.asarray(bias, dtype=np.float32))
+        self.lags, self.mode = int(lags), str(mode)
+        if self.mode not in self.MODES:
+            raise ValueError(f"per-neuron term mode must be one of {self.MODES}, got {self.mode!r}.")
+        if self.weights.ndim != 3 or self.weights.shape[1] != self.lags or self.bias.shape != (
+                self.weights.shape[0], self.weights.shape[2]):
+            raise ValueError(f"per-neuron weights {tuple(self.weights.shape)} and bias {tuple(self.bias.shape)} do not "
+                             f"match {self.lags} lags.")
+
+    def frames(self, horizon: int) -> int:
+        """How many of `horizon` frames this term forecasts."""
+        return horizon if self.mode == "autoregressive" else min(horizon, int(self.weights.shape[-1]))
+
+    @torch.no_grad()
+    def predict(self, context: torch.Tensor, horizon: int) -> torch.Tensor:
+        """`(batch, neurons, frames(horizon))` after `context` `(batch, neurons, >= lags frames)`."""
+        weights, bias = self.weights.to(context.device), self.bias.to(context.device)
+        history = context.float().flip(-1)[..., : self.lags]  # (batch, neurons, lags), newest first
+        if self.mode == "direct":
+            return (torch.einsum("bnk,nko->bno", history, weights) + bias)[..., : self.frames(horizon)]
+        out = []
+        for _ in range(horizon):
+            nxt = (history * weights[:, :, 0]).sum(-1) + bias[:, 0]
+            out.append(nxt)
+            history = torch.cat([nxt[..., None], history[..., :-1]], dim=-1)
+        return torch.stack(out, dim=-1)
 
 
 class PopulationReadout:
@@ -65,35 +134,68 @@ class PopulationReadout:
         weights: `(neurons * lags, neurons)` ridge AR weights (block k of the rows holds lag k, newest first).
         bias: `(neurons,)`.
         lags: AR order.
-        network_weight: `(blocks,)` the network's share in each block of `validation_horizon` frames (later frames
-            use the last block's).
-        validation_horizon: the horizon, in model frames, the blend was chosen on.
+        mix: `(blocks, 3)` the shares of the network, the ridge AR and the per-neuron AR in each block of
+            `validation_horizon` frames (later frames use the last block's). Passing `network_weight` as `(blocks,)`
+            means the network and the ridge AR alone.
+        per_neuron: the `PerNeuronTerm`, or None.
+        validation_horizon: the horizon, in model frames, the mix was chosen on.
         info: what was chosen and the validation scores.
     """
 
-    def __init__(self, weights, bias, lags: int, network_weight, validation_horizon: int, info: dict | None = None):
+    def __init__(self, weights, bias, lags: int, network_weight, validation_horizon: int, info: dict | None = None,
+                 per_neuron: PerNeuronTerm | None = None):
         self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
         self.bias = torch.as_tensor(np.asarray(bias, dtype=np.float32))
         self.lags = int(lags)
-        self.network_weight = torch.as_tensor(np.asarray(network_weight, dtype=np.float32))
+        mix = torch.as_tensor(np.asarray(network_weight, dtype=np.float32))
+        if mix.ndim == 1:
+            mix = torch.stack([mix, 1 - mix, torch.zeros_like(mix)], dim=-1)
+        if mix.ndim != 2 or mix.shape[1] != 3:
+            raise ValueError(f"the mix must be (blocks,) or (blocks, 3), got {tuple(mix.shape)}.")
+        self.mix = mix
+        self.per_neuron = per_neuron
+        if per_neuron is None and bool((mix[:, 2] != 0).any()):
+            raise ValueError("the mix gives the per-neuron AR a share but no per-neuron term was given.")
         self.validation_horizon = int(validation_horizon)
         self.info = info or {}
         if self.weights.shape != (self.num_neurons * self.lags, self.num_neurons):
             raise ValueError(f"readout weights {tuple(self.weights.shape)} do not match {self.num_neurons} neurons x "
                              f"{self.lags} lags.")
+        if per_neuron is not None and per_neuron.weights.shape[0] != self.num_neurons:
+            raise ValueError(f"the per-neuron term has {per_neuron.weights.shape[0]} neurons, the ridge AR "
+                             f"{self.num_neurons}.")
 
     @property
     def num_neurons(self) -> int:
         return int(self.bias.shape[0])
 
+    @property
+    def network_weight(self) -> torch.Tensor:
+        """`(blocks,)` the network's share in each block."""
+        return self.mix[:, 0]
+
+    def frame_mix(self, horizon: int, per_neuron_frames: int | None = None) -> torch.Tensor:
+        """`(horizon, 3)` the shares at each forecast frame; frames the per-neuron term does not reach give its share
+        to the network."""
+        index = frame_blocks(horizon, len(self.mix), self.validation_horizon)
+        mix = self.mix[torch.as_tensor(index)].clone()
+        if per_neuron_frames is not None and per_neuron_frames < horizon:
+            mix[per_neuron_frames:, 0] += mix[per_neuron_frames:, 2]
+            mix[per_neuron_frames:, 2] = 0
+        return mix
+
     def network_weights(self, horizon: int) -> torch.Tensor:
         """`(horizon,)` the network's share at each forecast frame."""
-        index = frame_blocks(horizon, len(self.network_weight), self.validation_horizon)
-        return self.network_weight[torch.as_tensor(index)]
+        return self.frame_mix(horizon)[:, 0]
 
-    def blend(self, network: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
-        weight = self.network_weights(network.shape[-1]).to(device=network.device, dtype=network.dtype)
-        return weight * network + (1 - weight) * ridge.to(network.dtype)
+    def blend(self, network: torch.Tensor, ridge: torch.Tensor, per_neuron: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        reach = 0 if per_neuron is None else per_neuron.shape[-1]
+        mix = self.frame_mix(network.shape[-1], reach).to(device=network.device, dtype=network.dtype)
+        blended = mix[:, 0] * network + mix[:, 1] * ridge.to(network.dtype)
+        if reach:
+            blended[..., :reach] += mix[:reach, 2] * per_neuron.to(network.dtype)
+        return blended
 
     @torch.no_grad()
     def predict_ridge(self, context: torch.Tensor, horizon: int) -> torch.Tensor:
@@ -111,6 +213,15 @@ class PopulationReadout:
             history = torch.cat([nxt[:, None], history[:, :-1]], dim=1)
         return torch.stack(out, dim=-1)
 
+    def predict_per_neuron(self, context: torch.Tensor, horizon: int) -> torch.Tensor | None:
+        """The per-neuron term's forecast (up to `horizon` frames), or None when the mix never uses it."""
+        if self.per_neuron is None or not bool((self.mix[:, 2] > 0).any()):
+            return None
+        if context.shape[-1] < self.per_neuron.lags:
+            raise ValueError(f"the context has {context.shape[-1]} frames; the population readout's per-neuron term "
+                             f"needs {self.per_neuron.lags}.")
+        return self.per_neuron.predict(context, horizon)
+
     def check_neurons(self, num_neurons: int) -> None:
         if num_neurons != self.num_neurons:
             raise ValueError(f"this checkpoint's population readout was fitted to a {self.num_neurons}-neuron recording "
@@ -123,9 +234,10 @@ class PopulationReadout:
         """Blend a direct forecast `point` `(batch, neurons, horizon)`; quantiles `(..., horizon, levels)` and
         samples `(batch, samples, neurons, horizon)` move with it."""
         ridge = self.predict_ridge(context, point.shape[-1])
-        if not torch.isfinite(ridge).all():  # an AR that diverges on this context: the network alone
-            return point, quantiles, samples
-        blended = self.blend(point, ridge)
+        per_neuron = self.predict_per_neuron(context, point.shape[-1])
+        if not torch.isfinite(ridge).all() or (per_neuron is not None and not torch.isfinite(per_neuron).all()):
+            return point, quantiles, samples  # an AR that diverges on this context: the network alone
+        blended = self.blend(point, ridge, per_neuron)
         shift = blended - point
         if quantiles is not None:
             quantiles = quantiles + shift[..., None]
@@ -139,8 +251,12 @@ class PopulationReadout:
         path = os.path.join(directory, READOUT_FILE)
         metadata = {"lags": str(self.lags), "validation_horizon": str(self.validation_horizon),
                     "info": json.dumps(self.info, default=float)}
-        save_file({"weights": self.weights.contiguous(), "bias": self.bias.contiguous(),
-                   "network_weight": self.network_weight.contiguous()}, path, metadata=metadata)
+        tensors = {"weights": self.weights.contiguous(), "bias": self.bias.contiguous(), "mix": self.mix.contiguous()}
+        if self.per_neuron is not None:
+            metadata.update(per_neuron_lags=str(self.per_neuron.lags), per_neuron_mode=self.per_neuron.mode)
+            tensors.update(per_neuron_weights=self.per_neuron.weights.contiguous(),
+                           per_neuron_bias=self.per_neuron.bias.contiguous())
+        save_file(tensors, path, metadata=metadata)
         return path
 
     @classmethod
@@ -153,8 +269,14 @@ class PopulationReadout:
         with safe_open(os.path.join(directory, READOUT_FILE), framework="pt") as handle:
             metadata = handle.metadata()
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        return cls(tensors["weights"], tensors["bias"], int(metadata["lags"]), tensors["network_weight"],
-                   int(metadata["validation_horizon"]), json.loads(metadata.get("info", "{}")))
+        per_neuron = None
+        if "per_neuron_weights" in tensors:
+            per_neuron = PerNeuronTerm(tensors["per_neuron_weights"], tensors["per_neuron_bias"],
+                                       int(metadata["per_neuron_lags"]), metadata["per_neuron_mode"])
+        mix = tensors["mix"] if "mix" in tensors else tensors["network_weight"]  # a file with the network's share only
+        return cls(tensors["weights"], tensors["bias"], int(metadata["lags"]), mix,
+                   int(metadata["validation_horizon"]), json.loads(metadata.get("info", "{}")), per_neuron)
 
 
-__all__ = ["PopulationReadout", "READOUT_FILE", "blend_weights", "frame_blocks"]
+__all__ = ["PerNeuronTerm", "PopulationReadout", "READOUT_FILE", "blend_weights", "frame_blocks", "mix_weights",
+           "simplex_mix"]
