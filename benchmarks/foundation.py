@@ -8,7 +8,8 @@ are scored on its test split.
 - `calm`: calm-base as it is: zero-shot at k = 0, else its neurons' identity computed from the k trials (no training);
 - `calm_adapted` (k > 0): calm-base fine-tuned on the k trials (`calm_hf.adaptation.adapt`, stopped on validation);
 - `calm_readout` (k > 0): the adapted model with its population readout (`calm_hf.population_readout`: a ridge AR
-  across the recording's neurons fitted on the k trials, blended with the network by weights chosen on validation) --
+  across the recording's neurons and a per-neuron AR fitted on the k trials, mixed with the network by weights chosen
+  on validation) --
   what `calm adapt` saves;
 - `calm_scratch` (k = all): the same architecture trained from scratch on the recording for the same budget as the
   adaptation (`train_from_scratch`) -- what pretraining buys;

@@ -7,7 +7,7 @@ adapting is optional: it fine-tunes the whole model on the recording's training 
 each trial's neurons get their identity from the other training trials) and keeps the weights with the best forecast
 Pearson r on the recording's validation trials, stopping after `--adapt_patience` evaluations without a gain or at the
 time budget. It then fits the recording's population readout (`calm_hf.population_readout`: a ridge AR across its
-neurons, blended with the network by weights chosen on validation) and saves it with the checkpoint; the pipeline and
+neurons and a per-neuron AR, mixed with the network by weights chosen on validation) and saves it with the checkpoint; the pipeline and
 `calm forecast` apply it to recordings of the same neurons. The defaults are the recipe `benchmarks/foundation.py`
 measures as `calm_readout` (`--population_readout false`: `calm_adapted`).
 
@@ -89,7 +89,8 @@ class AdaptArguments:
     population_readout: bool = field(
         default=True,
         metadata={"help": "Data-identity models: after fine-tuning, fit the recording's population readout (a ridge AR "
-                          "across its neurons, blended with the network by weights chosen on the validation trials; "
+                          "across its neurons and a per-neuron AR, mixed with the network by weights chosen on the "
+                          "validation trials; "
                           "calm_hf.population_readout) and save it with the checkpoint, where the pipeline and calm "
                           "forecast apply it. It is what benchmarks/foundation.py measures as calm_readout."},
     )
