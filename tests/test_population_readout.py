@@ -159,6 +159,29 @@ def test_a_readout_saved_with_the_network_share_only_still_loads(tmp_path):
     assert loaded.per_neuron is None
 
 
+def test_band_scale_narrows_a_band_too_wide_for_the_truth():
+    """Offsets four times the true spread: the chosen factor brings the band back towards it and lowers the pinball
+    loss; offsets already right keep factor 1; the factor is saved."""
+    from calm_hf.adaptation import band_scales
+
+    rng = np.random.default_rng(5)
+    levels = (0.05, 0.25, 0.5, 0.75, 0.95)
+    z = np.array([-1.645, -0.674, 0.0, 0.674, 1.645])
+    point = np.zeros((20, 8, 12))
+    truth = rng.standard_normal(point.shape)
+    scale, loss = band_scales(point, np.broadcast_to(4 * z, point.shape + (5,)), levels, truth, 2)
+    assert np.all(scale <= 0.5) and loss["scaled"] < loss["unscaled"]
+    scale, _ = band_scales(point, np.broadcast_to(z, point.shape + (5,)), levels, truth, 2)
+    np.testing.assert_allclose(scale, 1.0, atol=0.13)
+    readout = PopulationReadout(np.zeros((2, 2)), np.zeros(2), 1, [1.0, 1.0], validation_horizon=4,
+                                band_scale=[0.5, 2.0])
+    quantiles = torch.tensor([-1.0, 0.0, 1.0]).expand(1, 2, 4, 3)
+    moved = readout.apply(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4), quantiles, None)[1]
+    np.testing.assert_allclose(moved[0, 0, :, 2].numpy(), [0.5, 0.5, 2.0, 2.0])
+    with pytest.raises(ValueError, match="band_scale must be 2 positive factors"):
+        PopulationReadout(np.zeros((2, 2)), np.zeros(2), 1, [1.0, 1.0], validation_horizon=4, band_scale=[0.0, 1.0])
+
+
 def test_the_dual_solution_is_the_primal_one():
     rng = np.random.default_rng(1)
     trials = rng.standard_normal((2, 30, 20))  # 2 * 16 transitions, 120 features
@@ -191,9 +214,11 @@ def test_readout_learns_a_coupled_population_and_its_ridge_is_the_baselines(fore
         forecaster.population_readout = None
     truth = test[:, :, CONTEXT:]
     assert np.mean((blended.forecast - truth) ** 2) < np.mean((plain.forecast - truth) ** 2)
-    # the band moves with the point forecast and keeps the network's spread
+    # the band moves with the point forecast and keeps the network's spread, times the validation-chosen scale
+    scale = readout.band_scales(horizon).numpy()[:, None]
     np.testing.assert_allclose(blended.quantiles - blended.forecast[..., None],
-                               plain.quantiles - plain.forecast[..., None], atol=1e-4)
+                               scale * (plain.quantiles - plain.forecast[..., None]), atol=1e-4)
+    assert readout.info["validation_pinball"]["scaled"] <= readout.info["validation_pinball"]["unscaled"] + 1e-9
 
     readout.save(tmp_path)
     loaded = PopulationReadout.load(tmp_path)
@@ -250,9 +275,11 @@ def test_the_pipeline_applies_the_saved_readout(adapted_checkpoint):
     with_readout.forecaster.population_readout = None
     plain = with_readout(traces, horizon=12, quantiles=(0.1, 0.9))
     assert not np.allclose(out["forecast"], plain["forecast"])
-    np.testing.assert_allclose(out["quantiles"][0.9] - out["forecast"], plain["quantiles"][0.9] - plain["forecast"],
-                               atol=1e-3)
-    with_readout.forecaster.population_readout = PopulationReadout.load(str(adapted_checkpoint))
+    readout = PopulationReadout.load(str(adapted_checkpoint))
+    scale = readout.band_scales(12).numpy()  # the band keeps the network's spread, times the saved scale
+    np.testing.assert_allclose(out["quantiles"][0.9] - out["forecast"],
+                               scale * (plain["quantiles"][0.9] - plain["forecast"]), atol=1e-3)
+    with_readout.forecaster.population_readout = readout
     with pytest.raises(ValueError, match="6-neuron recording"):
         with_readout(traces[:4], horizon=12)
 

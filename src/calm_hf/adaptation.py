@@ -178,6 +178,36 @@ def train_from_scratch(forecaster: CalmForecaster, train_trials, val_trials, con
     return _fit(fresh, train_trials, val_trials, context_frames, settings)
 
 
+BAND_SCALE_GRID = tuple(float(s) for s in np.round(np.geomspace(0.5, 2.0, 13), 4))
+
+
+def band_scales(point: np.ndarray, offsets: np.ndarray, levels, truth: np.ndarray, blocks: int,
+                grid: tuple[float, ...] = BAND_SCALE_GRID) -> tuple[np.ndarray, dict]:
+    """The factor on the band `offsets` `(..., horizon, levels)` (quantiles minus the network's point forecast) around
+    `point` `(..., horizon)` in each of `blocks` parts of the horizon with the lowest mean pinball loss on `truth`
+    (ties keep the factor nearest 1), and the validation pinball loss with factor 1 and with the chosen ones."""
+    from .metrics.probabilistic import pinball_loss
+
+    index = frame_blocks(truth.shape[-1], blocks)
+    order = sorted(grid, key=lambda s: abs(math.log(s)))  # 1 first where it is in the grid
+    scale = np.ones(blocks)
+    for block in range(blocks):
+        frames = np.flatnonzero(index == block)
+        if not len(frames):
+            scale[block] = scale[block - 1] if block else 1.0
+            continue
+        losses = [float(pinball_loss(np.moveaxis(point[..., frames, None] + s * offsets[..., frames, :], -1, 0),
+                                     levels, truth[..., frames]).mean()) for s in order]
+        scale[block] = order[int(np.argmin(losses))]
+    per_frame = scale[index]
+
+    def loss(factors):
+        return float(pinball_loss(np.moveaxis(point[..., None] + factors[:, None] * offsets, -1, 0), levels,
+                                  truth).mean())
+
+    return scale, {"unscaled": loss(np.ones_like(per_frame)), "scaled": loss(per_frame)}
+
+
 def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int,
                            blocks: int = DEFAULT_BLOCKS, lags_grid: tuple[int, ...] = (1, 2, 4, 8, 16),
                            per_neuron: bool = True) -> PopulationReadout:
@@ -185,7 +215,8 @@ def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials,
     per-neuron AR fitted on `train_trials`, orders and penalties chosen on `val_trials` (both
     `(trials, neurons, frames)`, z-scored at the model rate like the context), and the mix of the network and the two
     ARs in each of `blocks` parts of the horizon chosen on the validation forecasts of `forecaster` (its own readout,
-    if any, left out; neuron identity from `train_trials`). `per_neuron=False` mixes the network and the ridge AR
+    if any, left out; neuron identity from `train_trials`), and the factor on the network's quantile band in each
+    block (`band_scales`, by the validation pinball loss). `per_neuron=False` mixes the network and the ridge AR
     only."""
     from .baselines import PerNeuronARForecaster, RidgeARForecaster
 
@@ -215,10 +246,10 @@ def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials,
         forecasts["per_neuron_ar"] = term.predict(torch.as_tensor(context), horizon).double().numpy()
     attached, forecaster.population_readout = forecaster.population_readout, None
     try:
-        network_val = np.asarray(forecaster.forecast(context.astype(np.float32), horizon,
-                                                     reference=train.astype(np.float32)).forecast, dtype=np.float64)
+        result = forecaster.forecast(context.astype(np.float32), horizon, reference=train.astype(np.float32))
     finally:
         forecaster.population_readout = attached
+    network_val = np.asarray(result.forecast, dtype=np.float64)
     # a term that diverges on validation contexts (or does not reach the horizon) gets no share
     usable = {name: f for name, f in forecasts.items() if f.shape[-1] == horizon and np.isfinite(f).all()}
     names = ["network", *usable]
@@ -226,15 +257,21 @@ def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials,
     mix = np.zeros((int(blocks), 3))
     for column, name in enumerate(names):
         mix[:, {"network": 0, "ridge_ar": 1, "per_neuron_ar": 2}[name]] = chosen[:, column]
-    readout = PopulationReadout(ridge.weights_, ridge.bias_, ridge.lags_, mix, horizon, per_neuron=term)
     blended = (chosen[frame_blocks(horizon, int(blocks))].T[:, None, None, :] *
                np.stack([network_val, *usable.values()])).sum(axis=0)
+    scale, band_loss = np.ones(int(blocks)), None
+    if result.quantiles is not None:
+        scale, band_loss = band_scales(blended, np.asarray(result.quantiles, dtype=np.float64) - network_val[..., None],
+                                       result.quantile_levels, truth, int(blocks))
+    readout = PopulationReadout(ridge.weights_, ridge.bias_, ridge.lags_, mix, horizon, per_neuron=term,
+                                band_scale=scale)
     readout.info = {"lags": ridge.lags_, "alpha": ridge.alpha_,
                     "per_neuron": None if term is None else {"mode": single.mode_, "lags": single.lags_,
                                                              "alpha": single.alpha_},
                     "network_weight": [float(w) for w in mix[:, 0]],
                     "mix": {name: [float(w) for w in mix[:, column]]
                             for column, name in enumerate(("network", "ridge_ar", "per_neuron_ar"))},
+                    "band_scale": [float(s) for s in scale], "validation_pinball": band_loss,
                     "train_trials": len(train), "validation_trials": len(val),
                     "validation_mse": {"network": float(mse(network_val, truth)),
                                        **{name: float(mse(f, truth)) if np.isfinite(f).all() else math.inf

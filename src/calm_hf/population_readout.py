@@ -13,10 +13,12 @@ training trials, `calm_hf.adaptation.fit_population_readout`:
 3. forecasts the validation trials with the network and both ARs, and chooses, for each of a few blocks of the
    horizon, the mix (non-negative weights summing to 1) of the three forecasts with the lowest validation MSE
    (exact, by enumerating the active sets). With few or uninformative trials the validation data keep the network
-   alone.
+   alone;
+4. scales the network's quantile band around the mixed forecast, one factor per block, chosen from a grid by the
+   validation pinball loss (a better point forecast usually needs a narrower band).
 
 `CalmForecaster` applies an attached readout to its direct forecasts: the point forecast is blended and the quantile
-band and any sampled futures are moved with it (their spread is the network's). `calm adapt` fits one after
+band and any sampled futures are moved with it (their spread is the network's, times the band scale). `calm adapt` fits one after
 fine-tuning and saves it with the adapted checkpoint (`population_readout.safetensors`); the pipeline and
 `calm forecast` load it from there. A readout belongs to one recording's neurons, in their order: a context with
 another number of neurons is refused.
@@ -138,12 +140,14 @@ class PopulationReadout:
             `validation_horizon` frames (later frames use the last block's). Passing `network_weight` as `(blocks,)`
             means the network and the ridge AR alone.
         per_neuron: the `PerNeuronTerm`, or None.
+        band_scale: `(blocks,)` the factor on the network's band (quantiles and samples minus its point forecast)
+            in each block; ones by default.
         validation_horizon: the horizon, in model frames, the mix was chosen on.
         info: what was chosen and the validation scores.
     """
 
     def __init__(self, weights, bias, lags: int, network_weight, validation_horizon: int, info: dict | None = None,
-                 per_neuron: PerNeuronTerm | None = None):
+                 per_neuron: PerNeuronTerm | None = None, band_scale=None):
         self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
         self.bias = torch.as_tensor(np.asarray(bias, dtype=np.float32))
         self.lags = int(lags)
@@ -154,6 +158,10 @@ class PopulationReadout:
             raise ValueError(f"the mix must be (blocks,) or (blocks, 3), got {tuple(mix.shape)}.")
         self.mix = mix
         self.per_neuron = per_neuron
+        scale = torch.ones(len(mix)) if band_scale is None else torch.as_tensor(np.asarray(band_scale, np.float32))
+        if scale.shape != (len(mix),) or not bool((scale > 0).all()):
+            raise ValueError(f"band_scale must be {len(mix)} positive factors (one per block), got {scale.tolist()}.")
+        self.band_scale = scale
         if per_neuron is None and bool((mix[:, 2] != 0).any()):
             raise ValueError("the mix gives the per-neuron AR a share but no per-neuron term was given.")
         self.validation_horizon = int(validation_horizon)
@@ -183,6 +191,10 @@ class PopulationReadout:
             mix[per_neuron_frames:, 0] += mix[per_neuron_frames:, 2]
             mix[per_neuron_frames:, 2] = 0
         return mix
+
+    def band_scales(self, horizon: int) -> torch.Tensor:
+        """`(horizon,)` the band's factor at each forecast frame."""
+        return self.band_scale[torch.as_tensor(frame_blocks(horizon, len(self.mix), self.validation_horizon))]
 
     def network_weights(self, horizon: int) -> torch.Tensor:
         """`(horizon,)` the network's share at each forecast frame."""
@@ -238,11 +250,11 @@ class PopulationReadout:
         if not torch.isfinite(ridge).all() or (per_neuron is not None and not torch.isfinite(per_neuron).all()):
             return point, quantiles, samples  # an AR that diverges on this context: the network alone
         blended = self.blend(point, ridge, per_neuron)
-        shift = blended - point
+        scale = self.band_scales(point.shape[-1]).to(device=point.device, dtype=point.dtype)
         if quantiles is not None:
-            quantiles = quantiles + shift[..., None]
+            quantiles = blended[..., None] + scale[:, None] * (quantiles - point[..., None])
         if samples is not None:
-            samples = samples + shift[:, None]
+            samples = blended[:, None] + scale * (samples - point[:, None])
         return blended, quantiles, samples
 
     def save(self, directory: str) -> str:
@@ -251,7 +263,8 @@ class PopulationReadout:
         path = os.path.join(directory, READOUT_FILE)
         metadata = {"lags": str(self.lags), "validation_horizon": str(self.validation_horizon),
                     "info": json.dumps(self.info, default=float)}
-        tensors = {"weights": self.weights.contiguous(), "bias": self.bias.contiguous(), "mix": self.mix.contiguous()}
+        tensors = {"weights": self.weights.contiguous(), "bias": self.bias.contiguous(), "mix": self.mix.contiguous(),
+                   "band_scale": self.band_scale.contiguous()}
         if self.per_neuron is not None:
             metadata.update(per_neuron_lags=str(self.per_neuron.lags), per_neuron_mode=self.per_neuron.mode)
             tensors.update(per_neuron_weights=self.per_neuron.weights.contiguous(),
@@ -275,7 +288,8 @@ class PopulationReadout:
                                        int(metadata["per_neuron_lags"]), metadata["per_neuron_mode"])
         mix = tensors["mix"] if "mix" in tensors else tensors["network_weight"]  # a file with the network's share only
         return cls(tensors["weights"], tensors["bias"], int(metadata["lags"]), mix,
-                   int(metadata["validation_horizon"]), json.loads(metadata.get("info", "{}")), per_neuron)
+                   int(metadata["validation_horizon"]), json.loads(metadata.get("info", "{}")), per_neuron,
+                   tensors.get("band_scale"))
 
 
 __all__ = ["PerNeuronTerm", "PopulationReadout", "READOUT_FILE", "blend_weights", "frame_blocks", "mix_weights",
