@@ -86,3 +86,18 @@ def test_public_names_and_subpackages_are_attributes():
     assert calm_hf.data.load_recording is not None  # a subpackage, imported on first use
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
         calm_hf.NoSuchThing
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    """`calm --help | head -1`: the reader is gone before the help is written; no BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone away
+    process = subprocess.run([sys.executable, "-m", "calm_hf.cli", "--help"], stdout=write, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    os.close(write)
+    assert "Error" not in process.stderr and "Traceback" not in process.stderr, process.stderr
+    assert process.returncode == 141

@@ -18,6 +18,8 @@ Each subcommand takes its module's flags (`calm pretrain --help`) and `--config 
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 from .commands import COMMANDS  # the standard library only: `calm --help` starts without torch or transformers
@@ -25,8 +27,20 @@ from .commands import COMMANDS  # the standard library only: `calm --help` start
 
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand and return its exit code (the `calm` console script exits with it): 0 on success, 1 when the
-    command fails (the error is printed as one line; set CALM_DEBUG=1 for the traceback), 2 for bad flags."""
-    argv = sys.argv[1:] if argv is None else argv
+    command fails (the error is printed as one line; set CALM_DEBUG=1 for the traceback), 2 for bad flags, 141 when
+    the reader of its output went away (`calm --help | head -1`), as for other command-line tools."""
+    try:
+        code = _run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # nothing more can be written; point stdout at /dev/null so the interpreter's final flush stays quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + getattr(signal, "SIGPIPE", 13)
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
