@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Behaviour-decoding benchmark: CalM linear / GLU heads on a frozen backbone vs GLM, RRR and TCN decoders.
+"""Behaviour-decoding benchmark: CalM linear / GLU heads and the closed-form CalM ridge readout on a frozen backbone
+vs GLM, RRR and TCN decoders.
 
     python benchmarks/behavior_benchmark.py            # full run, about 15 min on 2 CPU cores
     python benchmarks/behavior_benchmark.py --quick    # a few minutes: same pipeline, smaller budgets
@@ -24,13 +25,20 @@ Protocol
   (`calm_hf/recipes/behavior.json`, the defaults of `calm finetune-behavior`; adaptation without weight decay), early
   stopping on validation MSE; the frozen backbone's
   hidden states are computed once and fed through `backbone_hidden_states` (checked equal to the full forward).
+- CalM-ridge (`calm_hf.behavior_readout.CalmBehaviorRidgeReadout`): closed-form ridge from causal lags of the
+  z-scored traces plus the frozen backbone's hidden state of the last token complete at the frame (reduced over
+  neurons: mean and std, or a per-neuron PCA); the number of lags, the reduction, PCA size, the backbone block's
+  weight and the per-channel penalty are chosen on the validation trials. "Ridge traces-only" is the same decoder and
+  search without the backbone block (the ablation that measures the backbone's contribution).
+  "CalM-ridge look-ahead*" reads the token holding the frame instead, as the linear/GLU heads do (not causal).
 - Baselines (calm_hf.baselines.behavior) on the same z-scored traces at the same 5 Hz rate: ridge GLM on 4 causal lags,
   reduced-rank ridge regression, causal TCN; each picks its hyperparameters on the validation trials.
 - Scores on the test trials: per session and channel, R^2 over all trial-frames and MSE (behaviour in z-units).
 - Multi-session (Park): the head is trained on four sessions, then only the fifth session's rows of its neuron-weight
   bank are trained on that session's training trials (`train_only_session_neurons`); every session takes a turn.
-- Timing caveat: a CalM prediction for a frame reads the hidden state of the token holding that frame, so it has seen
-  up to 3 frames (0.6 s) after it within the token; the baselines are strictly causal (frames <= t).
+- Timing caveat: a CalM-linear/GLU prediction for a frame reads the hidden state of the token holding that frame, so it
+  has seen up to 3 frames (0.6 s) after it within the token; CalM-ridge, its traces-only ablation and the baselines
+  are strictly causal (frames <= t); CalM-ridge look-ahead* is not.
 
 Writes benchmarks/results/behavior.json and behavior.md.
 """
@@ -52,6 +60,7 @@ import torch
 import transformers
 
 from calm_hf.baselines.behavior import ReducedRankDecoder, RidgeGLMDecoder, TCNDecoder
+from calm_hf.behavior_readout import CalmBehaviorRidgeReadout
 from calm_hf.commands.recipes import load_behavior_recipe
 from calm_hf.configuration_calm import CalmConfig
 from calm_hf.configuration_calm_tokenizer import CalmTokenizerConfig
@@ -64,7 +73,8 @@ from calm_hf.modeling_calm_tokenizer import CalmTokenizer
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL_RATE = 5.0
 WINDOW = 4
-MODELS = ("CalM-linear", "CalM-GLU", "GLM", "RRR", "TCN")
+LOOKAHEAD_RIDGE = "CalM-ridge look-ahead*"  # reads the token holding the frame: not strictly causal
+MODELS = ("CalM-linear", "CalM-GLU", "CalM-ridge", "Ridge traces-only", "GLM", "RRR", "TCN", LOOKAHEAD_RIDGE)
 
 BUDGETS = {
     # seconds / sizes; "quick" proves the pipeline end to end in a few minutes
@@ -350,6 +360,17 @@ def single_session(session: Session, checkpoints: dict, budget: dict, seed: int)
                              seed=seed)
         rows += score_rows(session, name, predict(model, session, "test"))
     p = session.prepared
+    hidden = {split: session.hidden[session.split(split)].float().numpy() for split in ("train", "validation", "test")}
+    traces = {split: p.traces[session.split(split)] for split in ("train", "validation", "test")}
+    ridges = {"CalM-ridge": CalmBehaviorRidgeReadout(window_size=WINDOW),
+              "Ridge traces-only": CalmBehaviorRidgeReadout(reductions=(), window_size=WINDOW),
+              LOOKAHEAD_RIDGE: CalmBehaviorRidgeReadout(window_size=WINDOW, causal=False)}
+    for name, readout in ridges.items():
+        begin = time.perf_counter()
+        readout.fit(traces["train"], session.behavior("train"), traces["validation"], session.behavior("validation"),
+                    hidden["train"], hidden["validation"])
+        log[name] = {"chosen": readout.search_log_["chosen"], "seconds": time.perf_counter() - begin}
+        rows += score_rows(session, name, readout.predict(traces["test"], hidden["test"]))
     data = [p.traces[session.split(s)] for s in ("train", "train", "validation", "validation")]
     targets = [p.behavior[session.split(s)] for s in ("train", "validation")]
     baselines = {"GLM": RidgeGLMDecoder(lags=4), "RRR": ReducedRankDecoder(lags=4),
@@ -419,8 +440,12 @@ def markdown(result: dict) -> str:
         f"park {backbone['dat']['validation_loss']['park']:.3f} / simulated {backbone['dat']['validation_loss']['simulated']:.3f} "
         f"(chance {backbone['dat']['chance_loss']:.3f}).", "",
         "Park et al. trials are 49 frames at 16 Hz: at the model rate of 5 Hz only 16 frames = 4 tokens per trial. "
-        "CalM predictions read the token holding the frame (up to 3 frames of look-ahead inside the token); the "
-        "GLM/RRR/TCN baselines are strictly causal. `nan`: the channel is constant over the test trials (R^2 "
+        "CalM-linear/GLU predictions read the token holding the frame (up to 3 frames of look-ahead inside the "
+        "token). CalM-ridge (closed-form ridge on causal trace lags plus the frozen hidden state of the last complete "
+        "token, `calm_hf.behavior_readout.CalmBehaviorRidgeReadout`; lags, reduction, PCA size, block weight and "
+        "per-channel penalty chosen on validation) and its traces-only ablation are strictly causal, as are the "
+        f"GLM/RRR/TCN baselines; `{LOOKAHEAD_RIDGE}` is CalM-ridge reading the token holding the frame (not causal, "
+        "for comparison with the linear/GLU heads). `nan`: the channel is constant over the test trials (R^2 "
         "undefined; left out of the means).", "",
     ]
     for title, key in (("Park et al. 2024 V1 (real)", "park"), ("Simulated (rate RNN, linear behaviour readout)", "simulated")):

@@ -170,6 +170,14 @@ class CalmForBehaviorRegression(CalmPreTrainedModel):
     to the end of that token (up to `window_size - 1` frames after the predicted frame within the token), and never
     later tokens.
 
+    With one recording's few short trials, the per-neuron banks and shared projections fit the training trials far
+    better than held-out ones. [`calm_hf.behavior_readout.CalmBehaviorRidgeReadout`] is the closed-form alternative on
+    the same frozen backbone: a ridge regression from causal lags of the traces and this backbone's hidden state of the
+    last complete token (`model.model(...).last_hidden_state`, strictly causal), every choice made on the validation
+    trials, saved beside the checkpoint as `behavior_readout.safetensors`. It needs the recording's traces as well as
+    its codes and fits one recording's neurons, which is why it is a separate object and not a `behavior_head` here;
+    `benchmarks/results/behavior_calm_base.md` compares both.
+
     Head settings are `CalmConfig` fields (`BEHAVIOR_HEAD_SETTINGS`) and can be given as keyword arguments, which
     build a copy of the config with them (the config passed in is not changed):
 
