@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it, imported on first access (PEP 562)
 _EXPORTS = {
+    "CalmBehaviorRidgeReadout": "behavior_readout",
     "CalmConfig": "configuration_calm",
     "CalmForBehaviorRegression": "modeling_calm_behavior",
     "CalmForCausalNeuralModeling": "modeling_calm",
