@@ -210,7 +210,7 @@ def merge_results(paths: list[Path]) -> dict:
     commits = sorted({meta["commit"] for meta in metas})
     merged["meta"] = {"date": max(meta["date"] for meta in metas), "commit": "+".join(commits),
                       "command": " ; ".join(meta["command"] for meta in metas),
-                      "machine": metas[0]["machine"] + f", {len(runs)} runs at once", "size": metas[0]["size"],
+                      "machine": metas[0]["machine"] + f", {len(runs)} runs merged (run side by side)", "size": metas[0]["size"],
                       "seconds": max(meta["seconds"] for meta in metas),
                       "summed_seconds": round(sum(meta["seconds"] for meta in metas), 1),
                       "sessions": {name: owner[name]["meta"]["sessions"][name] for name in order},

@@ -30,8 +30,11 @@ def table(results: dict) -> str:
              f"({meta['seconds'] / 60:.0f} min). r / MSE in z-scored units; k = training trials of the recording "
              "(0: the forecast context only).*", "",
              "| held-out recording | k | CalM | CalM adapted | CalM adapted + population readout | "
-             "best baseline by r | lowest baseline MSE | CalM 5-95% coverage |",
+             "best baseline by r | lowest baseline MSE | 5-95% coverage: CalM / + readout |",
              "|---|---|---|---|---|---|---|---|"]
+
+    def coverage(row):
+        return "–" if row is None else format(row["coverage_90"], ".0%")
 
     def pair(row):
         return "–" if row is None else f"{row['pearson_r']:.3f} / {row['mse']:.3f}"
@@ -48,7 +51,7 @@ def table(results: dict) -> str:
                 f"{pair(models.get('calm_readout'))} | "
                 f"{'–' if by_r is None else by_r[0].replace('_', ' ') + ' ' + pair(by_r[1])} | "
                 f"{'–' if by_mse is None else by_mse[0].replace('_', ' ') + ' ' + format(by_mse[1]['mse'], '.3f')} | "
-                f"{'–' if calm is None else format(calm['coverage_90'], '.0%')} |")
+                f"{coverage(calm)} / {coverage(models.get('calm_readout'))} |")
     return "\n".join(lines)
 
 
