@@ -82,6 +82,11 @@ def run_blocks(blocks, source: str, work: Path, env: dict, offline: dict, ran: l
             # one shell per block, so `source .venv/bin/activate` carries over like in a terminal
             commands = [shrunk(c) for c in shell_commands(body)]
             for command in commands:
+                if command in ran and not command.startswith("source"):
+                    # a guide repeating a command already run in this folder (same inputs, same output folder):
+                    # it has been tested; running it again would only cost time
+                    print(f"   ran  {command}")
+                    continue
                 online = command.startswith("calm push")
                 script = "set -euo pipefail\n" + "\n".join(
                     ["source .venv/bin/activate"] * any(c.startswith("source") for c in commands) + [command]

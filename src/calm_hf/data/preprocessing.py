@@ -14,7 +14,6 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import signal
 
 from .session import TrialGrid, check_traces
 
@@ -82,6 +81,8 @@ def resample(traces: Any, fs_in: float, fs_out: float, axis: int = -1, max_denom
         raise ValueError(
             f"Cannot resample from {fs_in} Hz to {fs_out} Hz: ratio below 1/{max_denominator}; raise max_denominator."
         )
+    from scipy import signal  # imported on use: slow to import, and most commands never resample
+
     out = signal.resample_poly(array.astype(np.float64), ratio.numerator, ratio.denominator, axis=axis, padtype="line")
     with np.errstate(over="ignore"):
         out = out.astype(dtype, copy=False)
@@ -112,6 +113,8 @@ def causal_ema(traces: Any, alpha: float = 0.15, axis: int = -1) -> np.ndarray:
     dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32
     x = np.moveaxis(array.astype(np.float64), axis, -1)
     b, a = [alpha], [1.0, alpha - 1.0]
+    from scipy import signal
+
     zi = signal.lfilter_zi(b, a)[None] * x[..., :1]  # steady state for a constant input equal to x[0]
     y, _ = signal.lfilter(b, a, x, axis=-1, zi=zi)
     return np.moveaxis(y, -1, axis).astype(dtype, copy=False)

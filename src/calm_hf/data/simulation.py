@@ -48,9 +48,15 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
-from scipy import signal
 
 from .session import SessionTrials
+
+
+def _lfilter(b, a, x, axis=-1):
+    """`scipy.signal.lfilter`, imported on first use (slow to import; most commands never simulate)."""
+    from scipy import signal
+
+    return signal.lfilter(b, a, x, axis=axis)
 
 
 @dataclass
@@ -206,7 +212,7 @@ def spikes_to_calcium(spikes: np.ndarray, config: SimulationConfig) -> np.ndarra
     spikes = np.asarray(spikes, dtype=np.float64)
     calcium = np.zeros_like(spikes)
     for gain, pole in _calcium_filters(config):
-        calcium += signal.lfilter([gain], [1.0, -pole], spikes, axis=-1)
+        calcium += _lfilter([gain], [1.0, -pole], spikes, axis=-1)
     return np.maximum(calcium, 0.0)  # exact kernel is >= 0; clip float round-off only
 
 
@@ -258,7 +264,7 @@ def _ornstein_uhlenbeck(rng: np.random.Generator, shape: tuple[int, ...], frames
     pole = math.exp(-dt / tau)
     innovations = rng.standard_normal((*shape, frames)).astype(np.float32) * np.float32(std * math.sqrt(1 - pole**2))
     innovations[..., 0] = rng.standard_normal(shape).astype(np.float32) * np.float32(std)  # start in steady state
-    return signal.lfilter([1.0], [1.0, -pole], innovations, axis=-1).astype(np.float32)
+    return _lfilter([1.0], [1.0, -pole], innovations, axis=-1).astype(np.float32)
 
 
 def _external_input(config: SimulationConfig, task: dict | None, rng: np.random.Generator | None,

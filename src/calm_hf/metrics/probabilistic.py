@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm
 
 __all__ = ["CRPS_LEVELS", "interval_coverage", "pinball_loss", "quantile_crps", "residual_quantiles",
            "residual_scale"]
@@ -71,5 +70,7 @@ def residual_quantiles(pred: Any, scale: Any, levels: Any = CRPS_LEVELS) -> np.n
     horizon = pred.shape[-1]
     if len(scale) < horizon:
         scale = np.concatenate([scale, np.full(horizon - len(scale), scale[-1])])
+    from scipy.stats import norm  # imported on use: scipy.stats is slow to import
+
     z = norm.ppf(_levels(levels, len(levels)))
     return pred[None] + z.reshape(-1, 1, 1, 1) * scale[:horizon]
