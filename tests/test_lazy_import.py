@@ -101,3 +101,21 @@ def test_help_into_a_closed_pipe_exits_quietly():
     os.close(write)
     assert "Error" not in process.stderr and "Traceback" not in process.stderr, process.stderr
     assert process.returncode == 141
+
+
+def test_calm_prepare_runs_without_importing_torch(tmp_path):
+    """Preparing trials is numpy, scipy and datasets: the command never imports torch (it starts in a fraction of
+    the time), and the collators stay importable from calm_hf.data on demand."""
+    import os
+    import subprocess
+    import sys
+
+    script = (f"import sys; from calm_hf.commands import prepare; "
+              f"prepare.run(['--output_dir', {str(tmp_path / 'trials')!r}, '--num_sessions', '1', '--num_neurons', '4', "
+              f"'--num_trials', '10', '--num_steps', '40']); "
+              "assert 'torch' not in sys.modules, 'calm prepare imported torch'; "
+              "from calm_hf.data import CalmDataCollator; print(CalmDataCollator.__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("CalmDataCollator")

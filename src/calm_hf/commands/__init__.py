@@ -96,7 +96,7 @@ def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str | None = None,
-                       recipe: str | None = None) -> tuple:
+                       recipe: str | None = None, uses_torch: bool = True) -> tuple:
     """What every command does first: parse its dataclasses, set up logging and the torch thread count.
 
     Args:
@@ -110,6 +110,9 @@ def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, pr
         recipe (`str`, *optional*):
             A command of `calm_hf.commands.recipes`: its measured recipe becomes the defaults (`--help` shows them and
             says where they were measured); `--config` and flags override them.
+        uses_torch (`bool`, *optional*, defaults to `True`):
+            Set the torch thread count (`calm_hf.hardware.default_num_threads`), importing torch; `False` for a
+            command that never computes with torch.
 
     Returns:
         `tuple`: one instance per dataclass type.
@@ -143,10 +146,11 @@ def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, pr
         parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     parsed = parsed[: len(dataclass_types)]  # without the --config namespace
     check_environment()
-    from ..hardware import configure_torch_threads  # imports torch, so only once the flags are read
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    configure_torch_threads()
+    if uses_torch:  # `calm prepare` never computes with torch, and starts faster without importing it
+        from ..hardware import configure_torch_threads
+
+        configure_torch_threads()
     return tuple(parsed)
 
 

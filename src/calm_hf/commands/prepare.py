@@ -153,7 +153,8 @@ def load_sessions(args: PrepareArguments) -> list[SessionTrials]:
 
 def run(argv: list[str] | None = None):
     """Parse `argv` (see `PrepareArguments`), write the trial DatasetDict and return it."""
-    args, output = parse_command_args((PrepareArguments, OutputArguments), argv, prog="calm prepare")
+    args, output = parse_command_args((PrepareArguments, OutputArguments), argv, prog="calm prepare",
+                                      uses_torch=False)
     target = claim_output_folder(args.output_dir, "prepare", [*args.npz, *args.nwb, *args.suite2p, *args.caiman],
                                  overwrite=output.overwrite)
     sessions = load_sessions(args)

@@ -13,7 +13,8 @@ batch = CalmDataCollator(max_neurons=128)(list(dataset["train"].with_format("num
 ```
 """
 
-from .collator import CalmDataCollator, CollatorEpochCallback, TraceCollator
+import importlib
+
 from .datasets import (
     SessionInfo,
     build_trial_dataset,
@@ -91,3 +92,18 @@ __all__ = [
     "split_trials_by_time",
     "tokenize_dataset",
 ]
+
+# the collators need torch and transformers; commands that only read and prepare recordings never import them
+_LAZY = {"CalmDataCollator": "collator", "CollatorEpochCallback": "collator", "TraceCollator": "collator"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

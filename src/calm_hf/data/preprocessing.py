@@ -9,6 +9,7 @@ the training trials' statistics only).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -175,15 +176,11 @@ class ZScoreStats:
                 f"Expected traces of shape (..., {self.num_neurons} neurons, frames), got shape {shape}. "
                 "Use the statistics fitted on this session's neurons."
             )
-        try:
-            import torch
-
-            if isinstance(x, torch.Tensor):
-                mean = torch.as_tensor(self.mean, device=x.device, dtype=x.dtype)[:, None]
-                std = torch.as_tensor(self.std, device=x.device, dtype=x.dtype)[:, None]
-                return x, mean, std
-        except ImportError:  # pragma: no cover
-            pass
+        torch = sys.modules.get("torch")  # a tensor implies torch is imported; numpy input never imports it
+        if torch is not None and isinstance(x, torch.Tensor):
+            mean = torch.as_tensor(self.mean, device=x.device, dtype=x.dtype)[:, None]
+            std = torch.as_tensor(self.std, device=x.device, dtype=x.dtype)[:, None]
+            return x, mean, std
         x = np.asarray(x)
         dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
         return x.astype(dtype, copy=False), self.mean.astype(dtype)[:, None], self.std.astype(dtype)[:, None]
