@@ -14,8 +14,8 @@ held-out ones. [`CalmBehaviorRidgeReadout`] has no iterative training: for each 
   directions of the training trials' hidden states (`neurons * pca_size` values), times a block weight (a larger
   weight is a weaker penalty on the backbone block relative to the traces),
 
-and solves the ridge regression of behaviour on them in closed form (`calm_hf.baselines.forecasting._RidgeGram`, or
-its dual `_RidgeDual` with fewer training frames than features). The number of lags, the reduction, the PCA size
+and solves the ridge regression of behaviour on them in closed form (`calm_hf.baselines.forecasting.ridge_system`:
+in the dual with fewer training frames than features). The number of lags, the reduction, the PCA size
 and the block weight are chosen jointly by the channel-mean validation error (each channel at its best penalty);
 the penalty is then chosen per channel, since ridge solves each output column on its own. Nothing is chosen on test
 trials. Without hidden states (`reductions=()`) it is a ridge GLM on the traces alone with the same search: the
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .baselines.behavior import causal_lag_features
-from .baselines.forecasting import DEFAULT_ALPHA_GRID, _RidgeDual, _RidgeGram, check_trials
+from .baselines.forecasting import DEFAULT_ALPHA_GRID, check_trials, ridge_system
 
 READOUT_FILE = "behavior_readout.safetensors"
 REDUCTIONS = ("pooled", "neuron_pca")
@@ -254,10 +254,7 @@ class CalmBehaviorRidgeReadout:
                 for hidden_weight in weights_grid:
                     design = {**reduction, "lags": lags, "hidden_weight": hidden_weight}
                     features = self._features(train_values, train_hidden, design)
-                    if len(features) < features.shape[1]:  # more features than training frames: the dual solve
-                        system = _RidgeDual(features, train_targets)
-                    else:
-                        system = _RidgeGram.from_chunks([(features, train_targets)])
+                    system = ridge_system(features, train_targets)  # the dual with more features than frames
                     val_features = self._features(val_values, val_hidden, design)
                     solutions = [system.solve(alpha) for alpha in self.alpha_grid]
                     errors = np.stack([((val_features @ w + b - val_targets) ** 2).mean(axis=0) / channel_scale

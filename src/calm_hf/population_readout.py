@@ -200,11 +200,14 @@ class PopulationReadout:
         """`(horizon,)` the network's share at each forecast frame."""
         return self.frame_mix(horizon)[:, 0]
 
-    def blend(self, network: torch.Tensor, ridge: torch.Tensor, per_neuron: torch.Tensor | None = None
+    def blend(self, network: torch.Tensor, ridge: torch.Tensor | None, per_neuron: torch.Tensor | None = None
               ) -> torch.Tensor:
+        """The mixed forecast; `ridge` or `per_neuron` may be None where the mix gives that term no share."""
         reach = 0 if per_neuron is None else per_neuron.shape[-1]
         mix = self.frame_mix(network.shape[-1], reach).to(device=network.device, dtype=network.dtype)
-        blended = mix[:, 0] * network + mix[:, 1] * ridge.to(network.dtype)
+        blended = mix[:, 0] * network
+        if ridge is not None:
+            blended = blended + mix[:, 1] * ridge.to(network.dtype)
         if reach:
             blended[..., :reach] += mix[:reach, 2] * per_neuron.to(network.dtype)
         return blended
@@ -245,9 +248,11 @@ class PopulationReadout:
               samples: torch.Tensor | None) -> tuple:
         """Blend a direct forecast `point` `(batch, neurons, horizon)`; quantiles `(..., horizon, levels)` and
         samples `(batch, samples, neurons, horizon)` move with it."""
-        ridge = self.predict_ridge(context, point.shape[-1])
+        self.check_neurons(context.shape[1])
+        # each AR is rolled out only where the mix gives it a share (a streaming forecast calls this every frame)
+        ridge = self.predict_ridge(context, point.shape[-1]) if bool((self.mix[:, 1] > 0).any()) else None
         per_neuron = self.predict_per_neuron(context, point.shape[-1])
-        if not torch.isfinite(ridge).all() or (per_neuron is not None and not torch.isfinite(per_neuron).all()):
+        if any(term is not None and not torch.isfinite(term).all() for term in (ridge, per_neuron)):
             return point, quantiles, samples  # an AR that diverges on this context: the network alone
         blended = self.blend(point, ridge, per_neuron)
         scale = self.band_scales(point.shape[-1]).to(device=point.device, dtype=point.dtype)

@@ -255,13 +255,21 @@ class _RidgeDual:
         return weights, self.y_mean - self.x_mean @ weights
 
 
+def ridge_system(features: np.ndarray, targets: np.ndarray) -> _RidgeGram | _RidgeDual:
+    """The ridge regression of `targets` `(samples, outputs)` on `features` `(samples, features)`, in the primal or,
+    with fewer samples than features, in the dual (same solutions)."""
+    if len(features) < features.shape[1]:
+        return _RidgeDual(features, targets)
+    return _RidgeGram.from_chunks([(features, targets)])
+
+
 def ridge_ar_system(train: np.ndarray, lags: int, chunk_trials: int = 64) -> _RidgeGram | _RidgeDual:
     """The one-step ridge AR(lags) regression of every transition of `train` `(trials, neurons, frames)`, in the
     primal (features x features Gram matrix, accumulated in chunks of trials) or, with fewer transitions than
     features, in the dual."""
     samples = len(train) * (train.shape[-1] - lags)
     if samples < train.shape[1] * lags:
-        return _RidgeDual(*_lag_stack(train, lags))
+        return ridge_system(*_lag_stack(train, lags))
     return _RidgeGram.from_chunks(_lag_stack(train[i : i + chunk_trials], lags) for i in range(0, len(train), chunk_trials))
 
 
