@@ -245,3 +245,64 @@ def test_scale_benchmark_tables_skips_and_figure(tmp_path):
     assert "did not finish in 180 s" in table
     scale.figure(result, tmp_path / "scale.png")
     assert (tmp_path / "scale.png").stat().st_size > 0
+
+
+def test_neuron_attention_blocks_cover_every_neuron_once():
+    from calm_hf.modeling_calm import neuron_attention_blocks
+
+    assert neuron_attention_blocks(300, None) == [(0, 1, 300)]
+    assert neuron_attention_blocks(300, 300) == [(0, 1, 300)]
+    for neurons, block in ((301, 300), (1000, 256), (10_007, 512), (5, 1)):
+        parts = neuron_attention_blocks(neurons, block)
+        covered = [n for start, groups, size in parts for n in range(start, start + groups * size)]
+        assert covered == list(range(neurons))
+        sizes = {size for _, _, size in parts}
+        assert max(sizes) <= block and max(sizes) - min(sizes) <= 1
+
+
+def blocked_model(block, mixer_rank=0, seed=0):
+    torch.manual_seed(seed)
+    config = CalmConfig.from_preset("tiny", num_neurons=64, neuron_mixer_rank=mixer_rank,
+                                    neuron_attention_block=block)
+    return CalmForCausalNeuralModeling(config).eval()
+
+
+def test_blocked_neuron_attention_equals_full_below_the_block_and_is_local_above_it():
+    full = blocked_model(None)
+    vocab = full.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 10, 5), generator=torch.Generator().manual_seed(1))
+    same = blocked_model(10)
+    torch.testing.assert_close(same(input_ids=ids).logits, full(input_ids=ids).logits)
+    blocked = blocked_model(4)  # groups of 4, 3, 3 neurons
+    out = blocked(input_ids=ids).logits
+    assert not torch.allclose(out, full(input_ids=ids).logits, atol=1e-4)
+    # a neuron reads only its group: changing neurons 4..9 leaves neurons 0..3 alone, and each group alone equals
+    # the model run on that group by itself
+    changed = ids.clone()
+    changed[:, 4:] = (changed[:, 4:] + 7) % vocab
+    torch.testing.assert_close(blocked(input_ids=changed).logits[:, :4], out[:, :4])
+    for start, stop in ((0, 4), (4, 7), (7, 10)):
+        alone = blocked(input_ids=ids[:, start:stop], neuron_ids=torch.arange(start, stop).expand(2, -1)).logits
+        torch.testing.assert_close(alone, out[:, start:stop], rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_neuron_attention_with_padding_and_the_linear_mixer():
+    # padding inside a group is masked there; the linear mixer still reads every neuron, so the groups are not cut off
+    model = blocked_model(4, mixer_rank=4)
+    for module in model.modules():  # the mixer's output starts at zero: give it weight
+        if type(module).__name__ == "CalmNeuronMixer":
+            torch.nn.init.normal_(module.o_proj.weight, std=0.2)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, 9, 4), generator=torch.Generator().manual_seed(2))
+    real = model(input_ids=ids[:, :7]).logits
+    mask = torch.tensor([[True] * 7 + [False] * 2])
+    padded = model(input_ids=ids, neuron_mask=mask).logits
+    # 7 real neurons: groups (4, 3); 9 with padding: groups (3, 3, 3) -- compare a neuron's output only where both
+    # layouts put it with the same real neighbours, i.e. check padding never leaks instead
+    changed = ids.clone()
+    changed[:, 7:] = (changed[:, 7:] + 5) % vocab
+    torch.testing.assert_close(model(input_ids=changed, neuron_mask=mask).logits[:, :7], padded[:, :7])
+    assert torch.isfinite(padded).all() and torch.isfinite(real).all()
+    changed = ids.clone()
+    changed[:, 5] = (changed[:, 5] + 5) % vocab  # neuron 5 is in another group than neuron 0: only the mixer carries it
+    assert not torch.allclose(model(input_ids=changed).logits[:, 0], model(input_ids=ids).logits[:, 0], atol=1e-6)

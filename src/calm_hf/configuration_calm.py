@@ -167,6 +167,10 @@ class CalmConfig(PreTrainedConfig):
             queries/keys from the neuron and session identity and values from the activity, i.e. a learned low-rank
             linear map across neurons. Softmax attention over identity-only keys can only form convex mixtures, which
             made signed population couplings hard to learn. 0 = off.
+        neuron_attention_block (`int`, *optional*):
+            Neuron-axis attention within contiguous groups of at most this many neurons (in the order given), so its
+            cost is linear in neurons; the linear mixers still read the whole population. A recording with no more
+            neurons than this attends over all of them. None = always over all neurons (quadratic).
 
     Example:
 
@@ -215,6 +219,7 @@ class CalmConfig(PreTrainedConfig):
     value_loss_weight: float | int = 1.0
     next_token_loss_weight: float | int = 1.0
     neuron_mixer_rank: int = 0
+    neuron_attention_block: int | None = None
     neuron_identity: str = "table"
     identity_rank: int = 32
     identity_ridge: float | int = 1.0
@@ -246,6 +251,10 @@ class CalmConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"CalmConfig.{name} must be a non-negative integer (0 = off), got {value!r}.")
+        block = self.neuron_attention_block
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+            raise ValueError(f"CalmConfig.neuron_attention_block must be a positive number of neurons or None (attend "
+                             f"over all neurons), got {block!r}.")
         if self.value_skip_windows > 0 and self.value_head_steps == 0:
             raise ValueError(
                 f"value_skip_windows={self.value_skip_windows} adds to the continuous forecast head, which is off "

@@ -213,6 +213,19 @@ def eager_attention_max_bytes() -> int:
     return int(float(os.environ.get("CALM_EAGER_ATTENTION_MAX_GIB", "4")) * 2**30)
 
 
+def neuron_attention_blocks(num_neurons: int, block: int | None) -> list[tuple[int, int, int]]:
+    """How the neuron axis is split for attention: `[(first neuron, groups, size)]`, contiguous groups of neurons
+    that attend among themselves. All neurons in one group when `block` is None or not exceeded; else the fewest
+    groups of at most `block` neurons, sizes differing by at most one (two parts: the larger groups, then the
+    smaller), so no neuron is padding and cost is linear in neurons."""
+    if block is None or num_neurons <= block:
+        return [(0, 1, num_neurons)]
+    groups = -(-num_neurons // block)
+    size, larger = divmod(num_neurons, groups)
+    parts = [(0, larger, size + 1)] if larger else []
+    return parts + [(larger * (size + 1), groups - larger, size)]
+
+
 def eager_attention_bytes(num_sequences: int, num_heads: int, q_len: int, kv_len: int) -> int:
     # scores in float32, the masked copy and the softmax output live at the same time: ~3 float32 matrices
     return 3 * 4 * num_sequences * num_heads * q_len * kv_len
@@ -392,7 +405,8 @@ class CalmDualAxisLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        neuron_attention_mask: torch.Tensor | None = None,
+        neuron_attention_mask: list[torch.Tensor | None] | None = None,
+        neuron_blocks: list[tuple[int, int, int]] | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         identity_states: torch.Tensor | None = None,
@@ -400,12 +414,23 @@ class CalmDualAxisLayer(GradientCheckpointingLayer):
         neuron_identity: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch_size, num_neurons, num_steps, hidden_size = hidden_states.shape
+        if neuron_blocks is None:
+            neuron_blocks = [(0, 1, num_neurons)]
+        if neuron_attention_mask is None:
+            neuron_attention_mask = [None] * len(neuron_blocks)
 
-        # (batch*steps, neurons, hidden): bidirectional attention across neurons within each step
+        # bidirectional attention across neurons within each step: over all of them, or within each block of
+        # `config.neuron_attention_block` neurons; each part is (batch*blocks*steps, block size, hidden)
         residual = hidden_states
-        hidden = self.neuron_norm(hidden_states).transpose(1, 2).reshape(batch_size * num_steps, num_neurons, -1)
-        hidden = self.neuron_attn(hidden, attention_mask=neuron_attention_mask)
-        hidden = hidden.view(batch_size, num_steps, num_neurons, hidden_size).transpose(1, 2)
+        normed = self.neuron_norm(hidden_states)
+        outputs = []
+        for (start, groups, size), mask in zip(neuron_blocks, neuron_attention_mask):
+            part = normed[:, start : start + groups * size].reshape(batch_size, groups, size, num_steps, hidden_size)
+            part = part.permute(0, 1, 3, 2, 4).reshape(batch_size * groups * num_steps, size, hidden_size)
+            part = self.neuron_attn(part, attention_mask=mask)
+            part = part.view(batch_size, groups, num_steps, size, hidden_size).permute(0, 1, 3, 2, 4)
+            outputs.append(part.reshape(batch_size, groups * size, num_steps, hidden_size))
+        hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         if self.mixer is not None:
             hidden = hidden + self.mixer(hidden_states, identity_states, neuron_weight)
         if self.coupling is not None:
@@ -589,8 +614,10 @@ class CalmModel(CalmPreTrainedModel):
 
         hidden_states, identity_states = self._embed(input_ids, inputs_embeds, neuron_ids, session_ids, neuron_identity)
         position_ids = torch.arange(past_length, past_length + num_steps, device=device)
+        blocks = neuron_attention_blocks(num_neurons, self.config.neuron_attention_block)
         layer_kwargs = {
-            "neuron_attention_mask": self._neuron_attention_mask(neuron_mask, num_steps),
+            "neuron_attention_mask": self._neuron_attention_mask(neuron_mask, num_steps, blocks),
+            "neuron_blocks": blocks,
             "position_embeddings": self.rotary_emb(position_ids),
             "cache": cache,
             "identity_states": identity_states,
@@ -654,15 +681,22 @@ class CalmModel(CalmPreTrainedModel):
         return past_length
 
     @staticmethod
-    def _neuron_attention_mask(neuron_mask: torch.Tensor | None, num_steps: int) -> torch.Tensor | None:
-        """`(batch*steps, 1, 1, neurons)` key mask of the neuron-axis attention (True = may be attended to)."""
+    def _neuron_attention_mask(
+        neuron_mask: torch.Tensor | None, num_steps: int, blocks: list[tuple[int, int, int]]
+    ) -> list[torch.Tensor | None]:
+        """Key masks of the neuron-axis attention, one per part of `blocks` (`neuron_attention_blocks`), each
+        `(batch*groups*steps, 1, 1, size)` (True = may be attended to), or None without padding."""
         if neuron_mask is None:
-            return None
-        batch_size, num_neurons = neuron_mask.shape
-        # a sample whose neurons are all padding attends to all of them (avoids NaN rows; its outputs are ignored)
-        key_mask = neuron_mask | ~neuron_mask.any(dim=1, keepdim=True)
-        key_mask = key_mask[:, None, :].expand(batch_size, num_steps, num_neurons)
-        return key_mask.reshape(batch_size * num_steps, 1, 1, num_neurons)
+            return [None] * len(blocks)
+        batch_size = neuron_mask.shape[0]
+        masks = []
+        for start, groups, size in blocks:
+            key_mask = neuron_mask[:, start : start + groups * size].reshape(batch_size, groups, size)
+            # a block whose neurons are all padding attends to all of them (avoids NaN rows; its outputs are ignored)
+            key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+            key_mask = key_mask[:, :, None, :].expand(batch_size, groups, num_steps, size)
+            masks.append(key_mask.reshape(batch_size * groups * num_steps, 1, 1, size))
+        return masks
 
 
 # ----------------------------------------------------------------------------------------------------------------------
