@@ -201,3 +201,19 @@ def test_the_identity_carries_the_highway_statistics_the_config_asks_for():
     assert not CalmConfig.from_preset("tiny", neuron_identity="table").identity_highway
     with pytest.raises(ValueError, match="identity_highway=True"):
         CalmConfig.from_preset("tiny", neuron_identity="table", identity_highway=True)
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40), (30, 30)])
+def test_principal_axes_span_the_top_singular_subspace(shape):
+    from calm_hf.identity_calm import principal_axes
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(shape[0], 12, dtype=torch.float64, generator=generator) @ torch.randn(
+        12, shape[1], dtype=torch.float64, generator=generator)  # rank 12: directions beyond it carry nothing
+    inputs += 1e-3 * torch.randn(*shape, dtype=torch.float64, generator=generator)
+    axes = principal_axes(inputs, 8)
+    reference = torch.linalg.svd(inputs, full_matrices=False)[2][:8].T
+    torch.testing.assert_close(axes.T @ axes, torch.eye(8, dtype=torch.float64))
+    torch.testing.assert_close(axes @ axes.T, reference @ reference.T)
+    # a rank-deficient input keeps only the directions it has
+    assert principal_axes(inputs[:, :1].expand(-1, shape[1]).contiguous(), 8).shape[1] == 1

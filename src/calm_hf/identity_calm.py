@@ -80,6 +80,22 @@ def _window_means(values: torch.Tensor, window_size: int) -> torch.Tensor:
     return values[..., : steps * window_size].reshape(*values.shape[:-1], steps, window_size).mean(-1)
 
 
+def principal_axes(inputs: torch.Tensor, count: int) -> torch.Tensor:
+    """The top `count` right singular vectors `(features, <= count)` of `inputs` `(samples, features)` (float64),
+    from the eigenvectors of the smaller Gram matrix: a matrix product and a small symmetric eigenproblem instead of a
+    full SVD, so the cost is linear in the larger side. Directions with no variance are left out (they carry
+    nothing to a ridge fit)."""
+    samples, features = inputs.shape
+    small_side = inputs @ inputs.T if samples < features else inputs.T @ inputs
+    values, vectors = torch.linalg.eigh(small_side)  # ascending
+    values, vectors = values.flip(0)[:count], vectors.flip(1)[:, :count]
+    kept = values > values[0].clamp_min(1e-300) * 1e-12
+    values, vectors = values[kept], vectors[:, kept]
+    if samples < features:  # right vectors from the left ones: v = X^T u / sigma
+        return (inputs.T @ vectors) / values.sqrt()
+    return vectors
+
+
 def coupling_factors(reference: torch.Tensor, window_size: int, rank: int, ridge: float = 1.0
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`(receives, drives, samples)`: rank-`rank` factors `(neurons, rank)` of the one-step coupling of window means
@@ -101,7 +117,7 @@ def coupling_factors(reference: torch.Tensor, window_size: int, rank: int, ridge
         coupling.fill_diagonal_(0.0)
         left, singular, right_t = torch.linalg.svd(coupling)
     else:  # ridge on the top principal components of the inputs: memory and time linear in the neurons
-        basis = torch.linalg.svd(inputs, full_matrices=False)[2][:COUPLING_COMPONENTS].T  # (neurons, components)
+        basis = principal_axes(inputs, COUPLING_COMPONENTS)  # (neurons, components)
         scores = inputs @ basis
         gram = scores.T @ scores
         gram.diagonal().add_(ridge * max(float(gram.diagonal().mean()), 1e-8))

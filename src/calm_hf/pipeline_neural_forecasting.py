@@ -135,6 +135,8 @@ def _check_count(value, name: str, minimum: int = 1) -> int:
 def fill_nan_frames(values: np.ndarray) -> tuple[np.ndarray, int]:
     """Linearly interpolate NaN frames of `(batch, neurons, frames)` per neuron along time (edges take the nearest
     valid value). Returns the filled array and the number of filled values; a neuron with no valid frame raises."""
+    if not math.isnan(float(values.max())):  # no NaN anywhere (one pass, no copy)
+        return values, 0
     missing = np.isnan(values)
     count = int(missing.sum())
     if not count:
@@ -363,7 +365,7 @@ class NeuralForecastingPipeline(Pipeline):
         values = np.asarray(traces)
         if values.dtype == object or not np.issubdtype(values.dtype, np.number):
             raise ValueError(f"traces must be a numeric array (neurons, frames), got dtype {values.dtype}.")
-        values = values.astype(np.float64)
+        values = np.asarray(values, dtype=np.float64)  # no copy of float64 input: nothing below writes into it
         single = values.ndim == 2
         if single:
             values = values[None]
@@ -374,10 +376,15 @@ class NeuralForecastingPipeline(Pipeline):
             )
         if values.size == 0:
             raise ValueError(f"traces are empty (shape {values.shape}): give at least one neuron and some frames.")
-        if np.isinf(values).any():
+        highest, lowest = float(values.max()), float(values.min())  # one pass each, no copy
+        if math.isnan(highest) or math.isnan(lowest):  # NaN frames (filled later): look past them
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN input: caught when filling
+                highest, lowest = float(np.nanmax(values)), float(np.nanmin(values))
+        if math.isinf(highest) or math.isinf(lowest):
             b, n, t = np.argwhere(np.isinf(values))[0]
             raise ValueError(f"traces contain Inf (batch {b}, neuron {n}, frame {t}); fix or drop that neuron.")
-        peak = float(np.nanmax(np.abs(values))) if not np.isnan(values).all() else 0.0
+        peak = 0.0 if math.isnan(highest) else max(highest, -lowest)
         if peak >= MAX_ABS_INPUT:
             raise ValueError(
                 f"traces reach {peak:.3g}, too large for float32 forecasts (limit {MAX_ABS_INPUT:.3g}); rescale them "

@@ -25,28 +25,100 @@ from transformers.feature_extraction_utils import BatchFeature, FeatureExtractio
 MAX_ABS_INPUT = float(np.finfo(np.float32).max) / 1e3
 
 
+def _gaussian_taps(sigma: float) -> np.ndarray:
+    half = max(1, int(math.ceil(3.0 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    return taps / taps.sum()
+
+
 def _gaussian_lowpass(x: np.ndarray, sigma: float) -> np.ndarray:
     """Symmetric Gaussian smoothing along the last axis with odd-reflected edges (keeps straight lines straight,
     so a ramp stays exactly a ramp up to the last frame). `x` is float64 `(..., frames)`."""
-    half = max(1, int(math.ceil(3.0 * sigma)))
-    taps = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
-    taps /= taps.sum()
+    taps = _gaussian_taps(sigma)
+    half = len(taps) // 2
     padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(half, half)], mode="reflect", reflect_type="odd")
-    flat = padded.reshape(-1, padded.shape[-1])
-    out = np.stack([np.convolve(row, taps, mode="valid") for row in flat])
-    return out.reshape(*x.shape[:-1], x.shape[-1])
+    out = np.zeros_like(x)
+    for k, tap in enumerate(taps):  # one pass per tap over the whole array: no per-row Python loop
+        out += tap * padded[..., k : k + x.shape[-1]]
+    return out
+
+
+def _odd_reflect(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """`x[..., index]` for indices up to `frames - 1` outside `[0, frames - 1]`, continued by odd reflection (as
+    `np.pad(mode="reflect", reflect_type="odd")`): `x[-m] = 2 x[0] - x[m]`, `x[n-1+m] = 2 x[n-1] - x[n-1-m]`."""
+    last = x.shape[-1] - 1
+    reflected = (index < 0) | (index > last)
+    if not reflected.any():
+        return x[..., index]
+    mirrored = np.where(index < 0, -index, np.where(index > last, 2 * last - index, index))
+    edge = np.where(index < 0, 0, last)
+    return np.where(reflected, 2.0 * x[..., edge] - x[..., mirrored], x[..., mirrored])
+
+
+def _interpolation_weights(frames: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(left frame `(positions,)`, fraction) of linear interpolation at `positions`, extrapolating along the odd
+    reflection up to a couple of frames outside `[0, frames - 1]` (the left frame may then lie outside too)."""
+    left = np.floor(positions).astype(np.int64)
+    left = np.clip(left, -(frames - 1), 2 * (frames - 1) - 1)
+    return left, positions - left
 
 
 def _interpolate(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Linear interpolation of `x` `(..., frames)` at fractional frame `positions`; positions up to a couple of
     frames outside `[0, frames - 1]` extrapolate along the odd reflection (linearly for a straight line)."""
-    pad = 2 + int(max(0.0, -positions.min(), positions.max() - (x.shape[-1] - 1)))
-    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)], mode="reflect", reflect_type="odd") if x.shape[-1] > 1 \
-        else np.repeat(x, 2 * pad + 1, axis=-1)
-    where = positions + pad
-    left = np.clip(np.floor(where).astype(np.int64), 0, padded.shape[-1] - 2)
-    frac = where - left
-    return padded[..., left] * (1.0 - frac) + padded[..., left + 1] * frac
+    frames = x.shape[-1]
+    if frames == 1:
+        return np.repeat(x, len(positions), axis=-1)
+    left, frac = _interpolation_weights(frames, positions)
+    if frames * len(positions) <= 1 << 22:  # a small grid: one matrix product does it all
+        lo, hi = min(left.min(), 0), max(left.max() + 1, frames - 1)
+        weights = np.zeros((hi - lo + 1, len(positions)))
+        columns = np.arange(len(positions))
+        np.add.at(weights, (left - lo, columns), 1.0 - frac)
+        np.add.at(weights, (left + 1 - lo, columns), frac)
+        return _odd_reflect(x, np.arange(lo, hi + 1)) @ weights
+    return _odd_reflect(x, left) * (1.0 - frac) + _odd_reflect(x, left + 1) * frac
+
+
+def _lowpass_at(x: np.ndarray, sigma: float, positions: np.ndarray) -> np.ndarray:
+    """`_interpolate(_gaussian_lowpass(x, sigma), positions)` in one pass: each output is a weighted sum of the
+    `2 * half + 2` input frames around its position (the Gaussian taps interpolated to the position), so only the
+    frames the outputs need are read, and the odd reflection at the edges is the same as smoothing first. Rows are
+    taken in chunks, so nothing of the size of the input is copied at once."""
+    frames = x.shape[-1]
+    taps = _gaussian_taps(sigma)
+    half = len(taps) // 2
+    left = np.floor(positions).astype(np.int64)
+    frac = positions - left
+    margin = half + 1 + int(max(0, -left.min(), left.max() + 1 - (frames - 1)))
+    if margin > frames - 1:  # too short for one reflection: smooth it all, then interpolate
+        return _interpolate(_gaussian_lowpass(x, sigma), positions)
+    weights = np.zeros((len(positions), len(taps) + 1))
+    weights[:, :-1] += (1.0 - frac)[:, None] * taps
+    weights[:, 1:] += frac[:, None] * taps
+    start = left - half + margin  # first frame of each output's window in the padded rows
+    if np.any(np.diff(start) < 0):  # positions out of order: gather each output's window
+        return _interpolate(_gaussian_lowpass(x, sigma), positions)
+    # consecutive outputs in groups whose windows span a few taps' lengths: one small matrix product per group
+    width = weights.shape[1]
+    group = max(4, int(math.ceil(4 * width / max(1.0, float(np.median(np.diff(start))) if len(start) > 1 else 1.0))))
+    products = []
+    for first in range(0, len(positions), group):
+        index = np.arange(first, min(first + group, len(positions)))
+        low, high = start[index[0]], start[index[-1]] + width
+        matrix = np.zeros((high - low, len(index)))
+        rows_at = start[index][:, None] - low + np.arange(width)
+        matrix[rows_at, np.arange(len(index))[:, None]] = weights[index]
+        products.append((index[0], low, high, matrix))
+    rows = x.reshape(-1, frames)
+    out = np.empty((rows.shape[0], len(positions)))
+    chunk = max(1, (1 << 24) // max(1, frames))  # rows per chunk: about 128 MiB of padded float64
+    for first_row in range(0, rows.shape[0], chunk):
+        padded = np.pad(rows[first_row : first_row + chunk], [(0, 0), (margin, margin)], mode="reflect",
+                        reflect_type="odd")
+        for first, low, high, matrix in products:
+            out[first_row : first_row + chunk, first : first + matrix.shape[1]] = padded[:, low:high] @ matrix
+    return out.reshape(*x.shape[:-1], len(positions))
 
 
 def resample_on_grid(x: np.ndarray, fs_in: float, fs_out: float, positions: np.ndarray) -> np.ndarray:
@@ -55,7 +127,7 @@ def resample_on_grid(x: np.ndarray, fs_in: float, fs_out: float, positions: np.n
     x = np.asarray(x, dtype=np.float64)
     ratio = fs_in / fs_out
     if ratio > 1.0 + 1e-9:
-        x = _gaussian_lowpass(x, sigma=0.5 * ratio)
+        return _lowpass_at(x, 0.5 * ratio, positions)
     return _interpolate(x, positions)
 
 
@@ -207,7 +279,7 @@ class CalmTraceProcessor(FeatureExtractionMixin):
                              f"{raw.dtype}; ragged lists of traces must be padded or cut first.")
         if np.iscomplexobj(raw):
             raise ValueError(f"traces must be real, got complex dtype {raw.dtype}; pass np.abs(x) or x.real.")
-        values = raw.astype(np.float64)
+        values = np.asarray(raw, dtype=np.float64)  # no copy of float64 input: nothing below writes into it
         if values.ndim == 2:
             values = values[None]
         if values.ndim != 3:
@@ -215,12 +287,13 @@ class CalmTraceProcessor(FeatureExtractionMixin):
         for axis, what in ((0, "no recordings"), (1, "no neurons"), (2, "no frames")):
             if values.shape[axis] == 0:
                 raise ValueError(f"traces have {what} (shape {raw.shape}); give at least one neuron and one frame.")
-        finite = np.isfinite(values)
-        if not finite.all():
+        highest, lowest = float(values.max()), float(values.min())  # NaN or Inf anywhere shows in these two
+        if not (math.isfinite(highest) and math.isfinite(lowest)):
+            finite = np.isfinite(values)
             batch, neuron, frame = (int(i) for i in np.argwhere(~finite)[0])
             raise ValueError(f"traces contain {int((~finite).sum())} NaN/Inf value(s), the first at batch {batch}, "
                              f"neuron {neuron}, frame {frame}; interpolate them or drop those neurons first.")
-        peak = float(np.abs(values).max())
+        peak = max(highest, -lowest)
         if peak > MAX_ABS_INPUT:
             raise ValueError(f"traces reach {peak:.2g}, beyond what float32 statistics and forecasts can hold; keep "
                              f"|values| below {MAX_ABS_INPUT:.3g} (e.g. rescale to other units).")
