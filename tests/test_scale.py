@@ -306,3 +306,53 @@ def test_blocked_neuron_attention_with_padding_and_the_linear_mixer():
     changed = ids.clone()
     changed[:, 5] = (changed[:, 5] + 5) % vocab  # neuron 5 is in another group than neuron 0: only the mixer carries it
     assert not torch.allclose(model(input_ids=changed).logits[:, 0], model(input_ids=ids).logits[:, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [None, 3])
+def test_a_large_grid_runs_in_neuron_chunks_with_the_same_result(monkeypatch, block):
+    import calm_hf.modeling_calm as modeling
+    from calm_hf.identity_calm import compute_neuron_identity, identity_settings
+
+    torch.manual_seed(0)
+    config = CalmConfig.from_preset("tiny", neuron_identity="data", identity_rank=4, neuron_mixer_rank=4,
+                                    hidden_dropout=0.0, quantile_levels=[0.1, 0.5, 0.9], neuron_attention_block=block)
+    model = CalmForCausalNeuralModeling(config).eval()
+    for module in model.modules():  # a trained model's mixers are not zero
+        if type(module).__name__ in ("CalmNeuronMixer", "CalmCouplingMixer"):
+            torch.nn.init.normal_(module.o_proj.weight, std=0.2)
+    neurons, steps = 11, 5
+    ids = torch.randint(0, config.vocab_size, (2, neurons, steps))
+    identity = compute_neuron_identity(torch.randn(4, neurons, 24), neurons, **identity_settings(config))
+    identity = identity.expand(2, -1, -1).clone()
+    mask = torch.ones(2, neurons, dtype=torch.bool)
+    mask[1, -3:] = False
+    identity[1, -3:] = 0.0
+    values = torch.randn(2, neurons, steps * config.window_size)
+
+    def run():
+        with torch.no_grad():
+            out = model(input_ids=ids, neuron_identity=identity, neuron_mask=mask, value_inputs=values,
+                        use_cache=False, logits_to_keep=1)
+        return out.logits, out.value_predictions, out.value_quantiles
+
+    whole = run()
+    assert modeling.inference_neuron_chunk(config, 2, neurons, steps) is None
+    calls = []
+    original = modeling.CalmDualAxisLayer._forward_in_chunks
+
+    def counted(self, *args):
+        calls.append(args[-1])
+        return original(self, *args)
+
+    monkeypatch.setattr(modeling.CalmDualAxisLayer, "_forward_in_chunks", counted)
+    monkeypatch.setattr(modeling, "INFERENCE_CHUNK_BYTES", 1)  # one neuron per chunk (whole attention groups)
+    chunked = run()
+    assert calls and set(calls) == {1}
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # training and cached decoding never take the chunked path
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=ids, neuron_identity=identity, neuron_mask=mask, use_cache=True)
+    model.train()(input_ids=ids, neuron_identity=identity, neuron_mask=mask)
+    assert not calls

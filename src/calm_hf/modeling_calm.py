@@ -226,6 +226,20 @@ def neuron_attention_blocks(num_neurons: int, block: int | None) -> list[tuple[i
     return parts + [(larger * (size + 1), groups - larger, size)]
 
 
+# activations of one chunk of neurons in an inference forward pass of a large grid (see `inference_neuron_chunk`)
+INFERENCE_CHUNK_BYTES = 256 * 2**20
+
+
+def inference_neuron_chunk(config, batch_size: int, num_neurons: int, num_steps: int) -> int | None:
+    """Neurons per chunk of a layer's inference pass (`CalmDualAxisLayer._forward_in_chunks`), or None when the
+    whole grid's intermediate activations (about eight hidden-state copies and the FFN's expansion) fit in
+    `INFERENCE_CHUNK_BYTES` anyway."""
+    per_neuron = 4 * batch_size * num_steps * (8 * config.hidden_size + 2 * config.intermediate_size)
+    if per_neuron * num_neurons <= INFERENCE_CHUNK_BYTES:
+        return None
+    return max(1, INFERENCE_CHUNK_BYTES // per_neuron)
+
+
 def eager_attention_bytes(num_sequences: int, num_heads: int, q_len: int, kv_len: int) -> int:
     # scores in float32, the masked copy and the softmax output live at the same time: ~3 float32 matrices
     return 3 * 4 * num_sequences * num_heads * q_len * kv_len
@@ -356,11 +370,18 @@ class CalmNeuronMixer(nn.Module):
     ) -> torch.Tensor:
         # hidden_states (batch, neurons, steps, hidden); identity_states (batch, neurons, hidden);
         # neuron_weight (batch, neurons): 1/n_real for real neurons, 0 for padding
+        return self.apply(identity_states, self.summary(hidden_states, identity_states, neuron_weight))
+
+    def summary(self, hidden_states: torch.Tensor, identity_states: torch.Tensor, neuron_weight: torch.Tensor
+                ) -> torch.Tensor:
+        """`(batch, steps, rank, hidden)`: the population state, a sum over neurons (so over chunks of them)."""
         keys = self.key(identity_states) * neuron_weight[:, :, None]  # (batch, neurons, rank)
         values = self.value(self.norm(hidden_states))  # (batch, neurons, steps, hidden)
-        summary = torch.einsum("bnr,bnth->btrh", keys, values)  # (batch, steps, rank, hidden): population state
-        mixed = torch.einsum("bnr,btrh->bnth", self.query(identity_states), summary)
-        return self.o_proj(mixed)
+        return torch.einsum("bnr,bnth->btrh", keys, values)
+
+    def apply(self, identity_states: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        """What each neuron of `identity_states` reads from the population state."""
+        return self.o_proj(torch.einsum("bnr,btrh->bnth", self.query(identity_states), summary))
 
 
 class CalmCouplingMixer(nn.Module):
@@ -378,10 +399,17 @@ class CalmCouplingMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, neuron_identity: torch.Tensor) -> torch.Tensor:
         # hidden_states (batch, neurons, steps, hidden); neuron_identity (batch, neurons, features)
-        receives = neuron_identity[..., : self.rank].to(hidden_states.dtype)
+        return self.apply(neuron_identity, self.summary(hidden_states, neuron_identity))
+
+    def summary(self, hidden_states: torch.Tensor, neuron_identity: torch.Tensor) -> torch.Tensor:
+        """`(batch, steps, rank, hidden)`: what the neurons drive, a sum over neurons (so over chunks of them)."""
         drives = neuron_identity[..., self.rank : 2 * self.rank].to(hidden_states.dtype)
         values = self.value(self.norm(hidden_states))
-        summary = torch.einsum("bnr,bnth->btrh", drives, values)  # (batch, steps, rank, hidden)
+        return torch.einsum("bnr,bnth->btrh", drives, values)
+
+    def apply(self, neuron_identity: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        """What each neuron of `neuron_identity` receives from the population."""
+        receives = neuron_identity[..., : self.rank].to(summary.dtype)
         return self.o_proj(torch.einsum("bnr,btrh->bnth", receives, summary))
 
 
@@ -412,12 +440,16 @@ class CalmDualAxisLayer(GradientCheckpointingLayer):
         identity_states: torch.Tensor | None = None,
         neuron_weight: torch.Tensor | None = None,
         neuron_identity: torch.Tensor | None = None,
+        neuron_chunk: int | None = None,
     ) -> torch.Tensor:
         batch_size, num_neurons, num_steps, hidden_size = hidden_states.shape
         if neuron_blocks is None:
             neuron_blocks = [(0, 1, num_neurons)]
         if neuron_attention_mask is None:
             neuron_attention_mask = [None] * len(neuron_blocks)
+        if neuron_chunk is not None and cache is None and not torch.is_grad_enabled() and not self.training:
+            return self._forward_in_chunks(hidden_states, neuron_attention_mask, neuron_blocks, position_embeddings,
+                                           identity_states, neuron_weight, neuron_identity, neuron_chunk)
 
         # bidirectional attention across neurons within each step: over all of them, or within each block of
         # `config.neuron_attention_block` neurons; each part is (batch*blocks*steps, block size, hidden)
@@ -425,11 +457,7 @@ class CalmDualAxisLayer(GradientCheckpointingLayer):
         normed = self.neuron_norm(hidden_states)
         outputs = []
         for (start, groups, size), mask in zip(neuron_blocks, neuron_attention_mask):
-            part = normed[:, start : start + groups * size].reshape(batch_size, groups, size, num_steps, hidden_size)
-            part = part.permute(0, 1, 3, 2, 4).reshape(batch_size * groups * num_steps, size, hidden_size)
-            part = self.neuron_attn(part, attention_mask=mask)
-            part = part.view(batch_size, groups, num_steps, size, hidden_size).permute(0, 1, 3, 2, 4)
-            outputs.append(part.reshape(batch_size, groups * size, num_steps, hidden_size))
+            outputs.append(self._neuron_attention(normed[:, start : start + groups * size], groups, size, mask))
         hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         if self.mixer is not None:
             hidden = hidden + self.mixer(hidden_states, identity_states, neuron_weight)
@@ -446,6 +474,57 @@ class CalmDualAxisLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = residual + self.dropout(self.mlp(self.ffn_norm(hidden_states)))
         return hidden_states
+
+    def _neuron_attention(self, normed: torch.Tensor, groups: int, size: int, mask: torch.Tensor | None
+                          ) -> torch.Tensor:
+        """Attention within each of `groups` consecutive groups of `size` neurons of `normed` `(batch, groups *
+        size, steps, hidden)`."""
+        batch_size, _, num_steps, hidden_size = normed.shape
+        part = normed.reshape(batch_size, groups, size, num_steps, hidden_size).permute(0, 1, 3, 2, 4)
+        part = self.neuron_attn(part.reshape(batch_size * groups * num_steps, size, hidden_size), attention_mask=mask)
+        part = part.view(batch_size, groups, num_steps, size, hidden_size).permute(0, 1, 3, 2, 4)
+        return part.reshape(batch_size, groups * size, num_steps, hidden_size)
+
+    def _forward_in_chunks(self, hidden_states, neuron_attention_mask, neuron_blocks, position_embeddings,
+                           identity_states, neuron_weight, neuron_identity, neuron_chunk: int) -> torch.Tensor:
+        """The same layer at inference, a chunk of neurons at a time, so only one chunk's intermediate activations
+        exist at once: the neuron axis couples chunks only through the linear mixers, whose population summaries are
+        sums over neurons (taken first, chunk by chunk); attention groups are never split; the time axis and the FFN
+        are per neuron."""
+        batch_size, num_neurons, num_steps, hidden_size = hidden_states.shape
+        spans = [(start, min(num_neurons, start + neuron_chunk)) for start in range(0, num_neurons, neuron_chunk)]
+        mixer_summary = coupling_summary = None
+        for start, stop in spans:
+            chunk = hidden_states[:, start:stop]
+            if self.mixer is not None:
+                piece = self.mixer.summary(chunk, identity_states[:, start:stop], neuron_weight[:, start:stop])
+                mixer_summary = piece if mixer_summary is None else mixer_summary + piece
+            if self.coupling is not None:
+                piece = self.coupling.summary(chunk, neuron_identity[:, start:stop])
+                coupling_summary = piece if coupling_summary is None else coupling_summary + piece
+        out = torch.empty_like(hidden_states)
+        for (first, groups, size), mask in zip(neuron_blocks, neuron_attention_mask):  # neuron axis, whole groups
+            per_chunk = max(1, neuron_chunk // size)
+            for group in range(0, groups, per_chunk):
+                count = min(per_chunk, groups - group)
+                start, stop = first + group * size, first + (group + count) * size
+                chunk = hidden_states[:, start:stop]
+                chunk_mask = None if mask is None else mask.view(batch_size, groups, num_steps, *mask.shape[1:])[
+                    :, group : group + count].reshape(-1, *mask.shape[1:])
+                update = self._neuron_attention(self.neuron_norm(chunk), count, size, chunk_mask)
+                if self.mixer is not None:
+                    update = update + self.mixer.apply(identity_states[:, start:stop], mixer_summary)
+                if self.coupling is not None:
+                    update = update + self.coupling.apply(neuron_identity[:, start:stop], coupling_summary)
+                out[:, start:stop] = chunk + update
+        for start, stop in spans:  # time axis and FFN, per neuron
+            chunk = out[:, start:stop]
+            count = stop - start
+            hidden = self.time_attn(self.time_norm(chunk).reshape(batch_size * count, num_steps, hidden_size),
+                                    position_embeddings=position_embeddings)
+            chunk = chunk + hidden.view(batch_size, count, num_steps, hidden_size)
+            out[:, start:stop] = chunk + self.mlp(self.ffn_norm(chunk))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -615,7 +694,11 @@ class CalmModel(CalmPreTrainedModel):
         hidden_states, identity_states = self._embed(input_ids, inputs_embeds, neuron_ids, session_ids, neuron_identity)
         position_ids = torch.arange(past_length, past_length + num_steps, device=device)
         blocks = neuron_attention_blocks(num_neurons, self.config.neuron_attention_block)
+        chunk = None
+        if cache is None and not torch.is_grad_enabled() and not self.training:
+            chunk = inference_neuron_chunk(self.config, batch_size, num_neurons, num_steps)
         layer_kwargs = {
+            "neuron_chunk": chunk,
             "neuron_attention_mask": self._neuron_attention_mask(neuron_mask, num_steps, blocks),
             "neuron_blocks": blocks,
             "position_embeddings": self.rotary_emb(position_ids),

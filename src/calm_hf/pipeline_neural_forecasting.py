@@ -365,7 +365,9 @@ class NeuralForecastingPipeline(Pipeline):
         values = np.asarray(traces)
         if values.dtype == object or not np.issubdtype(values.dtype, np.number):
             raise ValueError(f"traces must be a numeric array (neurons, frames), got dtype {values.dtype}.")
-        values = np.asarray(values, dtype=np.float64)  # no copy of float64 input: nothing below writes into it
+        # float32 and float64 stay as they are (no copy of a large recording; nothing below writes into it, and the
+        # processor widens what it computes with), anything else becomes float64
+        values = values if values.dtype in (np.float32, np.float64) else values.astype(np.float64)
         single = values.ndim == 2
         if single:
             values = values[None]

@@ -25,6 +25,13 @@ from transformers.feature_extraction_utils import BatchFeature, FeatureExtractio
 MAX_ABS_INPUT = float(np.finfo(np.float32).max) / 1e3
 
 
+def _float_array(x: Any) -> np.ndarray:
+    """`x` as a float32 or float64 array without a copy when it already is one (float32 values widen to float64
+    exactly wherever they are computed with), else as float64."""
+    x = np.asarray(x)
+    return x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
+
+
 def _gaussian_taps(sigma: float) -> np.ndarray:
     half = max(1, int(math.ceil(3.0 * sigma)))
     taps = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
@@ -34,10 +41,11 @@ def _gaussian_taps(sigma: float) -> np.ndarray:
 def _gaussian_lowpass(x: np.ndarray, sigma: float) -> np.ndarray:
     """Symmetric Gaussian smoothing along the last axis with odd-reflected edges (keeps straight lines straight,
     so a ramp stays exactly a ramp up to the last frame). `x` is float64 `(..., frames)`."""
+    x = np.asarray(x, dtype=np.float64)
     taps = _gaussian_taps(sigma)
     half = len(taps) // 2
     padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(half, half)], mode="reflect", reflect_type="odd")
-    out = np.zeros_like(x)
+    out = np.zeros(x.shape)
     for k, tap in enumerate(taps):  # one pass per tap over the whole array: no per-row Python loop
         out += tap * padded[..., k : k + x.shape[-1]]
     return out
@@ -66,6 +74,7 @@ def _interpolation_weights(frames: int, positions: np.ndarray) -> tuple[np.ndarr
 def _interpolate(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Linear interpolation of `x` `(..., frames)` at fractional frame `positions`; positions up to a couple of
     frames outside `[0, frames - 1]` extrapolate along the odd reflection (linearly for a straight line)."""
+    x = np.asarray(x, dtype=np.float64)
     frames = x.shape[-1]
     if frames == 1:
         return np.repeat(x, len(positions), axis=-1)
@@ -114,8 +123,8 @@ def _lowpass_at(x: np.ndarray, sigma: float, positions: np.ndarray) -> np.ndarra
     out = np.empty((rows.shape[0], len(positions)))
     chunk = max(1, (1 << 24) // max(1, frames))  # rows per chunk: about 128 MiB of padded float64
     for first_row in range(0, rows.shape[0], chunk):
-        padded = np.pad(rows[first_row : first_row + chunk], [(0, 0), (margin, margin)], mode="reflect",
-                        reflect_type="odd")
+        padded = np.pad(rows[first_row : first_row + chunk].astype(np.float64, copy=False), [(0, 0), (margin, margin)],
+                        mode="reflect", reflect_type="odd")
         for first, low, high, matrix in products:
             out[first_row : first_row + chunk, first : first + matrix.shape[1]] = padded[:, low:high] @ matrix
     return out.reshape(*x.shape[:-1], len(positions))
@@ -123,8 +132,9 @@ def _lowpass_at(x: np.ndarray, sigma: float, positions: np.ndarray) -> np.ndarra
 
 def resample_on_grid(x: np.ndarray, fs_in: float, fs_out: float, positions: np.ndarray) -> np.ndarray:
     """Values of `x` (sampled at `fs_in`) at fractional input-frame `positions`, after an anti-alias Gaussian
-    low-pass when going to a lower rate (sigma = half an output frame)."""
-    x = np.asarray(x, dtype=np.float64)
+    low-pass when going to a lower rate (sigma = half an output frame). Computed in float64; float32 input is
+    widened a chunk at a time, never copied whole."""
+    x = _float_array(x)
     ratio = fs_in / fs_out
     if ratio > 1.0 + 1e-9:
         return _lowpass_at(x, 0.5 * ratio, positions)
@@ -279,7 +289,7 @@ class CalmTraceProcessor(FeatureExtractionMixin):
                              f"{raw.dtype}; ragged lists of traces must be padded or cut first.")
         if np.iscomplexobj(raw):
             raise ValueError(f"traces must be real, got complex dtype {raw.dtype}; pass np.abs(x) or x.real.")
-        values = np.asarray(raw, dtype=np.float64)  # no copy of float64 input: nothing below writes into it
+        values = _float_array(raw)  # no copy of float32/64 input: nothing below writes into it
         if values.ndim == 2:
             values = values[None]
         if values.ndim != 3:
