@@ -4,7 +4,8 @@
 (cost linear in neurons); the linear mixers still read the whole population. This runs calm-base, unchanged
 otherwise, on the held-out sets of `calm_hf.heldout` with b in `--blocks` and with full attention, k = 0 (zero-shot)
 and k = 16 (identity from 16 training trials, no training), scored on each session's **validation** split (where the
-default block is chosen) and on its **test** split (reported). A block at or above a session's neuron count is
+default block is chosen: the largest with no measurable cost that is not wider than a pretraining example) and on its
+**test** split (reported). A block at or above a session's neuron count is
 full attention there (tested), so it is not run again. sim_out's sessions hold 1,024-1,500 neurons, sim_in's 16-1,024.
 
     python benchmarks/neuron_blocks.py --calm_dir calm-base                        # about 40 min on 2 cores
@@ -27,7 +28,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # a block is acceptable when its validation r is within this of full attention's on every set (the issue's bar) and
-# within half of it pooled over sets
+# within half of it pooled; the largest acceptable block up to a pretraining example's width is chosen over sets
 MAX_R_DROP = 0.01
 
 
@@ -42,7 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--blocks", default="512,256,128,64", help="block sizes to compare with full attention")
     parser.add_argument("--sessions", type=int, default=2, help="sessions per simulated set")
     parser.add_argument("--trials", type=int, default=20, help="validation and test trials scored per session")
+    parser.add_argument("--trained_neurons", type=int, default=64,
+                        help="neurons per pretraining example of the checkpoint (the main job's --max_neurons)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rechoose", type=Path, help="only re-apply the choice rule to a results JSON")
     parser.add_argument("--output", type=Path, default=RESULTS / "neuron_blocks.json")
     return parser.parse_args(argv)
 
@@ -81,11 +85,12 @@ def pooled_drop(rows: list[dict], block: int, split: str) -> dict[str, float]:
     return {name: float(np.mean(values)) for name, values in drops.items()}
 
 
-def choose_block(rows: list[dict], blocks: list[int]) -> dict:
-    """The smallest block whose validation r is within MAX_R_DROP of full attention on every set and within half of
-    it pooled; None (full attention) when no block qualifies."""
+def choose_block(rows: list[dict], blocks: list[int], trained_neurons: int) -> dict:
+    """Acceptable blocks: validation r within MAX_R_DROP of full attention on every set and within half of it pooled.
+    Chosen: the largest acceptable block not above `trained_neurons`, the neurons per pretraining example (neuron
+    attention never saw larger groups in training); None (full attention) when none qualifies."""
     report = {}
-    chosen = None
+    acceptable = []
     for block in sorted(blocks, reverse=True):
         drops = pooled_drop(rows, block, "validation")
         if not drops:
@@ -95,11 +100,10 @@ def choose_block(rows: list[dict], blocks: list[int]) -> dict:
         report[str(block)] = {"validation_r_drop": drops, "worst": worst, "mean": mean, "acceptable": ok,
                               "test_r_drop": pooled_drop(rows, block, "test")}
         if ok:
-            chosen = block
-        else:
-            break  # smaller blocks only see fewer neurons
-    return {"block": chosen, "rule": f"smallest block with validation r drop <= {MAX_R_DROP} on every set and <= "
-            f"{MAX_R_DROP / 2} pooled", "blocks": report}
+            acceptable.append(block)
+    chosen = max((block for block in acceptable if block <= trained_neurons), default=None)
+    return {"block": chosen, "rule": f"largest block not above the {trained_neurons} neurons of a pretraining example "
+            f"with validation r drop <= {MAX_R_DROP} on every set and <= {MAX_R_DROP / 2} pooled", "blocks": report}
 
 
 def markdown(result: dict) -> str:
@@ -147,6 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     blocks = [int(b) for b in args.blocks.split(",")]
+    if args.rechoose:
+        result = json.loads(args.rechoose.read_text())
+        run_blocks = sorted({row["block"] for row in result["rows"] if row["block"] is not None})
+        result["choice"] = choose_block(result["rows"], run_blocks, args.trained_neurons)
+        args.output.write_text(json.dumps(result, indent=1) + "\n")
+        args.output.with_suffix(".md").write_text(markdown(result))
+        log(f"wrote {args.output}; chosen block {result['choice']['block']}")
+        return result
     torch.manual_seed(args.seed)
     model = CalmForCausalNeuralModeling.from_pretrained(args.calm_dir).eval()
     forecaster = CalmForecaster(model, CalmTokenizer.from_pretrained(args.calm_dir / "tokenizer").eval())
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows += session_rows(forecaster, session, name, blocks, args.trials, args.seed)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
-    result = {"rows": rows, "choice": choose_block(rows, blocks),
+    result = {"rows": rows, "choice": choose_block(rows, blocks, args.trained_neurons),
               "meta": {"date": time.strftime("%Y-%m-%d"), "commit": commit, "command": " ".join(["python", *sys.argv]),
                        "calm_dir": str(args.calm_dir), "seconds": round(time.perf_counter() - start, 1),
                        "threads": torch.get_num_threads()}}

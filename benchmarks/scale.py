@@ -79,12 +79,19 @@ def recording(neurons: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def set_neuron_block(model, spec: dict) -> None:
+    """`--neuron_block`: 'full' = attention over all neurons, a number = that block, absent = the checkpoint's."""
+    if spec.get("neuron_block") is not None:
+        model.config.neuron_attention_block = None if spec["neuron_block"] == "full" else int(spec["neuron_block"])
+
+
 def worker_forecast(spec: dict) -> dict:
     from transformers import pipeline
 
     import calm_hf  # noqa: F401 - registers the neural-forecasting task
 
     pipe = pipeline("neural-forecasting", model=spec["model"])
+    set_neuron_block(pipe.model, spec)
     traces = recording(spec["neurons"])
     kwargs = {"sampling_rate": RECORDING_RATE, "horizon": spec["horizon"]}
     if spec["task"] == "samples16":
@@ -105,6 +112,7 @@ def worker_stream(spec: dict) -> dict:
     from calm_hf.streaming import CalmStreamingForecaster
 
     pipe = pipeline("neural-forecasting", model=spec["model"])
+    set_neuron_block(pipe.model, spec)
     window = pipe.forecaster.window_size
     rng = np.random.default_rng(0)
     frames = torch.from_numpy(rng.standard_normal((spec["neurons"], (STREAM_CONTEXT_STEPS + STREAM_WINDOWS) * window))
@@ -212,6 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_rss_gib", type=float, default=12.0, help="RSS at which a run is killed")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads of every run (default: every core, as the goals assume)")
+    parser.add_argument("--neuron_block", default=None,
+                        help="neuron-axis attention block of the forecast runs: a number of neurons, or 'full' "
+                             "(default: the checkpoint's config.neuron_attention_block)")
     parser.add_argument("--output", default=str(RESULTS / "scale"), help="path stem of the .json/.md/.png")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -232,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"neurons": neurons, "task": task, "seconds": None, "peak_gib": None}
             reason = skip_reason(task, neurons, failed, args.max_rss_gib)
             if reason is None:
-                spec = {"task": task, "neurons": neurons, "model": args.model, "horizon": args.horizon}
+                spec = {"task": task, "neurons": neurons, "model": args.model, "horizon": args.horizon,
+                        "neuron_block": args.neuron_block}
                 result = run_worker(spec, args.timeout, args.max_rss_gib, args.threads)
                 reason = result.pop("error", None)
                 row.update(result)
@@ -249,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
                   flush=True)
     result = {"machine": {**machine(args.threads), "fp32_matmul_peak_gflops": peak.get("gflops"), "load_average_at_start": load,
                           "load_average_at_end": os.getloadavg()[0]},
-              "settings": {"model": args.model, "recording": f"{RECORDING_SECONDS} s at {RECORDING_RATE:g} Hz",
+              "settings": {"model": args.model, "neuron_block": args.neuron_block, "recording": f"{RECORDING_SECONDS} s at {RECORDING_RATE:g} Hz",
                            "horizon_frames": args.horizon, "timeout_s": args.timeout, "max_rss_gib": args.max_rss_gib,
                            "train": f"cpu preset, batch 1 x neurons x {TRAIN_STEPS} token steps, fp32",
                            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))},
@@ -273,7 +285,9 @@ def markdown(result: dict) -> str:
         f"{machine_info['load_average_at_start']:.1f} at start and {machine_info['load_average_at_end']:.1f} at end "
         "(the machine is shared: a load above the core count slows every timing here). fp32 matmul peak "
         f"{machine_info['fp32_matmul_peak_gflops']:.1f} GFLOP/s ({PEAK_SIZE}x{PEAK_SIZE}). Forecasts: "
-        f"{settings['model']}, a {settings['recording']} recording, horizon {settings['horizon_frames']} frames; "
+        f"{settings['model']} (neuron-axis attention block: "
+        f"{settings.get('neuron_block') or 'as in its config'}), a {settings['recording']} recording, horizon "
+        f"{settings['horizon_frames']} frames; "
         f"training: {settings['train']}. Each run in a fresh process, peak = its RSS high-water mark.",
         "",
         "| neurons | task | seconds | peak GiB | goal | note |",

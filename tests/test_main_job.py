@@ -12,6 +12,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
+import calm_hf
 from calm_hf.commands import main as main_command
 
 BLOCK_CALM_HF = 'import sys; sys.modules["calm_hf"] = None  # a Python without calm_hf\n'
@@ -42,6 +43,9 @@ def test_main_job_writes_every_file(release):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_calm.CalmModel"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_calm.CalmForCausalNeuralModeling"
+    # neuron-axis attention groups are as wide as a pretraining example
+    recipe = json.loads((Path(calm_hf.__file__).parent / "recipes" / "main_tiny.json").read_text())
+    assert config["neuron_attention_block"] == recipe["max_neurons"]
     tokenizer_map = json.loads((model_dir / "tokenizer" / "config.json").read_text())["auto_map"]
     assert all(isinstance(v, str) for v in tokenizer_map.values())  # not the list form of text tokenizers
     assert set(summary["timings"]) >= {"corpus", "train_tokenizer", "tokenize", "pretrain", "evaluate_and_write"}

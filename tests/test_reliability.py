@@ -212,7 +212,8 @@ def test_partially_ignored_labels_still_give_a_finite_loss(model):
 
 def test_eager_attention_chunks_under_the_memory_bound_and_refuses_beyond(monkeypatch):
     torch.manual_seed(0)
-    config = CalmConfig.from_preset("tiny", vocab_size=16, num_neurons=300, num_sessions=1, attn_implementation="eager")
+    config = CalmConfig.from_preset("tiny", vocab_size=16, num_neurons=300, num_sessions=1, attn_implementation="eager",
+                                    neuron_attention_block=None)  # attention over all 300 neurons
     eager = CalmForCausalNeuralModeling(config).eval()
     ids = torch.randint(0, 16, (2, 300, 6))
     mask = torch.ones(2, 300, dtype=torch.bool)

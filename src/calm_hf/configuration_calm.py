@@ -167,10 +167,13 @@ class CalmConfig(PreTrainedConfig):
             queries/keys from the neuron and session identity and values from the activity, i.e. a learned low-rank
             linear map across neurons. Softmax attention over identity-only keys can only form convex mixtures, which
             made signed population couplings hard to learn. 0 = off.
-        neuron_attention_block (`int`, *optional*):
+        neuron_attention_block (`int`, *optional*, defaults to 64):
             Neuron-axis attention within contiguous groups of at most this many neurons (in the order given), so its
             cost is linear in neurons; the linear mixers still read the whole population. A recording with no more
-            neurons than this attends over all of them. None = always over all neurons (quadratic).
+            neurons than this attends over all of them. None = always over all neurons (quadratic). The default is
+            the neurons per pretraining example of the main job's recipe (what `calm pretrain` sets from
+            `--max_neurons`), so a large recording is read in groups the size training used;
+            `benchmarks/neuron_blocks.py` measures the forecasts against attention over all neurons.
 
     Example:
 
@@ -219,7 +222,7 @@ class CalmConfig(PreTrainedConfig):
     value_loss_weight: float | int = 1.0
     next_token_loss_weight: float | int = 1.0
     neuron_mixer_rank: int = 0
-    neuron_attention_block: int | None = None
+    neuron_attention_block: int | None = 64
     neuron_identity: str = "table"
     identity_rank: int = 32
     identity_ridge: float | int = 1.0

@@ -452,7 +452,9 @@ class CalmTraceProcessor(FeatureExtractionMixin):
             out = resample_on_grid(grid, self.sampling_rate, fs, positions)
         if out.shape[-1] < horizon:
             raise ValueError(f"the forecast covers {out.shape[-1]} frames, fewer than horizon={horizon}.")
-        if not np.isfinite(out).all() or np.abs(out).max() > float(np.finfo(np.float32).max):
+        highest, lowest = float(out.max()), float(out.min())  # NaN/Inf show here too; no temporary arrays
+        if not (math.isfinite(highest) and math.isfinite(lowest)) or max(highest, -lowest) > float(
+                np.finfo(np.float32).max):
             raise ValueError(
                 "the forecast mapped back to the input units is not finite in float32; the inputs' scale is too "
                 f"large (keep |values| below {MAX_ABS_INPUT:.3g})."

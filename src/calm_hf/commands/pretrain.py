@@ -126,8 +126,11 @@ def identity_function(config: CalmConfig):
     return partial(compute_neuron_identity, **identity_settings(config))
 
 
-def build_model(model_args: ModelArguments, tokenizer: CalmTokenizer, sessions: list, max_token_steps: int):
-    """A fresh (or continued) CalmForCausalNeuralModeling sized to the corpus' neuron and session tables."""
+def build_model(model_args: ModelArguments, tokenizer: CalmTokenizer, sessions: list, max_token_steps: int,
+                max_neurons: int | None = None):
+    """A fresh (or continued) CalmForCausalNeuralModeling sized to the corpus' neuron and session tables; its
+    neuron-axis attention groups are as wide as a training example (`max_neurons`, None = whole sessions), so a
+    larger recording is read the way training read it."""
     if model_args.init_from:
         model = CalmForCausalNeuralModeling.from_pretrained(model_args.init_from)
         check_tokenizer_matches_model(model, tokenizer)
@@ -144,7 +147,7 @@ def build_model(model_args: ModelArguments, tokenizer: CalmTokenizer, sessions: 
         vocab_size=tokenizer.config.codebook_size,
         window_size=tokenizer.config.window_size,
         max_token_steps=max(max_token_steps, 64),
-        **{**tables, **overrides},
+        **{"neuron_attention_block": max_neurons, **tables, **overrides},
     )
     # recorded so a tokenizer from another run (same codebook size, different codes) is refused when paired later
     config.tokenizer_fingerprint = tokenizer.fingerprint()
@@ -294,7 +297,8 @@ def stream_step_seconds(tokenized_dataset: str, tokenizer_path: str, preset: str
 
     tokenizer = CalmTokenizer.from_pretrained(tokenizer_path)
     shards, sessions, token_steps, _ = load_stream_source(tokenized_dataset)
-    model = build_model(ModelArguments(tokenizer_path=tokenizer_path, preset=preset), tokenizer, sessions, token_steps)
+    model = build_model(ModelArguments(tokenizer_path=tokenizer_path, preset=preset), tokenizer, sessions, token_steps,
+                        max_neurons)
     model.train()
     stream = iter(CalmCorpusStream(shards, "train", max_neurons=max_neurons, seed=seed,
                                    columns=("input_ids", "input_values", "session_id"),
@@ -335,7 +339,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     data_args.tokenized_dataset = local_tokenized_dataset(data_args.tokenized_dataset)
     check_dataset_tokenizer(data_args.tokenized_dataset, tokenizer.fingerprint(), model_args.tokenizer_path)
     shards, sessions, token_steps, train_rows = load_stream_source(data_args.tokenized_dataset)
-    model = build_model(model_args, tokenizer, sessions, token_steps)
+    model = build_model(model_args, tokenizer, sessions, token_steps, data_args.max_neurons)
     streamed = model.config.neuron_identity == "data"
     corpus = None
     if streamed:
