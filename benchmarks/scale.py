@@ -49,8 +49,9 @@ RECORDING_SECONDS, RECORDING_RATE = 600, 30.0
 STREAM_CONTEXT_STEPS, STREAM_WINDOWS = 40, 8
 TRAIN_STEPS, TRAIN_REPEATS = 25, 3
 PEAK_SIZE = 2048
-# the pipeline holds the recording in float64 a few times over (input, NaN-filled copy, resampled, z-scored)
-RECORDING_COPIES = 3
+# the worker's float32 recording plus what the pipeline keeps at the model rate (float64 resampled, z-scored
+# history): about twice the float32 recording in all
+RECORDING_BYTES_PER_VALUE = 8
 GOALS = {  # (neurons, task): (seconds, GiB) the issue asks for on a 2-core CPU
     (10000, "point_band"): (10.0, 4.0),
     (1000, "samples16"): (10.0, 2.0),
@@ -203,10 +204,10 @@ def skip_reason(task: str, neurons: int, failed: dict, max_rss_gib: float) -> st
     if task in failed:
         return f"skipped: {failed[task][1]} neurons already {failed[task][0]}"
     if task in ("point_band", "samples16"):
-        recording_gib = neurons * RECORDING_SECONDS * RECORDING_RATE * 8 * RECORDING_COPIES / 2**30
+        recording_gib = neurons * RECORDING_SECONDS * RECORDING_RATE * RECORDING_BYTES_PER_VALUE / 2**30
         if recording_gib > max_rss_gib:
-            return (f"skipped: the 10-minute recording alone is {recording_gib:.1f} GiB in the pipeline's float64 "
-                    f"copies, above the {max_rss_gib:g} GiB guard")
+            return (f"skipped: the 10-minute recording alone is about {recording_gib:.1f} GiB in the worker and the "
+                    f"pipeline, above the {max_rss_gib:g} GiB guard")
     return None
 
 
@@ -224,8 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="neuron-axis attention block of the forecast runs: a number of neurons, or 'full' "
                              "(default: the checkpoint's config.neuron_attention_block)")
     parser.add_argument("--output", default=str(RESULTS / "scale"), help="path stem of the .json/.md/.png")
+    parser.add_argument("--merge", nargs="+", help="JSON results of several runs to merge into --output (rows by "
+                        "neurons; the first run's machine and settings head the table, every command is listed)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.merge:
+        return write_merged(args.merge, Path(args.output))
     if args.worker:
         spec = json.loads(args.worker)
         warnings.simplefilter("ignore")
@@ -272,6 +277,24 @@ def main(argv: list[str] | None = None) -> dict:
     stem.with_suffix(".md").write_text(markdown(result))
     figure(result, stem.with_suffix(".png"))
     print(f"wrote {stem}.json/.md/.png in {result['wall_seconds']:.0f} s")
+    return result
+
+
+def write_merged(paths: list[str], stem: Path) -> dict:
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    rows = [row for run in runs for row in run["rows"]]
+    measured = {(row["neurons"], row["task"]) for row in rows if row["seconds"] is not None}
+    # a size and task one run skipped or lost and another measured: the measurement stands
+    rows = [row for row in rows if row["seconds"] is not None or (row["neurons"], row["task"]) not in measured]
+    result = {**runs[0], "rows": sorted(rows, key=lambda row: (row["neurons"], TASKS.index(row["task"]))),
+              "wall_seconds": sum(run["wall_seconds"] for run in runs),
+              "runs": [{"command": run["settings"]["command"], "machine": run["machine"]} for run in runs]}
+    result["settings"] = {**runs[0]["settings"], "command": " ; ".join(run["settings"]["command"] for run in runs)}
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    figure(result, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json/.md/.png from {len(runs)} runs")
     return result
 
 

@@ -245,6 +245,19 @@ def test_scale_benchmark_tables_skips_and_figure(tmp_path):
     assert "did not finish in 180 s" in table
     scale.figure(result, tmp_path / "scale.png")
     assert (tmp_path / "scale.png").stat().st_size > 0
+    # two runs merge into one table, rows by neurons, every command listed
+    import json
+
+    later = {**result, "rows": [{"neurons": 500, "task": "point_band", "seconds": 1.0, "peak_gib": 1.0},
+                                {"neurons": 20000, "task": "samples16", "seconds": 90.0, "peak_gib": 5.0}],
+             "settings": {**result["settings"], "command": "scale.py --neurons 500"}, "wall_seconds": 3.0}
+    (tmp_path / "a.json").write_text(json.dumps({**result, "wall_seconds": 2.0}))
+    (tmp_path / "b.json").write_text(json.dumps(later))
+    merged = scale.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--output",
+                         str(tmp_path / "merged")])
+    assert [row["neurons"] for row in merged["rows"]] == [500, 1000, 1000, 10000, 20000]
+    assert merged["rows"][-1]["seconds"] == 90.0  # a measurement replaces another run's failure
+    assert "scale.py --neurons 500" in (tmp_path / "merged.md").read_text()
 
 
 def test_neuron_attention_blocks_cover_every_neuron_once():
