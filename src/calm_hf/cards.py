@@ -237,6 +237,7 @@ def _render(
             "every session z-scored per neuron with its training trials' statistics."
         ),
         data_identity=config_summary.get("neuron_identity", "table") == "data",
+        neuron_attention_block=config_summary.get("neuron_attention_block"),
         heldout_rows=[],
         citation=CALM_CITATION,
     )

@@ -45,6 +45,7 @@ def _config_summary(model, tokenizer) -> dict:
         "tokenizer_hidden_size": tokenizer.config.hidden_size,
         "tokenizer_codebook_size": tokenizer.config.codebook_size,
         "neuron_identity": getattr(model.config, "neuron_identity", "table"),
+        "neuron_attention_block": getattr(model.config, "neuron_attention_block", None),
     }
 
 
