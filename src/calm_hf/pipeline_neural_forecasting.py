@@ -51,13 +51,19 @@ def history_chunks(history: np.ndarray, window: int, steps: int = REFERENCE_STEP
 def quantiles_at(levels: tuple[float, ...], model_levels: tuple[float, ...], values: np.ndarray) -> dict:
     """`{level: (neurons, horizon)}` at the requested `levels` from quantiles `(levels_model, neurons, horizon)` at
     `model_levels`: linear interpolation between neighbouring model levels, the outermost ones beyond them."""
+    return {level: mixed.astype(np.float32) for level, mixed in _levels_mixed(levels, model_levels, values).items()}
+
+
+def _levels_mixed(levels: tuple[float, ...], model_levels: tuple[float, ...], values: np.ndarray) -> dict:
+    """`quantiles_at` in the values' own dtype. The mix of two neighbouring levels commutes with every later map of
+    the pipeline (per-neuron affine, linear resampling in time), so requested levels can be picked at the model rate."""
     grid = np.asarray(model_levels, dtype=np.float64)
     out = {}
     for level in levels:
         upper = int(np.clip(np.searchsorted(grid, level), 1, len(grid) - 1))
         lower = upper - 1
         weight = float(np.clip((level - grid[lower]) / (grid[upper] - grid[lower]), 0.0, 1.0))
-        out[float(level)] = ((1 - weight) * values[lower] + weight * values[upper]).astype(np.float32)
+        out[float(level)] = (1 - weight) * values[lower] + weight * values[upper]
     return out
 PROCESSOR_FILE = "preprocessor_config.json"
 # Inside the calm_hf package the Auto classes are registered; as remote code they come from the checkpoint.
@@ -527,7 +533,10 @@ class NeuralForecastingPipeline(Pipeline):
         if outputs["samples"] is not None:
             samples = processor.postprocess_forecast(_host(outputs["samples"]), features, horizon)
         if outputs.get("model_quantiles") is not None:  # the quantile head's, in the same pass as the forecast
-            bands = processor.postprocess_forecast(_host(outputs["model_quantiles"]), features, horizon)
+            # the requested levels are picked at the model rate, so only they are mapped back to the input rate
+            per_level = np.moveaxis(np.asarray(_host(outputs["model_quantiles"]), dtype=np.float64), 1, 0)
+            picked = _levels_mixed(tuple(quantiles), outputs["quantile_levels"], per_level)
+            bands = processor.postprocess_forecast(np.stack(list(picked.values()), axis=1), features, horizon)
         records = []
         for b in range(forecast.shape[0]):
             record = {"forecast": forecast[b], "mean": None, "samples": None, "quantiles": None,
@@ -537,6 +546,6 @@ class NeuralForecastingPipeline(Pipeline):
                 record["mean"] = samples[b].mean(axis=0)
                 record["quantiles"] = {float(q): np.quantile(samples[b], q, axis=0).astype(np.float32) for q in quantiles}
             if bands is not None:
-                record["quantiles"] = quantiles_at(tuple(quantiles), outputs["quantile_levels"], bands[b])
+                record["quantiles"] = {level: bands[b, index] for index, level in enumerate(picked)}
             records.append(record)
         return records[0] if outputs["single"] else records
