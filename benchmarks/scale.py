@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "(default: the checkpoint's config.neuron_attention_block)")
     parser.add_argument("--output", default=str(RESULTS / "scale"), help="path stem of the .json/.md/.png")
     parser.add_argument("--merge", nargs="+", help="JSON results of several runs to merge into --output (rows by "
-                        "neurons; the first run's machine and settings head the table, every command is listed)")
+                        "neurons, a later run's measurement replacing an earlier one; the first run's machine and "
+                        "settings head the table, every command is listed)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.merge:
@@ -282,11 +283,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_merged(paths: list[str], stem: Path) -> dict:
     runs = [json.loads(Path(path).read_text()) for path in paths]
-    rows = [row for run in runs for row in run["rows"]]
-    measured = {(row["neurons"], row["task"]) for row in rows if row["seconds"] is not None}
-    # a size and task one run skipped or lost and another measured: the measurement stands
-    rows = [row for row in rows if row["seconds"] is not None or (row["neurons"], row["task"]) not in measured]
-    result = {**runs[0], "rows": sorted(rows, key=lambda row: (row["neurons"], TASKS.index(row["task"]))),
+    # one row per size and task: a later run's measurement replaces an earlier row (a rerun after a change), and a
+    # measurement is never replaced by a skip or a failure
+    kept: dict[tuple[int, str], dict] = {}
+    for run in runs:
+        for row in run["rows"]:
+            key = (row["neurons"], row["task"])
+            if key not in kept or row["seconds"] is not None or kept[key]["seconds"] is None:
+                kept[key] = row
+    result = {**runs[0], "rows": sorted(kept.values(), key=lambda row: (row["neurons"], TASKS.index(row["task"]))),
               "wall_seconds": sum(run["wall_seconds"] for run in runs),
               "runs": [{"command": run["settings"]["command"], "machine": run["machine"]} for run in runs]}
     result["settings"] = {**runs[0]["settings"], "command": " ; ".join(run["settings"]["command"] for run in runs)}

@@ -249,7 +249,8 @@ def test_scale_benchmark_tables_skips_and_figure(tmp_path):
     import json
 
     later = {**result, "rows": [{"neurons": 500, "task": "point_band", "seconds": 1.0, "peak_gib": 1.0},
-                                {"neurons": 20000, "task": "samples16", "seconds": 90.0, "peak_gib": 5.0}],
+                                {"neurons": 20000, "task": "samples16", "seconds": 90.0, "peak_gib": 5.0},
+                                {"neurons": 10000, "task": "point_band", "seconds": 8.0, "peak_gib": 2.0}],
              "settings": {**result["settings"], "command": "scale.py --neurons 500"}, "wall_seconds": 3.0}
     (tmp_path / "a.json").write_text(json.dumps({**result, "wall_seconds": 2.0}))
     (tmp_path / "b.json").write_text(json.dumps(later))
@@ -257,6 +258,7 @@ def test_scale_benchmark_tables_skips_and_figure(tmp_path):
                          str(tmp_path / "merged")])
     assert [row["neurons"] for row in merged["rows"]] == [500, 1000, 1000, 10000, 20000]
     assert merged["rows"][-1]["seconds"] == 90.0  # a measurement replaces another run's failure
+    assert merged["rows"][3]["seconds"] == 8.0  # and a later run's measurement an earlier one
     assert "scale.py --neurons 500" in (tmp_path / "merged.md").read_text()
 
 
