@@ -371,3 +371,23 @@ def test_a_large_grid_runs_in_neuron_chunks_with_the_same_result(monkeypatch, bl
         model(input_ids=ids, neuron_identity=identity, neuron_mask=mask, use_cache=True)
     model.train()(input_ids=ids, neuron_identity=identity, neuron_mask=mask)
     assert not calls
+
+
+def test_neuron_blocks_benchmark_chooses_on_validation_and_writes_its_table():
+    from benchmark_scripts import load_benchmark
+
+    blocks = load_benchmark("neuron_blocks.py")
+    rows = []
+    for split, shift in (("validation", 0.0), ("test", 0.5)):  # test numbers must not move the choice
+        for block, r in ((None, 0.30), (128, 0.30), (64, 0.299), (32, 0.28)):
+            rows.append({"set": "sim_out", "session": "s", "neurons": 1000, "k": "0", "split": split, "block": block,
+                         "pearson_r": r - shift * (block == 64), "mse": 0.5, "coverage_90": 0.9, "crps": 0.3,
+                         "seconds": 1.0})
+    choice = blocks.choose_block(rows, [128, 64, 32], trained_neurons=64)
+    assert choice["block"] == 64  # 128 is wider than a training example, 32 loses 0.02 r on validation
+    assert not choice["blocks"]["32"]["acceptable"] and choice["blocks"]["64"]["acceptable"]
+    assert blocks.choose_block(rows, [128, 64, 32], trained_neurons=16)["block"] is None
+    table = blocks.markdown({"rows": rows, "choice": choice, "meta": {"command": "neuron_blocks.py", "commit": "x",
+                                                                     "date": "today", "seconds": 60.0}})
+    assert "| sim_out | 1000 | 0 | 0.300 / 0.500 / 0.90 | 0.300 / 0.500 / 0.90 | 0.299 / 0.500 / 0.90 |" in table
+    assert "Chosen: **64**" in table
