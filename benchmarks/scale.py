@@ -272,13 +272,17 @@ def main(argv: list[str] | None = None) -> dict:
                            "train": f"cpu preset, batch 1 x neurons x {TRAIN_STEPS} token steps, fp32",
                            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))},
               "wall_seconds": time.perf_counter() - started, "rows": rows}
-    stem = Path(args.output)
+    write_outputs(result, Path(args.output), f"in {result['wall_seconds']:.0f} s")
+    return result
+
+
+def write_outputs(result: dict, stem: Path, how: str) -> None:
+    """`stem`.json, .md (the table) and .png (the figure) of a result."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     figure(result, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json/.md/.png in {result['wall_seconds']:.0f} s")
-    return result
+    print(f"wrote {stem}.json/.md/.png {how}")
 
 
 def write_merged(paths: list[str], stem: Path) -> dict:
@@ -295,11 +299,7 @@ def write_merged(paths: list[str], stem: Path) -> dict:
               "wall_seconds": sum(run["wall_seconds"] for run in runs),
               "runs": [{"command": run["settings"]["command"], "machine": run["machine"]} for run in runs]}
     result["settings"] = {**runs[0]["settings"], "command": " ; ".join(run["settings"]["command"] for run in runs)}
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    figure(result, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json/.md/.png from {len(runs)} runs")
+    write_outputs(result, stem, f"from {len(runs)} runs")
     return result
 
 

@@ -100,17 +100,17 @@ def _lowpass_at(x: np.ndarray, sigma: float, positions: np.ndarray) -> np.ndarra
     left = np.floor(positions).astype(np.int64)
     frac = positions - left
     margin = half + 1 + int(max(0, -left.min(), left.max() + 1 - (frames - 1)))
-    if margin > frames - 1:  # too short for one reflection: smooth it all, then interpolate
+    start = left - half + margin  # first frame of each output's window in the padded rows
+    if margin > frames - 1 or np.any(np.diff(start) < 0):
+        # too short for one reflection, or positions out of order: smooth it all, then interpolate
         return _interpolate(_gaussian_lowpass(x, sigma), positions)
     weights = np.zeros((len(positions), len(taps) + 1))
     weights[:, :-1] += (1.0 - frac)[:, None] * taps
     weights[:, 1:] += frac[:, None] * taps
-    start = left - half + margin  # first frame of each output's window in the padded rows
-    if np.any(np.diff(start) < 0):  # positions out of order: gather each output's window
-        return _interpolate(_gaussian_lowpass(x, sigma), positions)
     # consecutive outputs in groups whose windows span a few taps' lengths: one small matrix product per group
     width = weights.shape[1]
-    group = max(4, int(math.ceil(4 * width / max(1.0, float(np.median(np.diff(start))) if len(start) > 1 else 1.0))))
+    step = max(1.0, float(np.median(np.diff(start)))) if len(start) > 1 else 1.0  # input frames per output
+    group = max(4, int(math.ceil(4 * width / step)))
     products = []
     for first in range(0, len(positions), group):
         index = np.arange(first, min(first + group, len(positions)))
