@@ -81,9 +81,12 @@ def recording(neurons: int) -> np.ndarray:
 
 
 def set_neuron_block(model, spec: dict) -> None:
-    """`--neuron_block`: 'full' = attention over all neurons, a number = that block, absent = the checkpoint's."""
+    """`--neuron_block`: 'full' = attention over all neurons, a number = that block, absent = the checkpoint's;
+    `--context_steps`: 'all' = as many as fit, a number = that many token steps, absent = the checkpoint's."""
     if spec.get("neuron_block") is not None:
         model.config.neuron_attention_block = None if spec["neuron_block"] == "full" else int(spec["neuron_block"])
+    if spec.get("context_steps") is not None:
+        model.config.context_token_steps = None if spec["context_steps"] == "all" else int(spec["context_steps"])
 
 
 def worker_forecast(spec: dict) -> dict:
@@ -224,6 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--neuron_block", default=None,
                         help="neuron-axis attention block of the forecast runs: a number of neurons, or 'full' "
                              "(default: the checkpoint's config.neuron_attention_block)")
+    parser.add_argument("--context_steps", default=None,
+                        help="token steps of context the forecast runs read: a number, or 'all' (as many as fit) "
+                             "(default: the checkpoint's config.context_token_steps)")
     parser.add_argument("--output", default=str(RESULTS / "scale"), help="path stem of the .json/.md/.png")
     parser.add_argument("--merge", nargs="+", help="JSON results of several runs to merge into --output (rows by "
                         "neurons, a later run's measurement replacing an earlier one; the first run's machine and "
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             reason = skip_reason(task, neurons, failed, args.max_rss_gib)
             if reason is None:
                 spec = {"task": task, "neurons": neurons, "model": args.model, "horizon": args.horizon,
-                        "neuron_block": args.neuron_block}
+                        "neuron_block": args.neuron_block, "context_steps": args.context_steps}
                 result = run_worker(spec, args.timeout, args.max_rss_gib, args.threads)
                 reason = result.pop("error", None)
                 row.update(result)
@@ -267,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
                   flush=True)
     result = {"machine": {**machine(args.threads), "fp32_matmul_peak_gflops": peak.get("gflops"), "load_average_at_start": load,
                           "load_average_at_end": os.getloadavg()[0]},
-              "settings": {"model": args.model, "neuron_block": args.neuron_block, "recording": f"{RECORDING_SECONDS} s at {RECORDING_RATE:g} Hz",
+              "settings": {"model": args.model, "neuron_block": args.neuron_block,
+                           "context_steps": args.context_steps, "recording": f"{RECORDING_SECONDS} s at {RECORDING_RATE:g} Hz",
                            "horizon_frames": args.horizon, "timeout_s": args.timeout, "max_rss_gib": args.max_rss_gib,
                            "train": f"cpu preset, batch 1 x neurons x {TRAIN_STEPS} token steps, fp32",
                            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))},
@@ -314,7 +321,8 @@ def markdown(result: dict) -> str:
         "(the machine is shared: a load above the core count slows every timing here). fp32 matmul peak "
         f"{machine_info['fp32_matmul_peak_gflops']:.1f} GFLOP/s ({PEAK_SIZE}x{PEAK_SIZE}). Forecasts: "
         f"{settings['model']} (neuron-axis attention block: "
-        f"{settings.get('neuron_block') or 'as in its config'}), a {settings['recording']} recording, horizon "
+        f"{settings.get('neuron_block') or 'as in its config'}; context token steps: "
+        f"{settings.get('context_steps') or 'as in its config'}), a {settings['recording']} recording, horizon "
         f"{settings['horizon_frames']} frames; "
         f"training: {settings['train']}. Each run in a fresh process, peak = its RSS high-water mark.",
         "",

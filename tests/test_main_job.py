@@ -46,6 +46,7 @@ def test_main_job_writes_every_file(release):
     # neuron-axis attention groups are as wide as a pretraining example
     recipe = json.loads((Path(calm_hf.__file__).parent / "recipes" / "main_tiny.json").read_text())
     assert config["neuron_attention_block"] == recipe["max_neurons"]
+    assert config["context_token_steps"] == recipe["context_token_steps"]  # the context length forecasts read
     tokenizer_map = json.loads((model_dir / "tokenizer" / "config.json").read_text())["auto_map"]
     assert all(isinstance(v, str) for v in tokenizer_map.values())  # not the list form of text tokenizers
     assert set(summary["timings"]) >= {"corpus", "train_tokenizer", "tokenize", "pretrain", "evaluate_and_write"}

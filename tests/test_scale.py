@@ -391,3 +391,30 @@ def test_neuron_blocks_benchmark_chooses_on_validation_and_writes_its_table():
                                                                      "date": "today", "seconds": 60.0}})
     assert "| sim_out | 1000 | 0 | 0.300 / 0.500 / 0.90 | 0.300 / 0.500 / 0.90 | 0.299 / 0.500 / 0.90 |" in table
     assert "Chosen: **64**" in table
+
+
+def test_a_set_context_length_reads_only_the_most_recent_steps():
+    forecaster = make_forecaster(context_token_steps=3)
+    window = forecaster.window_size
+    context = torch.randn(2, 5, 10 * window)
+    recent = context[..., -3 * window :]
+    for mode in ("direct", "greedy"):
+        got, expected = forecaster.forecast(context, horizon=8, mode=mode), forecaster.forecast(recent, horizon=8,
+                                                                                                  mode=mode)
+        np.testing.assert_allclose(got.forecast, expected.forecast, rtol=1e-6, atol=1e-6)
+    forecaster.model.config.context_token_steps = None  # all that fit: the older steps change the forecast
+    assert not np.allclose(forecaster.forecast(context, horizon=8).forecast, forecaster.forecast(recent, horizon=8).forecast)
+    with pytest.raises(ValueError, match="context_token_steps must be"):
+        CalmConfig.from_preset("tiny", context_token_steps=forecaster.model.config.max_token_steps)
+
+
+def test_streaming_restarts_at_the_set_context_length():
+    forecaster = make_forecaster(context_token_steps=4)
+    window = forecaster.window_size
+    total = window * 11 + 1
+    frames = torch.randn(5, total)
+    stream = CalmStreamingForecaster(forecaster, 5)
+    assert (stream.max_steps, stream.restart_steps) == (4, 2)
+    # just before and after the first restart (at 4 windows), and the end of the stream
+    checked = {4 * window - 1, 5 * window - 1, 5 * window + 1, total - 1}
+    assert stream_and_compare(forecaster, frames, checked) == len(checked)

@@ -74,6 +74,11 @@ class CalmConfig(PreTrainedConfig):
             RoPE base of the time-axis attention.
         max_token_steps (`int`, *optional*, defaults to 64):
             Longest token grid (context plus generated steps) the model accepts.
+        context_token_steps (`int`, *optional*):
+            Token steps of context a forecast reads (`CalmForecaster`, the pipeline, `calm forecast`, streaming): the
+            most recent ones; older frames only set the z-score statistics and the neuron identity. None = as many as
+            `max_token_steps` leaves after the forecast's own steps. `calm pretrain` sets it from the recipe, where it
+            is the length measured best on validation (`benchmarks/context_length.py`).
         num_neurons (`int`, *optional*, defaults to 1024):
             Rows of the global neuron embedding table (every session owns a contiguous block of ids).
         num_sessions (`int`, *optional*, defaults to 8):
@@ -197,6 +202,7 @@ class CalmConfig(PreTrainedConfig):
     rms_norm_eps: float | int = 1e-6
     rope_theta: float | int = 10000.0
     max_token_steps: int = 64
+    context_token_steps: int | None = None
     num_neurons: int = 1024
     num_sessions: int = 8
     window_size: int = 4
@@ -254,6 +260,11 @@ class CalmConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"CalmConfig.{name} must be a non-negative integer (0 = off), got {value!r}.")
+        steps = self.context_token_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not
+                                  1 <= steps < self.max_token_steps):
+            raise ValueError(f"CalmConfig.context_token_steps must be a number of token steps in [1, max_token_steps - 1 "
+                             f"= {self.max_token_steps - 1}] or None (as many as fit), got {steps!r}.")
         block = self.neuron_attention_block
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"CalmConfig.neuron_attention_block must be a positive number of neurons or None (attend "

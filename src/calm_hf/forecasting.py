@@ -457,19 +457,23 @@ class CalmForecaster:
         check_forecast_arguments(mode, horizon, num_samples, temperature, top_k, top_p,
                                  (self.model.config.max_token_steps - 1) * self.window_size)
         values = self._to_device(context_values, torch.float32)
+        if values is not None and values.ndim != 3:
+            raise ValueError(
+                f"context_values must be (batch, neurons, frames), got shape {tuple(values.shape)}; "
+                "for one recording use x[None]."
+            )
+        steps = self.model.config.context_token_steps  # the network reads the most recent ones; None = all that fit
+        read = values if steps is None or values is None else values[..., -steps * self.window_size :]
         if context_ids is None:
             if values is None:
                 raise ValueError("pass context_values (batch, neurons, frames) or pre-computed context_ids.")
-            if values.ndim != 3:
-                raise ValueError(
-                    f"context_values must be (batch, neurons, frames), got shape {tuple(values.shape)}; "
-                    "for one recording use x[None]."
-                )
             check_finite_context(values)
-            context_ids = self.tokenize(values)
-        if values is not None and values.ndim == 3:  # tokenized here, or read by the head's raw-trace highway
+            context_ids = self.tokenize(read)
+        if values is not None:  # tokenized here, or read by the head's raw-trace highway
             check_z_scored(values)
         context_ids = self._to_device(context_ids)
+        if steps is not None:
+            context_ids = context_ids[..., -steps:]
         identity = {"neuron_ids": self._to_device(neuron_ids), "session_ids": self._to_device(session_ids),
                     "neuron_mask": self._to_device(neuron_mask)}
         if self.uses_data_identity:
@@ -484,7 +488,7 @@ class CalmForecaster:
         if mode == "direct":  # recordings in chunks that fit max_memory_gib; each one's forecast is its own
             batch, neurons, steps = context_ids.shape
             per_chunk = self.chunk_size(self.grid_bytes(neurons, min(steps, self.model.config.max_token_steps)), batch)
-            pieces = [self.direct(context_ids[rows], horizon, None if values is None else values[rows],
+            pieces = [self.direct(context_ids[rows], horizon, None if read is None else read[rows],
                                   **recording_rows(identity, rows))
                       for rows in (slice(start, start + per_chunk) for start in range(0, batch, per_chunk))]
             point = torch.cat([piece[0] for piece in pieces])

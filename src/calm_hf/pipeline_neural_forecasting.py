@@ -460,6 +460,8 @@ class NeuralForecastingPipeline(Pipeline):
                 f"after a context: ask for at most {most} frames ({most / fs:g} s)."
             )
         max_context = (max_steps - new_steps) * window  # model frames
+        if self.model.config.context_token_steps is not None:  # the context length the model is run with
+            max_context = min(max_context, self.model.config.context_token_steps * window)
         available = processor.model_frames(values.shape[-1], fs)
         # a data-identity model reads its neurons' identity from the frames before the context (unless reference= is
         # given), so a whole recording loses nothing: only where those frames are otherwise unused is it worth a word

@@ -8,7 +8,8 @@ A token covers a window of `window_size` frames, so the model has something new 
 - at a window end the tokenizer's causal encoder encodes only the new window on top of its cache, and the dual-axis
   transformer runs one token step on top of its time-axis KV cache; nothing of the past is recomputed.
 
-The model reads at most `max_token_steps` token steps. When the context reaches that, the stream restarts from its
+The model reads at most `config.context_token_steps` token steps (the context length it is run with; unset: its
+`max_token_steps`). When the context reaches that, the stream restarts from its
 most recent `restart_steps` windows (both caches are rebuilt from those frames once); after it, the forecast equals
 `CalmForecaster`'s direct forecast from the frames since that restart. Until the first restart, it equals the direct
 forecast from every frame since the stream started (or since the last `reset`).
@@ -54,8 +55,8 @@ class CalmStreamingForecaster:
         neuron_ids, session_ids: table-identity models: `(neurons,)` global ids and the session id.
         neuron_identity (`torch.Tensor` of shape `(neurons, identity_size)`, *optional*): data-identity models:
             `forecaster.neuron_identity(reference)` from earlier trials of the same neurons; None is zero-shot.
-        restart_steps (`int`, *optional*): windows kept when the context reaches the model's `max_token_steps`;
-            default half of them (a restart costs one pass over them, so fewer restarts cost less on average).
+        restart_steps (`int`, *optional*): windows kept when the context reaches the model's context length
+            (`config.context_token_steps`, else `max_token_steps`); default half of them (a restart costs one pass over them, so fewer restarts cost less on average).
 
     Example:
 
@@ -86,10 +87,11 @@ class CalmStreamingForecaster:
             raise ValueError(f"horizon={horizon} must lie in [1, {most}]: the head forecasts "
                              f"{config.value_head_steps * self.window_size} frames from a window's end, and the newest "
                              f"frame can be up to {self.window_size - 1} frames past it.")
-        self.max_steps = config.max_token_steps
+        self.max_steps = getattr(config, "context_token_steps", None) or config.max_token_steps
         self.restart_steps = max(1, self.max_steps // 2) if restart_steps is None else int(restart_steps)
         if not 1 <= self.restart_steps < self.max_steps:
-            raise ValueError(f"restart_steps={restart_steps} must lie in [1, {self.max_steps - 1}] (max_token_steps - 1).")
+            raise ValueError(f"restart_steps={restart_steps} must lie in [1, {self.max_steps - 1}] (the model's "
+                             "context length in token steps, minus one).")
         self.identity = {"neuron_ids": forecaster._to_device(neuron_ids),
                          "session_ids": forecaster._to_device(session_ids)}
         if forecaster.uses_data_identity:
@@ -114,8 +116,8 @@ class CalmStreamingForecaster:
     @torch.no_grad()
     def prime(self, frames: torch.Tensor | np.ndarray) -> StreamingForecast | None:
         """Start the stream from the recording so far, `(neurons, frames)` z-scored at the model rate, in one pass,
-        and return the forecast after its last frame (None when it holds no complete window). Up to `max_token_steps`
-        windows this is the state `update` reaches frame by frame; a longer recording starts from its most recent
+        and return the forecast after its last frame (None when it holds no complete window). Up to the context length
+        (in windows) this is the state `update` reaches frame by frame; a longer recording starts from its most recent
         `restart_steps` windows, as a restart does."""
         frames = self.forecaster._to_device(frames, torch.float32)
         if frames.ndim != 2 or frames.shape[0] != self.num_neurons:

@@ -105,6 +105,8 @@ class MainArguments:
     pretrain_batch: int | None = field(default=None, metadata={"help": "Override the pretraining batch size."})
     pretrain_lr: float | None = field(default=None, metadata={"help": "Override the pretraining learning rate."})
     max_neurons: int | None = field(default=None, metadata={"help": "Override the neurons per pretraining example."})
+    context_token_steps: int | None = field(
+        default=None, metadata={"help": "Override the token steps of context calm-base's forecasts read."})
     eval_sessions: int | None = field(default=None, metadata={"help": "Override the held-out simulated sessions per "
                                                                       "evaluated set of the model card."})
     eval_trials: int | None = field(default=None, metadata={"help": "Override the test trials scored per held-out "
@@ -375,6 +377,7 @@ def pretrain_stage_argv(recipe: dict, tokenized: Path, tokenizer: Path, output_d
     budget."""
     return ["--tokenized_dataset", str(tokenized), "--tokenizer_path", str(tokenizer),
             "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
+            *(["--context_token_steps", str(recipe["context_token_steps"])] if recipe["context_token_steps"] else []),
             "--forecast_eval_trials", "0", "--identity_init", "coupling", "--value_skip_init", "ridge",
             "--max_steps", str(steps)] + training_flags(
         output_dir, 1.0, recipe["pretrain_batch"], recipe["pretrain_lr"], seed, bf16, None, use_cpu=use_cpu)

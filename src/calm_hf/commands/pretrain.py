@@ -65,6 +65,11 @@ class ModelArguments:
     init_from: str | None = field(
         default=None, metadata={"help": "Continue pretraining from this CalmForCausalNeuralModeling checkpoint."}
     )
+    context_token_steps: int | None = field(
+        default=RECIPE["context_token_steps"],
+        metadata={"help": "Token steps of context the model's forecasts read (CalmConfig.context_token_steps; default: "
+                          "the recipe's, measured on validation by benchmarks/context_length.py; unset = as many as "
+                          "fit)."})
     identity_init: str = field(
         default="coupling",
         metadata={"help": "Neuron embeddings of a fresh model: 'coupling' starts the neuron mixer at each session's "
@@ -147,7 +152,8 @@ def build_model(model_args: ModelArguments, tokenizer: CalmTokenizer, sessions: 
         vocab_size=tokenizer.config.codebook_size,
         window_size=tokenizer.config.window_size,
         max_token_steps=max(max_token_steps, 64),
-        **{"neuron_attention_block": max_neurons, **tables, **overrides},
+        **{"neuron_attention_block": max_neurons, "context_token_steps": model_args.context_token_steps, **tables,
+           **overrides},
     )
     # recorded so a tokenizer from another run (same codebook size, different codes) is refused when paired later
     config.tokenizer_fingerprint = tokenizer.fingerprint()

@@ -21,7 +21,7 @@ RECIPE_FIELDS = (
     "corpus_sessions", "corpus_trials", "corpus_max_neurons", "corpus_real", "trial_seconds", "tokenizer_preset",
     "tokenizer_epochs", "tokenizer_batch", "tokenizer_lr", "tokenizer_segments", "tokenizer_segment_frames",
     "model_preset", "pretrain_steps", "pretrain_minutes", "pretrain_batch", "pretrain_lr", "max_neurons",
-    "eval_sessions", "eval_trials", "eval_sets", "eval_max_neurons", "forecast_samples",
+    "context_token_steps", "eval_sessions", "eval_trials", "eval_sets", "eval_max_neurons", "forecast_samples",
 )
 DEFAULT_SIZE = "cpu"  # the recipe the stage commands default to: the one calm-base is trained with
 # The optimisation both training stages of the main job share (and so the stage commands' defaults): AdamW with a
@@ -36,7 +36,8 @@ RECIPE_FLAGS = {
     },
     "tokenize": {},  # codes do not depend on a training recipe: its defaults are the main job's tokenize stage's
     "pretrain": {
-        "preset": "model_preset", "max_neurons": "max_neurons", "max_steps": "pretrain_steps",
+        "preset": "model_preset", "max_neurons": "max_neurons", "context_token_steps": "context_token_steps",
+        "max_steps": "pretrain_steps",
         "per_device_train_batch_size": "pretrain_batch", "per_device_eval_batch_size": "pretrain_batch",
         "learning_rate": "pretrain_lr",
     },
