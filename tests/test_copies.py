@@ -19,8 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "calm_hf"
 MARKER = re.compile(r"^# Copied from calm_hf\.(\w+)\.(\w+)(?: with (\w+)->(\w+))?\s*$")
 # the copies the remote-code layout needs; the test fails if one loses its marker
 EXPECTED_COPIES = {
-    ("modeling_calm_tokenizer", "rotate_half"),
-    ("modeling_calm_tokenizer", "apply_rotary_pos_emb"),
+    ("modeling_calm_tokenizer", "apply_rotary_to_heads"),
     ("modeling_calm_tokenizer", "eager_attention_forward"),
     ("modeling_calm_tokenizer", "CalmTokenizerRotaryEmbedding"),
     ("configuration_calm_tokenizer", "plain_validation_errors"),
@@ -87,6 +86,6 @@ def test_the_check_sees_a_drifted_copy(tmp_path):
     for path in PACKAGE.glob("*.py"):
         (tmp_path / path.name).write_text(path.read_text())
     tokenizer_file = tmp_path / "modeling_calm_tokenizer.py"
-    tokenizer_file.write_text(tokenizer_file.read_text().replace("return torch.cat((-x2, x1), dim=-1)", "return torch.cat((x2, x1), dim=-1)"))
-    copy = next(c for c in marked_copies() if c[:2] == ("modeling_calm_tokenizer", "rotate_half"))
+    tokenizer_file.write_text(tokenizer_file.read_text().replace("torch.sub(first * cos, second * sin,", "torch.add(first * cos, second * sin,"))
+    copy = next(c for c in marked_copies() if c[:2] == ("modeling_calm_tokenizer", "apply_rotary_to_heads"))
     assert drift(copy, tmp_path) is not None and drift(copy, PACKAGE) is None

@@ -843,3 +843,40 @@ def test_float_fields_accept_integers_from_older_config_files():
     # config.json written before the config was strict may hold e.g. `"hidden_dropout": 0`
     config = tiny_config(attention_dropout=0, rope_theta=10000, frame_rate_hz=6)
     assert config.attention_dropout == 0 and config.frame_rate_hz == 6
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rotary_embedding_turns_each_half_of_a_head_by_its_angle(grad):
+    """RoPE as the textbook formula `x cos + rotate_half(x) sin` in the layout attention reads, with and without
+    autograd (the inference path writes into one output; gradients flow through the other)."""
+    from calm_hf.modeling_calm import CalmRotaryEmbedding, apply_rotary_to_heads
+
+    config = tiny_config()
+    cos, sin = CalmRotaryEmbedding(config)(torch.arange(3, 8))
+    states = torch.randn(6, 5, config.num_attention_heads, config.hidden_size // config.num_attention_heads)
+    heads = states.transpose(1, 2)
+    half = heads.shape[-1] // 2
+    expected = heads * cos + torch.cat((-heads[..., half:], heads[..., :half]), dim=-1) * sin
+    with torch.set_grad_enabled(grad):
+        got = apply_rotary_to_heads(states.requires_grad_(grad), cos, sin)
+    assert got.shape == expected.shape and got.requires_grad == grad
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # a rotation keeps every pair's length, and position 0 is the identity
+    torch.testing.assert_close(got.norm(dim=-1), heads.norm(dim=-1))
+    cos0, sin0 = CalmRotaryEmbedding(config)(torch.zeros(5, dtype=torch.long))
+    torch.testing.assert_close(apply_rotary_to_heads(states.detach(), cos0, sin0), heads.detach())
+    if grad:
+        got.sum().backward()
+        assert states.grad is not None and torch.isfinite(states.grad).all()
+
+
+def test_quantiles_sorted_per_window_equal_the_sorted_sums():
+    """The head sorts each window's offsets before adding the point forecast: the same numbers as sorting every
+    frame's sums, since adding one value to all levels keeps their order (also in floating point)."""
+    config = tiny_config(value_head_steps=3, quantile_levels=[0.05, 0.25, 0.5, 0.75, 0.95])
+    model = CalmForCausalNeuralModeling(config)
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.randn(2, 4, 1, 3, 5, generator=generator) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
+    values = torch.randn(2, 4, 1, 3 * config.window_size, generator=generator) * 1e4
+    expected = (values[..., None] + offsets.repeat_interleave(config.window_size, dim=-2)).sort(dim=-1).values
+    torch.testing.assert_close(model.predict_quantiles(offsets, values), expected, rtol=0, atol=0)

@@ -418,3 +418,17 @@ def test_streaming_restarts_at_the_set_context_length():
     # just before and after the first restart (at 4 windows), and the end of the stream
     checked = {4 * window - 1, 5 * window - 1, 5 * window + 1, total - 1}
     assert stream_and_compare(forecaster, frames, checked) == len(checked)
+
+
+def test_inverse_cdf_sampling_draws_each_code_with_its_probability():
+    from calm_hf.generation_calm import inverse_cdf_codes
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = 200_000
+    codes = inverse_cdf_codes(probs[:, None].expand(-1, draws, -1), torch.rand(2, draws, generator=generator))
+    frequencies = torch.stack([torch.bincount(row, minlength=6) for row in codes]).double() / draws
+    torch.testing.assert_close(frequencies, probs.double(), atol=5e-3, rtol=0)
+    # the ends of [0, 1) never reach a code of zero probability
+    edges = torch.tensor([[0.0, 1.0 - 2**-24], [0.0, 1.0 - 2**-24]])
+    assert inverse_cdf_codes(probs[:, None].expand(-1, 2, -1), edges).tolist() == [[1, 4], [0, 0]]

@@ -101,6 +101,16 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
+def inverse_cdf_codes(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
+    """Codes `(...)` drawn from `probs` `(..., vocab)` by inverting their cumulative sum at `uniforms` `(...)` in
+    [0, 1): the distribution `torch.multinomial` draws from, for every row in one pass (one uniform per row, so each
+    row can have its own generator). A code of zero probability is never drawn."""
+    cdf = probs.double().cumsum(dim=-1)
+    codes = torch.searchsorted(cdf, (uniforms.double() * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)  # a rounded-up target stops at the last
+    return torch.minimum(codes, last)
+
+
 def next_codes(
     logits: torch.Tensor, mode: str, temperature: float, top_k: int | None, generator: torch.Generator | None,
     top_p: float | None = None,
@@ -434,8 +444,9 @@ class CalmGenerationMixin(GenerationMixin):
         codes = []
         for step in range(max_new_tokens):
             probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
-            step_codes = torch.stack([torch.multinomial(probs[row], 1, generator=generator)[:, 0]
-                                      for row, generator in enumerate(generators)])  # (batch*count, neurons)
+            uniforms = torch.stack([torch.rand(neurons, generator=generator, device=probs.device)
+                                    for generator in generators])  # (batch*count, neurons): each future its own draws
+            step_codes = inverse_cdf_codes(probs, uniforms)
             codes.append(step_codes)
             if step == max_new_tokens - 1:
                 break

@@ -26,11 +26,14 @@ class CalmForecastHeadsMixin:
                           ) -> torch.Tensor | None:
         """Quantiles `(batch, neurons, kept_steps, frames, levels)` of the head's frames: the point forecast (which
         this head's loss does not train) plus the offsets of each frame's window, sorted along the levels so they never
-        cross. None without a quantile head (or without a point forecast)."""
+        cross (sorted per window, before adding: adding one number to every level keeps their order, so the result is
+        the same as sorting the sums, at a window's cost). None without a quantile head (or without a point
+        forecast)."""
         if offsets is None or value_predictions is None:
             return None
-        frames = offsets.repeat_interleave(self.config.window_size, dim=-2)
-        return (value_predictions.detach()[..., None] + frames).sort(dim=-1).values
+        windows = offsets.sort(dim=-1).values  # (..., windows, levels): one set per window, broadcast over its frames
+        values = value_predictions.detach().unflatten(-1, (windows.shape[-2], -1))  # (..., windows, window_size)
+        return (values[..., None] + windows[..., None, :]).flatten(-3, -2)
 
     def predict_values(self, hidden_states: torch.Tensor, traces: torch.Tensor | None,
                        neuron_identity: torch.Tensor | None = None) -> torch.Tensor | None:

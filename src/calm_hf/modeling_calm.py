@@ -163,18 +163,21 @@ class CalmRotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(
-    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # query/key (sequences, heads, steps, head_dim); cos/sin (steps, head_dim)
-    cos, sin = cos.to(query.dtype), sin.to(query.dtype)
-    return (query * cos) + (rotate_half(query) * sin), (key * cos) + (rotate_half(key) * sin)
+def apply_rotary_to_heads(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: `states` `(sequences, length, heads, head_dim)`, any strides -> rotated `(sequences, heads, length,
+    head_dim)`, the layout attention reads. cos/sin `(length, head_dim)` hold each frequency twice (`[f, f]`), so
+    each half of a head turns by the same angles. Without autograd the two halves are written straight into one
+    contiguous output (fewer passes over memory); the values are the same either way."""
+    half = states.shape[-1] // 2
+    cos, sin = cos[:, None, :half].to(states.dtype), sin[:, None, :half].to(states.dtype)
+    first, second = states[..., :half], states[..., half:]
+    if torch.is_grad_enabled() and states.requires_grad:
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).transpose(1, 2)
+    out = states.new_empty(states.shape[0], states.shape[2], states.shape[1], states.shape[3])
+    rotated = out.transpose(1, 2)
+    torch.sub(first * cos, second * sin, out=rotated[..., :half])
+    torch.add(second * cos, first * sin, out=rotated[..., half:])
+    return out
 
 
 def eager_attention_forward(
@@ -276,9 +279,11 @@ class CalmAttention(nn.Module):
         # hidden_states (sequences, length, hidden): sequences = batch*steps (neuron axis) or batch*neurons (time axis)
         num_sequences, length, hidden_size = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(num_sequences, length, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (sequences, heads, length, head_dim)
-        if position_embeddings is not None:
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if position_embeddings is not None:  # each (sequences, heads, length, head_dim)
+            query, key = (apply_rotary_to_heads(qkv[:, :, part], *position_embeddings) for part in (0, 1))
+            value = qkv[:, :, 2].transpose(1, 2)
+        else:
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 

@@ -138,20 +138,22 @@ class CalmTokenizerQuantizerOutput(ModelOutput):
     encoder_codes: torch.LongTensor | None = None
 
 
-# Copied from calm_hf.modeling_calm.rotate_half
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-# Copied from calm_hf.modeling_calm.apply_rotary_pos_emb
-def apply_rotary_pos_emb(
-    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # query/key (sequences, heads, steps, head_dim); cos/sin (steps, head_dim)
-    cos, sin = cos.to(query.dtype), sin.to(query.dtype)
-    return (query * cos) + (rotate_half(query) * sin), (key * cos) + (rotate_half(key) * sin)
+# Copied from calm_hf.modeling_calm.apply_rotary_to_heads
+def apply_rotary_to_heads(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: `states` `(sequences, length, heads, head_dim)`, any strides -> rotated `(sequences, heads, length,
+    head_dim)`, the layout attention reads. cos/sin `(length, head_dim)` hold each frequency twice (`[f, f]`), so
+    each half of a head turns by the same angles. Without autograd the two halves are written straight into one
+    contiguous output (fewer passes over memory); the values are the same either way."""
+    half = states.shape[-1] // 2
+    cos, sin = cos[:, None, :half].to(states.dtype), sin[:, None, :half].to(states.dtype)
+    first, second = states[..., :half], states[..., half:]
+    if torch.is_grad_enabled() and states.requires_grad:
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).transpose(1, 2)
+    out = states.new_empty(states.shape[0], states.shape[2], states.shape[1], states.shape[3])
+    rotated = out.transpose(1, 2)
+    torch.sub(first * cos, second * sin, out=rotated[..., :half])
+    torch.add(second * cos, first * sin, out=rotated[..., half:])
+    return out
 
 
 # Copied from calm_hf.modeling_calm.eager_attention_forward
@@ -228,11 +230,9 @@ class CalmTokenizerAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, self.num_heads, self.head_dim)
         # (batch*neurons, heads, steps, head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = apply_rotary_to_heads(self.q_proj(hidden_states).view(hidden_shape), *position_embeddings)
+        key = apply_rotary_to_heads(self.k_proj(hidden_states).view(hidden_shape), *position_embeddings)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
         mask, is_causal = None, self.is_causal
         if past is not None:
             if past[0] is not None:
