@@ -432,3 +432,26 @@ def test_inverse_cdf_sampling_draws_each_code_with_its_probability():
     # the ends of [0, 1) never reach a code of zero probability
     edges = torch.tensor([[0.0, 1.0 - 2**-24], [0.0, 1.0 - 2**-24]])
     assert inverse_cdf_codes(probs[:, None].expand(-1, 2, -1), edges).tolist() == [[1, 4], [0, 0]]
+
+
+def test_the_layer_chunking_follows_the_forecasters_memory_budget(monkeypatch):
+    from calm_hf import modeling_calm as modeling
+
+    roomy = make_forecaster(max_memory_gib=2.0)
+    tight = CalmForecaster(roomy.model, roomy.tokenizer, max_memory_gib=1e-6)  # a few KiB: chunks of one neuron
+    chunks = []
+    original = modeling.CalmDualAxisLayer._forward_in_chunks
+
+    def counted(self, *args):
+        chunks.append(args[-1])
+        return original(self, *args)
+
+    monkeypatch.setattr(modeling.CalmDualAxisLayer, "_forward_in_chunks", counted)
+    context = torch.randn(1, 7, 24)
+    expected = roomy.forecast(context, horizon=8)
+    assert not chunks  # the roomy budget holds the whole grid
+    got = tight.forecast(context, horizon=8)
+    assert chunks and max(chunks) == 1
+    np.testing.assert_allclose(got.forecast, expected.forecast, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.quantiles, expected.quantiles, rtol=1e-5, atol=1e-5)
+    assert roomy.model.base_model.inference_chunk_bytes is None  # restored after the call

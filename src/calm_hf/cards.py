@@ -238,6 +238,8 @@ def _render(
         ),
         data_identity=config_summary.get("neuron_identity", "table") == "data",
         neuron_attention_block=config_summary.get("neuron_attention_block"),
+        context_token_steps=config_summary.get("context_token_steps"),
+        context_seconds=f"{(config_summary.get('context_token_steps') or 0) * window_size / float(frame_rate_hz):g}",
         heldout_rows=[],
         citation=CALM_CITATION,
     )

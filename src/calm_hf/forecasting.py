@@ -29,6 +29,9 @@ FORECAST_MODES = ("direct",) + ROLLOUT_MODES
 # working memory of one forecast call when the caller sets none: what a laptop spares beside the recording itself;
 # `max_memory_gib` raises it on a larger machine (fewer, larger chunks) or lowers it beside other work
 DEFAULT_MAX_MEMORY_GIB = 1.0
+# share of `max_memory_gib` one chunk of neurons of a layer's inference pass may hold (the default budget gives the
+# backbone's default chunk, `modeling_calm.INFERENCE_CHUNK_BYTES`)
+LAYER_CHUNK_SHARE = 0.25
 
 
 def default_forecast_mode(model) -> str:
@@ -259,6 +262,19 @@ class CalmForecaster:
             tensor = torch.as_tensor(np.asarray(tensor))
         return tensor.to(device=self.device, dtype=dtype)
 
+    @contextlib.contextmanager
+    def _layer_chunks(self):
+        """The backbone's layer-by-layer chunking of a large grid at inference (`CalmModel.inference_chunk_bytes`)
+        follows this forecaster's `max_memory_gib` for the calls inside (a share of it, `LAYER_CHUNK_SHARE`: the rest
+        holds the grid, the caches and the heads' outputs)."""
+        backbone = self.model.base_model
+        before = getattr(backbone, "inference_chunk_bytes", None)
+        backbone.inference_chunk_bytes = max(1, int(self.max_memory_gib * 2**30 * LAYER_CHUNK_SHARE))
+        try:
+            yield
+        finally:
+            backbone.inference_chunk_bytes = before
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -394,7 +410,7 @@ class CalmForecaster:
         while True:
             kept = ids[..., -max_steps:]
             values = context_values[..., -kept.shape[-1] * self.window_size :] if needs_values else None
-            with self._autocast():
+            with self._autocast(), self._layer_chunks():
                 prediction = self.model.forecast_values(kept, **identity, return_quantiles=with_quantiles, **(
                     {"context_values": values} if needs_values else {}))
             prediction, quantiles = prediction if with_quantiles else (prediction, None)

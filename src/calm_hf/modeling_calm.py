@@ -229,18 +229,21 @@ def neuron_attention_blocks(num_neurons: int, block: int | None) -> list[tuple[i
     return parts + [(larger * (size + 1), groups - larger, size)]
 
 
-# activations of one chunk of neurons in an inference forward pass of a large grid (see `inference_neuron_chunk`)
+# default activations of one chunk of neurons in an inference forward pass of a large grid (see
+# `inference_neuron_chunk`); `CalmModel.inference_chunk_bytes` replaces it per model (a forecaster sets its budget's)
 INFERENCE_CHUNK_BYTES = 256 * 2**20
 
 
-def inference_neuron_chunk(config, batch_size: int, num_neurons: int, num_steps: int) -> int | None:
+def inference_neuron_chunk(config, batch_size: int, num_neurons: int, num_steps: int,
+                           limit: int | None = None) -> int | None:
     """Neurons per chunk of a layer's inference pass (`CalmDualAxisLayer._forward_in_chunks`), or None when the
-    whole grid's intermediate activations (about eight hidden-state copies and the FFN's expansion) fit in
-    `INFERENCE_CHUNK_BYTES` anyway."""
+    whole grid's intermediate activations (about eight hidden-state copies and the FFN's expansion) fit in `limit`
+    bytes (default `INFERENCE_CHUNK_BYTES`) anyway."""
+    limit = INFERENCE_CHUNK_BYTES if limit is None else limit
     per_neuron = 4 * batch_size * num_steps * (8 * config.hidden_size + 2 * config.intermediate_size)
-    if per_neuron * num_neurons <= INFERENCE_CHUNK_BYTES:
+    if per_neuron * num_neurons <= limit:
         return None
-    return max(1, INFERENCE_CHUNK_BYTES // per_neuron)
+    return max(1, limit // per_neuron)
 
 
 def eager_attention_bytes(num_sequences: int, num_heads: int, q_len: int, kv_len: int) -> int:
@@ -635,6 +638,9 @@ class CalmModel(CalmPreTrainedModel):
         self.layers = nn.ModuleList([CalmDualAxisLayer(config, idx) for idx in range(config.num_hidden_layers)])
         self.norm = CalmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = CalmRotaryEmbedding(config)
+        # activations one chunk of neurons may hold in an inference pass of a large grid; None = the default
+        # (`INFERENCE_CHUNK_BYTES`). `CalmForecaster` sets it from its `max_memory_gib` for its calls.
+        self.inference_chunk_bytes: int | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -701,7 +707,7 @@ class CalmModel(CalmPreTrainedModel):
         blocks = neuron_attention_blocks(num_neurons, self.config.neuron_attention_block)
         chunk = None
         if cache is None and not torch.is_grad_enabled() and not self.training:
-            chunk = inference_neuron_chunk(self.config, batch_size, num_neurons, num_steps)
+            chunk = inference_neuron_chunk(self.config, batch_size, num_neurons, num_steps, self.inference_chunk_bytes)
         layer_kwargs = {
             "neuron_chunk": chunk,
             "neuron_attention_mask": self._neuron_attention_mask(neuron_mask, num_steps, blocks),

@@ -46,6 +46,7 @@ def _config_summary(model, tokenizer) -> dict:
         "tokenizer_codebook_size": tokenizer.config.codebook_size,
         "neuron_identity": getattr(model.config, "neuron_identity", "table"),
         "neuron_attention_block": getattr(model.config, "neuron_attention_block", None),
+        "context_token_steps": getattr(model.config, "context_token_steps", None),
     }
 
 

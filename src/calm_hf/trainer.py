@@ -217,7 +217,7 @@ class CalmTrainer(Trainer):
         config = model.config
         summary = {name: getattr(config, name) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                             "vocab_size", "window_size", "frame_rate_hz",
-                                                            "neuron_attention_block")}
+                                                            "neuron_attention_block", "context_token_steps")}
         metrics = {k: v for k, v in (self.state.log_history[-1] if self.state.log_history else {}).items()
                    if isinstance(v, float) and k.startswith("eval_")}
         card = render_model_card(metrics=metrics, config_summary=summary,
