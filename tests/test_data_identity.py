@@ -217,3 +217,18 @@ def test_principal_axes_span_the_top_singular_subspace(shape):
     torch.testing.assert_close(axes @ axes.T, reference @ reference.T)
     # a rank-deficient input keeps only the directions it has
     assert principal_axes(inputs[:, :1].expand(-1, shape[1]).contiguous(), 8).shape[1] == 1
+
+
+@pytest.mark.parametrize("shape", [(60, 60), (20, 70), (70, 20)])
+def test_top_singular_triplets_equal_the_svds(shape):
+    from calm_hf.identity_calm import top_singular_triplets
+
+    generator = torch.Generator().manual_seed(1)
+    matrix = torch.randn(*shape, dtype=torch.float64, generator=generator)
+    left, singular, right = top_singular_triplets(matrix, 6)
+    u, s, vt = torch.linalg.svd(matrix, full_matrices=False)
+    torch.testing.assert_close(singular, s[:6])
+    signs = torch.sign((left * u[:, :6]).sum(0))  # singular vectors are defined up to a sign per pair
+    torch.testing.assert_close(left, u[:, :6] * signs)
+    torch.testing.assert_close(right, vt[:6].T * signs)
+    assert top_singular_triplets(torch.zeros(5, 5, dtype=torch.float64), 3)[1].numel() == 0  # nothing to keep

@@ -96,6 +96,16 @@ def principal_axes(inputs: torch.Tensor, count: int) -> torch.Tensor:
     return vectors
 
 
+def top_singular_triplets(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(left (rows, k), singular (k,), right (columns, k))`: the top `k <= count` singular triplets of `matrix`
+    (float64), descending, from `principal_axes` (a symmetric eigenproblem of the smaller Gram matrix instead of a
+    full SVD); left vectors are `matrix @ right / singular`. Directions with no variance are left out."""
+    right = principal_axes(matrix, count)
+    projected = matrix @ right  # left vectors times their singular values
+    singular = projected.norm(dim=0)
+    return projected / singular, singular, right
+
+
 def coupling_factors(reference: torch.Tensor, window_size: int, rank: int, ridge: float = 1.0
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`(receives, drives, samples)`: rank-`rank` factors `(neurons, rank)` of the one-step coupling of window means
@@ -115,18 +125,18 @@ def coupling_factors(reference: torch.Tensor, window_size: int, rank: int, ridge
         gram.diagonal().add_(ridge * max(float(gram.diagonal().mean()), 1e-8))
         coupling = torch.linalg.solve(gram, inputs.T @ targets)  # (in, out)
         coupling.fill_diagonal_(0.0)
-        left, singular, right_t = torch.linalg.svd(coupling)
+        left, singular, right = top_singular_triplets(coupling, rank)
     else:  # ridge on the top principal components of the inputs: memory and time linear in the neurons
         basis = principal_axes(inputs, COUPLING_COMPONENTS)  # (neurons, components)
         scores = inputs @ basis
         gram = scores.T @ scores
         gram.diagonal().add_(ridge * max(float(gram.diagonal().mean()), 1e-8))
         core = torch.linalg.solve(gram, scores.T @ targets)  # (components, out)
-        core_left, singular, right_t = torch.linalg.svd(core, full_matrices=False)
+        core_left, singular, right = top_singular_triplets(core, rank)
         left = basis @ core_left
     kept = min(rank, singular.shape[0])
     root = singular[:kept].sqrt()
-    drive, receive = left[:, :kept] * root, right_t[:kept].T * root
+    drive, receive = left[:, :kept] * root, right[:, :kept] * root
     sign = torch.where(drive.sum(0) < 0, -1.0, 1.0).to(drive.dtype)
     drives[:, :kept], receives[:, :kept] = drive * sign, receive * sign
     return receives.float(), drives.float(), samples
