@@ -455,3 +455,25 @@ def test_the_layer_chunking_follows_the_forecasters_memory_budget(monkeypatch):
     np.testing.assert_allclose(got.forecast, expected.forecast, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.quantiles, expected.quantiles, rtol=1e-5, atol=1e-5)
     assert roomy.model.base_model.inference_chunk_bytes is None  # restored after the call
+
+
+def test_context_length_benchmark_chooses_on_validation_and_writes_its_table():
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("context_length.py")
+    rows = []
+    for split, shift in (("validation", 0.0), ("test", 0.5)):  # test numbers must not move the choice
+        for steps, r in ((4, 0.298), (8, 0.300), (16, 0.296), (51, 0.28)):
+            for k in ("0", "16"):
+                rows.append({"set": "sim_in", "session": "s", "neurons": 40, "k": k, "split": split, "steps": steps,
+                             "pearson_r": r + shift * (steps == 51), "mse": 0.5, "coverage_90": 0.9, "crps": 0.3,
+                             "seconds": 1.0})
+    choice = bench.choose_steps(rows)
+    assert choice["steps"] == 4  # within TIE_R of the best (8) and the shortest; 16 and 51 are not ties
+    rows = [{**row, "pearson_r": row["pearson_r"] - 0.01 * (row["steps"] == 4)} for row in rows]
+    assert bench.choose_steps(rows)["steps"] == 8  # 4 now loses more than the tie allows
+    table = bench.markdown({"rows": rows, "choice": bench.choose_steps(rows),
+                            "meta": {"command": "context_length.py", "commit": "x", "date": "today", "seconds": 60.0,
+                                     "trial_seconds": 56.0, "horizon": 50}})
+    assert "| sim_in | 40 | 0 | 0.288 / 0.500 / 0.90 | 0.300 / 0.500 / 0.90 |" in table
+    assert "Chosen: **8 steps**" in table
