@@ -17,6 +17,21 @@ def make_forecaster(max_memory_gib: float = 2.0, seed: int = 0, **overrides) -> 
     return CalmForecaster(model, tokenizer, max_memory_gib=max_memory_gib)
 
 
+def layer_chunks_taken(monkeypatch) -> list[int]:
+    """The neurons per chunk of every chunked layer pass from now on (a spy on `_forward_in_chunks`)."""
+    from calm_hf import modeling_calm as modeling
+
+    calls = []
+    original = modeling.CalmDualAxisLayer._forward_in_chunks
+
+    def counted(self, *args):
+        calls.append(args[-1])
+        return original(self, *args)
+
+    monkeypatch.setattr(modeling.CalmDualAxisLayer, "_forward_in_chunks", counted)
+    return calls
+
+
 # small enough that every chunk holds one item (one recording, one sample, one neuron of the tokenizer)
 ONE_PER_CHUNK = 1e-9
 
@@ -352,14 +367,7 @@ def test_a_large_grid_runs_in_neuron_chunks_with_the_same_result(monkeypatch, bl
 
     whole = run()
     assert modeling.inference_neuron_chunk(config, 2, neurons, steps) is None
-    calls = []
-    original = modeling.CalmDualAxisLayer._forward_in_chunks
-
-    def counted(self, *args):
-        calls.append(args[-1])
-        return original(self, *args)
-
-    monkeypatch.setattr(modeling.CalmDualAxisLayer, "_forward_in_chunks", counted)
+    calls = layer_chunks_taken(monkeypatch)
     monkeypatch.setattr(modeling, "INFERENCE_CHUNK_BYTES", 1)  # one neuron per chunk (whole attention groups)
     chunked = run()
     assert calls and set(calls) == {1}
@@ -435,18 +443,9 @@ def test_inverse_cdf_sampling_draws_each_code_with_its_probability():
 
 
 def test_the_layer_chunking_follows_the_forecasters_memory_budget(monkeypatch):
-    from calm_hf import modeling_calm as modeling
-
     roomy = make_forecaster(max_memory_gib=2.0)
     tight = CalmForecaster(roomy.model, roomy.tokenizer, max_memory_gib=1e-6)  # a few KiB: chunks of one neuron
-    chunks = []
-    original = modeling.CalmDualAxisLayer._forward_in_chunks
-
-    def counted(self, *args):
-        chunks.append(args[-1])
-        return original(self, *args)
-
-    monkeypatch.setattr(modeling.CalmDualAxisLayer, "_forward_in_chunks", counted)
+    chunks = layer_chunks_taken(monkeypatch)
     context = torch.randn(1, 7, 24)
     expected = roomy.forecast(context, horizon=8)
     assert not chunks  # the roomy budget holds the whole grid
