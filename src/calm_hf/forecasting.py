@@ -34,6 +34,12 @@ DEFAULT_MAX_MEMORY_GIB = 1.0
 LAYER_CHUNK_SHARE = 0.25
 
 
+def context_token_steps(config) -> int | None:
+    """The token steps of context a forecast reads (`CalmConfig.context_token_steps`; None = as many as fit), also for
+    a model whose remote-code config predates the field."""
+    return getattr(config, "context_token_steps", None)
+
+
 def default_forecast_mode(model) -> str:
     """"direct" for models with a continuous forecast head (the best estimator measured), else "greedy"."""
     return "direct" if getattr(model, "value_head", None) is not None else "greedy"
@@ -478,7 +484,7 @@ class CalmForecaster:
                 f"context_values must be (batch, neurons, frames), got shape {tuple(values.shape)}; "
                 "for one recording use x[None]."
             )
-        steps = self.model.config.context_token_steps  # the network reads the most recent ones; None = all that fit
+        steps = context_token_steps(self.model.config)  # the network reads the most recent ones
         read = values if steps is None or values is None else values[..., -steps * self.window_size :]
         if context_ids is None:
             if values is None:

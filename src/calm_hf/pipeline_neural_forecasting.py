@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from .forecasting import DEFAULT_MAX_MEMORY_GIB, CalmForecaster, default_forecast_mode
+from .forecasting import DEFAULT_MAX_MEMORY_GIB, CalmForecaster, context_token_steps, default_forecast_mode
 from .population_readout import READOUT_FILE, PopulationReadout
 from .processing_calm import MAX_ABS_INPUT, CalmTraceProcessor
 
@@ -460,8 +460,8 @@ class NeuralForecastingPipeline(Pipeline):
                 f"after a context: ask for at most {most} frames ({most / fs:g} s)."
             )
         max_context = (max_steps - new_steps) * window  # model frames
-        if self.model.config.context_token_steps is not None:  # the context length the model is run with
-            max_context = min(max_context, self.model.config.context_token_steps * window)
+        if context_token_steps(self.model.config) is not None:  # the context length the model is run with
+            max_context = min(max_context, context_token_steps(self.model.config) * window)
         available = processor.model_frames(values.shape[-1], fs)
         # a data-identity model reads its neurons' identity from the frames before the context (unless reference= is
         # given), so a whole recording loses nothing: only where those frames are otherwise unused is it worth a word

@@ -9,10 +9,10 @@ A token covers a window of `window_size` frames, so the model has something new 
   transformer runs one token step on top of its time-axis KV cache; nothing of the past is recomputed.
 
 The model reads at most `config.context_token_steps` token steps (the context length it is run with; unset: its
-`max_token_steps`). When the context reaches that, the stream restarts from its
-most recent `restart_steps` windows (both caches are rebuilt from those frames once); after it, the forecast equals
-`CalmForecaster`'s direct forecast from the frames since that restart. Until the first restart, it equals the direct
-forecast from every frame since the stream started (or since the last `reset`).
+`max_token_steps`). When the context reaches that, the stream restarts from its most recent `restart_steps` windows
+(both caches are rebuilt from those frames once); after it, the forecast equals `CalmForecaster`'s direct forecast
+from the frames since that restart. Until the first restart, it equals the direct forecast from every frame since the
+stream started (or since the last `reset`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from .forecasting import CalmForecaster, check_finite_context
+from .forecasting import CalmForecaster, check_finite_context, context_token_steps
 
 
 @dataclass
@@ -56,7 +56,8 @@ class CalmStreamingForecaster:
         neuron_identity (`torch.Tensor` of shape `(neurons, identity_size)`, *optional*): data-identity models:
             `forecaster.neuron_identity(reference)` from earlier trials of the same neurons; None is zero-shot.
         restart_steps (`int`, *optional*): windows kept when the context reaches the model's context length
-            (`config.context_token_steps`, else `max_token_steps`); default half of them (a restart costs one pass over them, so fewer restarts cost less on average).
+            (`config.context_token_steps`, else `max_token_steps`); default half of them (a restart costs one pass over
+            them, so fewer restarts cost less on average).
 
     Example:
 
@@ -87,7 +88,7 @@ class CalmStreamingForecaster:
             raise ValueError(f"horizon={horizon} must lie in [1, {most}]: the head forecasts "
                              f"{config.value_head_steps * self.window_size} frames from a window's end, and the newest "
                              f"frame can be up to {self.window_size - 1} frames past it.")
-        self.max_steps = getattr(config, "context_token_steps", None) or config.max_token_steps
+        self.max_steps = context_token_steps(config) or config.max_token_steps
         self.restart_steps = max(1, self.max_steps // 2) if restart_steps is None else int(restart_steps)
         if not 1 <= self.restart_steps < self.max_steps:
             raise ValueError(f"restart_steps={restart_steps} must lie in [1, {self.max_steps - 1}] (the model's "
