@@ -21,6 +21,7 @@ MARKER = re.compile(r"^# Copied from calm_hf\.(\w+)\.(\w+)(?: with (\w+)->(\w+))
 EXPECTED_COPIES = {
     ("modeling_calm_tokenizer", "apply_rotary_to_heads"),
     ("modeling_calm_tokenizer", "eager_attention_forward"),
+    ("modeling_calm_tokenizer", "decode_step_attention"),
     ("modeling_calm_tokenizer", "CalmTokenizerRotaryEmbedding"),
     ("configuration_calm_tokenizer", "plain_validation_errors"),
 }

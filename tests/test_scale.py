@@ -476,3 +476,62 @@ def test_context_length_benchmark_chooses_on_validation_and_writes_its_table():
                                      "trial_seconds": 56.0, "horizon": 50}})
     assert "| sim_in | 40 | 0 | 0.288 / 0.500 / 0.90 | 0.300 / 0.500 / 0.90 |" in table
     assert "Chosen: **8 steps**" in table
+
+
+@pytest.mark.parametrize("keys", [1, 3, 16])
+def test_decode_step_attention_equals_sdpa_on_strided_caches(keys):
+    import torch.nn.functional as F
+
+    from calm_hf.modeling_calm import decode_step_attention
+
+    generator = torch.Generator().manual_seed(keys)
+    query = torch.randn(50, 4, 1, 8, generator=generator)
+    buffers = torch.randn(2, 50, 4, 20, 8, generator=generator)  # a cache buffer with room for 20 steps
+    key, value = buffers[0, :, :, :keys], buffers[1, :, :, :keys]  # views of its first steps, as a cache hands them
+    expected = F.scaled_dot_product_attention(query, key, value, scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(decode_step_attention(query, key, value, 0.3), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fixed_cache_gives_the_dynamic_caches_steps_and_refuses_to_overflow():
+    from transformers.cache_utils import Cache
+
+    from calm_hf import modeling_calm
+    from calm_hf.generation_calm import CalmFixedCacheLayer
+
+    model = make_forecaster().model
+    codes = torch.randint(0, model.config.vocab_size, (1, 6, 4))
+    layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        reference = model(input_ids=codes, use_cache=False).logits
+        for cache in (None, Cache(layers=[CalmFixedCacheLayer(4) for _ in range(layers)])):
+            first = model(input_ids=codes[..., :2], cache=cache, use_cache=True)
+            steps = [first.logits]
+            for step in (2, 3):
+                steps.append(model(input_ids=codes[..., step : step + 1], cache=first.cache, use_cache=True).logits)
+            torch.testing.assert_close(torch.cat(steps, dim=2), reference, rtol=1e-5, atol=1e-5)
+        assert first.cache.layers[0].keys.shape[2] == 4
+        with pytest.raises(ValueError, match="holds 4 steps; 5 were asked for"):
+            model(input_ids=codes[..., :1], cache=first.cache, use_cache=True)
+    assert modeling_calm.DECODE_STEP_MAX_KEYS >= 4  # the steps above took the decode path
+
+
+def test_streaming_takes_the_decode_step_path_and_a_fixed_cache(monkeypatch):
+    from calm_hf import modeling_calm, modeling_calm_tokenizer
+    from calm_hf.generation_calm import CalmFixedCacheLayer
+
+    calls = {"model": 0, "tokenizer": 0}
+    for name, module in (("model", modeling_calm), ("tokenizer", modeling_calm_tokenizer)):
+        original = module.decode_step_attention
+
+        def counted(*args, name=name, original=original):
+            calls[name] += 1
+            return original(*args)
+
+        monkeypatch.setattr(module, "decode_step_attention", counted)
+    forecaster = make_forecaster()
+    stream = CalmStreamingForecaster(forecaster, 5)
+    frames = torch.randn(5, 3 * forecaster.window_size)
+    for frame in frames.T:
+        stream.update(frame)
+    assert isinstance(stream.cache.layers[0], CalmFixedCacheLayer)
+    assert calls["model"] > 0 and calls["tokenizer"] > 0

@@ -126,14 +126,42 @@ def next_codes(
     return probs, probs.argmax(dim=-1)
 
 
-class CalmSampleCacheLayer(DynamicLayer):
-    """One layer of the time-axis cache of a chunk of sampled futures, allocated once for the whole rollout and written
-    in place: the context's keys/values are copied once per sample (no intermediate copy), and a new step does not
-    copy the cache the way `DynamicLayer`'s concatenation does."""
+class CalmFixedCacheLayer(DynamicLayer):
+    """One layer of a time-axis cache allocated once for `capacity` steps and written in place: a new step copies only
+    itself, where `DynamicLayer`'s concatenation copies the whole cache at every step. `keys` / `values` are views of
+    the steps written so far."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length, self.buffers = int(capacity), 0, None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # (sequences, heads, steps, head_dim) -> buffers (sequences, heads, capacity, head_dim)
+        self.buffers = [states.new_empty(*states.shape[:2], self.capacity, states.shape[-1])
+                        for states in (key_states, value_states)]
+        self.device, self.is_initialized = key_states.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"this time-axis cache holds {self.capacity} steps; {end} were asked for.")
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, self.length : end] = states
+        self.length = end
+        self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
+        return self.keys, self.values
+
+
+class CalmSampleCacheLayer(CalmFixedCacheLayer):
+    """One layer of the time-axis cache of a chunk of sampled futures, allocated once for the whole rollout: the
+    context's keys/values are copied once per sample (no intermediate copy), then new steps are written in place."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, count: int, capacity: int) -> None:
         # keys, values (batch, neurons, heads, steps, head_dim) of the context -> (batch*count*neurons, heads, capacity, ...)
-        super().__init__()
+        super().__init__(capacity)
         batch, neurons, heads, steps, head_dim = keys.shape
         self.buffers = []
         for states in (keys, values):
@@ -142,17 +170,6 @@ class CalmSampleCacheLayer(DynamicLayer):
             self.buffers.append(buffer.view(batch * count * neurons, heads, capacity, head_dim))
         self.device, self.is_initialized, self.length = keys.device, True, steps
         self.keys, self.values = (buffer[:, :, :steps] for buffer in self.buffers)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[-2]
-        if end > self.buffers[0].shape[2]:
-            raise ValueError(f"the sample cache holds {self.buffers[0].shape[2]} steps; {end} were asked for.")
-        for buffer, states in zip(self.buffers, (key_states, value_states)):
-            buffer[:, :, self.length : end] = states
-        self.length = end
-        self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
-        return self.keys, self.values
 
 
 class CalmGenerationMixin(GenerationMixin):
@@ -456,4 +473,4 @@ class CalmGenerationMixin(GenerationMixin):
         return torch.stack(codes, dim=-1).reshape(batch, count, neurons, max_new_tokens)
 
 
-__all__ = ["CalmGenerationMixin", "CalmRolloutOutput"]
+__all__ = ["CalmFixedCacheLayer", "CalmGenerationMixin", "CalmRolloutOutput"]

@@ -209,6 +209,21 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+# a new step attends to at most this many cached steps through `decode_step_attention` on a CPU (beyond it SDPA's
+# kernel is as fast, and the elementwise products would grow with the cache)
+DECODE_STEP_MAX_KEYS = 16
+
+
+def decode_step_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of one new step over a short cache, as a few elementwise passes: `query` `(sequences, heads, 1,
+    head_dim)`, `key`/`value` `(sequences, heads, keys, head_dim)` (any strides) -> `(sequences, 1, heads, head_dim)`,
+    the layout the attention interfaces return. Softmax in float32. On a CPU a fused attention kernel spends most of its
+    time on per-sequence set-up when each of thousands of sequences has one query and a few keys."""
+    scores = (query * key).sum(dim=-1, keepdim=True).float() * scaling  # (sequences, heads, keys, 1)
+    weights = scores.softmax(dim=2).to(value.dtype)
+    return (weights * value).sum(dim=2, keepdim=True).transpose(1, 2)
+
+
 def eager_attention_max_bytes() -> int:
     """Memory the eager attention may spend on its score matrices per call (env `CALM_EAGER_ATTENTION_MAX_GIB`,
     default 4 GiB). Eager attention materialises (sequences, heads, length, length) float32 scores: across 20k
@@ -298,6 +313,11 @@ class CalmAttention(nn.Module):
             is_causal = False
         elif is_causal and length == 1:
             is_causal = False  # one new step attends to the whole cache
+
+        if (length == 1 and attention_mask is None and kv_len <= DECODE_STEP_MAX_KEYS and query.device.type == "cpu"
+                and not self.training and self.config._attn_implementation in ("sdpa", "eager")):
+            attn_output = decode_step_attention(query, key, value, self.scaling)
+            return self.o_proj(attn_output.reshape(num_sequences, length, hidden_size))
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -156,6 +156,21 @@ def apply_rotary_to_heads(states: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return out
 
 
+# a new step attends to at most this many cached steps through `decode_step_attention` on a CPU
+DECODE_STEP_MAX_KEYS = 16
+
+
+# Copied from calm_hf.modeling_calm.decode_step_attention
+def decode_step_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of one new step over a short cache, as a few elementwise passes: `query` `(sequences, heads, 1,
+    head_dim)`, `key`/`value` `(sequences, heads, keys, head_dim)` (any strides) -> `(sequences, 1, heads, head_dim)`,
+    the layout the attention interfaces return. Softmax in float32. On a CPU a fused attention kernel spends most of its
+    time on per-sequence set-up when each of thousands of sequences has one query and a few keys."""
+    scores = (query * key).sum(dim=-1, keepdim=True).float() * scaling  # (sequences, heads, keys, 1)
+    weights = scores.softmax(dim=2).to(value.dtype)
+    return (weights * value).sum(dim=2, keepdim=True).transpose(1, 2)
+
+
 # Copied from calm_hf.modeling_calm.eager_attention_forward
 def eager_attention_forward(
     module: nn.Module,
@@ -242,6 +257,12 @@ class CalmTokenizerAttention(nn.Module):
             if steps < kv_len:  # new steps on top of the past: bottom-right aligned causal mask (all of it for one)
                 mask = torch.ones(steps, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - steps)
                 is_causal = False
+
+        if (query.shape[2] == 1 and key.shape[2] <= DECODE_STEP_MAX_KEYS and query.device.type == "cpu"
+                and not self.training and self.config._attn_implementation in ("sdpa", "eager")):
+            # one new window on top of the past (the mask, if any, lets it see every key)
+            attn_output = decode_step_attention(query, key, value, self.scaling)
+            return self.o_proj(attn_output.reshape(*input_shape, -1))
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers.cache_utils import Cache
+
 from .forecasting import CalmForecaster, check_finite_context, context_token_steps
+from .generation_calm import CalmFixedCacheLayer
 
 
 @dataclass
@@ -169,6 +172,9 @@ class CalmStreamingForecaster:
             self.context = self.context[..., -self.restart_steps * self.window_size :]
             self.encoder_cache = self.cache = None
         new_frames = self.context if self.cache is None else windows
+        if self.cache is None:  # the context never passes max_steps windows: one buffer of that many, written in place
+            self.cache = Cache(layers=[CalmFixedCacheLayer(self.max_steps)
+                                       for _ in range(self.model.config.num_hidden_layers)])
         if self.encoder_cache is None:
             self.encoder_cache = [[None, None] for _ in range(self.forecaster.tokenizer.config.num_encoder_layers)]
         with self.forecaster._autocast():
