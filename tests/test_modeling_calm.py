@@ -880,3 +880,47 @@ def test_quantiles_sorted_per_window_equal_the_sorted_sums():
     values = torch.randn(2, 4, 1, 3 * config.window_size, generator=generator) * 1e4
     expected = (values[..., None] + offsets.repeat_interleave(config.window_size, dim=-2)).sort(dim=-1).values
     torch.testing.assert_close(model.predict_quantiles(offsets, values), expected, rtol=0, atol=0)
+
+
+def test_pinball_loss_equals_the_maximum_form_in_value_and_gradient():
+    """The quantile loss writes max(q e, (q - 1) e) as e (q - [e < 0]): the same loss and the same gradient."""
+    config = tiny_config(value_head_steps=3, quantile_levels=[0.05, 0.25, 0.5, 0.75, 0.95])
+    model = CalmForCausalNeuralModeling(config)
+    generator = torch.Generator().manual_seed(0)
+    steps, window = 4, config.window_size
+    offsets = torch.randn(2, 3, steps, 3, 5, generator=generator, requires_grad=True)
+    values = torch.randn(2, 3, steps, 3 * window, generator=generator)
+    labels = torch.randn(2, 3, steps * window, generator=generator)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    torch.manual_seed(3)  # the frame scored in each window is drawn at random: the same draw for both forms
+    got = model.quantile_loss(offsets, values, labels, mask)
+    (got_grad,) = torch.autograd.grad(got, offsets)
+
+    torch.manual_seed(3)
+    picked = torch.arange(3) * window + torch.randint(0, window, (3,))
+    targets, weight = model._head_targets(labels, steps, values.shape[-1], mask)
+    levels = torch.tensor(config.quantile_levels)
+    error = targets[..., picked, None] - (values[..., picked, None] + offsets)
+    pinball = torch.maximum(levels * error, (levels - 1.0) * error).mean(-1)
+    expected = (pinball * weight[..., picked]).sum() / weight[..., picked].sum()
+    (expected_grad,) = torch.autograd.grad(expected, offsets)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_fused_path_equals_the_float32_formula(dtype):
+    from calm_hf.modeling_calm import CalmRMSNorm
+
+    norm = CalmRMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    states = (torch.randn(3, 5, 8) * 4).to(dtype).requires_grad_()
+    got = norm(states)
+    reference = states.float()
+    expected = norm.weight * (reference * torch.rsqrt(reference.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected)
+    (got_grad,) = torch.autograd.grad(got.float().sum(), states)
+    (expected_grad,) = torch.autograd.grad(expected.float().sum(), states)
+    torch.testing.assert_close(got_grad, expected_grad)
