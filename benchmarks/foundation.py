@@ -51,9 +51,9 @@ SIZES = {
     "full": dict(sessions=2, trials=48, paper_trials=120, test_trials=60, tcn_seconds=3600.0, adapt_seconds=3600.0,
                  adapt_steps=400, max_neurons=None, ks=("0", "4", "16", "64", "all"),
                  sets=("sim_in", "sim_out", "sim_paper", "zebrafish", "park")),
-    # an exploratory run (about a quarter of the time): two sessions per simulated set, shorter budgets; the adaptation
-    # and training from scratch are capped by steps like the whole benchmark's (a wall-clock cap gave them a handful
-    # of steps when other processes shared the cores)
+    # an exploratory run: two sessions per simulated set, fewer test trials and k values, a shorter TCN budget; the
+    # adaptation and training from scratch are capped by steps like the whole benchmark's, so a busy machine changes
+    # how long it takes, not what it measures
     "quick": dict(sessions=2, trials=48, paper_trials=120, test_trials=40, tcn_seconds=30.0, adapt_seconds=3600.0,
                   adapt_steps=300, max_neurons=None, ks=("0", "4", "16", "all"),
                   sets=("sim_in", "sim_out", "sim_paper", "zebrafish", "park")),

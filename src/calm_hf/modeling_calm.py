@@ -213,8 +213,8 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-# a new step attends to at most this many cached steps through `decode_step_attention` on a CPU (beyond it SDPA's
-# kernel is as fast, and the elementwise products would grow with the cache)
+# a new step attends to at most this many cached steps through `decode_step_attention` on a CPU (its elementwise
+# products grow with the cache; the fused kernel's do not)
 DECODE_STEP_MAX_KEYS = 16
 
 
