@@ -924,3 +924,38 @@ def test_rms_norm_fused_path_equals_the_float32_formula(dtype):
     (got_grad,) = torch.autograd.grad(got.float().sum(), states)
     (expected_grad,) = torch.autograd.grad(expected.float().sum(), states)
     torch.testing.assert_close(got_grad, expected_grad)
+
+
+def test_population_mixers_project_the_summary_and_equal_the_per_neuron_formula():
+    """Both linear mixers apply their value and output projections to the rank rows of the population summary instead
+    of to every neuron: the same output and gradients as projecting each neuron."""
+    from calm_hf.modeling_calm import CalmCouplingMixer, CalmNeuronMixer
+
+    torch.manual_seed(0)
+    config = tiny_config(neuron_identity="data", identity_rank=4, neuron_mixer_rank=4)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 3, config.hidden_size, generator=generator, requires_grad=True)
+    identity = torch.randn(2, 7, config.hidden_size, generator=generator)
+    weight = torch.rand(2, 7, generator=generator)
+    factors = torch.randn(2, 7, 2 * config.identity_rank, generator=generator)
+    mixer, coupling = CalmNeuronMixer(config), CalmCouplingMixer(config)
+    for module in (mixer, coupling):
+        torch.nn.init.normal_(module.o_proj.weight, std=0.2)
+        torch.nn.init.normal_(module.value.weight, std=0.2)
+
+    def per_neuron(module, receives, drives):
+        values = module.value(module.norm(hidden))  # every neuron projected, then summed
+        return module.o_proj(torch.einsum("bnr,btrh->bnth", receives, torch.einsum("bnr,bnth->btrh", drives, values)))
+
+    rank = config.identity_rank
+    cases = [
+        (mixer(hidden, identity, weight), per_neuron(mixer, mixer.query(identity), mixer.key(identity) * weight[..., None])),
+        (coupling(hidden, factors), per_neuron(coupling, factors[..., :rank], factors[..., rank : 2 * rank])),
+    ]
+    probe = torch.randn(2, 7, 3, config.hidden_size, generator=generator)
+    for got, expected in cases:
+        torch.testing.assert_close(got, expected)
+        (got_grad,) = torch.autograd.grad((got * probe).sum(), hidden)
+        (expected_grad,) = torch.autograd.grad((expected * probe).sum(), hidden)
+        # the same sums in another order: equal up to float32 rounding relative to the gradient's scale
+        assert (got_grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()

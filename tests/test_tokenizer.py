@@ -535,3 +535,23 @@ def test_hand_written_loop_without_state_update_is_warned_about():
         for _ in range(12):
             model(input_values=batch)
     assert loud.out.count("without update_codebook_state") == 1
+
+
+def test_patch_embedding_as_a_matmul_equals_the_convolution():
+    """The encoder applies its stride = kernel convolution as one linear map of each window: the same values."""
+    torch.manual_seed(0)
+    config = CalmTokenizerConfig(window_size=4, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                 num_encoder_layers=1, num_decoder_layers=1, codebook_size=8)
+    encoder = CalmTokenizer(config).eval().encoder
+    traces = torch.randn(3, 4 * 5)
+    convolved = encoder.patch_embed(traces.unsqueeze(1)).transpose(1, 2)
+    windows = traces.unflatten(-1, (-1, config.window_size))
+    torch.testing.assert_close(torch.nn.functional.linear(windows, encoder.patch_embed.weight.flatten(1),
+                                                          encoder.patch_embed.bias),
+                               convolved)
+    seen = []
+    handle = encoder.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        encoder(traces)
+    handle.remove()
+    torch.testing.assert_close(seen[0], convolved)

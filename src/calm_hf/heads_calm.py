@@ -12,6 +12,32 @@ import torch
 import torch.nn.functional as F
 
 
+class PinballLoss(torch.autograd.Function):
+    """The pinball loss averaged over levels, `mean_l e_l (q_l - [e_l < 0])` with `e = targets - offsets`, and its
+    gradient with respect to `offsets` (the only input that takes one), in as few passes over the large
+    `(..., levels)` tensor as eager PyTorch allows: `sum_l q_l e_l` is a matrix-vector product and `sum_l e_l [e_l < 0]`
+    the sum of `min(e, 0)`, written in place over `e`, which the backward pass reads again."""
+
+    @staticmethod
+    def forward(ctx, targets: torch.Tensor, offsets: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        # targets (..., 1) and offsets (..., levels) float32 -> (...) the loss of each row
+        with torch.autocast(device_type=offsets.device.type, enabled=False):
+            error = targets - offsets
+            weighted = error @ levels
+            negative = error.clamp_(max=0.0)
+            loss = (weighted - negative.sum(-1)) / levels.numel()
+        ctx.save_for_backward(negative, levels)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        negative, levels = ctx.saved_tensors
+        count = levels.numel()
+        # d/d offsets of (q_l - [e_l < 0]) e_l / count, with e = targets - offsets and [e < 0] a constant
+        grad_offsets = torch.where(negative < 0, (1.0 - levels) / count, -levels / count)
+        return None, grad_offsets.mul_(grad[..., None]), None
+
+
 class CalmForecastHeadsMixin:
     """Head outputs and losses of a model with `lm_head`, `value_head`, `value_skip` and `quantile_head`."""
 
@@ -136,10 +162,10 @@ class CalmForecastHeadsMixin:
         picked = torch.arange(windows, device=offsets.device) * window + torch.randint(
             0, window, (windows,), device=offsets.device)
         levels = torch.tensor(self.config.quantile_levels, device=offsets.device)
-        # (batch, neurons, steps, windows, levels): the target minus each quantile (point forecast plus offset)
-        error = (targets[..., picked, None] - value_predictions.detach()[..., picked, None].float()) - offsets.float()
-        # pinball max(q e, (q - 1) e) written as e (q - [e < 0]): the same values in fewer passes over this large tensor
-        pinball = (error * (levels - (error.detach() < 0).float())).mean(-1)
+        # pinball max(q e, (q - 1) e) = e (q - [e < 0]) of e = the target minus each quantile (point forecast plus
+        # offset), over (batch, neurons, steps, windows, levels)
+        residual = targets[..., picked, None] - value_predictions.detach()[..., picked, None].float()
+        pinball = PinballLoss.apply(residual, offsets.float(), levels)
         weight = weight[..., picked]
         return (pinball * weight).sum() / weight.sum().clamp_min(1.0)
 

@@ -302,8 +302,11 @@ class CalmAttention(nn.Module):
         num_sequences, length, hidden_size = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(num_sequences, length, 3, self.num_heads, self.head_dim)
         if position_embeddings is not None:  # each (sequences, heads, length, head_dim)
-            query, key = (apply_rotary_to_heads(qkv[:, :, part], *position_embeddings) for part in (0, 1))
-            value = qkv[:, :, 2].transpose(1, 2)
+            # unbind, not three slices: its backward writes the three gradients into one buffer (a slice's backward
+            # zero-fills a buffer of the whole projection, once per slice)
+            query, key, value = qkv.unbind(2)
+            query, key = (apply_rotary_to_heads(states, *position_embeddings) for states in (query, key))
+            value = value.transpose(1, 2)
         else:
             query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
@@ -408,12 +411,13 @@ class CalmNeuronMixer(nn.Module):
                 ) -> torch.Tensor:
         """`(batch, steps, rank, hidden)`: the population state, a sum over neurons (so over chunks of them)."""
         keys = self.key(identity_states) * neuron_weight[:, :, None]  # (batch, neurons, rank)
-        values = self.value(self.norm(hidden_states))  # (batch, neurons, steps, hidden)
-        return torch.einsum("bnr,bnth->btrh", keys, values)
+        # the value projection is linear, so it is applied after the sum over neurons (rank rows, not every neuron)
+        return self.value(torch.einsum("bnr,bnth->btrh", keys, self.norm(hidden_states)))
 
     def apply(self, identity_states: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
         """What each neuron of `identity_states` reads from the population state."""
-        return self.o_proj(torch.einsum("bnr,btrh->bnth", self.query(identity_states), summary))
+        # the output projection is applied to the rank rows of the summary before they are spread over the neurons
+        return torch.einsum("bnr,btrh->bnth", self.query(identity_states), self.o_proj(summary))
 
 
 class CalmCouplingMixer(nn.Module):
@@ -436,13 +440,13 @@ class CalmCouplingMixer(nn.Module):
     def summary(self, hidden_states: torch.Tensor, neuron_identity: torch.Tensor) -> torch.Tensor:
         """`(batch, steps, rank, hidden)`: what the neurons drive, a sum over neurons (so over chunks of them)."""
         drives = neuron_identity[..., self.rank : 2 * self.rank].to(hidden_states.dtype)
-        values = self.value(self.norm(hidden_states))
-        return torch.einsum("bnr,bnth->btrh", drives, values)
+        # the value projection is linear, so it is applied after the sum over neurons (rank rows, not every neuron)
+        return self.value(torch.einsum("bnr,bnth->btrh", drives, self.norm(hidden_states)))
 
     def apply(self, neuron_identity: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
         """What each neuron of `neuron_identity` receives from the population."""
         receives = neuron_identity[..., : self.rank].to(summary.dtype)
-        return self.o_proj(torch.einsum("bnr,btrh->bnth", receives, summary))
+        return torch.einsum("bnr,btrh->bnth", receives, self.o_proj(summary))
 
 
 class CalmDualAxisLayer(GradientCheckpointingLayer):

@@ -326,8 +326,11 @@ class CalmTokenizerEncoder(nn.Module):
 
     def forward(self, traces: torch.Tensor, cache: list[list] | None = None) -> torch.Tensor:
         # cache: one [keys, values] per layer of the windows encoded before `traces` (causal encoder), extended in place
-        # (batch*neurons, 1, frames) -> (batch*neurons, hidden, steps) -> (batch*neurons, steps, hidden)
-        hidden_states = self.patch_embed(traces.unsqueeze(1)).transpose(1, 2)
+        # (batch*neurons, frames) -> (batch*neurons, steps, window) -> (batch*neurons, steps, hidden)
+        # the convolution's kernel equals its stride, so it is one linear map of each window's frames (a matmul; the
+        # convolution kernel is markedly slower on a CPU for these shapes)
+        windows = traces.unflatten(-1, (-1, self.patch_embed.kernel_size[0]))
+        hidden_states = F.linear(windows, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
         past_steps = 0 if cache is None or cache[0][0] is None else cache[0][0].shape[2]
         positions = torch.arange(past_steps, past_steps + hidden_states.shape[1], device=hidden_states.device)
         position_embeddings = self.rotary_emb(positions)
