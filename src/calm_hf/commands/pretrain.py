@@ -382,6 +382,11 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # once every rank is done (rank 0 saves alone), close the process group while the interpreter is alive: left
+        # to the interpreter's exit, gloo's worker threads can abort a rank after a run that succeeded
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return metrics
 
 
