@@ -2,7 +2,8 @@
 
 For every held-out set (`calm_hf.heldout`: zebrafish, Park, sim_in, sim_paper) and k in {16, all} reference trials,
 calm-base forecasts the validation trials with its identity computed from the k trials, then with parts of it zeroed:
-the per-neuron highway statistics (the shared highway then forecasts) or the coupling and single-neuron statistics.
+the per-neuron highway statistics (the shared highway then forecasts), the coupling and single-neuron statistics
+together, the coupling factors alone, or the single-neuron statistics alone.
 k = 0 (no reference) is the zero-shot line.
 
     python benchmarks/identity_probe.py --calm_dir calm-base --out benchmarks/results/identity_probe.json
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from calm_hf import CalmForecaster, CalmTokenizer
     from calm_hf.heldout import context_frames, heldout_set, k_subsets
-    from calm_hf.identity_calm import base_identity_size
+    from calm_hf.identity_calm import STATISTIC_FEATURES, base_identity_size
     from calm_hf.metrics.functional import forecast_pearson_r, mse
 
     model = AutoModelForCausalLM.from_pretrained(args.calm_dir).eval()
@@ -53,6 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
                     variants["no_highway_stats"][:, base:] = 0
                 variants["highway_only"] = full.clone()
                 variants["highway_only"][:, :base] = 0
+                rank = model.config.identity_rank
+                variants["no_coupling"] = full.clone()  # statistics and reliability only
+                variants["no_coupling"][:, : 2 * rank] = 0
+                variants["no_statistics"] = full.clone()  # coupling and reliability only
+                variants["no_statistics"][:, 2 * rank : 2 * rank + STATISTIC_FEATURES] = 0
                 for label, identity in variants.items():
                     pred = forecaster.forecast(validation[:, :, :context], truth.shape[-1],
                                                neuron_identity=identity).forecast

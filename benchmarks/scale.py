@@ -234,6 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--merge", nargs="+", help="JSON results of several runs to merge into --output (rows by "
                         "neurons, a later run's measurement replacing an earlier one; the first run's machine and "
                         "settings head the table, every command is listed)")
+    parser.add_argument("--keep_freed_memory", choices=("commands", "on", "off"), default="commands",
+                        help="the allocator setting (`calm_hf.hardware.keep_freed_memory`): as the `calm` commands "
+                        "(on for train_step, off for the forecasts), on for every task, or off (glibc's default: every "
+                        "large tensor mapped and zeroed afresh)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.merge:
@@ -241,6 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         spec = json.loads(args.worker)
         warnings.simplefilter("ignore")
+        if spec.get("keep_freed_memory", True):  # as the `calm` commands do (off: glibc's default allocator)
+            from calm_hf.hardware import keep_freed_memory
+
+            keep_freed_memory()
         print(json.dumps(WORKERS[spec["task"]](spec)))
         return {}
     if any(task != "train_step" for task in args.tasks) and not args.model:
@@ -256,7 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
             reason = skip_reason(task, neurons, failed, args.max_rss_gib)
             if reason is None:
                 spec = {"task": task, "neurons": neurons, "model": args.model, "horizon": args.horizon,
-                        "neuron_block": args.neuron_block, "context_steps": args.context_steps}
+                        "neuron_block": args.neuron_block, "context_steps": args.context_steps,
+                        "keep_freed_memory": args.keep_freed_memory == "on"
+                        or (args.keep_freed_memory == "commands" and task == "train_step")}
                 result = run_worker(spec, args.timeout, args.max_rss_gib, args.threads)
                 reason = result.pop("error", None)
                 row.update(result)
@@ -276,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {"model": args.model, "neuron_block": args.neuron_block,
                            "context_steps": args.context_steps, "recording": f"{RECORDING_SECONDS} s at {RECORDING_RATE:g} Hz",
                            "horizon_frames": args.horizon, "timeout_s": args.timeout, "max_rss_gib": args.max_rss_gib,
+                           "keep_freed_memory": args.keep_freed_memory,
                            "train": f"cpu preset, batch 1 x neurons x {TRAIN_STEPS} token steps, fp32",
                            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))},
               "wall_seconds": time.perf_counter() - started, "rows": rows}
@@ -306,8 +317,31 @@ def write_merged(paths: list[str], stem: Path) -> dict:
               "wall_seconds": sum(run["wall_seconds"] for run in runs),
               "runs": [{"command": run["settings"]["command"], "machine": run["machine"]} for run in runs]}
     result["settings"] = {**runs[0]["settings"], "command": " ; ".join(run["settings"]["command"] for run in runs)}
+    allocators = []  # one per measuring run, a merged file's own runs included
+    for run in runs:
+        setting = allocator_setting(run["settings"])
+        allocators += setting if isinstance(setting, list) else [setting] * len(run.get("runs", [run]))
+    result["settings"]["keep_freed_memory"] = allocators[0] if len(set(allocators)) == 1 else allocators
     write_outputs(result, stem, f"from {len(runs)} runs")
     return result
+
+
+ALLOCATOR_TEXT = {"commands": "as the `calm` commands (freed blocks kept for train_step, `keep_freed_memory`; "
+                                "glibc's default for the forecasts)",
+                  "on": "freed blocks kept for every task (`keep_freed_memory`)", "off": "glibc's default"}
+
+
+def allocator_setting(settings: dict) -> str | list[str]:
+    """`--keep_freed_memory` of a run ("off" for runs from before the flag; a list for merged runs that differ)."""
+    value = settings.get("keep_freed_memory", "off")
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+def allocator_text(settings: dict) -> str:
+    setting = allocator_setting(settings)
+    if isinstance(setting, list):
+        return "per run in the command's order: " + "; ".join(ALLOCATOR_TEXT[item] for item in setting)
+    return ALLOCATOR_TEXT[setting]
 
 
 def markdown(result: dict) -> str:
@@ -324,7 +358,8 @@ def markdown(result: dict) -> str:
         f"{settings.get('neuron_block') or 'as in its config'}; context token steps: "
         f"{settings.get('context_steps') or 'as in its config'}), a {settings['recording']} recording, horizon "
         f"{settings['horizon_frames']} frames; "
-        f"training: {settings['train']}. Each run in a fresh process, peak = its RSS high-water mark.",
+        f"training: {settings['train']}. Each run in a fresh process, peak = its RSS high-water mark; allocator: "
+        + allocator_text(settings) + ".",
         "",
         "| neurons | task | seconds | peak GiB | goal | note |",
         "|---:|---|---:|---:|---|---|",

@@ -942,6 +942,7 @@ def test_population_mixers_project_the_summary_and_equal_the_per_neuron_formula(
     for module in (mixer, coupling):
         torch.nn.init.normal_(module.o_proj.weight, std=0.2)
         torch.nn.init.normal_(module.value.weight, std=0.2)
+        torch.nn.init.normal_(module.norm.weight, mean=1.0, std=0.3)  # its weight is applied after the sum too
 
     def per_neuron(module, receives, drives):
         values = module.value(module.norm(hidden))  # every neuron projected, then summed
@@ -952,10 +953,30 @@ def test_population_mixers_project_the_summary_and_equal_the_per_neuron_formula(
         (mixer(hidden, identity, weight), per_neuron(mixer, mixer.query(identity), mixer.key(identity) * weight[..., None])),
         (coupling(hidden, factors), per_neuron(coupling, factors[..., :rank], factors[..., rank : 2 * rank])),
     ]
+    # a layer hands both mixers the normalisation it computed once for its neuron attention
+    unit = mixer.norm.unit(hidden)
+    cases += [(mixer(hidden, identity, weight, unit=unit), cases[0][1]), (coupling(hidden, factors, unit=unit), cases[1][1])]
     probe = torch.randn(2, 7, 3, config.hidden_size, generator=generator)
-    for got, expected in cases:
+    for (got, expected), module in zip(cases, (mixer, coupling, mixer, coupling)):
         torch.testing.assert_close(got, expected)
-        (got_grad,) = torch.autograd.grad((got * probe).sum(), hidden)
-        (expected_grad,) = torch.autograd.grad((expected * probe).sum(), hidden)
-        # the same sums in another order: equal up to float32 rounding relative to the gradient's scale
-        assert (got_grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+        got_grads = torch.autograd.grad((got * probe).sum(), (hidden, module.norm.weight), retain_graph=True)
+        expected_grads = torch.autograd.grad((expected * probe).sum(), (hidden, module.norm.weight), retain_graph=True)
+        for got_grad, expected_grad in zip(got_grads, expected_grads):
+            # the same sums in another order: equal up to float32 rounding relative to the gradient's scale
+            assert (got_grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rms_norm_is_its_weight_times_the_shared_unit_normalisation(autocast):
+    """`CalmRMSNorm.unit` is the normalisation without the weight (what a layer computes once for the three norms
+    that read its input): `weight * unit(x)` is `norm(x)`, in float32 and under bf16 autocast."""
+    from calm_hf.modeling_calm import CalmRMSNorm
+
+    norm = CalmRMSNorm(16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight, mean=1.0, std=0.3)
+    states = torch.randn(3, 5, 16) * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got, expected = norm.weight * norm.unit(states), norm(states)
+    reference = norm.weight * states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)

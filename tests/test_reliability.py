@@ -609,6 +609,37 @@ def test_default_threads_use_the_free_cores(monkeypatch):
     assert hardware.default_num_threads() == 3
 
 
+KEPT_MEMORY_SCRIPT = """
+import os
+from calm_hf.hardware import keep_freed_memory
+applied = keep_freed_memory()
+import torch
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+before = resident()
+block = torch.ones(64 << 18)  # 64 MiB, every page written
+del block
+print(applied, (resident() - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory sets glibc's allocator; a no-op elsewhere")
+def test_keep_freed_memory_keeps_a_freed_large_tensor_for_reuse_and_can_be_turned_off():
+    """With the setting the commands apply, a freed 64 MiB tensor stays in the process for the next tensor (no fresh
+    mapping, page faults and zeroing); with CALM_KEEP_FREED_MEMORY=0 glibc's default unmaps it."""
+    results = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "CALM_KEEP_FREED_MEMORY": setting, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", KEPT_MEMORY_SCRIPT], capture_output=True, text=True, env=env,
+                             timeout=120, check=True).stdout.split()
+        results[setting] = (out[-2] == "True", float(out[-1]))
+    assert results["1"][0] and results["1"][1] > 48, results
+    assert not results["0"][0] and results["0"][1] < 16, results
+
+
 def test_busy_cores_are_read_from_proc_stat(monkeypatch, tmp_path):
     from calm_hf import hardware
 

@@ -284,6 +284,43 @@ def default_num_threads() -> int:
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# allocations up to this size are served from (and freed back to) the process's heap
+KEEP_FREED_MEMORY_UP_TO = 1 << 30
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Let freed tensor memory be reused inside the process instead of returning it to the kernel (glibc's malloc on
+    Linux; a no-op elsewhere). Returns whether it applied; `CALM_KEEP_FREED_MEMORY=0` turns it off.
+
+    Why: glibc serves every allocation above its mmap threshold (dynamic, at most 32 MiB) with a fresh mapping and
+    unmaps it when freed, so each new large activation (a 1,000-neuron grid's hidden states are tens of MiB) is
+    page-faulted and zeroed by the kernel again, on every training step and every forward pass. Raising the threshold
+    to `KEEP_FREED_MEMORY_UP_TO` and no longer trimming the heap's top keeps those blocks for the next tensors
+    (`benchmarks/README.md` has the measurements). The process's resident memory then stays near its high-water mark
+    instead of falling between steps, and it can sit above a forecaster's `max_memory_gib` (blocks freed by one chunk
+    are kept, not all reusable by the next). The training commands call it; a training script or notebook may call it
+    once at its start. It changes allocator settings only, never a result.
+    """
+    if os.environ.get("CALM_KEEP_FREED_MEMORY", "1").strip() in ("0", "false", "False", "no"):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        applied = libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_MEMORY_UP_TO) == 1
+        applied = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and applied
+    except (OSError, AttributeError):
+        return False
+    if applied:
+        logger.debug("keep_freed_memory: glibc keeps freed blocks up to %d MiB", KEEP_FREED_MEMORY_UP_TO >> 20)
+    return applied
+
+
 def configure_torch_threads() -> int:
     """Apply `default_num_threads()` to torch; returns the number used."""
     threads = default_num_threads()

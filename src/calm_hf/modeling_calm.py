@@ -141,10 +141,17 @@ class CalmRMSNorm(nn.Module):
                 and not torch.is_autocast_enabled(hidden_states.device.type)):
             # the same formula as below, fused (fewer passes over memory in the forward and backward pass)
             return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
+        return self.weight * self.unit(hidden_states)
+
+    def unit(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The normalisation without the weight, in the input's dtype: `forward` is `weight * unit(x)`. Norms with
+        the same epsilon over the same input share it, each applying its own weight after."""
+        input_dtype = hidden_states.dtype
+        if input_dtype == torch.float32 and not torch.is_autocast_enabled(hidden_states.device.type):
+            return F.rms_norm(hidden_states, (hidden_states.shape[-1],), None, self.variance_epsilon)
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(input_dtype)
 
 
 class CalmRotaryEmbedding(nn.Module):
@@ -174,9 +181,13 @@ def apply_rotary_to_heads(states: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     contiguous output (fewer passes over memory); the values are the same either way."""
     half = states.shape[-1] // 2
     cos, sin = cos[:, None, :half].to(states.dtype), sin[:, None, :half].to(states.dtype)
-    first, second = states[..., :half], states[..., half:]
     if torch.is_grad_enabled() and states.requires_grad:
-        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).transpose(1, 2)
+        # the halves from `unbind` and the result by `stack`: their backward passes write the gradients into one
+        # buffer, where two slices would each zero-fill a buffer the size of `states` first
+        first, second = states.unflatten(-1, (2, half)).unbind(-2)
+        rotated = torch.stack((first * cos - second * sin, second * cos + first * sin), dim=-2)
+        return rotated.flatten(-2).transpose(1, 2)
+    first, second = states[..., :half], states[..., half:]
     out = states.new_empty(states.shape[0], states.shape[2], states.shape[1], states.shape[3])
     rotated = out.transpose(1, 2)
     torch.sub(first * cos, second * sin, out=rotated[..., :half])
@@ -401,18 +412,22 @@ class CalmNeuronMixer(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(
-        self, hidden_states: torch.Tensor, identity_states: torch.Tensor, neuron_weight: torch.Tensor
+        self, hidden_states: torch.Tensor, identity_states: torch.Tensor, neuron_weight: torch.Tensor,
+        unit: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # hidden_states (batch, neurons, steps, hidden); identity_states (batch, neurons, hidden);
         # neuron_weight (batch, neurons): 1/n_real for real neurons, 0 for padding
-        return self.apply(identity_states, self.summary(hidden_states, identity_states, neuron_weight))
+        return self.apply(identity_states, self.summary(hidden_states, identity_states, neuron_weight, unit))
 
-    def summary(self, hidden_states: torch.Tensor, identity_states: torch.Tensor, neuron_weight: torch.Tensor
-                ) -> torch.Tensor:
-        """`(batch, steps, rank, hidden)`: the population state, a sum over neurons (so over chunks of them)."""
+    def summary(self, hidden_states: torch.Tensor, identity_states: torch.Tensor, neuron_weight: torch.Tensor,
+                unit: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch, steps, rank, hidden)`: the population state, a sum over neurons (so over chunks of them).
+        `unit`: `self.norm.unit(hidden_states)` when the caller has it already."""
         keys = self.key(identity_states) * neuron_weight[:, :, None]  # (batch, neurons, rank)
-        # the value projection is linear, so it is applied after the sum over neurons (rank rows, not every neuron)
-        return self.value(torch.einsum("bnr,bnth->btrh", keys, self.norm(hidden_states)))
+        unit = self.norm.unit(hidden_states) if unit is None else unit
+        # the norm's weight (per channel) and the value projection are linear, so both are applied after the sum over
+        # neurons (to rank rows, not to every neuron)
+        return self.value(torch.einsum("bnr,bnth->btrh", keys, unit) * self.norm.weight)
 
     def apply(self, identity_states: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
         """What each neuron of `identity_states` reads from the population state."""
@@ -433,15 +448,20 @@ class CalmCouplingMixer(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, neuron_identity: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, neuron_identity: torch.Tensor, unit: torch.Tensor | None = None
+                ) -> torch.Tensor:
         # hidden_states (batch, neurons, steps, hidden); neuron_identity (batch, neurons, features)
-        return self.apply(neuron_identity, self.summary(hidden_states, neuron_identity))
+        return self.apply(neuron_identity, self.summary(hidden_states, neuron_identity, unit))
 
-    def summary(self, hidden_states: torch.Tensor, neuron_identity: torch.Tensor) -> torch.Tensor:
-        """`(batch, steps, rank, hidden)`: what the neurons drive, a sum over neurons (so over chunks of them)."""
+    def summary(self, hidden_states: torch.Tensor, neuron_identity: torch.Tensor, unit: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """`(batch, steps, rank, hidden)`: what the neurons drive, a sum over neurons (so over chunks of them).
+        `unit`: `self.norm.unit(hidden_states)` when the caller has it already."""
         drives = neuron_identity[..., self.rank : 2 * self.rank].to(hidden_states.dtype)
-        # the value projection is linear, so it is applied after the sum over neurons (rank rows, not every neuron)
-        return self.value(torch.einsum("bnr,bnth->btrh", drives, self.norm(hidden_states)))
+        unit = self.norm.unit(hidden_states) if unit is None else unit
+        # the norm's weight (per channel) and the value projection are linear, so both are applied after the sum over
+        # neurons (to rank rows, not to every neuron)
+        return self.value(torch.einsum("bnr,bnth->btrh", drives, unit) * self.norm.weight)
 
     def apply(self, neuron_identity: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
         """What each neuron of `neuron_identity` receives from the population."""
@@ -490,15 +510,18 @@ class CalmDualAxisLayer(GradientCheckpointingLayer):
         # bidirectional attention across neurons within each step: over all of them, or within each block of
         # `config.neuron_attention_block` neurons; each part is (batch*blocks*steps, block size, hidden)
         residual = hidden_states
-        normed = self.neuron_norm(hidden_states)
+        # the neuron norm and the mixers' norms read the same input with the same epsilon: normalised once, each
+        # applies its own weight
+        unit = self.neuron_norm.unit(hidden_states)
+        normed = unit * self.neuron_norm.weight.to(unit.dtype)
         outputs = []
         for (start, groups, size), mask in zip(neuron_blocks, neuron_attention_mask):
             outputs.append(self._neuron_attention(normed[:, start : start + groups * size], groups, size, mask))
         hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         if self.mixer is not None:
-            hidden = hidden + self.mixer(hidden_states, identity_states, neuron_weight)
+            hidden = hidden + self.mixer(hidden_states, identity_states, neuron_weight, unit=unit)
         if self.coupling is not None:
-            hidden = hidden + self.coupling(hidden_states, neuron_identity)
+            hidden = hidden + self.coupling(hidden_states, neuron_identity, unit=unit)
         hidden_states = residual + self.dropout(hidden)
 
         # (batch*neurons, steps, hidden): causal attention across time for each neuron

@@ -146,9 +146,13 @@ def apply_rotary_to_heads(states: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     contiguous output (fewer passes over memory); the values are the same either way."""
     half = states.shape[-1] // 2
     cos, sin = cos[:, None, :half].to(states.dtype), sin[:, None, :half].to(states.dtype)
-    first, second = states[..., :half], states[..., half:]
     if torch.is_grad_enabled() and states.requires_grad:
-        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).transpose(1, 2)
+        # the halves from `unbind` and the result by `stack`: their backward passes write the gradients into one
+        # buffer, where two slices would each zero-fill a buffer the size of `states` first
+        first, second = states.unflatten(-1, (2, half)).unbind(-2)
+        rotated = torch.stack((first * cos - second * sin, second * cos + first * sin), dim=-2)
+        return rotated.flatten(-2).transpose(1, 2)
+    first, second = states[..., :half], states[..., half:]
     out = states.new_empty(states.shape[0], states.shape[2], states.shape[1], states.shape[3])
     rotated = out.transpose(1, 2)
     torch.sub(first * cos, second * sin, out=rotated[..., :half])

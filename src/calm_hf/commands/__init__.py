@@ -96,7 +96,7 @@ def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, prog: str | None = None,
-                       recipe: str | None = None, uses_torch: bool = True) -> tuple:
+                       recipe: str | None = None, uses_torch: bool = True, trains: bool = False) -> tuple:
     """What every command does first: parse its dataclasses, set up logging and the torch thread count.
 
     Args:
@@ -113,6 +113,10 @@ def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, pr
         uses_torch (`bool`, *optional*, defaults to `True`):
             Set the torch thread count (`calm_hf.hardware.default_num_threads`), importing torch; `False` for a
             command that never computes with torch.
+        trains (`bool`, *optional*, defaults to `False`):
+            A training command: freed tensor memory is kept in the process for the next step's activations
+            (`calm_hf.hardware.keep_freed_memory`). Forecasting commands keep glibc's default, so their resident
+            memory follows the forecaster's memory budget.
 
     Returns:
         `tuple`: one instance per dataclass type.
@@ -148,9 +152,11 @@ def parse_command_args(dataclass_types: tuple, argv: list[str] | None = None, pr
     check_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if uses_torch:  # `calm prepare` never computes with torch, and starts faster without importing it
-        from ..hardware import configure_torch_threads
+        from ..hardware import configure_torch_threads, keep_freed_memory
 
         configure_torch_threads()
+        if trains:
+            keep_freed_memory()
     return tuple(parsed)
 
 

@@ -226,7 +226,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Parse `argv` (see `AdaptArguments`), adapt and save the model, return the test forecast metrics.
     `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's (table models)."""
     args, training_args, output = parse_command_args((AdaptArguments, TrainingArguments, OutputArguments), argv,
-                                                     prog="calm adapt")
+                                                     prog="calm adapt", trains=True)
     claim_training_output("adapt", training_args, output,
                           [args.model_path, args.tokenized_dataset, args.tokenizer_path])
     set_seed(training_args.seed)

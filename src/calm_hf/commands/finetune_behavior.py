@@ -218,7 +218,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     metrics. `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
     model_args, data_args, training_args, output = parse_command_args(
         (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm finetune-behavior",
-        recipe="finetune-behavior")
+        recipe="finetune-behavior", trains=True)
     claim_training_output("finetune-behavior", training_args, output,
                           [model_args.model_name_or_path, data_args.tokenized_dataset])
     training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids/behavior

@@ -164,7 +164,7 @@ def training_flags(output_dir: Path, epochs: float, batch: int, lr: float, seed:
 def run(argv: list[str] | None = None) -> dict:
     """Parse `argv` (see `MainArguments`), run every stage not finished yet, write the release folders and return the
     summary (metrics, timings, folders)."""
-    args, output = parse_command_args((MainArguments, OutputArguments), argv, prog="calm main")
+    args, output = parse_command_args((MainArguments, OutputArguments), argv, prog="calm main", trains=True)
     recipe = resolve_recipe(args)
     out = Path(args.output_dir).resolve()
     work = out / f".{args.model_name}-work"

@@ -331,7 +331,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     metrics. `callbacks` (e.g. `calm_hf.callbacks.TimeBudgetCallback`) are added to the trainer's."""
     model_args, data_args, training_args, output = parse_command_args(
         (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm pretrain",
-        recipe="pretrain")
+        recipe="pretrain", trains=True)
     claim_training_output("pretrain", training_args, output,
                           [data_args.tokenized_dataset, model_args.tokenizer_path, model_args.init_from])
     training_args.remove_unused_columns = False  # the collator needs session_id/neuron_ids before renaming

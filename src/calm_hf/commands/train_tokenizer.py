@@ -189,7 +189,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     """
     model_args, data_args, training_args, output = parse_command_args(
         (ModelArguments, DataArguments, TrainingArguments, OutputArguments), argv, prog="calm train-tokenizer",
-        recipe="train-tokenizer")
+        recipe="train-tokenizer", trains=True)
     claim_training_output("train-tokenizer", training_args, output, [data_args.trials_dataset, data_args.extra_traces])
     set_seed(training_args.seed)
 
