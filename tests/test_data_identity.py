@@ -11,6 +11,7 @@ from calm_hf.identity_calm import (
     compute_neuron_identity,
     config_identity_size,
     coupling_factors,
+    coupling_skill_features,
     highway_statistics,
     highway_weights,
     identity_settings,
@@ -201,6 +202,49 @@ def test_the_identity_carries_the_highway_statistics_the_config_asks_for():
     assert not CalmConfig.from_preset("tiny", neuron_identity="table").identity_highway
     with pytest.raises(ValueError, match="identity_highway=True"):
         CalmConfig.from_preset("tiny", neuron_identity="table", identity_highway=True)
+
+
+def test_coupling_skill_is_positive_for_a_coupling_that_carries_over_and_not_for_one_that_does_not():
+    """The cross-validated skill: a planted drive from neuron 0 to neuron 1 forecasts held-out trials (skill of neuron
+    1 well above 0); a correlation that changes sign from trial to trial fits each fold and fails on the other (skill
+    below 0); with one reference trial there is nothing to cross-validate (zeros)."""
+    rng = np.random.default_rng(0)
+    window, trials, steps = 4, 40, 12
+    means = rng.standard_normal((trials, 4, steps))
+    for t in range(1, steps):
+        means[:, 1, t] += 0.9 * means[:, 0, t - 1]
+    sign = np.where(np.arange(trials) % 2 == 0, 1.0, -1.0)  # the two folds see opposite couplings
+    for t in range(1, steps):
+        means[:, 3, t] += 0.9 * sign * means[:, 2, t - 1]
+    traces = torch.as_tensor(np.repeat(means, window, axis=-1), dtype=torch.float32)
+    skill = coupling_skill_features(traces, window, ridge=0.1)
+    assert skill.shape == (4, 2)
+    assert skill[1, 0] > 0.3 and skill[3, 0] < -0.3 and abs(float(skill[0, 0])) < 0.1
+    assert torch.allclose(skill[:, 1], skill[:, 0].mean().expand(4))
+    assert float(coupling_skill_features(traces[:1], window).abs().sum()) == 0.0
+    # above EXACT_COUPLING_NEURONS the fit goes through principal components, with finite values
+    wide = coupling_skill_features(torch.randn(4, EXACT_COUPLING_NEURONS + 5, 16), window)
+    assert wide.shape == (EXACT_COUPLING_NEURONS + 5, 2) and torch.isfinite(wide).all()
+
+
+def test_a_model_with_the_coupling_skill_reads_it_from_its_identity(tmp_path):
+    config = data_config(identity_coupling_skill=True)
+    assert config_identity_size(config) == identity_size(RANK, config.value_skip_windows, config.value_head_steps,
+                                                         config.window_size, coupling_skill=True)
+    identity = compute_neuron_identity(torch.randn(5, 6, 32), 6, **identity_settings(config))
+    assert identity.shape == (6, config_identity_size(config))
+    model = CalmForCausalNeuralModeling(config).eval()
+    assert model.model.identity_proj.in_features == identity_size(RANK, coupling_skill=True)
+    ids = torch.randint(0, config.vocab_size, (1, 6, 4))
+    changed = identity.clone()
+    changed[:, identity_size(RANK) : identity_size(RANK, coupling_skill=True)] += 1.0
+    assert not torch.allclose(model(input_ids=ids, neuron_identity=identity[None]).logits,
+                              model(input_ids=ids, neuron_identity=changed[None]).logits)
+    model.save_pretrained(tmp_path)
+    assert CalmForCausalNeuralModeling.from_pretrained(tmp_path).config.identity_coupling_skill
+    with pytest.raises(ValueError, match="identity_coupling_skill=True"):
+        CalmConfig.from_preset("tiny", neuron_identity="table", identity_coupling_skill=True)
+    assert not CalmConfig.from_preset("tiny", neuron_identity="table").identity_coupling_skill
 
 
 @pytest.mark.parametrize("shape", [(40, 300), (300, 40), (30, 30)])

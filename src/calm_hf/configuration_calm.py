@@ -162,6 +162,11 @@ class CalmConfig(PreTrainedConfig):
             the shared, pretrained highway by a learned number of prior samples (`calm_hf.identity_calm.
             highway_weights`). With no reference it is the shared highway; with many trials, each neuron's own linear
             forecast, which a per-neuron AR baseline fits too. Needs `neuron_identity="data"` and the highway.
+        identity_coupling_skill (`bool`, *optional*, defaults to `False`):
+            A data identity also carries how well the recording's coupling forecasts out of sample (the ridge
+            coupling fitted on half of the reference trials and scored on the other half, per neuron and its mean;
+            `calm_hf.identity_calm.coupling_skill_features`), so the model can learn when to trust the coupling
+            factors. Needs `neuron_identity="data"`.
         quantile_levels (`list[float]`, *optional*):
             Levels of the quantiles the continuous head also predicts (pinball loss), e.g. 0.05 ... 0.95: calibrated
             bands in the same forward pass as the point forecast, without sampling. None = no quantile head.
@@ -233,6 +238,7 @@ class CalmConfig(PreTrainedConfig):
     identity_rank: int = 32
     identity_ridge: float | int = 1.0
     identity_highway: bool = False
+    identity_coupling_skill: bool = False
     quantile_levels: list[float] | None = None
     quantile_loss_weight: float | int = 1.0
 
@@ -314,6 +320,9 @@ class CalmConfig(PreTrainedConfig):
                 f"neuron_identity='data' (got {self.neuron_identity!r}) and value_skip_windows > 0 (got "
                 f"{self.value_skip_windows})."
             )
+        if self.identity_coupling_skill and self.neuron_identity != "data":
+            raise ValueError(f"identity_coupling_skill=True adds a feature to the data identity: it needs "
+                             f"neuron_identity='data' (got {self.neuron_identity!r}).")
         levels = self.quantile_levels
         if levels is None:
             return
@@ -411,6 +420,8 @@ class CalmConfig(PreTrainedConfig):
                  or overrides.get("neuron_identity") == "table")
         if needs and "identity_highway" not in overrides:  # the per-neuron highway needs a data identity and a highway
             fields["identity_highway"] = False
+        if overrides.get("neuron_identity") == "table" and "identity_coupling_skill" not in overrides:
+            fields["identity_coupling_skill"] = False
         if overrides.get("value_head_steps") == 0:
             if "value_skip_windows" not in overrides:
                 fields["value_skip_windows"] = 0

@@ -96,9 +96,9 @@ class CalmForecastHeadsMixin:
         history = padded.unfold(-1, lookback * window, window)[:, :, num_steps - kept_steps :]
         if not getattr(self.config, "identity_highway", False) or neuron_identity is None:
             return self.value_skip(history)
-        from .identity_calm import base_identity_size, highway_weights
+        from .identity_calm import config_base_identity_size, highway_weights
 
-        statistics = neuron_identity[..., base_identity_size(self.config.identity_rank) :]
+        statistics = neuron_identity[..., config_base_identity_size(self.config) :]
         weights = highway_weights(statistics, self.value_skip.weight, self.value_skip.bias,
                                   F.softplus(self.value_skip_prior), window)  # (batch, neurons, lookback + 1, horizon)
         return torch.einsum("bntl,bnlh->bnth", history, weights[:, :, :-1]) + weights[:, :, None, -1]

@@ -14,6 +14,11 @@ or the recording's history before the forecast context), z-scored like the model
   skewness over the reference (z-scored units).
 - **reliability**: how much reference there was (`log(1 + samples) / log(1000)`, `neurons / samples` capped at 1, and
   whether there was any);
+- with `identity_coupling_skill` (`coupling_skill`): how well the recording's coupling forecasts *out of sample* --
+  the ridge coupling fitted on half of the reference trials, scored on the other half (two folds), against each
+  neuron's own one-step term: per neuron `1 - MSE(all neurons) / MSE(own term)`, clipped to [-1, 1], and the mean
+  over the recording's neurons. Where neurons covary within trials in a way that does not carry over to other trials,
+  it is negative, telling the model not to trust the coupling factors (zero with fewer than two reference trials);
 - with `identity_highway` (a model whose head has the raw-trace highway, `value_skip_*`): each neuron's sufficient
   statistics of that highway's regression on the reference -- per window of the horizon the Gram matrix of its recent
   frames (plus a bias) and their cross-products with the frames that follow. The head turns them into the neuron's own
@@ -36,19 +41,22 @@ import torch.nn.functional as F
 IDENTITY_LAGS = (1, 2, 4, 8, 16, 32)  # autocorrelation lags (frames) among the single-neuron statistics
 RELIABILITY_FEATURES = 3
 STATISTIC_FEATURES = len(IDENTITY_LAGS) + 3
+SKILL_FEATURES = 2  # the neuron's cross-validated coupling skill and the recording's mean
 EXACT_COUPLING_NEURONS = 1024  # above this, the coupling is fitted through the top principal components
 COUPLING_COMPONENTS = 256  # principal components kept then
 
 
-def identity_size(rank: int, lookback_windows: int = 0, horizon_windows: int = 0, window_size: int = 4) -> int:
-    """Features per neuron of a data identity with `rank` coupling factors and, with `lookback_windows` and
-    `horizon_windows`, the highway statistics of that shape."""
-    return base_identity_size(rank) + highway_statistics_size(lookback_windows, horizon_windows, window_size)
+def identity_size(rank: int, lookback_windows: int = 0, horizon_windows: int = 0, window_size: int = 4,
+                  coupling_skill: bool = False) -> int:
+    """Features per neuron of a data identity with `rank` coupling factors, the coupling skill with
+    `coupling_skill`, and, with `lookback_windows` and `horizon_windows`, the highway statistics of that shape."""
+    return (base_identity_size(rank, coupling_skill)
+            + highway_statistics_size(lookback_windows, horizon_windows, window_size))
 
 
-def base_identity_size(rank: int) -> int:
-    """Features the backbone reads: coupling factors, single-neuron statistics, reliability."""
-    return 2 * int(rank) + STATISTIC_FEATURES + RELIABILITY_FEATURES
+def base_identity_size(rank: int, coupling_skill: bool = False) -> int:
+    """Features the backbone reads: coupling factors, single-neuron statistics, reliability (and the coupling skill)."""
+    return 2 * int(rank) + STATISTIC_FEATURES + RELIABILITY_FEATURES + (SKILL_FEATURES if coupling_skill else 0)
 
 
 def highway_statistics_size(lookback_windows: int, horizon_windows: int, window_size: int = 4) -> int:
@@ -65,14 +73,20 @@ def identity_settings(config) -> dict:
     highway = bool(getattr(config, "identity_highway", False))
     return {"rank": config.identity_rank, "window_size": config.window_size, "ridge": config.identity_ridge,
             "lookback_windows": config.value_skip_windows if highway else 0,
-            "horizon_windows": config.value_head_steps if highway else 0}
+            "horizon_windows": config.value_head_steps if highway else 0,
+            "coupling_skill": bool(getattr(config, "identity_coupling_skill", False))}
 
 
 def config_identity_size(config) -> int:
     """`identity_size` of a `CalmConfig` (what `neuron_identity` must hold per neuron)."""
     settings = identity_settings(config)
     return identity_size(settings["rank"], settings["lookback_windows"], settings["horizon_windows"],
-                         settings["window_size"])
+                         settings["window_size"], settings["coupling_skill"])
+
+
+def config_base_identity_size(config) -> int:
+    """`base_identity_size` of a `CalmConfig`: the leading features of `neuron_identity` the backbone reads."""
+    return base_identity_size(config.identity_rank, bool(getattr(config, "identity_coupling_skill", False)))
 
 
 def _window_means(values: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -106,6 +120,56 @@ def top_singular_triplets(matrix: torch.Tensor, count: int) -> tuple[torch.Tenso
     return projected / singular, singular, right
 
 
+def _transitions(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(inputs, targets)` `(samples, neurons)`: every window mean and the next one, of window means `(trials, neurons,
+    steps)`."""
+    neurons = means.shape[1]
+    inputs = means[..., :-1].transpose(1, 2).reshape(-1, neurons)
+    targets = means[..., 1:].transpose(1, 2).reshape(-1, neurons)
+    return inputs, targets
+
+
+def _ridge_fit(inputs: torch.Tensor, targets: torch.Tensor, ridge: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`(basis, weights)`: the ridge regression of `targets` on `inputs` (`(samples, neurons)`, ridge relative to the
+    mean diagonal of the Gram matrix), `targets ~ inputs @ weights` with `basis` None; above `EXACT_COUPLING_NEURONS`
+    neurons through the inputs' top principal components, `targets ~ (inputs @ basis) @ weights` (memory and time
+    linear in the neurons)."""
+    basis = None if inputs.shape[1] <= EXACT_COUPLING_NEURONS else principal_axes(inputs, COUPLING_COMPONENTS)
+    scores = inputs if basis is None else inputs @ basis
+    gram = scores.T @ scores
+    gram.diagonal().add_(ridge * max(float(gram.diagonal().mean()), 1e-8))
+    return basis, torch.linalg.solve(gram, scores.T @ targets)
+
+
+def coupling_skill_features(reference: torch.Tensor, window_size: int, ridge: float = 1.0) -> torch.Tensor:
+    """`(neurons, SKILL_FEATURES)`: how well the coupling of window means forecasts the next window *out of sample*.
+    The reference trials are split in two folds (alternate trials); the ridge regression of every neuron's next window
+    mean on all neurons' current ones is fitted on one fold and scored on the other, against each neuron's own
+    one-step regression (same relative ridge). Per neuron `1 - MSE(all neurons) / MSE(own term)`, summed over both
+    folds and clipped to [-1, 1], then the mean over neurons. Zero with fewer than two reference trials or neurons."""
+    means = _window_means(reference.double(), window_size)  # (trials, neurons, steps)
+    trials, neurons = means.shape[:2]
+    skill = torch.zeros(neurons, SKILL_FEATURES)
+    if trials < 2 or neurons < 2 or means.shape[-1] < 2:
+        return skill
+    fold = torch.arange(trials) % 2 == 0
+    error_all = torch.zeros(neurons, dtype=torch.float64)
+    error_own = torch.zeros(neurons, dtype=torch.float64)
+    for fit_trials in (fold, ~fold):
+        inputs, targets = _transitions(means[fit_trials])
+        test_inputs, test_targets = _transitions(means[~fit_trials])
+        basis, weights = _ridge_fit(inputs, targets, ridge)
+        predicted = (test_inputs if basis is None else test_inputs @ basis) @ weights
+        error_all += (test_targets - predicted).pow(2).sum(0)
+        power = inputs.pow(2).sum(0)
+        own = (inputs * targets).sum(0) / (power + ridge * max(float(power.mean()), 1e-8))
+        error_own += (test_targets - test_inputs * own).pow(2).sum(0)
+    per_neuron = (1.0 - error_all / error_own.clamp_min(1e-12)).clamp(-1.0, 1.0)
+    skill[:, 0] = per_neuron.float()
+    skill[:, 1] = float(per_neuron.mean())
+    return skill
+
+
 def coupling_factors(reference: torch.Tensor, window_size: int, rank: int, ridge: float = 1.0
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`(receives, drives, samples)`: rank-`rank` factors `(neurons, rank)` of the one-step coupling of window means
@@ -113,26 +177,18 @@ def coupling_factors(reference: torch.Tensor, window_size: int, rank: int, ridge
     fitted on. Columns beyond the neurons' count are zero."""
     means = _window_means(reference.double(), window_size)  # (trials, neurons, steps)
     neurons = means.shape[1]
-    inputs = means[..., :-1].transpose(1, 2).reshape(-1, neurons)  # (samples, neurons)
-    targets = means[..., 1:].transpose(1, 2).reshape(-1, neurons)
+    inputs, targets = _transitions(means)  # (samples, neurons)
     samples = inputs.shape[0]
     receives = torch.zeros(neurons, rank, dtype=torch.float64)
     drives = torch.zeros(neurons, rank, dtype=torch.float64)
     if samples == 0 or neurons < 2:
         return receives.float(), drives.float(), samples
-    if neurons <= EXACT_COUPLING_NEURONS:
-        gram = inputs.T @ inputs
-        gram.diagonal().add_(ridge * max(float(gram.diagonal().mean()), 1e-8))
-        coupling = torch.linalg.solve(gram, inputs.T @ targets)  # (in, out)
-        coupling.fill_diagonal_(0.0)
-        left, singular, right = top_singular_triplets(coupling, rank)
-    else:  # ridge on the top principal components of the inputs: memory and time linear in the neurons
-        basis = principal_axes(inputs, COUPLING_COMPONENTS)  # (neurons, components)
-        scores = inputs @ basis
-        gram = scores.T @ scores
-        gram.diagonal().add_(ridge * max(float(gram.diagonal().mean()), 1e-8))
-        core = torch.linalg.solve(gram, scores.T @ targets)  # (components, out)
-        core_left, singular, right = top_singular_triplets(core, rank)
+    basis, weights = _ridge_fit(inputs, targets, ridge)
+    if basis is None:  # weights: the coupling (in, out)
+        weights.fill_diagonal_(0.0)
+        left, singular, right = top_singular_triplets(weights, rank)
+    else:  # weights: (components, out) on the inputs' top principal components `basis` (neurons, components)
+        core_left, singular, right = top_singular_triplets(weights, rank)
         left = basis @ core_left
     kept = min(rank, singular.shape[0])
     root = singular[:kept].sqrt()
@@ -186,7 +242,8 @@ def highway_statistics(reference: torch.Tensor, window_size: int, lookback_windo
 
 @torch.no_grad()
 def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, rank: int, window_size: int = 4,
-                            ridge: float = 1.0, lookback_windows: int = 0, horizon_windows: int = 0) -> torch.Tensor:
+                            ridge: float = 1.0, lookback_windows: int = 0, horizon_windows: int = 0,
+                            coupling_skill: bool = False) -> torch.Tensor:
     """The data identity `(num_neurons, identity_size(rank))` of a recording's neurons.
 
     Args:
@@ -200,8 +257,10 @@ def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, ra
         lookback_windows, horizon_windows (`int`): the highway's shape (`config.value_skip_windows`,
             `config.value_head_steps`) when the identity carries its statistics (`config.identity_highway`; see
             `identity_settings`), else 0.
+        coupling_skill (`bool`): append the coupling's cross-validated skill (`config.identity_coupling_skill`).
     """
-    features = torch.zeros(int(num_neurons), identity_size(rank, lookback_windows, horizon_windows, window_size))
+    features = torch.zeros(int(num_neurons), identity_size(rank, lookback_windows, horizon_windows, window_size,
+                                                           coupling_skill))
     if reference is None or reference.shape[0] == 0:
         return features
     reference = torch.as_tensor(reference, dtype=torch.float32, device="cpu")
@@ -214,10 +273,13 @@ def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, ra
         raise ValueError("the reference holds NaN/Inf values: clean the traces (interpolate or drop neurons) first.")
     receives, drives, samples = coupling_factors(reference, window_size, rank, ridge)
     reliability = torch.tensor([math.log1p(samples) / math.log(1000.0), min(1.0, num_neurons / max(samples, 1)), 1.0])
-    base = base_identity_size(rank)
+    base = base_identity_size(rank, coupling_skill)
     features[:, : 2 * rank] = torch.cat([receives, drives], dim=1)
     features[:, 2 * rank : 2 * rank + STATISTIC_FEATURES] = neuron_statistics(reference)
-    features[:, 2 * rank + STATISTIC_FEATURES : base] = reliability
+    reliable = 2 * rank + STATISTIC_FEATURES + RELIABILITY_FEATURES
+    features[:, 2 * rank + STATISTIC_FEATURES : reliable] = reliability
+    if coupling_skill:
+        features[:, reliable:base] = coupling_skill_features(reference, window_size, ridge)
     if features.shape[1] > base:
         features[:, base:] = highway_statistics(reference, window_size, lookback_windows, horizon_windows)
     return features
@@ -244,5 +306,6 @@ def highway_weights(statistics: torch.Tensor, weight: torch.Tensor, bias: torch.
     return fitted.movedim(-3, -2).flatten(-2).to(weight.dtype)  # (..., inputs, horizon)
 
 
-__all__ = ["IDENTITY_LAGS", "base_identity_size", "compute_neuron_identity", "config_identity_size", "coupling_factors",
+__all__ = ["IDENTITY_LAGS", "base_identity_size", "compute_neuron_identity", "config_base_identity_size",
+           "config_identity_size", "coupling_factors", "coupling_skill_features",
            "highway_statistics", "highway_weights", "identity_settings", "identity_size", "neuron_statistics"]

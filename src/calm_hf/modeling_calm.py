@@ -32,7 +32,7 @@ from .checked_loading import load_checked_pretrained, write_weight_checksums
 from .configuration_calm import CalmConfig
 from .generation_calm import CalmGenerationMixin, CalmRolloutOutput
 from .heads_calm import CalmForecastHeadsMixin
-from .identity_calm import base_identity_size
+from .identity_calm import config_base_identity_size
 from .sessions_calm import CalmIdEmbedding, CalmSessionsMixin
 from .validation_calm import (
     check_grid_size,
@@ -683,7 +683,7 @@ class CalmModel(CalmPreTrainedModel):
             self.neuron_embeddings = CalmIdEmbedding(config.num_neurons, config.hidden_size)
             self.session_embeddings = CalmIdEmbedding(config.num_sessions, config.hidden_size)
         else:  # who each neuron is, from its data identity: any recording, any neuron count
-            self.identity_proj = nn.Linear(base_identity_size(config.identity_rank), config.hidden_size)
+            self.identity_proj = nn.Linear(config_base_identity_size(config), config.hidden_size)
             self.identity_null = nn.Parameter(torch.zeros(config.hidden_size))
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList([CalmDualAxisLayer(config, idx) for idx in range(config.num_hidden_layers)])
