@@ -3,7 +3,8 @@
 For every held-out set (`calm_hf.heldout`: zebrafish, Park, sim_in, sim_paper) and k in {16, all} reference trials,
 calm-base forecasts the validation trials with its identity computed from the k trials, then with parts of it zeroed:
 the per-neuron highway statistics (the shared highway then forecasts), the coupling and single-neuron statistics
-together, the coupling factors alone, or the single-neuron statistics alone.
+together, the coupling factors alone, the single-neuron statistics alone, or (a model with
+`identity_coupling_skill`) the coupling's cross-validated skill.
 k = 0 (no reference) is the zero-shot line.
 
     python benchmarks/identity_probe.py --calm_dir calm-base --out benchmarks/results/identity_probe.json
@@ -31,12 +32,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     from calm_hf import CalmForecaster, CalmTokenizer
     from calm_hf.heldout import context_frames, heldout_set, k_subsets
-    from calm_hf.identity_calm import STATISTIC_FEATURES, base_identity_size
+    from calm_hf.identity_calm import STATISTIC_FEATURES, base_identity_size, config_base_identity_size
     from calm_hf.metrics.functional import forecast_pearson_r, mse
 
     model = AutoModelForCausalLM.from_pretrained(args.calm_dir).eval()
     forecaster = CalmForecaster(model, CalmTokenizer.from_pretrained(Path(args.calm_dir) / "tokenizer"))
-    base = base_identity_size(model.config.identity_rank)
+    base = config_base_identity_size(model.config)
+    skill = slice(base_identity_size(model.config.identity_rank), base)  # empty without the coupling skill
     sets = {"zebrafish": {}, "park": {}, "sim_in": dict(sessions=2, trials=48),
             "sim_paper": dict(sessions=2, paper_trials=120)}
     out = {}
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
                 variants["no_coupling"][:, : 2 * rank] = 0
                 variants["no_statistics"] = full.clone()  # coupling and reliability only
                 variants["no_statistics"][:, 2 * rank : 2 * rank + STATISTIC_FEATURES] = 0
+                if skill.stop > skill.start:  # the coupling's cross-validated skill
+                    variants["no_skill"] = full.clone()
+                    variants["no_skill"][:, skill] = 0
                 for label, identity in variants.items():
                     pred = forecaster.forecast(validation[:, :, :context], truth.shape[-1],
                                                neuron_identity=identity).forecast
