@@ -21,6 +21,10 @@ skipped (reason recorded) when the recording alone would pass the guard, or when
 already ran out of time or memory (time and memory grow with the neurons). Forecast timings use the released model's
 weights; `train_step` a randomly initialised cpu preset (speed does not depend on the weights).
 
+Allocator (`--keep_freed_memory`): by default each task runs as the `calm` commands run it, `train_step` with freed
+memory kept in the process (`calm_hf.hardware.keep_freed_memory`) and the forecasts with glibc's default; `on` / `off`
+apply one setting to every task.
+
 Writes benchmarks/results/scale.json (`{"machine": ..., "rows": [{"neurons", "task", "seconds", "peak_gib", ...}]}`),
 scale.md and scale.png.
 """
