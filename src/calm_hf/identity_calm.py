@@ -86,7 +86,8 @@ def config_identity_size(config) -> int:
 
 def config_base_identity_size(config) -> int:
     """`base_identity_size` of a `CalmConfig`: the leading features of `neuron_identity` the backbone reads."""
-    return base_identity_size(config.identity_rank, bool(getattr(config, "identity_coupling_skill", False)))
+    settings = identity_settings(config)
+    return base_identity_size(settings["rank"], settings["coupling_skill"])
 
 
 def _window_means(values: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -145,8 +146,9 @@ def coupling_skill_features(reference: torch.Tensor, window_size: int, ridge: fl
     """`(neurons, SKILL_FEATURES)`: how well the coupling of window means forecasts the next window *out of sample*.
     The reference trials are split in two folds (alternate trials); the ridge regression of every neuron's next window
     mean on all neurons' current ones is fitted on one fold and scored on the other, against each neuron's own
-    one-step regression (same relative ridge). Per neuron `1 - MSE(all neurons) / MSE(own term)`, summed over both
-    folds and clipped to [-1, 1], then the mean over neurons. Zero with fewer than two reference trials or neurons."""
+    one-step regression (same relative ridge). Per neuron `1 - MSE(all neurons) / MSE(own term)`, the squared errors
+    summed over both folds, clipped to [-1, 1]; then the mean over neurons. Zero with fewer than two reference trials
+    or neurons."""
     means = _window_means(reference.double(), window_size)  # (trials, neurons, steps)
     trials, neurons = means.shape[:2]
     skill = torch.zeros(neurons, SKILL_FEATURES)

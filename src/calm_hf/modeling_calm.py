@@ -555,11 +555,12 @@ class CalmDualAxisLayer(GradientCheckpointingLayer):
         mixer_summary = coupling_summary = None
         for start, stop in spans:
             chunk = hidden_states[:, start:stop]
+            unit = self.neuron_norm.unit(chunk) if self.mixer is not None or self.coupling is not None else None
             if self.mixer is not None:
-                piece = self.mixer.summary(chunk, identity_states[:, start:stop], neuron_weight[:, start:stop])
+                piece = self.mixer.summary(chunk, identity_states[:, start:stop], neuron_weight[:, start:stop], unit)
                 mixer_summary = piece if mixer_summary is None else mixer_summary + piece
             if self.coupling is not None:
-                piece = self.coupling.summary(chunk, neuron_identity[:, start:stop])
+                piece = self.coupling.summary(chunk, neuron_identity[:, start:stop], unit)
                 coupling_summary = piece if coupling_summary is None else coupling_summary + piece
         out = torch.empty_like(hidden_states)
         for (first, groups, size), mask in zip(neuron_blocks, neuron_attention_mask):  # neuron axis, whole groups
