@@ -1,6 +1,7 @@
 """Every training command run with no optional flag trains with the measured recipe (the packaged `calm_hf/recipes/`
 files the main job and the benchmarks use), explicit flags override it, and `--help` says where it was measured."""
 
+import json
 import warnings
 
 import pytest
@@ -191,3 +192,22 @@ def test_adapt_without_optional_flags_uses_the_benchmarked_adaptation_recipe(mon
             assert args[flag] * 60 == recipe.max_seconds
         elif flag is not None:
             assert args[flag] == getattr(recipe, item.name), flag
+
+
+def test_the_main_job_passes_model_config_overrides_and_the_trial_loading_share_to_its_stages(monkeypatch, tmp_path):
+    args = main_command.MainArguments(model_config_overrides='{"identity_coupling_skill": true}',
+                                      corpus_trial_loading=0.25)
+    recipe = main_command.resolve_recipe(args)
+    assert recipe["model_config_overrides"] == {"identity_coupling_skill": True}
+    assert recipe["corpus_trial_loading"] == 0.25
+    argv = main_command.pretrain_stage_argv(recipe, tmp_path / "tokens", tmp_path / "tok", tmp_path / "out", 5, 0,
+                                            False, False)
+    parsed = parsed_arguments(pretrain, argv, monkeypatch)
+    assert json.loads(parsed["config_overrides"]) == {"identity_coupling_skill": True}
+    plain = main_command.resolve_recipe(main_command.MainArguments())
+    assert plain["model_config_overrides"] == {} and plain["corpus_trial_loading"] == 0.0
+    assert "--config_overrides" not in main_command.pretrain_stage_argv(plain, tmp_path, tmp_path, tmp_path, 5, 0,
+                                                                        False, False)
+    for bad in ('{"identity_coupling_skill": tru', '[1, 2]'):
+        with pytest.raises(ValueError, match="model_config_overrides must be a JSON object"):
+            main_command.resolve_recipe(main_command.MainArguments(model_config_overrides=bad))

@@ -66,6 +66,51 @@ def test_draws_stay_inside_their_ranges_and_out_of_range_draws_leave_them():
         assert outside.gain >= OUT_OF_RANGE["gain"][1] and outside.num_neurons >= 1024
 
 
+def _correlation_carry_over(traces: np.ndarray) -> float:
+    """Mean similarity (Pearson r) between the neuron-pair correlations of every two trials."""
+    pairs = np.triu_indices(traces.shape[1], 1)
+    structure = [np.corrcoef(trial)[pairs] for trial in traces]
+    return float(np.mean([np.corrcoef(structure[i], structure[j])[0, 1]
+                          for i in range(len(structure)) for j in range(i + 1, len(structure))]))
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_trial_loadings_make_which_neurons_co_vary_change_between_trials(continuous):
+    shared = dict(seed=2, num_neurons=24, num_trials=12, num_steps=80, gain=0.5, shared_input_dims=1,
+                  shared_input_std=1.5, calcium_noise_std=0.05, continuous=continuous)
+    session_loadings = simulate_session(SimulationConfig(**shared)).traces
+    np.testing.assert_array_equal(session_loadings,
+                                  simulate_session(SimulationConfig(**shared, trial_loading_mix=0.0)).traces)
+    per_trial = simulate_session(SimulationConfig(**shared, trial_loading_mix=1.0)).traces
+    assert per_trial.shape == session_loadings.shape and np.isfinite(per_trial).all()
+    assert _correlation_carry_over(session_loadings) > 0.6  # the same neurons co-vary in every trial
+    assert abs(_correlation_carry_over(per_trial)) < 0.15  # and here they do not
+    with pytest.raises(ValueError, match="trial_loading_mix must lie in"):
+        SimulationConfig(trial_loading_mix=1.5)
+
+
+def test_trial_loading_draws_leave_every_other_draw_as_it_was():
+    from calm_hf.data.corpus import TRIAL_LOADING_RANGES
+
+    switched = 0
+    for index in range(30):
+        before = draw_simulation_config(np.random.default_rng([3, index]), name="s", seed=index)
+        assert before.trial_loading_mix == 0.0
+        after = draw_simulation_config(np.random.default_rng([3, index]), name="s", seed=index,
+                                       trial_loading_chance=1.0)
+        changed = {key for key, value in vars(after).items() if vars(before)[key] != value}
+        assert changed <= set(TRIAL_LOADING_RANGES) and "trial_loading_mix" in changed
+        low, high = TRIAL_LOADING_RANGES["trial_loading_mix"][1:]
+        assert low <= after.trial_loading_mix <= high
+        assert after.shared_input_dims >= 1 and after.shared_input_std >= TRIAL_LOADING_RANGES["shared_input_std"][1]
+        half = draw_simulation_config(np.random.default_rng([3, index]), name="s", seed=index,
+                                      trial_loading_chance=0.5)
+        switched += half.trial_loading_mix > 0
+    assert 5 <= switched <= 25
+    with pytest.raises(ValueError, match="trial_loading_chance must lie in"):
+        CorpusSpec(trial_loading_chance=-0.1)
+
+
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")

@@ -87,6 +87,9 @@ class MainArguments:
     corpus_real: list[str] | None = field(
         default=None, metadata={"help": "Override the real recordings whose training trials join the corpus (names of "
                                         "calm_hf.data.corpus.REAL_RECORDINGS, e.g. park/mrcuts24 cascade)."})
+    corpus_trial_loading: float | None = field(
+        default=None, metadata={"help": "Override the share of simulated sessions whose shared-input loadings change "
+                                        "from trial to trial (calm_hf.data.corpus.TRIAL_LOADING_RANGES)."})
     trial_seconds: float | None = field(default=None, metadata={"help": "Override the simulated trial length (s)."})
     tokenizer_preset: str | None = field(default=None, metadata={"help": "Override the tokenizer architecture preset."})
     tokenizer_epochs: float | None = field(default=None, metadata={"help": "Override the tokenizer's epochs."})
@@ -95,6 +98,10 @@ class MainArguments:
     tokenizer_segments: int | None = field(default=None, metadata={"help": "Override the cap on tokenizer segments."})
     tokenizer_segment_frames: int | None = field(default=None, metadata={"help": "Override the tokenizer's segment frames."})
     model_preset: str | None = field(default=None, metadata={"help": "Override the dual-axis transformer preset."})
+    model_config_overrides: str | None = field(
+        default=None, metadata={"help": "Override the recipe's CalmConfig fields set on top of the preset: a JSON "
+                                        "object, e.g. '{\"identity_coupling_skill\": true}' (calm pretrain "
+                                        "--config_overrides)."})
     pretrain_steps: int | None = field(
         default=None, metadata={"help": "Override the recipe's pretraining steps (with a --pretrain_minutes budget: "
                                         "the most steps the budget may plan)."})
@@ -127,6 +134,17 @@ def resolve_recipe(args: MainArguments) -> dict:
         value = getattr(args, item.name)
         if item.name in recipe and value is not None:
             recipe[item.name] = value
+    overrides = recipe["model_config_overrides"]
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--model_config_overrides must be a JSON object, e.g. "
+                             f"'{{\"identity_coupling_skill\": true}}': {error}.") from None
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"--model_config_overrides must be a JSON object of CalmConfig fields, got {overrides!r}.")
+    recipe["model_config_overrides"] = overrides or {}
+    recipe["corpus_trial_loading"] = float(recipe["corpus_trial_loading"] or 0.0)
     return recipe
 
 
@@ -230,8 +248,9 @@ def pretrain_step_speedup(recipe: dict) -> dict:
 
     tokenizer = CalmTokenizerConfig.from_preset(recipe["tokenizer_preset"])
     steps = recipe_token_steps(recipe)
-    config = CalmConfig.from_preset(recipe["model_preset"], vocab_size=tokenizer.codebook_size,
-                                    window_size=tokenizer.window_size, max_token_steps=max(steps, 64))
+    config = CalmConfig.from_preset(recipe["model_preset"], **{
+        **(recipe["model_config_overrides"] or {}), "vocab_size": tokenizer.codebook_size,
+        "window_size": tokenizer.window_size, "max_token_steps": max(steps, 64)})
     width, rows = recipe["max_neurons"] or 64, recipe["pretrain_batch"]
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (rows, width, steps), generator=generator)
@@ -250,7 +269,8 @@ def pretrain_step_speedup(recipe: dict) -> dict:
 def pretrain_step_seconds(recipe: dict, tokenized: Stage, tokenizer: Stage, bf16: bool) -> float:
     """Seconds of one pretraining step on real batches of the tokenized corpus (`pretrain.stream_step_seconds`)."""
     return pretrain.stream_step_seconds(str(tokenized.path), str(tokenizer.path), recipe["model_preset"],
-                                        recipe["max_neurons"], recipe["pretrain_batch"], bf16=bf16)
+                                        recipe["max_neurons"], recipe["pretrain_batch"], bf16=bf16,
+                                        config_overrides=recipe["model_config_overrides"] or None)
 
 
 def planned_pretrain_steps(args: MainArguments, recipe: dict, work: Path, tokenized: Stage,
@@ -266,6 +286,8 @@ def planned_pretrain_steps(args: MainArguments, recipe: dict, work: Path, tokeni
     saved = json.loads(record.read_text()) if record.exists() else {}
     key = {"minutes": minutes, "max_steps": recipe["pretrain_steps"], "batch": recipe["pretrain_batch"],
            "bf16": args.dtypes["pretrain_bf16"], "tokenized": tokenized.key}
+    if recipe["model_config_overrides"]:  # another architecture, another step time (absent: plans made before stay)
+        key["model_config_overrides"] = recipe["model_config_overrides"]
     if saved.get("pretrain_plan", {}).get("key") == key:
         plan = saved["pretrain_plan"]
         logger.info("pretraining schedule as planned when this job started: %d steps", plan["steps"])
@@ -335,8 +357,11 @@ def corpus_stage(args: MainArguments, recipe: dict, work: Path, timings: dict) -
     real = [name for name in recipe["corpus_real"] or [] if real_recording_available(name)]
     spec = CorpusSpec(num_simulated_sessions=recipe["corpus_sessions"], trials_per_session=recipe["corpus_trials"],
                       max_stored_neurons=recipe["corpus_max_neurons"], trial_seconds=recipe["trial_seconds"],
-                      real_recordings=real, seed=args.seed)
-    params = {key: value for key, value in asdict(spec).items() if key != "data_dir"}
+                      real_recordings=real, seed=args.seed,
+                      trial_loading_chance=float(recipe["corpus_trial_loading"] or 0.0))
+    # a field at its "off" value stays out of the stage's key, so corpora built before it existed are reused
+    params = {key: value for key, value in asdict(spec).items()
+              if key != "data_dir" and not (key == "trial_loading_chance" and not value)}
     stage = Stage(work / "corpus", {"corpus": params}, atomic=True)
     run_stage(stage, "corpus", lambda: build_corpus(spec, stage.output, workers=default_num_threads()) and None,
               timings)
@@ -379,6 +404,8 @@ def pretrain_stage_argv(recipe: dict, tokenized: Path, tokenizer: Path, output_d
             "--preset", recipe["model_preset"], "--max_neurons", str(recipe["max_neurons"]),
             *(["--context_token_steps", str(recipe["context_token_steps"])] if recipe["context_token_steps"] else []),
             "--forecast_eval_trials", "0", "--identity_init", "coupling", "--value_skip_init", "ridge",
+            *(["--config_overrides", json.dumps(recipe["model_config_overrides"], sort_keys=True)]
+              if recipe["model_config_overrides"] else []),
             "--max_steps", str(steps)] + training_flags(
         output_dir, 1.0, recipe["pretrain_batch"], recipe["pretrain_lr"], seed, bf16, None, use_cpu=use_cpu)
 

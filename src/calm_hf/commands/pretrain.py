@@ -296,15 +296,17 @@ def build_stream_trainer(model, tokenizer, shards: list[Path], sessions: list, d
 
 
 def stream_step_seconds(tokenized_dataset: str, tokenizer_path: str, preset: str, max_neurons: int, batch_size: int,
-                        bf16: bool = False, steps: int = 8, seed: int = 0) -> float:
+                        bf16: bool = False, steps: int = 8, seed: int = 0,
+                        config_overrides: dict | None = None) -> float:
     """Median wall-clock seconds of a pretraining step of a fresh `preset` model on real batches of the stream (the
     stream's identity computation and collation included): what a time budget plans its steps from."""
     import time
 
     tokenizer = CalmTokenizer.from_pretrained(tokenizer_path)
     shards, sessions, token_steps, _ = load_stream_source(tokenized_dataset)
-    model = build_model(ModelArguments(tokenizer_path=tokenizer_path, preset=preset), tokenizer, sessions, token_steps,
-                        max_neurons)
+    overrides = json.dumps(config_overrides) if config_overrides else None
+    model = build_model(ModelArguments(tokenizer_path=tokenizer_path, preset=preset, config_overrides=overrides),
+                        tokenizer, sessions, token_steps, max_neurons)
     model.train()
     stream = iter(CalmCorpusStream(shards, "train", max_neurons=max_neurons, seed=seed,
                                    columns=("input_ids", "input_values", "session_id"),

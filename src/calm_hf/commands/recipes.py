@@ -22,6 +22,7 @@ RECIPE_FIELDS = (
     "tokenizer_epochs", "tokenizer_batch", "tokenizer_lr", "tokenizer_segments", "tokenizer_segment_frames",
     "model_preset", "pretrain_steps", "pretrain_minutes", "pretrain_batch", "pretrain_lr", "max_neurons",
     "context_token_steps", "eval_sessions", "eval_trials", "eval_sets", "eval_max_neurons", "forecast_samples",
+    "corpus_trial_loading", "model_config_overrides",
 )
 DEFAULT_SIZE = "cpu"  # the recipe the stage commands default to: the one calm-base is trained with
 # The optimisation both training stages of the main job share (and so the stage commands' defaults): AdamW with a

@@ -88,6 +88,17 @@ OUT_OF_RANGE: dict[str, tuple] = {
 }
 SLOW_KERNEL = (0.15, 3.0)  # slower than any indicator in INDICATOR_KERNELS: only in OUT_OF_RANGE draws
 
+# Sessions whose shared inputs reach the neurons through loadings partly drawn anew every trial
+# (`SimulationConfig.trial_loading_mix`): a population coupling fitted on some trials of such a session misleads on
+# the others, as on real recordings whose co-active groups change. A draw is on with `CorpusSpec.trial_loading_chance`
+# and then takes its values from here (the shared inputs are made present and strong enough to matter). It is drawn
+# after every other field, so a chance of 0 leaves every other draw, and the held-out sets, as they were.
+TRIAL_LOADING_RANGES: dict[str, tuple] = {
+    "trial_loading_mix": ("uniform", 0.25, 1.0),
+    "shared_input_dims": ("choice", (1, 2, 3)),
+    "shared_input_std": ("uniform", 0.5, 1.0),
+}
+
 # Named real recordings of ../shared/data that the corpus can include (training trials only) or hold out whole.
 REAL_RECORDINGS = (
     "park/mrcuts24", "park/mrcuts25", "park/mrcuts26", "park/mrcuts27", "park/mrcuts28",
@@ -110,7 +121,8 @@ def _draw(rng: np.random.Generator, spec: tuple):
 
 def draw_simulation_config(rng: np.random.Generator, name: str, seed: int, trial_seconds: float = 20.0,
                            num_trials: int = 32, out_of_range: bool = False,
-                           ranges: dict[str, tuple] | None = None) -> SimulationConfig:
+                           ranges: dict[str, tuple] | None = None,
+                           trial_loading_chance: float = 0.0) -> SimulationConfig:
     """One simulated session's parameters, drawn from `ranges` (default `SIMULATION_RANGES`; with `out_of_range`,
     the fields of `OUT_OF_RANGE` are drawn from there instead).
 
@@ -119,6 +131,8 @@ def draw_simulation_config(rng: np.random.Generator, name: str, seed: int, trial
         name, seed: the session's name and simulation seed.
         trial_seconds: trial length in seconds (frames follow from the native rate).
         num_trials: trials of the session.
+        trial_loading_chance: the probability that the session's shared-input loadings change from trial to trial
+            (values from `TRIAL_LOADING_RANGES`).
     """
     table = dict(SIMULATION_RANGES if ranges is None else ranges)
     if out_of_range:
@@ -143,6 +157,8 @@ def draw_simulation_config(rng: np.random.Generator, name: str, seed: int, trial
         onset = int(rng.integers(0, steps // 2))
         fields.update(task_fraction=value["task_fraction"], task_amplitude=value["task_amplitude"],
                       task_onset_step=onset, task_duration_steps=int(rng.integers(max(1, steps // 10), steps // 2)))
+    if trial_loading_chance > 0 and rng.random() < trial_loading_chance:
+        fields.update({key: _draw(rng, spec) for key, spec in TRIAL_LOADING_RANGES.items()})
     return SimulationConfig(**fields)
 
 
@@ -165,6 +181,8 @@ class CorpusSpec:
         data_dir: where the real recordings are (default `calm_hf.data.default_data_dir()`).
         out_of_range: draw the simulated sessions outside the ranges (held-out evaluation sets).
         name_prefix: prefix of the simulated session names.
+        trial_loading_chance: the share of simulated sessions whose shared-input loadings change from trial to trial
+            (`TRIAL_LOADING_RANGES`); 0 draws every session as before.
     """
 
     num_simulated_sessions: int = 256
@@ -181,6 +199,7 @@ class CorpusSpec:
     data_dir: str | None = None
     out_of_range: bool = False
     name_prefix: str = "sim"
+    trial_loading_chance: float = 0.0
 
     def __post_init__(self):
         for name in ("num_simulated_sessions", "max_stored_neurons", "sessions_per_shard"):
@@ -192,6 +211,8 @@ class CorpusSpec:
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"CorpusSpec.{name} must be a positive number, got {value!r}.")
+        if not (0.0 <= float(self.trial_loading_chance) <= 1.0):
+            raise ValueError(f"CorpusSpec.trial_loading_chance must lie in [0, 1], got {self.trial_loading_chance!r}.")
         unknown = sorted(set(self.real_recordings) - set(REAL_RECORDINGS))
         if unknown:
             raise ValueError(f"unknown real recordings {unknown}; choose from {list(REAL_RECORDINGS)}.")
@@ -206,7 +227,8 @@ def simulated_configs(spec: CorpusSpec) -> list[SimulationConfig]:
         rng = np.random.default_rng([int(spec.seed), index])
         configs.append(draw_simulation_config(
             rng, name=f"{spec.name_prefix}-{spec.seed}-{index:04d}", seed=int(spec.seed) * 100_003 + index,
-            trial_seconds=spec.trial_seconds, num_trials=spec.trials_per_session, out_of_range=spec.out_of_range))
+            trial_seconds=spec.trial_seconds, num_trials=spec.trials_per_session, out_of_range=spec.out_of_range,
+            trial_loading_chance=float(spec.trial_loading_chance)))
     return configs
 
 

@@ -29,7 +29,8 @@ Regimes beyond the paper's protocol (all off by default, so the default session 
 - low-rank structure in the connectivity, `W += connectivity_rank_gain * U U^T / N` (rank `connectivity_rank`),
   which gives slow, shared population modes on top of the chaotic bulk;
 - shared external input: `shared_input_dims` Ornstein-Uhlenbeck signals (time constant `shared_input_tau_s`, std
-  `shared_input_std`) reaching every neuron through random loadings;
+  `shared_input_std`) reaching every neuron through random loadings, fixed for the session or partly drawn anew
+  every trial (`trial_loading_mix`), so that which neurons co-vary need not carry over between trials;
 - per-neuron firing-rate heterogeneity (log-normal, `rate_heterogeneity`);
 - a slow per-neuron baseline drift of the fluorescence (OU, `baseline_drift_std`, `baseline_drift_tau_s`), as
   bleaching and neuropil changes give real recordings;
@@ -92,6 +93,11 @@ class SimulationConfig:
         shared_input_dims (`int`, defaults to 0): number of shared external inputs (OU processes), 0 = none.
         shared_input_std (`float`, defaults to 0.0): stationary std of each shared input (units of r per tau).
         shared_input_tau_s (`float`, defaults to 2.0): time constant of the shared inputs in seconds.
+        trial_loading_mix (`float`, defaults to 0.0): how much of each neuron's loading on the shared inputs is drawn
+            anew for every trial, in [0, 1]: the loadings of a trial are `sqrt(1 - mix) * session + sqrt(mix) *
+            fresh`, so at 0 the correlations the shared inputs cause carry over from trial to trial and at 1 they do
+            not (a population coupling fitted on some trials then misleads on others). With `continuous`, each
+            window of a run takes its own loadings.
         rate_heterogeneity (`float`, defaults to 0.0): std of the log of each neuron's maximum rate (0 = all equal).
         baseline_drift_std (`float`, defaults to 0.0): stationary std of a slow per-neuron baseline drift added to the
             calcium (units of one spike's peak).
@@ -136,6 +142,7 @@ class SimulationConfig:
     shared_input_dims: int = 0
     shared_input_std: float = 0.0
     shared_input_tau_s: float = 2.0
+    trial_loading_mix: float = 0.0
     rate_heterogeneity: float = 0.0
     baseline_drift_std: float = 0.0
     baseline_drift_tau_s: float = 60.0
@@ -162,6 +169,8 @@ class SimulationConfig:
             value = float(getattr(self, key))
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"SimulationConfig.{key} must be >= 0, got {value}.")
+        if not (0.0 <= float(self.trial_loading_mix) <= 1.0):
+            raise ValueError(f"SimulationConfig.trial_loading_mix must lie in [0, 1], got {self.trial_loading_mix}.")
         if not (0.0 <= float(self.task_fraction) <= 1.0):
             raise ValueError(f"SimulationConfig.task_fraction must lie in [0, 1], got {self.task_fraction}.")
         if not math.isfinite(float(self.task_amplitude)):
@@ -278,7 +287,19 @@ def _external_input(config: SimulationConfig, task: dict | None, rng: np.random.
         loadings = rng.standard_normal((int(config.num_neurons), dims)).astype(np.float32) / np.float32(math.sqrt(dims))
         paths = _ornstein_uhlenbeck(rng, (sequences, dims), total_frames, config.dt, config.shared_input_tau_s,
                                     config.shared_input_std)
-        shared = np.einsum("sdf,nd->fsn", paths, loadings)  # (frames, sequences, neurons)
+        mix = float(config.trial_loading_mix)
+        if mix == 0.0:
+            shared = np.einsum("sdf,nd->fsn", paths, loadings)  # (frames, sequences, neurons)
+        else:  # each trial (a window of a continuous run) mixes the session's loadings with its own
+            windows = _sequence_layout(config)[1] // num_steps if config.continuous else 1
+            shared = np.empty((total_frames, sequences, int(config.num_neurons)), dtype=np.float32)
+            for window in range(windows):
+                fresh = rng.standard_normal((sequences, int(config.num_neurons), dims)).astype(np.float32)
+                mixed = np.float32(math.sqrt(1.0 - mix)) * loadings + fresh * np.float32(math.sqrt(mix / dims))
+                # the burn-in belongs to the first window; the last window runs to the end
+                start = 0 if window == 0 else burn_in + window * num_steps
+                stop = total_frames if window == windows - 1 else burn_in + (window + 1) * num_steps
+                shared[start:stop] = np.einsum("sdf,snd->fsn", paths[..., start:stop], mixed)
     per_run = None
     if task is not None and config.continuous:
         per_run = _sequence_layout(config)[1] // num_steps
