@@ -276,3 +276,14 @@ def test_top_singular_triplets_equal_the_svds(shape):
     torch.testing.assert_close(left, u[:, :6] * signs)
     torch.testing.assert_close(right, vt[:6].T * signs)
     assert top_singular_triplets(torch.zeros(5, 5, dtype=torch.float64), 3)[1].numel() == 0  # nothing to keep
+
+
+def test_an_identity_without_coupling_zeroes_the_factors_and_keeps_everything_else():
+    reference = torch.randn(6, 8, 32)
+    settings = identity_settings(data_config(identity_coupling_skill=True))
+    full = compute_neuron_identity(reference, 8, **settings)
+    settings["coupling"] = False
+    plain = compute_neuron_identity(reference, 8, **settings)
+    assert full[:, : 2 * RANK].abs().sum() > 0 and plain[:, : 2 * RANK].abs().sum() == 0
+    torch.testing.assert_close(plain[:, 2 * RANK :], full[:, 2 * RANK :])  # statistics, reliability, skill
+    assert identity_settings(data_config(identity_coupling=False))["coupling"] is False

@@ -302,3 +302,32 @@ def test_the_remote_code_pipeline_applies_the_readout_without_calm_hf(adapted_ch
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK (6, 12)" in result.stdout
+
+
+@pytest.mark.parametrize("better_without", [True, False])
+def test_adapt_keeps_the_coupling_only_where_the_validation_trials_forecast_better_with_it(forecaster, monkeypatch,
+                                                                                         tmp_path, better_without):
+    from calm_hf import adaptation
+    from calm_hf.adaptation import AdaptationSettings, adapt
+
+    rank = forecaster.model.config.identity_rank
+    seen = []
+
+    def scored(model_forecaster, val, context_frames, identity):  # a stand-in score: which identity was it?
+        without = bool(identity[:, : 2 * rank].abs().sum() == 0)
+        seen.append(without)
+        return 0.3 if without == better_without else 0.2
+
+    monkeypatch.setattr(adaptation, "validation_r", scored)
+    settings = AdaptationSettings(max_steps=1, eval_every=1, patience=1)
+    adapted, info = adapt(forecaster, coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT, settings)
+    assert seen[:2] == [False, True]  # both identities were scored before fine-tuning
+    assert info["coupling"]["identity_coupling"] is (not better_without)
+    assert forecaster.model.config.identity_coupling is True  # the original is left untouched
+    identity = adapted.neuron_identity(coupled_trials(seed=0))
+    assert bool(identity[:, : 2 * rank].abs().sum() == 0) is better_without
+    adapted.model.save_pretrained(tmp_path)  # the choice travels with the checkpoint
+    assert CalmConfig.from_pretrained(tmp_path).identity_coupling is (not better_without)
+    _, info = adapt(forecaster, coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT,
+                    AdaptationSettings(max_steps=1, eval_every=1, patience=1, choose_coupling=False))
+    assert "coupling" not in info

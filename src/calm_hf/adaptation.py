@@ -42,6 +42,8 @@ class AdaptationSettings:
         patience: evaluations without a better validation r before stopping.
         weight_decay: AdamW weight decay.
         seed: seed of the trial and neuron draws.
+        choose_coupling: before fine-tuning, forecast the validation trials with and without the identity's coupling
+            factors and keep them only where they forecast better (`choose_identity_coupling`; `adapt` only).
     """
 
     learning_rate: float = 3e-4
@@ -53,6 +55,7 @@ class AdaptationSettings:
     patience: int = 4
     weight_decay: float = 0.01
     seed: int = 0
+    choose_coupling: bool = True
 
     def __post_init__(self):
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -152,15 +155,44 @@ def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: 
     return forecaster, info
 
 
+def choose_identity_coupling(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int) -> dict:
+    """Whether `forecaster`'s model reads the coupling factors of this recording's identity: its validation trials are
+    forecast with the identity from `train_trials` with and without them, and `config.identity_coupling` is set to
+    the better by Pearson r (the early-stopping criterion; a tie keeps them). A model whose config already leaves
+    them out is not changed. Returns both scores and the choice."""
+    config = forecaster.model.config
+    if getattr(config, "neuron_identity", "table") != "data" or not getattr(config, "identity_coupling", True):
+        return {"identity_coupling": bool(getattr(config, "identity_coupling", True)), "chosen": False}
+    window = config.window_size
+    train = _check_trials("train_trials", train_trials, window, 2)
+    val = _check_trials("val_trials", val_trials, window, 1)
+    scores = {}
+    for coupling in (True, False):
+        config.identity_coupling = coupling
+        scores[coupling] = validation_r(forecaster, val, context_frames, forecaster.neuron_identity(train))
+    config.identity_coupling = not scores[False] > scores[True]
+    logger.info("validation r %.4f with the identity's coupling factors, %.4f without: %s them", scores[True],
+                scores[False], "keeping" if config.identity_coupling else "leaving out")
+    return {"identity_coupling": config.identity_coupling, "chosen": True,
+            "validation_r_with_coupling": scores[True], "validation_r_without_coupling": scores[False]}
+
+
 def adapt(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int = 40,
           settings: AdaptationSettings | None = None) -> tuple[CalmForecaster, dict]:
     """Fine-tune a copy of `forecaster`'s model on one recording's training trials, stopped on its validation
-    trials; returns `(forecaster of the adapted copy, info)`. The original model is left untouched."""
+    trials; returns `(forecaster of the adapted copy, info)`. With `settings.choose_coupling` the copy first keeps or
+    leaves out the identity's coupling factors by its validation trials (`choose_identity_coupling`). The original
+    model is left untouched."""
     settings = settings or AdaptationSettings()
     model = copy.deepcopy(forecaster.model)
     model.requires_grad_(True)
     adapted = CalmForecaster(model, forecaster.tokenizer, autocast_dtype=forecaster.autocast_dtype)
-    return _fit(adapted, train_trials, val_trials, context_frames, settings)
+    coupling = (choose_identity_coupling(adapted, train_trials, val_trials, context_frames)
+                if settings.choose_coupling else None)
+    adapted, info = _fit(adapted, train_trials, val_trials, context_frames, settings)
+    if coupling is not None:
+        info["coupling"] = coupling
+    return adapted, info
 
 
 def train_from_scratch(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int = 40,
@@ -280,4 +312,4 @@ def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials,
     return readout
 
 
-__all__ = ["AdaptationSettings", "adapt", "fit_population_readout", "train_from_scratch", "validation_r"]
+__all__ = ["AdaptationSettings", "adapt", "choose_identity_coupling", "fit_population_readout", "train_from_scratch", "validation_r"]

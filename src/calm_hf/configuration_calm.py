@@ -167,6 +167,10 @@ class CalmConfig(PreTrainedConfig):
             coupling fitted on half of the reference trials and scored on the other half, per neuron and its mean;
             `calm_hf.identity_calm.coupling_skill_features`), so the model can learn when to trust the coupling
             factors. Needs `neuron_identity="data"`.
+        identity_coupling (`bool`, *optional*, defaults to `True`):
+            A data identity carries the coupling factors fitted on the reference. `False` leaves them zero (the
+            statistics stay): `calm adapt` turns it off for a recording whose validation trials forecast better
+            without them, where a coupling fitted on some trials misleads on others.
         quantile_levels (`list[float]`, *optional*):
             Levels of the quantiles the continuous head also predicts (pinball loss), e.g. 0.05 ... 0.95: calibrated
             bands in the same forward pass as the point forecast, without sampling. None = no quantile head.
@@ -239,6 +243,7 @@ class CalmConfig(PreTrainedConfig):
     identity_ridge: float | int = 1.0
     identity_highway: bool = False
     identity_coupling_skill: bool = False
+    identity_coupling: bool = True
     quantile_levels: list[float] | None = None
     quantile_loss_weight: float | int = 1.0
 

@@ -74,7 +74,8 @@ def identity_settings(config) -> dict:
     return {"rank": config.identity_rank, "window_size": config.window_size, "ridge": config.identity_ridge,
             "lookback_windows": config.value_skip_windows if highway else 0,
             "horizon_windows": config.value_head_steps if highway else 0,
-            "coupling_skill": bool(getattr(config, "identity_coupling_skill", False))}
+            "coupling_skill": bool(getattr(config, "identity_coupling_skill", False)),
+            "coupling": bool(getattr(config, "identity_coupling", True))}
 
 
 def config_identity_size(config) -> int:
@@ -245,7 +246,7 @@ def highway_statistics(reference: torch.Tensor, window_size: int, lookback_windo
 @torch.no_grad()
 def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, rank: int, window_size: int = 4,
                             ridge: float = 1.0, lookback_windows: int = 0, horizon_windows: int = 0,
-                            coupling_skill: bool = False) -> torch.Tensor:
+                            coupling_skill: bool = False, coupling: bool = True) -> torch.Tensor:
     """The data identity `(num_neurons, identity_size(rank))` of a recording's neurons.
 
     Args:
@@ -260,6 +261,7 @@ def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, ra
             `config.value_head_steps`) when the identity carries its statistics (`config.identity_highway`; see
             `identity_settings`), else 0.
         coupling_skill (`bool`): append the coupling's cross-validated skill (`config.identity_coupling_skill`).
+        coupling (`bool`): fit the coupling factors (`config.identity_coupling`); `False` leaves them zero.
     """
     features = torch.zeros(int(num_neurons), identity_size(rank, lookback_windows, horizon_windows, window_size,
                                                            coupling_skill))
@@ -273,7 +275,11 @@ def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, ra
                          f"{reference.shape[-1]}.")
     if not bool(torch.isfinite(reference).all()):
         raise ValueError("the reference holds NaN/Inf values: clean the traces (interpolate or drop neurons) first.")
-    receives, drives, samples = coupling_factors(reference, window_size, rank, ridge)
+    if coupling:
+        receives, drives, samples = coupling_factors(reference, window_size, rank, ridge)
+    else:  # as many samples as the fit would have had
+        receives = drives = torch.zeros(int(num_neurons), rank)
+        samples = reference.shape[0] * max(0, reference.shape[-1] // window_size - 1)
     reliability = torch.tensor([math.log1p(samples) / math.log(1000.0), min(1.0, num_neurons / max(samples, 1)), 1.0])
     base = base_identity_size(rank, coupling_skill)
     features[:, : 2 * rank] = torch.cat([receives, drives], dim=1)
