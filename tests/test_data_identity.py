@@ -287,3 +287,6 @@ def test_an_identity_without_coupling_zeroes_the_factors_and_keeps_everything_el
     assert full[:, : 2 * RANK].abs().sum() > 0 and plain[:, : 2 * RANK].abs().sum() == 0
     torch.testing.assert_close(plain[:, 2 * RANK :], full[:, 2 * RANK :])  # statistics, reliability, skill
     assert identity_settings(data_config(identity_coupling=False))["coupling"] is False
+    settings["use_reference"] = False  # the zero-shot identity whatever the reference
+    torch.testing.assert_close(compute_neuron_identity(reference, 8, **settings),
+                               compute_neuron_identity(None, 8, **settings))

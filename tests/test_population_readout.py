@@ -304,30 +304,44 @@ def test_the_remote_code_pipeline_applies_the_readout_without_calm_hf(adapted_ch
     assert "OK (6, 12)" in result.stdout
 
 
-@pytest.mark.parametrize("better_without", [True, False])
-def test_adapt_keeps_the_coupling_only_where_the_validation_trials_forecast_better_with_it(forecaster, monkeypatch,
-                                                                                         tmp_path, better_without):
+@pytest.mark.parametrize("best", ["full", "no_coupling", "zero_shot"])
+def test_adapt_reads_the_identity_whose_validation_forecast_is_best(forecaster, monkeypatch, tmp_path, best):
     from calm_hf import adaptation
     from calm_hf.adaptation import AdaptationSettings, adapt
 
     rank = forecaster.model.config.identity_rank
     seen = []
 
+    def kind(identity) -> str:
+        if identity.abs().sum() == 0:
+            return "zero_shot"
+        return "no_coupling" if identity[:, : 2 * rank].abs().sum() == 0 else "full"
+
     def scored(model_forecaster, val, context_frames, identity):  # a stand-in score: which identity was it?
-        without = bool(identity[:, : 2 * rank].abs().sum() == 0)
-        seen.append(without)
-        return 0.3 if without == better_without else 0.2
+        seen.append(kind(identity))
+        return 0.3 if seen[-1] == best else 0.2
 
     monkeypatch.setattr(adaptation, "validation_r", scored)
     settings = AdaptationSettings(max_steps=1, eval_every=1, patience=1)
     adapted, info = adapt(forecaster, coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT, settings)
-    assert seen[:2] == [False, True]  # both identities were scored before fine-tuning
-    assert info["coupling"]["identity_coupling"] is (not better_without)
-    assert forecaster.model.config.identity_coupling is True  # the original is left untouched
-    identity = adapted.neuron_identity(coupled_trials(seed=0))
-    assert bool(identity[:, : 2 * rank].abs().sum() == 0) is better_without
+    assert seen[:3] == ["full", "no_coupling", "zero_shot"]  # every choice scored before fine-tuning
+    assert info["identity"]["chosen"] == best and set(info["identity"]["validation_r"]) == set(seen[:3])
+    config = forecaster.model.config  # the original is left untouched
+    assert (config.identity_coupling, config.identity_reference) == (True, True)
+    assert kind(adapted.neuron_identity(coupled_trials(seed=0))) == best
     adapted.model.save_pretrained(tmp_path)  # the choice travels with the checkpoint
-    assert CalmConfig.from_pretrained(tmp_path).identity_coupling is (not better_without)
+    assert kind(CalmForecaster(CalmForCausalNeuralModeling.from_pretrained(tmp_path), forecaster.tokenizer)
+                .neuron_identity(coupled_trials(seed=0))) == best
     _, info = adapt(forecaster, coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT,
-                    AdaptationSettings(max_steps=1, eval_every=1, patience=1, choose_coupling=False))
-    assert "coupling" not in info
+                    AdaptationSettings(max_steps=1, eval_every=1, patience=1, choose_identity=False))
+    assert "identity" not in info
+
+
+def test_a_tie_keeps_the_fuller_identity(forecaster, monkeypatch):
+    from calm_hf import adaptation
+    from calm_hf.adaptation import choose_identity
+
+    monkeypatch.setattr(adaptation, "validation_r", lambda *args: 0.25)
+    chosen = choose_identity(CalmForecaster(CalmForCausalNeuralModeling(forecaster.model.config), forecaster.tokenizer),
+                             coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT)
+    assert chosen["chosen"] == "full"

@@ -42,8 +42,8 @@ class AdaptationSettings:
         patience: evaluations without a better validation r before stopping.
         weight_decay: AdamW weight decay.
         seed: seed of the trial and neuron draws.
-        choose_coupling: before fine-tuning, forecast the validation trials with and without the identity's coupling
-            factors and keep them only where they forecast better (`choose_identity_coupling`; `adapt` only).
+        choose_identity: before fine-tuning, forecast the validation trials with the whole identity, without its
+            coupling factors and with the zero-shot identity, and keep the best (`choose_identity`; `adapt` only).
     """
 
     learning_rate: float = 3e-4
@@ -55,7 +55,7 @@ class AdaptationSettings:
     patience: int = 4
     weight_decay: float = 0.01
     seed: int = 0
-    choose_coupling: bool = True
+    choose_identity: bool = True
 
     def __post_init__(self):
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -155,43 +155,49 @@ def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: 
     return forecaster, info
 
 
-def choose_identity_coupling(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int) -> dict:
-    """Whether `forecaster`'s model reads the coupling factors of this recording's identity: its validation trials are
-    forecast with the identity from `train_trials` with and without them, and `config.identity_coupling` is set to
-    the better by Pearson r (the early-stopping criterion; a tie keeps them). A model whose config already leaves
-    them out is not changed. Returns both scores and the choice."""
+# what `choose_identity` tries, fullest first (a tie keeps the fuller): (identity_coupling, identity_reference)
+IDENTITY_CHOICES = {"full": (True, True), "no_coupling": (False, True), "zero_shot": (True, False)}
+
+
+def choose_identity(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int) -> dict:
+    """How much of this recording's data identity `forecaster`'s model reads: its validation trials are forecast with
+    the identity from `train_trials` whole, without its coupling factors (`config.identity_coupling`) and as the
+    zero-shot identity (`config.identity_reference`), and the config keeps the best by Pearson r (the early-stopping
+    criterion; a tie keeps the fuller identity). A model whose config already leaves a part out is not changed.
+    Returns every score and the choice."""
     config = forecaster.model.config
-    if getattr(config, "neuron_identity", "table") != "data" or not getattr(config, "identity_coupling", True):
-        return {"identity_coupling": bool(getattr(config, "identity_coupling", True)), "chosen": False}
+    given = (bool(getattr(config, "identity_coupling", True)), bool(getattr(config, "identity_reference", True)))
+    if getattr(config, "neuron_identity", "table") != "data" or given != IDENTITY_CHOICES["full"]:
+        return {"chosen": None}
     window = config.window_size
     train = _check_trials("train_trials", train_trials, window, 2)
     val = _check_trials("val_trials", val_trials, window, 1)
     scores = {}
-    for coupling in (True, False):
-        config.identity_coupling = coupling
-        scores[coupling] = validation_r(forecaster, val, context_frames, forecaster.neuron_identity(train))
-    config.identity_coupling = not scores[False] > scores[True]
-    logger.info("validation r %.4f with the identity's coupling factors, %.4f without: %s them", scores[True],
-                scores[False], "keeping" if config.identity_coupling else "leaving out")
-    return {"identity_coupling": config.identity_coupling, "chosen": True,
-            "validation_r_with_coupling": scores[True], "validation_r_without_coupling": scores[False]}
+    for name, (coupling, reference) in IDENTITY_CHOICES.items():
+        config.identity_coupling, config.identity_reference = coupling, reference
+        scores[name] = validation_r(forecaster, val, context_frames, forecaster.neuron_identity(train))
+    chosen = max(scores, key=lambda name: (scores[name], -list(IDENTITY_CHOICES).index(name)))
+    config.identity_coupling, config.identity_reference = IDENTITY_CHOICES[chosen]
+    logger.info("validation r by identity: %s; reading the %s identity",
+                ", ".join(f"{name} {score:.4f}" for name, score in scores.items()), chosen.replace("_", "-"))
+    return {"chosen": chosen, "validation_r": scores}
 
 
 def adapt(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int = 40,
           settings: AdaptationSettings | None = None) -> tuple[CalmForecaster, dict]:
     """Fine-tune a copy of `forecaster`'s model on one recording's training trials, stopped on its validation
-    trials; returns `(forecaster of the adapted copy, info)`. With `settings.choose_coupling` the copy first keeps or
-    leaves out the identity's coupling factors by its validation trials (`choose_identity_coupling`). The original
+    trials; returns `(forecaster of the adapted copy, info)`. With `settings.choose_identity` the copy first chooses
+    how much of the recording's data identity it reads by its validation trials (`choose_identity`). The original
     model is left untouched."""
     settings = settings or AdaptationSettings()
     model = copy.deepcopy(forecaster.model)
     model.requires_grad_(True)
     adapted = CalmForecaster(model, forecaster.tokenizer, autocast_dtype=forecaster.autocast_dtype)
-    coupling = (choose_identity_coupling(adapted, train_trials, val_trials, context_frames)
-                if settings.choose_coupling else None)
+    identity = (choose_identity(adapted, train_trials, val_trials, context_frames)
+                if settings.choose_identity else None)
     adapted, info = _fit(adapted, train_trials, val_trials, context_frames, settings)
-    if coupling is not None:
-        info["coupling"] = coupling
+    if identity is not None:
+        info["identity"] = identity
     return adapted, info
 
 
@@ -312,4 +318,4 @@ def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials,
     return readout
 
 
-__all__ = ["AdaptationSettings", "adapt", "choose_identity_coupling", "fit_population_readout", "train_from_scratch", "validation_r"]
+__all__ = ["AdaptationSettings", "adapt", "choose_identity", "fit_population_readout", "train_from_scratch", "validation_r"]

@@ -171,6 +171,10 @@ class CalmConfig(PreTrainedConfig):
             A data identity carries the coupling factors fitted on the reference. `False` leaves them zero (the
             statistics stay): `calm adapt` turns it off for a recording whose validation trials forecast better
             without them, where a coupling fitted on some trials misleads on others.
+        identity_reference (`bool`, *optional*, defaults to `True`):
+            A data identity is computed from the reference. `False` gives every neuron the zero-shot identity
+            whatever the reference: `calm adapt` chooses it for a recording whose validation trials forecast best
+            that way.
         quantile_levels (`list[float]`, *optional*):
             Levels of the quantiles the continuous head also predicts (pinball loss), e.g. 0.05 ... 0.95: calibrated
             bands in the same forward pass as the point forecast, without sampling. None = no quantile head.
@@ -244,6 +248,7 @@ class CalmConfig(PreTrainedConfig):
     identity_highway: bool = False
     identity_coupling_skill: bool = False
     identity_coupling: bool = True
+    identity_reference: bool = True
     quantile_levels: list[float] | None = None
     quantile_loss_weight: float | int = 1.0
 

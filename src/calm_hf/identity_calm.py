@@ -75,7 +75,8 @@ def identity_settings(config) -> dict:
             "lookback_windows": config.value_skip_windows if highway else 0,
             "horizon_windows": config.value_head_steps if highway else 0,
             "coupling_skill": bool(getattr(config, "identity_coupling_skill", False)),
-            "coupling": bool(getattr(config, "identity_coupling", True))}
+            "coupling": bool(getattr(config, "identity_coupling", True)),
+            "use_reference": bool(getattr(config, "identity_reference", True))}
 
 
 def config_identity_size(config) -> int:
@@ -246,7 +247,8 @@ def highway_statistics(reference: torch.Tensor, window_size: int, lookback_windo
 @torch.no_grad()
 def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, rank: int, window_size: int = 4,
                             ridge: float = 1.0, lookback_windows: int = 0, horizon_windows: int = 0,
-                            coupling_skill: bool = False, coupling: bool = True) -> torch.Tensor:
+                            coupling_skill: bool = False, coupling: bool = True,
+                            use_reference: bool = True) -> torch.Tensor:
     """The data identity `(num_neurons, identity_size(rank))` of a recording's neurons.
 
     Args:
@@ -262,10 +264,11 @@ def compute_neuron_identity(reference: torch.Tensor | None, num_neurons: int, ra
             `identity_settings`), else 0.
         coupling_skill (`bool`): append the coupling's cross-validated skill (`config.identity_coupling_skill`).
         coupling (`bool`): fit the coupling factors (`config.identity_coupling`); `False` leaves them zero.
+        use_reference (`bool`): `False` returns the empty identity whatever the reference (`config.identity_reference`).
     """
     features = torch.zeros(int(num_neurons), identity_size(rank, lookback_windows, horizon_windows, window_size,
                                                            coupling_skill))
-    if reference is None or reference.shape[0] == 0:
+    if reference is None or reference.shape[0] == 0 or not use_reference:
         return features
     reference = torch.as_tensor(reference, dtype=torch.float32, device="cpu")
     if reference.ndim != 3 or reference.shape[1] != num_neurons:

@@ -86,11 +86,12 @@ class AdaptArguments:
     adapt_patience: int = field(default=AdaptationSettings.patience,
                                 metadata={"help": "Data-identity models: validation forecasts without a better r "
                                                   "before stopping (the best weights are kept)."})
-    adapt_choose_coupling: bool = field(
-        default=AdaptationSettings.choose_coupling,
-        metadata={"help": "Data-identity models: before fine-tuning, keep the identity's coupling factors only if the "
-                          "validation trials forecast better with them (calm_hf.adaptation.choose_identity_coupling); "
-                          "the choice is saved in the checkpoint's config (identity_coupling)."})
+    adapt_choose_identity: bool = field(
+        default=AdaptationSettings.choose_identity,
+        metadata={"help": "Data-identity models: before fine-tuning, read the whole identity, the identity without its "
+                          "coupling factors, or the zero-shot identity, whichever forecasts the validation trials best "
+                          "(calm_hf.adaptation.choose_identity); the choice is saved in the checkpoint's config "
+                          "(identity_coupling, identity_reference)."})
     population_readout: bool = field(
         default=True,
         metadata={"help": "Data-identity models: after fine-tuning, fit the recording's population readout (a ridge AR "
@@ -199,7 +200,7 @@ def adapt_data_identity(args: AdaptArguments, training_args: TrainingArguments, 
                                   max_seconds=args.adapt_max_minutes * 60, batch_size=args.adapt_batch_size,
                                   max_neurons=args.max_neurons or train.shape[1], eval_every=args.adapt_eval_every,
                                   patience=args.adapt_patience, seed=training_args.seed,
-                                  choose_coupling=args.adapt_choose_coupling)
+                                  choose_identity=args.adapt_choose_identity)
     forecaster = CalmForecaster(model, tokenizer)
     adapted, info = adapt(forecaster, train, val, args.context_frames, settings)
     context, truth = test[:, :, : args.context_frames], test[:, :, args.context_frames:]
