@@ -135,6 +135,13 @@ def write_markdown(results: dict, path: Path) -> None:
         lines += ["", "Transfer at k = all (same budget): calm-base adapted vs the same model trained from scratch:", ""]
         lines += [f"- {name}: adapted {pair(models.get('calm_adapted'))}, scratch {pair(models['calm_scratch'])}"
                   for name, models in scratch.items()]
+    choices = {name: {k: [row["identity"]["chosen"] for row in rows if "identity" in row] for k, rows in cells.items()}
+               for name, cells in results.get("adaptation", {}).items()}
+    if any(chosen for cells in choices.values() for chosen in cells.values()):
+        lines += ["", "Identity read after adaptation's choice on validation trials (per session; "
+                  "`calm_hf.adaptation.choose_identity`):", ""]
+        lines += [f"- {name}: " + ", ".join(f"k={k} {' / '.join(chosen)}" for k, chosen in cells.items() if chosen)
+                  for name, cells in choices.items() if any(cells.values())]
     lines += ["", "Trial-swap probe (CalM r with the true population -> with the other neurons from another trial):", ""]
     for name, cells in results.get("probe", {}).items():
         lines.append(f"- {name}: " + ", ".join(f"k={k} {row['pearson_r']:.3f} -> {row['pearson_r_swapped']:.3f}"
