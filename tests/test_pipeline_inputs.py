@@ -144,6 +144,25 @@ def test_batch_size_lists_and_quantiles(forecaster):
         forecaster(batch[0], horizon=8, session="s0", num_samples=2, quantiles=[1.5])
 
 
+def test_a_list_of_recordings_of_different_sizes_is_forecast_one_batch_per_size(forecaster, monkeypatch):
+    rng = np.random.default_rng(3)
+    recordings = [rng.standard_normal((12, frames)) * 2 + 1 for frames in (40, 48, 40, 48, 44)]
+    alone = [forecaster(recording, horizon=8, session="s0") for recording in recordings]
+    calls = []
+    forecast = forecaster.forecaster.forecast
+
+    def counted(context, *args, **kwargs):
+        calls.append(tuple(context.shape))
+        return forecast(context, *args, **kwargs)
+
+    monkeypatch.setattr(forecaster.forecaster, "forecast", counted)
+    listed = forecaster(recordings, horizon=8, session="s0")
+    assert sorted(call[0] for call in calls) == [1, 2, 2]  # one model call per size, not one per recording
+    assert len(listed) == len(recordings)
+    for one, batched in zip(alone, listed):  # in the order given, as forecast alone
+        np.testing.assert_allclose(batched["forecast"], one["forecast"], atol=1e-5)
+
+
 def test_nan_frames_are_interpolated_with_a_warning(forecaster, monkeypatch):
     monkeypatch.setattr(forecaster.forecaster, "forecast", ramp_stand_in)
     truth = ramp(12, 50, 5.0)

@@ -535,3 +535,15 @@ def test_streaming_takes_the_decode_step_path_and_a_fixed_cache(monkeypatch):
         stream.update(frame)
     assert isinstance(stream.cache.layers[0], CalmFixedCacheLayer)
     assert calls["model"] > 0 and calls["tokenizer"] > 0
+
+
+def test_pipeline_batching_benchmark_writes_its_table(checkpoint, tmp_path):
+    """benchmarks/pipeline_batching.py at a tiny size: both ways timed, the same forecasts, a markdown table."""
+    from benchmark_scripts import load_benchmark
+
+    result = load_benchmark("pipeline_batching.py").main([
+        "--model", str(checkpoint), "--recordings", "3", "--neurons", "6", "4", "--seconds", "12", "--horizon", "4",
+        "--repeats", "1", "--out", str(tmp_path / "batching")])
+    assert set(result["median_seconds"]) == {"batched", "one_by_one"} and result["speedup"] > 0
+    assert result["max_abs_forecast_difference"] < 1e-4
+    assert "| one list (one batch per size) |" in (tmp_path / "batching.md").read_text()

@@ -212,9 +212,17 @@ class NeuralForecastingPipeline(Pipeline):
 
     def __call__(self, traces, batch_size: int | None = None, **kwargs):
         if isinstance(traces, (list, tuple)) and traces and np.ndim(traces[0]) == 2:
-            shapes = {np.shape(t) for t in traces}
-            if len(shapes) > 1:  # recordings of different sizes are forecast one by one
-                return [self(t, **kwargs) for t in traces]
+            groups: dict[tuple, list[int]] = {}
+            for index, recording in enumerate(traces):
+                groups.setdefault(np.shape(recording), []).append(index)
+            if len(groups) > 1:  # one batch per size (neurons, frames), the results in the order given
+                results: list = [None] * len(traces)
+                for indices in groups.values():
+                    group = np.stack([np.asarray(traces[i], dtype=np.float64) for i in indices])
+                    records = self(group, batch_size=batch_size, **kwargs)
+                    for index, record in zip(indices, records if isinstance(records, list) else [records]):
+                        results[index] = record
+                return results
             traces = np.stack([np.asarray(t, dtype=np.float64) for t in traces])
         if batch_size is not None:
             kwargs["batch_size_"] = _check_count(batch_size, "batch_size")
