@@ -106,8 +106,10 @@ def _batch(forecaster: CalmForecaster, train: np.ndarray, rng: np.random.Generat
     return {"input_ids": codes, "labels": codes, "value_labels": values, "neuron_identity": torch.stack(identities)}
 
 
-def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: AdaptationSettings) -> tuple:
-    """The loop shared by `adapt` and `train_from_scratch` (see the module docstring)."""
+def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: AdaptationSettings,
+         initial_r: float | None = None) -> tuple:
+    """The loop shared by `adapt` and `train_from_scratch` (see the module docstring). `initial_r`: the validation r of
+    the model as it is, when the caller has just measured it with the same identity."""
     model = forecaster.model
     if getattr(model.config, "neuron_identity", "table") != "data":
         raise ValueError("adapt / train_from_scratch fit data-identity models; a table model learns a session's rows "
@@ -124,8 +126,9 @@ def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
     start = time.perf_counter()
-    best = {"r": validation_r(forecaster, val, context_frames, identity), "step": 0,
-            "state": copy.deepcopy(model.state_dict())}
+    if initial_r is None:
+        initial_r = validation_r(forecaster, val, context_frames, identity)
+    best = {"r": initial_r, "step": 0, "state": copy.deepcopy(model.state_dict())}
     history, stale, step = [(0, best["r"])], 0, 0
     while step < settings.max_steps and time.perf_counter() - start < settings.max_seconds and stale < settings.patience:
         model.train()
@@ -195,7 +198,8 @@ def adapt(forecaster: CalmForecaster, train_trials, val_trials, context_frames: 
     adapted = CalmForecaster(model, forecaster.tokenizer, autocast_dtype=forecaster.autocast_dtype)
     identity = (choose_identity(adapted, train_trials, val_trials, context_frames)
                 if settings.choose_identity else None)
-    adapted, info = _fit(adapted, train_trials, val_trials, context_frames, settings)
+    initial_r = identity["validation_r"][identity["chosen"]] if identity and identity["chosen"] else None
+    adapted, info = _fit(adapted, train_trials, val_trials, context_frames, settings, initial_r)
     if identity is not None:
         info["identity"] = identity
     return adapted, info
@@ -318,4 +322,5 @@ def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials,
     return readout
 
 
-__all__ = ["AdaptationSettings", "adapt", "choose_identity", "fit_population_readout", "train_from_scratch", "validation_r"]
+__all__ = ["AdaptationSettings", "adapt", "choose_identity", "fit_population_readout", "train_from_scratch",
+           "validation_r"]

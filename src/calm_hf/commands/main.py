@@ -249,7 +249,7 @@ def pretrain_step_speedup(recipe: dict) -> dict:
     tokenizer = CalmTokenizerConfig.from_preset(recipe["tokenizer_preset"])
     steps = recipe_token_steps(recipe)
     config = CalmConfig.from_preset(recipe["model_preset"], **{
-        **(recipe["model_config_overrides"] or {}), "vocab_size": tokenizer.codebook_size,
+        **recipe["model_config_overrides"], "vocab_size": tokenizer.codebook_size,
         "window_size": tokenizer.window_size, "max_token_steps": max(steps, 64)})
     width, rows = recipe["max_neurons"] or 64, recipe["pretrain_batch"]
     generator = torch.Generator().manual_seed(0)
@@ -358,7 +358,7 @@ def corpus_stage(args: MainArguments, recipe: dict, work: Path, timings: dict) -
     spec = CorpusSpec(num_simulated_sessions=recipe["corpus_sessions"], trials_per_session=recipe["corpus_trials"],
                       max_stored_neurons=recipe["corpus_max_neurons"], trial_seconds=recipe["trial_seconds"],
                       real_recordings=real, seed=args.seed,
-                      trial_loading_chance=float(recipe["corpus_trial_loading"] or 0.0))
+                      trial_loading_chance=recipe["corpus_trial_loading"])
     # a field at its "off" value stays out of the stage's key, so corpora built before it existed are reused
     params = {key: value for key, value in asdict(spec).items()
               if key != "data_dir" and not (key == "trial_loading_chance" and not value)}
