@@ -5,7 +5,8 @@ Every held-out set of `calm_hf.heldout` (`sim_in`, `sim_out` drawn outside the c
 session's training split (nested), the session's validation split for hyperparameters and early stopping only, and
 are scored on its test split.
 
-- `calm`: calm-base as it is: zero-shot at k = 0, else its neurons' identity computed from the k trials (no training);
+- `calm`: calm-base as it is: zero-shot at k = 0, else its neurons' identity computed from the k trials, as much of it
+  read as forecasts best on a split of them (`CalmForecaster.reference_identity`; no training);
 - `calm_adapted` (k > 0): calm-base fine-tuned on the k trials (`calm_hf.adaptation.adapt`, stopped on validation);
 - `calm_readout` (k > 0): the adapted model with its population readout (`calm_hf.population_readout`: a ridge AR
   across the recording's neurons and a per-neuron AR fitted on the k trials, mixed with the network by weights chosen
@@ -81,6 +82,8 @@ def adaptation_rows(forecaster, size: dict, seed: int, record: dict):
         if k == "0" or len(index) < 2:
             return out
         context = context_frames(session)
+        _, choice = forecaster.reference_identity(session.traces[index], context, session.num_frames - context)
+        record.setdefault("reference_identity", {}).setdefault(k, []).append({"session": session.name, **choice})
         train, val = session.traces[index], session.split("validation")
         settings = AdaptationSettings(max_seconds=size["adapt_seconds"], max_steps=size["adapt_steps"], seed=seed)
         adapted, info = adapt(forecaster, train, val, context, settings)
@@ -135,13 +138,17 @@ def write_markdown(results: dict, path: Path) -> None:
         lines += ["", "Transfer at k = all (same budget): calm-base adapted vs the same model trained from scratch:", ""]
         lines += [f"- {name}: adapted {pair(models.get('calm_adapted'))}, scratch {pair(models['calm_scratch'])}"
                   for name, models in scratch.items()]
-    choices = {name: {k: [row["identity"]["chosen"] for row in rows if "identity" in row] for k, rows in cells.items()}
-               for name, cells in results.get("adaptation", {}).items()}
-    if any(chosen for cells in choices.values() for chosen in cells.values()):
-        lines += ["", "Identity read after adaptation's choice on validation trials (per session; "
-                  "`calm_hf.adaptation.choose_identity`):", ""]
-        lines += [f"- {name}: " + ", ".join(f"k={k} {' / '.join(chosen)}" for k, chosen in cells.items() if chosen)
-                  for name, cells in choices.items() if any(cells.values())]
+    for key, title in (("reference_identity", "Identity calm-base read from the k trials, chosen on a split of them "
+                        "(per session; `CalmForecaster.reference_identity`):"),
+                       ("adaptation", "Identity read after adaptation's choice on validation trials (per session; "
+                        "`calm_hf.adaptation.choose_identity`):")):
+        choices = {name: {k: [str((row.get("identity", {}) if key == "adaptation" else row).get("chosen"))
+                              for row in rows] for k, rows in cells.items()}
+                   for name, cells in results.get(key, {}).items()}
+        if any(chosen for cells in choices.values() for chosen in cells.values()):
+            lines += ["", title, ""]
+            lines += [f"- {name}: " + ", ".join(f"k={k} {' / '.join(chosen)}" for k, chosen in cells.items() if chosen)
+                      for name, cells in choices.items() if any(cells.values())]
     lines += ["", "Trial-swap probe (CalM r with the true population -> with the other neurons from another trial):", ""]
     for name, cells in results.get("probe", {}).items():
         lines.append(f"- {name}: " + ", ".join(f"k={k} {row['pearson_r']:.3f} -> {row['pearson_r_swapped']:.3f}"
@@ -214,7 +221,7 @@ def merge_results(paths: list[Path]) -> dict:
     order = sorted(seen, key=lambda name: SETS.index(name) if name in SETS else len(SETS))
     owner = {name: runs[[str(p) for p in paths].index(str(seen[name]))] for name in order}
     merged: dict[str, Any] = {key: {name: owner[name].get(key, {}).get(name, {}) for name in order}
-                              for key in ("sets", "probe", "adaptation", "readout", "scratch")}
+                              for key in ("sets", "probe", "reference_identity", "adaptation", "readout", "scratch")}
     metas = [run["meta"] for run in runs]
     commits = sorted({meta["commit"] for meta in metas})
     merged["meta"] = {"date": max(meta["date"] for meta in metas), "commit": "+".join(commits),
@@ -270,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
                                paper_trials=size["paper_trials"], seed=args.seed, max_neurons=size["max_neurons"])
              for name in sets}
     extra = adaptation_rows(forecaster, size, args.seed, record) if forecaster is not None else None
-    results: dict[str, Any] = {"sets": {}, "probe": {}, "adaptation": {}, "readout": {}, "scratch": {}}
+    results: dict[str, Any] = {"sets": {}, "probe": {}, "reference_identity": {}, "adaptation": {}, "readout": {},
+                               "scratch": {}}
     for name, sessions in found.items():
         record.clear()
         log(f"{name}: {len(sessions)} session(s), " + ", ".join(
@@ -279,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                 test_trials=size["test_trials"], tcn_seconds=size["tcn_seconds"],
                                                 seed=args.seed, extra=extra, log=log))
         results["probe"][name] = {k: pooled(rows) for k, rows in record.get("probe", {}).items() if rows and rows[0]}
+        results["reference_identity"][name] = record.get("reference_identity", {})
         results["adaptation"][name] = record.get("adaptation", {})
         results["readout"][name] = record.get("readout", {})
         results["scratch"][name] = record.get("scratch", [])

@@ -319,9 +319,9 @@ def test_adapt_reads_the_identity_whose_validation_forecast_is_best(forecaster, 
 
     def scored(model_forecaster, val, context_frames, identity):  # a stand-in score: which identity was it?
         seen.append(kind(identity))
-        return 0.3 if seen[-1] == best else 0.2
+        return np.array([0.3, 0.31, 0.29, 0.3]) if seen[-1] == best else np.array([0.2, 0.22, 0.18, 0.2])
 
-    monkeypatch.setattr(adaptation, "validation_r", scored)
+    monkeypatch.setattr(adaptation, "validation_trial_r", scored)
     settings = AdaptationSettings(max_steps=1, eval_every=1, patience=1)
     adapted, info = adapt(forecaster, coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT, settings)
     assert seen[:3] == ["full", "no_coupling", "zero_shot"]  # every choice scored before fine-tuning
@@ -329,9 +329,11 @@ def test_adapt_reads_the_identity_whose_validation_forecast_is_best(forecaster, 
     config = forecaster.model.config  # the original is left untouched
     assert (config.identity_coupling, config.identity_reference) == (True, True)
     assert kind(adapted.neuron_identity(coupled_trials(seed=0))) == best
-    adapted.model.save_pretrained(tmp_path)  # the choice travels with the checkpoint
-    assert kind(CalmForecaster(CalmForCausalNeuralModeling.from_pretrained(tmp_path), forecaster.tokenizer)
-                .neuron_identity(coupled_trials(seed=0))) == best
+    assert adapted.model.config.identity_fixed and not config.identity_fixed
+    adapted.model.save_pretrained(tmp_path)  # the choice travels with the checkpoint, and is not made again
+    loaded = CalmForecaster(CalmForCausalNeuralModeling.from_pretrained(tmp_path), forecaster.tokenizer)
+    assert kind(loaded.neuron_identity(coupled_trials(seed=0))) == best
+    assert loaded.reference_identity(coupled_trials(seed=0), CONTEXT)[1] == {"chosen": None}
     _, info = adapt(forecaster, coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT,
                     AdaptationSettings(max_steps=1, eval_every=1, patience=1, choose_identity=False))
     assert "identity" not in info
@@ -341,7 +343,65 @@ def test_a_tie_keeps_the_fuller_identity(forecaster, monkeypatch):
     from calm_hf import adaptation
     from calm_hf.adaptation import choose_identity
 
-    monkeypatch.setattr(adaptation, "validation_r", lambda *args: 0.25)
+    monkeypatch.setattr(adaptation, "validation_trial_r", lambda *args: np.array([0.25, 0.3, 0.2]))
     chosen = choose_identity(CalmForecaster(CalmForCausalNeuralModeling(forecaster.model.config), forecaster.tokenizer),
                              coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT)
     assert chosen["chosen"] == "full"
+
+
+def test_a_lesser_identity_needs_a_gain_beyond_its_standard_error():
+    from calm_hf.forecasting import pick_identity
+
+    full = np.array([0.20, 0.25, 0.30, 0.35, 0.40])
+    noisy = full + np.array([0.10, -0.08, 0.09, -0.07, 0.01])  # mean gain 0.01, standard error 0.04
+    steady = full + np.array([0.05, 0.04, 0.06, 0.05, 0.05])
+    assert pick_identity({"full": full, "no_coupling": noisy, "zero_shot": full}) == "full"
+    assert pick_identity({"full": full, "no_coupling": noisy, "zero_shot": steady}) == "zero_shot"
+    assert pick_identity({"full": full, "no_coupling": steady + 0.01, "zero_shot": steady}) == "no_coupling"
+    with_nan = np.where(np.arange(5) == 0, np.nan, steady)
+    assert pick_identity({"full": full, "no_coupling": with_nan, "zero_shot": full}) == "no_coupling"
+
+
+def test_early_stopping_keeps_the_start_unless_a_gain_is_beyond_noise(forecaster, monkeypatch):
+    from calm_hf import adaptation
+    from calm_hf.adaptation import AdaptationSettings, adapt
+
+    start = np.array([0.2, 0.3, 0.25, 0.35])
+    # step 0, then two noisy gains in mean r (each resets the patience), then none
+    draws = iter([start, start + [0.08, -0.06, 0.05, -0.05], start + [0.12, -0.07, 0.06, -0.07]] + [start] * 20)
+    monkeypatch.setattr(adaptation, "validation_trial_r", lambda *args: next(draws))
+    settings = AdaptationSettings(max_steps=4, eval_every=1, patience=2, choose_identity=False)
+    _, info = adapt(forecaster, coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT, settings)
+    assert info["best_step"] == 0 and [step for step, _ in info["validation_history"]] == [0, 1, 2, 3, 4]
+    draws = iter([start, start + 0.05] + [start] * 20)  # a gain on every trial is taken
+    _, info = adapt(forecaster, coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT, settings)
+    assert info["best_step"] == 1
+
+
+def test_a_forecaster_chooses_the_identity_on_a_split_of_its_reference(forecaster, monkeypatch):
+    from calm_hf import forecasting
+
+    reference = coupled_trials(seed=0)
+    assert len(reference) >= forecasting.CHOICE_MIN_TRIALS
+    identity, info = forecaster.reference_identity(reference, CONTEXT)
+    assert info["chosen"] in forecasting.IDENTITY_CHOICES and set(info["pearson_r"]) == set(forecasting.IDENTITY_CHOICES)
+    assert torch.equal(identity, forecaster.neuron_identity(reference, choice=info["chosen"]))
+    context = coupled_trials(2, seed=3)[:, :, :CONTEXT]
+    np.testing.assert_allclose(forecaster.forecast(context, 8, reference=reference).forecast,
+                               forecaster.forecast(context, 8, neuron_identity=identity).forecast, atol=1e-6)
+
+    calls = []
+    real = forecasting.pick_identity
+    monkeypatch.setattr(forecasting, "pick_identity", lambda per_trial: calls.append(per_trial) or "zero_shot")
+    identity, info = forecaster.reference_identity(reference, CONTEXT)
+    assert info["chosen"] == "zero_shot" and identity.abs().sum() == 0
+    halves = np.array_split(np.arange(len(reference)), 2)
+    assert all(len(r) == sum(min(len(h), forecasting.CHOICE_MAX_TRIALS) for h in halves) for r in calls[0].values())
+    monkeypatch.setattr(forecasting, "pick_identity", real)
+
+    for refused in (reference[:3], reference[:, :, : CONTEXT + 1]):  # too few trials; no frame after the context
+        identity, info = forecaster.reference_identity(refused, CONTEXT)
+        assert info == {"chosen": None} and torch.equal(identity, forecaster.neuron_identity(refused))
+    off = CalmForecaster(forecaster.model, forecaster.tokenizer, choose_identity=False)
+    assert off.reference_identity(reference, CONTEXT)[1] == {"chosen": None}
+    assert forecaster.model.config.identity_coupling and forecaster.model.config.identity_reference  # untouched

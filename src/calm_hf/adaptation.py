@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .forecasting import CalmForecaster
+from .forecasting import IDENTITY_CHOICES, CalmForecaster, pick_identity, trial_pearson_r
 from .metrics.functional import forecast_pearson_r, mse
 from .population_readout import DEFAULT_BLOCKS, PerNeuronTerm, PopulationReadout, frame_blocks, mix_weights
 
@@ -85,10 +85,21 @@ def _check_trials(name: str, trials, window: int, min_trials: int) -> np.ndarray
 
 def validation_r(forecaster: CalmForecaster, val: np.ndarray, context_frames: int, identity: torch.Tensor) -> float:
     """Forecast Pearson r of the validation trials' frames after `context_frames` (the early-stopping criterion)."""
+    return mean_r(validation_trial_r(forecaster, val, context_frames, identity))
+
+
+def validation_trial_r(forecaster: CalmForecaster, val: np.ndarray, context_frames: int,
+                       identity: torch.Tensor) -> np.ndarray:
+    """Per validation trial, the forecast Pearson r of its frames after `context_frames` (averaged over neurons)."""
     result = forecaster.forecast(val[:, :, :context_frames], horizon=val.shape[-1] - context_frames,
                                  neuron_identity=identity)
-    value = forecast_pearson_r(result.forecast, val[:, :, context_frames:])["pearson_r"]
-    return float(value) if math.isfinite(value) else -math.inf
+    return trial_pearson_r(result.forecast, val[:, :, context_frames:])
+
+
+def mean_r(per_trial: np.ndarray) -> float:
+    """The mean over trials of per-trial r (`forecast_pearson_r` of one session); -inf when nothing could be scored."""
+    finite = per_trial[np.isfinite(per_trial)]
+    return float(finite.mean()) if len(finite) else -math.inf
 
 
 def _batch(forecaster: CalmForecaster, train: np.ndarray, rng: np.random.Generator, settings: AdaptationSettings):
@@ -106,10 +117,23 @@ def _batch(forecaster: CalmForecaster, train: np.ndarray, rng: np.random.Generat
     return {"input_ids": codes, "labels": codes, "value_labels": values, "neuron_identity": torch.stack(identities)}
 
 
+def significant_gain(candidate: np.ndarray, best: np.ndarray) -> bool:
+    """Whether per-trial r `candidate` beats `best` on the same trials by more than one standard error of the paired
+    gain (with one scored trial, by any margin): the early-stopping rule, so that the best of many evaluations on a few
+    validation trials is not just their noise."""
+    gain = candidate - best
+    gain = gain[np.isfinite(gain)]
+    if not len(gain):
+        return bool(np.isfinite(candidate).any() and not np.isfinite(best).any())
+    margin = gain.std(ddof=1) / math.sqrt(len(gain)) if len(gain) > 1 else 0.0
+    return bool(gain.mean() > margin)
+
+
 def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: AdaptationSettings,
-         initial_r: float | None = None) -> tuple:
-    """The loop shared by `adapt` and `train_from_scratch` (see the module docstring). `initial_r`: the validation r of
-    the model as it is, when the caller has just measured it with the same identity."""
+         initial_r: np.ndarray | None = None) -> tuple:
+    """The loop shared by `adapt` and `train_from_scratch` (see the module docstring). `initial_r`: the per-trial
+    validation r of the model as it is, when the caller has just measured it with the same identity. A state becomes
+    the best only with a `significant_gain` over the best so far; any gain in mean r resets the patience."""
     model = forecaster.model
     if getattr(model.config, "neuron_identity", "table") != "data":
         raise ValueError("adapt / train_from_scratch fit data-identity models; a table model learns a session's rows "
@@ -127,8 +151,9 @@ def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: 
                                   weight_decay=settings.weight_decay)
     start = time.perf_counter()
     if initial_r is None:
-        initial_r = validation_r(forecaster, val, context_frames, identity)
-    best = {"r": initial_r, "step": 0, "state": copy.deepcopy(model.state_dict())}
+        initial_r = validation_trial_r(forecaster, val, context_frames, identity)
+    best = {"trials": np.asarray(initial_r, dtype=np.float64), "step": 0, "state": copy.deepcopy(model.state_dict())}
+    best["r"] = top = mean_r(best["trials"])
     history, stale, step = [(0, best["r"])], 0, 0
     while step < settings.max_steps and time.perf_counter() - start < settings.max_seconds and stale < settings.patience:
         model.train()
@@ -142,14 +167,16 @@ def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: 
             if step >= settings.max_steps or time.perf_counter() - start >= settings.max_seconds:
                 break
         model.eval()
-        score = validation_r(forecaster, val, context_frames, identity)
+        trials = validation_trial_r(forecaster, val, context_frames, identity)
+        score = mean_r(trials)
         history.append((step, score))
-        if score > best["r"]:
-            best, stale = {"r": score, "step": step, "state": copy.deepcopy(model.state_dict())}, 0
-        else:
-            stale += 1
+        if significant_gain(trials, best["trials"]):
+            best = {"trials": trials, "r": score, "step": step, "state": copy.deepcopy(model.state_dict())}
+        stale = 0 if score > top else stale + 1
+        top = max(top, score)
     model.load_state_dict(best["state"])
     model.eval()
+    model.config.identity_fixed = True  # fitted to this recording: its identity is not chosen again
     info = {"best_validation_pearson_r": best["r"], "best_step": best["step"], "steps": step,
             "seconds": round(time.perf_counter() - start, 1), "validation_history": history,
             "settings": asdict(settings)}
@@ -158,32 +185,30 @@ def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: 
     return forecaster, info
 
 
-# what `choose_identity` tries, fullest first (a tie keeps the fuller): (identity_coupling, identity_reference)
-IDENTITY_CHOICES = {"full": (True, True), "no_coupling": (False, True), "zero_shot": (True, False)}
-
-
 def choose_identity(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int) -> dict:
     """How much of this recording's data identity `forecaster`'s model reads: its validation trials are forecast with
     the identity from `train_trials` whole, without its coupling factors (`config.identity_coupling`) and as the
-    zero-shot identity (`config.identity_reference`), and the config keeps the best by Pearson r (the early-stopping
-    criterion; a tie keeps the fuller identity). A model whose config already leaves a part out is not changed.
-    Returns every score and the choice."""
+    zero-shot identity (`config.identity_reference`), and the config keeps the one `pick_identity` chooses by the
+    per-trial Pearson r (the early-stopping criterion). A model whose config already fixes the identity or leaves a
+    part out is not changed. Returns every score (mean r) and the choice."""
     config = forecaster.model.config
     given = (bool(getattr(config, "identity_coupling", True)), bool(getattr(config, "identity_reference", True)))
-    if getattr(config, "neuron_identity", "table") != "data" or given != IDENTITY_CHOICES["full"]:
+    if (getattr(config, "neuron_identity", "table") != "data" or getattr(config, "identity_fixed", False)
+            or given != IDENTITY_CHOICES["full"]):
         return {"chosen": None}
     window = config.window_size
     train = _check_trials("train_trials", train_trials, window, 2)
     val = _check_trials("val_trials", val_trials, window, 1)
-    scores = {}
-    for name, (coupling, reference) in IDENTITY_CHOICES.items():
-        config.identity_coupling, config.identity_reference = coupling, reference
-        scores[name] = validation_r(forecaster, val, context_frames, forecaster.neuron_identity(train))
-    chosen = max(scores, key=lambda name: (scores[name], -list(IDENTITY_CHOICES).index(name)))
+    per_trial = {name: validation_trial_r(forecaster, val, context_frames,
+                                          forecaster.neuron_identity(train, choice=name))
+                 for name in IDENTITY_CHOICES}
+    scores = {name: mean_r(r) for name, r in per_trial.items()}
+    chosen = pick_identity(per_trial)
     config.identity_coupling, config.identity_reference = IDENTITY_CHOICES[chosen]
     logger.info("validation r by identity: %s; reading the %s identity",
                 ", ".join(f"{name} {score:.4f}" for name, score in scores.items()), chosen.replace("_", "-"))
-    return {"chosen": chosen, "validation_r": scores}
+    return {"chosen": chosen, "validation_r": scores,
+            "validation_trial_r": {name: [float(v) for v in r] for name, r in per_trial.items()}}
 
 
 def adapt(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int = 40,
@@ -198,7 +223,8 @@ def adapt(forecaster: CalmForecaster, train_trials, val_trials, context_frames: 
     adapted = CalmForecaster(model, forecaster.tokenizer, autocast_dtype=forecaster.autocast_dtype)
     identity = (choose_identity(adapted, train_trials, val_trials, context_frames)
                 if settings.choose_identity else None)
-    initial_r = identity["validation_r"][identity["chosen"]] if identity and identity["chosen"] else None
+    initial_r = (np.asarray(identity["validation_trial_r"][identity["chosen"]]) if identity and identity["chosen"]
+                 else None)
     adapted, info = _fit(adapted, train_trials, val_trials, context_frames, settings, initial_r)
     if identity is not None:
         info["identity"] = identity

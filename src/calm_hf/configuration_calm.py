@@ -175,6 +175,10 @@ class CalmConfig(PreTrainedConfig):
             A data identity is computed from the reference. `False` gives every neuron the zero-shot identity
             whatever the reference: `calm adapt` chooses it for a recording whose validation trials forecast best
             that way.
+        identity_fixed (`bool`, *optional*, defaults to `False`):
+            Forecasters read the identity these fields say. `False` lets a forecaster given reference trials choose
+            how much of it to read on a split of them (`CalmForecaster.reference_identity`); `calm adapt` sets it,
+            since its model was fitted to one recording's trials and has made that choice on its validation trials.
         quantile_levels (`list[float]`, *optional*):
             Levels of the quantiles the continuous head also predicts (pinball loss), e.g. 0.05 ... 0.95: calibrated
             bands in the same forward pass as the point forecast, without sampling. None = no quantile head.
@@ -249,6 +253,7 @@ class CalmConfig(PreTrainedConfig):
     identity_coupling_skill: bool = False
     identity_coupling: bool = True
     identity_reference: bool = True
+    identity_fixed: bool = False
     quantile_levels: list[float] | None = None
     quantile_loss_weight: float | int = 1.0
 

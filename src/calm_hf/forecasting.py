@@ -178,6 +178,42 @@ def check_tokenizer_matches_model(model, tokenizer) -> None:
     check_tokenizer_fingerprint(model, tokenizer)
 
 
+# how much of a recording's data identity a model reads, fullest first: (identity_coupling, identity_reference)
+IDENTITY_CHOICES = {"full": (True, True), "no_coupling": (False, True), "zero_shot": (True, False)}
+CHOICE_MIN_TRIALS = 4  # reference trials needed to choose on a split of them (two per half)
+CHOICE_MAX_TRIALS = 16  # reference trials forecast per half and identity (bounds the choice's cost)
+
+
+def trial_pearson_r(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per trial of `(trials, neurons, horizon)`: each neuron's Pearson r over the horizon, averaged over the neurons
+    (NaN where no neuron's traces vary)."""
+    pred = pred - pred.mean(axis=-1, keepdims=True)
+    truth = truth - truth.mean(axis=-1, keepdims=True)
+    scale = np.sqrt((pred**2).sum(-1) * (truth**2).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(scale > 0, (pred * truth).sum(-1) / np.where(scale > 0, scale, 1.0), np.nan)
+        valid = np.isfinite(r)
+        return np.where(valid.any(-1), np.where(valid, r, 0.0).sum(-1) / np.maximum(valid.sum(-1), 1), np.nan)
+
+
+def pick_identity(per_trial: dict[str, np.ndarray]) -> str:
+    """Which of `IDENTITY_CHOICES` to read, from each one's per-trial r on the same trials: a lesser identity replaces
+    the full one only where its mean gain over it, paired over trials, is more than one standard error of that gain
+    (a few noisy trials do not move the choice); among those, the highest mean r, a tie keeping the fuller."""
+    full = np.asarray(per_trial["full"], dtype=np.float64)
+    best, best_r = "full", float(np.nanmean(full)) if np.isfinite(full).any() else -np.inf
+    for name in list(IDENTITY_CHOICES)[1:]:
+        gain = np.asarray(per_trial[name], dtype=np.float64) - full
+        gain = gain[np.isfinite(gain)]
+        if len(gain) < 2:
+            continue
+        margin = gain.std(ddof=1) / np.sqrt(len(gain))
+        mean_r = float(np.nanmean(per_trial[name]))
+        if gain.mean() > margin and mean_r > best_r:
+            best, best_r = name, mean_r
+    return best
+
+
 class CalmForecaster:
     """Roll a `CalmForCausalNeuralModeling` forward from a context of z-scored traces.
 
@@ -190,10 +226,12 @@ class CalmForecaster:
             token codes are computed row by row either way, and sampled futures draw from one seed per future. The
             neuron-axis attention needs every neuron of a recording at once, so one recording is the smallest chunk of
             the dual-axis transformer.
+        choose_identity: data-identity models given reference trials: read as much of their identity as forecasts
+            best on a split of them (`reference_identity`); False reads what the model's config says.
     """
 
     def __init__(self, model, tokenizer, autocast_dtype: torch.dtype | None = None,
-                 max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB):
+                 max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB, choose_identity: bool = True):
         check_tokenizer_matches_model(model, tokenizer)
         self.model = model.eval()
         self.tokenizer = tokenizer.eval()
@@ -202,6 +240,7 @@ class CalmForecaster:
         # one recording's closed-form population term (`calm_hf.population_readout`), blended into direct forecasts
         self.population_readout = None
         self.max_memory_gib = check_memory_budget(max_memory_gib)
+        self.choose_identity = bool(choose_identity)
 
     def with_memory_budget(self, max_memory_gib: float) -> CalmForecaster:
         """The same forecaster (model, tokenizer and population readout shared, not copied) with another budget."""
@@ -237,11 +276,12 @@ class CalmForecaster:
         return getattr(self.model.config, "neuron_identity", "table") == "data"
 
     @torch.no_grad()
-    def neuron_identity(self, reference: torch.Tensor | np.ndarray | None, num_neurons: int | None = None
-                        ) -> torch.Tensor | None:
+    def neuron_identity(self, reference: torch.Tensor | np.ndarray | None, num_neurons: int | None = None,
+                        choice: str | None = None) -> torch.Tensor | None:
         """The data identity `(neurons, identity_size)` of a recording's neurons from reference trials `(trials,
         neurons, frames)` of the same recording, z-scored and at the model rate like the context (training trials, or
-        the recording before the context cut into trials). `None` (no reference) gives the zero-shot identity."""
+        the recording before the context cut into trials). `None` (no reference) gives the zero-shot identity.
+        `choice` (one of `IDENTITY_CHOICES`) reads that much of it instead of what the model's config says."""
         if not self.uses_data_identity:
             raise ValueError("This model reads neuron identities from its tables (config.neuron_identity='table'): "
                              "pass neuron_ids / session_ids instead of a reference.")
@@ -252,8 +292,53 @@ class CalmForecaster:
             num_neurons = reference.shape[1] if reference.ndim == 3 else num_neurons
         if num_neurons is None:
             raise ValueError("give the number of neurons when there is no reference.")
-        identity = compute_neuron_identity(reference, num_neurons, **identity_settings(config))
+        settings = identity_settings(config)
+        if choice is not None:
+            if choice not in IDENTITY_CHOICES:
+                raise ValueError(f"choice={choice!r} is not one of {tuple(IDENTITY_CHOICES)}.")
+            settings["coupling"], settings["use_reference"] = IDENTITY_CHOICES[choice]
+        identity = compute_neuron_identity(reference, num_neurons, **settings)
         return identity.to(self.device)
+
+    @torch.no_grad()
+    def reference_identity(self, reference: torch.Tensor | np.ndarray, context_frames: int,
+                           horizon: int | None = None) -> tuple[torch.Tensor, dict]:
+        """The data identity from reference trials `(trials, neurons, frames)`, reading as much of it as forecasts
+        best on a split of the same trials: the identity of each half (whole, without its coupling factors, zero-shot)
+        forecasts the other half's frames after `context_frames` (up to `horizon` of them), and `pick_identity` chooses
+        by the per-trial r (a population readout is left out of these forecasts). Returns the chosen identity of all
+        reference trials and `{"chosen": name, "pearson_r": {name: mean r}}`; `chosen` is None, with the model's own
+        identity, where there is nothing to choose (a config that fixes the identity or already leaves a part out,
+        fewer than `CHOICE_MIN_TRIALS` trials, trials too short for the context and one window) and with
+        `choose_identity=False`."""
+        config = self.model.config
+        reference = np.asarray(reference.float().cpu() if isinstance(reference, torch.Tensor) else reference,
+                               dtype=np.float32)
+        own = self.neuron_identity(reference)
+        given = (bool(getattr(config, "identity_coupling", True)), bool(getattr(config, "identity_reference", True)))
+        frames = reference.shape[-1] - context_frames
+        limit = (config.max_token_steps - 1) * self.window_size
+        if (not self.choose_identity or getattr(config, "identity_fixed", False) or given != IDENTITY_CHOICES["full"]
+                or len(reference) < CHOICE_MIN_TRIALS
+                or context_frames < self.window_size or frames < self.window_size):
+            return own, {"chosen": None}
+        horizon = min(frames, limit, horizon or frames)
+        network = copy.copy(self)  # the choice is the network's: without a population readout blended in
+        network.population_readout = None
+        halves = np.array_split(np.random.default_rng(0).permutation(len(reference)), 2)
+        per_trial = {}
+        for name in IDENTITY_CHOICES:
+            scores = []
+            for fit, scored in (halves, halves[::-1]):
+                trials = reference[scored[:CHOICE_MAX_TRIALS]]
+                identity = self.neuron_identity(reference[fit], choice=name)
+                pred = network.forecast(trials[:, :, :context_frames], horizon, neuron_identity=identity).forecast
+                scores.append(trial_pearson_r(pred, trials[:, :, context_frames : context_frames + horizon]))
+            per_trial[name] = np.concatenate(scores)
+        chosen = pick_identity(per_trial)
+        identity = own if chosen == "full" else self.neuron_identity(reference, choice=chosen)
+        return identity, {"chosen": chosen,
+                          "pearson_r": {name: float(np.nanmean(r)) for name, r in per_trial.items()}}
 
     @property
     def device(self) -> torch.device:
@@ -466,7 +551,8 @@ class CalmForecaster:
             return_tensors: return torch tensors on the model's device instead of host numpy arrays (the pipeline
                 does, and converts in its postprocess).
             reference: data-identity models: reference trials (trials, neurons, frames) of the same neurons, z-scored
-                at the model rate (e.g. training trials, or the recording before the context); None = zero-shot.
+                at the model rate (e.g. training trials, or the recording before the context); None = zero-shot. How
+                much of their identity is read is chosen on a split of them (`reference_identity`).
             neuron_identity: data-identity models: a precomputed identity `(neurons, identity_size)` or `(batch,
                 neurons, identity_size)` (`neuron_identity(reference)`), instead of `reference`.
 
@@ -499,8 +585,11 @@ class CalmForecaster:
         identity = {"neuron_ids": self._to_device(neuron_ids), "session_ids": self._to_device(session_ids),
                     "neuron_mask": self._to_device(neuron_mask)}
         if self.uses_data_identity:
-            if neuron_identity is None:
-                neuron_identity = self.neuron_identity(reference, num_neurons=context_ids.shape[1])
+            if neuron_identity is None and reference is not None:
+                context_frames = values.shape[-1] if values is not None else context_ids.shape[-1] * self.window_size
+                neuron_identity = self.reference_identity(reference, context_frames, horizon)[0]
+            elif neuron_identity is None:
+                neuron_identity = self.neuron_identity(None, num_neurons=context_ids.shape[1])
             identity["neuron_identity"] = self._to_device(neuron_identity, torch.float32).expand(
                 context_ids.shape[0], -1, -1)
         elif reference is not None or neuron_identity is not None:

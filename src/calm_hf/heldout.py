@@ -157,9 +157,9 @@ def swap_probe_scores(forecaster, session, reference_index: np.ndarray, test_tri
     test = session.split("test")[:test_trials]
     if len(test) < 2:
         return {}
-    reference = session.traces[reference_index] if len(reference_index) else None
-    identity = forecaster.neuron_identity(reference, num_neurons=session.num_neurons)
     horizon = test.shape[-1] - context
+    identity = (forecaster.reference_identity(session.traces[reference_index], context, horizon)[0]
+                if len(reference_index) else forecaster.neuron_identity(None, num_neurons=session.num_neurons))
     truth = test[:, :, context:]
     partner = (np.arange(len(test)) + 1 + np.random.default_rng(seed).integers(len(test) - 1)) % len(test)
     true = forecaster.forecast(test[:, :, :context], horizon, neuron_identity=identity).forecast

@@ -408,9 +408,11 @@ class NeuralForecastingPipeline(Pipeline):
             )
         return values, single
 
-    def _identity_inputs(self, features, values: np.ndarray, fs: float, reference, session, neuron_ids) -> dict:
+    def _identity_inputs(self, features, values: np.ndarray, fs: float, reference, session, neuron_ids,
+                         horizon_model: int) -> dict:
         """Data-identity models: `{"neuron_identity": (batch, neurons, features)}` from `reference` (processed with the
-        context's statistics) or from the recording before the context; table models: their ids."""
+        context's statistics; how much of it to read chosen on a split of its trials, `reference_identity`) or from
+        the recording before the context; table models: their ids."""
         if not self.forecaster.uses_data_identity:
             if reference is not None:
                 raise ValueError("reference= is for data-identity models; this checkpoint reads learned tables: pass "
@@ -432,10 +434,12 @@ class NeuralForecastingPipeline(Pipeline):
                                  f"of traces, got shape {reference.shape}.")
             processed = self.trace_processor(reference, sampling_rate=fs, mean=features["mean"][0],
                                              std=features["std"][0])["input_values"]
-            chunks = [processed.astype(np.float32)] * values.shape[0]
+            identity, _ = self.forecaster.reference_identity(processed.astype(np.float32),
+                                                             features["input_values"].shape[-1], horizon_model)
+            identity = [identity] * values.shape[0]
         else:
             chunks = [history_chunks(history, window) for history in features["history_values"]]
-        identity = [self.forecaster.neuron_identity(chunk, num_neurons=values.shape[1]) for chunk in chunks]
+            identity = [self.forecaster.neuron_identity(chunk, num_neurons=values.shape[1]) for chunk in chunks]
         return {"neuron_identity": torch.stack(identity).cpu()}
 
     def preprocess(self, traces, sampling_rate=None, horizon=None, session=None, neuron_ids=None, mean=None, std=None,
@@ -486,7 +490,7 @@ class NeuralForecastingPipeline(Pipeline):
         if (mean is None) != (std is None):
             raise ValueError("pass mean and std together (both in the traces' units), or neither (context statistics).")
         features = processor(values, sampling_rate=fs, mean=mean, std=std, max_frames=max_context)
-        identity = self._identity_inputs(features, values, fs, reference, session, neuron_ids)
+        identity = self._identity_inputs(features, values, fs, reference, session, neuron_ids, horizon_model)
         used_model = features["input_values"].shape[-1]
         return {
             "values": torch.as_tensor(features["input_values"]),
