@@ -384,7 +384,8 @@ def test_a_forecaster_chooses_the_identity_on_a_split_of_its_reference(forecaste
     reference = coupled_trials(seed=0)
     assert len(reference) >= forecasting.CHOICE_MIN_TRIALS
     identity, info = forecaster.reference_identity(reference, CONTEXT)
-    assert info["chosen"] in forecasting.IDENTITY_CHOICES and set(info["pearson_r"]) == set(forecasting.IDENTITY_CHOICES)
+    assert info["chosen"] in forecasting.IDENTITY_CHOICES
+    assert set(info["pearson_r"]) == set(forecasting.IDENTITY_CHOICES)
     assert torch.equal(identity, forecaster.neuron_identity(reference, choice=info["chosen"]))
     context = coupled_trials(2, seed=3)[:, :, :CONTEXT]
     np.testing.assert_allclose(forecaster.forecast(context, 8, reference=reference).forecast,
@@ -397,6 +398,10 @@ def test_a_forecaster_chooses_the_identity_on_a_split_of_its_reference(forecaste
     assert info["chosen"] == "zero_shot" and identity.abs().sum() == 0
     halves = np.array_split(np.arange(len(reference)), 2)
     assert all(len(r) == sum(min(len(h), forecasting.CHOICE_MAX_TRIALS) for h in halves) for r in calls[0].values())
+    monkeypatch.setattr(forecasting, "CHOICE_NEURON_TRIALS", 3 * reference.shape[1])  # a large recording: fewer trials
+    calls.clear()
+    forecaster.reference_identity(reference, CONTEXT)
+    assert all(len(r) == 6 for r in calls[0].values())
     monkeypatch.setattr(forecasting, "pick_identity", real)
 
     for refused in (reference[:3], reference[:, :, : CONTEXT + 1]):  # too few trials; no frame after the context

@@ -6,7 +6,8 @@ step takes a few trials (at most `max_neurons` random neurons of them), gives th
 the *other* training trials (so a trial never informs its own identity), and minimises the model's loss (next-token
 cross-entropy, the continuous head's MSE, the quantile head's pinball loss). Every `eval_every` steps the forecast of
 the validation trials (identity from all training trials) is scored; the weights with the best validation Pearson r
-are kept and training stops after `patience` evaluations without a gain, or at the time budget. `calm adapt` runs
+are kept (a later state replaces them only with a `significant_gain`) and training stops after `patience` evaluations
+without a gain in mean r, or at the time budget. `calm adapt` runs
 this on a tokenized dataset; `benchmarks/foundation.py` on each held-out recording.
 """
 
@@ -43,7 +44,8 @@ class AdaptationSettings:
         weight_decay: AdamW weight decay.
         seed: seed of the trial and neuron draws.
         choose_identity: before fine-tuning, forecast the validation trials with the whole identity, without its
-            coupling factors and with the zero-shot identity, and keep the best (`choose_identity`; `adapt` only).
+            coupling factors and with the zero-shot identity, and keep the one `pick_identity` chooses
+            (`choose_identity`; `adapt` only).
     """
 
     learning_rate: float = 3e-4

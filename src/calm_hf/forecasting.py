@@ -181,7 +181,8 @@ def check_tokenizer_matches_model(model, tokenizer) -> None:
 # how much of a recording's data identity a model reads, fullest first: (identity_coupling, identity_reference)
 IDENTITY_CHOICES = {"full": (True, True), "no_coupling": (False, True), "zero_shot": (True, False)}
 CHOICE_MIN_TRIALS = 4  # reference trials needed to choose on a split of them (two per half)
-CHOICE_MAX_TRIALS = 16  # reference trials forecast per half and identity (bounds the choice's cost)
+CHOICE_MAX_TRIALS = 16  # reference trials forecast per half and identity, at most
+CHOICE_NEURON_TRIALS = 16_000  # neurons x trials forecast per half and identity, at most (bounds the choice's cost)
 
 
 def trial_pearson_r(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -305,8 +306,9 @@ class CalmForecaster:
                            horizon: int | None = None) -> tuple[torch.Tensor, dict]:
         """The data identity from reference trials `(trials, neurons, frames)`, reading as much of it as forecasts
         best on a split of the same trials: the identity of each half (whole, without its coupling factors, zero-shot)
-        forecasts the other half's frames after `context_frames` (up to `horizon` of them), and `pick_identity` chooses
-        by the per-trial r (a population readout is left out of these forecasts). Returns the chosen identity of all
+        forecasts the other half's frames after `context_frames` (up to `horizon` of them; at most
+        `CHOICE_MAX_TRIALS` trials and `CHOICE_NEURON_TRIALS` neurons x trials of each half), and `pick_identity`
+        chooses by the per-trial r (a population readout is left out of these forecasts). Returns the chosen identity of all
         reference trials and `{"chosen": name, "pearson_r": {name: mean r}}`; `chosen` is None, with the model's own
         identity, where there is nothing to choose (a config that fixes the identity or already leaves a part out,
         fewer than `CHOICE_MIN_TRIALS` trials, trials too short for the context and one window) and with
@@ -326,11 +328,12 @@ class CalmForecaster:
         network = copy.copy(self)  # the choice is the network's: without a population readout blended in
         network.population_readout = None
         halves = np.array_split(np.random.default_rng(0).permutation(len(reference)), 2)
+        scored_trials = max(2, min(CHOICE_MAX_TRIALS, CHOICE_NEURON_TRIALS // reference.shape[1]))
         per_trial = {}
         for name in IDENTITY_CHOICES:
             scores = []
             for fit, scored in (halves, halves[::-1]):
-                trials = reference[scored[:CHOICE_MAX_TRIALS]]
+                trials = reference[scored[:scored_trials]]
                 identity = self.neuron_identity(reference[fit], choice=name)
                 pred = network.forecast(trials[:, :, :context_frames], horizon, neuron_identity=identity).forecast
                 scores.append(trial_pearson_r(pred, trials[:, :, context_frames : context_frames + horizon]))
