@@ -97,3 +97,47 @@ def test_chronos_style_predict_quantiles(forecaster):
     assert [p[0].shape for p in pairs] == [(7, 10, 3), (3, 10, 3)]
     with pytest.raises(ValueError, match="same argument"):
         forecaster(traces, sampling_rate=5.0, horizon=8, prediction_length=10)
+
+
+def test_the_pipeline_chooses_the_identity_on_the_history_chunks_or_the_reference(forecaster, monkeypatch):
+    """The chunks of the recording before the context (or the reference trials) are where the identity choice is
+    made, with the context the network reads and the horizon asked for, in model frames."""
+    inner = forecaster.forecaster
+    calls = []
+    real = type(inner).reference_identity
+
+    def spy(self, reference, context_frames, horizon=None):
+        calls.append((np.asarray(reference).shape, context_frames, horizon))
+        return real(self, reference, context_frames, horizon)
+
+    monkeypatch.setattr(type(inner), "reference_identity", spy)
+    traces = np.random.default_rng(2).standard_normal((6, 1000))  # 200 s at 5 Hz: a 120-frame context, 8 chunks
+    forecaster(traces, sampling_rate=5.0, horizon=8)
+    assert calls == [((8, 6, 100), 120, 8)]
+    calls.clear()
+    forecaster(traces[:, -40:], sampling_rate=5.0, horizon=8, reference=traces[None, :, :300].repeat(4, 0))
+    assert calls == [((4, 6, 300), 40, 8)]
+    calls.clear()
+    forecaster(traces[:, -40:], sampling_rate=5.0, horizon=8)  # nothing before the context: zero-shot, nothing chosen
+    assert calls == []
+
+
+def test_the_choice_scores_what_the_network_reads_of_a_longer_context(forecaster, monkeypatch):
+    """A context longer than the network reads is scored from the frames it reads: the same per-trial r as forecasting
+    each scored trial from its whole context."""
+    from calm_hf import forecasting
+
+    inner = forecaster.forecaster
+    monkeypatch.setattr(inner.model.config, "context_token_steps", 4)
+    assert 4 * inner.window_size < 40
+    seen = []
+    monkeypatch.setattr(forecasting, "pick_identity", lambda per_trial: seen.append(per_trial) or "full")
+    reference = np.random.default_rng(3).standard_normal((6, 6, 60)).astype(np.float32)
+    inner.reference_identity(reference, 40, 12)
+    halves = np.array_split(np.random.default_rng(0).permutation(6), 2)
+    expected = []
+    for fit, scored in (halves, halves[::-1]):
+        identity = inner.neuron_identity(reference[fit], choice="no_coupling")
+        pred = inner.forecast(reference[scored][:, :, :40], 12, neuron_identity=identity).forecast
+        expected.append(forecasting.trial_pearson_r(pred, reference[scored][:, :, 40:52]))
+    np.testing.assert_allclose(seen[0]["no_coupling"], np.concatenate(expected), atol=1e-5)

@@ -316,14 +316,15 @@ class CalmForecaster:
         config = self.model.config
         reference = np.asarray(reference.float().cpu() if isinstance(reference, torch.Tensor) else reference,
                                dtype=np.float32)
-        own = self.neuron_identity(reference)
         given = (bool(getattr(config, "identity_coupling", True)), bool(getattr(config, "identity_reference", True)))
+        read = context_token_steps(config)  # the network reads no more of a context than this: the same scores
+        start = 0 if read is None else max(0, context_frames - read * self.window_size)
         frames = reference.shape[-1] - context_frames
         limit = (config.max_token_steps - 1) * self.window_size
         if (not self.choose_identity or getattr(config, "identity_fixed", False) or given != IDENTITY_CHOICES["full"]
                 or len(reference) < CHOICE_MIN_TRIALS
                 or context_frames < self.window_size or frames < self.window_size):
-            return own, {"chosen": None}
+            return self.neuron_identity(reference), {"chosen": None}
         horizon = min(frames, limit, horizon or frames)
         network = copy.copy(self)  # the choice is the network's: without a population readout blended in
         network.population_readout = None
@@ -335,12 +336,11 @@ class CalmForecaster:
             for fit, scored in (halves, halves[::-1]):
                 trials = reference[scored[:scored_trials]]
                 identity = self.neuron_identity(reference[fit], choice=name)
-                pred = network.forecast(trials[:, :, :context_frames], horizon, neuron_identity=identity).forecast
+                pred = network.forecast(trials[:, :, start:context_frames], horizon, neuron_identity=identity).forecast
                 scores.append(trial_pearson_r(pred, trials[:, :, context_frames : context_frames + horizon]))
             per_trial[name] = np.concatenate(scores)
         chosen = pick_identity(per_trial)
-        identity = own if chosen == "full" else self.neuron_identity(reference, choice=chosen)
-        return identity, {"chosen": chosen,
+        return self.neuron_identity(reference, choice=chosen), {"chosen": chosen,
                           "pearson_r": {name: float(np.nanmean(r)) for name, r in per_trial.items()}}
 
     @property

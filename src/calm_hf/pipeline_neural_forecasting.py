@@ -411,8 +411,9 @@ class NeuralForecastingPipeline(Pipeline):
     def _identity_inputs(self, features, values: np.ndarray, fs: float, reference, session, neuron_ids,
                          horizon_model: int) -> dict:
         """Data-identity models: `{"neuron_identity": (batch, neurons, features)}` from `reference` (processed with the
-        context's statistics; how much of it to read chosen on a split of its trials, `reference_identity`) or from
-        the recording before the context; table models: their ids."""
+        context's statistics) or from the recording before the context (in chunks of `REFERENCE_STEPS` windows), how
+        much of it to read chosen on a split of those trials or chunks (`CalmForecaster.reference_identity`); table
+        models: their ids."""
         if not self.forecaster.uses_data_identity:
             if reference is not None:
                 raise ValueError("reference= is for data-identity models; this checkpoint reads learned tables: pass "
@@ -437,9 +438,11 @@ class NeuralForecastingPipeline(Pipeline):
             identity, _ = self.forecaster.reference_identity(processed.astype(np.float32),
                                                              features["input_values"].shape[-1], horizon_model)
             identity = [identity] * values.shape[0]
-        else:
+        else:  # the recording before the context, in chunks that serve as its trials
             chunks = [history_chunks(history, window) for history in features["history_values"]]
-            identity = [self.forecaster.neuron_identity(chunk, num_neurons=values.shape[1]) for chunk in chunks]
+            identity = [self.forecaster.neuron_identity(None, num_neurons=values.shape[1]) if chunk is None else
+                        self.forecaster.reference_identity(chunk, features["input_values"].shape[-1], horizon_model)[0]
+                        for chunk in chunks]
         return {"neuron_identity": torch.stack(identity).cpu()}
 
     def preprocess(self, traces, sampling_rate=None, horizon=None, session=None, neuron_ids=None, mean=None, std=None,
