@@ -547,3 +547,29 @@ def test_pipeline_batching_benchmark_writes_its_table(checkpoint, tmp_path):
     assert set(result["median_seconds"]) == {"batched", "one_by_one"} and result["speedup"] > 0
     assert result["max_abs_forecast_difference"] < 1e-4
     assert "| one list (one batch per size) |" in (tmp_path / "batching.md").read_text()
+
+
+def test_history_identity_benchmark_scores_both_settings(checkpoint, tmp_path, monkeypatch):
+    """benchmarks/history_identity.py on small stand-in recordings (one continuous, one of concatenated trials): both
+    settings scored at every cut, the choice logged, a table; a missing recording is skipped with its reason."""
+    from benchmark_scripts import load_benchmark
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "triplett2018_zf_tectum_spont").mkdir()
+    np.savez(tmp_path / "triplett2018_zf_tectum_spont" / "zf_20151104-f1.npz",
+             traces=rng.standard_normal((5, 700)).astype(np.float32), fs=np.float64(2.2))
+    (tmp_path / "park2024_v1_gratings_behavior").mkdir()
+    np.savez(tmp_path / "park2024_v1_gratings_behavior" / "230804_mrcuts27_fov3_grat-000.npz",
+             traces=rng.standard_normal((4, 40 * 24)).astype(np.float32), fs=np.float64(16.0),
+             trial_starts=np.arange(0, 40 * 24, 24))
+    monkeypatch.setenv("CALM_DATA_DIR", str(tmp_path))
+    result = load_benchmark("history_identity.py").main([
+        "--model", str(checkpoint), "--every", "120", "--out", str(tmp_path / "history")])
+    zebrafish, park = result["recordings"]["zebrafish zf_20151104-f1"], result["recordings"]["park mrcuts27"]
+    assert zebrafish["cuts"] == len(range(350, 700 - 18 + 1, 264)) and zebrafish["horizon_frames"] == 18
+    assert park["cuts"] == 20 and park["horizon_frames"] == 8
+    for row in (zebrafish, park):
+        assert sum(row["chosen"].values()) == row["cuts"]  # one choice per forecast with the choice on
+        assert np.isfinite([row["choose"]["pearson_r"], row["full"]["mse"], row["gain"]["pearson_r"]]).all()
+    assert "park mrcuts28" in result["skipped"]
+    assert "| zebrafish zf_20151104-f1 | 5 |" in (tmp_path / "history.md").read_text()
