@@ -410,3 +410,13 @@ def test_a_forecaster_chooses_the_identity_on_a_split_of_its_reference(forecaste
     off = CalmForecaster(forecaster.model, forecaster.tokenizer, choose_identity=False)
     assert off.reference_identity(reference, CONTEXT)[1] == {"chosen": None}
     assert forecaster.model.config.identity_coupling and forecaster.model.config.identity_reference  # untouched
+
+
+def test_training_from_scratch_leaves_the_pretrained_models_config_alone(forecaster):
+    """The scratch model gets a copy of the config: fitting it to one recording fixes its own identity only."""
+    from calm_hf.adaptation import AdaptationSettings, train_from_scratch
+
+    scratch, _ = train_from_scratch(forecaster, coupled_trials(seed=0), coupled_trials(4, seed=1), CONTEXT,
+                                    AdaptationSettings(max_steps=1, eval_every=1, patience=1))
+    assert scratch.model.config.identity_fixed and not forecaster.model.config.identity_fixed
+    assert forecaster.reference_identity(coupled_trials(seed=0), CONTEXT)[1]["chosen"] is not None

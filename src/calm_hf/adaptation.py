@@ -241,7 +241,7 @@ def train_from_scratch(forecaster: CalmForecaster, train_trials, val_trials, con
 
     settings = settings or AdaptationSettings(learning_rate=SCRATCH_LEARNING_RATE)
     torch.manual_seed(settings.seed)
-    model = type(forecaster.model)(forecaster.model.config).to(forecaster.device)
+    model = type(forecaster.model)(copy.deepcopy(forecaster.model.config)).to(forecaster.device)  # its own config
     if model.value_skip is not None:
         init_value_skip(model, list(np.asarray(train_trials, dtype=np.float32)))
     fresh = CalmForecaster(model, forecaster.tokenizer, autocast_dtype=forecaster.autocast_dtype)
