@@ -5,13 +5,15 @@ checkpoint's `CalmTraceProcessor` (`forecast_traces`); the `"neural-forecasting"
 (`pipeline_neural_forecasting.py`) wraps the latter. `evaluate_forecasting` scores a held-out split with the paper's
 protocol and serves `calm pretrain`, the main job and the benchmarks.
 
-This file ships with checkpoints (the pipeline imports it), so it imports only numpy, torch and its siblings.
+This file ships with checkpoints (the pipeline imports it), so it imports only the standard library, numpy, torch and
+its siblings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ import torch
 from .generation_calm import sequence_bytes
 from .identity_calm import compute_neuron_identity, config_identity_size, identity_settings
 from .modeling_calm_tokenizer import check_tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
 
 ROLLOUT_MODES = ("greedy", "sample", "mean", "soft")
 # "direct": the continuous head's conditional-mean forecast (models with `config.value_head_steps > 0`; the default)
@@ -340,8 +344,11 @@ class CalmForecaster:
                 scores.append(trial_pearson_r(pred, trials[:, :, context_frames : context_frames + horizon]))
             per_trial[name] = np.concatenate(scores)
         chosen = pick_identity(per_trial)
-        return self.neuron_identity(reference, choice=chosen), {"chosen": chosen,
-                          "pearson_r": {name: float(np.nanmean(r)) for name, r in per_trial.items()}}
+        scores = {name: float(np.nanmean(r)) for name, r in per_trial.items()}
+        logger.info("identity from %d reference trials: r on a split of them %s; reading the %s identity",
+                    len(reference), ", ".join(f"{name} {r:.3f}" for name, r in scores.items()),
+                    chosen.replace("_", "-"))
+        return self.neuron_identity(reference, choice=chosen), {"chosen": chosen, "pearson_r": scores}
 
     @property
     def device(self) -> torch.device:
