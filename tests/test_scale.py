@@ -573,3 +573,41 @@ def test_history_identity_benchmark_scores_both_settings(checkpoint, tmp_path, m
         assert np.isfinite([row["choose"]["pearson_r"], row["full"]["mse"], row["gain"]["pearson_r"]]).all()
     assert "park mrcuts28" in result["skipped"]
     assert "| zebrafish zf_20151104-f1 | 5 |" in (tmp_path / "history.md").read_text()
+
+
+@pytest.mark.parametrize("choose", ["true", "false"])
+def test_calm_forecast_chooses_the_identity_on_the_recordings_past_unless_told_not_to(tmp_path, monkeypatch, choose):
+    """`calm forecast` (and `--stream` on a long enough baseline) runs the identity choice on chunks of the recording
+    before the context; `--choose_identity false` reads the whole identity."""
+    from calm_hf.checkpoint import complete_checkpoint
+    from calm_hf.commands.forecast import run
+    from calm_hf.forecasting import CalmForecaster
+
+    checkpoint = tmp_path / "calm-short-context"  # a context the 20 s chunks can hold, as calm-base's
+    made = make_forecaster(context_token_steps=4)
+    made.model.save_pretrained(checkpoint)
+    complete_checkpoint(checkpoint, tokenizer=made.tokenizer)
+
+    chosen = []
+    real = CalmForecaster.reference_identity
+
+    def spy(self, reference, context_frames, horizon=None):
+        identity, info = real(self, reference, context_frames, horizon)
+        chosen.append(info["chosen"])
+        return identity, info
+
+    monkeypatch.setattr(CalmForecaster, "reference_identity", spy)
+    traces = np.random.default_rng(2).standard_normal((4, 1200)).cumsum(-1).astype(np.float32)  # 240 s at 5 Hz
+    path = tmp_path / "rec.npz"
+    np.savez(path, traces=traces, fs=np.float64(5.0))
+    run(["--model", str(checkpoint), "--traces", str(path), "--horizon", "6", "--choose_identity", choose,
+         "--output", str(tmp_path / "out.npz")])
+    run(["--model", str(checkpoint), "--traces", str(path), "--horizon", "6", "--stream",
+         "--speed", "100000", "--baseline_seconds", "100", "--choose_identity", choose,
+         "--output", str(tmp_path / "stream.npz")])
+    assert len(chosen) == 2  # once for the forecast, once for the stream's baseline
+    assert (chosen == [None, None]) == (choose == "false")
+    from transformers import pipeline
+
+    pipe = pipeline("neural-forecasting", model=str(checkpoint), choose_identity=choose == "true")
+    assert pipe.forecaster.choose_identity == (choose == "true")

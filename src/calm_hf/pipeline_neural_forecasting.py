@@ -180,7 +180,9 @@ class NeuralForecastingPipeline(Pipeline):
         session (`str` or `int`, *optional*): table-identity models only: the recording session whose learned
             identity to use. Without it a new recording borrows a known session's identity (a warning says which).
             A data-identity model (every preset's default) needs none: it reads each neuron's identity from the
-            recording before the context (in chunks of 25 token steps), or from `reference`.
+            recording before the context (in chunks of 25 token steps), or from `reference`, as much of it as
+            forecasts well on a split of those chunks or trials (`pipeline(..., choose_identity=False)` reads all of
+            it; `CalmForecaster.reference_identity`).
         neuron_ids (`array`, *optional*): table-identity models only: global neuron ids, (neurons,).
         reference (`np.ndarray` of shape `(trials, neurons, frames)` or `(neurons, frames)`, *optional*): data-identity
             models: other trials of the same neurons, in the units and rate of `traces` (e.g. training trials); they
@@ -202,12 +204,13 @@ class NeuralForecastingPipeline(Pipeline):
     _load_tokenizer = False
 
     def __init__(self, *args, neural_tokenizer=None, trace_processor=None, max_memory_gib=DEFAULT_MAX_MEMORY_GIB,
-                 **kwargs):
+                 choose_identity: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.neural_tokenizer = neural_tokenizer if neural_tokenizer is not None else _load_neural_tokenizer(self.model)
         self.neural_tokenizer.to(self.model.device)
         self.trace_processor = trace_processor if trace_processor is not None else _load_processor(self.model)
-        self.forecaster = CalmForecaster(self.model, self.neural_tokenizer, max_memory_gib=max_memory_gib)
+        self.forecaster = CalmForecaster(self.model, self.neural_tokenizer, max_memory_gib=max_memory_gib,
+                                         choose_identity=choose_identity)
         self.forecaster.population_readout = _load_population_readout(self.model)
 
     def __call__(self, traces, batch_size: int | None = None, **kwargs):

@@ -62,6 +62,11 @@ class ForecastArguments:
     max_memory_gib: float | None = field(
         default=None, metadata={"help": "Working memory of the forecast in GiB (recordings, sampled futures and "
                                         "neurons are processed in chunks that fit it); default: the forecaster's."})
+    choose_identity: bool = field(
+        default=True,
+        metadata={"help": "Data-identity models: check on chunks of the recording before the context how much of the "
+                          "neurons' identity to read (whole, without the coupling between neurons, or zero-shot); "
+                          "false reads all of it."})
     stream: bool = field(
         default=False,
         metadata={"help": "Replay the file frame by frame at its frame rate and update the forecast as each frame "
@@ -222,6 +227,7 @@ def run(argv: list[str] | None = None) -> dict:
     recording = load_traces(args.traces, args.sampling_rate)
     traces, fs = recording.traces, recording.sampling_rate
     forecaster = load_forecaster(args.model)
+    forecaster.forecaster.choose_identity = args.choose_identity
     if args.stream:
         return stream(args, recording, forecaster, target)
     truth = None
@@ -262,12 +268,18 @@ def run(argv: list[str] | None = None) -> dict:
 
 def _stream_identity(args: ForecastArguments, pipe, baseline: np.ndarray) -> dict:
     """The identity inputs of `CalmStreamingForecaster` for the replayed neurons: a data identity from the z-scored
-    model-rate `baseline` (neurons, frames), or a table model's session ids."""
+    model-rate `baseline` (neurons, frames), as much of it as forecasts well on its 20 s chunks
+    (`CalmForecaster.reference_identity`), or a table model's session ids."""
+    from ..forecasting import context_token_steps
     from ..pipeline_neural_forecasting import history_chunks
 
     if pipe.forecaster.uses_data_identity:
         chunks = history_chunks(baseline.astype(np.float32), pipe.trace_processor.window_size)
-        return {"neuron_identity": pipe.forecaster.neuron_identity(chunks, num_neurons=baseline.shape[0])}
+        if chunks is None:
+            return {"neuron_identity": pipe.forecaster.neuron_identity(None, num_neurons=baseline.shape[0])}
+        config = pipe.model.config
+        context = (context_token_steps(config) or config.max_token_steps) * config.window_size
+        return {"neuron_identity": pipe.forecaster.reference_identity(chunks, context)[0]}
     session_id, neuron_ids = pipe._resolve_session(args.session, baseline.shape[0], None)
     return {"neuron_ids": neuron_ids, "session_ids": session_id}
 
