@@ -77,12 +77,13 @@ def adaptation_rows(forecaster, size: dict, seed: int, record: dict):
 
     def rows(session, index, k) -> dict[str, dict]:
         out = {}
-        probe = swap_probe_scores(forecaster, session, index, size["test_trials"], seed)
+        context = context_frames(session)
+        identity, choice = (forecaster.reference_identity(session.traces[index], context, session.num_frames - context)
+                            if len(index) else (None, None))
+        probe = swap_probe_scores(forecaster, session, index, size["test_trials"], seed, identity=identity)
         record.setdefault("probe", {}).setdefault(k, []).append(probe)
         if k == "0" or len(index) < 2:
             return out
-        context = context_frames(session)
-        _, choice = forecaster.reference_identity(session.traces[index], context, session.num_frames - context)
         record.setdefault("reference_identity", {}).setdefault(k, []).append({"session": session.name, **choice})
         train, val = session.traces[index], session.split("validation")
         settings = AdaptationSettings(max_seconds=size["adapt_seconds"], max_steps=size["adapt_steps"], seed=seed)

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .forecasting import IDENTITY_CHOICES, CalmForecaster, pick_identity, trial_pearson_r
-from .metrics.functional import forecast_pearson_r, mse
+from .forecasting import IDENTITY_CHOICES, CalmForecaster, pick_identity, significant_gain, trial_pearson_r
+from .metrics.functional import mse
 from .population_readout import DEFAULT_BLOCKS, PerNeuronTerm, PopulationReadout, frame_blocks, mix_weights
 
 logger = logging.getLogger(__name__)
@@ -117,18 +117,6 @@ def _batch(forecaster: CalmForecaster, train: np.ndarray, rng: np.random.Generat
                                                      num_neurons=len(subset)))
     codes = forecaster.tokenize(values)
     return {"input_ids": codes, "labels": codes, "value_labels": values, "neuron_identity": torch.stack(identities)}
-
-
-def significant_gain(candidate: np.ndarray, best: np.ndarray) -> bool:
-    """Whether per-trial r `candidate` beats `best` on the same trials by more than one standard error of the paired
-    gain (with one scored trial, by any margin): the early-stopping rule, so that the best of many evaluations on a few
-    validation trials is not just their noise."""
-    gain = candidate - best
-    gain = gain[np.isfinite(gain)]
-    if not len(gain):
-        return bool(np.isfinite(candidate).any() and not np.isfinite(best).any())
-    margin = gain.std(ddof=1) / math.sqrt(len(gain)) if len(gain) > 1 else 0.0
-    return bool(gain.mean() > margin)
 
 
 def _fit(forecaster: CalmForecaster, train, val, context_frames: int, settings: AdaptationSettings,

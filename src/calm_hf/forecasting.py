@@ -201,20 +201,29 @@ def trial_pearson_r(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         return np.where(valid.any(-1), np.where(valid, r, 0.0).sum(-1) / np.maximum(valid.sum(-1), 1), np.nan)
 
 
+def significant_gain(candidate: np.ndarray, best: np.ndarray) -> bool:
+    """Whether per-trial r `candidate` beats `best` on the same trials by more than one standard error of the paired
+    gain (with one scored trial, by any margin), so that the best of a few noisy trials is not just their noise."""
+    gain = np.asarray(candidate, dtype=np.float64) - np.asarray(best, dtype=np.float64)
+    gain = gain[np.isfinite(gain)]
+    if not len(gain):
+        return bool(np.isfinite(candidate).any() and not np.isfinite(best).any())
+    margin = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else 0.0
+    return bool(gain.mean() > margin)
+
+
 def pick_identity(per_trial: dict[str, np.ndarray]) -> str:
     """Which of `IDENTITY_CHOICES` to read, from each one's per-trial r on the same trials: a lesser identity replaces
-    the full one only where its mean gain over it, paired over trials, is more than one standard error of that gain
-    (a few noisy trials do not move the choice); among those, the highest mean r, a tie keeping the fuller."""
+    the full one only with a `significant_gain` over it on two or more trials (a few noisy trials do not move the
+    choice); among those, the highest mean r, a tie keeping the fuller."""
     full = np.asarray(per_trial["full"], dtype=np.float64)
     best, best_r = "full", float(np.nanmean(full)) if np.isfinite(full).any() else -np.inf
     for name in list(IDENTITY_CHOICES)[1:]:
-        gain = np.asarray(per_trial[name], dtype=np.float64) - full
-        gain = gain[np.isfinite(gain)]
-        if len(gain) < 2:
+        candidate = np.asarray(per_trial[name], dtype=np.float64)
+        if np.isfinite(candidate - full).sum() < 2:
             continue
-        margin = gain.std(ddof=1) / np.sqrt(len(gain))
-        mean_r = float(np.nanmean(per_trial[name]))
-        if gain.mean() > margin and mean_r > best_r:
+        mean_r = float(np.nanmean(candidate))
+        if significant_gain(candidate, full) and mean_r > best_r:
             best, best_r = name, mean_r
     return best
 
@@ -312,10 +321,10 @@ class CalmForecaster:
         best on a split of the same trials: the identity of each half (whole, without its coupling factors, zero-shot)
         forecasts the other half's frames after `context_frames` (up to `horizon` of them; at most
         `CHOICE_MAX_TRIALS` trials and `CHOICE_NEURON_TRIALS` neurons x trials of each half), and `pick_identity`
-        chooses by the per-trial r (a population readout is left out of these forecasts). Returns the chosen identity of all
-        reference trials and `{"chosen": name, "pearson_r": {name: mean r}}`; `chosen` is None, with the model's own
-        identity, where there is nothing to choose (a config that fixes the identity or already leaves a part out,
-        fewer than `CHOICE_MIN_TRIALS` trials, trials too short for the context and one window) and with
+        chooses by the per-trial r (a population readout is left out of these forecasts). Returns the chosen identity
+        of all reference trials and `{"chosen": name, "pearson_r": {name: mean r}}`; `chosen` is None, with the
+        model's own identity, where there is nothing to choose (a config that fixes the identity or already leaves a
+        part out, fewer than `CHOICE_MIN_TRIALS` trials, trials too short for the context and one window) and with
         `choose_identity=False`."""
         config = self.model.config
         reference = np.asarray(reference.float().cpu() if isinstance(reference, torch.Tensor) else reference,

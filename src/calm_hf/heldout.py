@@ -147,10 +147,11 @@ def calm_scores(forecaster, session, reference_index: np.ndarray, test_trials: i
 
 
 def swap_probe_scores(forecaster, session, reference_index: np.ndarray, test_trials: int | None = None,
-                      seed: int = 0, blocks: int = 4) -> dict[str, float]:
+                      seed: int = 0, blocks: int = 4, identity=None) -> dict[str, float]:
     """The trial-swap probe on the session's test trials: CalM's r and MSE with the true population, and with the
     other neurons' activity taken from another test trial (the neurons are scored in `blocks` groups; each group keeps
-    its own traces, every neuron its identity)."""
+    its own traces, every neuron its identity). `identity`: the neurons' identity when the caller has it already
+    (default: from the trials `reference_index`, as `calm_scores` reads it)."""
     from .metrics.functional import forecast_pearson_r, mse
 
     context = context_frames(session)
@@ -158,8 +159,9 @@ def swap_probe_scores(forecaster, session, reference_index: np.ndarray, test_tri
     if len(test) < 2:
         return {}
     horizon = test.shape[-1] - context
-    identity = (forecaster.reference_identity(session.traces[reference_index], context, horizon)[0]
-                if len(reference_index) else forecaster.neuron_identity(None, num_neurons=session.num_neurons))
+    if identity is None:
+        identity = (forecaster.reference_identity(session.traces[reference_index], context, horizon)[0]
+                    if len(reference_index) else forecaster.neuron_identity(None, num_neurons=session.num_neurons))
     truth = test[:, :, context:]
     partner = (np.arange(len(test)) + 1 + np.random.default_rng(seed).integers(len(test) - 1)) % len(test)
     true = forecaster.forecast(test[:, :, :context], horizon, neuron_identity=identity).forecast

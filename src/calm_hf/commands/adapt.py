@@ -90,7 +90,8 @@ class AdaptArguments:
         default=AdaptationSettings.choose_identity,
         metadata={"help": "Data-identity models: before fine-tuning, read the whole identity, the identity without its "
                           "coupling factors, or the zero-shot identity, whichever forecasts the validation trials best, "
-                          "a lesser one only beyond the noise of the trials (calm_hf.adaptation.choose_identity); the choice is saved in the checkpoint's config "
+                          "a lesser one only beyond the noise of the trials (calm_hf.adaptation.choose_identity); the "
+                          "choice is saved in the checkpoint's config "
                           "(identity_coupling, identity_reference)."})
     population_readout: bool = field(
         default=True,
