@@ -48,15 +48,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 SIZES = {
     # the whole benchmark: every set and k; the TCN, the adaptation and training from scratch are capped by epochs and
-    # steps (not seconds), so a busy machine changes how long it takes, not what it measures
+    # steps (not seconds), so a busy machine changes how long it takes, not what it measures; adapt_steps None: the
+    # step cap of `calm adapt`'s recipe (AdaptationSettings.max_steps), so the benchmark measures what users run
     "full": dict(sessions=2, trials=48, paper_trials=120, test_trials=60, tcn_seconds=3600.0, adapt_seconds=3600.0,
-                 adapt_steps=400, max_neurons=None, ks=("0", "4", "16", "64", "all"),
+                 adapt_steps=None, max_neurons=None, ks=("0", "4", "16", "64", "all"),
                  sets=("sim_in", "sim_out", "sim_paper", "zebrafish", "park")),
     # an exploratory run: two sessions per simulated set, fewer test trials and k values, a shorter TCN budget; the
-    # adaptation and training from scratch are capped by steps like the whole benchmark's, so a busy machine changes
-    # how long it takes, not what it measures
+    # adaptation and training from scratch are capped by steps like the whole benchmark's (the recipe's cap), so a
+    # busy machine changes how long it takes, not what it measures
     "quick": dict(sessions=2, trials=48, paper_trials=120, test_trials=40, tcn_seconds=30.0, adapt_seconds=3600.0,
-                  adapt_steps=300, max_neurons=None, ks=("0", "4", "16", "all"),
+                  adapt_steps=None, max_neurons=None, ks=("0", "4", "16", "all"),
                   sets=("sim_in", "sim_out", "sim_paper", "zebrafish", "park")),
     # a smoke run of the script itself (the tests run it)
     "smoke": dict(sessions=1, trials=12, paper_trials=12, test_trials=4, tcn_seconds=1.0, adapt_seconds=3.0,
@@ -68,12 +69,21 @@ def log(message: str) -> None:
     print(f"[foundation {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def adaptation_steps(size: dict) -> int:
+    """The step cap of the size's adaptation and training from scratch: its own, or `calm adapt`'s recipe's."""
+    from calm_hf.adaptation import AdaptationSettings
+
+    return size["adapt_steps"] or AdaptationSettings.max_steps
+
+
 def adaptation_rows(forecaster, size: dict, seed: int, record: dict):
     """The `extra` rows of `evaluate_heldout`: calm_adapted at k > 0, calm_scratch at k = all; the training logs go
     into `record`."""
     from calm_hf.adaptation import (SCRATCH_LEARNING_RATE, AdaptationSettings, adapt, fit_population_readout,
                                     train_from_scratch)
     from calm_hf.heldout import calm_scores, context_frames, swap_probe_scores
+
+    steps = adaptation_steps(size)
 
     def rows(session, index, k) -> dict[str, dict]:
         out = {}
@@ -86,7 +96,7 @@ def adaptation_rows(forecaster, size: dict, seed: int, record: dict):
             return out
         record.setdefault("reference_identity", {}).setdefault(k, []).append({"session": session.name, **choice})
         train, val = session.traces[index], session.split("validation")
-        settings = AdaptationSettings(max_seconds=size["adapt_seconds"], max_steps=size["adapt_steps"], seed=seed)
+        settings = AdaptationSettings(max_seconds=size["adapt_seconds"], max_steps=steps, seed=seed)
         adapted, info = adapt(forecaster, train, val, context, settings)
         out["calm_adapted"] = calm_scores(adapted, session, index, size["test_trials"])
         record.setdefault("adaptation", {}).setdefault(k, []).append({"session": session.name, **info})
@@ -95,7 +105,7 @@ def adaptation_rows(forecaster, size: dict, seed: int, record: dict):
         record.setdefault("readout", {}).setdefault(k, []).append({"session": session.name,
                                                                    **adapted.population_readout.info})
         if k == "all":
-            scratch_settings = AdaptationSettings(max_seconds=size["adapt_seconds"], max_steps=size["adapt_steps"],
+            scratch_settings = AdaptationSettings(max_seconds=size["adapt_seconds"], max_steps=steps,
                                                   learning_rate=SCRATCH_LEARNING_RATE, seed=seed)
             scratch, info = train_from_scratch(forecaster, train, val, context, scratch_settings)
             out["calm_scratch"] = calm_scores(scratch, session, index, size["test_trials"])

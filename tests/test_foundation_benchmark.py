@@ -65,3 +65,13 @@ def test_runs_over_different_sets_merge_into_one_result(tmp_path):
     assert "| park | 0 |" in output.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="in both"):
         bench.main(["--merge", str(paths[0]), str(paths[0]), "--output", str(tmp_path / "x.json")])
+
+
+def test_the_measured_sizes_adapt_with_the_step_cap_calm_adapt_uses():
+    """The quick and full sizes cap adaptation (and training from scratch) at `calm adapt`'s own step cap, so the
+    calm_adapted rows measure what a user gets without flags; the smoke size keeps its own tiny cap."""
+    from calm_hf.adaptation import AdaptationSettings
+
+    assert bench.adaptation_steps(bench.SIZES["quick"]) == AdaptationSettings.max_steps
+    assert bench.adaptation_steps(bench.SIZES["full"]) == AdaptationSettings.max_steps
+    assert bench.adaptation_steps(bench.SIZES["smoke"]) == bench.SIZES["smoke"]["adapt_steps"] < 10
