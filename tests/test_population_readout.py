@@ -17,7 +17,7 @@ from calm_hf.checkpoint import complete_checkpoint
 from calm_hf.forecasting import CalmForecaster
 from calm_hf.baselines import PerNeuronARForecaster
 from calm_hf.population_readout import (READOUT_FILE, PerNeuronTerm, PopulationReadout, blend_weights, frame_blocks,
-                                       mix_weights, simplex_mix)
+                                       mix_weights, shape_forecast, simplex_mix)
 
 CONTEXT = 24
 
@@ -157,6 +157,57 @@ def test_a_readout_saved_with_the_network_share_only_still_loads(tmp_path):
     loaded = PopulationReadout.load(tmp_path)
     torch.testing.assert_close(loaded.mix, torch.tensor([[1.0, 0.0, 0.0], [0.25, 0.75, 0.0]]))
     assert loaded.per_neuron is None
+    assert (loaded.shape, loaded.shape_scale) == ("mix", 1.0)  # a file from before the shape choice keeps the mix
+
+
+def level_and_course(trials=12, neurons=5, horizon=20, seed=0):
+    """Truth = a level per trial and neuron + a course over the horizon; one forecast with the right course at the
+    wrong level (the network), one with the right level and a course of noise (the mix)."""
+    rng = np.random.default_rng(seed)
+    level = rng.standard_normal((trials, neurons, 1))
+    course = np.sin(np.linspace(0, 3, horizon) + rng.uniform(0, 6, (trials, neurons, 1)))
+    course -= course.mean(-1, keepdims=True)
+    truth = level + course + 0.1 * rng.standard_normal((trials, neurons, horizon))
+    network = course.copy()  # no level at all
+    mixed = level + 0.3 * rng.standard_normal((trials, neurons, horizon))
+    return network, mixed, truth
+
+
+def test_the_readout_keeps_the_networks_course_at_the_mixs_level_only_where_it_forecasts_the_course_better():
+    from calm_hf.adaptation import choose_shape
+
+    network, mixed, truth = level_and_course()
+    chosen = choose_shape(network, mixed, truth)
+    assert chosen["shape"] == "network" and chosen["scale"] == 1.0
+    assert chosen["validation_r"]["network"] > chosen["validation_r"]["mix"] + 0.5
+    assert chosen["validation_mse"]["network"] < chosen["validation_mse"]["mix"] / 3
+    # a mix that follows the course better than the network: it keeps its own shape
+    noisy = network + 0.5 * np.random.default_rng(1).standard_normal(network.shape)
+    assert choose_shape(noisy, mixed - mixed.mean(-1, keepdims=True) + truth, truth)["shape"] == "mix"
+    # a network course twice too large: the factor halves it
+    assert choose_shape(2 * network, mixed, truth)["scale"] == 0.5
+    # one scored trial is not enough to leave the mix
+    assert choose_shape(network[:1], mixed[:1], truth[:1])["shape"] == "mix"
+
+
+def test_a_readout_with_the_networks_shape_moves_the_band_with_it_and_is_saved(tmp_path):
+    readout = PopulationReadout(np.zeros((2, 2)), np.zeros(2), 1, [[0.0, 1.0, 0.0]], validation_horizon=4,
+                                band_scale=[2.0], shape="network", shape_scale=0.5)
+    context = torch.ones(1, 2, 3)  # the ridge AR (zero weights, zero bias) forecasts 0 everywhere
+    point = torch.tensor([[[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 0.0]]])
+    quantiles = point[..., None] + torch.tensor([-1.0, 0.0, 1.0])
+    moved, band, _ = readout.apply(context, point, quantiles, None)
+    expected = shape_forecast(point, torch.zeros_like(point), 0.5)
+    torch.testing.assert_close(moved, expected)
+    torch.testing.assert_close(moved[0, 0], torch.tensor([-1.0, -0.5, 0.0, 1.5]))
+    torch.testing.assert_close(band[..., 2] - moved, torch.full_like(moved, 2.0))
+    readout.save(str(tmp_path))
+    loaded = PopulationReadout.load(str(tmp_path))
+    assert (loaded.shape, loaded.shape_scale) == ("network", 0.5)
+    torch.testing.assert_close(loaded.apply(context, point, quantiles, None)[0], moved)
+    for bad in ({"shape": "course"}, {"shape_scale": 0.0}, {"shape_scale": float("nan")}):
+        with pytest.raises(ValueError, match="shape"):
+            PopulationReadout(np.zeros((2, 2)), np.zeros(2), 1, [1.0], validation_horizon=4, **bad)
 
 
 def test_band_scale_narrows_a_band_too_wide_for_the_truth():

@@ -24,7 +24,8 @@ import torch
 
 from .forecasting import IDENTITY_CHOICES, CalmForecaster, pick_identity, significant_gain, trial_pearson_r
 from .metrics.functional import mse
-from .population_readout import DEFAULT_BLOCKS, PerNeuronTerm, PopulationReadout, frame_blocks, mix_weights
+from .population_readout import (DEFAULT_BLOCKS, PerNeuronTerm, PopulationReadout, frame_blocks, mix_weights,
+                                 shape_forecast)
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +267,25 @@ def band_scales(point: np.ndarray, offsets: np.ndarray, levels, truth: np.ndarra
     return scale, {"unscaled": loss(np.ones_like(per_frame)), "scaled": loss(per_frame)}
 
 
+SHAPE_SCALE_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def choose_shape(network: np.ndarray, blended: np.ndarray, truth: np.ndarray,
+                 grid: tuple[float, ...] = SHAPE_SCALE_GRID) -> dict:
+    """Whether the readout keeps the mix or the network's course at the mix's level (`shape_forecast`), from
+    validation forecasts `(trials, neurons, horizon)`: the factor on the network's deviations with the lowest MSE
+    (ties keep the one nearest 1), and the network's shape only with a `significant_gain` in per-trial r over the mix
+    on two or more trials. Returns the choice, the factor and the scores."""
+    order = sorted(grid, key=lambda s: abs(math.log(s)))
+    errors = [mse(shape_forecast(network, blended, s), truth) for s in order]
+    factor = float(order[int(np.argmin(errors))])
+    mixed_r, shaped_r = trial_pearson_r(blended, truth), trial_pearson_r(network, truth)  # r ignores level and factor
+    paired = np.isfinite(shaped_r - mixed_r).sum()
+    shape = "network" if paired >= 2 and significant_gain(shaped_r, mixed_r) else "mix"
+    return {"shape": shape, "scale": factor, "validation_r": {"mix": mean_r(mixed_r), "network": mean_r(shaped_r)},
+            "validation_mse": {"mix": float(mse(blended, truth)), "network": float(min(errors))}}
+
+
 def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials, context_frames: int,
                            blocks: int = DEFAULT_BLOCKS, lags_grid: tuple[int, ...] = (1, 2, 4, 8, 16),
                            per_neuron: bool = True) -> PopulationReadout:
@@ -274,8 +294,9 @@ def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials,
     `(trials, neurons, frames)`, z-scored at the model rate like the context), and the mix of the network and the two
     ARs in each of `blocks` parts of the horizon chosen on the validation forecasts of `forecaster` (its own readout,
     if any, left out; neuron identity from `train_trials`), and the factor on the network's quantile band in each
-    block (`band_scales`, by the validation pinball loss). `per_neuron=False` mixes the network and the ridge AR
-    only."""
+    block (`band_scales`, by the validation pinball loss), after choosing whether the forecast keeps the mix's shape
+    or the network's course at the mix's level (`choose_shape`). `per_neuron=False` mixes the network and the ridge
+    AR only."""
     from .baselines import PerNeuronARForecaster, RidgeARForecaster
 
     train, val = (np.asarray(trials, dtype=np.float64) for trials in (train_trials, val_trials))
@@ -317,12 +338,14 @@ def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials,
         mix[:, {"network": 0, "ridge_ar": 1, "per_neuron_ar": 2}[name]] = chosen[:, column]
     blended = (chosen[frame_blocks(horizon, int(blocks))].T[:, None, None, :] *
                np.stack([network_val, *usable.values()])).sum(axis=0)
+    shape = choose_shape(network_val, blended, truth)
+    point = shape_forecast(network_val, blended, shape["scale"]) if shape["shape"] == "network" else blended
     scale, band_loss = np.ones(int(blocks)), None
     if result.quantiles is not None:
-        scale, band_loss = band_scales(blended, np.asarray(result.quantiles, dtype=np.float64) - network_val[..., None],
+        scale, band_loss = band_scales(point, np.asarray(result.quantiles, dtype=np.float64) - network_val[..., None],
                                        result.quantile_levels, truth, int(blocks))
     readout = PopulationReadout(ridge.weights_, ridge.bias_, ridge.lags_, mix, horizon, per_neuron=term,
-                                band_scale=scale)
+                                band_scale=scale, shape=shape["shape"], shape_scale=shape["scale"])
     readout.info = {"lags": ridge.lags_, "alpha": ridge.alpha_,
                     "per_neuron": None if term is None else {"mode": single.mode_, "lags": single.lags_,
                                                              "alpha": single.alpha_},
@@ -330,11 +353,12 @@ def fit_population_readout(forecaster: CalmForecaster, train_trials, val_trials,
                     "mix": {name: [float(w) for w in mix[:, column]]
                             for column, name in enumerate(("network", "ridge_ar", "per_neuron_ar"))},
                     "band_scale": [float(s) for s in scale], "validation_pinball": band_loss,
+                    "shape": shape,
                     "train_trials": len(train), "validation_trials": len(val),
                     "validation_mse": {"network": float(mse(network_val, truth)),
                                        **{name: float(mse(f, truth)) if np.isfinite(f).all() else math.inf
                                           for name, f in forecasts.items()},
-                                       "blend": float(mse(blended, truth))}}
+                                       "blend": float(mse(blended, truth)), "readout": float(mse(point, truth))}}
     return readout
 
 

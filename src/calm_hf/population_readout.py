@@ -14,7 +14,11 @@ training trials, `calm_hf.adaptation.fit_population_readout`:
    horizon, the mix (non-negative weights summing to 1) of the three forecasts with the lowest validation MSE
    (exact, by enumerating the active sets). With few or uninformative trials the validation data keep the network
    alone;
-4. scales the network's quantile band around the mixed forecast, one factor per block, chosen from a grid by the
+4. chooses the forecast's shape: the mix itself, or the network's course over the horizon (its deviations from its
+   own mean, times a factor chosen by the validation MSE) around the mix's level. The ARs can lower the error mostly
+   through each neuron's level while the network follows its course better; the network's shape is kept only when
+   it forecasts the validation trials' course (per-trial r) better by more than its noise;
+5. scales the network's quantile band around the mixed forecast, one factor per block, chosen from a grid by the
    validation pinball loss (a better point forecast usually needs a narrower band).
 
 `CalmForecaster` applies an attached readout to its direct forecasts: the point forecast is blended and the quantile
@@ -43,6 +47,15 @@ def frame_blocks(horizon: int, blocks: int, fitted_horizon: int | None = None) -
     frames beyond it in the last block. The one partition both fitting and applying a blend use."""
     fitted = max(int(fitted_horizon or horizon), 1)
     return np.minimum(np.arange(horizon) * blocks // fitted, blocks - 1)
+
+
+SHAPES = ("mix", "network")
+
+
+def shape_forecast(network, blended, scale: float = 1.0):
+    """`blended`'s mean over the horizon (last axis) plus `scale` times `network`'s deviations from its own mean:
+    the network's course at the mix's level (numpy arrays or tensors of one shape)."""
+    return blended.mean(-1, keepdims=True) + scale * (network - network.mean(-1, keepdims=True))
 
 
 def simplex_mix(forecasts: list[np.ndarray], truth: np.ndarray) -> np.ndarray:
@@ -142,12 +155,21 @@ class PopulationReadout:
         per_neuron: the `PerNeuronTerm`, or None.
         band_scale: `(blocks,)` the factor on the network's band (quantiles and samples minus its point forecast)
             in each block; ones by default.
+        shape: `"mix"` (the mixed forecast) or `"network"` (the network's deviations from its mean over the horizon,
+            times `shape_scale`, around the mixed forecast's mean over the horizon).
+        shape_scale: the factor on the network's deviations where `shape="network"`.
         validation_horizon: the horizon, in model frames, the mix was chosen on.
         info: what was chosen and the validation scores.
     """
 
     def __init__(self, weights, bias, lags: int, network_weight, validation_horizon: int, info: dict | None = None,
-                 per_neuron: PerNeuronTerm | None = None, band_scale=None):
+                 per_neuron: PerNeuronTerm | None = None, band_scale=None, shape: str = "mix",
+                 shape_scale: float = 1.0):
+        if shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}.")
+        if not (np.isfinite(shape_scale) and shape_scale > 0):
+            raise ValueError(f"shape_scale must be a positive number, got {shape_scale!r}.")
+        self.shape, self.shape_scale = shape, float(shape_scale)
         self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
         self.bias = torch.as_tensor(np.asarray(bias, dtype=np.float32))
         self.lags = int(lags)
@@ -212,6 +234,10 @@ class PopulationReadout:
             blended[..., :reach] += mix[:reach, 2] * per_neuron.to(network.dtype)
         return blended
 
+    def shaped(self, network: torch.Tensor, blended: torch.Tensor) -> torch.Tensor:
+        """The readout's point forecast from the network's and the mixed forecast `(..., horizon)` (`shape`)."""
+        return shape_forecast(network, blended, self.shape_scale) if self.shape == "network" else blended
+
     @torch.no_grad()
     def predict_ridge(self, context: torch.Tensor, horizon: int) -> torch.Tensor:
         """The ridge AR rolled out `horizon` frames after `context` `(batch, neurons, frames)` (on its device)."""
@@ -254,7 +280,7 @@ class PopulationReadout:
         per_neuron = self.predict_per_neuron(context, point.shape[-1])
         if any(term is not None and not torch.isfinite(term).all() for term in (ridge, per_neuron)):
             return point, quantiles, samples  # an AR that diverges on this context: the network alone
-        blended = self.blend(point, ridge, per_neuron)
+        blended = self.shaped(point, self.blend(point, ridge, per_neuron))
         scale = self.band_scales(point.shape[-1]).to(device=point.device, dtype=point.dtype)
         if quantiles is not None:
             quantiles = blended[..., None] + scale[:, None] * (quantiles - point[..., None])
@@ -267,6 +293,7 @@ class PopulationReadout:
 
         path = os.path.join(directory, READOUT_FILE)
         metadata = {"lags": str(self.lags), "validation_horizon": str(self.validation_horizon),
+                    "shape": self.shape, "shape_scale": repr(self.shape_scale),
                     "info": json.dumps(self.info, default=float)}
         tensors = {"weights": self.weights.contiguous(), "bias": self.bias.contiguous(), "mix": self.mix.contiguous(),
                    "band_scale": self.band_scale.contiguous()}
@@ -294,8 +321,8 @@ class PopulationReadout:
         mix = tensors["mix"] if "mix" in tensors else tensors["network_weight"]  # a file with the network's share only
         return cls(tensors["weights"], tensors["bias"], int(metadata["lags"]), mix,
                    int(metadata["validation_horizon"]), json.loads(metadata.get("info", "{}")), per_neuron,
-                   tensors.get("band_scale"))
+                   tensors.get("band_scale"), metadata.get("shape", "mix"), float(metadata.get("shape_scale", 1.0)))
 
 
-__all__ = ["PerNeuronTerm", "PopulationReadout", "READOUT_FILE", "blend_weights", "frame_blocks", "mix_weights",
-           "simplex_mix"]
+__all__ = ["PerNeuronTerm", "PopulationReadout", "READOUT_FILE", "SHAPES", "blend_weights", "frame_blocks",
+           "mix_weights", "shape_forecast", "simplex_mix"]
