@@ -7,7 +7,8 @@ adapting is optional: it fine-tunes the whole model on the recording's training 
 each trial's neurons get their identity from the other training trials) and keeps the weights with the best forecast
 Pearson r on the recording's validation trials, stopping after `--adapt_patience` evaluations without a gain or at the
 time budget. It then fits the recording's population readout (`calm_hf.population_readout`: a ridge AR across its
-neurons and a per-neuron AR, mixed with the network by weights chosen on validation) and saves it with the checkpoint; the pipeline and
+neurons and a per-neuron AR, mixed with the network by weights chosen on validation, keeping the network's course
+at the mix's level where that forecasts the validation trials better) and saves it with the checkpoint; the pipeline and
 `calm forecast` apply it to recordings of the same neurons. The defaults are the recipe `benchmarks/foundation.py`
 measures as `calm_readout` (`--population_readout false`: `calm_adapted`).
 
